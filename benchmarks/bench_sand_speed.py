@@ -1,0 +1,207 @@
+"""Speed of SAND training on Baby-sized random inputs: fast (folded linear maps) vs naive.
+
+Inputs (seeded, generated here): 19,445 users, 7,050 items, 160,792 distinct random
+interactions (75% train), 4096-d image and 384-d text random features, item-item
+kNN graphs (k = 10, item itself included, values 1/k) built blockwise with
+``torch.topk`` (this script does not use ``pipeline/knn.py`` on purpose: it measures
+the model only).
+
+An epoch = batches of 2048 (user, positive, uniform negative not in the user's
+training items) over the training edges, Adam lr 1e-4, CLUB steps included for MI
+variants. Each configuration runs in its own subprocess so ``ru_maxrss`` is its own
+peak. Seconds per epoch = median seconds per batch over ``--batches`` timed batches
+(after one warm-up batch) times the number of batches in an epoch, unless
+``--full-epoch`` runs whole epochs. A check subprocess builds fast and naive models
+with the same parameters and compares every loss term on the same batch (1e-4).
+
+Usage: ``python benchmarks/bench_sand_speed.py [--batches 5] [--variants a b] [--full-epoch]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.sand import SAND  # noqa: E402
+
+N_USERS, N_ITEMS, N_INTER = 19_445, 7_050, 160_792
+D_IMAGE, D_TEXT, KNN_K, BATCH = 4096, 384, 10, 2048
+
+
+def make_edges(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train (E, 2), all (N_INTER, 2)): distinct random (user, item) pairs, 75% train."""
+    rng = np.random.default_rng(seed)
+    keys = np.unique(rng.integers(0, N_USERS * N_ITEMS, size=int(N_INTER * 1.2)))
+    keys = rng.permutation(keys)[:N_INTER]
+    edges = np.stack([keys // N_ITEMS, keys % N_ITEMS], 1).astype(np.int64)
+    n_train = int(0.75 * N_INTER)
+    return edges[:n_train], edges
+
+
+def knn_graph(x: torch.Tensor, k: int = KNN_K, block: int = 1024) -> torch.Tensor:
+    """Top-k cosine kNN graph (self included), binary, symmetric-normalised (every value 1/k)."""
+    xn = torch.nn.functional.normalize(x, dim=1)
+    n = x.shape[0]
+    cols = []
+    for start in range(0, n, block):
+        sim = xn[start : start + block] @ xn.T
+        rows = torch.arange(start, min(start + block, n))
+        sim[torch.arange(len(rows)), rows] = math.inf  # the item itself is always kept
+        cols.append(sim.topk(k, dim=1).indices)
+    col = torch.cat(cols).reshape(-1)
+    row = torch.arange(n).repeat_interleave(k)
+    return torch.sparse_coo_tensor(torch.stack([row, col]), torch.full((n * k,), 1.0 / k), (n, n)).coalesce()
+
+
+def make_inputs(seed: int) -> dict:
+    train, _ = make_edges(seed)
+    g = torch.Generator().manual_seed(seed)
+    features = {"image": torch.rand(N_ITEMS, D_IMAGE, generator=g), "text": torch.randn(N_ITEMS, D_TEXT, generator=g)}
+    graphs = {m: knn_graph(f) for m, f in features.items()}
+    return {"train": train, "features": features, "graphs": graphs}
+
+
+def batches(train: np.ndarray, seed: int):
+    """Shuffled (user, pos, neg) batches; negatives uniform among the user's non-training items."""
+    rng = np.random.default_rng(seed)
+    known = np.sort(train[:, 0] * N_ITEMS + train[:, 1])
+    order = rng.permutation(len(train))
+    for start in range(0, len(order), BATCH):
+        b = train[order[start : start + BATCH]]
+        neg = rng.integers(0, N_ITEMS, size=len(b))
+        while True:
+            keys = b[:, 0] * N_ITEMS + neg
+            pos_in = np.searchsorted(known, keys)
+            bad = known[np.minimum(pos_in, len(known) - 1)] == keys
+            if not bad.any():
+                break
+            neg[bad] = rng.integers(0, N_ITEMS, size=int(bad.sum()))
+        yield (torch.from_numpy(b[:, 0]), torch.from_numpy(b[:, 1]), torch.from_numpy(neg))
+
+
+def build(inputs: dict, variant: str, fast: bool, seed: int = 0) -> SAND:
+    torch.manual_seed(seed)
+    return SAND(
+        N_USERS, N_ITEMS, torch.from_numpy(inputs["train"]), inputs["features"], inputs["graphs"],
+        variant=variant, fast=fast,
+    )
+
+
+def train_step(model: SAND, opt: torch.optim.Optimizer, batch) -> dict[str, float]:
+    model.auxiliary_step(*batch)
+    opt.zero_grad(set_to_none=True)
+    terms = model.loss_terms(*batch)
+    total = sum(terms.values())
+    total.backward()
+    opt.step()
+    return {k: float(v) for k, v in terms.items()}
+
+
+def run_one(variant: str, fast: bool, n_batches: int, full_epoch: bool, seed: int) -> dict:
+    inputs = make_inputs(seed)
+    model = build(inputs, variant, fast)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    n_epoch_batches = math.ceil(len(inputs["train"]) / BATCH)
+    it = batches(inputs["train"], seed)
+    train_step(model, opt, next(it))  # warm-up (allocator, thread pool)
+    times, last = [], {}
+    if full_epoch:
+        t0 = time.perf_counter()
+        for batch in batches(inputs["train"], seed + 1):
+            last = train_step(model, opt, batch)
+        epoch_s = time.perf_counter() - t0
+        how = "1 full epoch"
+    else:
+        for _ in range(n_batches):
+            batch = next(it)
+            t0 = time.perf_counter()
+            last = train_step(model, opt, batch)
+            times.append(time.perf_counter() - t0)
+        epoch_s = statistics.median(times) * n_epoch_batches
+        how = f"median of {n_batches} batches x {n_epoch_batches}"
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    finite = all(math.isfinite(v) for v in last.values())
+    return {"variant": variant, "fast": fast, "epoch_s": epoch_s, "how": how, "rss_gb": rss_gb,
+            "finite": finite, "batch_s": times}
+
+
+def run_check(variant: str, seed: int) -> dict:
+    """Fast and naive models with the same parameters: every loss term on one batch, and grads."""
+    inputs = make_inputs(seed)
+    fast, naive = build(inputs, variant, True), build(inputs, variant, False)
+    naive.load_state_dict(fast.state_dict())
+    batch = next(batches(inputs["train"], seed))
+    out = {}
+    for name, model in (("fast", fast), ("naive", naive)):
+        torch.manual_seed(1)
+        terms = model.loss_terms(*batch)
+        sum(terms.values()).backward()
+        grad = model.transforms["image"].weight.grad
+        out[name] = ({k: float(v) for k, v in terms.items()}, grad)
+    diffs = {k: abs(out["fast"][0][k] - out["naive"][0][k]) for k in out["fast"][0]}
+    g_f, g_n = out["fast"][1], out["naive"][1]
+    grad_rel = float((g_f - g_n).norm() / g_n.norm().clamp_min(1e-30))
+    return {"variant": variant, "terms": out["fast"][0], "max_abs_diff": max(diffs.values()),
+            "diffs": diffs, "grad_rel_diff_L_image": grad_rel}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=5, help="timed batches per configuration")
+    ap.add_argument("--variants", nargs="+", default=["a", "b"])
+    ap.add_argument("--full-epoch", action="store_true", help="time whole epochs of the fast models")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:  # child process: one configuration, JSON on the last line
+        kind, variant, mode = args.one.split(":")
+        if kind == "check":
+            res = run_check(variant, args.seed)
+        else:
+            res = run_one(variant, mode == "fast", args.batches, args.full_epoch and mode == "fast", args.seed)
+        print(json.dumps(res))
+        return
+
+    def child(spec: str) -> dict:
+        cmd = [sys.executable, __file__, "--one", spec, "--batches", str(args.batches), "--seed", str(args.seed)]
+        if args.full_epoch:
+            cmd.append("--full-epoch")
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{N_USERS} users, {N_ITEMS} items, {N_INTER} interactions (75% train), batch {BATCH}")
+    rows = []
+    for v in args.variants:
+        check = child(f"check:{v}:-")
+        print(f"SAND_{v} fast vs naive, same parameters, same batch: max |loss diff| = "
+              f"{check['max_abs_diff']:.2e} (terms {check['terms']}); "
+              f"rel. grad diff of L_image = {check['grad_rel_diff_L_image']:.2e}")
+        res = {mode: child(f"run:{v}:{mode}") for mode in ("fast", "naive")}
+        rows.append((v, res))
+    print()
+    print(f"| model | mode | s/epoch | how | peak RSS (GB) | finite | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for v, res in rows:
+        for mode in ("fast", "naive"):
+            r = res[mode]
+            sp = res["naive"]["epoch_s"] / r["epoch_s"]
+            print(f"| SAND_{v} | {mode} | {r['epoch_s']:.1f} | {r['how']} | {r['rss_gb']:.2f} | "
+                  f"{r['finite']} | {sp:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

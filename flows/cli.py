@@ -1,0 +1,262 @@
+"""The ``sand`` command.
+
+Why typer with lazy imports: ``sand --help`` must answer instantly, so torch,
+transformers and Prefect are imported inside the commands that need them.
+Every option maps to a config field (``pipeline.config.CLI_FIELDS``); any
+other field is reachable with ``--set section.field=value`` or ``--config``.
+Errors a user can fix are printed as one line and exit with status 2.
+"""
+
+import functools
+import inspect
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.config import CLI_FIELDS, STAGES
+from pipeline.errors import ConfigError, SandError
+
+app = typer.Typer(
+    help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+)
+export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+log = logging.getLogger("sand")
+
+
+@dataclass
+class Common:
+    """Options shared by every command that runs stages."""
+
+    dataset: str | None
+    format: str | None
+    data_root: Path | None
+    config: Path | None
+    seed: int | None
+    model: str | None
+    variant: str | None
+    epochs: int | None
+    device: str | None
+    set: list[str]
+    refresh: list[str]
+    runner: str
+    dask_address: str | None
+    json: bool
+
+    def pipeline_config(self):
+        from pipeline.config import load_config
+
+        overrides = {field: getattr(self, opt) for opt, field in CLI_FIELDS.items() if hasattr(self, opt)}
+        if overrides.get("data_root") is not None:
+            overrides["data_root"] = str(overrides["data_root"])
+        return load_config(self.config, overrides, self.set)
+
+    def run_options(self):
+        from flows.pipeline_flows import RunOptions
+
+        try:
+            return RunOptions(refresh=self.refresh, runner=self.runner, dask_address=self.dask_address)
+        except Exception as err:  # pydantic ValidationError -> one line
+            msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+            raise ConfigError(f"invalid option: {msg.removeprefix('Value error, ')}") from None
+
+
+_P = inspect.Parameter
+_COMMON_PARAMS = [
+    _P("dataset", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="sample | baby | sports | clothing | category name | PATH (raw files or an MMRec folder)")]),
+    _P("format", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        "--format", help="amazon2014 | amazon2018 | amazon2023 | mmrec")]),
+    _P("data_root", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, typer.Option(
+        help="downloads, artifacts and caches (default: ./data)")]),
+    _P("config", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, typer.Option(
+        help="YAML file with config sections (see README)")]),
+    _P("seed", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
+        help="seed for every random choice")]),
+    _P("model", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="sand | bpr | lightgcn | vbpr | freedom | vbpr-sand | freedom-sand")]),
+    _P("variant", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="SAND variant: a | b | c | d | no-align | no-distance | no-align-no-distance")]),
+    _P("epochs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
+        help="maximum training epochs")]),
+    _P("device", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="cpu | cuda (default: cuda when present)")]),
+    _P("set", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
+        "--set", help="any config field: --set train.lr=0.001 (repeatable)")]),
+    _P("refresh", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
+        "--refresh", help="rebuild this stage even if cached (repeatable)")]),
+    _P("runner", _P.KEYWORD_ONLY, default="threads", annotation=Annotated[str, typer.Option(
+        help="task runner for image shards: threads | processes | dask")]),
+    _P("dask_address", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="tcp://host:port of an existing Dask scheduler (with --runner dask)")]),
+    _P("json", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--json", help="print one JSON object on stdout")]),
+]
+_COMMON_NAMES = [p.name for p in _COMMON_PARAMS]
+
+
+def with_common_options(fn):
+    """Give a command the shared options; it receives them as ``common: Common``."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "common"]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any):
+        common = Common(**{name: kwargs.pop(name) for name in _COMMON_NAMES})
+        return fn(common=common, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + _COMMON_PARAMS)
+    return wrapper
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("SAND_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call drowns the pipeline's own log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _check_prefect_server() -> None:
+    """Fail early, in one line, when a configured Prefect server cannot be reached."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as err:
+        raise SandError(
+            f"Prefect server at {url} is unreachable ({type(err).__name__}): start one with "
+            "`prefect server start`, or unset PREFECT_API_URL to run without a server"
+        ) from None
+
+
+def _emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        return
+    from flows.report_text import render_summary
+
+    typer.echo(render_summary(summary))
+
+
+def _run_flow(common: Common, until: str | None, stage: str | None = None) -> dict[str, Any]:
+    cfg = common.pipeline_config()
+    options = common.run_options()
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
+    _check_prefect_server()
+    from flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
+    from pipeline.runner import PipelineResult
+
+    if stage is None:
+        return pipeline_flow(config=cfg, options=options, until=until)
+    ref = STAGE_FLOWS[stage](config=cfg, options=options)
+    result = PipelineResult({stage: outcome_from_ref(ref)})
+    return result.summary()
+
+
+@app.command()
+@with_common_options
+def run(
+    common: Common,
+    until: Annotated[str | None, typer.Option(help=f"stop after this stage: {', '.join(STAGES)}")] = None,
+) -> None:
+    """Run the whole pipeline (default: the bundled sample, offline); cached stages are reused."""
+    _emit(_run_flow(common, until), common.json)
+
+
+@app.command()
+@with_common_options
+def stage(
+    common: Common,
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
+) -> None:
+    """Run one stage (its inputs are reused from the store, or built first)."""
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)}")
+    _emit(_run_flow(common, None, stage=name), common.json)
+
+
+@export_app.command("mmrec")
+@with_common_options
+def export_mmrec(
+    common: Common,
+    out: Annotated[Path, typer.Option(help="folder to write")],
+    until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features",
+) -> None:
+    """Write an MMRec dataset folder (<name>.inter, id maps, feature .npy files)."""
+    from pipeline.export import export_mmrec_folder
+
+    summary = _run_flow(common, until)
+    written = export_mmrec_folder(summary, out)
+    summary["export"] = {"out": str(out), "files": written}
+    _emit(summary, common.json)
+
+
+@app.command()
+@with_common_options
+def recommend(
+    common: Common,
+    user: Annotated[str, typer.Option(help="user id (raw reviewerID or 0-based index)")],
+    k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10,
+) -> None:
+    """Print a user's top-K items (training items excluded), with titles where known."""
+    from pipeline.recommend import recommend_for_user
+
+    summary = _run_flow(common, "train")
+    table = recommend_for_user(common.pipeline_config(), summary, user, k)
+    if common.json:
+        _emit({"user": user, "recommendations": table.to_dict(orient="records")}, True)
+    else:
+        typer.echo(table.to_string(index=False))
+
+
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config the deployments default to")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset the deployments default to")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="data root the deployments default to")] = None,
+) -> None:
+    """Register deployments (end-to-end and each stage) with a schedule and serve them."""
+    from pipeline.config import load_config
+
+    overrides = {"acquire.dataset": dataset, "data_root": str(data_root) if data_root else None}
+    cfg = load_config(config, overrides)
+    _check_prefect_server()
+    from flows.serve import serve_deployments
+
+    serve_deployments(cfg, cron)
+
+
+def main() -> None:
+    """Console entry point: user-fixable errors become one line and exit status 2."""
+    _setup_logging()
+    from flows.settings import apply_prefect_defaults
+
+    apply_prefect_defaults()
+    try:
+        app()
+    except SandError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished artifacts are kept; rerun to resume", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Prefect defaults that suit a local, offline pipeline command.
+
+Why: on a busy 2-core machine the ephemeral API server (Prefect's no-server
+mode) can need more than its default 20 s to start, and an offline machine
+should not try to send telemetry. Users' explicit environment settings win.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "true",
+}
+
+
+def apply_prefect_defaults() -> None:
+    for name, value in DEFAULTS.items():
+        os.environ.setdefault(name, value)

@@ -1,0 +1,172 @@
+"""FREEDOM (Zhou & Shen 2023, "A Tale of Two Graphs"), following MMRec's implementation.
+
+Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
+- Item-item graph S = w * S_image + (1 - w) * S_text, w = ``mm_image_weight`` (0.1),
+  frozen. Here it comes from ``item_graphs`` (the graph stage's artifact) and is
+  never recomputed. It propagates the free item ID embeddings ``n_mm_layers``
+  (1) times; the result is added to the LightGCN item output.
+- Degree-sensitive edge pruning: before every epoch, keep
+  ``int(E * (1 - dropout))`` training edges sampled without replacement with
+  probability proportional to 1 / sqrt(d_u d_i), and re-normalise the kept graph
+  symmetrically. ``dropout`` is 0.8 or 0.9 in MMRec's grid (default 0.8 here).
+  Training propagates over the pruned graph; inference over the FULL training graph.
+- LightGCN-style mean over ``n_ui_layers`` (2) layers of the user-item graph.
+- Raw features are *trainable* (MMRec loads them with ``Embedding.from_pretrained(
+  freeze=False)``; ``train_features=False`` freezes them) and are projected to
+  ``feat_embed_dim`` (64) by ``Linear`` layers. The projected features enter only
+  through extra BPR terms of the propagated user against them:
+  loss = BPR + reg_weight * (BPR_text + BPR_image); reg_weight grid
+  {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused by
+  its FREEDOM and is not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.base import Recommender
+from models.bpr import bpr_loss, check_modalities, dot_scores
+from models.graph import normalised_bipartite_adjacency
+from models.lightgcn import edges_numpy, layer_mean
+
+MODALITIES: tuple[str, ...] = ("image", "text")
+
+
+def degree_edge_weights(n_users: int, n_items: int, edges: np.ndarray) -> torch.Tensor:
+    """1 / sqrt(d_u d_i) for each (deduplicated) edge: FREEDOM's sampling weights."""
+    du = np.bincount(edges[:, 0], minlength=n_users).astype(np.float64)
+    di = np.bincount(edges[:, 1], minlength=n_items).astype(np.float64)
+    return torch.from_numpy(1.0 / np.sqrt(du[edges[:, 0]] * di[edges[:, 1]])).float()
+
+
+def mix_item_graphs(item_graphs: Mapping[str, torch.Tensor], image_weight: float) -> torch.Tensor:
+    """w * S_image + (1 - w) * S_text as one coalesced float32 COO tensor."""
+
+    def coo(g: torch.Tensor) -> torch.Tensor:
+        g = g if g.layout == torch.sparse_coo else g.to_sparse_coo()
+        return g.coalesce().float()
+
+    mixed = image_weight * coo(item_graphs["image"]) + (1.0 - image_weight) * coo(item_graphs["text"])
+    return mixed.coalesce()
+
+
+class FREEDOM(Recommender):
+    """FREEDOM with named projected modal features (for the SAND plug-in).
+
+    Inspection points (used by the tests): ``full_adj`` (inference graph),
+    ``train_adj`` (the current epoch's pruned graph), ``kept_edges`` ((K, 2) edges
+    kept this epoch), ``train_edges`` ((E, 2) deduplicated training edges).
+    """
+
+    required_modalities: tuple[str, ...] = MODALITIES
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None,
+        item_graphs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        embedding_dim: int = 64,
+        feat_embed_dim: int = 64,
+        n_ui_layers: int = 2,
+        n_mm_layers: int = 1,
+        mm_image_weight: float = 0.1,
+        dropout: float = 0.8,
+        reg_weight: float = 1e-3,
+        train_features: bool = True,
+    ) -> None:
+        super().__init__()
+        check_modalities(
+            "FREEDOM", self.required_modalities, features, item_graphs, n_items, need_graphs=True
+        )
+        if feat_embed_dim != embedding_dim:
+            raise ValueError(
+                f"FREEDOM: feat_embed_dim ({feat_embed_dim}) must equal embedding_dim ({embedding_dim}): "
+                "users are scored against projected features"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"FREEDOM: dropout must be in [0, 1); got {dropout}")
+        assert features is not None and item_graphs is not None
+        self.n_users, self.n_items = int(n_users), int(n_items)
+        self.n_ui_layers, self.n_mm_layers = int(n_ui_layers), int(n_mm_layers)
+        self.dropout = float(dropout)
+        self.reg_weight = float(reg_weight)
+        self.modalities = self.required_modalities
+
+        self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, embedding_dim)))
+        self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
+        self.projections = nn.ModuleDict(
+            {m: nn.Linear(int(features[m].shape[1]), feat_embed_dim) for m in self.modalities}
+        )
+        for m in self.modalities:
+            feat = features[m].detach().float().clone()
+            if train_features:
+                self.register_parameter(f"feat_{m}", nn.Parameter(feat))
+            else:
+                self.register_buffer(f"feat_{m}", feat, persistent=False)
+
+        edges = np.unique(edges_numpy(train_edges, "FREEDOM"), axis=0)
+        self.train_edges = torch.from_numpy(edges)
+        self._edge_weights = degree_edge_weights(self.n_users, self.n_items, edges)
+        self.register_buffer(
+            "full_adj", normalised_bipartite_adjacency(self.n_users, self.n_items, edges), persistent=False
+        )
+        self.register_buffer("mm_adj", mix_item_graphs(item_graphs, mm_image_weight), persistent=False)
+        self.train_adj: torch.Tensor | None = None
+        self.kept_edges: torch.Tensor | None = None
+
+    @property
+    def n_kept_edges(self) -> int:
+        """How many edges one epoch keeps: ``int(E * (1 - dropout))``, as MMRec."""
+        return int(len(self.train_edges) * (1.0 - self.dropout))
+
+    def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
+        """Degree-sensitive pruning: resample this epoch's training graph from ``generator``."""
+        if self.dropout <= 0.0:
+            self.kept_edges, self.train_adj = self.train_edges, self.full_adj
+            return
+        weights = self._edge_weights.to(generator.device)
+        idx = torch.multinomial(weights, self.n_kept_edges, replacement=False, generator=generator).cpu()
+        self.kept_edges = self.train_edges[idx]
+        adj = normalised_bipartite_adjacency(self.n_users, self.n_items, self.kept_edges.numpy())
+        self.train_adj = adj.to(self.full_adj.device)
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - torch's signature
+        """Move the epoch's pruned graph with the model (it is not a registered buffer)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if self.train_adj is not None:
+            self.train_adj = fn(self.train_adj)
+        return out
+
+    def modal_representations(self) -> dict[str, torch.Tensor]:
+        """modality -> (N, feat_embed_dim) projected features, with gradient (FREEDOM's ``*_trs``)."""
+        return {m: self.projections[m](getattr(self, f"feat_{m}")) for m in self.modalities}
+
+    def propagate(self, adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) over user-item graph ``adj``, plus the item-item propagation of item IDs."""
+        h = self.item_embedding
+        for _ in range(self.n_mm_layers):
+            h = torch.sparse.mm(self.mm_adj, h)
+        out = layer_mean(adj, torch.cat([self.user_embedding, self.item_embedding], dim=0), self.n_ui_layers)
+        return out[: self.n_users], out[self.n_users :] + h
+
+    def loss_terms(self, users: Tensor, pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
+        if self.train_adj is None:
+            raise RuntimeError("FREEDOM: on_epoch_start(epoch, generator) must run before training batches")
+        u_all, i_all = self.propagate(self.train_adj)
+        u = u_all[users]
+        terms = {"bpr": bpr_loss(*dot_scores(u, i_all[pos], i_all[neg]))}
+        modal = self.modal_representations()
+        modal_bpr = sum(bpr_loss(*dot_scores(u, modal[m][pos], modal[m][neg])) for m in self.modalities)
+        terms["modal_bpr"] = self.reg_weight * modal_bpr
+        return terms
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring embeddings over the FULL training graph (never the pruned one)."""
+        return self.propagate(self.full_adj)

@@ -1,0 +1,90 @@
+"""LightGCN (He et al. 2020), following MMRec's implementation.
+
+Why: the ID-only graph baseline of the SAND paper (Baby R@20 0.0754). Ego
+embeddings are propagated over the symmetric-normalised *training* graph; the
+output is the mean of the ego embeddings and every layer's output. The
+regulariser acts on the ego embeddings of the batch (MMRec's convention), not on
+the propagated ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from models.base import Recommender
+from models.bpr import bpr_loss, dot_scores, emb_loss
+from models.graph import normalised_bipartite_adjacency
+
+
+def edges_numpy(train_edges: torch.Tensor | None, model_name: str):
+    """Training edges as an (E, 2) int64 numpy array; a graph model cannot do without them."""
+    if train_edges is None:
+        raise ValueError(f"{model_name} needs train_edges (E, 2) to build its user-item graph")
+    e = torch.as_tensor(train_edges).detach().cpu().long()
+    if e.dim() != 2 or e.shape[1] != 2:
+        raise ValueError(f"{model_name}: train_edges must have shape (E, 2); got {tuple(e.shape)}")
+    return e.numpy()
+
+
+def layer_mean(adj: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """mean(ego, A ego, A^2 ego, ..., A^L ego): LightGCN's layer combination."""
+    out = ego
+    h = ego
+    for _ in range(n_layers):
+        h = torch.sparse.mm(adj, h)
+        out = out + h
+    return out / (n_layers + 1)
+
+
+class LightGCN(Recommender):
+    """LightGCN over the normalised training graph.
+
+    Hyper-parameters: ``embedding_dim`` (64), ``n_layers`` (2; MMRec tunes
+    {1, 2, 3, 4}; 1 layer was best on Baby here, SAND_SPEC §8), ``reg_weight``
+    (1e-2; MMRec tunes {1e-2, ..., 1e-6}). Embeddings are xavier-uniform, as MMRec.
+    With ``n_layers = 0`` the model is MF-BPR on its ego embeddings.
+    """
+
+    required_modalities: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None,
+        item_graphs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        embedding_dim: int = 64,
+        n_layers: int = 2,
+        reg_weight: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if n_layers < 0:
+            raise ValueError(f"LightGCN: n_layers must be >= 0; got {n_layers}")
+        self.n_users, self.n_items = int(n_users), int(n_items)
+        self.n_layers = int(n_layers)
+        self.reg_weight = float(reg_weight)
+        self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, embedding_dim)))
+        self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
+        adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges_numpy(train_edges, "LightGCN"))
+        # Not persistent: the graph is an input (rebuilt from the data), not a learned state.
+        self.register_buffer("adj", adj, persistent=False)
+
+    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) after layer-mean propagation."""
+        ego = torch.cat([self.user_embedding, self.item_embedding], dim=0)
+        out = layer_mean(self.adj, ego, self.n_layers)
+        return out[: self.n_users], out[self.n_users :]
+
+    def loss_terms(self, users: Tensor, pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
+        u_all, i_all = self.propagate()
+        bpr = bpr_loss(*dot_scores(u_all[users], i_all[pos], i_all[neg]))
+        reg = emb_loss(self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg])
+        return {"bpr": bpr, "reg": self.reg_weight * reg}
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.propagate()

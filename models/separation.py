@@ -1,0 +1,379 @@
+"""SAND's reusable split / align / distance component (spec §2-§4, "plug-in").
+
+Any backbone that turns item modal features into a per-modality representation
+``z_m`` (rows = items) can attach :class:`ModalSeparation`: it splits ``z_m`` by
+columns into a modal-generic part ``G_m`` (first ``split_ratio`` of the columns)
+and a modal-unique part ``Q_m`` (the rest), aligns the generic parts across
+modalities (SoloSim or InfoNCE on projection heads) and pushes each generic part
+away from its unique part (CLUB mutual-information bound or negative l2). SAND
+uses it on its full-width modal transform; VBPR and FREEDOM on their projected
+modal features.
+
+Fast path (spec §5). Every consumer of ``z_m`` here (the first layer of the
+projection head, ``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When
+``z_m = X_m W^T + b`` comes from a linear map, a consumer ``C`` computes
+``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first
+costs ``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone passes
+such a ``z_m`` unevaluated as a :class:`LinearView`; plain tensors work too (what the
+plug-ins pass). Both give the same function, to float rounding.
+
+Differences from the authors' code (the spec wins; the paper's equations are
+partly garbled): the CLUB estimators are fitted on (E1_m, E2_m) pairs of the SAME
+modality (the code fits one estimator on text/image pairs, which is not the bound
+it then evaluates), one estimator and one Adam optimiser per modality; the main
+loss never trains the estimator (its parameters enter the bound detached);
+SoloSim can run over the batch items instead of all N items (needed for large N).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
+
+ALIGNS = ("solosim", "infonce", "none")
+DISTANCES = ("club", "l2", "none")
+SCOPES = ("auto", "all", "batch")
+#: ``scope="auto"`` computes over all items up to this catalogue size, else over the batch items.
+AUTO_SCOPE_MAX_ITEMS = 20_000
+
+
+@dataclass(frozen=True)
+class LinearView:
+    """``z = x @ weight.T + bias``, kept unevaluated so linear consumers can fold the weights.
+
+    ``x``: (n, d_in) inputs (usually frozen raw features); ``weight``: (d, d_in);
+    ``bias``: (d,) or None. Slicing columns of ``z`` slices rows of ``weight``, slicing
+    rows of ``z`` slices rows of ``x``: neither needs ``z`` itself. ``fold``: None picks
+    the evaluation order with fewer multiply-adds (see :meth:`folds`); True/False force it.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    fold: bool | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.x.shape[0]), int(self.weight.shape[0]))
+
+    def rows(self, index: torch.Tensor) -> LinearView:
+        return LinearView(self.x[index], self.weight, self.bias, self.fold)
+
+    def columns(self, start: int, stop: int) -> LinearView:
+        bias = None if self.bias is None else self.bias[start:stop]
+        return LinearView(self.x, self.weight[start:stop], bias, self.fold)
+
+    def folds(self, n_out: int) -> bool:
+        """Whether consumers with ``n_out`` outputs in all read ``x`` through folded weights.
+
+        Folded: ``d_in*d*n_out + n*d_in*n_out`` multiply-adds; forming ``z`` first:
+        ``n*d_in*d + n*d*n_out``. Folding wins when there are more rows than outputs
+        (all items of a catalogue); forming ``z`` wins for a few rows.
+        """
+        if self.fold is not None:
+            return self.fold
+        n, d_in = self.x.shape
+        d = self.weight.shape[0]
+        return d_in * d * n_out + n * d_in * n_out <= n * d_in * d + n * d * n_out
+
+    def dense(self) -> torch.Tensor:
+        return F.linear(self.x, self.weight, self.bias)
+
+    def detach(self) -> LinearView:
+        bias = None if self.bias is None else self.bias.detach()
+        return LinearView(self.x.detach(), self.weight.detach(), bias, self.fold)
+
+
+ModalInput = torch.Tensor | LinearView
+
+
+def _rows(z: ModalInput, index: torch.Tensor | None) -> ModalInput:
+    if index is None:
+        return z
+    return z.rows(index) if isinstance(z, LinearView) else z[index]
+
+
+def _columns(z: ModalInput, start: int, stop: int) -> ModalInput:
+    return z.columns(start, stop) if isinstance(z, LinearView) else z[:, start:stop]
+
+
+def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """``[c(z) for c in consumers]``, computed without forming ``z`` when that is cheaper.
+
+    For a :class:`LinearView` the folded product ``x @ (W^T [C_1^T ... C_k^T])`` is one
+    matrix product, unless :meth:`LinearView.folds` says forming ``z`` is cheaper.
+    """
+    if not isinstance(z, LinearView):
+        return [c(z) for c in consumers]
+    outs = [c.out_features for c in consumers]
+    if not z.folds(sum(outs)):
+        dense = z.dense()
+        return [c(dense) for c in consumers]
+    # (out, d) @ (d, d_in) -> (out, d_in): the consumer weight seen from x.
+    folded_w = torch.cat([c.weight @ z.weight for c in consumers], dim=0)
+    folded_b = torch.cat(
+        [
+            (c.weight @ z.bias if z.bias is not None else 0.0)
+            + (c.bias if c.bias is not None else torch.zeros_like(c.weight[:, 0]))
+            for c in consumers
+        ]
+    )
+    return list(F.linear(z.x, folded_w, folded_b).split(outs, dim=1))
+
+
+def _head(in_dim: int, widths: Sequence[int]) -> nn.Sequential:
+    """Linear -> BN -> ReLU -> ... -> Linear: widths ``in_dim -> widths[0] -> ... -> widths[-1]``."""
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for k, w in enumerate(widths):
+        layers.append(nn.Linear(prev, w))
+        if k < len(widths) - 1:
+            layers += [nn.BatchNorm1d(w), nn.ReLU()]
+        prev = w
+    return nn.Sequential(*layers)
+
+
+class ModalSeparation(nn.Module):
+    """Split each modal representation into generic/unique parts; align and distance them.
+
+    Args:
+      dims: modality -> width of the representation ``z_m`` it will receive. Alignment
+        needs exactly two modalities; SoloSim's direction is text -> image ("text"
+        is the anchor when present, else the first listed).
+      align: "solosim" (Eq. 10, default), "infonce" (symmetric, in-batch) or "none".
+      distance: "club" (MI upper bound, Eq. 11-13), "l2" (Eq. 14, see ``l2_form``) or "none".
+      alpha, beta: weights: ``align = alpha * L_align``, ``distance = beta * mean_m L_m``.
+      tau: temperature of SoloSim/InfoNCE (0.2, the reference's config value).
+      split_ratio: fraction of columns forming the generic part (0.5).
+      head_dims: widths of the projection head after its input ``G_m`` (64, 64, 32).
+      proj_dim: width of E1_m / E2_m (32).
+      club_steps, club_lr, club_hidden: maximum-likelihood Adam steps per batch, their
+        learning rate, and the hidden width of the estimator heads.
+      l2_form: "neg-log" (default), "neg-mse" (the paper) or "margin"; see
+        :func:`models.losses.l2_distance_loss`.
+      solosim_scope: items SoloSim runs over: "all" (the reference: N x N logits),
+        "batch" (the batch's items), "auto" (all when N <= 20,000, else batch).
+        InfoNCE always runs in-batch.
+      distance_scope: the same choice for the distancing term and the CLUB fit
+        (the reference uses all items).
+      share_club: one estimator (and optimiser) for all modalities.
+
+    Random permutations for the CLUB bound come from the global torch RNG.
+    """
+
+    def __init__(
+        self,
+        dims: Mapping[str, int],
+        *,
+        align: str = "solosim",
+        distance: str = "club",
+        alpha: float = 0.012,
+        beta: float = 0.006,
+        tau: float = 0.2,
+        split_ratio: float = 0.5,
+        head_dims: Sequence[int] = (64, 64, 32),
+        proj_dim: int = 32,
+        club_steps: int = 50,
+        club_lr: float = 1e-4,
+        club_hidden: int = 8,
+        l2_form: str = "neg-log",
+        solosim_scope: str = "auto",
+        distance_scope: str = "auto",
+        share_club: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value, allowed in (
+            ("align", align, ALIGNS),
+            ("distance", distance, DISTANCES),
+            ("solosim_scope", solosim_scope, SCOPES),
+            ("distance_scope", distance_scope, SCOPES),
+            ("l2_form", l2_form, L2_FORMS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"ModalSeparation: {name} must be one of {allowed}; got {value!r}")
+        if not 0.0 < split_ratio < 1.0:
+            raise ValueError(f"ModalSeparation: split_ratio must be in (0, 1); got {split_ratio}")
+        if tau <= 0:
+            raise ValueError(f"ModalSeparation: tau must be > 0; got {tau}")
+        self.modalities = tuple(dims)
+        if align != "none" and len(self.modalities) != 2:
+            raise ValueError(f"ModalSeparation: alignment needs exactly two modalities; got {self.modalities}")
+        self.align, self.distance = align, distance
+        self.alpha, self.beta, self.tau = float(alpha), float(beta), float(tau)
+        self.l2_form = l2_form
+        self.solosim_scope, self.distance_scope = solosim_scope, distance_scope
+        self.club_steps = int(club_steps)
+        self.split_at: dict[str, int] = {}
+        for m, d in dims.items():
+            g = int(d * split_ratio)
+            if not 0 < g < d:
+                raise ValueError(f"ModalSeparation: '{m}' width {d} cannot be split at ratio {split_ratio}")
+            self.split_at[m] = g
+        anchor = "text" if "text" in self.modalities else self.modalities[0]
+        self.align_pair = (anchor, next((m for m in self.modalities if m != anchor), anchor))
+
+        self.heads = nn.ModuleDict()
+        if align != "none":
+            for m in self.modalities:
+                self.heads[m] = _head(self.split_at[m], head_dims)
+        self.e1 = nn.ModuleDict()
+        self.e2 = nn.ModuleDict()
+        self.club = nn.ModuleDict()
+        self._club_optimisers: dict[str, torch.optim.Adam] = {}
+        if distance != "none":
+            for m, d in dims.items():
+                self.e1[m] = nn.Linear(self.split_at[m], proj_dim)
+                self.e2[m] = nn.Linear(d - self.split_at[m], proj_dim)
+        if distance == "club":
+            keys = ("shared",) if share_club else self.modalities
+            for k in keys:
+                self.club[k] = ClubEstimator(proj_dim, proj_dim, club_hidden)
+                self._club_optimisers[k] = torch.optim.Adam(self.club[k].parameters(), lr=club_lr)
+
+    # ----------------------------------------------------------------- pieces
+    def split(self, modality: str, z: ModalInput) -> tuple[ModalInput, ModalInput]:
+        """(generic, unique) column blocks of ``z`` (tensors, or views for a LinearView)."""
+        g = self.split_at[modality]
+        return _columns(z, 0, g), _columns(z, g, z.shape[1])
+
+    def _estimator(self, modality: str) -> ClubEstimator:
+        return self.club["shared" if "shared" in self.club else modality]  # type: ignore[return-value]
+
+    @staticmethod
+    def _resolve(scope: str, n_items: int) -> str:
+        if scope == "auto":
+            return "all" if n_items <= AUTO_SCOPE_MAX_ITEMS else "batch"
+        return scope
+
+    def _rows_for(self, scope: str, n_items: int, batch_items: torch.Tensor) -> torch.Tensor | None:
+        """Row index for a scope: None = all items, else the sorted unique batch items."""
+        if self._resolve(scope, n_items) == "all":
+            return None
+        return torch.unique(batch_items)
+
+    def _projections(
+        self, modality: str, z: ModalInput, head_rows: Any, dist_rows: Any, want_head: bool, want_dist: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(head output, E1, E2) for one modality; linear first layers share one read of G."""
+        g, q = self.split(modality, z)
+        head_out = e1 = e2 = None
+        same_rows = want_head and want_dist and _same(head_rows, dist_rows)
+        if same_rows:
+            first, e1 = read_through(_rows(g, head_rows), [self.heads[modality][0], self.e1[modality]])
+            head_out = self.heads[modality][1:](first)
+        else:
+            if want_head:
+                (first,) = read_through(_rows(g, head_rows), [self.heads[modality][0]])
+                head_out = self.heads[modality][1:](first)
+            if want_dist:
+                (e1,) = read_through(_rows(g, dist_rows), [self.e1[modality]])
+        if want_dist:
+            (e2,) = read_through(_rows(q, dist_rows), [self.e2[modality]])
+        if head_out is not None:
+            head_out = F.normalize(head_out, dim=1)
+        return head_out, e1, e2
+
+    # ----------------------------------------------------------------- losses
+    def loss_terms(self, z: Mapping[str, ModalInput], batch_items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"align": alpha * L_align, "distance": beta * mean_m L_m}``; disabled terms are absent.
+
+        ``z[m]``: (N, dims[m]) representation of ALL items (tensor or LinearView);
+        ``batch_items``: item indices of the current batch (duplicates allowed).
+        """
+        missing = [m for m in self.modalities if m not in z]
+        if missing:
+            raise ValueError(f"ModalSeparation: missing modal representation {missing[0]!r}")
+        n_items = z[self.modalities[0]].shape[0]
+        want_head = self.align != "none"
+        want_dist = self.distance != "none"
+        align_scope = "batch" if self.align == "infonce" else self.solosim_scope
+        head_rows = self._rows_for(align_scope, n_items, batch_items) if want_head else None
+        dist_rows = self._rows_for(self.distance_scope, n_items, batch_items) if want_dist else None
+        heads: dict[str, torch.Tensor] = {}
+        dist: list[torch.Tensor] = []
+        for m in self.modalities:
+            h, e1, e2 = self._projections(m, z[m], head_rows, dist_rows, want_head, want_dist)
+            if h is not None:
+                heads[m] = h
+            if e1 is not None and e2 is not None:
+                dist.append(self._distance(m, e1, e2))
+        terms: dict[str, torch.Tensor] = {}
+        if want_head:
+            a, b = (heads[m] for m in self.align_pair)
+            loss = solosim_loss(a, b, self.tau) if self.align == "solosim" else infonce_loss(a, b, self.tau)
+            terms["align"] = self.alpha * loss
+        if want_dist:
+            terms["distance"] = self.beta * torch.stack(dist).mean()
+        return terms
+
+    def _distance(self, modality: str, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        if self.distance == "l2":
+            return l2_distance_loss(e1, e2, self.l2_form)
+        est = self._estimator(modality)
+        # Detached estimator parameters: the bound trains the encoders, never the estimator
+        # (which only maximises the likelihood, in auxiliary_step).
+        params = {k: v.detach() for k, v in est.named_parameters()}
+        perm = torch.randperm(e1.shape[0], device=e1.device)
+        return functional_call(est, params, (e1, e2, perm))
+
+    # ----------------------------------------------------------- CLUB fitting
+    def auxiliary_step(self, z_detached: Mapping[str, ModalInput], batch_items: torch.Tensor) -> dict[str, float]:
+        """Fit the CLUB estimators: ``club_steps`` Adam steps maximising ``log q(E2_m | E1_m)``.
+
+        Pairs are the detached (E1_m, E2_m) of the same modality over the distancing
+        scope. Returns the mean log-likelihood per modality before the last step.
+        Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also
+        holds these parameters never moves them.
+        """
+        if self.distance != "club" or self.club_steps <= 0:
+            return {}
+        n_items = z_detached[self.modalities[0]].shape[0]
+        rows = self._rows_for(self.distance_scope, n_items, batch_items)
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for m in self.modalities:
+                _, e1, e2 = self._projections(m, z_detached[m], None, rows, False, True)
+                assert e1 is not None and e2 is not None
+                pairs[m] = (e1.detach(), e2.detach())
+        lls: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            for _ in range(self.club_steps):
+                for opt in self._club_optimisers.values():
+                    opt.zero_grad(set_to_none=True)
+                # Parameters of different estimators are disjoint, so one backward of the
+                # sum gives every estimator exactly its own gradient.
+                lls = {m: self._estimator(m).log_likelihood(*pairs[m]) for m in self.modalities}
+                (-torch.stack(list(lls.values())).sum()).backward()
+                for opt in self._club_optimisers.values():
+                    opt.step()
+        for opt in self._club_optimisers.values():
+            opt.zero_grad(set_to_none=True)
+        return {f"club_ll_{m}": float(v.detach()) for m, v in lls.items()}
+
+    def auxiliary_state_dict(self) -> dict[str, Any]:
+        """The CLUB optimisers' states (estimator weights are in the module's state_dict)."""
+        return {"club_optimisers": {k: opt.state_dict() for k, opt in self._club_optimisers.items()}}
+
+    def load_auxiliary_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("club_optimisers", {})
+        if set(saved) != set(self._club_optimisers):
+            raise ValueError(
+                f"ModalSeparation: checkpoint has CLUB optimisers {sorted(saved)}, "
+                f"model has {sorted(self._club_optimisers)}"
+            )
+        for k, opt in self._club_optimisers.items():
+            opt.load_state_dict(saved[k])
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))

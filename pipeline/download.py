@@ -1,0 +1,382 @@
+"""Fetch one raw file (http(s) URL, ``file://`` URL or local path) into a directory.
+
+Why this module exists: the Amazon dumps are hundreds of MB to GB on slow
+academic mirrors. A dropped connection must not cost the bytes already
+received, a half-written file must never be read as complete, and a second run
+must do no network work at all. So a download is written to ``<name>.part``,
+resumed with ``Range`` requests, checked against the size the server announced,
+renamed into place only when complete, and described by a sidecar
+``<name>.sha256.json`` that later runs trust instead of the network.
+
+Local sources take the same path (copy in chunks, hash on the way) so that the
+stages downstream see one kind of record whatever the user pointed at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import httpx
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from pipeline.errors import DownloadError
+from pipeline.retry import backoff_delays, is_retryable_status
+
+log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+SIDECAR_SUFFIX = ".sha256.json"
+MAX_NAME_LEN = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What was fetched, from where, and how to recognise it again (size + sha256)."""
+
+    path: Path
+    source: str
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "source": self.source, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileRecord:
+        return cls(
+            path=Path(data["path"]),
+            source=str(data["source"]),
+            size=int(data["size"]),
+            sha256=str(data["sha256"]),
+        )
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way that another attempt may fix (the message is the reason)."""
+
+
+def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB dumps do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_name(source: str) -> str:
+    """File name for ``source``: the sanitised basename of its path, never raw URL text.
+
+    Only ``[A-Za-z0-9._-]`` survive, leading dots are dropped (no hidden files,
+    no ``..``), long names are capped with a hash to stay unique, and a source
+    without a usable basename falls back to a sha1 of the whole source. Names
+    that would collide with our own ``.part``/sidecar files get a ``_`` appended.
+    """
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()
+    path = unquote(urlsplit(source).path) if _is_url(source) else source
+    base = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
+    name = _UNSAFE.sub("_", base).lstrip(".")
+    if not name.strip("_."):
+        return f"download-{digest[:16]}"
+    if len(name) > MAX_NAME_LEN:
+        stem, dot, ext = name.rpartition(".")
+        ext = ext if dot and 0 < len(ext) <= 10 else ""
+        keep = MAX_NAME_LEN - len(ext) - 18
+        name = f"{(stem if ext else name)[:keep]}-{digest[:16]}" + (f".{ext}" if ext else "")
+    if name.endswith((PART_SUFFIX, SIDECAR_SUFFIX, ".lock")):
+        name += "_"
+    return name
+
+
+def fetch_file(
+    source: str,
+    dest_dir: Path,
+    *,
+    timeout: float = 60,
+    retries: int = 5,
+    backoff_base: float = 0.5,
+    chunk_size: int = 1 << 20,
+    progress: bool = True,
+    client: httpx.Client | None = None,
+) -> FileRecord:
+    """Fetch ``source`` into ``dest_dir`` and return its :class:`FileRecord`.
+
+    A complete file whose sidecar names the same source and size is returned
+    without any network or copy work. ``retries`` counts further attempts after
+    the first; only timeouts, connection errors, short bodies, 5xx and 429 are
+    retried, any other 4xx fails at once with a one-line :class:`DownloadError`.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    name = safe_name(source)
+    final = dest_dir / name
+    with FileLock(str(dest_dir / f"{name}.lock")):
+        cached = _cached_record(source, final)
+        if cached is not None:
+            log.info("using cached %s (%d bytes)", final, cached.size)
+            return cached
+        _sidecar(final).unlink(missing_ok=True)  # a stale sidecar must not vouch for the new file
+        if _is_url(source) and urlsplit(source).scheme.lower() in ("http", "https"):
+            record = _fetch_http(
+                source, final, timeout=timeout, retries=retries, backoff_base=backoff_base,
+                chunk_size=chunk_size, progress=progress, client=client,
+            )
+        else:
+            record = _copy_local(source, final, chunk_size=chunk_size, progress=progress)
+        _write_sidecar(record)
+        log.info("fetched %s -> %s (%d bytes, sha256 %s)", source, final, record.size, record.sha256)
+        return record
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def _sidecar(final: Path) -> Path:
+    return final.with_name(final.name + SIDECAR_SUFFIX)
+
+
+def _cached_record(source: str, final: Path) -> FileRecord | None:
+    """The sidecar's record if it vouches for ``final`` as a complete copy of ``source``."""
+    sidecar = _sidecar(final)
+    if not (final.is_file() and sidecar.is_file()):
+        return None
+    try:
+        record = FileRecord.from_dict(json.loads(sidecar.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable sidecar %s (%s); fetching again", sidecar, exc)
+        return None
+    stat = final.stat()
+    if record.source != source or record.size != stat.st_size:
+        return None
+    if not _is_remote(source):
+        src = _local_path(source)
+        # a local source edited after we copied it must be copied again
+        if not src.is_file() or src.stat().st_size != record.size or src.stat().st_mtime > stat.st_mtime:
+            return None
+    return FileRecord(path=final, source=source, size=record.size, sha256=record.sha256)
+
+
+def _write_sidecar(record: FileRecord) -> None:
+    sidecar = _sidecar(record.path)
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, sidecar)
+
+
+# ---------------------------------------------------------------------------- local
+
+
+def _is_url(source: str) -> bool:
+    scheme = urlsplit(source).scheme
+    return len(scheme) > 1  # "C:\\x" parses as scheme "c": that is a Windows path, not a URL
+
+
+def _is_remote(source: str) -> bool:
+    return _is_url(source) and urlsplit(source).scheme.lower() in ("http", "https")
+
+
+def _local_path(source: str) -> Path:
+    """The file a ``file://`` URL or plain path points at (other schemes are refused)."""
+    if not _is_url(source):
+        return Path(source).expanduser()
+    parts = urlsplit(source)
+    if parts.scheme.lower() != "file":
+        raise DownloadError(
+            f"cannot download {source}: unsupported URL scheme '{parts.scheme}' "
+            "(use http, https, file or a path)"
+        )
+    if parts.netloc not in ("", "localhost"):
+        raise DownloadError(f"cannot download {source}: file URL names a remote host '{parts.netloc}'")
+    return Path(url2pathname(parts.path))
+
+
+def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) -> FileRecord:
+    src = _local_path(source)
+    if not src.is_file():
+        raise DownloadError(f"cannot read {source}: no such file")
+    part = final.with_name(final.name + PART_SUFFIX)
+    digest = hashlib.sha256()
+    size = 0
+    with (
+        open(src, "rb") as fin,
+        open(part, "wb") as fout,
+        _bar(final.name, src.stat().st_size, 0, progress) as bar,
+    ):
+        for chunk in iter(lambda: fin.read(chunk_size), b""):
+            fout.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+            bar.update(len(chunk))
+    os.replace(part, final)
+    return FileRecord(path=final, source=source, size=size, sha256=digest.hexdigest())
+
+
+def _bar(name: str, total: int | None, initial: int, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+        desc=name, disable=not enabled, leave=False,
+    )
+
+
+# ---------------------------------------------------------------------------- http
+
+
+class _PartState:
+    """The ``.part`` file plus a running sha256 of exactly the bytes it holds.
+
+    Keeping the hash in step with the file avoids re-reading a multi-GB dump
+    after it finishes; when the two disagree (a ``.part`` left by an earlier
+    process) the prefix is hashed once from disk.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def sync(self) -> int:
+        on_disk = self.path.stat().st_size if self.path.exists() else 0
+        if on_disk != self.size:
+            self.digest, self.size = hashlib.sha256(), 0
+            if on_disk:
+                with open(self.path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        self.digest.update(chunk)
+                        self.size += len(chunk)
+        return self.size
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def append(self, chunks: Iterator[bytes], bar: tqdm, *, truncate: bool, buffer_size: int) -> None:
+        """Write chunks as they arrive; the file buffer is flushed even when the stream breaks."""
+        if truncate:
+            self.digest, self.size = hashlib.sha256(), 0
+        with open(self.path, "wb" if truncate else "ab", buffering=buffer_size) as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                self.digest.update(chunk)
+                self.size += len(chunk)
+                bar.update(len(chunk))
+
+
+def _fetch_http(
+    url: str,
+    final: Path,
+    *,
+    timeout: float,
+    retries: int,
+    backoff_base: float,
+    chunk_size: int,
+    progress: bool,
+    client: httpx.Client | None,
+) -> FileRecord:
+    part = _PartState(final.with_name(final.name + PART_SUFFIX))
+    own_client = client is None
+    http = client if client is not None else httpx.Client(follow_redirects=True, timeout=timeout)
+    delays = backoff_delays(retries, base=backoff_base)
+    last_reason = "no attempt made"
+    try:
+        for attempt in range(retries + 1):
+            try:
+                _http_attempt(url, part, http, timeout=timeout, chunk_size=chunk_size, progress=progress)
+                break
+            except _Retryable as exc:
+                last_reason = str(exc)
+            except httpx.TimeoutException as exc:
+                last_reason = f"timed out after {timeout:g} s ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                last_reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if attempt < retries:
+                delay = next(delays)
+                log.warning(
+                    "download of %s failed (%s); retry %d/%d in %.2f s",
+                    url, last_reason, attempt + 1, retries, delay,
+                )
+                time.sleep(delay)
+        else:
+            raise DownloadError(f"cannot download {url} after {retries + 1} attempts: {last_reason}")
+    finally:
+        if own_client:
+            http.close()
+    os.replace(part.path, final)
+    return FileRecord(path=final, source=url, size=part.size, sha256=part.digest.hexdigest())
+
+
+def _http_attempt(
+    url: str, part: _PartState, http: httpx.Client, *, timeout: float, chunk_size: int, progress: bool
+) -> None:
+    """One GET, resuming from the ``.part`` size; returns only when the part is complete."""
+    start = part.sync()
+    headers = {"Accept-Encoding": "identity"}  # we want the file's bytes, not a transfer-decoded body
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    with http.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as resp:
+        status = resp.status_code
+        if status == 416 and start:
+            total = _content_range(resp.headers.get("Content-Range"))[2]
+            if total is not None and total == start:
+                return  # we already hold every byte
+            part.reset()
+            raise _Retryable(f"HTTP 416 for a {start}-byte partial file (total {total}); restarting")
+        if status >= 400 or status < 200:
+            reason = f"HTTP {status} {resp.reason_phrase}".rstrip()
+            if is_retryable_status(status):
+                raise _Retryable(reason)
+            raise DownloadError(f"cannot download {url}: {reason}")
+        length = _int_header(resp.headers.get("Content-Length"))
+        if status == 206:
+            first, _last, total = _content_range(resp.headers.get("Content-Range"))
+            if first != start:
+                part.reset()
+                raise _Retryable(f"server answered range from byte {first} instead of {start}; restarting")
+            expected = total if total is not None else (start + length if length is not None else None)
+            truncate = False
+        else:  # 200 (or another 2xx): the whole file; a server that ignored Range starts us over
+            if start:
+                log.info("%s ignored the Range request; downloading from the start", url)
+            start, expected, truncate = 0, length, True
+        with _bar(part.path.name.removesuffix(PART_SUFFIX), expected, start, progress) as bar:
+            # network-sized chunks (no re-chunking): bytes received before a dropped
+            # connection are kept for the resume instead of dying in a half-filled buffer
+            part.append(resp.iter_raw(), bar, truncate=truncate, buffer_size=chunk_size)
+    if expected is not None and part.size < expected:
+        raise _Retryable(f"connection closed after {part.size} of {expected} bytes")
+    if expected is not None and part.size > expected:
+        part.reset()
+        raise _Retryable(f"received {part.size} bytes but the server announced {expected}; restarting")
+
+
+def _int_header(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """(first, last, total) from ``bytes a-b/N`` / ``bytes */N``; None where absent or ``*``."""
+    match = _CONTENT_RANGE.match(value or "")
+    if not match:
+        return None, None, None
+    first, last, total = match.groups()
+    return (
+        int(first) if first is not None else None,
+        int(last) if last is not None else None,
+        int(total) if total not in (None, "*") else None,
+    )

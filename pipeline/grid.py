@@ -1,0 +1,348 @@
+"""Grids of pipeline runs: expand, validate, run, select by validation, tabulate.
+
+Why a module of its own: the paper's tables and figures (Table 2-4, Figures 3-4)
+are grids over one or two config fields. Every combination is validated before
+the first one runs, so a typo in the tenth value fails in a second, not after
+nine hours of training. Runs are ordinary pipeline runs, so the artifact store
+caches them: re-running a grid (or a grid that shares runs with another) only
+trains what is new. Selection is by the VALIDATION metric, never by test; the
+selected setting's test metrics are what a table reports.
+
+Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and
+``selected.json`` (the validation-selected run and its test metrics).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig, build_config, set_dotted
+from pipeline.errors import ConfigError
+from pipeline.store import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+#: Paper reference values of SAND's loss weights and temperature (spec §4).
+REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
+
+#: Named grids reproducing the paper's experiments.
+PRESETS: dict[str, dict[str, list[Any]]] = {
+    # Figure 4: one hyper-parameter at a time around the reference value.
+    "sensitivity-alpha": {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},
+    "sensitivity-beta": {"train.beta": [0.001, 0.003, 0.006, 0.01, 0.05]},
+    "sensitivity-tau": {"train.tau": [0.05, 0.1, 0.2, 0.5, 1.0]},
+    # Figure 3: SAND_a and its ablations.
+    "ablations": {"train.variant": ["a", "no-align", "no-distance", "no-align-no-distance"]},
+    # Table 4: the four alignment x distancing combinations.
+    "variants": {"train.variant": ["a", "b", "c", "d"]},
+    # Table 2: baselines vs SAND.
+    "table2": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand"]},
+    # Table 3: backbones with and without the SAND plug-in.
+    "table3": {"train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"]},
+}
+
+#: Train fields that only SAND-type models (SAND and the plug-ins) read.
+_VARIANT_FIELDS = ("train.variant",)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+RunOne = Callable[[PipelineConfig], dict[str, Any]]
+
+
+def preset(name: str) -> dict[str, list[Any]]:
+    """The axes of a named preset (a copy), or a ConfigError listing the names."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown grid preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return {k: list(v) for k, v in PRESETS[name].items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# expansion and validation
+# ---------------------------------------------------------------------------------------------
+def _field_exists(data: dict[str, Any], dotted: str) -> bool:
+    """Whether ``dotted`` names a field of the config (``train.extra.X`` may add a key)."""
+    node: Any = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return False
+        if part not in node:
+            # free-form mappings (train.extra) accept new keys; sections do not
+            return i == len(parts) - 1 and ".".join(parts[:-1]) == "train.extra"
+        node = node[part]
+    return not (isinstance(node, dict) and dotted != "train.extra")
+
+
+def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
+    """Reject hyper-parameters the configured model does not take (before anything trains)."""
+    from models import registry
+
+    name = cfg.train.model
+    spec = registry.spec(name)
+    for dotted in values:
+        if dotted in _VARIANT_FIELDS and name not in registry.VARIANT_MODELS:
+            raise ConfigError(
+                f"grid axis {dotted}={values[dotted]!r}: has no effect on model {name!r} "
+                f"(only {', '.join(registry.VARIANT_MODELS)} have variants)"
+            )
+    try:
+        accepted = inspect.signature(registry.model_class(name).__init__).parameters
+    except ImportError as err:
+        raise ConfigError(f"invalid config value train.model={name!r}: model not available ({err})") from None
+    for field_name, _ in cfg.train.model_kwargs().items():
+        kwarg = spec.renames.get(field_name, field_name)
+        if kwarg not in accepted:
+            where = f"train.extra.{field_name}" if field_name in cfg.train.extra else f"train.{field_name}"
+            raise ConfigError(
+                f"invalid config value {where}={cfg.train.model_kwargs()[field_name]!r}: "
+                f"model {name!r} has no hyper-parameter {field_name!r}"
+            )
+
+
+def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list[tuple[dict, PipelineConfig]]:
+    """Every combination of the axes' values applied to ``base``, each validated.
+
+    ``axes`` maps dotted config fields to value lists, e.g. ``{"train.alpha": [0.001, 0.012]}``.
+    Order: the first axis varies slowest (``itertools.product``). An unknown field, an empty
+    value list, a value out of range, an unknown model/variant, or a hyper-parameter the
+    model does not take raises :class:`ConfigError` naming the field and value.
+    """
+    base_data = base.model_dump(mode="python")
+    names = list(axes)
+    for dotted in names:
+        if not isinstance(dotted, str) or not _field_exists(base_data, dotted):
+            raise ConfigError(f"grid axis {dotted!r}: no such config field (expected section.field)")
+        values = axes[dotted]
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ConfigError(f"grid axis {dotted}: expected a non-empty list of values, got {values!r}")
+    combos: list[tuple[dict, PipelineConfig]] = []
+    for chosen in itertools.product(*(list(axes[n]) for n in names)):
+        values = dict(zip(names, chosen, strict=True))
+        data = base.model_dump(mode="python")
+        for dotted, value in values.items():
+            set_dotted(data, dotted, value)
+        try:
+            cfg = build_config(data)
+        except ConfigError as err:
+            raise ConfigError(f"grid: {err}") from None
+        _check_model_fields(cfg, values)
+        combos.append((values, cfg))
+    return combos
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+def run_pipeline_summary(cfg: PipelineConfig) -> dict[str, Any]:
+    """The default ``run_one``: the pipeline up to ``evaluate`` (cached stages reused)."""
+    from pipeline.runner import run_pipeline
+    from pipeline.stages import Context
+
+    return run_pipeline(Context.create(cfg), until="evaluate").summary()
+
+
+@dataclass
+class GridRun:
+    """One combination's outcome (a row of ``runs.csv``)."""
+
+    index: int
+    values: dict[str, Any]
+    status: str = "ok"
+    error: str | None = None
+    dataset: str | None = None
+    valid: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    seconds_per_epoch: float | None = None
+    peak_memory_mb: float | None = None
+    best_epoch: int | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run": self.index, **self.values, "status": self.status, "error": self.error,
+                               "dataset": self.dataset}
+        out.update({f"valid_{k}": v for k, v in self.valid.items()})
+        out.update({f"test_{k}": v for k, v in self.test.items()})
+        out.update(seconds_per_epoch=self.seconds_per_epoch, peak_memory_mb=self.peak_memory_mb,
+                   best_epoch=self.best_epoch, seconds=round(self.seconds, 3))
+        out.update({f"{stage}_key": key for stage, key in self.keys.items()})
+        out["cached"] = all(self.cached.values()) if self.cached else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.index, "values": self.values, "status": self.status, "error": self.error,
+                "dataset": self.dataset, "valid": self.valid, "test": self.test,
+                "seconds_per_epoch": self.seconds_per_epoch, "peak_memory_mb": self.peak_memory_mb,
+                "best_epoch": self.best_epoch, "keys": self.keys}
+
+
+@dataclass
+class GridResult:
+    name: str
+    axes: dict[str, list[Any]]
+    select_metric: str
+    runs: list[GridRun]
+    selected: GridRun | None
+    table_path: Path
+    selected_path: Path
+
+    @property
+    def failed(self) -> list[GridRun]:
+        return [r for r in self.runs if r.status != "ok"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "axes": self.axes,
+            "select_metric": self.select_metric,
+            "selected_by": f"valid {self.select_metric}",
+            "n_runs": len(self.runs),
+            "n_failed": len(self.failed),
+            "selected": self.selected.to_dict() if self.selected else None,
+            "runs_csv": str(self.table_path),
+        }
+
+
+def _floats(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    return {str(k): float(v) for k, v in (metrics or {}).items()}
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _dataset_name(summary: Mapping[str, Any], cfg: PipelineConfig) -> str:
+    """The interactions manifest's dataset name when the summary points at it, else the config's."""
+    path = summary.get("stages", {}).get("interactions", {}).get("artifact")
+    if path:
+        try:
+            name = json.loads((Path(path) / "manifest.json").read_text()).get("name")
+        except (OSError, json.JSONDecodeError):
+            name = None
+        if name:
+            return str(name)
+    return cfg.acquire.dataset
+
+
+def _record(run: GridRun, summary: Mapping[str, Any], cfg: PipelineConfig, metric: str) -> None:
+    metrics = summary.get("metrics") or {}
+    run.valid, run.test = _floats(metrics.get("valid")), _floats(metrics.get("test"))
+    if metric not in run.valid:
+        raise ConfigError(
+            f"grid: run has no validation metric {metric!r} (has {', '.join(run.valid) or 'none'})"
+        )
+    train = summary.get("train") or {}
+    for attr in ("seconds_per_epoch", "peak_memory_mb"):
+        value = train.get(attr)
+        setattr(run, attr, float(value) if value is not None else None)
+    run.best_epoch = int(train["best_epoch"]) if train.get("best_epoch") is not None else None
+    for stage, info in (summary.get("stages") or {}).items():
+        if info.get("artifact"):
+            run.keys[stage] = Path(info["artifact"]).name
+        if "cached" in info:
+            run.cached[stage] = bool(info["cached"])
+    run.dataset = _dataset_name(summary, cfg)
+
+
+def _check_metric(metric: str, cfg: PipelineConfig) -> None:
+    """``recall@K`` / ``ndcg@K`` with K among the evaluate stage's cut-offs."""
+    ks = sorted(set(cfg.evaluate.ks))
+    match = re.fullmatch(r"(recall|ndcg)@(\d+)", metric)
+    if match is None or int(match.group(2)) not in ks:
+        raise ConfigError(
+            f"grid: select_metric={metric!r} is not evaluated: choose recall@K or ndcg@K with K in {ks}"
+        )
+
+
+def select_best(runs: Sequence[GridRun], metric: str) -> GridRun | None:
+    """The ok run with the highest VALIDATION ``metric``; ties go to the earlier run."""
+    best: GridRun | None = None
+    for run in runs:
+        value = run.valid.get(metric)
+        if run.status != "ok" or value is None or not math.isfinite(value):
+            continue
+        if best is None or value > best.valid[metric]:
+            best = run
+    return best
+
+
+def grid_dir(data_root: Path | str, name: str) -> Path:
+    return Path(data_root) / "grids" / name
+
+
+def write_grid_tables(result: GridResult) -> None:
+    """``runs.csv`` (atomically replaced) and ``selected.json``."""
+    import pandas as pd
+
+    result.table_path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([r.row() for r in result.runs])
+    tmp = result.table_path.with_name(f".{result.table_path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(result.table_path)
+    write_json_atomic(result.selected_path, result.to_dict())
+
+
+def run_grid(
+    base: PipelineConfig,
+    axes: Mapping[str, Sequence[Any]],
+    *,
+    name: str,
+    run_one: RunOne | None = None,
+    select_metric: str = "recall@20",
+) -> GridResult:
+    """Run every combination, record each outcome, select by validation ``select_metric``.
+
+    ``run_one(cfg) -> summary`` (default: :func:`run_pipeline_summary`) returns a dict like
+    :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}},
+    ``train`` (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths,
+    cached flags). A run that raises is recorded as failed with its one-line error and the
+    grid goes on; tables are rewritten after every run so a killed grid leaves what it did.
+    """
+    if not _NAME.match(name):
+        raise ConfigError(f"grid name {name!r}: use letters, digits, '.', '_' or '-' (a directory name)")
+    combos = expand_grid(base, axes)  # validates everything before the first run
+    for _, cfg in combos:
+        _check_metric(select_metric, cfg)
+    run_one = run_one or run_pipeline_summary
+    out = grid_dir(base.data_root, name)
+    result = GridResult(
+        name=name, axes={k: list(v) for k, v in axes.items()}, select_metric=select_metric, runs=[],
+        selected=None, table_path=out / "runs.csv", selected_path=out / "selected.json",
+    )
+    log.info("grid %s: %d runs over %s", name, len(combos), ", ".join(axes) or "(no axes)")
+    for i, (values, cfg) in enumerate(combos, start=1):
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        log.info("grid %s: run %d/%d (%s)", name, i, len(combos), shown)
+        run = GridRun(index=i, values=dict(values), dataset=cfg.acquire.dataset)
+        start = time.perf_counter()
+        try:
+            _record(run, run_one(cfg), cfg, select_metric)
+        except Exception as err:  # a failed run is a result too; the grid goes on
+            run.status, run.error = "failed", _one_line(err)
+            log.error("grid %s: run %d/%d (%s) failed: %s", name, i, len(combos), shown, run.error)
+        else:
+            log.info("grid %s: run %d/%d valid %s=%.6f test %s=%.6f", name, i, len(combos), select_metric,
+                     run.valid[select_metric], select_metric, run.test.get(select_metric, float("nan")))
+        run.seconds = time.perf_counter() - start
+        result.runs.append(run)
+        result.selected = select_best(result.runs, select_metric)
+        write_grid_tables(result)
+    if result.selected is None:
+        log.error("grid %s: no run succeeded; see %s", name, result.table_path)
+    else:
+        sel = result.selected
+        shown = ", ".join(f"{k}={v}" for k, v in sel.values.items())
+        log.info("grid %s: selected run %d (%s) by valid %s=%.6f; test %s", name, sel.index, shown,
+                 select_metric, sel.valid[select_metric], {k: round(v, 6) for k, v in sel.test.items()})
+    return result

@@ -1,0 +1,233 @@
+"""Turn item images into CNN feature vectors with a torchvision backbone.
+
+Why these choices: MMRec's published Amazon image features are 4096-d VGG fc7
+vectors, so ``vgg16`` reproduces that layout, while ``resnet50``/``resnet18``
+give cheaper pooled features. Pretrained weights cannot be downloaded everywhere,
+so a local ``state_dict`` file and seeded random weights are first-class options
+(tests and the offline sample use them); every failure to get weights is a
+one-line :class:`ConfigError` that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.images import load_rgb
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("resnet50", "resnet18", "vgg16")
+OUT_DIMS = {"resnet50": 2048, "resnet18": 512, "vgg16": 4096}
+#: Pretrained weights per backbone (the torchvision enum member names).
+IMAGENET_WEIGHTS = {
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2"),
+    "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
+    "vgg16": ("VGG16_Weights", "IMAGENET1K_V1"),
+}
+#: Classifier parameters that the feature extractor drops (allowed to be absent or present in a file).
+_HEAD_KEYS = {
+    "resnet50": ("fc.weight", "fc.bias"),
+    "resnet18": ("fc.weight", "fc.bias"),
+    "vgg16": ("classifier.6.weight", "classifier.6.bias"),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _architecture(backbone: str) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, backbone)(weights=None)
+
+
+def _strip_head(backbone: str, model: nn.Module) -> nn.Module:
+    """Cut the ImageNet classifier: resnet -> pooled features, vgg16 -> fc7 after its ReLU."""
+    if backbone.startswith("resnet"):
+        model.fc = nn.Identity()
+    else:
+        # classifier = [fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8]; keep up to the second ReLU.
+        # Slicing keeps the original indices ("classifier.0", "classifier.3") in the state_dict.
+        model.classifier = model.classifier[:5]
+    return model
+
+
+def _imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
+    import torchvision
+
+    enum_name, member = IMAGENET_WEIGHTS[backbone]
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"image weights 'imagenet' for {backbone}: cannot obtain {weights.url} ({_one_line(exc)}); "
+            f"download that file elsewhere and pass --image-weights PATH (or copy it into "
+            f"{torch.hub.get_dir()}/checkpoints), or use --image-weights random"
+        ) from None
+    return state, f"torchvision {enum_name}.{member}"
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(
+            f"image weights file {path} does not exist; pass a .pt/.pth state_dict, 'imagenet' or 'random'"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for non-checkpoint files
+        msg = f"image weights file {path} is not a readable state_dict: {_one_line(exc)}"
+        raise ConfigError(msg) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"image weights file {path} does not hold a state_dict (name -> tensor)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], backbone: str, source: str) -> None:
+    """Load a backbone state_dict, with or without its classifier head, or fail naming the source."""
+    state = {k: v for k, v in state.items() if k not in _HEAD_KEYS[backbone]}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            f"image weights {source} do not fit {backbone}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ConfigError(
+            f"image weights {source} do not fit {backbone}: shape of {bad[0]} is "
+            f"{tuple(state[bad[0]].shape)}, expected {tuple(expected[bad[0]].shape)}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Module, int, str]:
+    """A feature extractor in eval mode, its output dimension and a description of its weights.
+
+    ``weights``: ``"imagenet"`` (torchvision's pretrained file, downloaded into the
+    torch hub cache), ``"random"`` (``torch.manual_seed(seed)`` then construct, so the
+    same seed gives the same features) or a path to a ``.pt``/``.pth`` state_dict
+    (a full torchvision checkpoint or one saved from the module returned here).
+    """
+    if backbone not in BACKBONES:
+        raise ConfigError(f"image backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
+    if str(weights) == "random":
+        # Seed around construction only, restoring the global RNG so callers' randomness is unaffected.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _strip_head(backbone, _architecture(backbone))
+        description = f"random init (seed {seed})"
+    elif str(weights) == "imagenet":
+        model = _strip_head(backbone, _architecture(backbone))
+        state, description = _imagenet_state_dict(backbone)
+        _load_into(model, state, backbone, description)
+    else:
+        path = Path(weights).expanduser()
+        model = _strip_head(backbone, _architecture(backbone))
+        _load_into(model, _file_state_dict(path), backbone, f"file {path}")
+        description = f"state_dict {path}"
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, OUT_DIMS[backbone], description
+
+
+def image_transform(image_size: int = 224):
+    """ImageNet evaluation preprocessing scaled to ``image_size`` (256/224 resize, centre crop)."""
+    from torchvision import transforms
+
+    resize = round(256 * image_size / 224)
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class ImageFileDataset(Dataset):
+    """Images by path, decoded upright in RGB; module-level so DataLoader workers can pickle it."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.transform = image_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        path = self.paths[i]
+        try:
+            img = load_rgb(path)
+        except (OSError, SyntaxError, ValueError) as exc:
+            msg = f"{path}: image cannot be decoded ({_one_line(exc)}); delete it to refetch"
+            raise DataError(msg) from None
+        return self.transform(img)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def encode_images(
+    paths: Sequence[Path],
+    model: nn.Module,
+    *,
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features of ``paths`` (rows in the same order) as a float32 array.
+
+    ``num_workers=None`` picks 0 on CPU (decoding would compete with the CNN for
+    the same cores) and 2 on CUDA (decoding overlaps GPU work). The model is moved
+    to ``device`` in place.
+    """
+    from tqdm.auto import tqdm
+
+    dev = _resolve_device(device)
+    model = model.to(dev).eval()
+    if num_workers is None:
+        num_workers = 2 if dev.type == "cuda" else 0
+    if len(paths) == 0:
+        with torch.inference_mode():
+            dim = model(torch.zeros(1, 3, image_size, image_size, device=dev)).reshape(1, -1).shape[1]
+        return np.zeros((0, dim), dtype=np.float32)
+    loader = DataLoader(
+        ImageFileDataset(paths, image_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        # Own generator: iterating a DataLoader draws a seed, which would otherwise advance the global RNG.
+        generator=torch.Generator().manual_seed(0),
+    )
+    chunks: list[np.ndarray] = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
+            out = model(batch.to(dev, non_blocking=True))
+            chunks.append(out.reshape(out.shape[0], -1).float().cpu().numpy())
+    return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)

@@ -1,0 +1,204 @@
+"""Item-item kNN graphs from modality features, built block by block.
+
+Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity
+matrix, which needs 40 GB for 100,000 items. Here rows are processed in blocks
+(``block x N`` similarities at a time) and only the top-k of each row is kept,
+so memory is O(N*k + block*N) while the result is the same graph.
+
+Graph definition (as MMRec / SAND): cosine similarity of the raw features
+(rows L2-normalised; an all-zero row has similarity 0 with everything), the
+top-k entries of each row kept with weight 1, then symmetric normalisation
+with degrees taken from the ROW sums: value(i, j) = d_i^-1/2 * d_j^-1/2.
+Every row has exactly k entries, so every stored value is 1/k.
+
+Tie rule (deterministic): the item itself is forced in (``include_self=True``)
+or out (``include_self=False``); among the remaining items, higher similarity
+wins and equal similarities are broken by the lower item index. Similarities
+are float32 matrix products, so items whose similarities differ only in the
+last bits may be ordered differently by a different block size or BLAS.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Similarity entries (block rows x N) held at once when ``block_size`` is None:
+#: 64M float32 = 256 MB, small enough for a laptop, big enough for fast BLAS.
+_DEFAULT_BLOCK_ELEMENTS = 64 * 1024 * 1024
+
+
+def default_block_size(n_items: int) -> int:
+    """Rows per block so that one similarity block holds about 64M float32 (256 MB)."""
+    return int(max(1, min(n_items, _DEFAULT_BLOCK_ELEMENTS // max(n_items, 1))))
+
+
+def _validate(features: np.ndarray, k: int, include_self: bool, block_size: int | None) -> np.ndarray:
+    """Check shapes/values up front so a bad input fails with one line, not deep in torch."""
+    x = np.asarray(features)
+    if x.ndim != 2:
+        raise DataError(f"features: expected a 2-D array (items x dims), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"features: expected numbers, got dtype {x.dtype}")
+    n = x.shape[0]
+    if n == 0:
+        raise DataError("features: no items (0 rows)")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise DataError(
+            f"features: non-finite value {x[r, c]} at row {r}, column {c} "
+            f"({int(bad.any(axis=1).sum())} rows affected)"
+        )
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise ConfigError(f"k: expected an integer, got {k!r}")
+    k_max = n if include_self else n - 1
+    if k < 1 or k > k_max:
+        raise ConfigError(
+            f"k: must be between 1 and {k_max} (the number of items"
+            f"{'' if include_self else ' minus the item itself'}), got {k}"
+        )
+    if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
+        raise ConfigError(f"block_size: must be a positive integer or None, got {block_size!r}")
+    return x
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; all-zero rows stay zero (similarity 0 to everything)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def knn_neighbours(
+    features: np.ndarray,
+    k: int = 10,
+    *,
+    include_self: bool = True,
+    block_size: int | None = None,
+    progress: bool = False,
+    device: str | None = None,
+) -> np.ndarray:
+    """(N x k) int64 column indices of each row's top-k cosine neighbours (tie rule in module doc).
+
+    Rows of the result are sorted by item index, so the output is a set per row.
+    ``device`` None uses CUDA when available, else CPU.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    x = _validate(features, k, include_self, block_size)
+    n = x.shape[0]
+    bs = default_block_size(n) if block_size is None else min(int(block_size), n)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    xn = torch.from_numpy(_l2_normalise(x)).to(dev)
+    xt = xn.T.contiguous()
+    diag_value = math.inf if include_self else -math.inf
+    out = np.empty((n, k), dtype=np.int64)
+    n_tie_rows = 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, bs), desc="kNN blocks", disable=not progress, unit="block"):
+            stop = min(start + bs, n)
+            sims = torch.mm(xn[start:stop], xt)  # (b x N)
+            rows = torch.arange(stop - start, device=dev)
+            sims[rows, rows + start] = diag_value
+            vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=False)
+            kth = vals.min(dim=1, keepdim=True).values
+            # A row whose k-th value is shared by more items than slots left has a tie at the
+            # boundary; topk picks among those arbitrarily, so redo it with the index rule.
+            n_ge = (sims >= kth).sum(dim=1)
+            tie_rows = torch.nonzero(n_ge > k).flatten().tolist()
+            for r in tie_rows:
+                row, t = sims[r], kth[r, 0]
+                above = torch.nonzero(row > t).flatten()
+                equal = torch.nonzero(row == t).flatten()[: k - above.numel()]
+                idx[r] = torch.cat([above, equal])
+            n_tie_rows += len(tie_rows)
+            out[start:stop] = np.sort(idx.cpu().numpy(), axis=1)
+            del sims, vals, idx
+    if n_tie_rows:
+        log.info("kNN: %d of %d rows had ties at the k-th similarity (broken by lower index)", n_tie_rows, n)
+    return out
+
+
+def knn_graph(
+    features: np.ndarray,
+    k: int = 10,
+    *,
+    include_self: bool = True,
+    block_size: int | None = None,
+    progress: bool = False,
+    device: str | None = None,
+) -> sp.csr_matrix:
+    """Symmetric-normalised binary top-k cosine graph (N x N, float32 CSR); see module doc."""
+    nbrs = knn_neighbours(
+        features, k, include_self=include_self, block_size=block_size, progress=progress, device=device
+    )
+    n = nbrs.shape[0]
+    indptr = np.arange(0, n * k + 1, k, dtype=np.int64)
+    adj = sp.csr_matrix((np.ones(n * k, dtype=np.float32), nbrs.ravel(), indptr), shape=(n, n))
+    return normalise_rows_cols(adj)
+
+
+def normalise_rows_cols(adj: sp.spmatrix) -> sp.csr_matrix:
+    """D^-1/2 A D^-1/2 with D from the row sums (MMRec's choice for the non-symmetric kNN graph)."""
+    a = sp.csr_matrix(adj, dtype=np.float32)
+    deg = np.asarray(a.sum(axis=1), dtype=np.float64).ravel()
+    inv_sqrt = np.zeros_like(deg)
+    np.power(deg, -0.5, out=inv_sqrt, where=deg > 0)
+    coo = a.tocoo()
+    vals = (coo.data * inv_sqrt[coo.row] * inv_sqrt[coo.col]).astype(np.float32)
+    out = sp.csr_matrix((vals, (coo.row, coo.col)), shape=a.shape)
+    out.sort_indices()
+    return out
+
+
+def mix_graphs(graphs: dict[str, sp.spmatrix], weights: dict[str, float]) -> sp.csr_matrix:
+    """Weighted sum of per-modality graphs, e.g. S = w*S_v + (1-w)*S_t (SAND, w = mm_image_weight).
+
+    Both dicts must name the same modalities; weights must be finite and >= 0.
+    """
+    if not graphs:
+        raise ConfigError("graphs: no modality graphs to mix")
+    if set(graphs) != set(weights):
+        raise ConfigError(
+            f"weights: modalities {sorted(weights)} do not match the graphs {sorted(graphs)}"
+        )
+    shapes = {name: g.shape for name, g in graphs.items()}
+    if len(set(shapes.values())) != 1:
+        raise DataError(f"graphs: shapes differ between modalities: {shapes}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"weights.{name}: must be a finite number >= 0, got {w!r}")
+    names = sorted(graphs)
+    total = sp.csr_matrix(graphs[names[0]], dtype=np.float32) * np.float32(weights[names[0]])
+    for name in names[1:]:
+        total = total + sp.csr_matrix(graphs[name], dtype=np.float32) * np.float32(weights[name])
+    total = sp.csr_matrix(total, dtype=np.float32)
+    total.sort_indices()
+    return total
+
+
+def save_graph(path: str | Path, graph: sp.spmatrix) -> None:
+    """Write a graph as a compressed ``.npz`` that loads without pickle."""
+    sp.save_npz(Path(path), sp.csr_matrix(graph), compressed=True)
+
+
+def load_graph(path: str | Path) -> sp.csr_matrix:
+    """Read a graph written by :func:`save_graph`; a missing/broken file is a one-line DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: graph file not found")
+    try:
+        m = sp.csr_matrix(sp.load_npz(p))  # scipy loads with allow_pickle=False
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise DataError(f"{p}: not a readable sparse graph file ({type(err).__name__}: {err})") from err
+    return m

@@ -1,0 +1,59 @@
+"""A user's top-K recommendations from a trained run, with item titles.
+
+Why a fresh forward pass: the evaluator's rule (score in eval mode, mask the
+user's training items) is what users expect ``sand recommend`` to follow too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.store import Artifact
+
+
+def _artifact(summary: dict[str, Any], stage: str) -> Artifact:
+    import json
+
+    path = Path(summary["stages"][stage]["artifact"])
+    return Artifact(stage, path.name, path, json.loads((path / "manifest.json").read_text()))
+
+
+def resolve_user(user: str, user_map: pd.DataFrame, n_users: int) -> int:
+    """A raw reviewerID, or failing that a 0-based user index."""
+    match = user_map.loc[user_map["user_id"].astype(str) == user, "user"]
+    if len(match):
+        return int(match.iloc[0])
+    if user.isdigit() and int(user) < n_users:
+        return int(user)
+    raise ConfigError(f"unknown user {user!r}: not a user id of this dataset nor an index below {n_users}")
+
+
+def recommend_for_user(cfg: PipelineConfig, summary: dict[str, Any], user: str, k: int) -> pd.DataFrame:
+    import torch
+
+    from pipeline.evaluation import recommendations_table
+    from pipeline.stages import Context, build_model_for
+
+    if k < 1:
+        raise ConfigError(f"invalid -k {k}: must be at least 1")
+    inter = _artifact(summary, "interactions")
+    trained = _artifact(summary, "train")
+    features = {s: _artifact(summary, s) for s in ("text_features", "image_features", "graphs")
+                if s in summary["stages"]}
+    ctx = Context.create(cfg)
+    model, data = build_model_for(ctx, inter, features)
+    state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    model.eval()
+    with torch.no_grad():
+        user_emb, item_emb = model.embeddings()
+    idx = resolve_user(user, pd.read_parquet(inter.file("user_map.parquet")), data.n_users)
+    recs = recommendations_table(user_emb, item_emb, data, k, users=[idx])
+    items = pd.read_parquet(inter.file("items.parquet"))
+    keep = [c for c in ("item", "asin", "title") if c in items.columns]
+    return recs.merge(items[keep], on="item", how="left").sort_values("rank")

@@ -1,0 +1,425 @@
+"""Turn what the user names (a preset, a category, URLs, a folder, a file) into concrete sources.
+
+Why: the acquire stage should not care whether the user typed ``baby``,
+``Baby_Products --format amazon2023``, a folder of dumps they already have, or
+an MMRec folder. Everything resolves here into one :class:`SourceSpec` (which
+files, which format), and every mistake becomes one :class:`ConfigError` line
+naming the value and the valid choices, before any download starts.
+
+Formats are told apart by content, not by file name, because people rename
+dumps: 2014 metadata lines are Python literals (single quotes), 2018 reviews are
+JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
+``parent_asin`` (reviews also ``user_id``).
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from pipeline.errors import ConfigError, DataError
+
+Format = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
+FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023", "mmrec", "sample")
+RAW_FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023")
+
+_URLS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "amazon2014": (
+        "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_{cat}_5.json.gz",
+        "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_{cat}.json.gz",
+    ),
+    "amazon2018": (
+        "https://jmcauley.ucsd.edu/data/amazon_v2/categoryFilesSmall/{cat}_5.json.gz",
+        "https://jmcauley.ucsd.edu/data/amazon_v2/metaFiles2/meta_{cat}.json.gz",
+    ),
+    "amazon2023": (
+        "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/review_categories/{cat}.jsonl.gz",
+        "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/meta_categories/meta_{cat}.jsonl.gz",
+    ),
+})
+_CATEGORY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_SCAN_LINES = 1000  # blank lines tolerated before the first record
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named dataset: its category in each release that has it, and the release used by default."""
+
+    description: str
+    default_format: str
+    categories: Mapping[str, str]  # format -> category name in that release
+
+
+PRESETS: Mapping[str, Preset] = MappingProxyType({
+    "baby": Preset(
+        "Amazon Baby 5-core (the SAND paper's dataset)", "amazon2014",
+        {"amazon2014": "Baby", "amazon2023": "Baby_Products"},
+    ),
+    "sports": Preset(
+        "Amazon Sports and Outdoors 5-core", "amazon2014",
+        {f: "Sports_and_Outdoors" for f in RAW_FORMATS},
+    ),
+    "clothing": Preset(
+        "Amazon Clothing, Shoes and Jewelry 5-core", "amazon2014",
+        {f: "Clothing_Shoes_and_Jewelry" for f in RAW_FORMATS},
+    ),
+    "sample": Preset("bundled synthetic sample, generated offline (nothing to download)", "sample", {}),
+})
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Concrete sources: ``reviews``/``meta`` are URLs or local paths; ``mmrec_dir`` for MMRec folders."""
+
+    name: str
+    format: str
+    reviews: str | None = None
+    meta: str | None = None
+    mmrec_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "reviews": self.reviews,
+            "meta": self.meta,
+            "mmrec_dir": str(self.mmrec_dir) if self.mmrec_dir is not None else None,
+        }
+
+
+def category_urls(fmt: str, category: str) -> tuple[str, str]:
+    """(reviews URL, meta URL) of ``category`` in release ``fmt`` (as published by the authors)."""
+    if fmt not in _URLS:
+        raise ConfigError(f"format '{fmt}' has no published category files (valid: {', '.join(RAW_FORMATS)})")
+    if not _CATEGORY.match(category):
+        raise ConfigError(f"invalid category name '{category}' (letters, digits and '_', e.g. Baby_Products)")
+    reviews, meta = _URLS[fmt]
+    return reviews.format(cat=category), meta.format(cat=category)
+
+
+def resolve_source(
+    dataset: str, fmt: str | None = None, reviews: str | None = None, meta: str | None = None
+) -> SourceSpec:
+    """Resolve ``dataset`` (+ optional format and explicit reviews/meta) into a :class:`SourceSpec`.
+
+    Order: ``sample``; a preset name; an existing path (MMRec folder, folder of
+    dumps, single reviews file); a category name when ``fmt`` is a raw format;
+    otherwise a free dataset name, which needs explicit ``reviews``. Explicit
+    ``reviews``/``meta`` replace what the preset or folder would give.
+    """
+    fmt = _check_format(fmt)
+    key = dataset.strip()
+    if not key:
+        raise ConfigError(f"dataset must not be empty (presets: {', '.join(PRESETS)}, or a path)")
+    if key.lower() in PRESETS:
+        spec = _from_preset(key.lower(), fmt)
+    elif Path(key).expanduser().exists():
+        spec = _from_path(Path(key).expanduser(), fmt)
+    elif _looks_like_path(key):
+        raise ConfigError(f"dataset path does not exist: {key}")
+    elif fmt in RAW_FORMATS and _CATEGORY.match(key):
+        rev_url, meta_url = category_urls(fmt, key)
+        spec = SourceSpec(_category_name(key, fmt), fmt, rev_url, meta_url)
+    elif reviews is not None:
+        spec = SourceSpec(_sanitise_name(key), fmt or "", None, None)
+    else:
+        hint = f"; with --format {fmt} a category name such as Baby_Products" if fmt in RAW_FORMATS else ""
+        raise ConfigError(
+            f"unknown dataset '{key}' (valid: presets {', '.join(PRESETS)}, an existing path, "
+            f"a category name with a format of {', '.join(RAW_FORMATS)}, or explicit reviews{hint})"
+        )
+    if reviews is None and meta is None:
+        return spec
+    return _override(spec, fmt, reviews, meta)
+
+
+# ---------------------------------------------------------------------------- presets and names
+
+
+def _check_format(fmt: str | None) -> str | None:
+    if fmt is None:
+        return None
+    norm = fmt.strip().lower()
+    if norm not in FORMATS:
+        raise ConfigError(f"unknown format '{fmt}' (valid: {', '.join(FORMATS)})")
+    return norm
+
+
+def _from_preset(name: str, fmt: str | None) -> SourceSpec:
+    preset = PRESETS[name]
+    if preset.default_format == "sample":
+        if fmt not in (None, "sample"):
+            raise ConfigError(f"dataset 'sample' is generated in its own format, not '{fmt}'")
+        return SourceSpec("sample", "sample")
+    fmt = fmt or preset.default_format
+    if fmt not in preset.categories:
+        raise ConfigError(
+            f"preset '{name}' has no {fmt} files (available: {', '.join(preset.categories)})"
+        )
+    rev_url, meta_url = category_urls(fmt, preset.categories[fmt])
+    return SourceSpec(name, fmt, rev_url, meta_url)
+
+
+def _category_name(category: str, fmt: str | None) -> str:
+    """The preset name when the category is a preset's (so ``Baby`` and ``baby`` agree), else lowercased."""
+    for name, preset in PRESETS.items():
+        if fmt is not None and preset.categories.get(fmt) == category:
+            return name
+    return category.lower()
+
+
+def _sanitise_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._")
+    return name[:80] or "dataset"
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.startswith(("~", ".")) or bool(Path(text).suffix)
+
+
+def _is_remote(source: str) -> bool:
+    return urlsplit(source).scheme.lower() in ("http", "https")
+
+
+def _local(source: str) -> Path | None:
+    """Local path of a plain path or ``file://`` URL; None for remote URLs."""
+    parts = urlsplit(source)
+    if parts.scheme.lower() == "file":
+        return Path(url2pathname(parts.path))
+    if len(parts.scheme) > 1:
+        return None
+    return Path(source).expanduser()
+
+
+# ---------------------------------------------------------------------------- explicit files
+
+
+def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str | None) -> SourceSpec:
+    if spec.format in ("sample", "mmrec"):
+        raise ConfigError(f"explicit reviews/meta files cannot be combined with a {spec.format} dataset")
+    for field, value in (("reviews", reviews), ("meta", meta)):
+        if value is None:
+            continue
+        scheme = urlsplit(value).scheme.lower()
+        if len(scheme) > 1 and scheme not in ("http", "https", "file"):
+            raise ConfigError(
+                f"{field}: unsupported URL scheme '{scheme}' in {value} (valid: http, https, file)"
+            )
+        local = _local(value)
+        if local is not None and not local.is_file():
+            raise ConfigError(f"{field} file does not exist: {value}")
+    new_reviews = reviews if reviews is not None else spec.reviews
+    new_meta = meta if meta is not None else spec.meta
+    if new_reviews is None:
+        raise ConfigError(f"dataset '{spec.name}' needs a reviews file or URL (only meta was given)")
+    out_fmt = fmt or spec.format or _sniff_sources(new_reviews, new_meta)
+    if out_fmt not in RAW_FORMATS:
+        raise ConfigError(
+            f"format '{out_fmt}' cannot read reviews/meta files (valid: {', '.join(RAW_FORMATS)})"
+        )
+    return SourceSpec(spec.name, out_fmt, new_reviews, new_meta)
+
+
+def _sniff_sources(reviews: str, meta: str | None) -> str:
+    local = _local(reviews)
+    if local is None:
+        raise ConfigError(
+            f"format is required for a remote reviews URL ({reviews}); valid: {', '.join(RAW_FORMATS)}"
+        )
+    meta_path = _local(meta) if meta is not None else None
+    return _agree(local, meta_path)
+
+
+# ---------------------------------------------------------------------------- local paths
+
+
+def _from_path(path: Path, fmt: str | None) -> SourceSpec:
+    path = path.resolve()
+    if path.is_dir():
+        return _from_dir(path, fmt)
+    if path.suffix == ".inter":
+        _expect(fmt, "mmrec", path)
+        return SourceSpec(path.stem, "mmrec", mmrec_dir=path.parent)
+    if fmt == "mmrec":
+        raise ConfigError(f"format mmrec needs a folder holding <name>.inter, got file {path}")
+    kind_fmt, kind = _sniff_file(path)
+    if kind == "meta":
+        raise ConfigError(f"{path} looks like a metadata file; pass the reviews file (and this one as meta)")
+    return SourceSpec(_name_from_file(path), fmt or kind_fmt, str(path), None)
+
+
+def _from_dir(path: Path, fmt: str | None) -> SourceSpec:
+    inters = sorted(path.glob("*.inter"))
+    if inters:
+        _expect(fmt, "mmrec", path)
+        chosen = [p for p in inters if p.stem == path.name] if len(inters) > 1 else inters
+        if len(chosen) != 1:
+            names = ", ".join(p.name for p in inters)
+            raise ConfigError(f"MMRec folder {path} holds several .inter files ({names}); pass one of them")
+        return SourceSpec(chosen[0].stem, "mmrec", mmrec_dir=path)
+    if fmt == "mmrec":
+        raise ConfigError(f"format mmrec needs a folder holding <name>.inter; none in {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
+    metas = [p for p in files if p.name.startswith("meta_")]
+    reviews = [p for p in files if p not in metas]
+    if len(reviews) > 1:
+        prefixed = [p for p in reviews if p.name.startswith("reviews_")]
+        reviews = prefixed if len(prefixed) == 1 else reviews
+    if not reviews:
+        raise ConfigError(
+            f"no reviews file in {path} (expected reviews_*.json[.gz], <Cat>_5.json[.gz], <Cat>.jsonl[.gz] "
+            "or an MMRec <name>.inter)"
+        )
+    if len(reviews) > 1:
+        names = ", ".join(p.name for p in reviews)
+        raise ConfigError(f"several reviews files in {path} ({names}); pass one with --reviews")
+    review = reviews[0]
+    meta = _matching_meta(review, metas, path)
+    out_fmt = fmt or _agree(review, meta)
+    return SourceSpec(_name_from_file(review), out_fmt, str(review), str(meta) if meta else None)
+
+
+def _expect(fmt: str | None, found: str, path: Path) -> None:
+    if fmt is not None and fmt != found:
+        raise ConfigError(f"{path} is a {found} dataset, but format '{fmt}' was requested")
+
+
+def _is_data_file(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return not name.startswith(".") and name.endswith((".json", ".jsonl"))
+
+
+def _category_of(path: Path) -> str:
+    """``reviews_Baby_5.json.gz`` / ``Baby_5.json`` / ``meta_Baby.jsonl.gz`` -> ``Baby``."""
+    name = path.name
+    for ext in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(ext)
+    for prefix in ("reviews_", "meta_"):
+        name = name.removeprefix(prefix)
+    return name.removesuffix("_5")
+
+
+def _name_from_file(path: Path) -> str:
+    category = _category_of(path)
+    for name, preset in PRESETS.items():
+        if category in preset.categories.values():
+            return name
+    return _sanitise_name(category).lower()
+
+
+def _matching_meta(review: Path, metas: list[Path], folder: Path) -> Path | None:
+    if len(metas) <= 1:
+        return metas[0] if metas else None
+    same = [m for m in metas if _category_of(m) == _category_of(review)]
+    if len(same) == 1:
+        return same[0]
+    names = ", ".join(p.name for p in metas)
+    raise ConfigError(f"several meta files in {folder} ({names}) and none matches {review.name}; pass --meta")
+
+
+def _agree(reviews: Path, meta: Path | None) -> str:
+    """Format of a reviews file, confirmed (or decided) by its meta file.
+
+    2014 and 2018 reviews share their keys almost entirely; the 2014 meta file
+    (Python literals) settles it when the reviews alone are ambiguous.
+    """
+    rev_fmt, rev_kind = _sniff_file(reviews)
+    if rev_kind == "meta":
+        raise ConfigError(f"{reviews} looks like a metadata file, not reviews")
+    if meta is None:
+        return rev_fmt
+    meta_fmt, _ = _sniff_file(meta)
+    if meta_fmt == rev_fmt:
+        return rev_fmt
+    if {meta_fmt, rev_fmt} == {"amazon2014", "amazon2018"}:
+        return "amazon2014" if meta_fmt == "amazon2014" and rev_fmt == "amazon2018" else rev_fmt
+    raise ConfigError(
+        f"reviews {reviews.name} look like {rev_fmt} but meta {meta.name} looks like {meta_fmt}"
+    )
+
+
+# ---------------------------------------------------------------------------- content sniffing
+
+
+def detect_format(path: Path | str) -> str:
+    """Format of a raw Amazon file (gzip or plain) from its first non-empty line.
+
+    A folder is resolved as :func:`resolve_source` would (``mmrec`` when it
+    holds a ``.inter`` file). Raises :class:`DataError` naming the file and line
+    when the content matches no known release.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"path does not exist: {path}")
+    if path.is_dir():
+        return _from_dir(path.resolve(), None).format
+    if path.suffix == ".inter":
+        return "mmrec"
+    return _sniff_file(path)[0]
+
+
+def _sniff_file(path: Path) -> tuple[str, str]:
+    lineno, line = _first_line(path)
+    return _classify(line, path, lineno)
+
+
+def _first_line(path: Path) -> tuple[int, str]:
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
+            for lineno, data in enumerate(fh, start=1):
+                text = data.decode("utf-8", errors="replace").strip()
+                if text:
+                    return lineno, text
+                if lineno >= _SCAN_LINES:
+                    break
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    raise DataError(f"{path}: no record found (file is empty)")
+
+
+def _classify(line: str, path: Path, lineno: int) -> tuple[str, str]:
+    """(format, 'reviews' | 'meta') of one raw record line."""
+    record: Any
+    strict_json = True
+    try:
+        record = json.loads(line)
+    except ValueError:
+        strict_json = False
+        try:
+            record = ast.literal_eval(line)  # 2014 meta lines are Python literals; never eval
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+            raise DataError(
+                f"{path} line {lineno}: neither JSON nor a Python literal "
+                f"({type(exc).__name__}): {line[:60]!r}"
+            ) from exc
+    if not isinstance(record, dict):
+        raise DataError(f"{path} line {lineno}: expected one object per line, got {type(record).__name__}")
+    keys = set(record)
+    if "parent_asin" in keys:
+        return "amazon2023", "reviews" if "user_id" in keys else "meta"
+    if "asin" not in keys:
+        found = ", ".join(sorted(map(str, keys))[:8])
+        raise DataError(
+            f"{path} line {lineno}: unknown record (no 'asin' or 'parent_asin' field; found {found})"
+        )
+    if not strict_json:
+        return "amazon2014", "reviews" if "reviewerID" in keys else "meta"
+    if {"reviewerID", "unixReviewTime"} <= keys:
+        # 2014 reviews carry "helpful" [up, total]; 2018 ones "verified"/"vote"/"style" instead
+        is_2014 = "helpful" in keys and not keys & {"verified", "vote", "style"}
+        return ("amazon2014" if is_2014 else "amazon2018"), "reviews"
+    if keys & {"imUrl", "salesRank", "categories"} and not keys & {"imageURL", "imageURLHighRes", "main_cat"}:
+        return "amazon2014", "meta"  # 2014 meta someone converted to strict JSON
+    return "amazon2018", "meta"

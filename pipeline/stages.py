@@ -1,0 +1,499 @@
+"""The pipeline's stages as plain functions over the artifact store.
+
+Each ``run_<stage>`` takes a :class:`Context` and the input artifacts it reads,
+and returns a :class:`~pipeline.store.StageOutcome`. The store decides whether
+any work is needed (same key: cached). Nothing here imports Prefect: the flow
+layer wraps these functions, and a notebook can call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import StageError
+from pipeline.store import Artifact, ArtifactStore, StageOutcome
+
+log = logging.getLogger(__name__)
+
+#: Bump a stage's version when its code changes what it writes: old artifacts stop matching.
+STAGE_VERSIONS = {
+    "acquire": "1",
+    "interactions": "1",
+    "text_features": "1",
+    "image_features": "1",
+    "graphs": "1",
+    "train": "1",
+    "evaluate": "1",
+}
+
+#: Fields that change speed, not results: left out of artifact keys.
+PERFORMANCE_FIELDS = {"device", "batch_size", "num_workers", "concurrency", "block_size", "batch_users"}
+
+#: A function that runs picklable shard jobs, e.g. over a Prefect task runner.
+ShardMapper = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]]
+
+
+@dataclass
+class Context:
+    """Everything a stage needs besides its inputs."""
+
+    cfg: PipelineConfig
+    store: ArtifactStore
+    refresh: frozenset[str] = field(default_factory=frozenset)
+    progress: bool = True
+
+    @classmethod
+    def create(cls, cfg: PipelineConfig, refresh: Sequence[str] = (), progress: bool = True) -> Context:
+        cfg = cfg.resolved()
+        # Absolute, so artifact paths stay valid in Prefect subprocesses and on Dask workers.
+        cfg = cfg.model_copy(update={"data_root": Path(cfg.data_root).expanduser().resolve()})
+        return cls(cfg, ArtifactStore(cfg.data_root), frozenset(refresh), progress)
+
+
+def key_params(section: Any, drop: set[str] = PERFORMANCE_FIELDS) -> dict[str, Any]:
+    """A config section as artifact-key parameters, without speed-only knobs."""
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in drop}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link big raw files into an artifact (no second copy on disk); copy across devices."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# acquire
+# ---------------------------------------------------------------------------------------------
+def _local_fingerprint(source: str | None) -> dict[str, Any] | None:
+    """For local inputs the key includes size and mtime, so an edited file is re-acquired."""
+    if not source or source.startswith(("http://", "https://")):
+        return None
+    path = Path(source[7:] if source.startswith("file://") else source)
+    if path.is_dir():
+        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()}
+    if path.exists():
+        st = path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return None
+
+
+def run_acquire(ctx: Context) -> StageOutcome:
+    from pipeline.sources import resolve_source
+
+    acfg = ctx.cfg.acquire
+    spec = resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta)
+    params: dict[str, Any] = {
+        "name": spec.name,
+        "format": spec.format,
+        "reviews": spec.reviews,
+        "meta": spec.meta,
+        "mmrec_dir": str(spec.mmrec_dir) if spec.mmrec_dir else None,
+    }
+    if spec.format == "sample":
+        params.update(seed=acfg.sample_seed, users=acfg.sample_users, items=acfg.sample_items)
+    else:
+        params["fingerprint"] = {
+            "reviews": _local_fingerprint(spec.reviews),
+            "meta": _local_fingerprint(spec.meta),
+            "mmrec": _local_fingerprint(str(spec.mmrec_dir)) if spec.mmrec_dir else None,
+        }
+
+    def build(out: Path) -> dict[str, Any]:
+        files: dict[str, Any] = {}
+        if spec.format == "sample":
+            from pipeline.sample import generate_sample
+
+            # The sample's images play the part of the internet: they live outside the
+            # artifact at a stable path so their file:// URLs stay valid after the rename.
+            origin = ctx.store.data_root / "sample" / f"seed{acfg.sample_seed}-{acfg.sample_users}x{acfg.sample_items}"
+            generated = generate_sample(
+                origin, seed=acfg.sample_seed, n_users=acfg.sample_users, n_items=acfg.sample_items
+            )
+            for role, src in (("reviews", generated.reviews), ("meta", generated.meta)):
+                dst = out / Path(src).name
+                shutil.copy2(src, dst)
+                files[role] = dst.name
+            return {"format": "amazon2014", "name": spec.name, "files": files, "sample_origin": str(origin)}
+        if spec.format == "mmrec":
+            src_dir = Path(spec.mmrec_dir)
+            for src in sorted(src_dir.iterdir()):
+                if src.is_file() and (src.suffix in {".inter", ".npy", ".csv", ".npz"} or src.name == "README.md"):
+                    _link_or_copy(src, out / src.name)
+                    files[src.name] = src.name
+            return {"format": "mmrec", "name": spec.name, "files": files}
+        from pipeline.download import fetch_file
+
+        downloads = ctx.store.data_root / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        records = {}
+        for role, source in (("reviews", spec.reviews), ("meta", spec.meta)):
+            if not source:
+                continue
+            rec = fetch_file(source, downloads, timeout=acfg.timeout, retries=acfg.retries, progress=ctx.progress)
+            dst = out / f"{role}-{rec.path.name}"
+            _link_or_copy(rec.path, dst)
+            files[role] = dst.name
+            records[role] = rec.to_dict()
+        return {"format": spec.format, "name": spec.name, "files": files, "downloads": records}
+
+    return ctx.store.run("acquire", STAGE_VERSIONS["acquire"], params, {}, build, "acquire" in ctx.refresh)
+
+
+# ---------------------------------------------------------------------------------------------
+# interactions
+# ---------------------------------------------------------------------------------------------
+def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
+    icfg = ctx.cfg.interactions
+    fmt = raw.manifest["format"]
+    params = key_params(icfg) if fmt != "mmrec" else {"kept": "given split and ids"}
+
+    def build(out: Path) -> dict[str, Any]:
+        from pipeline.interactions import build_interactions, interactions_from_mmrec
+
+        skips: dict[str, Any] = {}
+        if fmt == "mmrec":
+            from pipeline.mmrec import read_mmrec_folder
+
+            result = interactions_from_mmrec(read_mmrec_folder(raw.path))
+        else:
+            from pipeline.readers import read_meta, read_reviews
+
+            files = raw.manifest["files"]
+            reviews, skip_r = read_reviews(raw.file(files["reviews"]), fmt, max_bad_lines=icfg.max_bad_lines)
+            skips["reviews"] = _skip_dict(skip_r)
+            meta = None
+            if "meta" in files:
+                meta, skip_m = read_meta(raw.file(files["meta"]), fmt, max_bad_lines=icfg.max_bad_lines)
+                skips["meta"] = _skip_dict(skip_m)
+            result = build_interactions(reviews, meta, k_core=icfg.k_core, split_rule=icfg.split, seed=icfg.seed)
+        result.interactions.to_parquet(out / "interactions.parquet", index=False)
+        result.items.to_parquet(out / "items.parquet", index=False)
+        result.user_map.to_parquet(out / "user_map.parquet", index=False)
+        result.item_map.to_parquet(out / "item_map.parquet", index=False)
+        return {"stats": _jsonable(result.stats), "skipped": skips, "name": raw.manifest.get("name")}
+
+    return ctx.store.run(
+        "interactions", STAGE_VERSIONS["interactions"], params, {"raw": raw}, build, "interactions" in ctx.refresh
+    )
+
+
+def _skip_dict(report: Any) -> dict[str, Any]:
+    """A reader's SkipReport for the manifest (the reader has already logged it)."""
+    return _jsonable(report.to_dict()) if report is not None else {}
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars and paths to plain JSON values (manifests must be readable anywhere)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def dataset_counts(inter: Artifact) -> tuple[int, int]:
+    stats = inter.manifest["stats"]
+    return int(stats["users"]), int(stats["items"])
+
+
+def _imported_feature(inter: Artifact, name: str) -> Path | None:
+    """An MMRec folder may ship ``image_feat.npy`` / ``text_feat.npy``: used as they are."""
+    raw_path = inter.manifest["inputs"]["raw"]["path"]
+    candidate = Path(raw_path) / name
+    return candidate if candidate.is_file() else None
+
+
+def _copy_imported(src: Path, out: Path, name: str, n_items: int) -> dict[str, Any]:
+    feats = np.load(src, allow_pickle=False)
+    if feats.ndim != 2 or feats.shape[0] != n_items:
+        raise StageError(f"{src}: expected {n_items} rows (one per item), found shape {feats.shape}")
+    np.save(out / name, feats.astype(np.float32, copy=False))
+    return {"source": "imported", "file": str(src), "shape": list(feats.shape)}
+
+
+# ---------------------------------------------------------------------------------------------
+# text_features
+# ---------------------------------------------------------------------------------------------
+def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
+    tcfg = ctx.cfg.text_features
+    imported = _imported_feature(inter, "text_feat.npy")
+    params = {"imported": str(imported)} if imported else key_params(tcfg)
+
+    def build(out: Path) -> dict[str, Any]:
+        _, n_items = dataset_counts(inter)
+        if imported:
+            return _copy_imported(imported, out, "text_feat.npy", n_items)
+        from pipeline.text_features import encode_texts, item_text
+
+        items = pd.read_parquet(inter.file("items.parquet"))
+        if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
+            raise StageError(
+                f"text_features: dataset has no item text and {inter.manifest['inputs']['raw']['path']} "
+                "has no text_feat.npy"
+            )
+        items = items.sort_values("item")
+        texts = [
+            item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
+        ]
+        feats = encode_texts(
+            texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device,
+            cache_dir=ctx.store.cache_dir("text"), progress=ctx.progress,
+        )
+        np.save(out / "text_feat.npy", feats.astype(np.float32))
+        return {"source": "encoded", "model": tcfg.model, "recipe": "title + brand + first category path + "
+                "description", "shape": list(feats.shape)}
+
+    return ctx.store.run(
+        "text_features", STAGE_VERSIONS["text_features"], params, {"interactions": inter}, build,
+        "text_features" in ctx.refresh,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# image_features
+# ---------------------------------------------------------------------------------------------
+def image_settings(ctx: Context, inter: Artifact) -> dict[str, Any]:
+    """Image stage parameters with dataset-dependent defaults filled in.
+
+    The bundled sample defaults to a small randomly initialised resnet18 because
+    pretrained weights cannot be downloaded offline; real datasets default to
+    torchvision's ImageNet resnet50. The manifest records which one was used.
+    """
+    icfg = ctx.cfg.image_features
+    is_sample = ctx.cfg.acquire.dataset == "sample"
+    weights = icfg.weights
+    if weights == "auto":
+        weights = "random" if is_sample else "imagenet"
+    params = key_params(icfg)
+    params.update(
+        backbone=icfg.backbone or ("resnet18" if is_sample else "resnet50"),
+        weights=weights,
+        image_size=icfg.image_size or (64 if is_sample else 224),
+    )
+    if weights not in ("random", "imagenet"):
+        params["weights_fingerprint"] = _local_fingerprint(weights)
+    return params
+
+
+def _run_shard_job(args: tuple[Any, ...]) -> str:
+    """One picklable shard job (runs in a thread, a process or on a Dask worker)."""
+    from pipeline.image_features import process_shard, save_shard
+
+    item_ids, urls, cache_dir, fetch_kwargs, encoder_kwargs, out_path = args
+    out_path = Path(out_path)
+    if out_path.exists():  # finished by an earlier, interrupted run
+        return str(out_path)
+    result = process_shard(item_ids, urls, Path(cache_dir), fetch_kwargs, encoder_kwargs)
+    save_shard(result, out_path)
+    return str(out_path)
+
+
+def _map_locally(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> list[Any]:
+    from tqdm import tqdm
+
+    return [fn(job) for job in tqdm(jobs, desc="image shards", disable=len(jobs) < 2)]
+
+
+def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
+    icfg = ctx.cfg.image_features
+    imported = _imported_feature(inter, "image_feat.npy")
+    params = {"imported": str(imported)} if imported else image_settings(ctx, inter)
+
+    def build(out: Path) -> dict[str, Any]:
+        _, n_items = dataset_counts(inter)
+        if imported:
+            return _copy_imported(imported, out, "image_feat.npy", n_items)
+        from pipeline.image_features import assemble_features, load_shard, shard_items
+
+        items = pd.read_parquet(inter.file("items.parquet")).sort_values("item")
+        if "image_url" not in items.columns:
+            raise StageError(
+                f"image_features: dataset has no image URLs and {inter.manifest['inputs']['raw']['path']} "
+                "has no image_feat.npy"
+            )
+        urls = items["image_url"].fillna("").astype(str).tolist()
+        work = ctx.store.work_dir("image_features", _shard_work_key(params, inter))
+        fetch_kwargs = dict(
+            concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries,
+            max_bytes=icfg.max_bytes, min_side=icfg.min_side, progress=False,
+        )
+        encoder_kwargs = dict(
+            backbone=params["backbone"], weights=params["weights"], seed=icfg.seed,
+            image_size=params["image_size"], batch_size=icfg.batch_size, num_workers=icfg.num_workers,
+            device=icfg.device,
+        )
+        jobs = []
+        for i, rng in enumerate(shard_items(n_items, icfg.shard_size)):
+            ids = list(rng)
+            jobs.append((ids, [urls[j] for j in ids], str(ctx.store.cache_dir("images")), fetch_kwargs,
+                         encoder_kwargs, str(work / f"shard-{i:05d}.npz")))
+        paths = (map_shards or _map_locally)(_run_shard_job, jobs)
+        shards = [load_shard(Path(p)) for p in paths]
+        feats, missing = assemble_features(n_items, shards, fill=icfg.fill)
+        np.save(out / "image_feat.npy", feats.astype(np.float32))
+        missing.to_csv(out / "missing_images.csv", index=False)
+        reasons = missing["reason"].value_counts().to_dict() if len(missing) else {}
+        if len(missing):
+            log.warning("image_features: %d of %d items without a usable image (%s), filled with %s",
+                        len(missing), n_items, reasons, icfg.fill)
+        return {"source": "encoded", "backbone": params["backbone"], "weights": params["weights"],
+                "shape": list(feats.shape), "missing": int(len(missing)), "missing_reasons": _jsonable(reasons),
+                "fill": icfg.fill, "shards": len(jobs)}
+
+    return ctx.store.run(
+        "image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter}, build,
+        "image_features" in ctx.refresh,
+    )
+
+
+def _shard_work_key(params: dict[str, Any], inter: Artifact) -> str:
+    from pipeline.store import artifact_key
+
+    return artifact_key("image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter.key})
+
+
+# ---------------------------------------------------------------------------------------------
+# graphs
+# ---------------------------------------------------------------------------------------------
+def run_graphs(ctx: Context, text: Artifact, image: Artifact) -> StageOutcome:
+    gcfg = ctx.cfg.graphs
+
+    def build(out: Path) -> dict[str, Any]:
+        from pipeline.knn import knn_graph, save_graph
+
+        stats = {}
+        for modality, art, name in (("image", image, "image_feat.npy"), ("text", text, "text_feat.npy")):
+            feats = np.load(art.file(name), allow_pickle=False)
+            graph = knn_graph(feats, k=gcfg.k, include_self=gcfg.include_self, block_size=gcfg.block_size,
+                              progress=ctx.progress)
+            save_graph(out / f"{modality}_graph.npz", graph)
+            stats[modality] = {"nnz": int(graph.nnz), "shape": list(graph.shape)}
+        return {"graphs": stats, "note": "image/text mix weight is applied at model time"}
+
+    return ctx.store.run(
+        "graphs", STAGE_VERSIONS["graphs"], key_params(gcfg), {"text_features": text, "image_features": image},
+        build, "graphs" in ctx.refresh,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# train / evaluate
+# ---------------------------------------------------------------------------------------------
+def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[str, Artifact]:
+    return {"interactions": inter, **feature_arts}
+
+
+def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
+    """SplitData, feature tensors and torch item graphs for building a model."""
+    import torch
+
+    from models.graph import scipy_to_torch_sparse
+    from pipeline.data import SplitData
+
+    n_users, n_items = dataset_counts(inter)
+    data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
+    features, graphs = {}, {}
+    if "image_features" in feature_arts:
+        features["image"] = torch.from_numpy(np.load(feature_arts["image_features"].file("image_feat.npy")))
+    if "text_features" in feature_arts:
+        features["text"] = torch.from_numpy(np.load(feature_arts["text_features"].file("text_feat.npy")))
+    if "graphs" in feature_arts:
+        from pipeline.knn import load_graph
+
+        for modality in ("image", "text"):
+            graphs[modality] = scipy_to_torch_sparse(load_graph(feature_arts["graphs"].file(f"{modality}_graph.npz")))
+    return data, features, graphs
+
+
+def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
+    """Construct the configured model (seeded) and the data it trains on."""
+    import torch
+
+    from models.registry import build_model
+
+    tcfg = ctx.cfg.train
+    data, features, graphs = load_model_inputs(ctx, inter, feature_arts)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(
+        tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
+        train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs, **tcfg.model_kwargs(),
+    )
+    return model, data
+
+
+def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:
+    from pipeline.store import artifact_key
+
+    tcfg = ctx.cfg.train
+    params = key_params(tcfg)
+    inputs = _model_inputs(inter, feature_arts)
+    work_key = artifact_key("train", STAGE_VERSIONS["train"], params, {k: a.key for k, a in inputs.items()})
+
+    def build(out: Path) -> dict[str, Any]:
+        from models.registry import default_lr
+        from pipeline.training import train_model
+
+        model, data = build_model_for(ctx, inter, feature_arts)
+        work = ctx.store.work_dir("train", work_key)  # checkpoints survive a killed run: rerun resumes
+        lr = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
+        result = train_model(
+            model, data, out_dir=work, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=lr,
+            weight_decay=tcfg.weight_decay, patience=tcfg.patience, eval_every=tcfg.eval_every, seed=tcfg.seed,
+            device=tcfg.device, ks=tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20})), progress=ctx.progress,
+            resume=True,
+        )
+        for name in ("best.pt", "epochs.csv"):
+            shutil.copy2(work / name, out / name)
+        summary = {
+            "model": tcfg.model, "variant": tcfg.variant if tcfg.model.startswith("sand") else None, "lr": lr,
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+            "best_valid": _jsonable(result.best_valid), "test_at_best": _jsonable(result.test_at_best),
+            "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
+            "model_kwargs": _jsonable(tcfg.model_kwargs()),
+        }
+        (out / "result.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+        return {"result": summary}
+
+    return ctx.store.run("train", STAGE_VERSIONS["train"], params, inputs, build, "train" in ctx.refresh)
+
+
+def run_evaluate(
+    ctx: Context, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]
+) -> StageOutcome:
+    ecfg = ctx.cfg.evaluate
+    params = key_params(ecfg)
+
+    def build(out: Path) -> dict[str, Any]:
+        import torch
+
+        from pipeline.evaluation import evaluate_split, recommendations_table
+
+        model, data = build_model_for(ctx, inter, feature_arts)
+        state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"] if "model" in state else state)
+        model.eval()
+        with torch.no_grad():
+            user_emb, item_emb = model.embeddings()
+        metrics = {
+            split: evaluate_split(user_emb, item_emb, data, split, ks=tuple(ecfg.ks), batch_users=ecfg.batch_users)
+            for split in ("valid", "test")
+        }
+        recs = recommendations_table(user_emb, item_emb, data, ecfg.top_k)
+        recs.to_parquet(out / "recommendations.parquet", index=False)
+        (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+        return {"metrics": _jsonable(metrics), "model": ctx.cfg.train.model, "variant": ctx.cfg.train.variant}
+
+    return ctx.store.run(
+        "evaluate", STAGE_VERSIONS["evaluate"], params, {"train": trained, **_model_inputs(inter, feature_arts)},
+        build, "evaluate" in ctx.refresh,
+    )

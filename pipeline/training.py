@@ -1,0 +1,422 @@
+"""BPR training loop with early stopping, exact resume and per-epoch logs.
+
+Why resume is exact: every source of randomness is re-derived from ``(seed, epoch)``
+at the start of each epoch -- the numpy sampler, the generator handed to
+``model.on_epoch_start`` and torch's global RNG (dropout, permutations inside loss
+terms) -- and ``last.pt`` holds everything else that evolves (parameters, Adam state,
+the model's own optimisers, early-stopping counters, the log so far). A run killed
+after epoch e and resumed therefore replays epochs e+1.. exactly as an uninterrupted
+run would (bit-for-bit on CPU).
+
+Conventions: epochs and batches are numbered from 1. Early stopping counts
+*evaluations* without a strictly better validation metric and stops once there have
+been ``patience`` of them (MMRec stops one evaluation later, at ``> stopping_step``).
+The last epoch is always evaluated, so a run has a best checkpoint even when
+``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
+strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.data import SplitData
+from pipeline.errors import ConfigError, SandError, StageError
+from pipeline.evaluation import SplitEvaluator, metric_names
+from pipeline.sampling import sample_bpr_epoch
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.base import Recommender
+
+log = logging.getLogger(__name__)
+
+BEST_NAME, LAST_NAME, HISTORY_NAME = "best.pt", "last.pt", "epochs.csv"
+#: run settings that must not change between a run and its resumption
+_RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced; metrics are those of the best validation epoch."""
+
+    best_epoch: int
+    best_valid: dict[str, float]
+    test_at_best: dict[str, float]
+    epochs_run: int
+    stopped_early: bool
+    history_path: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    seconds_per_epoch: float
+    peak_memory_mb: float
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+
+def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
+    """(numpy Generator for sampling, seed for the on_epoch_start generator, seed for torch's global RNG)."""
+    ss = np.random.SeedSequence([int(seed), int(epoch)])
+    a, b = (int(x) & ((1 << 63) - 1) for x in ss.spawn(1)[0].generate_state(2, dtype=np.uint64))
+    return np.random.default_rng(ss), a, b
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
+    import pandas as pd
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _load(path: Path, device: torch.device) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: name it instead of a traceback
+        raise StageError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise StageError(f"checkpoint {path}: does not fit this model ({' '.join(first[:2])})") from exc
+
+
+def _result(state: dict[str, Any], out_dir: Path) -> TrainResult:
+    history = list(state["history"])
+    secs = [h["seconds"] for h in history if "seconds" in h]
+    mem = [h["peak_memory_mb"] for h in history if "peak_memory_mb" in h]
+    return TrainResult(
+        best_epoch=int(state["best_epoch"]),
+        best_valid=dict(state["best_valid"]),
+        test_at_best=dict(state["test_at_best"]),
+        epochs_run=int(state["epoch"]),
+        stopped_early=bool(state["stopped_early"]),
+        history_path=out_dir / HISTORY_NAME,
+        best_checkpoint=out_dir / BEST_NAME,
+        last_checkpoint=out_dir / LAST_NAME,
+        seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
+        peak_memory_mb=float(max(mem)) if mem else float("nan"),
+        history=history,
+    )
+
+
+def _scalar(term: torch.Tensor, name: str) -> torch.Tensor:
+    if term.numel() != 1:
+        raise SandError(f"training: loss term {name!r} has shape {tuple(term.shape)}, expected a scalar")
+    return term.reshape(())
+
+
+def _check_args(epochs: int, batch_size: int, patience: int, eval_every: int, valid_metric: str, ks) -> None:
+    for name, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("patience", patience),
+        ("eval_every", eval_every),
+    ):
+        if int(value) < 1:
+            raise ConfigError(f"training: {name} must be >= 1, got {value}")
+    if valid_metric not in metric_names(ks):
+        raise ConfigError(f"training: valid_metric {valid_metric!r} is not one of {metric_names(ks)}")
+
+
+def train_model(
+    model: Recommender,
+    data: SplitData,
+    *,
+    out_dir: Path,
+    epochs: int = 1000,
+    batch_size: int = 2048,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    patience: int = 20,
+    eval_every: int = 1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    valid_metric: str = "recall@20",
+    ks: Sequence[int] = (10, 20),
+    progress: bool = True,
+    resume: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
+
+    Writes ``best.pt``, ``last.pt`` and ``epochs.csv`` into ``out_dir``. With ``resume``
+    and an existing ``last.pt`` the run continues where it stopped (or returns the stored
+    result if it had finished). ``on_epoch_end(epoch, row)`` runs after the epoch's
+    checkpoint is written; an exception there stops training with everything saved.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    ks = tuple(int(k) for k in ks)
+    _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    config = {
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "eval_every": int(eval_every),
+        "valid_metric": valid_metric,
+        "ks": list(ks),
+    }
+
+    model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"training: model {type(model).__name__} has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    valid_eval = SplitEvaluator(data, "valid", ks)
+    test_eval = SplitEvaluator(data, "test", ks)
+    train_csr = valid_eval.train_csr
+    train_edges = np.asarray(data.train, dtype=np.int64)
+    if len(train_edges) == 0:
+        raise SandError("training: the train split has no interactions")
+    best_path, last_path, hist_path = out_dir / BEST_NAME, out_dir / LAST_NAME, out_dir / HISTORY_NAME
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_valid": {},
+        "test_at_best": {},
+        "best_value": float("-inf"),
+        "bad_evals": 0,
+        "stopped_early": False,
+        "history": [],
+        "config": config,
+    }
+    if resume and last_path.exists():
+        saved = _load(last_path, dev)
+        old = saved.get("config", {})
+        changed = [k for k in _RESUME_KEYS if old.get(k) != config[k]]
+        if changed:
+            k = changed[0]
+            raise ConfigError(
+                f"training: {last_path} was written with {k}={old.get(k)!r}, now {k}={config[k]!r}; "
+                "use resume=False or another out_dir"
+            )
+        _load_model_state(model, saved["model"], last_path)
+        optimizer.load_state_dict(saved["optimizer"])
+        model.load_auxiliary_state_dict(saved["auxiliary"])
+        state = {k: saved[k] for k in state}
+        state["history"] = [dict(h) for h in state["history"]]
+        log.info(
+            "resuming from %s after epoch %d (best %s=%.6f at epoch %d)",
+            last_path,
+            state["epoch"],
+            valid_metric,
+            state["best_value"],
+            state["best_epoch"],
+        )
+        if state["stopped_early"] or state["epoch"] >= epochs:
+            log.info("training had already finished; returning the stored result")
+            if not hist_path.exists():
+                _atomic_csv(state["history"], hist_path)
+            return _result(state, out_dir)
+    elif not resume:
+        for p in (best_path, last_path):
+            p.unlink(missing_ok=True)
+
+    n_batches = math.ceil(len(train_edges) / batch_size)
+    log.info(
+        "training %s on %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
+        type(model).__name__,
+        dev,
+        data.n_users,
+        data.n_items,
+        len(train_edges),
+        n_batches,
+        state["epoch"] + 1,
+        epochs,
+    )
+    bar = tqdm(
+        range(state["epoch"] + 1, epochs + 1),
+        initial=state["epoch"],
+        total=epochs,
+        desc="train",
+        unit="epoch",
+        disable=not progress,
+        leave=False,
+    )
+    for epoch in bar:
+        rng, gen_seed, global_seed = epoch_seeds(seed, epoch)
+        torch.manual_seed(global_seed)
+        generator = torch.Generator(device=dev).manual_seed(gen_seed)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        model.train()
+        model.on_epoch_start(epoch, generator)
+        users, pos, neg = (
+            torch.from_numpy(a).to(dev) for a in sample_bpr_epoch(train_edges, train_csr, data.n_items, rng)
+        )
+        sums: dict[str, float] = {}
+        for b in range(n_batches):
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            u, p, n = users[sl], pos[sl], neg[sl]
+            aux = model.auxiliary_step(u, p, n)
+            terms = model.loss_terms(u, p, n)
+            if not terms:
+                raise SandError(f"training: {type(model).__name__}.loss_terms returned no loss terms")
+            names = list(terms)
+            stacked = torch.stack([_scalar(terms[k], k) for k in names])
+            values = stacked.detach().double().cpu().numpy()
+            for name, value in zip(names, values, strict=True):
+                if not np.isfinite(value):
+                    raise SandError(f"non-finite loss term {name!r} at epoch {epoch}, batch {b + 1}: {value}")
+            loss = stacked.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] = sums.get("loss", 0.0) + float(values.sum())
+            for name, value in zip(names, values, strict=True):
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+            for name, value in aux.items():
+                sums[f"aux_{name}"] = sums.get(f"aux_{name}", 0.0) + float(value)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        row: dict[str, float] = {"epoch": epoch}
+        row.update({k: v / n_batches for k, v in sums.items()})
+        row["seconds"] = time.perf_counter() - t0
+
+        if epoch % eval_every == 0 or epoch == epochs:
+            t1 = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                user_emb, item_emb = model.embeddings()
+                valid = valid_eval(user_emb, item_emb)
+                row.update({f"valid_{k}": v for k, v in valid.items()})
+                if valid[valid_metric] > state["best_value"]:
+                    test = test_eval(user_emb, item_emb)
+                    row.update({f"test_{k}": v for k, v in test.items()})
+                    state.update(
+                        best_value=float(valid[valid_metric]),
+                        best_epoch=epoch,
+                        best_valid=valid,
+                        test_at_best=test,
+                        bad_evals=0,
+                    )
+                    _atomic_torch_save(
+                        {
+                            "model": model.state_dict(),
+                            "epoch": epoch,
+                            "valid": valid,
+                            "test": test,
+                            "config": config,
+                        },
+                        best_path,
+                    )
+                    log.info(
+                        "epoch %d: %s improved to %.6f (test %s)",
+                        epoch,
+                        valid_metric,
+                        valid[valid_metric],
+                        {k: round(v, 6) for k, v in test.items()},
+                    )
+                else:
+                    state["bad_evals"] += 1
+            del user_emb, item_emb
+            model.train()
+            row["eval_seconds"] = time.perf_counter() - t1
+            if state["bad_evals"] >= patience:
+                state["stopped_early"] = True
+        row["peak_memory_mb"] = _peak_memory_mb(dev)
+        state["history"].append(row)
+        state["epoch"] = epoch
+        _atomic_csv(state["history"], hist_path)
+        _atomic_torch_save(
+            {
+                **state,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "auxiliary": model.auxiliary_state_dict(),
+            },
+            last_path,
+        )
+        postfix = {"loss": f"{row['loss']:.4f}"}
+        if f"valid_{valid_metric}" in row:
+            postfix[valid_metric] = f"{row[f'valid_{valid_metric}']:.4f}"
+        bar.set_postfix(postfix)
+        log.debug("epoch %d: %s", epoch, row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        if state["stopped_early"]:
+            log.info(
+                "early stop at epoch %d: no better %s in %d evaluations (best %.6f at epoch %d)",
+                epoch,
+                valid_metric,
+                patience,
+                state["best_value"],
+                state["best_epoch"],
+            )
+            break
+    bar.close()
+    log.info(
+        "finished after epoch %d; best epoch %d, valid %s, test %s",
+        state["epoch"],
+        state["best_epoch"],
+        state["best_valid"],
+        state["test_at_best"],
+    )
+    return _result(state, out_dir)
+
+
+def load_best_model(model: torch.nn.Module, out_dir: Path, device: str | torch.device | None = None) -> dict:
+    """Load ``best.pt`` from ``out_dir`` into ``model`` (in place, weights_only).
+
+    Returns the checkpoint's metadata: ``epoch``, ``valid`` and ``test`` metrics, ``config``.
+    """
+    import torch
+
+    path = Path(out_dir) / BEST_NAME
+    if not path.exists():
+        raise StageError(f"checkpoint {path}: missing (train the model first)")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else next((p.device for p in model.parameters()), torch.device("cpu"))
+    )
+    ckpt = _load(path, dev)
+    _load_model_state(model, ckpt["model"], path)
+    return {k: v for k, v in ckpt.items() if k != "model"}

@@ -1,0 +1,221 @@
+"""Raw Amazon readers on tiny files written by the tests (each release, gzip and plain)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.readers import META_COLUMNS, read_meta, read_reviews
+
+
+def write_lines(path: Path, lines: list[str], compress: bool) -> Path:
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def review_2014(user: str, asin: str, rating=5.0, t=1_300_000_000) -> str:
+    return json.dumps(
+        {"reviewerID": user, "asin": asin, "overall": rating, "unixReviewTime": t, "reviewText": "ok"}
+    )
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("fmt", ["amazon2014", "amazon2018"])
+def test_reviews_2014_2018(tmp_path, compress, fmt):
+    path = write_lines(
+        tmp_path / "reviews.json.gz",
+        [review_2014("U1", "B001", 4.0, 1_300_000_000), review_2014("U2", "B002", 2, 1_400_000_000)],
+        compress,
+    )
+    df, report = read_reviews(path, fmt)
+    assert list(df.columns) == ["user_id", "asin", "rating", "timestamp"]
+    assert df["user_id"].tolist() == ["U1", "U2"]
+    assert df["asin"].tolist() == ["B001", "B002"]
+    assert df["rating"].dtype == np.float32 and df["rating"].tolist() == [4.0, 2.0]
+    assert df["timestamp"].dtype == np.int64 and df["timestamp"].tolist() == [1_300_000_000, 1_400_000_000]
+    assert report.total == 0 and report.records == 2
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_reviews_2023_parent_asin_and_milliseconds(tmp_path, compress):
+    lines = [
+        json.dumps(
+            {
+                "user_id": "AG1",
+                "asin": "CHILD1",
+                "parent_asin": "P1",
+                "rating": 5.0,
+                "timestamp": 1588687728923,
+            }
+        ),
+        json.dumps(
+            {"user_id": "AG2", "asin": "CHILD2", "parent_asin": "P2", "rating": 3, "timestamp": 1600000000999}
+        ),
+    ]
+    df, report = read_reviews(write_lines(tmp_path / "r.jsonl", lines, compress), "amazon2023")
+    assert df["asin"].tolist() == ["P1", "P2"]
+    assert df["timestamp"].tolist() == [1588687728, 1600000000]
+    assert df["rating"].tolist() == [5.0, 3.0]
+
+
+def test_dirty_review_lines_are_counted_skips(tmp_path):
+    lines = [
+        review_2014("U1", "B1"),
+        '{"reviewerID": "U2", "asin": "B2", "overall": 5.0',  # truncated JSON
+        json.dumps({"asin": "B3", "overall": 5.0, "unixReviewTime": 1}),  # no reviewerID
+        json.dumps({"reviewerID": "U4", "overall": 5.0, "unixReviewTime": 1}),  # no asin
+        review_2014("U5", "B5", rating="five"),
+        review_2014("U6", "B6", t="yesterday"),
+        review_2014("U7", "B7", t=-5),
+        "",  # blank lines are not records and not errors
+        review_2014("U8", "B8"),
+    ]
+    path = write_lines(tmp_path / "dirty.json", lines, compress=False)
+    df, report = read_reviews(path, "amazon2014")
+    assert df["user_id"].tolist() == ["U1", "U8"]
+    assert report.counts == {
+        "malformed JSON": 1,
+        "missing reviewerID": 1,
+        "missing asin": 1,
+        "non-numeric overall": 1,
+        "bad unixReviewTime": 2,
+    }
+    assert report.total == 6 and report.records == 2
+    assert report.examples[0] == f"{path}:2: malformed JSON"
+    assert any(e.startswith(f"{path}:5: non-numeric overall") and "'five'" in e for e in report.examples)
+    assert report.to_dict()["total"] == 6
+
+
+def test_over_budget_names_file_line_and_reason(tmp_path):
+    lines = [review_2014("U1", "B1")] + [review_2014(f"U{i}", "B", rating="bad") for i in range(5)]
+    path = write_lines(tmp_path / "bad.json", lines, compress=False)
+    with pytest.raises(DataError) as err:
+        read_reviews(path, "amazon2014", max_bad_lines=3)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:5: non-numeric overall")
+    assert msg.endswith("(more than 3 bad lines)")
+    assert "\n" not in msg
+    # Exactly at the budget is still fine.
+    df, report = read_reviews(path, "amazon2014", max_bad_lines=5)
+    assert len(df) == 1 and report.total == 5
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    lines = [review_2014(f"U{i}", f"B{i % 7}") for i in range(2000)]
+    data = gzip.compress(("\n".join(lines) + "\n").encode())
+    path = tmp_path / "reviews_Baby_5.json.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated gzip") as err:
+        read_reviews(path, "amazon2014")
+    assert str(path) in str(err.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.json.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        read_reviews(empty, "amazon2014")
+    with pytest.raises(DataError, match="not found"):
+        read_reviews(tmp_path / "nope.json", "amazon2018")
+    blank_gz = write_lines(tmp_path / "blank.json.gz", [""], compress=True)
+    with pytest.raises(DataError, match="no usable records"):
+        read_reviews(blank_gz, "amazon2014")
+
+
+def test_unknown_format_is_config_error(tmp_path):
+    path = write_lines(tmp_path / "r.json", [review_2014("U", "B")], compress=False)
+    with pytest.raises(ConfigError, match="amazon2014, amazon2018, amazon2023"):
+        read_reviews(path, "amazon2020")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_meta_2014_python_literals_and_no_eval(tmp_path, compress):
+    marker = tmp_path / "pwned"
+    lines = [
+        "{'asin': '0000031852', 'title': \"Girls' Ballet Tutu\", 'imUrl': 'http://x/img1.jpg', "
+        "'categories': [['Baby', 'Nursery', 'Bedding'], ['Clothing']], 'description': 'Soft.', "
+        "'brand': 'Coxlures', 'price': 3.17, 'salesRank': {'Baby': 1}}",
+        f"{{'asin': __import__('os').system('touch {marker}')}}",
+        f"__import__('os').system('touch {marker}')",
+        "{'asin': 'B2', 'categories': [], 'related': {'also_bought': ['B1']}}",
+        "{'title': 'no asin'}",
+    ]
+    df, report = read_meta(write_lines(tmp_path / "meta_Baby.json.gz", lines, compress), "amazon2014")
+    assert not marker.exists()
+    assert report.counts == {"malformed Python literal": 2, "missing asin": 1}
+    assert list(df.columns) == META_COLUMNS
+    first = df.iloc[0]
+    assert first["asin"] == "0000031852"
+    assert first["title"] == "Girls' Ballet Tutu"
+    assert first["brand"] == "Coxlures"
+    assert list(first["categories"]) == ["Baby", "Nursery", "Bedding"]
+    assert first["description"] == "Soft."
+    assert first["image_url"] == "http://x/img1.jpg"
+    second = df.iloc[1]
+    assert second["asin"] == "B2" and list(second["categories"]) == []
+    assert second["title"] == "" and second["image_url"] == "" and second["brand"] == ""
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_meta_2018_json(tmp_path, compress):
+    lines = [
+        json.dumps(
+            {
+                "asin": "B01",
+                "title": "Ball",
+                "brand": "Acme",
+                "category": ["Sports & Outdoors", "Balls"],
+                "description": ["Round.", "Bouncy."],
+                "feature": ["red", "blue"],
+                "imageURL": ["http://s/small.jpg"],
+                "imageURLHighRes": ["http://s/large.jpg"],
+            }
+        ),
+        json.dumps({"asin": "B02", "title": "Bat", "imageURLHighRes": [], "imageURL": ["http://s/bat.jpg"]}),
+        json.dumps({"asin": "B03", "imageURLHighRes": [], "imageURL": []}),
+        "{'asin': 'B04'}",  # not JSON in a strict-JSON release
+    ]
+    df, report = read_meta(write_lines(tmp_path / "meta.json", lines, compress), "amazon2018")
+    assert report.counts == {"malformed JSON": 1}
+    assert df["asin"].tolist() == ["B01", "B02", "B03"]
+    assert list(df.iloc[0]["categories"]) == ["Sports & Outdoors", "Balls"]
+    assert df.iloc[0]["description"] == "Round. Bouncy."
+    assert df.iloc[0]["features"] == "red blue"
+    assert df["image_url"].tolist() == ["http://s/large.jpg", "http://s/bat.jpg", ""]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_meta_2023_jsonl(tmp_path, compress):
+    images = [
+        {"thumb": "t1", "large": "http://a/pt01.jpg", "hi_res": None, "variant": "PT01"},
+        {"thumb": "t0", "large": "http://a/main.jpg", "hi_res": "http://a/main_hi.jpg", "variant": "MAIN"},
+    ]
+    lines = [
+        json.dumps(
+            {
+                "parent_asin": "P1",
+                "title": "Stroller",
+                "store": "BabyCo",
+                "categories": ["Baby Products", "Strollers"],
+                "description": ["Light", "Foldable"],
+                "features": ["4 wheels"],
+                "images": images,
+            }
+        ),
+        json.dumps({"parent_asin": "P2", "title": "Bib", "images": [], "description": []}),
+        json.dumps({"title": "orphan"}),
+    ]
+    df, report = read_meta(write_lines(tmp_path / "meta.jsonl", lines, compress), "amazon2023")
+    assert report.counts == {"missing parent_asin": 1}
+    row = df.iloc[0]
+    assert (row["asin"], row["title"], row["brand"]) == ("P1", "Stroller", "BabyCo")
+    assert list(row["categories"]) == ["Baby Products", "Strollers"]
+    assert row["description"] == "Light Foldable" and row["features"] == "4 wheels"
+    assert row["image_url"] == "http://a/main.jpg"
+    assert df.iloc[1]["image_url"] == "" and df.iloc[1]["description"] == ""
