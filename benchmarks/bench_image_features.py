@@ -44,7 +44,7 @@ def run_one(backbone: str, size: int, urls: list[str], repeats: int, threads: in
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.image_encoder import build_cnn, encode_images
+    from pipeline.image_encoder import ImageFileDataset, build_cnn, encode_images
     from pipeline.images import fetch_images
 
     if threads:
@@ -54,6 +54,13 @@ def run_one(backbone: str, size: int, urls: list[str], repeats: int, threads: in
         results = fetch_images(urls, Path(cache), progress=False)
         validate_s = time.perf_counter() - t0
     paths = [r.path for r in results if r.ok]
+    dataset = ImageFileDataset(paths, size)
+    decode_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        decode_times.append(time.perf_counter() - t0)
     model, dim, _ = build_cnn(backbone, "random", seed=0)
     encode_images(paths[:2], model, image_size=size, batch_size=2, device="cpu", progress=False)  # warm-up
     times = []
@@ -69,6 +76,7 @@ def run_one(backbone: str, size: int, urls: list[str], repeats: int, threads: in
         "dim": dim,
         "n": len(paths),
         "validate_img_s": len(urls) / validate_s,
+        "decode_img_s": len(paths) / statistics.median(decode_times),
         "encode_img_s": len(paths) / med,
         "runs_s": [round(t, 2) for t in times],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -110,13 +118,15 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"decode+encode, {args.n} JPEGs 500x500, random weights, CPU, median of {args.repeats} runs")
     print(
-        f"{'backbone':<9} {'px':>4} {'dim':>5} {'validate img/s':>15} {'encode img/s':>13} "
+        f"{'backbone':<9} {'px':>4} {'dim':>5} {'validate img/s':>15} {'decode+resize img/s':>20} "
+        f"{'decode+encode img/s':>20} "
         f"{'runs (s)':<20} {'peak RSS MB':>11} {'threads':>7}"
     )
     for r in rows:
         print(
             f"{r['backbone']:<9} {r['size']:>4} {r['dim']:>5} {r['validate_img_s']:>15.1f} "
-            f"{r['encode_img_s']:>13.1f} {str(r['runs_s']):<20} {r['peak_rss_mb']:>11.0f} {r['threads']:>7}"
+            f"{r['decode_img_s']:>20.1f} {r['encode_img_s']:>20.1f} "
+            f"{str(r['runs_s']):<20} {r['peak_rss_mb']:>11.0f} {r['threads']:>7}"
         )
 
 

@@ -127,9 +127,9 @@ def _setup_logging() -> None:
 
 def _check_prefect_server() -> None:
     """Fail early, in one line, when a configured Prefect server cannot be reached."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import Settings
 
-    url = PREFECT_API_URL.value()
+    url = Settings().api.url  # read afresh: the environment may have changed since import
     if not url:
         return
     import httpx

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from models.base import Recommender
 from models.bpr import bpr_loss, check_modalities, dot_scores
 from models.graph import normalised_bipartite_adjacency
-from models.lightgcn import edges_numpy, layer_mean
+from models.lightgcn import edges_numpy, layer_mean, sparse_matmul, to_csr
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 
@@ -41,6 +41,20 @@ def degree_edge_weights(n_users: int, n_items: int, edges: np.ndarray) -> torch.
     du = np.bincount(edges[:, 0], minlength=n_users).astype(np.float64)
     di = np.bincount(edges[:, 1], minlength=n_items).astype(np.float64)
     return torch.from_numpy(1.0 / np.sqrt(du[edges[:, 0]] * di[edges[:, 1]])).float()
+
+
+def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k distinct indices drawn one after another with probability proportional to ``weights``.
+
+    ``torch.multinomial`` (MMRec's call) accepts at most 2**24 categories; beyond that
+    the same distribution comes from the top-k of ``log(u) / w`` keys (Efraimidis &
+    Spirakis). Indices are returned on the CPU.
+    """
+    w = weights.to(generator.device)
+    if len(w) <= 2**24:
+        return torch.multinomial(w, k, replacement=False, generator=generator).cpu()
+    u = torch.rand(len(w), generator=generator, device=w.device).clamp_min(1e-38)
+    return (u.log() / w).topk(k).indices.cpu()
 
 
 def mix_item_graphs(item_graphs: Mapping[str, torch.Tensor], image_weight: float) -> torch.Tensor:
@@ -114,11 +128,13 @@ class FREEDOM(Recommender):
         edges = np.unique(edges_numpy(train_edges, "FREEDOM"), axis=0)
         self.train_edges = torch.from_numpy(edges)
         self._edge_weights = degree_edge_weights(self.n_users, self.n_items, edges)
-        self.register_buffer(
-            "full_adj", normalised_bipartite_adjacency(self.n_users, self.n_items, edges), persistent=False
-        )
-        self.register_buffer("mm_adj", mix_item_graphs(item_graphs, mm_image_weight), persistent=False)
-        self.train_adj: torch.Tensor | None = None
+        full = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
+        self.register_buffer("full_adj", to_csr(full), persistent=False)
+        mm_adj = mix_item_graphs(item_graphs, mm_image_weight)  # kNN rows: not symmetric in general
+        self.register_buffer("mm_adj", to_csr(mm_adj), persistent=False)
+        self.register_buffer("mm_adj_t", to_csr(mm_adj.t().coalesce()), persistent=False)
+        # The epoch's pruned graph: a buffer so it moves with the model, not saved (resampled).
+        self.register_buffer("train_adj", None, persistent=False)
         self.kept_edges: torch.Tensor | None = None
 
     @property
@@ -131,18 +147,10 @@ class FREEDOM(Recommender):
         if self.dropout <= 0.0:
             self.kept_edges, self.train_adj = self.train_edges, self.full_adj
             return
-        weights = self._edge_weights.to(generator.device)
-        idx = torch.multinomial(weights, self.n_kept_edges, replacement=False, generator=generator).cpu()
+        idx = weighted_sample_without_replacement(self._edge_weights, self.n_kept_edges, generator)
         self.kept_edges = self.train_edges[idx]
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, self.kept_edges.numpy())
-        self.train_adj = adj.to(self.full_adj.device)
-
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - torch's signature
-        """Move the epoch's pruned graph with the model (it is not a registered buffer)."""
-        out = super()._apply(fn, *args, **kwargs)
-        if self.train_adj is not None:
-            self.train_adj = fn(self.train_adj)
-        return out
+        self.train_adj = to_csr(adj).to(self.full_adj.device)
 
     def modal_representations(self) -> dict[str, torch.Tensor]:
         """modality -> (N, feat_embed_dim) projected features, with gradient (FREEDOM's ``*_trs``)."""
@@ -152,7 +160,7 @@ class FREEDOM(Recommender):
         """(users, items) over user-item graph ``adj``, plus the item-item propagation of item IDs."""
         h = self.item_embedding
         for _ in range(self.n_mm_layers):
-            h = torch.sparse.mm(self.mm_adj, h)
+            h = sparse_matmul(self.mm_adj, h, self.mm_adj_t)
         out = layer_mean(adj, torch.cat([self.user_embedding, self.item_embedding], dim=0), self.n_ui_layers)
         return out[: self.n_users], out[self.n_users :] + h
 

@@ -29,12 +29,41 @@ def edges_numpy(train_edges: torch.Tensor | None, model_name: str):
     return e.numpy()
 
 
-def layer_mean(adj: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """mean(ego, A ego, A^2 ego, ..., A^L ego): LightGCN's layer combination."""
+class _SparseMatmul(torch.autograd.Function):
+    """``a @ x`` with gradient ``a_t @ g`` for x only (the graph is a constant).
+
+    Why not ``torch.sparse.mm``: its backward transposes and re-sorts the COO
+    matrix on every call; handing over the transpose once (the matrix itself for
+    a symmetric graph) and using CSR cut the CPU time of one propagation with its
+    backward about 3x on the Baby graph.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, a_t: Tensor, x: Tensor) -> Tensor:
+        ctx.a_t = a_t
+        return a @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, None, ctx.a_t @ grad
+
+
+def to_csr(a: Tensor) -> Tensor:
+    """A sparse (or dense) matrix as float32 CSR, the fast layout for ``csr @ dense``."""
+    return a.float().to_sparse_csr()
+
+
+def sparse_matmul(a: Tensor, x: Tensor, a_t: Tensor | None = None) -> Tensor:
+    """``a @ x`` differentiable in ``x``; ``a_t`` defaults to ``a`` (symmetric graph)."""
+    return _SparseMatmul.apply(a, a if a_t is None else a_t, x)
+
+
+def layer_mean(adj: Tensor, ego: Tensor, n_layers: int) -> Tensor:
+    """mean(ego, A ego, A^2 ego, ..., A^L ego): LightGCN's layer combination (A symmetric)."""
     out = ego
     h = ego
     for _ in range(n_layers):
-        h = torch.sparse.mm(adj, h)
+        h = sparse_matmul(adj, h)
         out = out + h
     return out / (n_layers + 1)
 
@@ -72,7 +101,7 @@ class LightGCN(Recommender):
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges_numpy(train_edges, "LightGCN"))
         # Not persistent: the graph is an input (rebuilt from the data), not a learned state.
-        self.register_buffer("adj", adj, persistent=False)
+        self.register_buffer("adj", to_csr(adj), persistent=False)
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(users, items) after layer-mean propagation."""

@@ -9,6 +9,7 @@ any other field.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,7 +120,10 @@ class EvaluateConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    data_root: Path = Field(Path("data"), description="downloads, artifact store and caches live here")
+    data_root: Path = Field(
+        default_factory=lambda: Path(os.environ.get("SAND_DATA_ROOT", "data")),
+        description="downloads, artifact store and caches live here (env SAND_DATA_ROOT)",
+    )
     seed: int | None = Field(None, description="when set, every stage's seed")
     acquire: AcquireConfig = Field(default_factory=AcquireConfig)
     interactions: InteractionsConfig = Field(default_factory=InteractionsConfig)

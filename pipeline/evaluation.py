@@ -10,7 +10,8 @@ Tie rule (documented because ``torch.topk`` is not stable): equal scores rank th
 lower item index first. ``torch.topk`` only supplies the K-th largest score; every
 item scoring above it is in the top K, and the remaining slots go to the
 lowest-indexed items scoring exactly that value. The K chosen items are then
-ordered by (score descending, item index ascending) with a stable sort.
+ordered by (score descending, item index ascending) with a stable sort. Rows
+without ties (the usual case for float scores) skip that extra work.
 
 Slots that cannot hold a rankable item (K above the number of items the user has
 not trained on, or K above the catalogue, which caps K) hold item id ``-1`` and
@@ -38,8 +39,9 @@ SPLITS = ("valid", "test")
 def _as_tensor(x) -> torch.Tensor:
     import torch
 
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    return t.detach().float() if not t.is_floating_point() else t.detach()
+    t = (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).detach()
+    # half precision would rank with fewer distinct scores (more ties) than the model's float32 scores
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _check_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, n_users: int, n_items: int) -> None:
@@ -56,32 +58,41 @@ def _check_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, n_users: i
 
 
 def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (indices, scores) per row with ties broken by lower index; -inf slots kept."""
+    """Top-k (indices, scores) per row with ties broken by lower index; -inf slots kept.
+
+    Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k
+    *set* is unambiguous and only its order needs the tie rule (a sort of k entries).
+    Rows with a tie across the boundary (rare for float scores, always for users with
+    fewer than k rankable items, whose boundary is -inf) take the exact full-row path.
+    """
     import torch
 
-    vals = torch.topk(scores, k, dim=1, sorted=False).values
-    kth = vals.min(dim=1, keepdim=True).values
-    ge = scores >= kth
-    idx = torch.empty((scores.shape[0], k), dtype=torch.long, device=scores.device)
-    exact = ge.sum(dim=1) == k
-    if bool(exact.all()):
-        rows_exact = torch.arange(scores.shape[0], device=scores.device)
-    else:
-        rows_exact = torch.nonzero(exact).squeeze(1)
-        tied = torch.nonzero(~exact).squeeze(1)
-        s_t, kth_t = scores[tied], kth[tied]
-        gt = s_t > kth_t
-        need = k - gt.sum(dim=1, keepdim=True)
-        eq = s_t == kth_t
-        eq_rank = torch.cumsum(eq, dim=1, dtype=torch.int32)
-        sel = gt | (eq & (eq_rank <= need))
-        idx[tied] = torch.nonzero(sel)[:, 1].view(len(tied), k)
-    if len(rows_exact):
-        idx[rows_exact] = torch.nonzero(ge[rows_exact])[:, 1].view(len(rows_exact), k)
-    # nonzero lists columns in ascending order, so a stable descending sort keeps lower index first
-    top_scores = scores.gather(1, idx)
-    top_scores, order = torch.sort(top_scores, dim=1, descending=True, stable=True)
-    return idx.gather(1, order), top_scores
+    n_cols = scores.shape[1]
+    kk = min(k + 1, n_cols)
+    vals, idx = torch.topk(scores, kk, dim=1, sorted=True)
+    top, idx = vals[:, :k].clone(), idx[:, :k].clone()
+    redo = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    if kk > k:
+        tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).squeeze(1)
+        if len(tied):
+            s_t = scores[tied]
+            kth = vals[tied, k - 1 : k]
+            gt = s_t > kth
+            need = k - gt.sum(dim=1, keepdim=True)
+            eq_rank = torch.cumsum(s_t == kth, dim=1, dtype=torch.int32)
+            sel = gt | ((s_t == kth) & (eq_rank <= need))
+            idx[tied] = torch.nonzero(sel)[:, 1].view(len(tied), k)
+            redo[tied] = True
+    if k > 1:
+        redo |= (top[:, 1:] == top[:, :-1]).any(dim=1)
+    rows = torch.nonzero(redo).squeeze(1)
+    if len(rows):
+        # order the chosen set by item index, then a stable descending sort by score: lower index first
+        idx_r = torch.sort(idx[rows], dim=1).values
+        s_r, order = torch.sort(scores[rows].gather(1, idx_r), dim=1, descending=True, stable=True)
+        idx[rows] = idx_r.gather(1, order)
+        top[rows] = s_r
+    return idx, top
 
 
 def _iter_topk(
@@ -100,7 +111,14 @@ def _iter_topk(
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
     ue, ie = _as_tensor(user_emb), _as_tensor(item_emb)
-    ie = ie.to(ue.device)
+    ie = ie.to(device=ue.device, dtype=ue.dtype)
+    for name, emb in (("user", ue), ("item", ie)):
+        finite = torch.isfinite(emb).all(dim=1)
+        if not bool(finite.all()):
+            row = int(torch.nonzero(~finite)[0, 0])
+            raise SandError(
+                f"evaluation: non-finite {name} embedding for {name} {row} (the model produced NaN/inf)"
+            )
     n_items = ie.shape[0]
     k_eff = min(k, n_items)
     m = sp.csr_matrix(train_csr)
@@ -109,12 +127,12 @@ def _iter_topk(
             f"training matrix has {m.shape[1]} item columns but the item embeddings {n_items} rows"
         )
     users = np.asarray(users, dtype=np.int64)
+    if len(users) and (users.min() < 0 or users.max() >= min(ue.shape[0], m.shape[0])):
+        bad = int(users[(users < 0) | (users >= min(ue.shape[0], m.shape[0]))][0])
+        raise SandError(f"ranking: user index {bad} outside 0..{min(ue.shape[0], m.shape[0]) - 1}")
     for start in range(0, len(users), batch_users):
         bu = users[start : start + batch_users]
         scores = ue[torch.as_tensor(bu, device=ue.device)] @ ie.T
-        if not bool(torch.isfinite(scores).all()):
-            bad = int(bu[int(torch.nonzero(~torch.isfinite(scores))[0, 0])])
-            raise SandError(f"evaluation: non-finite score for user {bad} (the model produced NaN/inf)")
         sub = m[bu]
         rows = np.repeat(np.arange(len(bu), dtype=np.int64), np.diff(sub.indptr))
         cols = sub.indices.astype(np.int64)
@@ -123,6 +141,11 @@ def _iter_topk(
                 torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)
             ] = float("-inf")
         idx, top = _topk_rows(scores, k_eff)
+        # NaN and +inf sort to the top, so checking the winners catches overflowing scores
+        bad_rows = torch.nonzero(torch.isnan(top[:, 0]) | torch.isposinf(top[:, 0]))
+        if len(bad_rows):
+            bad = int(bu[int(bad_rows[0, 0])])
+            raise SandError(f"evaluation: non-finite score for user {bad} (the model produced NaN/inf)")
         idx = idx.cpu().numpy()
         top = top.float().cpu().numpy()
         idx[np.isneginf(top)] = -1

@@ -169,21 +169,39 @@ class GridRun:
     seconds: float = 0.0
 
     def row(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"run": self.index, **self.values, "status": self.status, "error": self.error,
-                               "dataset": self.dataset}
+        out: dict[str, Any] = {
+            "run": self.index,
+            **self.values,
+            "status": self.status,
+            "error": self.error,
+            "dataset": self.dataset,
+        }
         out.update({f"valid_{k}": v for k, v in self.valid.items()})
         out.update({f"test_{k}": v for k, v in self.test.items()})
-        out.update(seconds_per_epoch=self.seconds_per_epoch, peak_memory_mb=self.peak_memory_mb,
-                   best_epoch=self.best_epoch, seconds=round(self.seconds, 3))
+        out.update(
+            seconds_per_epoch=self.seconds_per_epoch,
+            peak_memory_mb=self.peak_memory_mb,
+            best_epoch=self.best_epoch,
+            seconds=round(self.seconds, 3),
+        )
         out.update({f"{stage}_key": key for stage, key in self.keys.items()})
         out["cached"] = all(self.cached.values()) if self.cached else None
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.index, "values": self.values, "status": self.status, "error": self.error,
-                "dataset": self.dataset, "valid": self.valid, "test": self.test,
-                "seconds_per_epoch": self.seconds_per_epoch, "peak_memory_mb": self.peak_memory_mb,
-                "best_epoch": self.best_epoch, "keys": self.keys}
+        return {
+            "run": self.index,
+            "values": self.values,
+            "status": self.status,
+            "error": self.error,
+            "dataset": self.dataset,
+            "valid": self.valid,
+            "test": self.test,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "peak_memory_mb": self.peak_memory_mb,
+            "best_epoch": self.best_epoch,
+            "keys": self.keys,
+        }
 
 
 @dataclass
@@ -317,8 +335,13 @@ def run_grid(
     run_one = run_one or run_pipeline_summary
     out = grid_dir(base.data_root, name)
     result = GridResult(
-        name=name, axes={k: list(v) for k, v in axes.items()}, select_metric=select_metric, runs=[],
-        selected=None, table_path=out / "runs.csv", selected_path=out / "selected.json",
+        name=name,
+        axes={k: list(v) for k, v in axes.items()},
+        select_metric=select_metric,
+        runs=[],
+        selected=None,
+        table_path=out / "runs.csv",
+        selected_path=out / "selected.json",
     )
     log.info("grid %s: %d runs over %s", name, len(combos), ", ".join(axes) or "(no axes)")
     for i, (values, cfg) in enumerate(combos, start=1):
@@ -332,8 +355,16 @@ def run_grid(
             run.status, run.error = "failed", _one_line(err)
             log.error("grid %s: run %d/%d (%s) failed: %s", name, i, len(combos), shown, run.error)
         else:
-            log.info("grid %s: run %d/%d valid %s=%.6f test %s=%.6f", name, i, len(combos), select_metric,
-                     run.valid[select_metric], select_metric, run.test.get(select_metric, float("nan")))
+            log.info(
+                "grid %s: run %d/%d valid %s=%.6f test %s=%.6f",
+                name,
+                i,
+                len(combos),
+                select_metric,
+                run.valid[select_metric],
+                select_metric,
+                run.test.get(select_metric, float("nan")),
+            )
         run.seconds = time.perf_counter() - start
         result.runs.append(run)
         result.selected = select_best(result.runs, select_metric)
@@ -343,6 +374,13 @@ def run_grid(
     else:
         sel = result.selected
         shown = ", ".join(f"{k}={v}" for k, v in sel.values.items())
-        log.info("grid %s: selected run %d (%s) by valid %s=%.6f; test %s", name, sel.index, shown,
-                 select_metric, sel.valid[select_metric], {k: round(v, 6) for k, v in sel.test.items()})
+        log.info(
+            "grid %s: selected run %d (%s) by valid %s=%.6f; test %s",
+            name,
+            sel.index,
+            shown,
+            select_metric,
+            sel.valid[select_metric],
+            {k: round(v, 6) for k, v in sel.test.items()},
+        )
     return result

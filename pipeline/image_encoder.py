@@ -10,6 +10,7 @@ one-line :class:`ConfigError` that says what to pass instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,14 @@ def _imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
     return state, f"torchvision {enum_name}.{member}"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(
@@ -140,10 +149,13 @@ def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Mod
         _load_into(model, state, backbone, description)
     else:
         path = Path(weights).expanduser()
+        state = _file_state_dict(path)
         model = _strip_head(backbone, _architecture(backbone))
-        _load_into(model, _file_state_dict(path), backbone, f"file {path}")
-        description = f"state_dict {path}"
+        _load_into(model, state, backbone, f"file {path}")
+        # The content hash makes the description (and so any cache key built from it) change with the file.
+        description = f"state_dict {path} (sha256 {_sha256(path)[:16]})"
     model.eval()
+    log.info("image CNN %s, weights: %s", backbone, description)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, OUT_DIMS[backbone], description

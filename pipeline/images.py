@@ -44,7 +44,15 @@ MAX_PIXELS = 50_000_000
 #: Outcomes that will not change if fetched again (cached on disk). Any "http-4xx"
 #: that is not retryable is permanent as well (see :func:`_is_permanent`).
 PERMANENT_REASONS = frozenset(
-    {"not-an-image", "undecodable", "placeholder", "too-small", "too-large", "too-many-redirects"}
+    {
+        "not-an-image",
+        "undecodable",
+        "placeholder",
+        "too-small",
+        "too-large",
+        "too-many-redirects",
+        "bad-encoding",
+    }
 )
 
 #: URL fragment of Amazon's "no image available" icon (e.g. ``.../x-site/icons/no-img-sm._CB192198896_.gif``).
@@ -141,8 +149,9 @@ def validate_image_bytes(
         return "too-large", None
     except UnidentifiedImageError:
         return "not-an-image", None
-    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError):
-        # Pillow signals corrupt/truncated data with a variety of exception types.
+    except Exception:
+        # Pillow signals corrupt/truncated data with many exception types (OSError, SyntaxError,
+        # ValueError, struct.error, ...); any of them means this body is not a usable picture.
         return "undecodable", None
     if min(size) < min_side:
         return "too-small", size
@@ -292,7 +301,9 @@ async def _fetch_http(
             text = str(exc)
             reason = "truncated" if "incomplete" in text or "complete message" in text else "connection-error"
             retry = True
-        except httpx.TransportError:
+        except httpx.DecodingError:  # body does not match its Content-Encoding: the server's fault, for good
+            return "bad-encoding", None
+        except httpx.HTTPError:  # any other transport problem (DNS, TLS, reset): worth another try
             reason, retry = "connection-error", True
         delay = next(delays, None) if retry else None
         if delay is None:

@@ -105,6 +105,14 @@ def _codes(values: pd.Series, what: str) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), np.asarray(uniques, dtype=object)
 
 
+def _reindex(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes still in use, ascending; each row's position among them)."""
+    used = np.flatnonzero(np.bincount(codes, minlength=n_codes))
+    lookup = np.full(n_codes, -1, dtype=np.int64)
+    lookup[used] = np.arange(len(used))
+    return used, lookup[codes]
+
+
 def build_interactions(
     reviews: pd.DataFrame,
     meta: pd.DataFrame | None = None,
@@ -131,20 +139,17 @@ def build_interactions(
 
     rows = np.flatnonzero(dedup_mask(ucodes, icodes, timestamps))
     n_dups = n_raw - len(rows)
-    n_users_before = len(np.unique(ucodes[rows]))
-    n_items_before = len(np.unique(icodes[rows]))
     core = kcore(ucodes[rows], icodes[rows], int(k_core))
     rows = rows[core.mask]
     if len(rows) == 0:
         raise DataError(
             f"no interactions left after {k_core}-core filtering ({n_raw} reviews in, {n_dups} duplicates "
-            f"removed, {n_users_before} users and {n_items_before} items before filtering)"
+            f"removed, {len(raw_users)} users and {len(raw_items)} items before filtering)"
         )
 
-    used_users = np.unique(ucodes[rows])  # sorted codes = sorted raw ids
-    used_items = np.unique(icodes[rows])
-    user = np.searchsorted(used_users, ucodes[rows])
-    item = np.searchsorted(used_items, icodes[rows])
+    # Re-index the survivors 0..N-1 in code order (= sorted raw ids); O(n) lookups, no sort.
+    used_users, user = _reindex(ucodes[rows], len(raw_users))
+    used_items, item = _reindex(icodes[rows], len(raw_items))
     order = np.lexsort((item, user))
     rows, user, item = rows[order], user[order], item[order]
     ts = timestamps[rows]

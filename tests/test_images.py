@@ -232,6 +232,7 @@ def test_a_bad_image_never_stops_the_run(http_server, tmp_path):
         "/corrupt.jpg": Reply(200, jpeg()[:120]),
         "/ok2.png": Reply(200, encode(Image.new("RGB", (33, 90), (5, 6, 7)), "PNG")),
         "/tiny.gif": Reply(200, encode(Image.new("P", (2, 2)), "GIF")),
+        "/gz.jpg": Reply(200, b"not gzip at all", {"Content-Encoding": "gzip"}),
     }
     http_server.routes.update(routes)
     urls = [http_server.url(p) for p in routes] + ["", "ftp://example.com/x.jpg"]
@@ -244,6 +245,7 @@ def test_a_bad_image_never_stops_the_run(http_server, tmp_path):
         "undecodable",
         None,
         "too-small",
+        "bad-encoding",
         "empty-url",
         "unsupported-scheme",
     ]
@@ -258,3 +260,12 @@ def test_fetch_works_inside_a_running_event_loop(http_server, tmp_path):
         return fetch_images([http_server.url("/x.jpg")], tmp_path, **FAST)
 
     assert asyncio.run(main())[0].ok
+
+
+def test_redirect_is_followed(http_server, tmp_path):
+    http_server.routes["/final.jpg"] = Reply(200, jpeg())
+    res = fetch_one(
+        http_server, "/moved", Reply(301, b"", {"Location": http_server.url("/final.jpg")}), tmp_path
+    )
+    assert res.ok
+    assert http_server.hits == {"/moved": 1, "/final.jpg": 1}

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.kcore import deduplicate, iterative_kcore, kcore
+from pipeline.kcore import dedup_mask, deduplicate, iterative_kcore, kcore
 from pipeline.splits import SPLIT_RULES, split_counts, split_interactions
 
 # ------------------------------------------------------------------------------------------ dedup
@@ -31,6 +31,21 @@ def test_deduplicate_latest_wins_ties_last():
     # (a, x): t=20 wins; (b, x): tie at t=7 -> last occurrence (rating 5.0); order preserved.
     assert out["rating"].tolist() == [2.0, 3.0, 5.0, 2.5]
     assert not out.duplicated(["user_id", "asin"]).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3), st.integers(0, 3)), max_size=40))
+def test_dedup_mask_matches_reference(rows):
+    users = np.array([r[0] for r in rows], dtype=np.int64)
+    items = np.array([r[1] for r in rows], dtype=np.int64)
+    ts = np.array([r[2] for r in rows], dtype=np.int64)
+    best: dict[tuple[int, int], int] = {}
+    for pos, (u, i, t) in enumerate(rows):
+        if (u, i) not in best or t >= rows[best[(u, i)]][2]:
+            best[(u, i)] = pos
+    expected = np.zeros(len(rows), dtype=bool)
+    expected[list(best.values())] = True
+    np.testing.assert_array_equal(dedup_mask(users, items, ts), expected)
 
 
 # ----------------------------------------------------------------------------------------- k-core

@@ -73,6 +73,7 @@ def test_dirty_review_lines_are_counted_skips(tmp_path):
         review_2014("U5", "B5", rating="five"),
         review_2014("U6", "B6", t="yesterday"),
         review_2014("U7", "B7", t=-5),
+        review_2014("U9", "B9", t=2**63 + 5),
         "",  # blank lines are not records and not errors
         review_2014("U8", "B8"),
     ]
@@ -84,12 +85,12 @@ def test_dirty_review_lines_are_counted_skips(tmp_path):
         "missing reviewerID": 1,
         "missing asin": 1,
         "non-numeric overall": 1,
-        "bad unixReviewTime": 2,
+        "bad unixReviewTime": 3,
     }
-    assert report.total == 6 and report.records == 2
+    assert report.total == 7 and report.records == 2
     assert report.examples[0] == f"{path}:2: malformed JSON"
     assert any(e.startswith(f"{path}:5: non-numeric overall") and "'five'" in e for e in report.examples)
-    assert report.to_dict()["total"] == 6
+    assert report.to_dict()["total"] == 7
 
 
 def test_over_budget_names_file_line_and_reason(tmp_path):

@@ -1,0 +1,329 @@
+"""The report's PNG figures: training curves, sensitivity, ablation, and Figures 5-6.
+
+Why matplotlib's object API (``Figure``) instead of ``pyplot``: no global figure
+state and no backend switch, so a report written from a notebook, a Prefect
+worker thread or a test renders the same Agg PNGs without touching the user's
+interactive backend. Every plotting function takes plain data (frames, arrays)
+and a path, so the report module decides *what* to plot and this module only *how*.
+
+Figures 5-6 (the paper's generic/unique visualisation) take a trained SAND
+model: its modal transform ``Z_m = L_m(X_m)`` is split by columns into the
+modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model
+splits it (``model.separation.split``); a seeded t-SNE maps a random sample of
+items of each of the four sets to 2-D, and Gaussian KDEs show (Fig. 5) the
+density of the t-SNE points and (Fig. 6) the density of the L2-normalised points
+on the unit circle and of their angles -- the "uniformity" view the paper uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+DPI = 120
+#: metric key -> axis label
+METRIC_LABELS = {
+    "recall@10": "Recall@10",
+    "recall@20": "Recall@20",
+    "ndcg@10": "NDCG@10",
+    "ndcg@20": "NDCG@20",
+}
+PARAM_LABELS = {
+    "train.alpha": "alpha (alignment weight)",
+    "train.beta": "beta (distancing weight)",
+    "train.tau": "tau (temperature)",
+}
+#: order of the four representation sets in Figures 5-6
+REPRESENTATIONS = (("image", "generic"), ("text", "generic"), ("image", "unique"), ("text", "unique"))
+
+
+def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False))
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=DPI)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# training curves
+# ---------------------------------------------------------------------------------------------
+def plot_training_curves(
+    curves: Mapping[str, pd.DataFrame], path: Path, *, title: str, metric: str = "recall@20"
+) -> Path:
+    """Validation ``metric`` (left) and mean training loss (right) per epoch, one line per run.
+
+    ``curves``: run label -> the run's ``epochs.csv`` (columns ``epoch``, ``loss``,
+    ``valid_<metric>``; epochs without an evaluation have NaN there and are skipped).
+    """
+    fig, axes = _figure(1, 2, 12, 4.5)
+    ax_m, ax_l = axes[0]
+    column = f"valid_{metric}"
+    for label, frame in curves.items():
+        if column in frame:
+            evaluated = frame[["epoch", column]].dropna()
+            ax_m.plot(
+                evaluated["epoch"],
+                evaluated[column],
+                marker="." if len(evaluated) < 30 else None,
+                label=label,
+            )
+        if "loss" in frame:
+            ax_l.plot(frame["epoch"], frame["loss"], label=label)
+    ax_m.set(
+        title=f"Validation {METRIC_LABELS.get(metric, metric)}",
+        xlabel="epoch",
+        ylabel=METRIC_LABELS.get(metric, metric),
+    )
+    ax_l.set(title="Training loss (mean over batches)", xlabel="epoch", ylabel="loss")
+    for ax in (ax_m, ax_l):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# sensitivity (Figure 4)
+# ---------------------------------------------------------------------------------------------
+def plot_sensitivity(
+    series: Mapping[str, Mapping[str, pd.DataFrame]],
+    path: Path,
+    *,
+    metrics: Sequence[str] = ("recall@20", "ndcg@20"),
+    reference: Mapping[str, float] | None = None,
+) -> Path:
+    """One panel per (hyper-parameter, metric): test (solid) and validation (dashed) vs value.
+
+    ``series``: dotted parameter (``train.alpha``) -> dataset -> frame with a ``value`` column
+    and ``valid_<metric>`` / ``test_<metric>`` columns, sorted by value. The reference value
+    (the paper's) is marked by a dotted vertical line.
+    """
+    params = list(series)
+    fig, axes = _figure(len(params), len(metrics), 5.5 * len(metrics), 3.8 * len(params))
+    for r, param in enumerate(params):
+        for c, metric in enumerate(metrics):
+            ax: Axes = axes[r, c]
+            for k, (dataset, frame) in enumerate(series[param].items()):
+                color = f"C{k}"
+                if f"test_{metric}" in frame:
+                    ax.plot(
+                        frame["value"], frame[f"test_{metric}"], "-o", color=color, label=f"{dataset} test"
+                    )
+                if f"valid_{metric}" in frame:
+                    ax.plot(
+                        frame["value"],
+                        frame[f"valid_{metric}"],
+                        "--x",
+                        color=color,
+                        alpha=0.7,
+                        label=f"{dataset} valid",
+                    )
+            values = np.concatenate([f["value"].to_numpy(float) for f in series[param].values()])
+            if len(values) and values.min() > 0 and values.max() / values.min() >= 20:
+                ax.set_xscale("log")
+            if reference and param in reference:
+                ax.axvline(reference[param], color="grey", linestyle=":", label="paper's value")
+            ax.set(
+                title=f"{METRIC_LABELS.get(metric, metric)} vs {param.split('.')[-1]}",
+                xlabel=PARAM_LABELS.get(param, param),
+                ylabel=METRIC_LABELS.get(metric, metric),
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    fig.suptitle("Hyper-parameter sensitivity (Figure 4)")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ablation (Figure 3)
+# ---------------------------------------------------------------------------------------------
+def plot_ablation(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: Path,
+    *,
+    metrics: Sequence[str] = ("recall@20", "ndcg@20"),
+) -> Path:
+    """Grouped bars: per dataset one panel per metric, one bar per variant (test values).
+
+    ``results``: dataset -> variant label -> {metric: value}.
+    """
+    datasets = list(results)
+    fig, axes = _figure(len(datasets), len(metrics), 5.0 * len(metrics), 3.8 * len(datasets))
+    for r, dataset in enumerate(datasets):
+        labels = list(results[dataset])
+        for c, metric in enumerate(metrics):
+            ax: Axes = axes[r, c]
+            values = [results[dataset][label].get(metric, math.nan) for label in labels]
+            bars = ax.bar(range(len(labels)), values, color=[f"C{i}" for i in range(len(labels))])
+            ax.bar_label(bars, fmt="%.4f", fontsize="x-small")
+            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize="small")
+            finite = [v for v in values if math.isfinite(v)]
+            if finite:  # zoom in like the paper: differences are a few percent
+                lo, hi = min(finite), max(finite)
+                pad = max((hi - lo) * 0.5, hi * 0.02, 1e-6)
+                ax.set_ylim(max(0.0, lo - pad), hi + pad)
+            ax.set(
+                title=f"{dataset}: test {METRIC_LABELS.get(metric, metric)}",
+                ylabel=METRIC_LABELS.get(metric, metric),
+            )
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Ablation of alignment and distancing (Figure 3)")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures 5-6: generic / unique representations
+# ---------------------------------------------------------------------------------------------
+def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """(modality, "generic" | "unique") -> (len(items), d) array for the given items.
+
+    SAND exposes no single accessor for the split, so this composes its public pieces:
+    ``model.modal_inputs()`` gives ``Z_m`` (a tensor, or an unevaluated ``LinearView``) and
+    ``model.separation.split(m, Z_m)`` its generic/unique column blocks -- the same split
+    the alignment and distancing losses see. Only the sampled rows are materialised.
+    """
+    import torch
+
+    if not (hasattr(model, "modal_inputs") and hasattr(model, "separation")):
+        raise StageError(f"model {type(model).__name__} has no generic/unique split (a SAND model is needed)")
+    index = torch.as_tensor(np.asarray(items, dtype=np.int64))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            z = model.modal_inputs()
+            out: dict[tuple[str, str], np.ndarray] = {}
+            for modality in model.modalities:
+                for part, block in zip(
+                    ("generic", "unique"), model.separation.split(modality, z[modality]), strict=True
+                ):
+                    rows = block.rows(index).dense() if hasattr(block, "dense") else block[index]
+                    out[(modality, part)] = rows.detach().cpu().double().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded 2-D t-SNE (PCA init; perplexity capped for small samples)."""
+    from sklearn.manifold import TSNE
+
+    n = x.shape[0]
+    if n < 5:
+        raise StageError(f"t-SNE needs at least 5 items, got {n}")
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, learning_rate="auto")
+    return tsne.fit_transform(np.asarray(x, dtype=np.float64))
+
+
+def _kde(points: np.ndarray):
+    """scipy's Gaussian KDE, or None when the sample is degenerate (all points on a line)."""
+    from scipy.stats import gaussian_kde
+
+    try:
+        return gaussian_kde(points)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+
+
+def _title(key: tuple[str, str]) -> str:
+    modality, part = key
+    return f"{modality} modal-{part}"
+
+
+def plot_tsne_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
+    """Figure 5: t-SNE points of each representation set, coloured by their Gaussian KDE density."""
+    keys = [k for k in REPRESENTATIONS if k in points]
+    fig, axes = _figure(1, len(keys), 4.2 * len(keys), 4.4)
+    for ax, key in zip(axes[0], keys, strict=True):
+        pts = points[key]
+        kde = _kde(pts.T)
+        density = kde(pts.T) if kde is not None else np.ones(len(pts))
+        order = np.argsort(density)
+        sc = ax.scatter(pts[order, 0], pts[order, 1], c=density[order], s=8, cmap="viridis")
+        if kde is not None:
+            lo, hi = pts.min(0), pts.max(0)
+            gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 80), np.linspace(lo[1], hi[1], 80))
+            gz = kde(np.vstack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+            ax.contour(gx, gy, gz, levels=6, colors="k", linewidths=0.5, alpha=0.6)
+        fig.colorbar(sc, ax=ax, shrink=0.8, label="KDE density")
+        ax.set(title=_title(key), xlabel="t-SNE 1", ylabel="t-SNE 2")
+        ax.set_aspect("equal", adjustable="datalim")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def circle_points(points: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised onto the unit circle (a zero row stays at the origin)."""
+    norms = np.linalg.norm(points, axis=1, keepdims=True)
+    return np.divide(points, norms, out=np.zeros_like(points, dtype=float), where=norms > 0)
+
+
+def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
+    """Gaussian KDE of angles on [-pi, pi), wrapped (copies at +-2 pi) so it is periodic."""
+    kde = _kde(np.concatenate([angles - 2 * np.pi, angles, angles + 2 * np.pi])[None, :])
+    return None if kde is None else 3.0 * kde(grid[None, :])
+
+
+def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
+    """Figure 6: density of the L2-normalised t-SNE points on the unit circle (top, 2-D KDE)
+    and of their angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
+    keys = [k for k in REPRESENTATIONS if k in points]
+    fig, axes = _figure(2, len(keys), 4.0 * len(keys), 7.6)
+    theta = np.linspace(-np.pi, np.pi, 361)
+    for c, key in enumerate(keys):
+        unit = circle_points(points[key])
+        ax: Axes = axes[0, c]
+        kde = _kde(unit.T)
+        if kde is not None:
+            g = np.linspace(-1.25, 1.25, 120)
+            gx, gy = np.meshgrid(g, g)
+            gz = kde(np.vstack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+            mesh = ax.pcolormesh(gx, gy, gz, cmap="GnBu", shading="auto")
+            fig.colorbar(mesh, ax=ax, shrink=0.8, label="KDE density")
+        ax.plot(np.cos(theta), np.sin(theta), color="grey", linewidth=0.6)
+        ax.scatter(unit[:, 0], unit[:, 1], s=3, color="k", alpha=0.4)
+        ax.set(title=_title(key), xlabel="x", ylabel="y", xlim=(-1.25, 1.25), ylim=(-1.25, 1.25))
+        ax.set_aspect("equal")
+        ax_a: Axes = axes[1, c]
+        angles = np.arctan2(unit[:, 1], unit[:, 0])
+        ax_a.hist(
+            angles, bins=36, range=(-np.pi, np.pi), density=True, color="C0", alpha=0.35, label="histogram"
+        )
+        dens = angle_density(angles, theta)
+        if dens is not None:
+            ax_a.plot(theta, dens, color="C0", label="KDE")
+        ax_a.axhline(1 / (2 * np.pi), color="grey", linestyle=":", label="uniform")
+        ax_a.set(
+            title=f"{_title(key)}: angles",
+            xlabel="angle arctan2(y, x) (rad)",
+            ylabel="density",
+            xlim=(-np.pi, np.pi),
+        )
+        ax_a.legend(fontsize="x-small")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,699 @@
+"""The paper-layout report: Tables 2-5 and Figures 3-6 from the runs in the artifact store.
+
+Why it reads the store rather than a results file: every evaluated run is an
+``evaluate`` artifact whose manifest points at its ``train`` artifact and, through
+it, at the dataset and features it used. The report is therefore a pure function
+of what was actually run, and it can never show a number nobody computed: a
+table with no runs to fill it is skipped with a note, never padded.
+
+When several runs exist for one (dataset, model, variant) -- a grid over alpha,
+say -- the cell shows the TEST metrics of the run with the best VALIDATION
+``select_metric`` (recall@20 by default), the paper's protocol. ``runs.csv`` lists
+every run and marks the selected ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import SandError, StageError
+from pipeline.store import Artifact, ArtifactStore
+
+log = logging.getLogger(__name__)
+
+#: (metric key, column label) of the paper's tables
+METRICS = (("recall@10", "R@10"), ("recall@20", "R@20"), ("ndcg@10", "N@10"), ("ndcg@20", "N@20"))
+PAPER_DATASETS = ("baby", "sports", "clothing")
+MODEL_LABELS = {
+    "bpr": "MF-BPR",
+    "lightgcn": "LightGCN",
+    "vbpr": "VBPR",
+    "freedom": "FREEDOM",
+    "sand": "SAND",
+    "vbpr-sand": "VBPR+SAND",
+    "freedom-sand": "FREEDOM+SAND",
+}
+VARIANT_MODELS = ("sand", "vbpr-sand", "freedom-sand")
+VARIANT_LABELS = {
+    "no-align": "w/o Alignment",
+    "no-distance": "w/o Distancing",
+    "no-align-no-distance": "w/o All",
+}
+VARIANT_PARTS = {
+    "a": ("SoloSim", "MI (CLUB)"),
+    "b": ("SoloSim", "negative l2"),
+    "c": ("InfoNCE", "MI (CLUB)"),
+    "d": ("InfoNCE", "negative l2"),
+}
+ABLATIONS = ("a", "no-align", "no-distance", "no-align-no-distance")
+TABLE2_MODELS = ("bpr", "lightgcn", "vbpr", "freedom", "sand")
+BACKBONES = ("vbpr", "freedom")
+SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
+REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
+
+RunKey = tuple[str, str, str | None]  # (dataset, model, variant)
+
+
+# ---------------------------------------------------------------------------------------------
+# collecting runs
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredRun:
+    """One evaluated run and the artifacts behind it."""
+
+    dataset: str
+    model: str
+    variant: str | None
+    valid: dict[str, float]
+    test: dict[str, float]
+    evaluate: Artifact
+    train: Artifact | None
+
+    @property
+    def key(self) -> RunKey:
+        return (self.dataset, self.model, self.variant)
+
+    @property
+    def label(self) -> str:
+        return run_label(self.model, self.variant)
+
+    @property
+    def result(self) -> dict[str, Any]:
+        return (self.train.manifest.get("result") or {}) if self.train else {}
+
+
+def run_label(model: str, variant: str | None) -> str:
+    """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, ..."""
+    base = MODEL_LABELS.get(model, model)
+    if variant is None:
+        return base
+    if variant in VARIANT_LABELS:
+        return f"{base} {VARIANT_LABELS[variant]}"
+    if model != "sand" and variant == "a":
+        return base
+    return f"{base}_{variant}"
+
+
+def _dataset_order(name: str) -> tuple[int, str]:
+    return (PAPER_DATASETS.index(name) if name in PAPER_DATASETS else len(PAPER_DATASETS), name)
+
+
+def _floats(d: dict[str, Any] | None) -> dict[str, float]:
+    return {str(k): float(v) for k, v in (d or {}).items() if v is not None}
+
+
+def collect_runs(store: ArtifactStore) -> list[StoredRun]:
+    """Every complete evaluate artifact with its train artifact and dataset name.
+
+    The dataset is the interactions manifest's ``name``; two different interactions
+    artifacts with one name (e.g. another k-core) are told apart by a key suffix.
+    """
+    evaluated = store.list("evaluate")
+    names: dict[str, str] = {}  # interactions key -> dataset name
+    raw: list[tuple[Artifact, str]] = []
+    for art in evaluated:
+        inter_key = (art.manifest.get("inputs", {}).get("interactions") or {}).get("key")
+        if inter_key is None:
+            log.warning("report: ignoring %s: its manifest names no interactions input", art.path)
+            continue
+        if inter_key not in names:
+            inter = store.lookup("interactions", inter_key)
+            names[inter_key] = str(
+                (inter.manifest.get("name") if inter else None) or f"dataset-{inter_key[:6]}"
+            )
+        raw.append((art, inter_key))
+    keys_per_name: dict[str, set[str]] = {}
+    for key, name in names.items():
+        keys_per_name.setdefault(name, set()).add(key)
+    runs: list[StoredRun] = []
+    for art, inter_key in raw:
+        name = names[inter_key]
+        if len(keys_per_name[name]) > 1:
+            name = f"{name}-{inter_key[:6]}"
+        train_key = (art.manifest.get("inputs", {}).get("train") or {}).get("key")
+        train = store.lookup("train", train_key) if train_key else None
+        model = str(
+            art.manifest.get("model") or (train.manifest.get("result", {}).get("model") if train else "?")
+        )
+        variant = art.manifest.get("variant") if model in VARIANT_MODELS else None
+        metrics = art.manifest.get("metrics") or {}
+        runs.append(
+            StoredRun(
+                name, model, variant, _floats(metrics.get("valid")), _floats(metrics.get("test")), art, train
+            )
+        )
+    return runs
+
+
+def select_runs(runs: Iterable[StoredRun], metric: str = "recall@20") -> dict[RunKey, StoredRun]:
+    """Per (dataset, model, variant) the run with the best VALIDATION ``metric`` (never test).
+
+    Ties (and runs without the metric) go to the lexicographically first artifact key,
+    so the choice is deterministic.
+    """
+    best: dict[RunKey, StoredRun] = {}
+    for run in sorted(runs, key=lambda r: r.evaluate.key):
+        value = run.valid.get(metric, -math.inf)
+        held = best.get(run.key)
+        if held is None or value > held.valid.get(metric, -math.inf):
+            best[run.key] = run
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+def _fmt4(v: float) -> str:
+    return f"{v:.4f}"
+
+
+def _fmt_pct(v: float) -> str:
+    return f"{v:+.2f}%"
+
+
+@dataclass
+class Table:
+    """A table in the paper's layout: label columns (text) then value columns (numbers)."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    bold: set[tuple[int, str]] = field(default_factory=set)
+    formats: dict[str, Callable[[float], str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        cols = list(self.frame.columns)
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        for i, row in enumerate(self.frame.itertuples(index=False)):
+            cells = []
+            for col, value in zip(cols, row, strict=True):
+                if isinstance(value, str):
+                    text = value
+                elif value is None or (isinstance(value, float) and math.isnan(value)):
+                    text = "–"
+                else:
+                    text = self.formats.get(col, _fmt4)(float(value))
+                cells.append(f"**{text}**" if (i, col) in self.bold else text)
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def write(self, out_dir: Path) -> list[Path]:
+        md = out_dir / f"{self.name}.md"
+        csv = out_dir / f"{self.name}.csv"
+        notes = "".join(f"\n{n}\n" for n in self.notes)
+        md.write_text(f"## {self.title}\n\n{self.markdown()}\n{notes}")
+        self.frame.to_csv(csv, index=False)
+        return [md, csv]
+
+
+def _bold_max(frame: pd.DataFrame, columns: Iterable[str]) -> set[tuple[int, str]]:
+    """Cells holding a column's maximum (when the column has at least two values)."""
+    out: set[tuple[int, str]] = set()
+    for col in columns:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        if values.notna().sum() >= 2:
+            top = values.max()
+            out |= {(i, col) for i, v in enumerate(values) if v == top}
+    return out
+
+
+def _metric_columns(datasets: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(dataset, metric key, column name) in table order."""
+    return [(d, m, f"{d} {short}") for d in datasets for m, short in METRICS]
+
+
+def _selection_note(metric: str) -> str:
+    return (
+        f"Test metrics; where several runs exist for one model on one dataset, the run with the best "
+        f"validation {metric} is shown."
+    )
+
+
+def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
+    """Table 2: models x (dataset, R@10 R@20 N@10 N@20), best per column in bold."""
+    cols = _metric_columns(datasets)
+    rows = []
+    for model in TABLE2_MODELS:
+        variant = "a" if model == "sand" else None
+        found = [selected.get((d, model, variant)) for d in datasets]
+        if not any(found):
+            continue
+        row: dict[str, Any] = {"Model": MODEL_LABELS[model]}
+        for d, m, col in cols:
+            run = selected.get((d, model, variant))
+            row[col] = run.test.get(m, math.nan) if run else math.nan
+        rows.append(row)
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows, columns=["Model"] + [c for _, _, c in cols])
+    return Table(
+        "table2_main",
+        "Table 2: overall performance (test)",
+        frame,
+        _bold_max(frame, [c for _, _, c in cols]),
+        notes=[_selection_note(metric) + " SAND is variant a (SoloSim + MI)."],
+    )
+
+
+def table_generalisation(
+    selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str
+) -> Table | None:
+    """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement."""
+    pairs = {
+        b: [d for d in datasets if (d, b, None) in selected and (d, f"{b}-sand", "a") in selected]
+        for b in BACKBONES
+    }
+    pairs = {b: ds for b, ds in pairs.items() if ds}
+    if not pairs:
+        return None
+    used = [d for d in datasets if any(d in ds for ds in pairs.values())]
+    rows, bold = [], set()
+    for d in used:
+        for m, short in METRICS:
+            row: dict[str, Any] = {"Dataset": d, "Metric": short}
+            for b in pairs:
+                base = selected.get((d, b, None))
+                plug = selected.get((d, f"{b}-sand", "a"))
+                bv = base.test.get(m, math.nan) if base and d in pairs[b] else math.nan
+                pv = plug.test.get(m, math.nan) if plug and d in pairs[b] else math.nan
+                name = MODEL_LABELS[b]
+                row[name], row[f"{name}+SAND"] = bv, pv
+                row[f"{name} Improv."] = (pv - bv) / bv * 100.0 if bv > 0 else math.nan
+                if math.isfinite(bv) and math.isfinite(pv):
+                    bold.add((len(rows), f"{name}+SAND" if pv > bv else name))
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    formats = {f"{MODEL_LABELS[b]} Improv.": _fmt_pct for b in pairs}
+    return Table(
+        "table3_generalisation",
+        "Table 3: SAND plugged into other backbones (test)",
+        frame,
+        bold,
+        formats,
+        notes=[
+            _selection_note(metric) + " Improv. = relative change of +SAND over the "
+            "backbone, in percent; +SAND is variant a."
+        ],
+    )
+
+
+def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
+    """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics)."""
+    present = [v for v in VARIANT_PARTS if any((d, "sand", v) in selected for d in datasets)]
+    if not any(sum((d, "sand", v) in selected for v in VARIANT_PARTS) >= 2 for d in datasets):
+        return None
+    cols = _metric_columns(datasets)
+    rows = []
+    for v in present:
+        row: dict[str, Any] = {
+            "Variant": run_label("sand", v),
+            "Alignment": VARIANT_PARTS[v][0],
+            "Distancing": VARIANT_PARTS[v][1],
+        }
+        for d, m, col in cols:
+            run = selected.get((d, "sand", v))
+            row[col] = run.test.get(m, math.nan) if run else math.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["Variant", "Alignment", "Distancing"] + [c for _, _, c in cols])
+    return Table(
+        "table4_variants",
+        "Table 4: SAND variants (test)",
+        frame,
+        _bold_max(frame, [c for _, _, c in cols]),
+        notes=[_selection_note(metric)],
+    )
+
+
+def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str]) -> Table | None:
+    """Table 5: seconds per training epoch and peak memory, per model/variant and dataset."""
+    labels: dict[str, tuple[str, str | None]] = {}
+    order = {m: i for i, m in enumerate(MODEL_LABELS)}
+    for (_, model, variant), run in sorted(
+        selected.items(), key=lambda kv: (order.get(kv[0][1], 99), str(kv[0][2]))
+    ):
+        if run.result.get("seconds_per_epoch") is not None:
+            labels.setdefault(run.label, (model, variant))
+    if not labels:
+        return None
+    rows = []
+    for label, (model, variant) in labels.items():
+        row: dict[str, Any] = {"Model": label}
+        for d in datasets:
+            res = selected[(d, model, variant)].result if (d, model, variant) in selected else {}
+            row[f"{d} s/epoch"] = (
+                float(res["seconds_per_epoch"]) if res.get("seconds_per_epoch") is not None else math.nan
+            )
+            row[f"{d} peak MB"] = (
+                float(res["peak_memory_mb"]) if res.get("peak_memory_mb") is not None else math.nan
+            )
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    formats = {
+        c: (lambda v: f"{v:.2f}") if c.endswith("s/epoch") else (lambda v: f"{v:.0f}")
+        for c in frame.columns[1:]
+    }
+    return Table(
+        "table5_efficiency",
+        "Table 5: training cost",
+        frame,
+        formats=formats,
+        notes=[
+            "Median seconds per training epoch (evaluation excluded) and peak memory of the "
+            "validation-selected run, as the trainer recorded them: on CUDA the peak allocated GPU memory, "
+            "on CPU the process's peak resident memory. Numbers from different machines are not comparable."
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# figures from the store
+# ---------------------------------------------------------------------------------------------
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "dataset"
+
+
+def _curves(
+    selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, metric: str, notes: list[str]
+) -> list[Path]:
+    from pipeline.figures import plot_training_curves
+
+    paths = []
+    for d in datasets:
+        curves: dict[str, pd.DataFrame] = {}
+        for (ds, _, _), run in sorted(selected.items(), key=lambda kv: (kv[0][1], str(kv[0][2]))):
+            if ds != d or run.train is None or not run.train.file("epochs.csv").is_file():
+                continue
+            curves[run.label] = pd.read_csv(run.train.file("epochs.csv"))
+        if not curves:
+            notes.append(f"Training curves for {d}: no train artifact with epochs.csv.")
+            continue
+        paths.append(
+            plot_training_curves(
+                curves, out_dir / f"curves_{_safe_name(d)}.png", title=f"Training curves: {d}", metric=metric
+            )
+        )
+    return paths
+
+
+def load_grid_tables(data_root: Path) -> list[tuple[str, dict[str, Any], pd.DataFrame]]:
+    """(grid name, selected.json, runs.csv) of every grid written by :mod:`pipeline.grid`."""
+    out = []
+    base = Path(data_root) / "grids"
+    if not base.is_dir():
+        return out
+    for d in sorted(base.iterdir()):
+        sel, runs = d / "selected.json", d / "runs.csv"
+        if not (sel.is_file() and runs.is_file()):
+            continue
+        try:
+            out.append((d.name, json.loads(sel.read_text()), pd.read_csv(runs)))
+        except (OSError, json.JSONDecodeError, pd.errors.ParserError) as err:
+            log.warning("report: ignoring grid %s: %s", d, err)
+    return out
+
+
+def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, dict[str, pd.DataFrame]]:
+    """param -> dataset -> frame(value, valid_*, test_*) from grids varying exactly one of alpha/beta/tau."""
+    series: dict[str, dict[str, list[pd.DataFrame]]] = {}
+    for _, meta, runs in load_grid_tables(data_root):
+        varying = [k for k, v in (meta.get("axes") or {}).items() if len({json.dumps(x) for x in v}) > 1]
+        if len(varying) != 1 or varying[0] not in SENSITIVITY_PARAMS or varying[0] not in runs:
+            continue
+        param = varying[0]
+        ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+        for d in datasets:
+            part = ok[ok["dataset"].astype(str) == d] if "dataset" in ok else ok.iloc[0:0]
+            if part.empty:
+                continue
+            keep = ["value"] + [c for c in part.columns if c.startswith(("valid_", "test_"))]
+            series.setdefault(param, {}).setdefault(d, []).append(part.rename(columns={param: "value"})[keep])
+    merged: dict[str, dict[str, pd.DataFrame]] = {}
+    for param in SENSITIVITY_PARAMS:
+        for d, frames in series.get(param, {}).items():
+            frame = pd.concat(frames).drop_duplicates("value", keep="last").sort_values("value")
+            if len(frame) >= 2:
+                merged.setdefault(param, {})[d] = frame.reset_index(drop=True)
+    return merged
+
+
+def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
+    """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
+    import torch
+
+    from pipeline.config import build_config
+    from pipeline.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
+    from pipeline.stages import Context, build_model_for
+
+    train = run.train
+    if train is None or not train.file("best.pt").is_file():
+        raise StageError(f"run {run.evaluate.path}: no train artifact with best.pt")
+    inputs = train.manifest.get("inputs", {})
+    arts: dict[str, Artifact] = {}
+    for name, info in inputs.items():
+        art = store.lookup(name, info["key"])
+        if art is None:
+            raise StageError(f"train artifact {train.path}: input {name} ({info['key']}) is not in the store")
+        arts[name] = art
+    if "interactions" not in arts:
+        raise StageError(f"train artifact {train.path}: manifest names no interactions input")
+    params = dict(train.manifest.get("params") or {})
+    params["device"] = "cpu"
+    ctx = Context.create(build_config({"data_root": str(store.data_root), "train": params}), progress=False)
+    model, data = build_model_for(ctx, arts.pop("interactions"), arts)
+    state = torch.load(train.file("best.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+    rng = np.random.default_rng(seed)
+    items = np.sort(rng.choice(data.n_items, size=min(n_items, data.n_items), replace=False))
+    reps = modal_representations(model, items)
+    points = {key: tsne_2d(x, seed) for key, x in reps.items()}
+    stem = _safe_name(run.dataset)
+    what = f"{run.label} on {run.dataset}, {len(items)} random items (seed {seed})"
+    return [
+        plot_tsne_density(
+            points,
+            out_dir / f"fig5_tsne_{stem}.png",
+            title=f"Figure 5: t-SNE of modal-generic / modal-unique representations, {what}",
+        ),
+        plot_circle_density(
+            points,
+            out_dir / f"fig6_circle_{stem}.png",
+            title=f"Figure 6: density of L2-normalised t-SNE points and their angles, {what}",
+        ),
+    ]
+
+
+def _tsne_run(selected: dict[RunKey, StoredRun], dataset: str) -> StoredRun | None:
+    """The SAND run to visualise: variant a if there is one, else the first variant in paper order."""
+    for variant in ("a", "b", "c", "d", "no-distance", "no-align", "no-align-no-distance"):
+        if (dataset, "sand", variant) in selected:
+            return selected[(dataset, "sand", variant)]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) -> pd.DataFrame:
+    chosen = {r.evaluate.key for r in selected.values()}
+    rows = []
+    for r in sorted(runs, key=lambda r: (_dataset_order(r.dataset), r.model, str(r.variant), r.evaluate.key)):
+        row: dict[str, Any] = {
+            "dataset": r.dataset,
+            "model": r.model,
+            "variant": r.variant,
+            "label": r.label,
+            "selected": r.evaluate.key in chosen,
+        }
+        row.update({f"valid_{k}": v for k, v in r.valid.items()})
+        row.update({f"test_{k}": v for k, v in r.test.items()})
+        res = r.result
+        row.update(
+            best_epoch=res.get("best_epoch"),
+            seconds_per_epoch=res.get("seconds_per_epoch"),
+            peak_memory_mb=res.get("peak_memory_mb"),
+            evaluate_key=r.evaluate.key,
+            train_key=r.train.key if r.train else None,
+            params=json.dumps((r.train.manifest.get("params") if r.train else None) or {}, sort_keys=True),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(
+    data_root: Path,
+    out_dir: Path,
+    *,
+    datasets: Sequence[str] | None = None,
+    tsne_items: int = 500,
+    seed: int = 0,
+    select_metric: str = "recall@20",
+) -> dict[str, list[Path]]:
+    """Write Tables 2-5 (Markdown + CSV), the figures and ``report.md`` into ``out_dir``.
+
+    Returns name -> files: ``runs``, ``table2``..``table5``, ``curves``, ``sensitivity``,
+    ``ablation``, ``tsne`` (Figures 5-6), ``index``; only what could be filled is present
+    (skips are logged and listed in ``report.md``). No evaluated runs at all, or a named
+    dataset without runs, is a :class:`StageError`.
+    """
+    from pipeline.figures import plot_ablation, plot_sensitivity
+
+    data_root, out_dir = Path(data_root), Path(out_dir)
+    store = ArtifactStore(data_root)
+    runs = collect_runs(store)
+    if not runs:
+        raise StageError(f"report: no evaluated runs in {store.root / 'evaluate'} (run the pipeline first)")
+    found = sorted({r.dataset for r in runs}, key=_dataset_order)
+    if datasets:
+        missing = [d for d in datasets if d not in found]
+        if missing:
+            raise StageError(
+                f"report: no evaluated runs for dataset {missing[0]!r} in {data_root} "
+                f"(found: {', '.join(found)})"
+            )
+        chosen = list(dict.fromkeys(datasets))
+    else:
+        chosen = found
+    runs = [r for r in runs if r.dataset in chosen]
+    selected = select_runs(runs, select_metric)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {}
+    notes: list[str] = []
+
+    runs_csv = out_dir / "runs.csv"
+    _runs_frame(runs, selected).to_csv(runs_csv, index=False)
+    written["runs"] = [runs_csv]
+
+    tables: dict[str, Table | None] = {
+        "table2": table_main(selected, chosen, select_metric),
+        "table3": table_generalisation(selected, chosen, select_metric),
+        "table4": table_variants(selected, chosen, select_metric),
+        "table5": table_efficiency(selected, chosen),
+    }
+    why = {
+        "table2": "no runs of MF-BPR, LightGCN, VBPR, FREEDOM or SAND_a",
+        "table3": "no dataset with both a backbone (VBPR/FREEDOM) and its +SAND run",
+        "table4": "no dataset with at least two of the SAND variants a-d",
+        "table5": "no train artifact with timing results",
+    }
+    for name, table in tables.items():
+        if table is None:
+            notes.append(f"{name.capitalize()} skipped: {why[name]}.")
+            continue
+        written[name] = table.write(out_dir)
+
+    curves = _curves(selected, chosen, out_dir, select_metric, notes)
+    if curves:
+        written["curves"] = curves
+
+    series = sensitivity_series(data_root, chosen)
+    if series:
+        written["sensitivity"] = [plot_sensitivity(series, out_dir / "sensitivity.png", reference=REFERENCE)]
+    else:
+        notes.append(
+            "Sensitivity figure skipped: no grid over exactly one of train.alpha/beta/tau with at "
+            "least two successful runs (run the sensitivity-* grid presets)."
+        )
+
+    ablation = {
+        d: {
+            run_label("sand", v) if v != "a" else "SAND": selected[(d, "sand", v)].test
+            for v in ABLATIONS
+            if (d, "sand", v) in selected
+        }
+        for d in chosen
+    }
+    ablation = {d: v for d, v in ablation.items() if len(v) >= 2}
+    if ablation:
+        written["ablation"] = [plot_ablation(ablation, out_dir / "ablation.png")]
+    else:
+        notes.append("Ablation figure skipped: no dataset with SAND_a and at least one ablation run.")
+
+    tsne: list[Path] = []
+    for d in chosen:
+        run = _tsne_run(selected, d)
+        if run is None:
+            notes.append(f"Figures 5-6 for {d} skipped: no trained SAND run.")
+            continue
+        try:
+            tsne += _tsne_figures(store, run, out_dir, tsne_items, seed)
+        except SandError as err:
+            notes.append(f"Figures 5-6 for {d} skipped: {err}")
+    if tsne:
+        written["tsne"] = tsne
+
+    for note in notes:
+        log.info("report: %s", note)
+    index = out_dir / "report.md"
+    index.write_text(
+        _index_markdown(data_root, chosen, runs, selected, tables, written, notes, select_metric)
+    )
+    written["index"] = [index]
+    return written
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _index_markdown(
+    data_root: Path,
+    datasets: Sequence[str],
+    runs: Sequence[StoredRun],
+    selected: dict[RunKey, StoredRun],
+    tables: dict[str, Table | None],
+    written: dict[str, list[Path]],
+    notes: Sequence[str],
+    metric: str,
+) -> str:
+    out_dir = written["runs"][0].parent
+    lines = [
+        "# SAND report",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from `{data_root}`: "
+        f"{len(runs)} evaluated runs on {', '.join(datasets)}; "
+        f"{len(selected)} selected by validation {metric}. All runs: [runs.csv](runs.csv).",
+        "",
+    ]
+    for name in ("table2", "table3", "table4", "table5"):
+        table = tables.get(name)
+        if table is None or name not in written:
+            continue
+        md, csv = written[name]
+        lines += [f"## {table.title}", "", table.markdown(), ""]
+        lines += [n for n in table.notes] + [
+            "",
+            f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})",
+            "",
+        ]
+    captions = {
+        "curves": "Training curves: validation metric and mean training loss per epoch of each selected run.",
+        "sensitivity": "Figure 4: test (solid) and validation (dashed) metrics as one hyper-parameter "
+        "varies; dotted line: the paper's value.",
+        "ablation": "Figure 3: test metrics of SAND and its ablations.",
+        "tsne": "Figures 5-6: t-SNE of the modal-generic and modal-unique representations (Fig. 5, coloured "
+        "by Gaussian KDE density) and the density of the L2-normalised points on the unit circle with "
+        "their angle distribution (Fig. 6).",
+    }
+    for name, caption in captions.items():
+        if name not in written:
+            continue
+        lines += [f"## {caption.split(':')[0]}", "", caption, ""]
+        lines += [f"![{p.stem}]({_rel(p, out_dir)})" for p in written[name]] + [""]
+    if notes:
+        lines += ["## Not shown", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The `sand` command: fast help, one-line errors, JSON output, export and recommend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from flows.cli import main
+
+TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys, flows.cli; "
+        "heavy = [m for m in ('torch', 'prefect', 'transformers', 'sentence_transformers') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _main(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sand", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--set", "train.lr=-1"], "train.lr"),
+        (["run", "--model", "nope"], "train.model"),
+        (["run", "--until", "nowhere"], "nowhere"),
+        (["stage", "nowhere"], "nowhere"),
+        (["run", "--refresh", "nowhere"], "nowhere"),
+        (["run", "--runner", "cloud"], "cloud"),
+        (["run", "--config", "/no/such/file.yaml"], "file.yaml"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, monkeypatch):
+    code, out = _main(args, capsys, monkeypatch)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+
+
+def test_unreachable_prefect_server_is_one_clear_line(capsys, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    code, out = _main(["run", "--until", "acquire"], capsys, monkeypatch)
+    assert code == 2
+    assert "prefect server start" in out.err and "PREFECT_API_URL" in out.err
+
+
+def _sand(args, api_url, tmp_path):
+    """The installed console script, as a user runs it, against the session's test server."""
+    import os
+    import shutil
+
+    env = {**os.environ, "PREFECT_API_URL": api_url, "SAND_LOG_LEVEL": "WARNING"}
+    exe = shutil.which("sand", path=os.path.dirname(sys.executable)) or "sand"
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def _last_json(stdout: str) -> dict:
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, f"--json must print exactly one line on stdout, got: {stdout[:500]}"
+    return json.loads(lines[0])
+
+
+def test_json_run_export_and_recommend(prefect_server, tmp_path):
+    root = ["--data-root", str(tmp_path / "data"), *TINY]
+    result = _sand(["run", "--until", "interactions", "--json", *root], prefect_server, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = _last_json(result.stdout)
+    assert set(summary["stages"]) == {"acquire", "interactions"}
+    assert summary["dataset"]["users"] > 0 and summary["dataset"]["interactions"] > 0
+    assert set(summary["stages"]["acquire"]) == {"cached", "seconds", "artifact"}
+
+    out = tmp_path / "mmrec"
+    result = _sand(["export", "mmrec", "--out", str(out), "--until", "interactions", *root], prefect_server, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    inter = next(out.glob("*.inter"))
+    header = inter.read_text().splitlines()[0].split("\t")
+    assert header == ["userID", "itemID", "rating", "timestamp", "x_label"]
+    assert (out / "i_id_mapping.csv").exists() and (out / "u_id_mapping.csv").exists()
+
+    # the exported folder is itself a dataset, with its split kept
+    result = _sand(["run", "--until", "interactions", "--json", "--dataset", str(out),
+                    "--data-root", str(tmp_path / "data2")], prefect_server, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = _last_json(result.stdout)
+    for key in ("users", "items", "interactions", "train", "valid", "test"):
+        assert again["dataset"][key] == summary["dataset"][key]
+
+    result = _sand(["recommend", "--user", "0", "-k", "5", "--model", "bpr", "--epochs", "1", "--json", *root],
+                   prefect_server, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recs = _last_json(result.stdout)["recommendations"]
+    assert len(recs) == 5 and {"item", "asin", "title", "score"} <= set(recs[0])

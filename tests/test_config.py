@@ -1,0 +1,53 @@
+"""Config: YAML + CLI overrides, validation errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import ConfigError
+
+
+def test_defaults_are_the_papers():
+    cfg = PipelineConfig()
+    assert cfg.acquire.dataset == "sample"
+    assert cfg.interactions.k_core == 5 and cfg.interactions.split == "mmrec"
+    assert cfg.graphs.k == 10 and cfg.train.patience == 20 and cfg.train.batch_size == 2048
+
+
+def test_yaml_then_overrides_then_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("acquire: {dataset: baby}\ntrain: {model: lightgcn, epochs: 5}\n")
+    cfg = load_config(path, {"train.epochs": 7, "train.variant": None}, ["graphs.k=20", "train.extra={x: 1}"])
+    assert cfg.acquire.dataset == "baby" and cfg.train.model == "lightgcn"
+    assert cfg.train.epochs == 7 and cfg.graphs.k == 20 and cfg.train.extra == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "assignment, field",
+    [
+        ("train.lr=-1", "train.lr"),
+        ("graphs.k=0", "graphs.k"),
+        ("train.model=nope", "train.model"),
+        ("train.variant=z", "train.variant"),
+        ("interactions.split=random", "interactions.split"),
+        ("train.nonsense=1", "train.nonsense"),
+    ],
+)
+def test_invalid_values_name_the_field(assignment, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, None, [assignment])
+    assert str(err.value).startswith(f"invalid config value {field}=")
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(path)
+
+
+def test_global_seed_reaches_every_stage():
+    cfg = load_config(None, {"seed": 7}).resolved()
+    assert cfg.interactions.seed == cfg.train.seed == cfg.image_features.seed == cfg.acquire.sample_seed == 7
