@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from flows.cli import main
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
