@@ -93,9 +93,7 @@ def bench_synthetic(rows: int, runs: int, seed: int) -> None:
         keep = np.flatnonzero(dedup_mask(ucodes, icodes, ts))
         kc = kcore(ucodes[keep], icodes[keep], 5)
         rows_left = keep[kc.mask]
-        split = split_interactions(
-            ucodes[rows_left], icodes[rows_left], ts[rows_left], rule="mmrec", seed=seed
-        )
+        split = split_interactions(ucodes[rows_left], icodes[rows_left], ts[rows_left], rule="mmrec", seed=seed)
         return {"dups": len(ts) - len(keep), "rounds": kc.rounds, "left": len(rows_left), "split": split}
 
     def step(name: str, fn: Callable[[], object]) -> object:
@@ -180,9 +178,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--reader-rows", type=int, default=0, help="also time read_reviews on this many lines"
-    )
+    parser.add_argument("--reader-rows", type=int, default=0, help="also time read_reviews on this many lines")
     parser.add_argument("--mmrec-dir", type=Path, help="only summarise this MMRec folder")
     args = parser.parse_args()
     if args.mmrec_dir:

@@ -17,7 +17,7 @@ def scipy_to_torch_sparse(m: sp.spmatrix, dtype: torch.dtype = torch.float32) ->
     coo = m.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
     val = torch.from_numpy(coo.data.astype(np.float32)).to(dtype)
-    return torch.sparse_coo_tensor(idx, val, coo.shape).coalesce()
+    return torch.sparse_coo_tensor(idx, val, coo.shape, check_invariants=False).coalesce()
 
 
 def bipartite_adjacency(n_users: int, n_items: int, edges: np.ndarray) -> sp.csr_matrix:

@@ -69,7 +69,10 @@ def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
     """
     s = spec(name)
     cls = model_class(name)
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    backbone = getattr(cls, "backbone_class", None)  # plug-ins pass the rest to their backbone
+    if backbone is not None:
+        accepted |= set(inspect.signature(backbone.__init__).parameters)
     positional = {"n_users", "n_items", "train_edges", "features", "item_graphs"}
     hparams = {s.renames.get(k, k): v for k, v in kwargs.items() if k not in positional}
     hparams.update(s.fixed)

@@ -130,9 +130,7 @@ def plot_sensitivity(
             for k, (dataset, frame) in enumerate(series[param].items()):
                 color = f"C{k}"
                 if f"test_{metric}" in frame:
-                    ax.plot(
-                        frame["value"], frame[f"test_{metric}"], "-o", color=color, label=f"{dataset} test"
-                    )
+                    ax.plot(frame["value"], frame[f"test_{metric}"], "-o", color=color, label=f"{dataset} test")
                 if f"valid_{metric}" in frame:
                     ax.plot(
                         frame["value"],
@@ -229,15 +227,19 @@ def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str]
 
 
 def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
-    """Seeded 2-D t-SNE (PCA init; perplexity capped for small samples)."""
+    """Seeded 2-D t-SNE (Barnes-Hut, PCA init; perplexity capped for small samples)."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     n = x.shape[0]
     if n < 5:
         raise StageError(f"t-SNE needs at least 5 items, got {n}")
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, learning_rate="auto")
-    return tsne.fit_transform(np.asarray(x, dtype=np.float64))
+    # One OpenMP thread: Barnes-Hut on a few hundred points gains nothing from threads, and on a
+    # busy machine spinning threads made it 10x slower (measured: 500 items 57 s vs 5 s).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return tsne.fit_transform(np.asarray(x, dtype=np.float64))
 
 
 def _kde(points: np.ndarray):
@@ -311,9 +313,7 @@ def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path
         ax.set_aspect("equal")
         ax_a: Axes = axes[1, c]
         angles = np.arctan2(unit[:, 1], unit[:, 0])
-        ax_a.hist(
-            angles, bins=36, range=(-np.pi, np.pi), density=True, color="C0", alpha=0.35, label="histogram"
-        )
+        ax_a.hist(angles, bins=36, range=(-np.pi, np.pi), density=True, color="C0", alpha=0.35, label="histogram")
         dens = angle_density(angles, theta)
         if dens is not None:
             ax_a.plot(theta, dens, color="C0", label="KDE")

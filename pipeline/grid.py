@@ -257,9 +257,7 @@ def _record(run: GridRun, summary: Mapping[str, Any], cfg: PipelineConfig, metri
     metrics = summary.get("metrics") or {}
     run.valid, run.test = _floats(metrics.get("valid")), _floats(metrics.get("test"))
     if metric not in run.valid:
-        raise ConfigError(
-            f"grid: run has no validation metric {metric!r} (has {', '.join(run.valid) or 'none'})"
-        )
+        raise ConfigError(f"grid: run has no validation metric {metric!r} (has {', '.join(run.valid) or 'none'})")
     train = summary.get("train") or {}
     for attr in ("seconds_per_epoch", "peak_memory_mb"):
         value = train.get(attr)
@@ -278,9 +276,7 @@ def _check_metric(metric: str, cfg: PipelineConfig) -> None:
     ks = sorted(set(cfg.evaluate.ks))
     match = re.fullmatch(r"(recall|ndcg)@(\d+)", metric)
     if match is None or int(match.group(2)) not in ks:
-        raise ConfigError(
-            f"grid: select_metric={metric!r} is not evaluated: choose recall@K or ndcg@K with K in {ks}"
-        )
+        raise ConfigError(f"grid: select_metric={metric!r} is not evaluated: choose recall@K or ndcg@K with K in {ks}")
 
 
 def select_best(runs: Sequence[GridRun], metric: str) -> GridRun | None:

@@ -167,9 +167,7 @@ def build_interactions(
     user_map = pd.DataFrame(
         {"user_id": pd.array(raw_users[used_users], dtype="str"), "user": np.arange(len(used_users))}
     )
-    item_map = pd.DataFrame(
-        {"asin": pd.array(raw_items[used_items], dtype="str"), "item": np.arange(len(used_items))}
-    )
+    item_map = pd.DataFrame({"asin": pd.array(raw_items[used_items], dtype="str"), "item": np.arange(len(used_items))})
     items = _items_table(item_map, meta)
     stats: dict[str, Any] = {
         "raw_reviews": n_raw,

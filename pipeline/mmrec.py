@@ -62,9 +62,7 @@ def _int_column(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
     bad = values.isna() | (values < 0) | (values != values.round())
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            f"{path}:{row + 2}: field {col!r} must be a non-negative integer, got {df[col].iloc[row]!r}"
-        )
+        raise DataError(f"{path}:{row + 2}: field {col!r} must be a non-negative integer, got {df[col].iloc[row]!r}")
     return values.to_numpy(np.int64)
 
 
@@ -124,9 +122,7 @@ def read_mmrec_folder(path: str | Path) -> MMRecDataset:
     bad_split = ~np.isin(inter["split"].to_numpy(), (0, 1, 2))
     if bad_split.any():
         row = int(np.flatnonzero(bad_split)[0])
-        raise DataError(
-            f"{inter_path}:{row + 2}: field 'x_label' must be 0, 1 or 2, got {df['x_label'].iloc[row]!r}"
-        )
+        raise DataError(f"{inter_path}:{row + 2}: field 'x_label' must be 0, 1 or 2, got {df['x_label'].iloc[row]!r}")
     inter["split"] = inter["split"].astype(np.int8)
     if "rating" in df.columns:
         rating = pd.to_numeric(df["rating"], errors="coerce")

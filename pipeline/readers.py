@@ -331,9 +331,7 @@ def _image_2023(images: Any) -> str:
     if not isinstance(images, list):
         return ""
     dicts = [im for im in images if isinstance(im, dict)]
-    ordered = [im for im in dicts if im.get("variant") == "MAIN"] + [
-        im for im in dicts if im.get("variant") != "MAIN"
-    ]
+    ordered = [im for im in dicts if im.get("variant") == "MAIN"] + [im for im in dicts if im.get("variant") != "MAIN"]
     for im in ordered:
         for key in ("large", "hi_res", "thumb"):
             url = im.get(key)

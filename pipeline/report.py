@@ -129,9 +129,7 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
             continue
         if inter_key not in names:
             inter = store.lookup("interactions", inter_key)
-            names[inter_key] = str(
-                (inter.manifest.get("name") if inter else None) or f"dataset-{inter_key[:6]}"
-            )
+            names[inter_key] = str((inter.manifest.get("name") if inter else None) or f"dataset-{inter_key[:6]}")
         raw.append((art, inter_key))
     keys_per_name: dict[str, set[str]] = {}
     for key, name in names.items():
@@ -143,15 +141,11 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
             name = f"{name}-{inter_key[:6]}"
         train_key = (art.manifest.get("inputs", {}).get("train") or {}).get("key")
         train = store.lookup("train", train_key) if train_key else None
-        model = str(
-            art.manifest.get("model") or (train.manifest.get("result", {}).get("model") if train else "?")
-        )
+        model = str(art.manifest.get("model") or (train.manifest.get("result", {}).get("model") if train else "?"))
         variant = art.manifest.get("variant") if model in VARIANT_MODELS else None
         metrics = art.manifest.get("metrics") or {}
         runs.append(
-            StoredRun(
-                name, model, variant, _floats(metrics.get("valid")), _floats(metrics.get("test")), art, train
-            )
+            StoredRun(name, model, variant, _floats(metrics.get("valid")), _floats(metrics.get("test")), art, train)
         )
     return runs
 
@@ -267,13 +261,10 @@ def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metri
     )
 
 
-def table_generalisation(
-    selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str
-) -> Table | None:
+def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
     """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement."""
     pairs = {
-        b: [d for d in datasets if (d, b, None) in selected and (d, f"{b}-sand", "a") in selected]
-        for b in BACKBONES
+        b: [d for d in datasets if (d, b, None) in selected and (d, f"{b}-sand", "a") in selected] for b in BACKBONES
     }
     pairs = {b: ds for b, ds in pairs.items() if ds}
     if not pairs:
@@ -340,9 +331,7 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
     """Table 5: seconds per training epoch and peak memory, per model/variant and dataset."""
     labels: dict[str, tuple[str, str | None]] = {}
     order = {m: i for i, m in enumerate(MODEL_LABELS)}
-    for (_, model, variant), run in sorted(
-        selected.items(), key=lambda kv: (order.get(kv[0][1], 99), str(kv[0][2]))
-    ):
+    for (_, model, variant), run in sorted(selected.items(), key=lambda kv: (order.get(kv[0][1], 99), str(kv[0][2]))):
         if run.result.get("seconds_per_epoch") is not None:
             labels.setdefault(run.label, (model, variant))
     if not labels:
@@ -355,14 +344,11 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
             row[f"{d} s/epoch"] = (
                 float(res["seconds_per_epoch"]) if res.get("seconds_per_epoch") is not None else math.nan
             )
-            row[f"{d} peak MB"] = (
-                float(res["peak_memory_mb"]) if res.get("peak_memory_mb") is not None else math.nan
-            )
+            row[f"{d} peak MB"] = float(res["peak_memory_mb"]) if res.get("peak_memory_mb") is not None else math.nan
         rows.append(row)
     frame = pd.DataFrame(rows)
     formats = {
-        c: (lambda v: f"{v:.2f}") if c.endswith("s/epoch") else (lambda v: f"{v:.0f}")
-        for c in frame.columns[1:]
+        c: (lambda v: f"{v:.2f}") if c.endswith("s/epoch") else (lambda v: f"{v:.0f}") for c in frame.columns[1:]
     }
     return Table(
         "table5_efficiency",
@@ -559,8 +545,7 @@ def write_report(
         missing = [d for d in datasets if d not in found]
         if missing:
             raise StageError(
-                f"report: no evaluated runs for dataset {missing[0]!r} in {data_root} "
-                f"(found: {', '.join(found)})"
+                f"report: no evaluated runs for dataset {missing[0]!r} in {data_root} (found: {', '.join(found)})"
             )
         chosen = list(dict.fromkeys(datasets))
     else:
@@ -636,9 +621,7 @@ def write_report(
     for note in notes:
         log.info("report: %s", note)
     index = out_dir / "report.md"
-    index.write_text(
-        _index_markdown(data_root, chosen, runs, selected, tables, written, notes, select_metric)
-    )
+    index.write_text(_index_markdown(data_root, chosen, runs, selected, tables, written, notes, select_metric))
     written["index"] = [index]
     return written
 

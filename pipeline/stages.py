@@ -338,7 +338,8 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
                          encoder_kwargs, str(work / f"shard-{i:05d}.npz")))
         paths = (map_shards or _map_locally)(_run_shard_job, jobs)
         shards = [load_shard(Path(p)) for p in paths]
-        feats, missing = assemble_features(n_items, shards, fill=icfg.fill)
+        dim = max((s.dim for s in shards), default=0)
+        feats, missing = assemble_features(n_items, shards, dim, fill=icfg.fill)
         np.save(out / "image_feat.npy", feats.astype(np.float32))
         missing.to_csv(out / "missing_images.csv", index=False)
         reasons = missing["reason"].value_counts().to_dict() if len(missing) else {}

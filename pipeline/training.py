@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.data import SplitData
-from pipeline.errors import ConfigError, SandError, StageError
+from pipeline.errors import ConfigError, DataError, SandError, StageError
 from pipeline.evaluation import SplitEvaluator, metric_names
 from pipeline.sampling import sample_bpr_epoch
 
@@ -212,7 +212,7 @@ def train_model(
     train_csr = valid_eval.train_csr
     train_edges = np.asarray(data.train, dtype=np.int64)
     if len(train_edges) == 0:
-        raise SandError("training: the train split has no interactions")
+        raise DataError("training: the train split has no interactions")
     best_path, last_path, hist_path = out_dir / BEST_NAME, out_dir / LAST_NAME, out_dir / HISTORY_NAME
 
     state: dict[str, Any] = {

@@ -230,7 +230,7 @@ def test_freedom_prefers_low_degree_edges(data):
     gen = torch.Generator().manual_seed(11)
     counts = np.zeros(len(model.train_edges))
     index = {tuple(e): k for k, e in enumerate(model.train_edges.tolist())}
-    for epoch in range(200):
+    for epoch in range(100):
         model.on_epoch_start(epoch, gen)
         for e in model.kept_edges.tolist():
             counts[index[tuple(e)]] += 1

@@ -145,8 +145,7 @@ def test_select_metric_can_be_another_validation_metric(tmp_path):
         valid = {0.1: {"recall@20": 0.3, "ndcg@20": 0.1}, 0.2: {"recall@20": 0.2, "ndcg@20": 0.2}}[cfg.train.tau]
         return {"metrics": {"valid": valid, "test": {"recall@20": 0.0, "ndcg@20": 0.0}}}
 
-    result = run_grid(_base(tmp_path), {"train.tau": [0.1, 0.2]}, name="tau", run_one=run_one,
-                      select_metric="ndcg@20")
+    result = run_grid(_base(tmp_path), {"train.tau": [0.1, 0.2]}, name="tau", run_one=run_one, select_metric="ndcg@20")
     assert result.selected.values == {"train.tau": 0.2}
 
 
@@ -168,8 +167,12 @@ def test_failed_run_is_recorded_and_grid_goes_on(tmp_path):
 
 
 def test_run_without_the_selection_metric_is_a_failure(tmp_path):
-    result = run_grid(_base(tmp_path), {"train.alpha": [0.1]}, name="g",
-                      run_one=lambda cfg: {"metrics": {"valid": {"recall@10": 0.1}, "test": {}}})
+    result = run_grid(
+        _base(tmp_path),
+        {"train.alpha": [0.1]},
+        name="g",
+        run_one=lambda cfg: {"metrics": {"valid": {"recall@10": 0.1}, "test": {}}},
+    )
     assert result.runs[0].status == "failed" and "recall@20" in result.runs[0].error
     assert result.selected is None
     assert json.loads(result.selected_path.read_text())["selected"] is None
@@ -184,8 +187,9 @@ def test_all_failed_grid_selects_nothing(tmp_path):
 
 
 def test_select_best_ties_go_to_the_earlier_run(tmp_path):
-    result = run_grid(_base(tmp_path), {"train.alpha": [0.1, 0.2, 0.3]}, name="g",
-                      run_one=lambda cfg: _summary(0.5, cfg.train.alpha))
+    result = run_grid(
+        _base(tmp_path), {"train.alpha": [0.1, 0.2, 0.3]}, name="g", run_one=lambda cfg: _summary(0.5, cfg.train.alpha)
+    )
     assert result.selected.index == 1
     assert select_best(result.runs[::-1], "recall@20").index == 3
 

@@ -135,9 +135,7 @@ def test_raw_files_to_mmrec_folder_and_back(tmp_path):
     rpath = tmp_path / "reviews.json.gz"
     rpath.write_bytes(gzip.compress("\n".join(lines).encode()))
     mpath = tmp_path / "meta.json"
-    mpath.write_text(
-        "\n".join(f"{{'asin': 'B{i}', 'title': 'item {i}', 'categories': [['Baby']]}}" for i in range(6))
-    )
+    mpath.write_text("\n".join(f"{{'asin': 'B{i}', 'title': 'item {i}', 'categories': [['Baby']]}}" for i in range(6)))
     reviews, _ = read_reviews(rpath, "amazon2014")
     meta, _ = read_meta(mpath, "amazon2014")
     res = build_interactions(reviews, meta, split_rule="chronological")

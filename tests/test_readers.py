@@ -20,9 +20,7 @@ def write_lines(path: Path, lines: list[str], compress: bool) -> Path:
 
 
 def review_2014(user: str, asin: str, rating=5.0, t=1_300_000_000) -> str:
-    return json.dumps(
-        {"reviewerID": user, "asin": asin, "overall": rating, "unixReviewTime": t, "reviewText": "ok"}
-    )
+    return json.dumps({"reviewerID": user, "asin": asin, "overall": rating, "unixReviewTime": t, "reviewText": "ok"})
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
@@ -54,9 +52,7 @@ def test_reviews_2023_parent_asin_and_milliseconds(tmp_path, compress):
                 "timestamp": 1588687728923,
             }
         ),
-        json.dumps(
-            {"user_id": "AG2", "asin": "CHILD2", "parent_asin": "P2", "rating": 3, "timestamp": 1600000000999}
-        ),
+        json.dumps({"user_id": "AG2", "asin": "CHILD2", "parent_asin": "P2", "rating": 3, "timestamp": 1600000000999}),
     ]
     df, report = read_reviews(write_lines(tmp_path / "r.jsonl", lines, compress), "amazon2023")
     assert df["asin"].tolist() == ["P1", "P2"]

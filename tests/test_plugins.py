@@ -1,0 +1,88 @@
+"""SAND as a plug-in on VBPR and FREEDOM (Table 3) and the model registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from models.graph import scipy_to_torch_sparse
+from models.registry import MODELS, build_model, required_modalities
+
+
+def tiny_inputs(seed: int = 0, n_users: int = 30, n_items: int = 20):
+    rng = np.random.default_rng(seed)
+    edges = np.array([(u, i) for u in range(n_users) for i in rng.choice(n_items, 4, replace=False)])
+    features = {"image": torch.randn(n_items, 8, generator=torch.Generator().manual_seed(seed)),
+                "text": torch.randn(n_items, 6, generator=torch.Generator().manual_seed(seed + 1))}
+    graphs = {}
+    for m, x in features.items():
+        sim = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(x, dim=1).T
+        top = sim.topk(3, dim=1).indices.numpy()
+        rows = np.repeat(np.arange(n_items), 3)
+        graphs[m] = scipy_to_torch_sparse(sp.csr_matrix((np.full(rows.size, 1 / 3), (rows, top.ravel())),
+                                                        shape=(n_items, n_items)))
+    return dict(n_users=n_users, n_items=n_items, train_edges=torch.from_numpy(edges), features=features,
+                item_graphs=graphs)
+
+
+def train_steps(model, inputs, steps=5):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    model.on_epoch_start(0, gen)
+    edges = inputs["train_edges"]
+    history = []
+    for _ in range(steps):
+        users, pos = edges[:, 0], edges[:, 1]
+        neg = torch.randint(0, inputs["n_items"], (len(users),), generator=gen)
+        model.auxiliary_step(users, pos, neg)
+        terms = model.loss_terms(users, pos, neg)
+        loss = sum(terms.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in terms.items()})
+    return history
+
+
+@pytest.mark.parametrize("name", ["vbpr-sand", "freedom-sand"])
+@pytest.mark.parametrize("variant, present", [("a", {"align", "distance"}), ("b", {"align", "distance"}),
+                                              ("no-align", {"distance"}), ("no-align-no-distance", set())])
+def test_plugins_train_with_finite_losses_and_only_enabled_terms(name, variant, present):
+    inputs = tiny_inputs()
+    torch.manual_seed(0)
+    model = build_model(name, variant=variant, club_steps=2, **inputs)
+    history = train_steps(model, inputs)
+    sand_terms = {k for k in history[-1] if k in ("align", "distance")}
+    assert sand_terms == present
+    assert all(np.isfinite(v) for h in history for v in h.values())
+    model.eval()
+    with torch.no_grad():
+        users, items = model.embeddings()
+    assert users.shape[0] == 30 and items.shape[0] == 20
+
+
+def test_plugin_matches_its_backbone_when_switched_off():
+    """With both SAND terms disabled, VBPR+SAND trains exactly like VBPR (the backbone is untouched)."""
+    inputs = tiny_inputs()
+    torch.manual_seed(0)
+    plain = build_model("vbpr", **inputs)
+    torch.manual_seed(0)
+    plugged = build_model("vbpr-sand", variant="no-align-no-distance", **inputs)
+    plugged.backbone.load_state_dict(plain.state_dict())
+    a, b = train_steps(plain, inputs), train_steps(plugged, inputs)
+    assert a == b
+
+
+def test_registry_rejects_unknown_names_and_reports_missing_features():
+    inputs = tiny_inputs()
+    with pytest.raises(ValueError, match="no hyper-parameter 'bogus'"):
+        build_model("sand", bogus=1, **inputs)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("nope", **inputs)
+    without_text = {**inputs, "features": {"image": inputs["features"]["image"]}}
+    with pytest.raises(ValueError, match="text features"):
+        build_model("freedom", **without_text)
+    assert required_modalities("bpr") == () and required_modalities("sand") == ("image", "text")
+    assert set(MODELS) == {"bpr", "lightgcn", "vbpr", "freedom", "sand", "vbpr-sand", "freedom-sand"}
