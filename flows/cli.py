@@ -225,6 +225,71 @@ def recommend(
 
 
 @app.command()
+@with_common_options
+def grid(
+    common: Common,
+    preset: Annotated[str | None, typer.Option(help="table2 | table3 | variants | ablations | "
+                                               "sensitivity-alpha | sensitivity-beta | sensitivity-tau")] = None,
+    axis: Annotated[list[str] | None, typer.Option(
+        "--axis", help="field=v1,v2,... (repeatable), e.g. train.alpha=0.001,0.012")] = None,
+    name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,
+) -> None:
+    """Run a grid of settings; select by validation Recall@20 and report its test metrics."""
+    from pipeline.grid import PRESETS
+
+    axes: dict[str, list[Any]] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown grid preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        axes.update(PRESETS[preset])
+    for text in axis or []:
+        axes.update(_parse_axis(text))
+    if not axes:
+        raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
+    cfg = common.pipeline_config()
+    options = common.run_options()
+    _check_prefect_server()
+    from flows.pipeline_flows import grid_flow
+
+    summary = grid_flow(config=cfg, axes=axes, name=name or preset or "grid", options=options)
+    if common.json:
+        _emit(summary, True)
+    else:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _parse_axis(text: str) -> dict[str, list[Any]]:
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"invalid --axis {text!r}: expected field=v1,v2,...")
+    field, raw = text.split("=", 1)
+    values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"invalid --axis {text!r}: no values")
+    return {field.strip(): values}
+
+
+@app.command()
+@with_common_options
+def report(
+    common: Common,
+    out: Annotated[Path | None, typer.Option(help="also copy the tables and figures here")] = None,
+) -> None:
+    """Tables (paper layouts) and figures from every evaluated run in the data root."""
+    import shutil
+
+    summary = _run_flow(common, None, stage="report")
+    if out is not None:
+        shutil.copytree(summary["report"], out, dirs_exist_ok=True)
+        summary["report"] = str(out)
+    if common.json:
+        _emit(summary, True)
+    else:
+        typer.echo(f"report written to {summary['report']}")
+
+
+@app.command()
 def serve(
     cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config the deployments default to")] = None,

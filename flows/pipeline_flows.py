@@ -17,7 +17,7 @@ from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.runners import RUNNERS, make_task_runner
-from flows.ui import publish_stage_artifacts, publish_summary
+from flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from pipeline import stages
 from pipeline.config import STAGES, PipelineConfig
 from pipeline.runner import PipelineResult, planned_stages, resolve_upstream, run_stage
@@ -84,7 +84,8 @@ def _shard_mapper(options: RunOptions) -> stages.ShardMapper:
 
 def _stage_body(stage: str, config: PipelineConfig, options: RunOptions) -> Any:
     ctx = stages.Context.create(config, options.refresh)
-    done = resolve_upstream(ctx, stage)
+    # The report reads every evaluated run in the store, not one upstream chain.
+    done = resolve_upstream(ctx, stage) if stage != "report" else {}
     mapper = _shard_mapper(options) if stage == "image_features" else None
     outcome = run_stage(ctx, stage, done, mapper)
     publish_stage_artifacts(stage, outcome)
@@ -110,6 +111,7 @@ image_features_flow = _make_stage_flow("image_features")
 graphs_flow = _make_stage_flow("graphs")
 train_flow = _make_stage_flow("train")
 evaluate_flow = _make_stage_flow("evaluate")
+report_flow = _make_stage_flow("report")
 
 STAGE_FLOWS = {
     "acquire": acquire_flow,
@@ -119,6 +121,7 @@ STAGE_FLOWS = {
     "graphs": graphs_flow,
     "train": train_flow,
     "evaluate": evaluate_flow,
+    "report": report_flow,
 }
 
 
@@ -136,3 +139,25 @@ def pipeline_flow(
     summary = result.summary()
     publish_summary(summary)
     return summary
+
+
+@flow(name="sand-grid", log_prints=True)
+def grid_flow(
+    config: PipelineConfig | None = None,
+    axes: dict[str, list[Any]] | None = None,
+    name: str = "grid",
+    options: RunOptions | None = None,
+    select_metric: str = "recall@20",
+) -> dict[str, Any]:
+    """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
+    from pipeline.grid import run_grid
+
+    config = config or PipelineConfig()
+    options = options or RunOptions()
+
+    def run_one(cfg: PipelineConfig) -> dict[str, Any]:
+        return pipeline_flow(config=cfg, options=options, until="evaluate")
+
+    result = run_grid(config, axes or {}, name=name, run_one=run_one, select_metric=select_metric)
+    publish_grid(result)
+    return result.to_dict()

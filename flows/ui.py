@@ -59,6 +59,8 @@ def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
             key="sand-metrics", table=metrics_rows(manifest["metrics"]),
             description=f"Full-ranking metrics of {manifest.get('model')} (MMRec protocol)",
         ))
+    if stage == "report":
+        publish_figures(sorted(outcome.artifact.path.rglob("*.png")))
     if stage == "image_features" and manifest.get("missing"):
         _safe(lambda: create_markdown_artifact(
             key="sand-missing-images",
@@ -89,3 +91,19 @@ def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None
         data = base64.b64encode(Path(path).read_bytes()).decode()
         parts += [f"## {Path(path).stem}", f"![{Path(path).stem}](data:image/png;base64,{data})", ""]
     _safe(lambda: create_markdown_artifact(key=key, markdown="\n".join(parts)))
+
+
+def publish_grid(result: Any) -> None:
+    """The grid's runs table (one row per setting) and which one validation selected."""
+    import pandas as pd
+    from prefect.artifacts import create_table_artifact
+
+    if not Path(result.table_path).is_file():
+        return
+    table = pd.read_csv(result.table_path).round(5).astype(object).where(lambda d: d.notna(), None)
+    selected = result.selected.to_dict() if result.selected else None
+    _safe(lambda: create_table_artifact(
+        key=f"sand-grid-{result.name.lower().replace('_', '-').replace('.', '-')}",
+        table=table.to_dict(orient="records"),
+        description=f"Grid {result.name}: selected by valid {result.select_metric}: {selected}",
+    ))

@@ -333,6 +333,7 @@ class ModalSeparation(nn.Module):
 
         Pairs are the detached (E1_m, E2_m) of the same modality over the distancing
         scope. Returns the mean log-likelihood per modality before the last step.
+        Runs under no_grad (the gradients are computed in closed form).
         Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also
         holds these parameters never moves them.
         """
@@ -346,20 +347,22 @@ class ModalSeparation(nn.Module):
                 _, e1, e2 = self._projections(m, z_detached[m], None, rows, False, True)
                 assert e1 is not None and e2 is not None
                 pairs[m] = (e1.detach(), e2.detach())
-        lls: dict[str, torch.Tensor] = {}
-        with torch.enable_grad():
-            for _ in range(self.club_steps):
-                for opt in self._club_optimisers.values():
-                    opt.zero_grad(set_to_none=True)
-                # Parameters of different estimators are disjoint, so one backward of the
-                # sum gives every estimator exactly its own gradient.
-                lls = {m: self._estimator(m).log_likelihood(*pairs[m]) for m in self.modalities}
-                (-torch.stack(list(lls.values())).sum()).backward()
-                for opt in self._club_optimisers.values():
-                    opt.step()
+        lls: dict[str, float] = {}
+        for step in range(self.club_steps):
+            last = step == self.club_steps - 1
+            for opt in self._club_optimisers.values():
+                opt.zero_grad(set_to_none=True)
+            # Gradients by hand (ClubEstimator.accumulate_nll_grad); a shared estimator
+            # accumulates the gradients of every modality's pairs (sum of likelihoods).
+            for m in self.modalities:
+                value = self._estimator(m).accumulate_nll_grad(*pairs[m], with_value=last)
+                if value is not None:
+                    lls[m] = value
+            for opt in self._club_optimisers.values():
+                opt.step()
         for opt in self._club_optimisers.values():
             opt.zero_grad(set_to_none=True)
-        return {f"club_ll_{m}": float(v.detach()) for m, v in lls.items()}
+        return {f"club_ll_{m}": v for m, v in lls.items()}
 
     def auxiliary_state_dict(self) -> dict[str, Any]:
         """The CLUB optimisers' states (estimator weights are in the module's state_dict)."""

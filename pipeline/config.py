@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError
 
-STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate")
+STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")
 DatasetFormat = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
 ModelName = Literal["sand", "bpr", "lightgcn", "vbpr", "freedom", "vbpr-sand", "freedom-sand"]
 Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance"]
@@ -119,6 +119,12 @@ class EvaluateConfig(_Section):
     batch_users: int = Field(4096, ge=1)
 
 
+class ReportConfig(_Section):
+    tsne_items: int = Field(500, ge=10, description="items drawn for the t-SNE figures (Figures 5-6)")
+    select_metric: str = Field("recall@20", description="validation metric that picks each table's run")
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     data_root: Path = Field(
         default_factory=lambda: Path(os.environ.get("SAND_DATA_ROOT", "data")),
@@ -132,6 +138,7 @@ class PipelineConfig(_Section):
     graphs: GraphsConfig = Field(default_factory=GraphsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def resolved(self) -> PipelineConfig:
         """A copy with the global seed pushed into every stage that draws random numbers."""
@@ -139,7 +146,7 @@ class PipelineConfig(_Section):
             return self
         data = self.model_dump()
         data["acquire"]["sample_seed"] = self.seed
-        for section in ("interactions", "image_features", "train"):
+        for section in ("interactions", "image_features", "train", "report"):
             data[section]["seed"] = self.seed
         return build_config(data)
 

@@ -11,7 +11,7 @@ model: its modal transform ``Z_m = L_m(X_m)`` is split by columns into the
 modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model
 splits it (``model.separation.split``); a seeded t-SNE maps a random sample of
 items of each of the four sets to 2-D, and Gaussian KDEs show (Fig. 5) the
-density of the t-SNE points and (Fig. 6) the density of the L2-normalised points
+density of the t-SNE points and (Fig. 6) the density of the centred, L2-normalised points
 on the unit circle and of their angles -- the "uniformity" view the paper uses.
 """
 
@@ -98,7 +98,10 @@ def plot_training_curves(
         ylabel=METRIC_LABELS.get(metric, metric),
     )
     ax_l.set(title="Training loss (mean over batches)", xlabel="epoch", ylabel="loss")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_m, ax_l):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
@@ -286,19 +289,24 @@ def circle_points(points: np.ndarray) -> np.ndarray:
 
 
 def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Gaussian KDE of angles on [-pi, pi), wrapped (copies at +-2 pi) so it is periodic."""
-    kde = _kde(np.concatenate([angles - 2 * np.pi, angles, angles + 2 * np.pi])[None, :])
-    return None if kde is None else 3.0 * kde(grid[None, :])
+    """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the
+    density is periodic; the bandwidth is Scott's rule on the angles themselves."""
+    kde = _kde(np.asarray(angles, dtype=float)[None, :])
+    if kde is None:
+        return None
+    return sum(kde(grid[None, :] + shift) for shift in (-2 * np.pi, 0.0, 2 * np.pi))
 
 
 def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
-    """Figure 6: density of the L2-normalised t-SNE points on the unit circle (top, 2-D KDE)
-    and of their angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
+    """Figure 6: density of the centred, L2-normalised t-SNE points on the unit circle (top, 2-D
+    KDE) and of their angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
     keys = [k for k in REPRESENTATIONS if k in points]
     fig, axes = _figure(2, len(keys), 4.0 * len(keys), 7.6)
     theta = np.linspace(-np.pi, np.pi, 361)
     for c, key in enumerate(keys):
-        unit = circle_points(points[key])
+        # centred first: t-SNE output has an arbitrary offset, and the angles are meant around the
+        # cloud's centre, not around wherever the origin happens to fall
+        unit = circle_points(points[key] - points[key].mean(axis=0))
         ax: Axes = axes[0, c]
         kde = _kde(unit.T)
         if kde is not None:

@@ -79,9 +79,7 @@ def process_shard(
     results = fetch_images(list(urls), Path(cache_dir), **dict(fetch_kwargs or {}))
     ok = [(int(i), r.path) for i, r in zip(item_ids, results, strict=True) if r.ok]
     missing = [
-        (int(i), str(u or ""), str(r.reason))
-        for i, u, r in zip(item_ids, urls, results, strict=True)
-        if not r.ok
+        (int(i), str(u or ""), str(r.reason)) for i, u, r in zip(item_ids, urls, results, strict=True) if not r.ok
     ]
     if ok:
         model, dim, description = build_cnn(**build)
@@ -177,8 +175,7 @@ def assemble_features(
         ids = np.asarray(shard.item_ids, dtype=np.int64)
         if shard.features.shape != (len(ids), dim):
             raise DataError(
-                f"image feature shard has features of shape {shard.features.shape}, "
-                f"expected ({len(ids)}, {dim})"
+                f"image feature shard has features of shape {shard.features.shape}, expected ({len(ids)}, {dim})"
             )
         mark(ids)
         feat[ids] = shard.features
@@ -188,9 +185,7 @@ def assemble_features(
         rows.extend(shard.missing)
     if not seen.all():
         first = int(np.flatnonzero(~seen)[0])
-        raise DataError(
-            f"image feature shards cover {int(seen.sum())} of {n_items} items (first absent: {first})"
-        )
+        raise DataError(f"image feature shards cover {int(seen.sum())} of {n_items} items (first absent: {first})")
     missing = pd.DataFrame(rows, columns=["item", "url", "reason"]).sort_values("item", ignore_index=True)
     missing["item"] = missing["item"].astype(np.int64)
     if n_items and not usable.any():

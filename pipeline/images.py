@@ -98,9 +98,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode == "RGB":
         return img
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -395,8 +393,7 @@ async def _fetch_all(
         headers={"User-Agent": _USER_AGENT},
     ) as client:
         tasks = {
-            asyncio.ensure_future(_fetch_one(client, sem, u, cache_dir, limits, retries, backoff_base)): u
-            for u in urls
+            asyncio.ensure_future(_fetch_one(client, sem, u, cache_dir, limits, retries, backoff_base)): u for u in urls
         }
         out: dict[str, ImageResult] = {}
         with tqdm(total=len(tasks), desc="images", unit="img", disable=not progress) as bar:

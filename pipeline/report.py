@@ -105,6 +105,16 @@ def run_label(model: str, variant: str | None) -> str:
     return f"{base}_{variant}"
 
 
+def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
+    """Paper order: baselines, then SAND_a-d, then the ablations; plug-ins last."""
+    models, variants = list(MODEL_LABELS), [*VARIANT_PARTS, *VARIANT_LABELS]
+    return (
+        models.index(model) if model in models else len(models),
+        variants.index(variant) if variant in variants else len(variants),
+        f"{model}/{variant}",
+    )
+
+
 def _dataset_order(name: str) -> tuple[int, str]:
     return (PAPER_DATASETS.index(name) if name in PAPER_DATASETS else len(PAPER_DATASETS), name)
 
@@ -302,9 +312,11 @@ def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[s
 
 def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
     """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics)."""
-    present = [v for v in VARIANT_PARTS if any((d, "sand", v) in selected for d in datasets)]
-    if not any(sum((d, "sand", v) in selected for v in VARIANT_PARTS) >= 2 for d in datasets):
+    # only datasets where variants can be compared (at least two of a-d)
+    datasets = [d for d in datasets if sum((d, "sand", v) in selected for v in VARIANT_PARTS) >= 2]
+    if not datasets:
         return None
+    present = [v for v in VARIANT_PARTS if any((d, "sand", v) in selected for d in datasets)]
     cols = _metric_columns(datasets)
     rows = []
     for v in present:
@@ -330,8 +342,7 @@ def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], m
 def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str]) -> Table | None:
     """Table 5: seconds per training epoch and peak memory, per model/variant and dataset."""
     labels: dict[str, tuple[str, str | None]] = {}
-    order = {m: i for i, m in enumerate(MODEL_LABELS)}
-    for (_, model, variant), run in sorted(selected.items(), key=lambda kv: (order.get(kv[0][1], 99), str(kv[0][2]))):
+    for (_, model, variant), run in sorted(selected.items(), key=lambda kv: _model_order(kv[0][1], kv[0][2])):
         if run.result.get("seconds_per_epoch") is not None:
             labels.setdefault(run.label, (model, variant))
     if not labels:
@@ -475,7 +486,7 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
         plot_circle_density(
             points,
             out_dir / f"fig6_circle_{stem}.png",
-            title=f"Figure 6: density of L2-normalised t-SNE points and their angles, {what}",
+            title=f"Figure 6: density of centred, L2-normalised t-SNE points and their angles, {what}",
         ),
     ]
 
@@ -669,7 +680,7 @@ def _index_markdown(
         "varies; dotted line: the paper's value.",
         "ablation": "Figure 3: test metrics of SAND and its ablations.",
         "tsne": "Figures 5-6: t-SNE of the modal-generic and modal-unique representations (Fig. 5, coloured "
-        "by Gaussian KDE density) and the density of the L2-normalised points on the unit circle with "
+        "by Gaussian KDE density) and the density of the centred, L2-normalised points on the unit circle with "
         "their angle distribution (Fig. 6).",
     }
     for name, caption in captions.items():

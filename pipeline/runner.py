@@ -61,6 +61,8 @@ class PipelineResult:
             out["train"] = self.artifact("train").manifest.get("result", {})
         if "evaluate" in self.outcomes:
             out["metrics"] = self.artifact("evaluate").manifest.get("metrics", {})
+        if "report" in self.outcomes:
+            out["report"] = str(self.artifact("report").path)
         return out
 
 
@@ -84,6 +86,8 @@ def run_stage(
         return stages.run_train(ctx, art["interactions"], features)
     if stage == "evaluate":
         return stages.run_evaluate(ctx, art["interactions"], art["train"], features)
+    if stage == "report":
+        return stages.run_report(ctx)
     raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
 
 

@@ -35,6 +35,7 @@ STAGE_VERSIONS = {
     "graphs": "1",
     "train": "1",
     "evaluate": "1",
+    "report": "1",
 }
 
 #: Fields that change speed, not results: left out of artifact keys.
@@ -498,3 +499,22 @@ def run_evaluate(
         "evaluate", STAGE_VERSIONS["evaluate"], params, {"train": trained, **_model_inputs(inter, feature_arts)},
         build, "evaluate" in ctx.refresh,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def run_report(ctx: Context) -> StageOutcome:
+    """Tables and figures over every evaluated run in the store (cached while the set is unchanged)."""
+    rcfg = ctx.cfg.report
+    evaluations = sorted(a.key for a in ctx.store.list("evaluate"))
+    params = {**key_params(rcfg), "evaluations": evaluations}
+
+    def build(out: Path) -> dict[str, Any]:
+        from pipeline.report import write_report
+
+        files = write_report(ctx.store.data_root, out, tsne_items=rcfg.tsne_items, seed=rcfg.seed,
+                             select_metric=rcfg.select_metric)
+        return {"files": {name: [str(Path(p).relative_to(out)) for p in paths] for name, paths in files.items()}}
+
+    return ctx.store.run("report", STAGE_VERSIONS["report"], params, {}, build, "report" in ctx.refresh)

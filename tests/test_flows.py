@@ -45,7 +45,7 @@ def test_end_to_end_then_cached_then_graph_change(prefect_server, tmp_path):
     cfg = tiny_config(tmp_path)
     first = run(cfg)
     assert list(first["stages"]) == [
-        "acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate",
+        "acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report",
     ]
     assert not any(cached(first).values())
     assert first["dataset"]["users"] > 0
@@ -58,7 +58,7 @@ def test_end_to_end_then_cached_then_graph_change(prefect_server, tmp_path):
     changed = run(tiny_config(tmp_path, "graphs.k=5"))
     assert cached(changed) == {
         "acquire": True, "interactions": True, "text_features": True, "image_features": True,
-        "graphs": False, "train": False, "evaluate": False,
+        "graphs": False, "train": False, "evaluate": False, "report": False,
     }
 
 
@@ -67,7 +67,9 @@ def test_failed_stage_keeps_upstream_and_rerun_starts_there(prefect_server, tmp_
     with pytest.raises(SandError, match="no_such_param"):
         run(bad)
     fixed = run(tiny_config(tmp_path, "train.model=bpr"))
-    assert cached(fixed) == {"acquire": True, "interactions": True, "train": False, "evaluate": False}
+    assert cached(fixed) == {
+        "acquire": True, "interactions": True, "train": False, "evaluate": False, "report": False,
+    }
 
 
 def test_image_shards_on_local_dask_cluster(prefect_server, tmp_path):

@@ -37,9 +37,7 @@ def images(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     out = []
-    for i, (size, mode) in enumerate(
-        [((64, 48), "RGB"), ((40, 90), "L"), ((70, 70), "RGBA"), ((50, 50), "RGB")]
-    ):
+    for i, (size, mode) in enumerate([((64, 48), "RGB"), ((40, 90), "L"), ((70, 70), "RGBA"), ((50, 50), "RGB")]):
         arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         img = Image.fromarray(arr, "RGB").convert(mode)
         path = root / f"img{i}.png"
@@ -212,9 +210,7 @@ def test_load_shard_rejects_a_foreign_file(tmp_path):
 
 
 def _shards() -> list[ShardResult]:
-    s1 = ShardResult(
-        np.array([0, 2]), np.array([[1.0, 2.0], [3.0, 6.0]], np.float32), [(1, "u1", "http-404")]
-    )
+    s1 = ShardResult(np.array([0, 2]), np.array([[1.0, 2.0], [3.0, 6.0]], np.float32), [(1, "u1", "http-404")])
     s2 = ShardResult(np.array([4]), np.array([[5.0, 1.0]], np.float32), [(3, "", "empty-url")])
     return [s2, s1]
 

@@ -264,8 +264,6 @@ def test_fetch_works_inside_a_running_event_loop(http_server, tmp_path):
 
 def test_redirect_is_followed(http_server, tmp_path):
     http_server.routes["/final.jpg"] = Reply(200, jpeg())
-    res = fetch_one(
-        http_server, "/moved", Reply(301, b"", {"Location": http_server.url("/final.jpg")}), tmp_path
-    )
+    res = fetch_one(http_server, "/moved", Reply(301, b"", {"Location": http_server.url("/final.jpg")}), tmp_path)
     assert res.ok
     assert http_server.hits == {"/moved": 1, "/final.jpg": 1}
