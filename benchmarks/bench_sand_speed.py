@@ -7,8 +7,9 @@ kNN graphs (k = 10, item itself included, values 1/k) built blockwise with
 the model only).
 
 An epoch = batches of 2048 (user, positive, uniform negative not in the user's
-training items) over the training edges, Adam lr 1e-4, CLUB steps included for MI
-variants. Each configuration runs in its own subprocess so ``ru_maxrss`` is its own
+training items) over the training edges, Adam lr 1e-4 (``fused=True``, as the CLUB
+optimisers), CLUB steps included for MI variants. Each configuration runs in its own
+subprocess so ``ru_maxrss`` is its own
 peak. Seconds per epoch = median seconds per batch over ``--batches`` timed batches
 (after one warm-up batch) times the number of batches in an epoch, unless
 ``--full-epoch`` runs whole epochs. A check subprocess builds fast and naive models
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -62,7 +64,9 @@ def knn_graph(x: torch.Tensor, k: int = KNN_K, block: int = 1024) -> torch.Tenso
         cols.append(sim.topk(k, dim=1).indices)
     col = torch.cat(cols).reshape(-1)
     row = torch.arange(n).repeat_interleave(k)
-    return torch.sparse_coo_tensor(torch.stack([row, col]), torch.full((n * k,), 1.0 / k), (n, n)).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.stack([row, col]), torch.full((n * k,), 1.0 / k), (n, n), check_invariants=True
+    ).coalesce()
 
 
 def make_inputs(seed: int) -> dict:
@@ -94,8 +98,13 @@ def batches(train: np.ndarray, seed: int):
 def build(inputs: dict, variant: str, fast: bool, seed: int = 0) -> SAND:
     torch.manual_seed(seed)
     return SAND(
-        N_USERS, N_ITEMS, torch.from_numpy(inputs["train"]), inputs["features"], inputs["graphs"],
-        variant=variant, fast=fast,
+        N_USERS,
+        N_ITEMS,
+        torch.from_numpy(inputs["train"]),
+        inputs["features"],
+        inputs["graphs"],
+        variant=variant,
+        fast=fast,
     )
 
 
@@ -113,29 +122,40 @@ def run_one(variant: str, fast: bool, n_batches: int, full_epoch: bool, seed: in
     inputs = make_inputs(seed)
     model = build(inputs, variant, fast)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     n_epoch_batches = math.ceil(len(inputs["train"]) / BATCH)
     it = batches(inputs["train"], seed)
     train_step(model, opt, next(it))  # warm-up (allocator, thread pool)
-    times, last = [], {}
+    times, cpu, last = [], [], {}
     if full_epoch:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for batch in batches(inputs["train"], seed + 1):
             last = train_step(model, opt, batch)
-        epoch_s = time.perf_counter() - t0
+        epoch_s, epoch_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         how = "1 full epoch"
     else:
         for _ in range(n_batches):
             batch = next(it)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             last = train_step(model, opt, batch)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         epoch_s = statistics.median(times) * n_epoch_batches
+        epoch_cpu_s = statistics.median(cpu) * n_epoch_batches
         how = f"median of {n_batches} batches x {n_epoch_batches}"
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     finite = all(math.isfinite(v) for v in last.values())
-    return {"variant": variant, "fast": fast, "epoch_s": epoch_s, "how": how, "rss_gb": rss_gb,
-            "finite": finite, "batch_s": times}
+    return {
+        "variant": variant,
+        "fast": fast,
+        "epoch_s": epoch_s,
+        "epoch_cpu_s": epoch_cpu_s,
+        "how": how,
+        "rss_gb": rss_gb,
+        "threads": torch.get_num_threads(),
+        "finite": finite,
+        "batch_s": times,
+    }
 
 
 def run_check(variant: str, seed: int) -> dict:
@@ -154,8 +174,13 @@ def run_check(variant: str, seed: int) -> dict:
     diffs = {k: abs(out["fast"][0][k] - out["naive"][0][k]) for k in out["fast"][0]}
     g_f, g_n = out["fast"][1], out["naive"][1]
     grad_rel = float((g_f - g_n).norm() / g_n.norm().clamp_min(1e-30))
-    return {"variant": variant, "terms": out["fast"][0], "max_abs_diff": max(diffs.values()),
-            "diffs": diffs, "grad_rel_diff_L_image": grad_rel}
+    return {
+        "variant": variant,
+        "terms": out["fast"][0],
+        "max_abs_diff": max(diffs.values()),
+        "diffs": diffs,
+        "grad_rel_diff_L_image": grad_rel,
+    }
 
 
 def main() -> None:
@@ -164,8 +189,11 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["a", "b"])
     ap.add_argument("--full-epoch", action="store_true", help="time whole epochs of the fast models")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:  # child process: one configuration, JSON on the last line
         kind, variant, mode = args.one.split(":")
         if kind == "check":
@@ -176,31 +204,53 @@ def main() -> None:
         return
 
     def child(spec: str) -> dict:
-        cmd = [sys.executable, __file__, "--one", spec, "--batches", str(args.batches), "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            spec,
+            "--batches",
+            str(args.batches),
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+        ]
         if args.full_epoch:
             cmd.append("--full-epoch")
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{N_USERS} users, {N_ITEMS} items, {N_INTER} interactions (75% train), batch {BATCH}")
+    # Without this, OpenMP worker threads spin while waiting; on a shared, oversubscribed
+    # machine the small ops of the CLUB fit then run 10-20x slower (measured here).
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    print(f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{N_USERS} users, {N_ITEMS} items, {N_INTER} interactions (75% train), batch {BATCH}"
+    )
     rows = []
     for v in args.variants:
         check = child(f"check:{v}:-")
-        print(f"SAND_{v} fast vs naive, same parameters, same batch: max |loss diff| = "
-              f"{check['max_abs_diff']:.2e} (terms {check['terms']}); "
-              f"rel. grad diff of L_image = {check['grad_rel_diff_L_image']:.2e}")
+        print(
+            f"SAND_{v} fast vs naive, same parameters, same batch: max |loss diff| = "
+            f"{check['max_abs_diff']:.2e} (terms {check['terms']}); "
+            f"rel. grad diff of L_image = {check['grad_rel_diff_L_image']:.2e}"
+        )
         res = {mode: child(f"run:{v}:{mode}") for mode in ("fast", "naive")}
         rows.append((v, res))
     print()
-    print(f"| model | mode | s/epoch | how | peak RSS (GB) | finite | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | mode | s/epoch (wall) | CPU s/epoch | how | peak RSS (GB) | finite | speed-up (wall) |")
+    print("|---|---|---|---|---|---|---|---|")
     for v, res in rows:
         for mode in ("fast", "naive"):
             r = res[mode]
             sp = res["naive"]["epoch_s"] / r["epoch_s"]
-            print(f"| SAND_{v} | {mode} | {r['epoch_s']:.1f} | {r['how']} | {r['rss_gb']:.2f} | "
-                  f"{r['finite']} | {sp:.1f}x |")
+            print(
+                f"| SAND_{v} | {mode} | {r['epoch_s']:.1f} | {r['epoch_cpu_s']:.1f} | {r['how']} | "
+                f"{r['rss_gb']:.2f} | {r['finite']} | {sp:.1f}x |"
+            )
 
 
 if __name__ == "__main__":

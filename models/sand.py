@@ -152,9 +152,9 @@ class SAND(Recommender):
         edges = torch.as_tensor(train_edges).detach().cpu().numpy().astype(np.int64).reshape(-1, 2)
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         self.register_buffer("adj", normalised_bipartite_adjacency(self.n_users, self.n_items, edges), persistent=False)
-        s = mm_image_weight * _as_coo(item_graphs["image"], "image", self.n_items) + (
-            1.0 - mm_image_weight
-        ) * _as_coo(item_graphs["text"], "text", self.n_items)
+        s = mm_image_weight * _as_coo(item_graphs["image"], "image", self.n_items) + (1.0 - mm_image_weight) * _as_coo(
+            item_graphs["text"], "text", self.n_items
+        )
         self.register_buffer("item_graph", s.coalesce(), persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}
         for m in self.modalities:
@@ -217,12 +217,18 @@ class SAND(Recommender):
         return terms
 
     def auxiliary_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
-        """Fit the CLUB estimators on this batch's detached projections (MI variants only)."""
+        """Fit the CLUB estimators on this batch's detached projections (MI variants only).
+
+        Reads ``Z_m`` through the folded linear maps in both modes: no gradient flows
+        here, the values are the same, and the naive mode then pays for one full-width
+        ``L_m`` per batch (in :meth:`loss_terms`), as the authors' code does.
+        """
         if self.separation.distance != "club":
             return {}
-        with torch.no_grad():
-            z = self.modal_inputs()
-            z = {m: v.detach() for m, v in z.items()}
+        z: dict[str, ModalInput] = {}
+        for m in self.modalities:
+            lin = self.transforms[m]
+            z[m] = LinearView(getattr(self, f"feat_{m}"), lin.weight, lin.bias).detach()
         return self.separation.auxiliary_step(z, torch.cat([pos, neg]))
 
     def auxiliary_state_dict(self) -> dict[str, Any]:

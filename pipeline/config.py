@@ -161,12 +161,7 @@ CLI_FIELDS = {
     "variant": "train.variant",
     "epochs": "train.epochs",
     "device": "train.device",
-    "k_core": "interactions.k_core",
-    "split": "interactions.split",
-    "image_backbone": "image_features.backbone",
     "image_weights": "image_features.weights",
-    "text_model": "text_features.model",
-    "knn_k": "graphs.k",
 }
 
 

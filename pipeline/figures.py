@@ -199,29 +199,37 @@ def plot_ablation(
 # ---------------------------------------------------------------------------------------------
 # Figures 5-6: generic / unique representations
 # ---------------------------------------------------------------------------------------------
-def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
-    """(modality, "generic" | "unique") -> (len(items), d) array for the given items.
+def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
+    """modality -> (generic, unique) blocks over ALL items (tensors or unevaluated LinearViews).
 
-    SAND exposes no single accessor for the split, so this composes its public pieces:
-    ``model.modal_inputs()`` gives ``Z_m`` (a tensor, or an unevaluated ``LinearView``) and
-    ``model.separation.split(m, Z_m)`` its generic/unique column blocks -- the same split
-    the alignment and distancing losses see. Only the sampled rows are materialised.
+    Uses the model's own ``modal_parts()`` where it has one (the SAND plug-ins do); SAND
+    itself has no such accessor, so for it this composes its public pieces:
+    ``model.modal_inputs()`` gives ``Z_m`` and ``model.separation.split(m, Z_m)`` its
+    generic/unique column blocks -- the same split the alignment and distancing losses see.
+    """
+    if hasattr(model, "modal_parts"):
+        return dict(model.modal_parts())
+    if hasattr(model, "modal_inputs") and hasattr(model, "separation"):
+        z = model.modal_inputs()
+        return {m: tuple(model.separation.split(m, z[m])) for m in z}
+    raise StageError(f"model {type(model).__name__} has no generic/unique split (a SAND model is needed)")
+
+
+def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """(modality, "generic" | "unique") -> (len(items), d) array for the given items (eval mode).
+
+    Only the sampled rows are materialised (a LinearView is sliced before it is evaluated).
     """
     import torch
 
-    if not (hasattr(model, "modal_inputs") and hasattr(model, "separation")):
-        raise StageError(f"model {type(model).__name__} has no generic/unique split (a SAND model is needed)")
     index = torch.as_tensor(np.asarray(items, dtype=np.int64))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            z = model.modal_inputs()
             out: dict[tuple[str, str], np.ndarray] = {}
-            for modality in model.modalities:
-                for part, block in zip(
-                    ("generic", "unique"), model.separation.split(modality, z[modality]), strict=True
-                ):
+            for modality, blocks in modal_parts(model).items():
+                for part, block in zip(("generic", "unique"), blocks, strict=True):
                     rows = block.rows(index).dense() if hasattr(block, "dense") else block[index]
                     out[(modality, part)] = rows.detach().cpu().double().numpy()
     finally:

@@ -292,8 +292,8 @@ def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[s
                 name = MODEL_LABELS[b]
                 row[name], row[f"{name}+SAND"] = bv, pv
                 row[f"{name} Improv."] = (pv - bv) / bv * 100.0 if bv > 0 else math.nan
-                if math.isfinite(bv) and math.isfinite(pv):
-                    bold.add((len(rows), f"{name}+SAND" if pv > bv else name))
+                if math.isfinite(bv) and math.isfinite(pv):  # the better of the pair (both on a tie)
+                    bold |= {(len(rows), c) for c, v in ((name, bv), (f"{name}+SAND", pv)) if v == max(bv, pv)}
             rows.append(row)
     frame = pd.DataFrame(rows)
     formats = {f"{MODEL_LABELS[b]} Improv.": _fmt_pct for b in pairs}
@@ -369,7 +369,8 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
         notes=[
             "Median seconds per training epoch (evaluation excluded) and peak memory of the "
             "validation-selected run, as the trainer recorded them: on CUDA the peak allocated GPU memory, "
-            "on CPU the process's peak resident memory. Numbers from different machines are not comparable."
+            "on CPU the process's peak resident memory since it started (so a grid trained in one process "
+            "carries earlier runs' peaks forward). Numbers from different machines are not comparable."
         ],
     )
 

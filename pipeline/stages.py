@@ -196,6 +196,12 @@ def _skip_dict(report: Any) -> dict[str, Any]:
     return _jsonable(report.to_dict()) if report is not None else {}
 
 
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def _jsonable(obj: Any) -> Any:
     """numpy scalars and paths to plain JSON values (manifests must be readable anywhere)."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
@@ -508,7 +514,9 @@ def run_report(ctx: Context) -> StageOutcome:
     """Tables and figures over every evaluated run in the store (cached while the set is unchanged)."""
     rcfg = ctx.cfg.report
     evaluations = sorted(a.key for a in ctx.store.list("evaluate"))
-    params = {**key_params(rcfg), "evaluations": evaluations}
+    # Grid tables feed the sensitivity figure: a changed grid must give a new report.
+    grids = {p.parent.name: _file_digest(p) for p in sorted((ctx.store.data_root / "grids").glob("*/runs.csv"))}
+    params = {**key_params(rcfg), "evaluations": evaluations, "grids": grids}
 
     def build(out: Path) -> dict[str, Any]:
         from pipeline.report import write_report

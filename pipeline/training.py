@@ -91,11 +91,36 @@ def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window, so each epoch (and each run of a grid) reports its own peak.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark
+    (VmHWM); elsewhere the process-lifetime ``ru_maxrss`` is used.
+    """
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -283,8 +308,7 @@ def train_model(
         rng, gen_seed, global_seed = epoch_seeds(seed, epoch)
         torch.manual_seed(global_seed)
         generator = torch.Generator(device=dev).manual_seed(gen_seed)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        _reset_peak_memory(dev)
         t0 = time.perf_counter()
         model.train()
         model.on_epoch_start(epoch, generator)

@@ -12,7 +12,7 @@ import torch
 from models.bpr import MFBPR, bpr_loss, emb_loss
 from models.freedom import FREEDOM
 from models.graph import bipartite_adjacency, symmetric_normalise
-from models.lightgcn import LightGCN
+from models.lightgcn import LightGCN, sparse_matmul, to_csr
 from models.vbpr import VBPR
 
 N_USERS, N_ITEMS = 30, 20
@@ -248,3 +248,15 @@ def test_freedom_requires_pruning_before_training_and_reloads(data):
     with torch.no_grad():
         torch.testing.assert_close(copy.embeddings()[1], model.embeddings()[1])
     assert "full_adj" not in model.state_dict() and "feat_image" in model.state_dict()
+
+
+def test_sparse_matmul_gradient_matches_dense():
+    g = torch.Generator().manual_seed(4)
+    dense = torch.rand(6, 6, generator=g) * (torch.rand(6, 6, generator=g) > 0.5)  # not symmetric
+    x = torch.randn(6, 3, generator=g, requires_grad=True)
+    w = torch.randn(6, 3, generator=g)
+    (sparse_matmul(to_csr(dense.to_sparse()), x, to_csr(dense.T.to_sparse())) * w).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    ((dense @ x) * w).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
