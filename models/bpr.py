@@ -73,9 +73,7 @@ def check_modalities(
                 )
             g = item_graphs[m]
             if n_items is not None and tuple(g.shape) != (n_items, n_items):
-                raise ValueError(
-                    f"{model_name}: '{m}' item graph must be ({n_items}, {n_items}); got {tuple(g.shape)}"
-                )
+                raise ValueError(f"{model_name}: '{m}' item graph must be ({n_items}, {n_items}); got {tuple(g.shape)}")
 
 
 class MFBPR(Recommender):

@@ -96,9 +96,7 @@ class FREEDOM(Recommender):
         train_features: bool = True,
     ) -> None:
         super().__init__()
-        check_modalities(
-            "FREEDOM", self.required_modalities, features, item_graphs, n_items, need_graphs=True
-        )
+        check_modalities("FREEDOM", self.required_modalities, features, item_graphs, n_items, need_graphs=True)
         if feat_embed_dim != embedding_dim:
             raise ValueError(
                 f"FREEDOM: feat_embed_dim ({feat_embed_dim}) must equal embedding_dim ({embedding_dim}): "

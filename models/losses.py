@@ -31,51 +31,60 @@ def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 
-class _RowLogSumExp(torch.autograd.Function):
-    """``lse_i = log sum_j exp(a_i . b_j)`` without holding the n x m logits.
+class _MeanRowLogSumExp(torch.autograd.Function):
+    """``mean_i log sum_j exp(a_i . b_j)`` without holding the n x m logits.
 
-    Rows are processed in blocks small enough to stay in cache; the backward pass
-    recomputes each block (``p_ij = exp(a_i . b_j - lse_i)``) instead of storing it.
+    Rows are processed in blocks small enough to stay in cache. Because the output is
+    a mean, its gradient is known up to the incoming scalar while the forward pass has
+    each block's softmax at hand, so the gradients are accumulated there (one block
+    product forward and two for the gradients) and ``backward`` only rescales them:
+    no second pass over the n x m logits.
     """
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
-        out = a.new_empty(a.shape[0])
-        for r in range(0, a.shape[0], block):
-            logits = a[r : r + block] @ b.T
-            top = logits.amax(dim=1, keepdim=True)
-            out[r : r + block] = logits.sub_(top).exp_().sum(dim=1).log_() + top.squeeze(1)
-        ctx.save_for_backward(a, b, out)
-        ctx.block = block
-        return out
+        n = a.shape[0]
+        want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a = torch.empty_like(a) if want_a else None
+        grad_b = torch.zeros_like(b) if want_b else None
+        total = a.new_zeros(())
+        for r in range(0, n, block):
+            e = a[r : r + block] @ b.T
+            top = e.amax(dim=1, keepdim=True)
+            e.sub_(top).exp_()
+            sums = e.sum(dim=1, keepdim=True)
+            total += (sums.log() + top).sum()
+            if want_a or want_b:
+                p = e.div_(sums * n)  # softmax rows / n: d(mean lse) / d(logits)
+                if grad_a is not None:
+                    grad_a[r : r + block] = p @ b
+                if grad_b is not None:
+                    grad_b.addmm_(p.T, a[r : r + block])
+        ctx.save_for_backward(grad_a, grad_b)
+        return total / n
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        a, b, lse = ctx.saved_tensors
-        grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
-        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
-        for r in range(0, a.shape[0], ctx.block):
-            p = (a[r : r + ctx.block] @ b.T).sub_(lse[r : r + ctx.block, None]).exp_()
-            p.mul_(grad[r : r + ctx.block, None])
-            if grad_a is not None:
-                grad_a[r : r + ctx.block] = p @ b
-            if grad_b is not None:
-                grad_b.addmm_(p.T, a[r : r + ctx.block])
-        return grad_a, grad_b, None
+        grad_a, grad_b = ctx.saved_tensors
+        return (
+            None if grad_a is None else grad_a * grad,
+            None if grad_b is None else grad_b * grad,
+            None,
+        )
 
 
-def row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """``torch.logsumexp(a @ b.T, dim=1)`` in O(block * m) memory, cache-friendly.
+def mean_row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``torch.logsumexp(a @ b.T, dim=1).mean()`` in O(block * m) memory, cache-friendly.
 
     Why: SoloSim over all N items needs N x N logits (7050^2 on Baby, 49.7M floats per
-    pass); materialised, the subtraction, exponential and their gradients each stream
-    200 MB through memory and were a third of a training step.
+    pass); materialised, the subtraction, the exponential and their gradients each
+    stream 200 MB through memory and were a third of a training step.
     """
-    return _RowLogSumExp.apply(a, b, block)
+    return _MeanRowLogSumExp.apply(a, b, block)
 
 
-def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float) -> torch.Tensor:
+def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float, *, literal: bool = False) -> torch.Tensor:
     """SoloSim (Eq. 10), text -> image direction only, as the reference computes it.
 
     ``S = T I^T / tau``; loss ``= -mean(diag(log_softmax(S, dim=1)))``: item i's text view
@@ -83,19 +92,23 @@ def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float) -> tor
     already L2-normalised projections (n x d), row i of both belonging to the same item.
 
     Computed as ``mean_i(logsumexp_j S_ij - S_ii)`` (the same value) with ``1/tau``
-    applied to the n x d input and the n x n logits never held (:func:`row_logsumexp`).
+    applied to the n x d input and the n x n logits never held (:func:`mean_row_logsumexp`).
+    ``literal=True`` evaluates the formula as written (the naive reference the fast
+    form is tested against).
     """
+    if literal:
+        return -torch.diagonal(F.log_softmax(text_h @ image_h.T / tau, dim=1)).mean()
     scaled = text_h / tau
-    return (row_logsumexp(scaled, image_h) - (scaled * image_h).sum(dim=1)).mean()
+    return mean_row_logsumexp(scaled, image_h) - (scaled * image_h).sum(dim=1).mean()
 
 
-def infonce_loss(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+def infonce_loss(a: torch.Tensor, b: torch.Tensor, tau: float, *, literal: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE (spec §2, Table 4): the a -> b and b -> a SoloSim terms averaged.
 
     Why symmetric: the alternative the paper compares against treats both modalities
     alike, unlike SoloSim which only asks text to find image.
     """
-    return 0.5 * (solosim_loss(a, b, tau) + solosim_loss(b, a, tau))
+    return 0.5 * (solosim_loss(a, b, tau, literal=literal) + solosim_loss(b, a, tau, literal=literal))
 
 
 def l2_distance_loss(

@@ -61,6 +61,19 @@ def model_class(name: str) -> type[Recommender]:
     return getattr(importlib.import_module(s.module), s.cls)
 
 
+def accepted_hyperparameters(name: str) -> set[str]:
+    """Config-side names of the hyper-parameters ``name`` takes (after renames)."""
+    s = spec(name)
+    cls = model_class(name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    backbone = getattr(cls, "backbone_class", None)
+    if backbone is not None:
+        accepted |= set(inspect.signature(backbone.__init__).parameters)
+    inverse = {v: k for k, v in s.renames.items()}
+    return {inverse.get(a, a) for a in accepted} - {"self", "n_users", "n_items", "train_edges", "features",
+                                                     "item_graphs", "args", "kwargs", "backbone_kwargs"}
+
+
 def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
     """Build ``name`` with its constructor's own defaults for everything not given.
 

@@ -168,6 +168,8 @@ class ModalSeparation(nn.Module):
       distance_scope: the same choice for the distancing term and the CLUB fit
         (the reference uses all items).
       share_club: one estimator (and optimiser) for all modalities.
+      reference: evaluate the formulas literally (N x N log-softmax, CLUB gradients by
+        autograd): the naive reference that the fast forms are tested against.
 
     Random permutations for the CLUB bound come from the global torch RNG.
     """
@@ -191,6 +193,7 @@ class ModalSeparation(nn.Module):
         solosim_scope: str = "auto",
         distance_scope: str = "auto",
         share_club: bool = False,
+        reference: bool = False,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -214,6 +217,7 @@ class ModalSeparation(nn.Module):
         self.l2_form = l2_form
         self.solosim_scope, self.distance_scope = solosim_scope, distance_scope
         self.club_steps = int(club_steps)
+        self.reference = bool(reference)
         self.split_at: dict[str, int] = {}
         for m, d in dims.items():
             g = int(d * split_ratio)
@@ -263,7 +267,13 @@ class ModalSeparation(nn.Module):
         return torch.unique(batch_items)
 
     def _projections(
-        self, modality: str, z: ModalInput, head_rows: Any, dist_rows: Any, want_head: bool, want_dist: bool
+        self,
+        modality: str,
+        z: ModalInput,
+        head_rows: torch.Tensor | None,
+        dist_rows: torch.Tensor | None,
+        want_head: bool,
+        want_dist: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(head output, E1, E2) for one modality; linear first layers share one read of G."""
         g, q = self.split(modality, z)
@@ -311,7 +321,8 @@ class ModalSeparation(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if want_head:
             a, b = (heads[m] for m in self.align_pair)
-            loss = solosim_loss(a, b, self.tau) if self.align == "solosim" else infonce_loss(a, b, self.tau)
+            align_loss = solosim_loss if self.align == "solosim" else infonce_loss
+            loss = align_loss(a, b, self.tau, literal=self.reference)
             terms["align"] = self.alpha * loss
         if want_dist:
             terms["distance"] = self.beta * torch.stack(dist).mean()
@@ -355,7 +366,14 @@ class ModalSeparation(nn.Module):
             # Gradients by hand (ClubEstimator.accumulate_nll_grad); a shared estimator
             # accumulates the gradients of every modality's pairs (sum of likelihoods).
             for m in self.modalities:
-                value = self._estimator(m).accumulate_nll_grad(*pairs[m], with_value=last)
+                est = self._estimator(m)
+                if self.reference:
+                    with torch.enable_grad():
+                        ll = est.log_likelihood(*pairs[m])
+                        (-ll).backward()
+                    value = float(ll.detach()) if last else None
+                else:
+                    value = est.accumulate_nll_grad(*pairs[m], with_value=last)
                 if value is not None:
                     lls[m] = value
             for opt in self._club_optimisers.values():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -102,13 +102,24 @@ class TrainConfig(_Section):
     l2_form: Literal["neg-mse", "neg-log", "margin"] | None = None
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """Hyper-parameters the user set explicitly; the model's defaults fill the rest."""
-        named = (
-            "embedding_dim", "alpha", "beta", "tau", "club_steps", "mm_image_weight", "reg_weight",
-            "n_layers", "solosim_scope", "l2_form",
-        )
-        kwargs = {name: getattr(self, name) for name in named if getattr(self, name) is not None}
+    #: Named hyper-parameters: applied to the models that take them, ignored by the others (so one
+    #: config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
+    NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
+        "embedding_dim", "alpha", "beta", "tau", "club_steps", "mm_image_weight", "reg_weight",
+        "n_layers", "solosim_scope", "l2_form",
+    )
+
+    def model_kwargs(self, accepted: set[str] | None = None) -> dict[str, Any]:
+        """Hyper-parameters the user set explicitly; the model's defaults fill the rest.
+
+        With ``accepted`` (the model's hyper-parameter names), named fields the model does
+        not take are left out; ``extra`` always passes through, so a typo there is an error.
+        """
+        kwargs = {
+            name: getattr(self, name)
+            for name in self.NAMED_HYPERPARAMETERS
+            if getattr(self, name) is not None and (accepted is None or name in accepted)
+        }
         kwargs.update(self.extra)
         return kwargs
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import StageError
+from pipeline.errors import ConfigError, StageError
 from pipeline.store import Artifact, ArtifactStore, StageOutcome
 
 log = logging.getLogger(__name__)
@@ -426,28 +426,47 @@ def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artif
     """Construct the configured model (seeded) and the data it trains on."""
     import torch
 
-    from models.registry import build_model
+    from models.registry import accepted_hyperparameters, build_model, default_lr
 
     tcfg = ctx.cfg.train
     data, features, graphs = load_model_inputs(ctx, inter, feature_arts)
+    accepted = accepted_hyperparameters(tcfg.model)
+    kwargs = tcfg.model_kwargs(accepted)
+    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (spec section 3)
+        if name in accepted and name not in kwargs:
+            kwargs[name] = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
     torch.manual_seed(tcfg.seed)
-    model = build_model(
-        tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
-        train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs, **tcfg.model_kwargs(),
-    )
+    try:
+        model = build_model(
+            tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
+            train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs, **kwargs,
+        )
+    except ValueError as err:  # models/ raises ValueError; here it becomes the user's one-line error
+        raise ConfigError(f"train.model={tcfg.model}: {err}") from None
     return model, data
+
+
+def train_key_params(tcfg: Any) -> dict[str, Any]:
+    """Train parameters that reach the model: fields it ignores do not change the artifact key."""
+    from models.registry import VARIANT_MODELS, accepted_hyperparameters
+
+    accepted = accepted_hyperparameters(tcfg.model)
+    ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
+    if tcfg.model not in VARIANT_MODELS:
+        ignored.add("variant")
+    return key_params(tcfg, PERFORMANCE_FIELDS | ignored)
 
 
 def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:
     from pipeline.store import artifact_key
 
     tcfg = ctx.cfg.train
-    params = key_params(tcfg)
+    params = train_key_params(tcfg)
     inputs = _model_inputs(inter, feature_arts)
     work_key = artifact_key("train", STAGE_VERSIONS["train"], params, {k: a.key for k, a in inputs.items()})
 
     def build(out: Path) -> dict[str, Any]:
-        from models.registry import default_lr
+        from models.registry import accepted_hyperparameters, default_lr
         from pipeline.training import train_model
 
         model, data = build_model_for(ctx, inter, feature_arts)
@@ -466,7 +485,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
             "best_valid": _jsonable(result.best_valid), "test_at_best": _jsonable(result.test_at_best),
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
-            "model_kwargs": _jsonable(tcfg.model_kwargs()),
+            "model_kwargs": _jsonable(tcfg.model_kwargs(accepted_hyperparameters(tcfg.model))),
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(work, ignore_errors=True)

@@ -97,7 +97,7 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     deployments = build_deployments(tiny_config(tmp_path), cron="15 4 * * 1")
     names = {d.name for d in deployments}
     assert names == {"retrain", "on-demand"}
-    assert len(deployments) == 8  # end-to-end + 7 stages
+    assert len(deployments) == 9  # end-to-end + 8 stages (acquire ... report)
     ids = [d.apply() for d in deployments]
     assert all(ids)
 

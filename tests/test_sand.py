@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.losses import bpr_loss
-from models.sand import SAND, VARIANTS
+from models.sand import SAND, VARIANTS, _SparseMatmul
 from models.separation import LinearView, ModalSeparation, read_through
 
 EXPECTED_TERMS = {
@@ -265,3 +265,15 @@ def test_share_club_uses_one_estimator() -> None:
     z = {"image": torch.randn(16, 8), "text": torch.randn(16, 6)}
     out = sep.auxiliary_step(z, torch.arange(16))
     assert set(out) == {"club_ll_image", "club_ll_text"} and all(math.isfinite(v) for v in out.values())
+
+
+def test_item_graph_mix_and_sparse_product_gradient(tiny: dict) -> None:
+    model = build(tiny, mm_image_weight=0.3)
+    expected = 0.3 * tiny["graphs"]["image"].to_dense() + 0.7 * tiny["graphs"]["text"].to_dense()
+    assert torch.allclose(model.item_graph.to_dense(), expected)
+    assert torch.allclose(model.item_graph_t.to_dense(), expected.T)
+    assert not torch.allclose(expected, expected.T)  # kNN graphs are not symmetric: backward needs S^T
+    x = torch.randn(20, 5, dtype=torch.float32, requires_grad=True)
+    weights = torch.randn(20, 5)
+    (_SparseMatmul.apply(model.item_graph, model.item_graph_t, x) * weights).sum().backward()
+    assert torch.allclose(x.grad, expected.T @ weights, atol=1e-6)
