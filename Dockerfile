@@ -7,6 +7,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     SAND_DATA_ROOT=/data
 
 WORKDIR /app

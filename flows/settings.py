@@ -1,5 +1,7 @@
 """Prefect defaults that suit a local, offline pipeline command.
 
+Applied by the CLI before torch is imported (OpenMP reads its settings once).
+
 Why: on a busy 2-core machine the ephemeral API server (Prefect's no-server
 mode) can need more than its default 20 s to start, and an offline machine
 should not try to send telemetry. Users' explicit environment settings win.
@@ -13,6 +15,9 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "true",
+    # Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU, spinning
+    # threads made each small torch op (SAND's CLUB steps) ~15x slower in our measurements.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 

@@ -48,11 +48,22 @@ class _MeanRowLogSumExp(torch.autograd.Function):
         grad_a = torch.empty_like(a) if want_a else None
         grad_b = torch.zeros_like(b) if want_b else None
         total = a.new_zeros(())
+        # Shift by the Cauchy-Schwarz bound |a_i| max_j |b_j| >= max_j a_i . b_j: exp never
+        # overflows and no pass is spent finding each row's maximum. For L2-normalised
+        # SoloSim inputs the bound is 1/tau and the logits lie within 2/tau of it; rows
+        # whose sum underflows (logits far below the bound) are redone with the exact max.
+        bound = a.norm(dim=1, keepdim=True) * b.norm(dim=1).max()
         for r in range(0, n, block):
             e = a[r : r + block] @ b.T
-            top = e.amax(dim=1, keepdim=True)
+            top = bound[r : r + block]
             e.sub_(top).exp_()
             sums = e.sum(dim=1, keepdim=True)
+            low = sums < 1e-20
+            if bool(low.any()):
+                exact = a[r : r + block] @ b.T
+                top = torch.where(low, exact.amax(dim=1, keepdim=True), top)
+                e = exact.sub_(top).exp_()
+                sums = e.sum(dim=1, keepdim=True)
             total += (sums.log() + top).sum()
             if want_a or want_b:
                 p = e.div_(sums * n)  # softmax rows / n: d(mean lse) / d(logits)

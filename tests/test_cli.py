@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from flows.cli import main
-
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
 
 
@@ -23,11 +21,13 @@ def test_help_does_not_import_heavy_libraries():
     assert out.stdout.strip() == "[]"
 
 
-def _main(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["sand", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr()
+def _main(args, env=None):
+    """The CLI in a fresh process: the exit status and stderr a user sees."""
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, timeout=300)
+    return out.returncode, out
 
 
 @pytest.mark.parametrize(
@@ -42,18 +42,17 @@ def _main(args, capsys, monkeypatch):
         (["run", "--config", "/no/such/file.yaml"], "file.yaml"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, monkeypatch):
-    code, out = _main(args, capsys, monkeypatch)
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    code, out = _main(args)
     assert code == 2
-    lines = out.err.strip().splitlines()
+    lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
 
 
-def test_unreachable_prefect_server_is_one_clear_line(capsys, monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    code, out = _main(["run", "--until", "acquire"], capsys, monkeypatch)
+def test_unreachable_prefect_server_is_one_clear_line():
+    code, out = _main(["run", "--until", "acquire"], {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     assert code == 2
-    assert "prefect server start" in out.err and "PREFECT_API_URL" in out.err
+    assert "prefect server start" in out.stderr and "PREFECT_API_URL" in out.stderr
 
 
 def _sand(args, api_url, tmp_path):

@@ -82,6 +82,15 @@ def test_mean_row_logsumexp_blocks_and_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda x: mean_row_logsumexp(x, b.detach(), 4), (a,))
     big = torch.full((2, 1), 100.0, dtype=torch.float64)  # exp(10,000) overflows without the shift
     assert torch.isfinite(mean_row_logsumexp(big, big))
+    # Logits far below the Cauchy-Schwarz shift (orthogonal long vectors): the exact-max fallback.
+    x = torch.tensor([[100.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    y = torch.tensor([[0.0, 100.0], [1.0, 0.0]])
+    got = mean_row_logsumexp(x, y, 1)
+    expected = torch.logsumexp(x @ y.T, dim=1).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    (g_got,) = torch.autograd.grad(got, x)
+    (g_exp,) = torch.autograd.grad(torch.logsumexp(x @ y.T, dim=1).mean(), x)
+    assert torch.allclose(g_got, g_exp, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(mean_row_logsumexp(a, b, 4), torch.logsumexp(a @ b.T, dim=1).mean())
 
