@@ -8,13 +8,14 @@ of the embeddings they return, which lets the evaluator rank in user batches.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
 
 
-class Recommender(nn.Module):
+class Recommender(nn.Module, ABC):
     """Base class: BPR-trained, dot-product-scored recommender.
 
     Construction (by ``models.registry.build_model``) receives:
@@ -28,13 +29,13 @@ class Recommender(nn.Module):
     #: modalities the model needs; the pipeline reports a missing feature file by name.
     required_modalities: tuple[str, ...] = ()
 
+    @abstractmethod
     def loss_terms(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted scalar loss terms for one batch; the trainer minimises their sum.
 
         Keys name the terms ("bpr", "reg", "align", "distance", ...) so the per-epoch
         log shows each one and a NaN can be traced to its term.
         """
-        raise NotImplementedError
 
     def auxiliary_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
         """Work done before ``loss_terms`` on each batch with the model's own optimisers.
@@ -53,9 +54,9 @@ class Recommender(nn.Module):
     def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
         """Per-epoch resampling hook (FREEDOM's edge pruning). Default: nothing."""
 
+    @abstractmethod
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(user_emb (U, d), item_emb (N, d)) for scoring; called under eval mode + no_grad.
 
         score(u, i) = <user_emb[u], item_emb[i]>.
         """
-        raise NotImplementedError
