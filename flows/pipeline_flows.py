@@ -160,4 +160,7 @@ def grid_flow(
 
     result = run_grid(config, axes or {}, name=name, run_one=run_one, select_metric=select_metric)
     publish_grid(result)
-    return result.to_dict()
+    summary = result.to_dict()
+    if any(run.status == "ok" for run in result.runs):  # tables and figures over everything stored
+        summary["report"] = report_flow(config=config, options=options)["path"]
+    return summary

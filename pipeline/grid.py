@@ -49,6 +49,8 @@ PRESETS: dict[str, dict[str, list[Any]]] = {
     "table2": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand"]},
     # Table 3: backbones with and without the SAND plug-in.
     "table3": {"train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"]},
+    # Tables 2 and 3 in one grid: every model of the package.
+    "all-models": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand", "vbpr-sand", "freedom-sand"]},
 }
 
 #: Train fields that only SAND-type models (SAND and the plug-ins) read.

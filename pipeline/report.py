@@ -369,8 +369,9 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
         notes=[
             "Median seconds per training epoch (evaluation excluded) and peak memory of the "
             "validation-selected run, as the trainer recorded them: on CUDA the peak allocated GPU memory, "
-            "on CPU the process's peak resident memory since it started (so a grid trained in one process "
-            "carries earlier runs' peaks forward). Numbers from different machines are not comparable."
+            "on CPU the peak resident memory during the run's training epochs (on Linux the high-water mark "
+            "is reset at each epoch, so runs of one grid do not inherit each other's peaks). Numbers from "
+            "different machines are not comparable."
         ],
     )
 
