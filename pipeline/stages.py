@@ -219,6 +219,19 @@ def _imported_feature(inter: Artifact, name: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _missing_feature_message(ctx: Context, inter: Artifact, modality: str, what: str) -> str:
+    """Name the model that needs the features and the folder the user gave."""
+    raw = Path(inter.manifest["inputs"]["raw"]["path"])
+    try:
+        origin = json.loads((raw / "manifest.json").read_text())["params"].get("mmrec_dir") or raw
+    except (OSError, KeyError, json.JSONDecodeError):
+        origin = raw
+    return (
+        f"model {ctx.cfg.train.model!r} needs {modality} features: the dataset has no {what} and {origin} "
+        f"has no {modality}_feat.npy (add one, or train an ID-only model: --model bpr | lightgcn)"
+    )
+
+
 def _copy_imported(src: Path, out: Path, name: str, n_items: int) -> dict[str, Any]:
     feats = np.load(src, allow_pickle=False)
     if feats.ndim != 2 or feats.shape[0] != n_items:
@@ -243,10 +256,7 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
 
         items = pd.read_parquet(inter.file("items.parquet"))
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
-            raise StageError(
-                f"text_features: dataset has no item text and {inter.manifest['inputs']['raw']['path']} "
-                "has no text_feat.npy"
-            )
+            raise StageError(_missing_feature_message(ctx, inter, "text", "item text"))
         items = items.sort_values("item")
         texts = [
             item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
@@ -323,10 +333,7 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
 
         items = pd.read_parquet(inter.file("items.parquet")).sort_values("item")
         if "image_url" not in items.columns:
-            raise StageError(
-                f"image_features: dataset has no image URLs and {inter.manifest['inputs']['raw']['path']} "
-                "has no image_feat.npy"
-            )
+            raise StageError(_missing_feature_message(ctx, inter, "image", "image URLs"))
         urls = items["image_url"].fillna("").astype(str).tolist()
         work = ctx.store.work_dir("image_features", _shard_work_key(params, inter))
         fetch_kwargs = dict(
