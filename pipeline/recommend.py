@@ -34,10 +34,8 @@ def resolve_user(user: str, user_map: pd.DataFrame, n_users: int) -> int:
 
 
 def recommend_for_user(cfg: PipelineConfig, summary: dict[str, Any], user: str, k: int) -> pd.DataFrame:
-    import torch
-
     from pipeline.evaluation import recommendations_table
-    from pipeline.stages import Context, build_model_for
+    from pipeline.stages import Context, trained_embeddings
 
     if k < 1:
         raise ConfigError(f"invalid -k {k}: must be at least 1")
@@ -45,13 +43,7 @@ def recommend_for_user(cfg: PipelineConfig, summary: dict[str, Any], user: str, 
     trained = _artifact(summary, "train")
     features = {s: _artifact(summary, s) for s in ("text_features", "image_features", "graphs")
                 if s in summary["stages"]}
-    ctx = Context.create(cfg)
-    model, data = build_model_for(ctx, inter, features)
-    state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"] if "model" in state else state)
-    model.eval()
-    with torch.no_grad():
-        user_emb, item_emb = model.embeddings()
+    data, user_emb, item_emb = trained_embeddings(Context.create(cfg), inter, trained, features)
     idx = resolve_user(user, pd.read_parquet(inter.file("user_map.parquet")), data.n_users)
     recs = recommendations_table(user_emb, item_emb, data, k, users=[idx])
     items = pd.read_parquet(inter.file("items.parquet"))

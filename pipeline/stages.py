@@ -501,6 +501,23 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
     return ctx.store.run("train", STAGE_VERSIONS["train"], params, inputs, build, "train" in ctx.refresh)
 
 
+def trained_embeddings(ctx: Context, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]):
+    """(data, user_emb, item_emb) of a trained run: its best checkpoint, a fresh eval-mode forward pass.
+
+    Why fresh: the reference scores with embeddings cached during the last training batch;
+    evaluation and ``sand recommend`` both rebuild them from the checkpoint instead.
+    """
+    import torch
+
+    model, data = build_model_for(ctx, inter, feature_arts)
+    state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    model.eval()
+    with torch.no_grad():
+        user_emb, item_emb = model.embeddings()
+    return data, user_emb, item_emb
+
+
 def run_evaluate(
     ctx: Context, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]
 ) -> StageOutcome:
@@ -508,16 +525,9 @@ def run_evaluate(
     params = key_params(ecfg)
 
     def build(out: Path) -> dict[str, Any]:
-        import torch
-
         from pipeline.evaluation import evaluate_split, recommendations_table
 
-        model, data = build_model_for(ctx, inter, feature_arts)
-        state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"] if "model" in state else state)
-        model.eval()
-        with torch.no_grad():
-            user_emb, item_emb = model.embeddings()
+        data, user_emb, item_emb = trained_embeddings(ctx, inter, trained, feature_arts)
         metrics = {
             split: evaluate_split(user_emb, item_emb, data, split, ks=tuple(ecfg.ks), batch_users=ecfg.batch_users)
             for split in ("valid", "test")
