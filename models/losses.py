@@ -34,11 +34,11 @@ def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor
 class _MeanRowLogSumExp(torch.autograd.Function):
     """``mean_i log sum_j exp(a_i . b_j)`` without holding the n x m logits.
 
-    Rows are processed in blocks small enough to stay in cache. Because the output is
-    a mean, its gradient is known up to the incoming scalar while the forward pass has
-    each block's softmax at hand, so the gradients are accumulated there (one block
-    product forward and two for the gradients) and ``backward`` only rescales them:
-    no second pass over the n x m logits.
+    Rows are processed in blocks of ``block`` rows (128 measured fastest for 7,050 items,
+    2 cores), in one reused buffer. Because the output is a mean, its gradient is known
+    up to the incoming scalar while the forward pass has each block's softmax at hand,
+    so the gradients are accumulated there (one block product forward and two for the
+    gradients) and ``backward`` only rescales them: no second pass over the n x m logits.
     """
 
     @staticmethod
@@ -53,24 +53,30 @@ class _MeanRowLogSumExp(torch.autograd.Function):
         # SoloSim inputs the bound is 1/tau and the logits lie within 2/tau of it; rows
         # whose sum underflows (logits far below the bound) are redone with the exact max.
         bound = a.norm(dim=1, keepdim=True) * b.norm(dim=1).max()
+        b_t = b.T.contiguous()
+        # One block buffer for all blocks: a fresh multi-MB tensor per block is fresh pages
+        # from the OS (faulted in and zeroed), which made the logits product twice as slow.
+        buf = a.new_empty(min(block, n), b.shape[0])
         for r in range(0, n, block):
-            e = a[r : r + block] @ b.T
+            a_r = a[r : r + block]
+            e = torch.mm(a_r, b_t, out=buf[: a_r.shape[0]])
             top = bound[r : r + block]
             e.sub_(top).exp_()
             sums = e.sum(dim=1, keepdim=True)
             low = sums < 1e-20
             if bool(low.any()):
-                exact = a[r : r + block] @ b.T
-                top = torch.where(low, exact.amax(dim=1, keepdim=True), top)
-                e = exact.sub_(top).exp_()
+                torch.mm(a_r, b_t, out=e)
+                top = torch.where(low, e.amax(dim=1, keepdim=True), top)
+                e.sub_(top).exp_()
                 sums = e.sum(dim=1, keepdim=True)
             total += (sums.log() + top).sum()
-            if want_a or want_b:
-                p = e.div_(sums * n)  # softmax rows / n: d(mean lse) / d(logits)
-                if grad_a is not None:
-                    grad_a[r : r + block] = p @ b
-                if grad_b is not None:
-                    grad_b.addmm_(p.T, a[r : r + block])
+            # d(mean lse) / d(logits) = softmax rows / n; the row scaling is applied to the
+            # small factors (block x d), not to the block x m softmax.
+            scale = (sums * n).reciprocal_()
+            if grad_a is not None:
+                torch.mm(e, b, out=grad_a[r : r + block]).mul_(scale)
+            if grad_b is not None:
+                grad_b.addmm_(e.T, a_r * scale)
         ctx.save_for_backward(grad_a, grad_b)
         return total / n
 
@@ -85,7 +91,7 @@ class _MeanRowLogSumExp(torch.autograd.Function):
         )
 
 
-def mean_row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 64) -> torch.Tensor:
+def mean_row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 128) -> torch.Tensor:
     """``torch.logsumexp(a @ b.T, dim=1).mean()`` in O(block * m) memory, cache-friendly.
 
     Why: SoloSim over all N items needs N x N logits (7050^2 on Baby, 49.7M floats per

@@ -18,7 +18,8 @@ Loss: BPR (natural log) + ``alpha * align`` + ``beta * distance``.
 
 Speed (spec §5): ``fast=True`` never forms ``Z_m``; every consumer of ``Z_m`` is
 linear, so each reads ``X_m`` through the folded product of the small weight
-matrices (:class:`models.separation.LinearView`); SoloSim over all items streams
+matrices (:class:`models.separation.LinearView`), all of them in one product with
+``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items streams
 its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients; the
 frozen graphs are multiplied in CSR form. ``fast=False`` is the naive reference that
 evaluates every formula literally: ``L_m`` at full width over all items every batch,
@@ -46,7 +47,7 @@ from torch import nn
 from models.base import Recommender
 from models.graph import normalised_bipartite_adjacency
 from models.losses import bpr_loss
-from models.separation import LinearView, ModalInput, ModalSeparation, read_through
+from models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
 
 #: variant -> (align, distance). a-d are Table 4; the ablations (Fig. 3) build on a.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -245,6 +246,13 @@ class SAND(Recommender):
     def loss_terms(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"bpr", "reg"?, "align"?, "distance"?}: weighted terms; disabled ones are absent."""
         z = self.modal_inputs()
+        if self.fast:
+            # Every linear reader of Z_m over all items (GCN input MLP, head, E1, E2) in one
+            # product with X_m forward and one backward.
+            for m in self.modalities:
+                parts = [(0, z[m].shape[1], self.gcns[m].mlp)]
+                parts += self.separation.full_row_consumers(m, self.n_items)
+                z[m] = prefetch_reads(z[m], parts)
         user, item = self.propagate(z)
         u, p, n = user[users], item[pos], item[neg]
         terms = {"bpr": bpr_loss((u * p).sum(1), (u * n).sum(1))}

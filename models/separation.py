@@ -28,12 +28,13 @@ SoloSim can run over the batch items instead of all N items (needed for large N)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
@@ -56,23 +57,28 @@ class LinearView:
     ``bias``: (d,) or None. Slicing columns of ``z`` slices rows of ``weight``, slicing
     rows of ``z`` slices rows of ``x``: neither needs ``z`` itself. ``fold``: None picks
     the evaluation order with fewer multiply-adds (see :meth:`folds`); True/False force it.
+    ``start``: column offset of this view in the view it was sliced from (keys ``reads``).
+    ``reads``: outputs of consumers computed ahead for all rows (:func:`prefetch_reads`),
+    keyed by ``(id(consumer), first column, last column + 1)``; dropped by row slicing.
     """
 
     x: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     fold: bool | None = None
+    start: int = 0
+    reads: Mapping[tuple[int, int, int], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.x.shape[0]), int(self.weight.shape[0]))
 
     def rows(self, index: torch.Tensor) -> LinearView:
-        return LinearView(self.x[index], self.weight, self.bias, self.fold)
+        return LinearView(self.x[index], self.weight, self.bias, self.fold, self.start)
 
     def columns(self, start: int, stop: int) -> LinearView:
         bias = None if self.bias is None else self.bias[start:stop]
-        return LinearView(self.x, self.weight[start:stop], bias, self.fold)
+        return LinearView(self.x, self.weight[start:stop], bias, self.fold, self.start + start, self.reads)
 
     def folds(self, n_out: int) -> bool:
         """Whether consumers with ``n_out`` outputs in all read ``x`` through folded weights.
@@ -92,7 +98,7 @@ class LinearView:
 
     def detach(self) -> LinearView:
         bias = None if self.bias is None else self.bias.detach()
-        return LinearView(self.x.detach(), self.weight.detach(), bias, self.fold)
+        return LinearView(self.x.detach(), self.weight.detach(), bias, self.fold, self.start)
 
 
 ModalInput = torch.Tensor | LinearView
@@ -116,6 +122,9 @@ def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Te
     """
     if not isinstance(z, LinearView):
         return [c(z) for c in consumers]
+    stop = z.start + z.weight.shape[0]
+    if z.reads is not None and all((id(c), z.start, stop) in z.reads for c in consumers):
+        return [z.reads[(id(c), z.start, stop)] for c in consumers]
     outs = [c.out_features for c in consumers]
     if not z.folds(sum(outs)):
         dense = z.dense()
@@ -130,6 +139,87 @@ def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Te
         ]
     )
     return list(F.linear(z.x, folded_w, folded_b).split(outs, dim=1))
+
+
+class _FoldedReads(torch.autograd.Function):
+    """``x @ cat_k(C_k W[s_k:e_k])^T + cat_k(C_k b[s_k:e_k] + c_k)``: all consumers, one read of ``x``.
+
+    Why a Function: through autograd, every consumer of a column slice of ``W`` reads
+    ``x`` once forward and once backward (skinny products, slower per multiply-add than
+    one wide product), and each slice's backward fills a zero ``W``-sized gradient
+    and adds it. Here forward is one product with ``x`` and backward one ``dH^T x``,
+    with each consumer's share of ``dW`` accumulated in place.
+    ``ranges``: ``(s_k, e_k)`` per consumer; ``params``: ``C_1, c_1, C_2, c_2, ...``
+    (a bias may be None).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ranges, *params):
+        cw, cb = params[0::2], params[1::2]
+        folded_w = torch.cat([c @ weight[s:e] for c, (s, e) in zip(cw, ranges, strict=True)])
+        parts = []
+        for c, b, (s, e) in zip(cw, cb, ranges, strict=True):
+            part = c @ bias[s:e] if bias is not None else c.new_zeros(c.shape[0])
+            parts.append(part if b is None else part + b)
+        ctx.ranges = ranges
+        ctx.has_bias = (bias is not None, tuple(b is not None for b in cb))
+        ctx.save_for_backward(x, weight, bias, *cw)
+        return torch.addmm(torch.cat(parts), x, folded_w.T)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, weight, bias, *cw = ctx.saved_tensors
+        has_bias, has_cb = ctx.has_bias
+        grad_folded = grad.T @ x  # (sum out, d_in): the one backward read of x
+        grad_b_all = grad.sum(0)
+        want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_w, full = None, None
+        if want_w:
+            # Start from a consumer of all columns (plain product), else from zeros.
+            full = next((k for k, r in enumerate(ctx.ranges) if r == (0, weight.shape[0])), None)
+            if full is None:
+                grad_w = torch.zeros_like(weight)
+            else:
+                row = sum(c.shape[0] for c in cw[:full])
+                grad_w = cw[full].T @ grad_folded[row : row + cw[full].shape[0]]
+        grad_bias = torch.zeros_like(bias) if want_b and has_bias else None
+        grads_c: list[torch.Tensor | None] = []
+        row = 0
+        for k, (c, (s, e)) in enumerate(zip(cw, ctx.ranges, strict=True)):
+            g_f, g_b = grad_folded[row : row + c.shape[0]], grad_b_all[row : row + c.shape[0]]
+            row += c.shape[0]
+            g_c = None
+            if ctx.needs_input_grad[4 + 2 * k]:
+                g_c = g_f @ weight[s:e].T
+                if has_bias:
+                    g_c.addr_(g_b, bias[s:e])
+            grads_c += [g_c, g_b if has_cb[k] and ctx.needs_input_grad[5 + 2 * k] else None]
+            if grad_w is not None and k != full:
+                grad_w[s:e].addmm_(c.T, g_f)
+            if grad_bias is not None:
+                grad_bias[s:e].addmv_(c.T, g_b)
+        return (None, grad_w, grad_bias, None, *grads_c)
+
+
+def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -> ModalInput:
+    """``z`` carrying ``c(z[:, s:e])`` for every ``(s, e, c)`` in ``parts``, computed in one read of ``x``.
+
+    :func:`read_through` on the view (or on its column slices) then returns those outputs,
+    so several consumers (SAND's GCN input MLP, the projection head, E1, E2) share one
+    product with ``x`` forward and one backward (:class:`_FoldedReads`). A plain tensor,
+    or a view that :meth:`LinearView.folds` would not fold, is returned unchanged.
+    """
+    if not isinstance(z, LinearView) or not parts or not z.folds(sum(c.out_features for _, _, c in parts)):
+        return z
+    params: list[torch.Tensor | None] = []
+    for _, _, c in parts:
+        params += [c.weight, c.bias]
+    ranges = tuple((s, e) for s, e, _ in parts)
+    out = _FoldedReads.apply(z.x, z.weight, z.bias, ranges, *params)
+    pieces = out.split([c.out_features for _, _, c in parts], dim=1)
+    reads = {(id(c), z.start + s, z.start + e): p for (s, e, c), p in zip(parts, pieces, strict=True)}
+    return replace(z, reads=reads)
 
 
 def _head(in_dim: int, widths: Sequence[int]) -> nn.Sequential:
@@ -250,6 +340,21 @@ class ModalSeparation(nn.Module):
         """(generic, unique) column blocks of ``z`` (tensors, or views for a LinearView)."""
         g = self.split_at[modality]
         return _columns(z, 0, g), _columns(z, g, z.shape[1])
+
+    def full_row_consumers(self, modality: str, n_items: int) -> list[tuple[int, int, nn.Linear]]:
+        """``(first column, last column + 1, layer)`` of the linear layers that read ``z_m`` on all rows.
+
+        What :meth:`loss_terms` will read for ``n_items`` items: a backbone can compute them
+        ahead together with its own consumers (:func:`prefetch_reads`).
+        """
+        g = self.split_at[modality]
+        out: list[tuple[int, int, nn.Linear]] = []
+        if self.align == "solosim" and self._resolve(self.solosim_scope, n_items) == "all":
+            out.append((0, g, self.heads[modality][0]))
+        if self.distance != "none" and self._resolve(self.distance_scope, n_items) == "all":
+            e2 = self.e2[modality]
+            out += [(0, g, self.e1[modality]), (g, g + e2.in_features, e2)]
+        return out
 
     def _estimator(self, modality: str) -> ClubEstimator:
         return self.club["shared" if "shared" in self.club else modality]  # type: ignore[return-value]

@@ -101,3 +101,21 @@ def test_json_run_export_and_recommend(prefect_server, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     recs = _last_json(result.stdout)["recommendations"]
     assert len(recs) == 5 and {"item", "asin", "title", "score"} <= set(recs[0])
+
+
+def test_grid_then_report_by_cli(prefect_server, tmp_path):
+    root = ["--data-root", str(tmp_path / "data"), *TINY, "--epochs", "2"]
+    result = _sand(["grid", "--axis", "train.model=bpr,lightgcn,nope", "--json", *root], prefect_server, tmp_path)
+    assert result.returncode == 2 and "train.model" in result.stderr  # validated before anything runs
+    result = _sand(["grid", "--axis", "train.model=bpr,lightgcn", "--name", "ids", "--json", *root],
+                   prefect_server, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = _last_json(result.stdout)
+    assert grid["n_runs"] == 2 and grid["n_failed"] == 0 and grid["selected_by"] == "valid recall@20"
+    assert (tmp_path / "data" / "grids" / "ids" / "runs.csv").is_file()
+    out = tmp_path / "report"
+    result = _sand(["report", "--out", str(out), "--json", *root], prefect_server, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (out / "table2_main.md").read_text()
+    assert "MF-BPR" in table and "LightGCN" in table
+    assert (out / "report.md").is_file() and list(out.glob("curves_*.png"))

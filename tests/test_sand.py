@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models.losses import bpr_loss
 from models.sand import SAND, VARIANTS, _SparseMatmul
-from models.separation import LinearView, ModalSeparation, read_through
+from models.separation import LinearView, ModalSeparation, prefetch_reads, read_through
 
 EXPECTED_TERMS = {
     "a": {"bpr", "align", "distance"},
@@ -113,6 +113,10 @@ def test_fast_equals_naive(variant: str) -> None:
     naive.load_state_dict(fast.state_dict())
     view = fast.modal_inputs()["image"]
     assert isinstance(view, LinearView) and view.folds(256) and view.columns(0, 128).folds(96)
+    # ... and reads it once for the GCN input MLP, the head, E1 and E2 together (prefetch_reads).
+    parts = [(0, 256, fast.gcns["image"].mlp), *fast.separation.full_row_consumers("image", 400)]
+    assert len(parts) == (4 if variant in ("a", "b") else 3)  # InfoNCE: the head reads batch rows
+    assert view.folds(sum(c.out_features for _, _, c in parts))
     b = batch(data, 64)
     for model in (fast, naive):
         model.auxiliary_step(*b)
@@ -201,6 +205,32 @@ def test_read_through_folded_equals_dense() -> None:
     view = LinearView(x, w, None, True).rows(torch.tensor([1, 3])).columns(2, 5)
     assert view.shape == (2, 3)
     assert torch.allclose(view.dense(), (x @ w.T)[[1, 3]][:, 2:5])
+
+
+@pytest.mark.parametrize(("full_width", "with_bias"), [(True, True), (True, False), (False, True)])
+def test_prefetch_reads_equal_separate_reads_in_value_and_gradient(full_width: bool, with_bias: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(9, 7)
+    lin = torch.nn.Linear(7, 6, bias=with_bias)
+    parts = [(0, 2, torch.nn.Linear(2, 3)), (2, 6, torch.nn.Linear(4, 2, bias=False)), (0, 2, torch.nn.Linear(2, 1))]
+    if full_width:
+        parts.insert(1, (0, 6, torch.nn.Linear(6, 4)))
+    params = list(lin.parameters()) + [p for _, _, c in parts for p in c.parameters()]
+    z = lin(x)
+    dense = [c(z[:, s:e]) for s, e, c in parts]
+    view = prefetch_reads(LinearView(x, lin.weight, lin.bias, fold=True), parts)
+    assert isinstance(view, LinearView) and view.reads is not None and view.rows(torch.tensor([0])).reads is None
+    got = [read_through(view.columns(s, e), [c])[0] for s, e, c in parts]
+    probes = [torch.randn_like(d) for d in dense]
+    grads = [
+        torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, probes, strict=True)), params)
+        for outs in (dense, got)
+    ]
+    for a, b in zip(dense, got, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert prefetch_reads(z, parts) is z  # plain tensors pass through
 
 
 @pytest.mark.parametrize(
