@@ -251,7 +251,7 @@ def _read_cache(cache_dir: Path, url: str, limits: _Limits) -> ImageResult | Non
 
 
 class _TooLarge(Exception):
-    pass
+    """The body passed ``max_bytes`` while streaming: stop reading, the image is unusable."""
 
 
 async def _download(client: Any, url: str, max_bytes: int) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ strings and plain containers so that ``torch.load(..., weights_only=True)`` read
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -102,11 +103,9 @@ def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
+    with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-    except OSError:
-        pass
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -114,13 +113,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
