@@ -10,20 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Recommender
-
-
-def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
-    """``-mean(ln sigmoid(pos - neg))`` (natural log).
-
-    MMRec writes ``-log(1e-10 + sigmoid(pos - neg))``; ``logsigmoid`` is the same
-    function without the epsilon, and it stays finite and keeps its gradient when
-    the margin is very negative (where the epsilon form saturates at ~23).
-    """
-    return -F.logsigmoid(pos_scores - neg_scores).mean()
+from models.losses import bpr_loss
 
 
 def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:

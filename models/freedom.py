@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from models.base import Recommender
 from models.bpr import bpr_loss, check_modalities, dot_scores
-from models.graph import normalised_bipartite_adjacency
-from models.lightgcn import edges_numpy, layer_mean, sparse_matmul, to_csr
+from models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
+from models.lightgcn import edges_numpy, layer_mean
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 
@@ -55,17 +55,6 @@ def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torc
         return torch.multinomial(w, k, replacement=False, generator=generator).cpu()
     u = torch.rand(len(w), generator=generator, device=w.device).clamp_min(1e-38)
     return (u.log() / w).topk(k).indices.cpu()
-
-
-def mix_item_graphs(item_graphs: Mapping[str, torch.Tensor], image_weight: float) -> torch.Tensor:
-    """w * S_image + (1 - w) * S_text as one coalesced float32 COO tensor."""
-
-    def coo(g: torch.Tensor) -> torch.Tensor:
-        g = g if g.layout == torch.sparse_coo else g.to_sparse_coo()
-        return g.coalesce().float()
-
-    mixed = image_weight * coo(item_graphs["image"]) + (1.0 - image_weight) * coo(item_graphs["text"])
-    return mixed.coalesce()
 
 
 class FREEDOM(Recommender):

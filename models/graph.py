@@ -7,6 +7,10 @@ consistent (no self loops, D^-1/2 A D^-1/2, zero-degree rows left at zero).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -46,3 +50,50 @@ def symmetric_normalise(a: sp.spmatrix) -> sp.csr_matrix:
 def normalised_bipartite_adjacency(n_users: int, n_items: int, edges: np.ndarray) -> torch.Tensor:
     """The normalised training graph as a torch sparse tensor, ready for ``torch.sparse.mm``."""
     return scipy_to_torch_sparse(symmetric_normalise(bipartite_adjacency(n_users, n_items, edges)))
+
+
+def to_csr(a: torch.Tensor) -> torch.Tensor:
+    """A sparse (COO or CSR) matrix as float32 CSR, the fast layout for ``csr @ dense`` on CPU."""
+    if a.layout == torch.sparse_coo:
+        a = a.coalesce()
+    with warnings.catch_warnings():  # "CSR support is in beta": products are all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return a.float().to_sparse_csr()
+
+
+class SparseMatmul(torch.autograd.Function):
+    """``a @ x`` for a constant CSR matrix ``a`` whose transpose ``a_t`` is given (also CSR).
+
+    Why not ``torch.sparse.mm``: its backward transposes and re-sorts the sparse matrix on
+    every call; the graphs are frozen, so the transpose is built once (and is ``a`` itself
+    for the symmetric user-item adjacency). About 3x less CPU per propagation on Baby.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.a_t = a_t
+        return a @ x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, ctx.a_t @ grad
+
+
+def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ x`` differentiable in ``x``; ``a_t`` defaults to ``a`` (symmetric graph)."""
+    return SparseMatmul.apply(a, a if a_t is None else a_t, x)
+
+
+def mix_item_graphs(item_graphs: Mapping[str, torch.Tensor], image_weight: float) -> torch.Tensor:
+    """S = w * S_image + (1 - w) * S_text as one coalesced float32 COO tensor.
+
+    The frozen kNN graphs come from the graphs stage; the mix weight is a model
+    hyper-parameter (``mm_image_weight``), so it is applied here, at model time.
+    """
+
+    def coo(g: torch.Tensor) -> torch.Tensor:
+        g = g if g.layout == torch.sparse_coo else g.to_sparse_coo()
+        return g.coalesce().float()
+
+    mixed = image_weight * coo(item_graphs["image"]) + (1.0 - image_weight) * coo(item_graphs["text"])
+    return mixed.coalesce()

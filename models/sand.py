@@ -35,7 +35,6 @@ per-epoch user-graph work.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Recommender
-from models.graph import normalised_bipartite_adjacency
+from models.graph import SparseMatmul as _SparseMatmul
+from models.graph import mix_item_graphs, normalised_bipartite_adjacency, to_csr
 from models.losses import bpr_loss
 from models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
 
@@ -61,30 +61,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 MODALITIES: tuple[str, ...] = ("image", "text")
-
-
-class _SparseMatmul(torch.autograd.Function):
-    """``a @ x`` for a constant CSR matrix ``a`` whose transpose ``a_t`` is given (also CSR).
-
-    Why: CSR products are ~3x faster than COO on CPU, but autograd's backward for a CSR
-    operand transposes it on every call; the graphs are frozen, so the transpose is
-    built once (and is ``a`` itself for the symmetric user-item adjacency).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ctx.a_t = a_t
-        return a @ x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
-        return None, None, ctx.a_t @ grad
-
-
-def _csr(m: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():  # "CSR support is in beta": products are all we use
-        warnings.simplefilter("ignore", UserWarning)
-        return m.coalesce().to_sparse_csr()
 
 
 class ModalGCN(nn.Module):
@@ -184,12 +160,12 @@ class SAND(Recommender):
         edges = torch.as_tensor(train_edges).detach().cpu().numpy().astype(np.int64).reshape(-1, 2)
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
-        self.register_buffer("adj", _csr(adj) if fast else adj, persistent=False)
-        s = mm_image_weight * _as_coo(item_graphs["image"], "image", self.n_items) + (1.0 - mm_image_weight) * _as_coo(
-            item_graphs["text"], "text", self.n_items
+        self.register_buffer("adj", to_csr(adj) if fast else adj, persistent=False)
+        s = mix_item_graphs(
+            {m: _as_coo(item_graphs[m], m, self.n_items) for m in ("image", "text")}, mm_image_weight
         )
-        self.register_buffer("item_graph", _csr(s) if fast else s.coalesce(), persistent=False)
-        self.register_buffer("item_graph_t", _csr(s.t()) if fast else None, persistent=False)
+        self.register_buffer("item_graph", to_csr(s) if fast else s.coalesce(), persistent=False)
+        self.register_buffer("item_graph_t", to_csr(s.t()) if fast else None, persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}
         for m in self.modalities:
             self.register_buffer(f"feat_{m}", features[m].detach().float(), persistent=False)

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.registry import VARIANT_MODELS
 from pipeline.errors import SandError, StageError
+from pipeline.grid import REFERENCE
 from pipeline.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ MODEL_LABELS = {
     "vbpr-sand": "VBPR+SAND",
     "freedom-sand": "FREEDOM+SAND",
 }
-VARIANT_MODELS = ("sand", "vbpr-sand", "freedom-sand")
 VARIANT_LABELS = {
     "no-align": "w/o Alignment",
     "no-distance": "w/o Distancing",
@@ -60,7 +61,6 @@ ABLATIONS = ("a", "no-align", "no-distance", "no-align-no-distance")
 TABLE2_MODELS = ("bpr", "lightgcn", "vbpr", "freedom", "sand")
 BACKBONES = ("vbpr", "freedom")
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
-REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
 
 RunKey = tuple[str, str, str | None]  # (dataset, model, variant)
 
