@@ -252,7 +252,9 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
         _, n_items = dataset_counts(inter)
         if imported:
             return _copy_imported(imported, out, "text_feat.npy", n_items)
-        from pipeline.text_features import encode_texts, item_text
+        from dataclasses import asdict
+
+        from pipeline.text_features import encode_texts_with_stats, item_text
 
         items = pd.read_parquet(inter.file("items.parquet"))
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
@@ -261,13 +263,13 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
         texts = [
             item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
         ]
-        feats = encode_texts(
+        feats, stats = encode_texts_with_stats(
             texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device,
             cache_dir=ctx.store.cache_dir("text"), progress=ctx.progress,
         )
         np.save(out / "text_feat.npy", feats.astype(np.float32))
         return {"source": "encoded", "model": tcfg.model, "recipe": "title + brand + first category path + "
-                "description", "shape": list(feats.shape)}
+                "description", "shape": list(feats.shape), "encoding": asdict(stats)}
 
     return ctx.store.run(
         "text_features", STAGE_VERSIONS["text_features"], params, {"interactions": inter}, build,
