@@ -37,6 +37,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from models.club_fit import fit_clubs
 from models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
 
 ALIGNS = ("solosim", "infonce", "none")
@@ -352,9 +353,13 @@ class ModalSeparation(nn.Module):
         if self.align == "solosim" and self._resolve(self.solosim_scope, n_items) == "all":
             out.append((0, g, self.heads[modality][0]))
         if self.distance != "none" and self._resolve(self.distance_scope, n_items) == "all":
-            e2 = self.e2[modality]
-            out += [(0, g, self.e1[modality]), (g, g + e2.in_features, e2)]
+            out += self._distance_consumers(modality)
         return out
+
+    def _distance_consumers(self, modality: str) -> list[tuple[int, int, nn.Linear]]:
+        """E1 on the generic columns, E2 on the unique ones, as ``full_row_consumers`` lists them."""
+        g, e2 = self.split_at[modality], self.e2[modality]
+        return [(0, g, self.e1[modality]), (g, g + e2.in_features, e2)]
 
     def _estimator(self, modality: str) -> ClubEstimator:
         return self.club["shared" if "shared" in self.club else modality]  # type: ignore[return-value]
@@ -449,7 +454,8 @@ class ModalSeparation(nn.Module):
 
         Pairs are the detached (E1_m, E2_m) of the same modality over the distancing
         scope. Returns the mean log-likelihood per modality before the last step.
-        Runs under no_grad (the gradients are computed in closed form).
+        The fast path computes the gradients in closed form (:mod:`models.club_fit`);
+        ``reference=True`` runs autograd and ``torch.optim.Adam`` (same arithmetic).
         Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also
         holds these parameters never moves them.
         """
@@ -460,32 +466,42 @@ class ModalSeparation(nn.Module):
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for m in self.modalities:
-                _, e1, e2 = self._projections(m, z_detached[m], None, rows, False, True)
+                z = z_detached[m]
+                if rows is None:  # E1 and E2 from one read of a LinearView's inputs
+                    z = prefetch_reads(z, self._distance_consumers(m))
+                _, e1, e2 = self._projections(m, z, None, rows, False, True)
                 assert e1 is not None and e2 is not None
                 pairs[m] = (e1.detach(), e2.detach())
+        if not self.reference:
+            return self._fit_club_fast(pairs)
         lls: dict[str, float] = {}
         for step in range(self.club_steps):
             last = step == self.club_steps - 1
             for opt in self._club_optimisers.values():
                 opt.zero_grad(set_to_none=True)
-            # Gradients by hand (ClubEstimator.accumulate_nll_grad); a shared estimator
-            # accumulates the gradients of every modality's pairs (sum of likelihoods).
+            # A shared estimator accumulates the gradients of every modality's pairs.
             for m in self.modalities:
-                est = self._estimator(m)
-                if self.reference:
-                    with torch.enable_grad():
-                        ll = est.log_likelihood(*pairs[m])
-                        (-ll).backward()
-                    value = float(ll.detach()) if last else None
-                else:
-                    value = est.accumulate_nll_grad(*pairs[m], with_value=last)
-                if value is not None:
-                    lls[m] = value
+                with torch.enable_grad():
+                    ll = self._estimator(m).log_likelihood(*pairs[m])
+                    (-ll).backward()
+                if last:
+                    lls[m] = float(ll.detach())
             for opt in self._club_optimisers.values():
                 opt.step()
         for opt in self._club_optimisers.values():
             opt.zero_grad(set_to_none=True)
         return {f"club_ll_{m}": v for m, v in lls.items()}
+
+    def _fit_club_fast(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """The same fit by :func:`models.club_fit.fit_clubs` (closed form, flat Adam, side by side)."""
+        groups = {k: [m for m in self.modalities if k in ("shared", m)] for k in self._club_optimisers}
+        jobs = [(self.club[k], self._club_optimisers[k], [pairs[m] for m in ms]) for k, ms in groups.items()]
+        results = fit_clubs(jobs, self.club_steps, want_values=True)  # type: ignore[arg-type]
+        lls: dict[str, float] = {}
+        for modalities, values in zip(groups.values(), results, strict=True):
+            assert values is not None
+            lls.update(zip(modalities, values, strict=True))
+        return {f"club_ll_{m}": lls[m] for m in self.modalities}
 
     def auxiliary_state_dict(self) -> dict[str, Any]:
         """The CLUB optimisers' states (estimator weights are in the module's state_dict)."""

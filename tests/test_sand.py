@@ -118,8 +118,11 @@ def test_fast_equals_naive(variant: str) -> None:
     assert len(parts) == (4 if variant in ("a", "b") else 3)  # InfoNCE: the head reads batch rows
     assert view.folds(sum(c.out_features for _, _, c in parts))
     b = batch(data, 64)
-    for model in (fast, naive):
-        model.auxiliary_step(*b)
+    aux_fast, aux_naive = (model.auxiliary_step(*b) for model in (fast, naive))
+    assert aux_fast.keys() == aux_naive.keys()
+    assert all(aux_fast[k] == pytest.approx(aux_naive[k], rel=1e-5) for k in aux_fast)
+    for p, q in zip(fast.separation.club.parameters(), naive.separation.club.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-7)
     results = []
     for model in (fast, naive):
         torch.manual_seed(7)
@@ -290,11 +293,19 @@ def test_separation_rejects_bad_config() -> None:
 
 
 def test_share_club_uses_one_estimator() -> None:
-    sep = ModalSeparation({"image": 8, "text": 6}, share_club=True, club_steps=3)
+    torch.manual_seed(0)
+    sep = ModalSeparation({"image": 8, "text": 6}, share_club=True, club_steps=3, club_lr=1e-2)
+    ref = ModalSeparation({"image": 8, "text": 6}, share_club=True, club_steps=3, club_lr=1e-2, reference=True)
+    ref.load_state_dict(sep.state_dict())
     assert list(sep.club) == ["shared"]
     z = {"image": torch.randn(16, 8), "text": torch.randn(16, 6)}
     out = sep.auxiliary_step(z, torch.arange(16))
     assert set(out) == {"club_ll_image", "club_ll_text"} and all(math.isfinite(v) for v in out.values())
+    # The fast fit of a shared estimator equals autograd on the summed likelihoods.
+    expected = ref.auxiliary_step(z, torch.arange(16))
+    assert all(out[k] == pytest.approx(expected[k], rel=1e-5) for k in out)
+    for p, q in zip(sep.club.parameters(), ref.club.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-7)
 
 
 def test_item_graph_mix_and_sparse_product_gradient(tiny: dict) -> None:
