@@ -60,18 +60,20 @@ class _MeanRowLogSumExp(torch.autograd.Function):
         a2 = a * _LOG2E
         bound2 = a2.norm(dim=1, keepdim=True) * b.norm(dim=1).max()
         a2_shifted = torch.cat([a2, -bound2], dim=1)
-        b_t = torch.cat([b.T, b.new_ones(1, b.shape[0])]).contiguous()
+        # Used transposed: with the odd inner size (d + 1) MKL is ~30% faster on this
+        # layout than on a contiguous (d + 1, m) copy.
+        b_shifted = torch.cat([b, b.new_ones(b.shape[0], 1)], dim=1)
         # One block buffer for all blocks: a fresh multi-MB tensor per block is fresh pages
         # from the OS (faulted in and zeroed), which made the logits product twice as slow.
         buf = a.new_empty(min(block, n), b.shape[0])
         for r in range(0, n, block):
             a_r = a[r : r + block]
-            e = torch.mm(a2_shifted[r : r + block], b_t, out=buf[: a_r.shape[0]]).exp2_()
+            e = torch.mm(a2_shifted[r : r + block], b_shifted.T, out=buf[: a_r.shape[0]]).exp2_()
             top2 = bound2[r : r + block]
             sums = e.sum(dim=1, keepdim=True)
             low = sums < 1e-20
             if bool(low.any()):
-                torch.mm(a2[r : r + block], b_t[:-1], out=e)
+                torch.mm(a2[r : r + block], b.T, out=e)
                 top2 = torch.where(low, e.amax(dim=1, keepdim=True), top2)
                 e.sub_(top2).exp2_()
                 sums = e.sum(dim=1, keepdim=True)

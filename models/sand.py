@@ -20,10 +20,11 @@ Speed (spec §5): ``fast=True`` never forms ``Z_m``; every consumer of ``Z_m`` i
 linear, so each reads ``X_m`` through the folded product of the small weight
 matrices (:class:`models.separation.LinearView`), all of them in one product with
 ``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items streams
-its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients; the
-frozen graphs are multiplied in CSR form. ``fast=False`` is the naive reference that
-evaluates every formula literally: ``L_m`` at full width over all items every batch,
-the N x N log-softmax, autograd for the CLUB fit, COO graph products. Both compute the
+its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients and a
+flat Adam, the estimators side by side (:mod:`models.club_fit`); the frozen graphs are
+multiplied in CSR form. ``fast=False`` is the naive reference that evaluates every
+formula literally: ``L_m`` at full width over all items every batch, the N x N
+log-softmax, autograd and ``torch.optim.Adam`` for the CLUB fit, COO graph products. Both compute the
 same function (tested to 1e-4), so the reference checks every shortcut.
 
 Fixed defects of the reference: the CLUB estimators are fitted on pairs of the same
