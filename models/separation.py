@@ -157,7 +157,10 @@ class _FoldedReads(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ranges, *params):
         cw, cb = params[0::2], params[1::2]
-        folded_w = torch.cat([c @ weight[s:e] for c, (s, e) in zip(cw, ranges, strict=True)])
+        # (d_in, sum out), built and used in this layout: ``x @ folded`` with a contiguous
+        # right operand ran ~1.5x faster than with the transposed (sum out, d_in) one
+        # (MKL, 7,050 x 4,096 x 384), and ``W^T C^T`` is ~15% faster than ``C W`` here.
+        folded = torch.cat([weight[s:e].T @ c.T for c, (s, e) in zip(cw, ranges, strict=True)], dim=1)
         parts = []
         for c, b, (s, e) in zip(cw, cb, ranges, strict=True):
             part = c @ bias[s:e] if bias is not None else c.new_zeros(c.shape[0])
@@ -165,7 +168,7 @@ class _FoldedReads(torch.autograd.Function):
         ctx.ranges = ranges
         ctx.has_bias = (bias is not None, tuple(b is not None for b in cb))
         ctx.save_for_backward(x, weight, bias, *cw)
-        return torch.addmm(torch.cat(parts), x, folded_w.T)
+        return torch.addmm(torch.cat(parts), x, folded)
 
     @staticmethod
     @once_differentiable
@@ -192,7 +195,7 @@ class _FoldedReads(torch.autograd.Function):
             row += c.shape[0]
             g_c = None
             if ctx.needs_input_grad[4 + 2 * k]:
-                g_c = g_f @ weight[s:e].T
+                g_c = (weight[s:e] @ g_f.T).T  # = g_f W^T; this order ran ~1.5x faster
                 if has_bias:
                     g_c.addr_(g_b, bias[s:e])
             grads_c += [g_c, g_b if has_cb[k] and ctx.needs_input_grad[5 + 2 * k] else None]
