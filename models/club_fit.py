@@ -39,9 +39,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from models.losses import ClubEstimator
-
-_LOG2E = 1.0 / math.log(2.0)
+from models.losses import LOG2E, ClubEstimator
 
 
 @contextmanager
@@ -137,20 +135,18 @@ def fit_club(
     optimiser: torch.optim.Adam,
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    *,
-    want_values: bool = False,
-) -> list[float] | None:
+) -> list[float]:
     """``steps`` Adam steps on ``-sum_k mean_i log q(y_ki | x_ki)`` over the (x, y) ``pairs``.
 
     One pair per modality normally; a shared estimator gets every modality's pairs (all
     with the same number of rows), whose likelihood gradients add up, as they would
     through autograd. ``optimiser`` must be a plain ``torch.optim.Adam`` over exactly
-    ``est``'s parameters; its state is read before and written after the fit. With
-    ``want_values``: the mean log-likelihood of each pair at the last step, before
-    that step's update (what the reference path reports).
+    ``est``'s parameters; its state is read before and written after the fit. Returns
+    the mean log-likelihood of each pair at the last step, before that step's update
+    (what the reference path reports); none without steps.
     """
     if steps <= 0:
-        return [] if want_values else None
+        return []
     n = int(pairs[0][0].shape[0])
     if any(int(x.shape[0]) != n or int(y.shape[0]) != n for x, y in pairs):
         raise ValueError("fit_club: all (x, y) pairs must have the same number of rows")
@@ -160,10 +156,9 @@ def fit_club(
     w1_mu, w1_lv, b1_mu, b1_lv, w2_mu, b2_mu, w2_lv, b2_lv = state.views(state.flat)
     g1_mu, g1_lv, gb1_mu, gb1_lv, g2_mu, gb2_mu, g2_lv, gb2_lv = state.views(state.grad)
     # Fused first layer (adjacent in the flat buffer): (2h x in) weights, (2h) bias.
-    w1 = state.flat[: 2 * w1_mu.numel()].view(2 * hidden, -1)
-    g1 = state.grad[: 2 * w1_mu.numel()].view(2 * hidden, -1)
-    b1 = state.flat[2 * w1_mu.numel() : 2 * w1_mu.numel() + 2 * hidden]
-    gb1 = state.grad[2 * w1_mu.numel() : 2 * w1_mu.numel() + 2 * hidden]
+    n_w1 = 2 * w1_mu.numel()
+    w1, g1 = state.flat[:n_w1].view(2 * hidden, -1), state.grad[:n_w1].view(2 * hidden, -1)
+    b1, gb1 = state.flat[n_w1 : n_w1 + 2 * hidden], state.grad[n_w1 : n_w1 + 2 * hidden]
     # The loop leaves 1/n off the mean head's gradient and -2/n off the log-variance
     # head's; one elementwise scale of the gradient vector restores both.
     mu_scale, lv_scale = 1.0 / n, -2.0 / n
@@ -189,10 +184,10 @@ def fit_club(
             # s = sigmoid(2p), so logvar = tanh(p) = 2s - 1, e^-logvar = 2^(log2(e) (1 - 2s))
             # and d logvar / dp = 1 - logvar^2 = 4 s (1 - s).
             s = torch.addmm(b2_lv[:, None], w2_lv, h_t[hidden:], beta=2.0, alpha=2.0).sigmoid_()
-            g_mu = torch.mul(s, -2.0 * _LOG2E).add_(_LOG2E).exp2_().mul_(diff)  # (mu - y) / var
+            g_mu = torch.mul(s, -2.0 * LOG2E).add_(LOG2E).exp2_().mul_(diff)  # (mu - y) / var
             s_one_minus_s = torch.addcmul(s, s, s, value=-1.0)
             d2e = diff.mul_(g_mu)  # (mu - y)^2 / var
-            if want_values and step == steps - 1:
+            if step == steps - 1:
                 for k in range(len(pairs)):
                     cols = slice(k * n, (k + 1) * n)
                     log_var_sum = 2.0 * float(s[:, cols].sum()) - s[:, cols].numel()
@@ -210,15 +205,13 @@ def fit_club(
             state.grad.mul_(scale)
             _adam_update(state, lr, beta1, beta2, eps)
     state.write_back()
-    return values if want_values else None
+    return values
 
 
 def fit_clubs(
     jobs: Sequence[tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]],
     steps: int,
-    *,
-    want_values: bool = False,
-) -> list[list[float] | None]:
+) -> list[list[float]]:
     """:func:`fit_club` for several independent estimators, side by side on a CPU.
 
     Each job is ``(estimator, its optimiser, its pairs)``; results come back in job
@@ -230,7 +223,7 @@ def fit_clubs(
     device = next(jobs[0][0].parameters()).device
 
     def one(job: tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]):
-        return fit_club(*job, steps, want_values=want_values)
+        return fit_club(*job, steps)
 
     with single_intra_op_thread(device):
         if device.type != "cpu" or len(jobs) == 1:

@@ -61,17 +61,25 @@ def model_class(name: str) -> type[Recommender]:
     return getattr(importlib.import_module(s.module), s.cls)
 
 
-def accepted_hyperparameters(name: str) -> set[str]:
-    """Config-side names of the hyper-parameters ``name`` takes (after renames)."""
-    s = spec(name)
+#: Constructor arguments that are the model's inputs (or catch-alls), not hyper-parameters.
+_INPUT_ARGUMENTS = {"self", "n_users", "n_items", "train_edges", "features", "item_graphs", "args", "kwargs",
+                    "backbone_kwargs"}
+
+
+def constructor_kwargs(name: str) -> set[str]:
+    """Hyper-parameter keywords of ``name``'s constructor, a plug-in's backbone's included."""
     cls = model_class(name)
     accepted = set(inspect.signature(cls.__init__).parameters)
     backbone = getattr(cls, "backbone_class", None)
     if backbone is not None:
         accepted |= set(inspect.signature(backbone.__init__).parameters)
-    inverse = {v: k for k, v in s.renames.items()}
-    return {inverse.get(a, a) for a in accepted} - {"self", "n_users", "n_items", "train_edges", "features",
-                                                     "item_graphs", "args", "kwargs", "backbone_kwargs"}
+    return accepted - _INPUT_ARGUMENTS
+
+
+def accepted_hyperparameters(name: str) -> set[str]:
+    """Config-side names of the hyper-parameters ``name`` takes (after renames)."""
+    inverse = {v: k for k, v in spec(name).renames.items()}
+    return {inverse.get(a, a) for a in constructor_kwargs(name)}
 
 
 def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:

@@ -130,16 +130,7 @@ def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Te
     if not z.folds(sum(outs)):
         dense = z.dense()
         return [c(dense) for c in consumers]
-    # (out, d) @ (d, d_in) -> (out, d_in): the consumer weight seen from x.
-    folded_w = torch.cat([c.weight @ z.weight for c in consumers], dim=0)
-    folded_b = torch.cat(
-        [
-            (c.weight @ z.bias if z.bias is not None else 0.0)
-            + (c.bias if c.bias is not None else torch.zeros_like(c.weight[:, 0]))
-            for c in consumers
-        ]
-    )
-    return list(F.linear(z.x, folded_w, folded_b).split(outs, dim=1))
+    return list(_folded_read(z, [(0, z.weight.shape[0], c) for c in consumers]))
 
 
 class _FoldedReads(torch.autograd.Function):
@@ -167,13 +158,13 @@ class _FoldedReads(torch.autograd.Function):
             parts.append(part if b is None else part + b)
         ctx.ranges = ranges
         ctx.has_bias = (bias is not None, tuple(b is not None for b in cb))
-        ctx.save_for_backward(x, weight, bias, *cw)
+        ctx.save_for_backward(x, weight, bias, folded if ctx.needs_input_grad[0] else None, *cw)
         return torch.addmm(torch.cat(parts), x, folded)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor):
-        x, weight, bias, *cw = ctx.saved_tensors
+        x, weight, bias, folded, *cw = ctx.saved_tensors
         has_bias, has_cb = ctx.has_bias
         grad_folded = grad.T @ x  # (sum out, d_in): the one backward read of x
         grad_b_all = grad.sum(0)
@@ -203,7 +194,8 @@ class _FoldedReads(torch.autograd.Function):
                 grad_w[s:e].addmm_(c.T, g_f)
             if grad_bias is not None:
                 grad_bias[s:e].addmv_(c.T, g_b)
-        return (None, grad_w, grad_bias, None, *grads_c)
+        grad_x = grad @ folded.T if folded is not None else None  # x is usually frozen features
+        return (grad_x, grad_w, grad_bias, None, *grads_c)
 
 
 def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -> ModalInput:
@@ -216,14 +208,16 @@ def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -
     """
     if not isinstance(z, LinearView) or not parts or not z.folds(sum(c.out_features for _, _, c in parts)):
         return z
-    params: list[torch.Tensor | None] = []
-    for _, _, c in parts:
-        params += [c.weight, c.bias]
-    ranges = tuple((s, e) for s, e, _ in parts)
-    out = _FoldedReads.apply(z.x, z.weight, z.bias, ranges, *params)
-    pieces = out.split([c.out_features for _, _, c in parts], dim=1)
+    pieces = _folded_read(z, parts)
     reads = {(id(c), z.start + s, z.start + e): p for (s, e, c), p in zip(parts, pieces, strict=True)}
     return replace(z, reads=reads)
+
+
+def _folded_read(z: LinearView, parts: Sequence[tuple[int, int, nn.Linear]]) -> tuple[torch.Tensor, ...]:
+    """``c(z[:, s:e])`` for every ``(s, e, c)`` in ``parts``, in one read of ``z.x`` (:class:`_FoldedReads`)."""
+    params = [t for _, _, c in parts for t in (c.weight, c.bias)]
+    out = _FoldedReads.apply(z.x, z.weight, z.bias, tuple((s, e) for s, e, _ in parts), *params)
+    return out.split([c.out_features for _, _, c in parts], dim=1)
 
 
 def _head(in_dim: int, widths: Sequence[int]) -> nn.Sequential:
@@ -477,32 +471,28 @@ class ModalSeparation(nn.Module):
                 pairs[m] = (e1.detach(), e2.detach())
         if not self.reference:
             return self._fit_club_fast(pairs)
-        lls: dict[str, float] = {}
-        for step in range(self.club_steps):
-            last = step == self.club_steps - 1
-            for opt in self._club_optimisers.values():
-                opt.zero_grad(set_to_none=True)
-            # A shared estimator accumulates the gradients of every modality's pairs.
-            for m in self.modalities:
-                with torch.enable_grad():
-                    ll = self._estimator(m).log_likelihood(*pairs[m])
-                    (-ll).backward()
-                if last:
-                    lls[m] = float(ll.detach())
-            for opt in self._club_optimisers.values():
-                opt.step()
+        lls: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            for _ in range(self.club_steps):
+                for opt in self._club_optimisers.values():
+                    opt.zero_grad(set_to_none=True)
+                # One backward of the sum gives each estimator its own gradient (a shared
+                # estimator: the sum over modalities, as fit_clubs computes it).
+                lls = {m: self._estimator(m).log_likelihood(*pairs[m]) for m in self.modalities}
+                (-torch.stack(list(lls.values())).sum()).backward()
+                for opt in self._club_optimisers.values():
+                    opt.step()
         for opt in self._club_optimisers.values():
             opt.zero_grad(set_to_none=True)
-        return {f"club_ll_{m}": v for m, v in lls.items()}
+        return {f"club_ll_{m}": float(v.detach()) for m, v in lls.items()}
 
     def _fit_club_fast(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """The same fit by :func:`models.club_fit.fit_clubs` (closed form, flat Adam, side by side)."""
         groups = {k: [m for m in self.modalities if k in ("shared", m)] for k in self._club_optimisers}
         jobs = [(self.club[k], self._club_optimisers[k], [pairs[m] for m in ms]) for k, ms in groups.items()]
-        results = fit_clubs(jobs, self.club_steps, want_values=True)  # type: ignore[arg-type]
+        results = fit_clubs(jobs, self.club_steps)  # type: ignore[arg-type]
         lls: dict[str, float] = {}
         for modalities, values in zip(groups.values(), results, strict=True):
-            assert values is not None
             lls.update(zip(modalities, values, strict=True))
         return {f"club_ll_{m}": lls[m] for m in self.modalities}
 

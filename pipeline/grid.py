@@ -14,7 +14,6 @@ Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
@@ -84,20 +83,6 @@ def _field_exists(data: dict[str, Any], dotted: str) -> bool:
     return not (isinstance(node, dict) and dotted != "train.extra")
 
 
-def _accepted_kwargs(cls: type) -> set[str] | None:
-    """Constructor keywords of a model class; a ``**kwargs`` forwarded to a ``backbone_class``
-    (the SAND plug-ins) adds the backbone's; any other ``**kwargs`` means "anything" (None)."""
-    params = inspect.signature(cls.__init__).parameters
-    names = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return names
-    backbone = getattr(cls, "backbone_class", None)
-    if backbone is None:
-        return None
-    inner = _accepted_kwargs(backbone)
-    return None if inner is None else names | inner
-
-
 def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
     """Reject hyper-parameters the configured model does not take (before anything trains)."""
     from models import registry
@@ -111,11 +96,9 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
                 f"(only {', '.join(registry.VARIANT_MODELS)} have variants)"
             )
     try:
-        accepted = _accepted_kwargs(registry.model_class(name))
+        accepted = registry.constructor_kwargs(name)
     except ImportError as err:
         raise ConfigError(f"invalid config value train.model={name!r}: model not available ({err})") from None
-    if accepted is None:  # takes any keyword: nothing to check here
-        return
     for field_name, _ in cfg.train.model_kwargs().items():
         kwarg = spec.renames.get(field_name, field_name)
         if kwarg not in accepted:

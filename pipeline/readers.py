@@ -16,6 +16,7 @@ one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed 
 from __future__ import annotations
 
 import ast
+import contextlib
 import gzip
 import logging
 import math
@@ -129,10 +130,8 @@ def _parse_json(line: bytes) -> Any:
 
 def _parse_literal(line: bytes) -> Any:
     """2014 metadata: Python literals. Try JSON first (fast path), then ast.literal_eval (never eval)."""
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):
         return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        pass
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:

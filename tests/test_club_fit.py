@@ -55,7 +55,7 @@ def assert_same_estimators(a: ClubEstimator, opt_a: torch.optim.Adam, b: ClubEst
 def test_fast_fit_equals_autograd_and_torch_adam(fused: bool) -> None:
     fast, opt_fast, ref, opt_ref = twins(fused)
     pairs = correlated_pairs(300)
-    values = fit_club(fast, opt_fast, pairs, 40, want_values=True)
+    values = fit_club(fast, opt_fast, pairs, 40)
     expected = reference_fit(ref, opt_ref, pairs, 40)
     assert values == pytest.approx(expected, rel=1e-5)
     assert_same_estimators(fast, opt_fast, ref, opt_ref)
@@ -77,7 +77,7 @@ def test_fit_continues_from_the_optimiser_state_and_mixes_with_the_reference() -
 def test_shared_estimator_sums_the_modalities_likelihoods() -> None:
     fast, opt_fast, ref, opt_ref = twins(True, seed=7)
     pairs = correlated_pairs(150, count=2)
-    values = fit_club(fast, opt_fast, pairs, 25, want_values=True)
+    values = fit_club(fast, opt_fast, pairs, 25)
     expected = reference_fit(ref, opt_ref, pairs, 25)
     assert values == pytest.approx(expected, rel=1e-5) and len(values) == 2
     assert_same_estimators(fast, opt_fast, ref, opt_ref)
@@ -90,7 +90,7 @@ def test_fit_rejects_what_it_does_not_compute() -> None:
         fit_club(est, torch.optim.Adam(est.parameters(), weight_decay=1e-3), pairs, 2)
     with pytest.raises(ValueError, match="same number of rows"):
         fit_club(est, torch.optim.Adam(est.parameters()), [*pairs, (torch.zeros(5, 32), torch.zeros(5, 32))], 2)
-    assert fit_club(est, torch.optim.Adam(est.parameters()), pairs, 0, want_values=True) == []
+    assert fit_club(est, torch.optim.Adam(est.parameters()), pairs, 0) == []
 
 
 def test_single_thread_block_restores_the_thread_count() -> None:
@@ -115,9 +115,9 @@ def test_side_by_side_fits_equal_one_after_another() -> None:
         ests[dst].load_state_dict(ests[src].state_dict())
     opts = [torch.optim.Adam(e.parameters(), lr=1e-2, fused=True) for e in ests]
     before = torch.get_num_threads()
-    together = fit_clubs([(ests[i], opts[i], [pairs[i]]) for i in (0, 1)], 20, want_values=True)
+    together = fit_clubs([(ests[i], opts[i], [pairs[i]]) for i in (0, 1)], 20)
     assert torch.get_num_threads() == before
-    alone = [fit_club(ests[i], opts[i], [pairs[i - 2]], 20, want_values=True) for i in (2, 3)]
+    alone = [fit_club(ests[i], opts[i], [pairs[i - 2]], 20) for i in (2, 3)]
     for i, (a, b) in enumerate(zip(together, alone, strict=True)):
         assert a == pytest.approx(b, rel=1e-6)
         for p, q in zip(ests[i].parameters(), ests[i + 2].parameters(), strict=True):
