@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY flows ./flows
 COPY models ./models
+COPY sand ./sand
 RUN pip install .
 
 VOLUME /data

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.bpr import MFBPR  # noqa: E402
-from models.lightgcn import LightGCN  # noqa: E402
-from pipeline.data import SplitData  # noqa: E402
-from pipeline.training import train_model  # noqa: E402
+from sand.models.bpr import MFBPR  # noqa: E402
+from sand.models.lightgcn import LightGCN  # noqa: E402
+from sand.pipeline.data import SplitData  # noqa: E402
+from sand.pipeline.training import train_model  # noqa: E402
 
 DEFAULT_INTER = Path("/work/shared/datasets/amazon-baby-2014/baby.inter")
 PUBLISHED_R20 = {"mf": 0.0575, "lightgcn": 0.0754}

@@ -44,8 +44,8 @@ def run_one(backbone: str, size: int, urls: list[str], repeats: int, threads: in
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.image_encoder import ImageFileDataset, build_cnn, encode_images
-    from pipeline.images import fetch_images
+    from sand.pipeline.image_encoder import ImageFileDataset, build_cnn, encode_images
+    from sand.pipeline.images import fetch_images
 
     if threads:
         torch.set_num_threads(threads)

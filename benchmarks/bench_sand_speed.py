@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.sand import SAND  # noqa: E402
+from sand.models.sand import SAND  # noqa: E402
 
 N_USERS, N_ITEMS, N_INTER = 19_445, 7_050, 160_792
 D_IMAGE, D_TEXT, KNN_K, BATCH = 4096, 384, 10, 2048

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from pipeline.config import CLI_FIELDS, STAGES
-from pipeline.errors import ConfigError, SandError
+from sand.pipeline.config import CLI_FIELDS, STAGES
+from sand.pipeline.errors import ConfigError, SandError
 
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
@@ -55,7 +54,7 @@ class Common:
     json: bool
 
     def pipeline_config(self):
-        from pipeline.config import load_config
+        from sand.pipeline.config import load_config
 
         overrides = {field: getattr(self, opt) for opt, field in CLI_FIELDS.items() if hasattr(self, opt)}
         if overrides.get("data_root") is not None:
@@ -63,7 +62,7 @@ class Common:
         return load_config(self.config, overrides, self.set)
 
     def run_options(self):
-        from flows.pipeline_flows import RunOptions
+        from sand.flows.pipeline_flows import RunOptions
 
         try:
             return RunOptions(refresh=self.refresh, runner=self.runner, dask_address=self.dask_address)
@@ -150,7 +149,7 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         return
-    from flows.report_text import render_summary
+    from sand.flows.report_text import render_summary
 
     typer.echo(render_summary(summary))
 
@@ -161,8 +160,8 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> di
     if until is not None and until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
     _check_prefect_server()
-    from flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
-    from pipeline.runner import PipelineResult
+    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
+    from sand.pipeline.runner import PipelineResult
 
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
@@ -201,7 +200,7 @@ def export_mmrec(
     until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features",
 ) -> None:
     """Write an MMRec dataset folder (<name>.inter, id maps, feature .npy files)."""
-    from pipeline.export import export_mmrec_folder
+    from sand.pipeline.export import export_mmrec_folder
 
     summary = _run_flow(common, until)
     written = export_mmrec_folder(summary, out)
@@ -217,7 +216,7 @@ def recommend(
     k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10,
 ) -> None:
     """Print a user's top-K items (training items excluded), with titles where known."""
-    from pipeline.recommend import recommend_for_user
+    from sand.pipeline.recommend import recommend_for_user
 
     summary = _run_flow(common, "train")
     table = recommend_for_user(common.pipeline_config(), summary, user, k)
@@ -238,7 +237,7 @@ def grid(
     name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,
 ) -> None:
     """Run a grid of settings; select by validation Recall@20, report its test metrics, write the report."""
-    from pipeline.grid import PRESETS
+    from sand.pipeline.grid import PRESETS
 
     axes: dict[str, list[Any]] = {}
     if preset is not None:
@@ -252,7 +251,7 @@ def grid(
     cfg = common.pipeline_config()
     options = common.run_options()
     _check_prefect_server()
-    from flows.pipeline_flows import grid_flow
+    from sand.flows.pipeline_flows import grid_flow
 
     summary = grid_flow(config=cfg, axes=axes, name=name or preset or "grid", options=options)
     if common.json:
@@ -300,12 +299,12 @@ def serve(
     data_root: Annotated[Path | None, typer.Option(help="data root the deployments default to")] = None,
 ) -> None:
     """Register deployments (end-to-end and each stage) with a schedule and serve them."""
-    from pipeline.config import load_config
+    from sand.pipeline.config import load_config
 
     overrides = {"acquire.dataset": dataset, "data_root": str(data_root) if data_root else None}
     cfg = load_config(config, overrides)
     _check_prefect_server()
-    from flows.serve import serve_deployments
+    from sand.flows.serve import serve_deployments
 
     serve_deployments(cfg, cron)
 
@@ -313,7 +312,7 @@ def serve(
 def main() -> None:
     """Console entry point: user-fixable errors become one line and exit status 2."""
     _setup_logging()
-    from flows.settings import apply_prefect_defaults
+    from sand.flows.settings import apply_prefect_defaults
 
     apply_prefect_defaults()
     try:

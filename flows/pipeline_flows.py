@@ -15,13 +15,12 @@ from prefect import flow, task
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from flows.runners import RUNNERS, make_task_runner
-from flows.ui import publish_grid, publish_stage_artifacts, publish_summary
-from pipeline import stages
-from pipeline.config import STAGES, PipelineConfig
-from pipeline.runner import PipelineResult, planned_stages, resolve_upstream, run_stage
-from pipeline.store import Artifact, StageOutcome
+from sand.flows.runners import RUNNERS, make_task_runner
+from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
+from sand.pipeline import stages
+from sand.pipeline.config import STAGES, PipelineConfig
+from sand.pipeline.runner import PipelineResult, planned_stages, resolve_upstream, run_stage
+from sand.pipeline.store import Artifact, StageOutcome
 
 
 class RunOptions(BaseModel):
@@ -150,7 +149,7 @@ def grid_flow(
     select_metric: str = "recall@20",
 ) -> dict[str, Any]:
     """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
-    from pipeline.grid import run_grid
+    from sand.pipeline.grid import run_grid
 
     config = config or PipelineConfig()
     options = options or RunOptions()

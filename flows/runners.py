@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pipeline.errors import ConfigError
+from sand.pipeline.errors import ConfigError
 
 RunnerName = Literal["threads", "processes", "dask"]
 RUNNERS = ("threads", "processes", "dask")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from sand.pipeline.config import PipelineConfig
 
 DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
 
 def build_deployments(config: PipelineConfig, cron: str | None = None) -> list[Any]:
     """RunnerDeployments: ``sand-pipeline/retrain`` (scheduled) and ``sand-<stage>/on-demand``."""
-    from flows.pipeline_flows import STAGE_FLOWS, RunOptions, pipeline_flow
+    from sand.flows.pipeline_flows import STAGE_FLOWS, RunOptions, pipeline_flow
 
     params = {"config": config.model_dump(mode="json"), "options": RunOptions().model_dump(mode="json")}
     deployments = [

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.store import StageOutcome
+from sand.pipeline.store import StageOutcome
 
 log = logging.getLogger(__name__)
 

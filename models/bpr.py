@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from sand.models.base import Recommender
+from sand.models.losses import bpr_loss
 from torch import Tensor, nn
-
-from models.base import Recommender
-from models.losses import bpr_loss
 
 
 def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:

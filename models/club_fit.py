@@ -37,9 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+from sand.models.losses import LOG2E, ClubEstimator
 from torch import nn
-
-from models.losses import LOG2E, ClubEstimator
 
 
 @contextmanager

@@ -13,13 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from sand.models.base import Recommender
+from sand.models.freedom import FREEDOM
+from sand.models.sand import VARIANTS
+from sand.models.separation import ModalSeparation
+from sand.models.vbpr import VBPR
 from torch import Tensor
-
-from models.base import Recommender
-from models.freedom import FREEDOM
-from models.sand import VARIANTS
-from models.separation import ModalSeparation
-from models.vbpr import VBPR
 
 #: Separation keywords a plug-in accepts (everything else goes to the backbone).
 SEPARATION_KWARGS = ("alpha", "beta", "tau", "split_ratio", "club_steps", "club_lr", "l2_form",

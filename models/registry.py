@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.base import Recommender
+from sand.models.base import Recommender
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,13 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     # MMRec's published settings: lr 1e-3 for the ID-only baselines, VBPR and FREEDOM; the SAND
     # authors' config uses lr 1e-4.
-    "bpr": ModelSpec("models.bpr", "MFBPR", (), 1e-3),
-    "lightgcn": ModelSpec("models.lightgcn", "LightGCN", (), 1e-3),
-    "vbpr": ModelSpec("models.vbpr", "VBPR", ("image", "text"), 1e-3),
-    "freedom": ModelSpec("models.freedom", "FREEDOM", ("image", "text"), 1e-3, {"n_layers": "n_ui_layers"}),
-    "sand": ModelSpec("models.sand", "SAND", ("image", "text"), 1e-4, {"n_layers": "n_ui_layers"}),
-    "vbpr-sand": ModelSpec("models.plugins", "VBPRSand", ("image", "text"), 1e-3),
-    "freedom-sand": ModelSpec("models.plugins", "FREEDOMSand", ("image", "text"), 1e-3,
+    "bpr": ModelSpec("sand.models.bpr", "MFBPR", (), 1e-3),
+    "lightgcn": ModelSpec("sand.models.lightgcn", "LightGCN", (), 1e-3),
+    "vbpr": ModelSpec("sand.models.vbpr", "VBPR", ("image", "text"), 1e-3),
+    "freedom": ModelSpec("sand.models.freedom", "FREEDOM", ("image", "text"), 1e-3, {"n_layers": "n_ui_layers"}),
+    "sand": ModelSpec("sand.models.sand", "SAND", ("image", "text"), 1e-4, {"n_layers": "n_ui_layers"}),
+    "vbpr-sand": ModelSpec("sand.models.plugins", "VBPRSand", ("image", "text"), 1e-3),
+    "freedom-sand": ModelSpec("sand.models.plugins", "FREEDOMSand", ("image", "text"), 1e-3,
                               {"n_layers": "n_ui_layers"}),
 }
 VARIANT_MODELS = ("sand", "vbpr-sand", "freedom-sand")

@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from sand.models.base import Recommender
+from sand.models.bpr import bpr_loss, check_modalities, dot_scores, emb_loss
 from torch import Tensor, nn
-
-from models.base import Recommender
-from models.bpr import bpr_loss, check_modalities, dot_scores, emb_loss
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 

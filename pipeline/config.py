@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from pipeline.errors import ConfigError
+from sand.pipeline.errors import ConfigError
 
 STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")
 DatasetFormat = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]

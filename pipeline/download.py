@@ -29,10 +29,9 @@ from urllib.request import url2pathname
 
 import httpx
 from filelock import FileLock
+from sand.pipeline.errors import DownloadError
+from sand.pipeline.retry import backoff_delays, is_retryable_status
 from tqdm.auto import tqdm
-
-from pipeline.errors import DownloadError
-from pipeline.retry import backoff_delays, is_retryable_status
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
-
-from pipeline.data import SplitData
-from pipeline.errors import ConfigError, DataError, SandError
+from sand.pipeline.data import SplitData
+from sand.pipeline.errors import ConfigError, DataError, SandError
 
 if TYPE_CHECKING:
     import pandas as pd

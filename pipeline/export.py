@@ -12,13 +12,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from pipeline.errors import StageError
+from sand.pipeline.errors import StageError
 
 
 def export_mmrec_folder(summary: dict[str, Any], out: Path) -> list[str]:
     """Write the folder from a run summary (``PipelineResult.summary()``); returns file names."""
-    from pipeline.mmrec import write_mmrec_folder
+    from sand.pipeline.mmrec import write_mmrec_folder
 
     stages = summary.get("stages", {})
     if "interactions" not in stages:

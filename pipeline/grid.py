@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, build_config, set_dotted
-from pipeline.errors import ConfigError
-from pipeline.store import write_json_atomic
+from sand.pipeline.config import PipelineConfig, build_config, set_dotted
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _field_exists(data: dict[str, Any], dotted: str) -> bool:
 
 def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
     """Reject hyper-parameters the configured model does not take (before anything trains)."""
-    from models import registry
+    from sand.models import registry
 
     name = cfg.train.model
     spec = registry.spec(name)
@@ -145,8 +145,8 @@ def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list
 # ---------------------------------------------------------------------------------------------
 def run_pipeline_summary(cfg: PipelineConfig) -> dict[str, Any]:
     """The default ``run_one``: the pipeline up to ``evaluate`` (cached stages reused)."""
-    from pipeline.runner import run_pipeline
-    from pipeline.stages import Context
+    from sand.pipeline.runner import run_pipeline
+    from sand.pipeline.stages import Context
 
     return run_pipeline(Context.create(cfg), until="evaluate").summary()
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.images import load_rgb
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from pipeline.errors import ConfigError, DataError
-from pipeline.images import load_rgb
 
 log = logging.getLogger(__name__)
 

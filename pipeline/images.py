@@ -31,8 +31,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from pipeline.retry import backoff_delays, is_retryable_status
+from sand.pipeline.retry import backoff_delays, is_retryable_status
 
 log = logging.getLogger(__name__)
 

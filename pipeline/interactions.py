@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from pipeline.data import SPLIT_NAMES
-from pipeline.errors import ConfigError, DataError
-from pipeline.kcore import dedup_mask, kcore
-from pipeline.mmrec import MMRecDataset
-from pipeline.splits import SPLIT_RULES, split_interactions
+from sand.pipeline.data import SPLIT_NAMES
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.kcore import dedup_mask, kcore
+from sand.pipeline.mmrec import MMRecDataset
+from sand.pipeline.splits import SPLIT_RULES, split_interactions
 
 log = logging.getLogger(__name__)
 

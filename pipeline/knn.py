@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-
-from pipeline.errors import ConfigError, DataError
+from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

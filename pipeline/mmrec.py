@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from pipeline.errors import DataError
+from sand.pipeline.errors import DataError
 
 FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}
 _INTER_COLUMNS = {"userID": "user", "itemID": "item", "x_label": "split"}

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
-
-from pipeline.errors import ConfigError, DataError
+from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

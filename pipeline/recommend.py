@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError
-from pipeline.store import Artifact
+from sand.pipeline.config import PipelineConfig
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.store import Artifact
 
 
 def _artifact(summary: dict[str, Any], stage: str) -> Artifact:
@@ -34,8 +33,8 @@ def resolve_user(user: str, user_map: pd.DataFrame, n_users: int) -> int:
 
 
 def recommend_for_user(cfg: PipelineConfig, summary: dict[str, Any], user: str, k: int) -> pd.DataFrame:
-    from pipeline.evaluation import recommendations_table
-    from pipeline.stages import Context, trained_embeddings
+    from sand.pipeline.evaluation import recommendations_table
+    from sand.pipeline.stages import Context, trained_embeddings
 
     if k < 1:
         raise ConfigError(f"invalid -k {k}: must be at least 1")

@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from models.registry import VARIANT_MODELS
-from pipeline.errors import SandError, StageError
-from pipeline.grid import REFERENCE
-from pipeline.store import Artifact, ArtifactStore
+from sand.models.registry import VARIANT_MODELS
+from sand.pipeline.errors import SandError, StageError
+from sand.pipeline.grid import REFERENCE
+from sand.pipeline.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +385,7 @@ def _safe_name(text: str) -> str:
 def _curves(
     selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, metric: str, notes: list[str]
 ) -> list[Path]:
-    from pipeline.figures import plot_training_curves
+    from sand.pipeline.figures import plot_training_curves
 
     paths = []
     for d in datasets:
@@ -450,10 +449,9 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
 def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
     """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
     import torch
-
-    from pipeline.config import build_config
-    from pipeline.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
-    from pipeline.stages import Context, build_model_for
+    from sand.pipeline.config import build_config
+    from sand.pipeline.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
+    from sand.pipeline.stages import Context, build_model_for
 
     train = run.train
     if train is None or not train.file("best.pt").is_file():
@@ -546,7 +544,7 @@ def write_report(
     (skips are logged and listed in ``report.md``). No evaluated runs at all, or a named
     dataset without runs, is a :class:`StageError`.
     """
-    from pipeline.figures import plot_ablation, plot_sensitivity
+    from sand.pipeline.figures import plot_ablation, plot_sensitivity
 
     data_root, out_dir = Path(data_root), Path(out_dir)
     store = ArtifactStore(data_root)

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import stages
-from pipeline.config import STAGES
-from pipeline.errors import ConfigError
-from pipeline.store import Artifact, StageOutcome
+from sand.pipeline import stages
+from sand.pipeline.config import STAGES
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.store import Artifact, StageOutcome
 
 FEATURE_STAGES = ("text_features", "image_features", "graphs")
 #: ``call(stage_name, function, *args)`` runs one stage; the default just calls it.
@@ -29,7 +29,7 @@ def _direct(stage: str, fn: Callable[..., StageOutcome], *args: Any) -> StageOut
 
 
 def model_needs_features(model_name: str) -> bool:
-    from models.registry import required_modalities
+    from sand.models.registry import required_modalities
 
     return bool(required_modalities(model_name))
 

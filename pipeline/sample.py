@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pipeline.errors import ConfigError
+from sand.pipeline.errors import ConfigError
 
 REVIEWS_NAME = "reviews_Sample_5.json.gz"
 META_NAME = "meta_Sample.json.gz"

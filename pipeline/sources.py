@@ -27,7 +27,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from pipeline.errors import ConfigError, DataError
+from sand.pipeline.errors import ConfigError, DataError
 
 Format = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
 FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023", "mmrec", "sample")

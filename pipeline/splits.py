@@ -15,9 +15,8 @@ not on the order of the input rows.
 from __future__ import annotations
 
 import numpy as np
-
-from pipeline.data import TEST, TRAIN, VALID
-from pipeline.errors import ConfigError
+from sand.pipeline.data import TEST, TRAIN, VALID
+from sand.pipeline.errors import ConfigError
 
 SPLIT_RULES = ("mmrec", "mmrec-notebook", "chronological")
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError, StageError
-from pipeline.store import Artifact, ArtifactStore, StageOutcome
+from sand.pipeline.config import PipelineConfig
+from sand.pipeline.errors import ConfigError, StageError
+from sand.pipeline.store import Artifact, ArtifactStore, StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def _local_fingerprint(source: str | None) -> dict[str, Any] | None:
 
 
 def run_acquire(ctx: Context) -> StageOutcome:
-    from pipeline.sources import resolve_source
+    from sand.pipeline.sources import resolve_source
 
     acfg = ctx.cfg.acquire
     spec = resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta)
@@ -115,7 +114,7 @@ def run_acquire(ctx: Context) -> StageOutcome:
     def build(out: Path) -> dict[str, Any]:
         files: dict[str, Any] = {}
         if spec.format == "sample":
-            from pipeline.sample import generate_sample
+            from sand.pipeline.sample import generate_sample
 
             # The sample's images play the part of the internet: they live outside the
             # artifact at a stable path so their file:// URLs stay valid after the rename.
@@ -135,7 +134,7 @@ def run_acquire(ctx: Context) -> StageOutcome:
                     _link_or_copy(src, out / src.name)
                     files[src.name] = src.name
             return {"format": "mmrec", "name": spec.name, "files": files}
-        from pipeline.download import fetch_file
+        from sand.pipeline.download import fetch_file
 
         downloads = ctx.store.data_root / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
@@ -162,15 +161,15 @@ def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
     params = key_params(icfg) if fmt != "mmrec" else {"kept": "given split and ids"}
 
     def build(out: Path) -> dict[str, Any]:
-        from pipeline.interactions import build_interactions, interactions_from_mmrec
+        from sand.pipeline.interactions import build_interactions, interactions_from_mmrec
 
         skips: dict[str, Any] = {}
         if fmt == "mmrec":
-            from pipeline.mmrec import read_mmrec_folder
+            from sand.pipeline.mmrec import read_mmrec_folder
 
             result = interactions_from_mmrec(read_mmrec_folder(raw.path))
         else:
-            from pipeline.readers import read_meta, read_reviews
+            from sand.pipeline.readers import read_meta, read_reviews
 
             files = raw.manifest["files"]
             reviews, skip_r = read_reviews(raw.file(files["reviews"]), fmt, max_bad_lines=icfg.max_bad_lines)
@@ -254,7 +253,7 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
             return _copy_imported(imported, out, "text_feat.npy", n_items)
         from dataclasses import asdict
 
-        from pipeline.text_features import encode_texts_with_stats, item_text
+        from sand.pipeline.text_features import encode_texts_with_stats, item_text
 
         items = pd.read_parquet(inter.file("items.parquet"))
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
@@ -305,7 +304,7 @@ def image_settings(ctx: Context, inter: Artifact) -> dict[str, Any]:
 
 def _run_shard_job(args: tuple[Any, ...]) -> str:
     """One picklable shard job (runs in a thread, a process or on a Dask worker)."""
-    from pipeline.image_features import process_shard, save_shard
+    from sand.pipeline.image_features import process_shard, save_shard
 
     item_ids, urls, cache_dir, fetch_kwargs, encoder_kwargs, out_path = args
     out_path = Path(out_path)
@@ -331,7 +330,7 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
         _, n_items = dataset_counts(inter)
         if imported:
             return _copy_imported(imported, out, "image_feat.npy", n_items)
-        from pipeline.image_features import assemble_features, load_shard, shard_items
+        from sand.pipeline.image_features import assemble_features, load_shard, shard_items
 
         items = pd.read_parquet(inter.file("items.parquet")).sort_values("item")
         if "image_url" not in items.columns:
@@ -373,7 +372,7 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
 
 
 def _shard_work_key(params: dict[str, Any], inter: Artifact) -> str:
-    from pipeline.store import artifact_key
+    from sand.pipeline.store import artifact_key
 
     return artifact_key("image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter.key})
 
@@ -385,7 +384,7 @@ def run_graphs(ctx: Context, text: Artifact, image: Artifact) -> StageOutcome:
     gcfg = ctx.cfg.graphs
 
     def build(out: Path) -> dict[str, Any]:
-        from pipeline.knn import knn_graph, save_graph
+        from sand.pipeline.knn import knn_graph, save_graph
 
         stats = {}
         for modality, art, name in (("image", image, "image_feat.npy"), ("text", text, "text_feat.npy")):
@@ -412,9 +411,8 @@ def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[st
 def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
     """SplitData, feature tensors and torch item graphs for building a model."""
     import torch
-
-    from models.graph import scipy_to_torch_sparse
-    from pipeline.data import SplitData
+    from sand.models.graph import scipy_to_torch_sparse
+    from sand.pipeline.data import SplitData
 
     n_users, n_items = dataset_counts(inter)
     data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
@@ -424,7 +422,7 @@ def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Art
     if "text_features" in feature_arts:
         features["text"] = torch.from_numpy(np.load(feature_arts["text_features"].file("text_feat.npy")))
     if "graphs" in feature_arts:
-        from pipeline.knn import load_graph
+        from sand.pipeline.knn import load_graph
 
         for modality in ("image", "text"):
             graphs[modality] = scipy_to_torch_sparse(load_graph(feature_arts["graphs"].file(f"{modality}_graph.npz")))
@@ -434,8 +432,7 @@ def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Art
 def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
     """Construct the configured model (seeded) and the data it trains on."""
     import torch
-
-    from models.registry import accepted_hyperparameters, build_model, default_lr
+    from sand.models.registry import accepted_hyperparameters, build_model, default_lr
 
     tcfg = ctx.cfg.train
     data, features, graphs = load_model_inputs(ctx, inter, feature_arts)
@@ -457,7 +454,7 @@ def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artif
 
 def train_key_params(tcfg: Any) -> dict[str, Any]:
     """Train parameters that reach the model: fields it ignores do not change the artifact key."""
-    from models.registry import VARIANT_MODELS, accepted_hyperparameters
+    from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
@@ -467,7 +464,7 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
 
 
 def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:
-    from pipeline.store import artifact_key
+    from sand.pipeline.store import artifact_key
 
     tcfg = ctx.cfg.train
     params = train_key_params(tcfg)
@@ -475,8 +472,8 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
     work_key = artifact_key("train", STAGE_VERSIONS["train"], params, {k: a.key for k, a in inputs.items()})
 
     def build(out: Path) -> dict[str, Any]:
-        from models.registry import accepted_hyperparameters, default_lr
-        from pipeline.training import train_model
+        from sand.models.registry import accepted_hyperparameters, default_lr
+        from sand.pipeline.training import train_model
 
         model, data = build_model_for(ctx, inter, feature_arts)
         work = ctx.store.work_dir("train", work_key)  # checkpoints survive a killed run: rerun resumes
@@ -527,7 +524,7 @@ def run_evaluate(
     params = key_params(ecfg)
 
     def build(out: Path) -> dict[str, Any]:
-        from pipeline.evaluation import evaluate_split, recommendations_table
+        from sand.pipeline.evaluation import evaluate_split, recommendations_table
 
         data, user_emb, item_emb = trained_embeddings(ctx, inter, trained, feature_arts)
         metrics = {
@@ -557,7 +554,7 @@ def run_report(ctx: Context) -> StageOutcome:
     params = {**key_params(rcfg), "evaluations": evaluations, "grids": grids}
 
     def build(out: Path) -> dict[str, Any]:
-        from pipeline.report import write_report
+        from sand.pipeline.report import write_report
 
         files = write_report(ctx.store.data_root, out, tsne_items=rcfg.tsne_items, seed=rcfg.seed,
                              select_metric=rcfg.select_metric)

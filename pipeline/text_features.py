@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pipeline.errors import ConfigError, DataError
+from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

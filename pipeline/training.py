@@ -31,16 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from pipeline.data import SplitData
-from pipeline.errors import ConfigError, DataError, SandError, StageError
-from pipeline.evaluation import SplitEvaluator, metric_names
-from pipeline.sampling import sample_bpr_epoch
+from sand.pipeline.data import SplitData
+from sand.pipeline.errors import ConfigError, DataError, SandError, StageError
+from sand.pipeline.evaluation import SplitEvaluator, metric_names
+from sand.pipeline.sampling import sample_bpr_epoch
 
 if TYPE_CHECKING:
     import torch
-
-    from models.base import Recommender
+    from sand.models.base import Recommender
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from models.bpr import MFBPR, bpr_loss, emb_loss
-from models.freedom import FREEDOM
-from models.graph import bipartite_adjacency, symmetric_normalise
-from models.lightgcn import LightGCN, sparse_matmul, to_csr
-from models.vbpr import VBPR
+from sand.models.bpr import MFBPR, bpr_loss, emb_loss
+from sand.models.freedom import FREEDOM
+from sand.models.graph import bipartite_adjacency, symmetric_normalise
+from sand.models.lightgcn import LightGCN, sparse_matmul, to_csr
+from sand.models.vbpr import VBPR
 
 N_USERS, N_ITEMS = 30, 20
 

@@ -25,7 +25,7 @@ def _main(args, env=None):
     """The CLI in a fresh process: the exit status and stderr a user sees."""
     import os
 
-    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "sand.flows.cli", *args], capture_output=True, text=True,
                          env={**os.environ, **(env or {})}, timeout=300)
     return out.returncode, out
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.club_fit import fit_club, fit_clubs, single_intra_op_thread
-from models.losses import ClubEstimator
+from sand.models.club_fit import fit_club, fit_clubs, single_intra_op_thread
+from sand.models.losses import ClubEstimator
 
 
 def reference_fit(est: ClubEstimator, opt: torch.optim.Adam, pairs, steps: int) -> list[float]:

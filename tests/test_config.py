@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from pipeline.config import PipelineConfig, load_config
-from pipeline.errors import ConfigError
+from sand.pipeline.config import PipelineConfig, load_config
+from sand.pipeline.errors import ConfigError
 
 
 def test_defaults_are_the_papers():

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import SandError  # noqa: E402
+from sand.pipeline.config import load_config  # noqa: E402
+from sand.pipeline.errors import SandError  # noqa: E402
 
 TINY = [
     "acquire.sample_users=40",
@@ -32,7 +32,7 @@ def tiny_config(root, *extra):
 
 
 def run(cfg, **options):
-    from flows.pipeline_flows import RunOptions, pipeline_flow
+    from sand.flows.pipeline_flows import RunOptions, pipeline_flow
 
     return pipeline_flow(config=cfg, options=RunOptions(**options))
 
@@ -73,7 +73,7 @@ def test_failed_stage_keeps_upstream_and_rerun_starts_there(prefect_server, tmp_
 
 
 def test_image_shards_on_local_dask_cluster(prefect_server, tmp_path):
-    from flows.pipeline_flows import RunOptions, image_features_flow
+    from sand.flows.pipeline_flows import RunOptions, image_features_flow
 
     ref = image_features_flow(config=tiny_config(tmp_path), options=RunOptions(runner="dask", workers=2))
     import json
@@ -91,8 +91,7 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     import asyncio
 
     from prefect.client.orchestration import get_client
-
-    from flows.serve import build_deployments
+    from sand.flows.serve import build_deployments
 
     deployments = build_deployments(tiny_config(tmp_path), cron="15 4 * * 1")
     names = {d.name for d in deployments}

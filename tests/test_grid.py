@@ -9,11 +9,10 @@ from typing import Any
 
 import pandas as pd
 import pytest
-
-from pipeline.config import PipelineConfig, build_config
-from pipeline.errors import ConfigError
-from pipeline.grid import PRESETS, expand_grid, preset, run_grid, select_best
-from pipeline.store import ArtifactStore
+from sand.pipeline.config import PipelineConfig, build_config
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.grid import PRESETS, expand_grid, preset, run_grid, select_best
+from sand.pipeline.store import ArtifactStore
 
 
 def _base(tmp_path: Path, **train: Any) -> PipelineConfig:
@@ -95,7 +94,7 @@ def test_bad_grid_name_and_metric_fail_before_any_run(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_expand_on_the_default_config(tmp_path, name):
-    if name == "table3" and importlib.util.find_spec("models.plugins") is None:
+    if name == "table3" and importlib.util.find_spec("sand.models.plugins") is None:
         pytest.skip("models/plugins.py (VBPR+SAND, FREEDOM+SAND) is not written yet")
     combos = expand_grid(_base(tmp_path), preset(name))
     assert len(combos) == len(next(iter(PRESETS[name].values())))

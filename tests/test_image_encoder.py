@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from pipeline.errors import ConfigError, DataError
-from pipeline.image_encoder import build_cnn, encode_images
-from pipeline.image_features import (
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.image_encoder import build_cnn, encode_images
+from sand.pipeline.image_features import (
     ShardResult,
     assemble_features,
     load_shard,

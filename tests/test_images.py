@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import Reply
 from PIL import Image
-
-from pipeline.images import (
+from sand.pipeline.images import (
     ImageResult,
     cache_paths,
     fetch_images,

@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from pipeline.errors import ConfigError
-from pipeline.kcore import dedup_mask, deduplicate, iterative_kcore, kcore
-from pipeline.splits import SPLIT_RULES, split_counts, split_interactions
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.kcore import dedup_mask, deduplicate, iterative_kcore, kcore
+from sand.pipeline.splits import SPLIT_RULES, split_counts, split_interactions
 
 # ------------------------------------------------------------------------------------------ dedup
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
-from pipeline.errors import ConfigError, DataError
-from pipeline.knn import knn_graph, knn_neighbours, load_graph, mix_graphs, save_graph
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.knn import knn_graph, knn_neighbours, load_graph, mix_graphs, save_graph
 
 
 def _features(n: int = 300, d: int = 16, seed: int = 0) -> np.ndarray:

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models.club_fit import fit_club
-from models.losses import (
+from sand.models.club_fit import fit_club
+from sand.models.losses import (
     BPR_LOG2_FACTOR,
     ClubEstimator,
     bpr_loss,

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
-from models.graph import scipy_to_torch_sparse
-from models.registry import MODELS, build_model, required_modalities
+from sand.models.graph import scipy_to_torch_sparse
+from sand.models.registry import MODELS, build_model, required_modalities
 
 
 def tiny_inputs(seed: int = 0, n_users: int = 30, n_items: int = 20):

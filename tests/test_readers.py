@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.errors import ConfigError, DataError
-from pipeline.readers import META_COLUMNS, read_meta, read_reviews
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.readers import META_COLUMNS, read_meta, read_reviews
 
 
 def write_lines(path: Path, lines: list[str], compress: bool) -> Path:

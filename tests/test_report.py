@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-from pipeline.config import build_config
-from pipeline.errors import StageError
-from pipeline.grid import run_grid
-from pipeline.report import collect_runs, select_runs, write_report
-from pipeline.store import Artifact, ArtifactStore
+from sand.pipeline.config import build_config
+from sand.pipeline.errors import StageError
+from sand.pipeline.grid import run_grid
+from sand.pipeline.report import collect_runs, select_runs, write_report
+from sand.pipeline.store import Artifact, ArtifactStore
 
 METRIC_KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
@@ -245,7 +244,7 @@ def test_sensitivity_figure_from_grid_tables(tmp_path):
 
 
 def _feature_artifacts(store: ArtifactStore, inter: Artifact) -> dict[str, Artifact]:
-    from pipeline.knn import knn_graph, save_graph
+    from sand.pipeline.knn import knn_graph, save_graph
 
     rng = np.random.default_rng(7)
     feats = {
@@ -278,8 +277,8 @@ def _feature_artifacts(store: ArtifactStore, inter: Artifact) -> dict[str, Artif
 
 def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
     """Real train + evaluate stages on a tiny random dataset, then Figures 5-6 from best.pt."""
-    pytest.importorskip("models.sand")
-    from pipeline import stages
+    pytest.importorskip("sand.models.sand")
+    from sand.pipeline import stages
 
     root = tmp_path / "data"
     store = ArtifactStore(root)
@@ -317,7 +316,7 @@ def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
 
 
 def test_tsne_is_seeded():
-    from pipeline.figures import circle_points, tsne_2d
+    from sand.pipeline.figures import circle_points, tsne_2d
 
     x = np.random.default_rng(1).normal(size=(25, 6))
     a, b = tsne_2d(x, seed=4), tsne_2d(x, seed=4)
@@ -327,8 +326,8 @@ def test_tsne_is_seeded():
 
 def test_modal_representations_match_the_models_split(tmp_path):
     torch = pytest.importorskip("torch")
-    from models.sand import SAND
-    from pipeline.figures import modal_representations
+    from sand.models.sand import SAND
+    from sand.pipeline.figures import modal_representations
 
     rng = np.random.default_rng(0)
     feats = {

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
-
-from pipeline.errors import ConfigError
-from pipeline.sample import COLOURS, MATERIALS, SHAPES, TYPES, generate_sample
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.sample import COLOURS, MATERIALS, SHAPES, TYPES, generate_sample
 
 SMALL = {"n_users": 120, "n_items": 60}
 
@@ -272,7 +271,7 @@ def test_cli_writes_the_sample(tmp_path):
         [
             sys.executable,
             "-m",
-            "pipeline.sample",
+            "sand.pipeline.sample",
             str(tmp_path),
             "--seed",
             "1",

@@ -9,10 +9,9 @@ generation, readers, MiniLM text features, CNN image features, kNN graphs, train
 from __future__ import annotations
 
 import pytest
-
-from pipeline.config import load_config
-from pipeline.runner import run_pipeline
-from pipeline.stages import Context
+from sand.pipeline.config import load_config
+from sand.pipeline.runner import run_pipeline
+from sand.pipeline.stages import Context
 
 EPOCHS = ["train.epochs=8", "train.lr=0.001", "image_features.num_workers=0"]
 

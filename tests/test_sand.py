@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models.losses import bpr_loss
-from models.sand import SAND, VARIANTS, _SparseMatmul
-from models.separation import LinearView, ModalSeparation, prefetch_reads, read_through
+from sand.models.losses import bpr_loss
+from sand.models.sand import SAND, VARIANTS, _SparseMatmul
+from sand.models.separation import LinearView, ModalSeparation, prefetch_reads, read_through
 
 EXPECTED_TERMS = {
     "a": {"bpr", "align", "distance"},

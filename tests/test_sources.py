@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from pipeline.errors import ConfigError, DataError
-from pipeline.sources import FORMATS, PRESETS, SourceSpec, category_urls, detect_format, resolve_source
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.sources import FORMATS, PRESETS, SourceSpec, category_urls, detect_format, resolve_source
 
 SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 V2 = "https://jmcauley.ucsd.edu/data/amazon_v2"

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from pipeline.config import load_config
-from pipeline.errors import StageError
-from pipeline.runner import run_pipeline
-from pipeline.stages import Context
+from sand.pipeline.config import load_config
+from sand.pipeline.errors import StageError
+from sand.pipeline.runner import run_pipeline
+from sand.pipeline.stages import Context
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline.store import ArtifactStore, artifact_key
+from sand.pipeline.store import ArtifactStore, artifact_key
 
 
 def _write(out: Path, text: str = "hello") -> dict:

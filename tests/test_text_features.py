@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
-from pipeline.errors import ConfigError, DataError
-from pipeline.text_features import encode_texts, encode_texts_with_stats, item_text, resolve_model
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.text_features import encode_texts, encode_texts_with_stats, item_text, resolve_model
 
 
 def test_recipe_full_fields() -> None:

@@ -6,13 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sand.models.base import Recommender
+from sand.pipeline.data import SplitData
+from sand.pipeline.errors import ConfigError, SandError, StageError
+from sand.pipeline.evaluation import evaluate_split
+from sand.pipeline.training import load_best_model, train_model
 from torch import nn
-
-from models.base import Recommender
-from pipeline.data import SplitData
-from pipeline.errors import ConfigError, SandError, StageError
-from pipeline.evaluation import evaluate_split
-from pipeline.training import load_best_model, train_model
 
 
 class TinyMF(Recommender):
