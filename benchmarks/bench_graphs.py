@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _worker(n: int, d: int, k: int, block_size: int, seed: int) -> None:
     import numpy as np
     import torch  # noqa: F401 - imported before timing, as a running pipeline already has it
+
     from sand.pipeline.knn import default_block_size, knn_graph
 
     x = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from sand.pipeline.config import CLI_FIELDS, STAGES
 from sand.pipeline.errors import ConfigError, SandError
 

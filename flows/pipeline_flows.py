@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from sand.flows.runners import RUNNERS, make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline import stages

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import Tensor, nn
+
 from sand.models.base import Recommender
 from sand.models.losses import bpr_loss
-from torch import Tensor, nn
 
 
 def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:

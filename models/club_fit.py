@@ -37,8 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
-from sand.models.losses import LOG2E, ClubEstimator
 from torch import nn
+
+from sand.models.losses import LOG2E, ClubEstimator
 
 
 @contextmanager

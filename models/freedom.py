@@ -26,11 +26,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from sand.models.base import Recommender
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.lightgcn import edges_numpy, layer_mean
-from torch import Tensor, nn
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import Tensor, nn
+
 from sand.models.base import Recommender
 from sand.models.bpr import bpr_loss, dot_scores, emb_loss
 from sand.models.graph import normalised_bipartite_adjacency, sparse_matmul, to_csr
-from torch import Tensor, nn
 
 
 def edges_numpy(train_edges: torch.Tensor | None, model_name: str):

@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from sand.models.base import Recommender
 from sand.models.freedom import FREEDOM
 from sand.models.sand import VARIANTS
 from sand.models.separation import ModalSeparation
 from sand.models.vbpr import VBPR
-from torch import Tensor
 
 #: Separation keywords a plug-in accepts (everything else goes to the backbone).
 SEPARATION_KWARGS = ("alpha", "beta", "tau", "split_ratio", "club_steps", "club_lr", "l2_form",

@@ -42,12 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from sand.models.base import Recommender
 from sand.models.graph import SparseMatmul as _SparseMatmul
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, to_csr
 from sand.models.losses import bpr_loss
 from sand.models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
-from torch import nn
 
 #: variant -> (align, distance). a-d are Table 4; the ablations (Fig. 3) build on a.
 VARIANTS: dict[str, tuple[str, str]] = {

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sand.models.club_fit import fit_clubs
-from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
+
+from sand.models.club_fit import fit_clubs
+from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
 
 ALIGNS = ("solosim", "infonce", "none")
 DISTANCES = ("club", "l2", "none")

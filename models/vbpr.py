@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import Tensor, nn
+
 from sand.models.base import Recommender
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores, emb_loss
-from torch import Tensor, nn
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 

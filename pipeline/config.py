@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from sand.pipeline.errors import ConfigError
 
 STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")

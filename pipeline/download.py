@@ -29,9 +29,10 @@ from urllib.request import url2pathname
 
 import httpx
 from filelock import FileLock
+from tqdm.auto import tqdm
+
 from sand.pipeline.errors import DownloadError
 from sand.pipeline.retry import backoff_delays, is_retryable_status
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from sand.pipeline.errors import StageError
 
 if TYPE_CHECKING:

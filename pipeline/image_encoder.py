@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.images import load_rgb
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.images import load_rgb
 
 log = logging.getLogger(__name__)
 

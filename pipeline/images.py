@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from sand.pipeline.retry import backoff_delays, is_retryable_status
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from sand.pipeline.data import SPLIT_NAMES
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.kcore import dedup_mask, kcore

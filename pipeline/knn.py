@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
 from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

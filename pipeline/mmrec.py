@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from sand.pipeline.errors import DataError
 
 FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
+
 from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

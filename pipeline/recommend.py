@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from sand.pipeline.config import PipelineConfig
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.store import Artifact

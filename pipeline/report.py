@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from sand.models.registry import VARIANT_MODELS
 from sand.pipeline.errors import SandError, StageError
 from sand.pipeline.grid import REFERENCE
@@ -449,6 +450,7 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
 def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
     """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
     import torch
+
     from sand.pipeline.config import build_config
     from sand.pipeline.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
     from sand.pipeline.stages import Context, build_model_for

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from sand.pipeline.errors import ConfigError
 
 REVIEWS_NAME = "reviews_Sample_5.json.gz"

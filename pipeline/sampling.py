@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
 from sand.pipeline.errors import DataError
 
 #: rejection rounds before the exact complement sampler takes the leftovers

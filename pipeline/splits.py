@@ -15,6 +15,7 @@ not on the order of the input rows.
 from __future__ import annotations
 
 import numpy as np
+
 from sand.pipeline.data import TEST, TRAIN, VALID
 from sand.pipeline.errors import ConfigError
 

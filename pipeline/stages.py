@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from sand.pipeline.config import PipelineConfig
 from sand.pipeline.errors import ConfigError, StageError
 from sand.pipeline.store import Artifact, ArtifactStore, StageOutcome
@@ -411,6 +412,7 @@ def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[st
 def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
     """SplitData, feature tensors and torch item graphs for building a model."""
     import torch
+
     from sand.models.graph import scipy_to_torch_sparse
     from sand.pipeline.data import SplitData
 
@@ -432,6 +434,7 @@ def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Art
 def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
     """Construct the configured model (seeded) and the data it trains on."""
     import torch
+
     from sand.models.registry import accepted_hyperparameters, build_model, default_lr
 
     tcfg = ctx.cfg.train

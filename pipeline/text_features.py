@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from sand.pipeline.data import SplitData
 from sand.pipeline.errors import ConfigError, DataError, SandError, StageError
 from sand.pipeline.evaluation import SplitEvaluator, metric_names
@@ -38,6 +39,7 @@ from sand.pipeline.sampling import sample_bpr_epoch
 
 if TYPE_CHECKING:
     import torch
+
     from sand.models.base import Recommender
 
 log = logging.getLogger(__name__)

@@ -140,6 +140,7 @@ def prefect_server() -> Iterator[str]:
     """One temporary Prefect API server (and database) for the whole test session; yields its URL."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
+
     from sand.flows.settings import apply_prefect_defaults
 
     apply_prefect_defaults()

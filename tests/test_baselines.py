@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from sand.models.bpr import MFBPR, bpr_loss, emb_loss
 from sand.models.freedom import FREEDOM
 from sand.models.graph import bipartite_adjacency, symmetric_normalise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sand.models.club_fit import fit_club, fit_clubs, single_intra_op_thread
 from sand.models.losses import ClubEstimator
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sand.pipeline.config import PipelineConfig, load_config
 from sand.pipeline.errors import ConfigError
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Reply, RequestInfo
+
 from sand.pipeline.download import FileRecord, fetch_file, safe_name, sha256_file
 from sand.pipeline.errors import DownloadError
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+
 from sand.pipeline.data import SplitData
 from sand.pipeline.errors import DataError, SandError
 from sand.pipeline.evaluation import evaluate_split, rank_topk, recommendations_table

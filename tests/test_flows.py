@@ -91,6 +91,7 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     import asyncio
 
     from prefect.client.orchestration import get_client
+
     from sand.flows.serve import build_deployments
 
     deployments = build_deployments(tiny_config(tmp_path), cron="15 4 * * 1")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+
 from sand.pipeline.config import PipelineConfig, build_config
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.grid import PRESETS, expand_grid, preset, run_grid, select_best

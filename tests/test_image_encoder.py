@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.image_encoder import build_cnn, encode_images
 from sand.pipeline.image_features import (

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import Reply
 from PIL import Image
+
 from sand.pipeline.images import (
     ImageResult,
     cache_paths,

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.interactions import build_interactions, interactions_from_mmrec
 from sand.pipeline.mmrec import read_mmrec_folder, write_mmrec_folder

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.kcore import dedup_mask, deduplicate, iterative_kcore, kcore
 from sand.pipeline.splits import SPLIT_RULES, split_counts, split_interactions

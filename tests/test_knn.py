@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.knn import knn_graph, knn_neighbours, load_graph, mix_graphs, save_graph
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sand.models.club_fit import fit_club
 from sand.models.losses import (
     BPR_LOG2_FACTOR,

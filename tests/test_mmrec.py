@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
 from sand.pipeline.errors import DataError
 from sand.pipeline.interactions import interactions_from_mmrec
 from sand.pipeline.mmrec import read_mmrec_folder, write_mmrec_folder

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+
 from sand.models.graph import scipy_to_torch_sparse
 from sand.models.registry import MODELS, build_model, required_modalities
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.readers import META_COLUMNS, read_meta, read_reviews
 

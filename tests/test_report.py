@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
 from sand.pipeline.config import build_config
 from sand.pipeline.errors import StageError
 from sand.pipeline.grid import run_grid

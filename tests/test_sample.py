@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
+
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.sample import COLOURS, MATERIALS, SHAPES, TYPES, generate_sample
 

@@ -9,6 +9,7 @@ generation, readers, MiniLM text features, CNN image features, kNN graphs, train
 from __future__ import annotations
 
 import pytest
+
 from sand.pipeline.config import load_config
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sand.models.losses import bpr_loss
 from sand.models.sand import SAND, VARIANTS, _SparseMatmul
 from sand.models.separation import LinearView, ModalSeparation, prefetch_reads, read_through

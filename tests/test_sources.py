@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.sources import FORMATS, PRESETS, SourceSpec, category_urls, detect_format, resolve_source
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from sand.pipeline.config import load_config
 from sand.pipeline.errors import StageError
 from sand.pipeline.runner import run_pipeline

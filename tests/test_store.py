@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from sand.pipeline.store import ArtifactStore, artifact_key
 
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.text_features import encode_texts, encode_texts_with_stats, item_text, resolve_model
 

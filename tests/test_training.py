@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
+
 from sand.models.base import Recommender
 from sand.pipeline.data import SplitData
 from sand.pipeline.errors import ConfigError, SandError, StageError
 from sand.pipeline.evaluation import evaluate_split
 from sand.pipeline.training import load_best_model, train_model
-from torch import nn
 
 
 class TinyMF(Recommender):
