@@ -200,12 +200,14 @@ def export_mmrec(
     out: Annotated[Path, typer.Option(help="folder to write")],
     until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features",
 ) -> None:
-    """Write an MMRec dataset folder (<name>.inter, id maps, feature .npy files)."""
+    """Write an MMRec dataset folder: <name>.inter, id maps, features, user_graph_dict.npy and <name>.yaml."""
     from sand.pipeline.export import export_mmrec_folder
 
     summary = _run_flow(common, until)
-    written = export_mmrec_folder(summary, out)
-    summary["export"] = {"out": str(out), "files": written}
+    manifest = export_mmrec_folder(summary, out)
+    for warning in manifest["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    summary["export"] = {"out": str(out), **manifest}
     _emit(summary, common.json)
 
 

@@ -237,7 +237,20 @@ def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
         "items": ds.n_items,
         "interactions": n,
         **_split_stats(split),
-        "items_without_meta": ds.n_items,
-        "items_without_image": int((items["image_url"] == "").sum()),
+        **_mmrec_feature_coverage(ds, items),
     }
     return InteractionsResult(interactions, items, user_map, item_map, stats)
+
+
+def _mmrec_feature_coverage(ds: MMRecDataset, items: pd.DataFrame) -> dict[str, int]:
+    """Items lacking what each modality is built from.
+
+    A folder that ships ``image_feat.npy`` / ``text_feat.npy`` gives every item that
+    modality (the rows are used as they are), so none is missing it; without the file,
+    images come from ``item_images.csv`` URLs and texts from metadata, which a folder
+    never has.
+    """
+    return {
+        "items_without_meta": 0 if ds.text_feat is not None else ds.n_items,
+        "items_without_image": 0 if ds.image_feat is not None else int((items["image_url"] == "").sum()),
+    }

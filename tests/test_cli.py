@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
 
 
 def test_help_does_not_import_heavy_libraries():
     code = (
-        "import sys, flows.cli; "
+        "import sys, sand.flows.cli; "
         "heavy = [m for m in ('torch', 'prefect', 'transformers', 'sentence_transformers') if m in sys.modules]; "
         "print(heavy)"
     )
@@ -81,20 +85,39 @@ def test_json_run_export_and_recommend(prefect_server, tmp_path):
     assert set(summary["stages"]["acquire"]) == {"cached", "seconds", "artifact"}
 
     out = tmp_path / "mmrec"
-    result = _sand(["export", "mmrec", "--out", str(out), "--until", "interactions", *root], prefect_server, tmp_path)
+    result = _sand(["export", "mmrec", "--out", str(out), "--until", "image_features", "--json", *root],
+                   prefect_server, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    exported = _last_json(result.stdout)["export"]
     inter = next(out.glob("*.inter"))
     header = inter.read_text().splitlines()[0].split("\t")
     assert header == ["userID", "itemID", "rating", "timestamp", "x_label"]
     assert (out / "i_id_mapping.csv").exists() and (out / "u_id_mapping.csv").exists()
+    # what MMRec-family code needs beside the interactions: the user graph and the dataset yaml
+    graph = np.load(out / "user_graph_dict.npy", allow_pickle=True).item()
+    assert sorted(graph) == list(range(summary["dataset"]["users"]))
+    config = yaml.safe_load((out / f"{inter.stem}.yaml").read_text())
+    assert config["inter_file_name"] == inter.name and config["vision_feature_file"] == "image_feat.npy"
+    # the sample's random resnet18 gives 512-d features: one warning line, also in the manifest
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "512-d" in warnings[0]
+    assert exported["image_dim"] == 512 and exported["warnings"] == [warnings[0].removeprefix("warning: ")]
+    assert json.loads((out / "sand_export.json").read_text())["warnings"] == exported["warnings"]
 
-    # the exported folder is itself a dataset, with its split kept
+    # the exported folder is itself a dataset, with its split kept, row for row
     result = _sand(["run", "--until", "interactions", "--json", "--dataset", str(out),
                     "--data-root", str(tmp_path / "data2")], prefect_server, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     again = _last_json(result.stdout)
     for key in ("users", "items", "interactions", "train", "valid", "test"):
         assert again["dataset"][key] == summary["dataset"][key]
+    columns = ["user", "item", "split"]
+    rows = [
+        pd.read_parquet(Path(s["stages"]["interactions"]["artifact"]) / "interactions.parquet")[columns]
+        .sort_values(columns).reset_index(drop=True)
+        for s in (summary, again)
+    ]
+    pd.testing.assert_frame_equal(rows[0], rows[1])
 
     result = _sand(["recommend", "--user", "0", "-k", "5", "--model", "bpr", "--epochs", "1", "--json", *root],
                    prefect_server, tmp_path)

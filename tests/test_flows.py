@@ -98,6 +98,11 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     names = {d.name for d in deployments}
     assert names == {"retrain", "on-demand"}
     assert len(deployments) == 9  # end-to-end + 8 stages (acquire ... report)
+    # module-path entrypoints load the installed `sand` package wherever it lives
+    assert {d.entrypoint for d in deployments} >= {
+        "sand.flows.pipeline_flows.pipeline_flow", "sand.flows.pipeline_flows.acquire_flow"
+    }
+    assert all(d.entrypoint.startswith("sand.flows.pipeline_flows.") for d in deployments)
     ids = [d.apply() for d in deployments]
     assert all(ids)
 

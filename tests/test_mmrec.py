@@ -113,3 +113,16 @@ def test_folder_problems(tmp_path):
     inter, _, _ = sample_tables()
     with pytest.raises(DataError, match="invalid MMRec dataset name"):
         write_mmrec_folder(tmp_path / "x", "../evil", inter)
+
+
+@pytest.mark.parametrize("ship", [(), ("image",), ("text",), ("image", "text")])
+def test_import_counts_items_without_image_or_meta_by_what_the_folder_ships(tmp_path, ship):
+    inter, user_map, item_map = sample_tables()
+    feats = {f"{kind}_feat": np.ones((4, 3), np.float32) for kind in ship}
+    out = write_mmrec_folder(tmp_path / "baby", "baby", inter, user_map, item_map, **feats)
+    (out / "item_images.csv").write_text("itemID,asin,imUrl\n0,B0,http://x/0.jpg\n1,B1,\n")
+    stats = interactions_from_mmrec(read_mmrec_folder(out)).stats
+    # shipped features cover every item; otherwise images come from item_images.csv (2 of 4 items have none
+    # listed, 1 an empty URL) and texts from metadata, which a folder never has
+    assert stats["items_without_image"] == (0 if "image" in ship else 3)
+    assert stats["items_without_meta"] == (0 if "text" in ship else 4)
