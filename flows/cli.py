@@ -48,6 +48,7 @@ class Common:
     epochs: int | None
     device: str | None
     image_weights: str | None
+    image_source: str | None
     set: list[str]
     refresh: list[str]
     runner: str
@@ -94,6 +95,9 @@ _COMMON_PARAMS = [
         help="cpu | cuda (default: cuda when present)")]),
     _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
+    _P("image_source", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="image features: cnn (our CNN over the images; default) | amazon2014 (the 2014 release's "
+        "4,096-d features, the paper's inputs; default of paper grids on 2014 datasets)")]),
     _P("set", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
         "--set", help="any config field: --set train.lr=0.001 (repeatable)")]),
     _P("refresh", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
@@ -249,7 +253,9 @@ def grid(
         axes.update(_parse_axis(text))
     if not axes:
         raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
-    cfg = common.pipeline_config()
+    from sand.pipeline.grid import with_paper_inputs
+
+    cfg = with_paper_inputs(common.pipeline_config(), preset)
     options = common.run_options()
     _check_prefect_server()
     from sand.flows.pipeline_flows import grid_flow
