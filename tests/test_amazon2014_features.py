@@ -8,6 +8,7 @@ others, count what it skipped, and refuse a file of another layout in one line.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -293,3 +294,25 @@ def test_cli_wrong_width_file_is_one_line_and_exit_2(prefect_server, tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(path) in errors[0] and f"{RECORD_BYTES} bytes" in errors[0]
     assert out.stdout.strip() == ""  # nothing on stdout on an error
+
+
+def test_prefect_ui_shows_the_coverage(prefect_server, sample_items, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from sand.flows.pipeline_flows import STAGE_FLOWS, RunOptions
+
+    root, asins = sample_items
+    path = tmp_path / "image_features_Baby.b"
+    write_feature_file(path, [(a, vector(a)) for a in asins[2:]])
+    ctx = _ctx(root, tmp_path, "image_features.source=amazon2014", f"image_features.amazon2014_url={path}")
+    STAGE_FLOWS["image_features"](config=ctx.cfg, options=RunOptions())
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sand-image-feature-coverage"])),
+            limit=1, sort="CREATED_DESC",
+        )
+    table = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
+    shown = {row["statistic"]: row["value"] for row in table}
+    assert shown["items found"] == str(len(asins) - 2) and shown["items filled (mean)"] == "2"
+    assert shown[ABSENT.replace("_", " ")] == "2"
