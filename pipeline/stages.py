@@ -292,7 +292,7 @@ def image_settings(ctx: Context, inter: Artifact) -> dict[str, Any]:
     weights = icfg.weights
     if weights == "auto":
         weights = "random" if is_sample else "imagenet"
-    params = key_params(icfg, PERFORMANCE_FIELDS | AMAZON2014_FIELDS)  # cnn keys as before these fields
+    params = key_params(icfg, PERFORMANCE_FIELDS | {"source", "amazon2014_url"})  # amazon2014-only fields
     params.update(
         backbone=icfg.backbone or ("resnet18" if is_sample else "resnet50"),
         weights=weights,
@@ -326,6 +326,8 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
     icfg = ctx.cfg.image_features
     imported = _imported_feature(inter, "image_feat.npy")
     if icfg.source == "amazon2014" and not imported:
+        from sand.pipeline.amazon2014_stage import run_amazon2014_image_features
+
         return run_amazon2014_image_features(ctx, inter)
     params = {"imported": str(imported)} if imported else image_settings(ctx, inter)
 
@@ -367,72 +369,6 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
         return {"source": "encoded", "backbone": params["backbone"], "weights": params["weights"],
                 "shape": list(feats.shape), "missing": int(len(missing)), "missing_reasons": _jsonable(reasons),
                 "fill": icfg.fill, "shards": len(jobs)}
-
-    return ctx.store.run(
-        "image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter}, build,
-        "image_features" in ctx.refresh,
-    )
-
-
-#: Fields only the ``amazon2014`` image source reads (not part of the CNN path's key).
-AMAZON2014_FIELDS = {"source", "amazon2014_url"}
-
-
-def amazon2014_feature_source(cfg: PipelineConfig) -> str:
-    """The feature file to read: ``image_features.amazon2014_url``, else the one of the dataset's 2014 category."""
-    if cfg.image_features.amazon2014_url:
-        return cfg.image_features.amazon2014_url
-    from sand.pipeline.sources import amazon2014_image_features_url, resolve_source
-
-    acfg = cfg.acquire
-    url = amazon2014_image_features_url(resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta))
-    if url is None:
-        raise ConfigError(
-            f"image_features.source=amazon2014: dataset {acfg.dataset!r} is not an Amazon 2014 category, so its "
-            "feature file is unknown; set image_features.amazon2014_url=URL_OR_PATH of image_features_<Cat>.b"
-        )
-    return url
-
-
-def run_amazon2014_image_features(ctx: Context, inter: Artifact) -> StageOutcome:
-    """The 2014 release's 4,096-d image features of the dataset's items, streamed out of the category file.
-
-    Remote files are downloaded like the raw dumps (resume, retry, size check,
-    sha256) into ``<data-root>/downloads``; local files are read in place.
-    """
-    icfg = ctx.cfg.image_features
-    source = amazon2014_feature_source(ctx.cfg)
-    remote = source.startswith(("http://", "https://"))
-    params = {"source": "amazon2014", "url": source, "fingerprint": _local_fingerprint(source), "fill": icfg.fill}
-
-    def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.amazon2014_features import read_item_features
-        from sand.pipeline.download import _local_path, fetch_file
-
-        items = pd.read_parquet(inter.file("items.parquet"), columns=["item", "asin"]).sort_values("item")
-        download = None
-        if remote:
-            acfg = ctx.cfg.acquire
-            rec = fetch_file(source, ctx.store.data_root / "downloads", timeout=acfg.timeout, retries=acfg.retries,
-                             progress=ctx.progress)
-            path, download = rec.path, rec.to_dict()
-        else:
-            path = _local_path(source)
-        result = read_item_features(path, items["asin"].astype(str).tolist(), fill=icfg.fill,
-                                    hash_file=not remote, progress=ctx.progress)
-        np.save(out / "image_feat.npy", result.features)
-        result.missing.to_csv(out / "missing_images.csv", index=False)
-        reasons = result.missing["reason"].value_counts().to_dict() if len(result.missing) else {}
-        n_items = len(items)
-        log.info("image_features: %d of %d items found in %s, %d filled with %s (%s)", result.items_found,
-                 n_items, path.name, result.items_filled, icfg.fill, reasons or "none missing")
-        return {
-            "source": "amazon2014", "url": source, "file": str(path), "download": download,
-            "file_stats": _jsonable(result.stats.to_dict()), "shape": list(result.features.shape),
-            "items_found": result.items_found, "items_filled": result.items_filled, "fill": icfg.fill,
-            "items_mean_filled": result.items_filled if icfg.fill == "mean" else 0,
-            "missing": result.items_filled, "missing_reasons": _jsonable(reasons),
-        }
 
     return ctx.store.run(
         "image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter}, build,
