@@ -164,9 +164,12 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> di
     options = common.run_options()
     if until is not None and until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
+    from sand.pipeline.amazon2014_stage import check_feature_source
+    from sand.pipeline.runner import PipelineResult, planned_stages
+
+    check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
     _check_prefect_server()
     from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
-    from sand.pipeline.runner import PipelineResult
 
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)

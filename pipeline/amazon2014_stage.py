@@ -41,6 +41,20 @@ def amazon2014_feature_source(cfg: PipelineConfig) -> str:
     return url
 
 
+def check_feature_source(cfg: PipelineConfig, stages_planned: list[str]) -> None:
+    """Fail before any download when the image stage will need a 2014 feature file nobody can name.
+
+    An MMRec folder is let through: one that ships ``image_feat.npy`` uses it whatever the source.
+    """
+    if cfg.image_features.source != "amazon2014" or "image_features" not in stages_planned:
+        return
+    from sand.pipeline.sources import resolve_source
+
+    acfg = cfg.acquire
+    if resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta).format != "mmrec":
+        amazon2014_feature_source(cfg)
+
+
 def run_amazon2014_image_features(ctx: Context, inter: Artifact) -> StageOutcome:
     """The 2014 release's 4,096-d image features of the dataset's items, streamed out of the category file.
 

@@ -316,3 +316,15 @@ def test_prefect_ui_shows_the_coverage(prefect_server, sample_items, tmp_path):
     shown = {row["statistic"]: row["value"] for row in table}
     assert shown["items found"] == str(len(asins) - 2) and shown["items filled (mean)"] == "2"
     assert shown[ABSENT.replace("_", " ")] == "2"
+
+
+def test_cli_unnamed_feature_file_fails_before_any_stage_runs(tmp_path):
+    root = tmp_path / "data"
+    out = subprocess.run(
+        [sys.executable, "-m", "sand.flows.cli", "run", "--image-source", "amazon2014", "--data-root", str(root)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"},
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "image_features.amazon2014_url" in lines[0] and "'sample'" in lines[0]
+    assert not (root / "artifacts").exists()  # nothing acquired, nothing downloaded
