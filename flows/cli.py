@@ -48,6 +48,7 @@ class Common:
     epochs: int | None
     device: str | None
     image_weights: str | None
+    image_source: str | None
     set: list[str]
     refresh: list[str]
     runner: str
@@ -94,6 +95,9 @@ _COMMON_PARAMS = [
         help="cpu | cuda (default: cuda when present)")]),
     _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
+    _P("image_source", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="image features: cnn (our CNN over the images; default) | amazon2014 (the 2014 release's "
+        "4,096-d features, the paper's inputs; default of paper grids on 2014 datasets)")]),
     _P("set", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
         "--set", help="any config field: --set train.lr=0.001 (repeatable)")]),
     _P("refresh", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
@@ -160,9 +164,12 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> di
     options = common.run_options()
     if until is not None and until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
+    from sand.pipeline.amazon2014_stage import check_feature_source
+    from sand.pipeline.runner import PipelineResult, planned_stages
+
+    check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
     _check_prefect_server()
     from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
-    from sand.pipeline.runner import PipelineResult
 
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
@@ -251,7 +258,9 @@ def grid(
         axes.update(_parse_axis(text))
     if not axes:
         raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
-    cfg = common.pipeline_config()
+    from sand.pipeline.grid import with_paper_inputs
+
+    cfg = with_paper_inputs(common.pipeline_config(), preset)
     options = common.run_options()
     _check_prefect_server()
     from sand.flows.pipeline_flows import grid_flow

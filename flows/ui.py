@@ -34,6 +34,18 @@ def metrics_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     return [{"split": split, **{k: round(float(v), 5) for k, v in values.items()}} for split, values in metrics.items()]
 
 
+def image_coverage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """How much of the dataset a shipped feature file covered, and what was skipped in it."""
+    rows = {
+        "source": manifest.get("source"),
+        "items found": manifest.get("items_found"),
+        f"items filled ({manifest.get('fill')})": manifest.get("items_filled"),
+        **{k.replace("_", " "): v for k, v in (manifest.get("missing_reasons") or {}).items()},
+        **{f"file {k.replace('_', ' ')}": v for k, v in (manifest.get("file_stats") or {}).items()},
+    }
+    return _stats_rows(rows)
+
+
 def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -61,6 +73,11 @@ def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
         ))
     if stage == "report":
         publish_figures(sorted(outcome.artifact.path.rglob("*.png")))
+    if stage == "image_features" and "items_found" in manifest:
+        _safe(lambda: create_table_artifact(
+            key="sand-image-feature-coverage", table=image_coverage_rows(manifest),
+            description=f"Image features from {manifest.get('url')}: items found in the file and filled",
+        ))
     if stage == "image_features" and manifest.get("missing"):
         _safe(lambda: create_markdown_artifact(
             key="sand-missing-images",

@@ -55,6 +55,13 @@ class TextFeaturesConfig(_Section):
 
 
 class ImageFeaturesConfig(_Section):
+    source: Literal["cnn", "amazon2014"] = Field(
+        "cnn", description="cnn: our CNN over the item images | amazon2014: the 4,096-d features the Amazon "
+        "2014 release ships per category (the SAND paper's and MMRec's inputs)",
+    )
+    amazon2014_url: str | None = Field(
+        None, description="URL or path of image_features_<Category>.b (default: derived from a 2014 dataset)"
+    )
     backbone: Literal["resnet50", "resnet18", "vgg16"] | None = Field(
         None, description="CNN; default resnet50 (resnet18 for the bundled sample)"
     )
@@ -173,6 +180,7 @@ CLI_FIELDS = {
     "epochs": "train.epochs",
     "device": "train.device",
     "image_weights": "image_features.weights",
+    "image_source": "image_features.source",
 }
 
 

@@ -52,6 +52,13 @@ PRESETS: dict[str, dict[str, list[Any]]] = {
     "all-models": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand", "vbpr-sand", "freedom-sand"]},
 }
 
+#: Presets that reproduce the paper's tables and figures: on an Amazon 2014 dataset they read the
+#: release's own image features (the paper's inputs) unless the user chose an image source.
+PAPER_PRESETS = (
+    "table2", "table3", "all-models", "variants", "ablations",
+    "sensitivity-alpha", "sensitivity-beta", "sensitivity-tau",
+)
+
 #: Train fields that only SAND-type models (SAND and the plug-ins) read.
 _VARIANT_FIELDS = ("train.variant",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -64,6 +71,30 @@ def preset(name: str) -> dict[str, list[Any]]:
     if name not in PRESETS:
         raise ConfigError(f"unknown grid preset {name!r}: choose one of {', '.join(PRESETS)}")
     return {k: list(v) for k, v in PRESETS[name].items()}
+
+
+def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineConfig:
+    """``cfg`` with ``image_features.source=amazon2014`` for a paper preset on an Amazon 2014 dataset.
+
+    An explicit ``image_features.source`` (``--image-source``, ``--set``, a config file) is kept,
+    as is everything for other presets and datasets (the bundled sample keeps its CNN).
+    """
+    if preset_name not in PAPER_PRESETS or "source" in cfg.image_features.model_fields_set:
+        return cfg
+    from sand.pipeline.sources import amazon2014_category, resolve_source
+
+    acfg = cfg.acquire
+    try:
+        category = amazon2014_category(resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta))
+    except ConfigError:
+        return cfg  # the runs themselves report the bad dataset, one line each
+    if category is None:
+        return cfg
+    log.info("grid preset %s on Amazon 2014 %s: image features from the release's own file "
+             "(image_features.source=amazon2014, the paper's inputs; --image-source cnn for our CNN)",
+             preset_name, category)
+    images = cfg.image_features.model_copy(update={"source": "amazon2014"})
+    return cfg.model_copy(update={"image_features": images})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,14 @@ _URLS: Mapping[str, tuple[str, str]] = MappingProxyType({
         "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/meta_categories/meta_{cat}.jsonl.gz",
     ),
 })
+#: The 2014 release's per-category CNN image features (10-byte ASIN + 4,096 float32 per record).
+AMAZON2014_IMAGE_FEATURES_URL = (
+    "http://snap.stanford.edu/data/amazon/productGraph/image_features/categoryFiles/image_features_{cat}.b"
+)
 _CATEGORY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_PUBLISHED_2014_REVIEWS = re.compile(
+    re.escape(_URLS["amazon2014"][0]).replace(re.escape("{cat}"), "([A-Za-z][A-Za-z0-9_]*)")
+)
 _SCAN_LINES = 1000  # blank lines tolerated before the first record
 
 
@@ -105,6 +112,27 @@ def category_urls(fmt: str, category: str) -> tuple[str, str]:
         raise ConfigError(f"invalid category name '{category}' (letters, digits and '_', e.g. Baby_Products)")
     reviews, meta = _URLS[fmt]
     return reviews.format(cat=category), meta.format(cat=category)
+
+
+def amazon2014_category(spec: SourceSpec) -> str | None:
+    """The 2014 category of a resolved dataset, or None when it is not a 2014 category.
+
+    Known for the presets (also when read from local dumps, which resolve to the
+    preset's name) and for category names, whose reviews URL is the published one.
+    """
+    if spec.format != "amazon2014":
+        return None
+    preset = PRESETS.get(spec.name)
+    if preset is not None and "amazon2014" in preset.categories:
+        return preset.categories["amazon2014"]
+    match = _PUBLISHED_2014_REVIEWS.fullmatch(spec.reviews or "")
+    return match.group(1) if match else None
+
+
+def amazon2014_image_features_url(spec: SourceSpec) -> str | None:
+    """URL of the 2014 release's image feature file for ``spec``'s category (None: not a 2014 category)."""
+    category = amazon2014_category(spec)
+    return AMAZON2014_IMAGE_FEATURES_URL.format(cat=category) if category else None
 
 
 def resolve_source(

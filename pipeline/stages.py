@@ -292,7 +292,7 @@ def image_settings(ctx: Context, inter: Artifact) -> dict[str, Any]:
     weights = icfg.weights
     if weights == "auto":
         weights = "random" if is_sample else "imagenet"
-    params = key_params(icfg)
+    params = key_params(icfg, PERFORMANCE_FIELDS | {"source", "amazon2014_url"})  # amazon2014-only fields
     params.update(
         backbone=icfg.backbone or ("resnet18" if is_sample else "resnet50"),
         weights=weights,
@@ -325,6 +325,10 @@ def _map_locally(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> lis
 def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
     icfg = ctx.cfg.image_features
     imported = _imported_feature(inter, "image_feat.npy")
+    if icfg.source == "amazon2014" and not imported:
+        from sand.pipeline.amazon2014_stage import run_amazon2014_image_features
+
+        return run_amazon2014_image_features(ctx, inter)
     params = {"imported": str(imported)} if imported else image_settings(ctx, inter)
 
     def build(out: Path) -> dict[str, Any]:
