@@ -43,8 +43,15 @@ from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distanc
 ALIGNS = ("solosim", "infonce", "none")
 DISTANCES = ("club", "l2", "none")
 SCOPES = ("auto", "all", "batch")
-#: ``scope="auto"`` computes over all items up to this catalogue size, else over the batch items.
+#: ``solosim_scope="auto"`` computes over all items up to this catalogue size, else over the batch
+#: items: SoloSim over all items costs N x N logits per batch (N^2 (d + 1) multiply-adds three times
+#: over; the literal form holds 4 N^2 bytes per copy, 2.1 GB at Clothing's 23,033 items).
 AUTO_SCOPE_MAX_ITEMS = 20_000
+#: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing
+#: term and the CLUB fit are linear in N: about 1.3 KB per item and modality at their peak
+#: (E1, E2 and the estimator's N x 32 intermediates in float32), 60 MB for both modalities
+#: at Clothing's 23,033 items, 2.6 GB at 1,000,000 (docs/model.md, "Scopes").
+AUTO_DISTANCE_MAX_ITEMS = 1_000_000
 #: Fused Adam (one kernel for all parameters): the CLUB optimisers step 50 times per batch
 #: and the per-parameter loop of the default implementation costs more than the step itself.
 _FAST_ADAM: dict[str, Any] = {"fused": True}
@@ -254,7 +261,8 @@ class ModalSeparation(nn.Module):
         "batch" (the batch's items), "auto" (all when N <= 20,000, else batch).
         InfoNCE always runs in-batch.
       distance_scope: the same choice for the distancing term and the CLUB fit
-        (the reference uses all items).
+        (the reference uses all items); "auto" keeps all items up to 1,000,000 (the
+        cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
       share_club: one estimator (and optimiser) for all modalities.
       reference: evaluate the formulas literally (N x N log-softmax, CLUB gradients by
         autograd): the naive reference that the fast forms are tested against.
@@ -349,7 +357,7 @@ class ModalSeparation(nn.Module):
         out: list[tuple[int, int, nn.Linear]] = []
         if self.align == "solosim" and self._resolve(self.solosim_scope, n_items) == "all":
             out.append((0, g, self.heads[modality][0]))
-        if self.distance != "none" and self._resolve(self.distance_scope, n_items) == "all":
+        if self.distance != "none" and self._resolve(self.distance_scope, n_items, AUTO_DISTANCE_MAX_ITEMS) == "all":
             out += self._distance_consumers(modality)
         return out
 
@@ -362,14 +370,17 @@ class ModalSeparation(nn.Module):
         return self.club["shared" if "shared" in self.club else modality]  # type: ignore[return-value]
 
     @staticmethod
-    def _resolve(scope: str, n_items: int) -> str:
+    def _resolve(scope: str, n_items: int, limit: int = AUTO_SCOPE_MAX_ITEMS) -> str:
+        """"all" or "batch"; ``"auto"`` means all items up to ``limit`` items."""
         if scope == "auto":
-            return "all" if n_items <= AUTO_SCOPE_MAX_ITEMS else "batch"
+            return "all" if n_items <= limit else "batch"
         return scope
 
-    def _rows_for(self, scope: str, n_items: int, batch_items: torch.Tensor) -> torch.Tensor | None:
+    def _rows_for(
+        self, scope: str, n_items: int, batch_items: torch.Tensor, limit: int = AUTO_SCOPE_MAX_ITEMS
+    ) -> torch.Tensor | None:
         """Row index for a scope: None = all items, else the sorted unique batch items."""
-        if self._resolve(scope, n_items) == "all":
+        if self._resolve(scope, n_items, limit) == "all":
             return None
         return torch.unique(batch_items)
 
@@ -416,7 +427,9 @@ class ModalSeparation(nn.Module):
         want_dist = self.distance != "none"
         align_scope = "batch" if self.align == "infonce" else self.solosim_scope
         head_rows = self._rows_for(align_scope, n_items, batch_items) if want_head else None
-        dist_rows = self._rows_for(self.distance_scope, n_items, batch_items) if want_dist else None
+        dist_rows = (
+            self._rows_for(self.distance_scope, n_items, batch_items, AUTO_DISTANCE_MAX_ITEMS) if want_dist else None
+        )
         heads: dict[str, torch.Tensor] = {}
         dist: list[torch.Tensor] = []
         for m in self.modalities:
@@ -459,7 +472,7 @@ class ModalSeparation(nn.Module):
         if self.distance != "club" or self.club_steps <= 0:
             return {}
         n_items = z_detached[self.modalities[0]].shape[0]
-        rows = self._rows_for(self.distance_scope, n_items, batch_items)
+        rows = self._rows_for(self.distance_scope, n_items, batch_items, AUTO_DISTANCE_MAX_ITEMS)
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for m in self.modalities:

@@ -281,6 +281,18 @@ def test_auto_scope_threshold() -> None:
     assert sep._resolve("auto", 20_000) == "all" and sep._resolve("auto", 20_001) == "batch"
 
 
+def test_auto_distance_scope_keeps_all_items_at_clothing_size() -> None:
+    """Clothing (23,033 items): SoloSim goes to the batch, the CLUB bound and fit stay on all items."""
+    sep = ModalSeparation({"image": 8, "text": 6}, club_steps=1)
+    n = 23_033
+    assert [(s, e) for s, e, _ in sep.full_row_consumers("image", n)] == [(0, 4), (4, 8)]  # E1, E2 only
+    z = {"image": torch.randn(n, 8), "text": torch.randn(n, 6)}
+    seen = []
+    sep.club["image"].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    sep.loss_terms(z, torch.tensor([1, 5, 7]))
+    assert seen == [n]
+
+
 def test_separation_rejects_bad_config() -> None:
     with pytest.raises(ValueError, match="align"):
         ModalSeparation({"image": 4, "text": 4}, align="cosine")
