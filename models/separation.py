@@ -1,4 +1,4 @@
-"""SAND's reusable split / align / distance component (spec §2-§4, "plug-in").
+"""SAND's reusable split / align / distance component (docs/model.md).
 
 Any backbone that turns item modal features into a per-modality representation
 ``z_m`` (rows = items) can attach :class:`ModalSeparation`: it splits ``z_m`` by
@@ -9,7 +9,7 @@ away from its unique part (CLUB mutual-information bound or negative l2). SAND
 uses it on its full-width modal transform; VBPR and FREEDOM on their projected
 modal features.
 
-Fast path (spec §5). Every consumer of ``z_m`` here (the first layer of the
+Fast path (docs/model.md, departure 11). Every consumer of ``z_m`` here (the first layer of the
 projection head, ``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When
 ``z_m = X_m W^T + b`` comes from a linear map, a consumer ``C`` computes
 ``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first
@@ -17,7 +17,7 @@ costs ``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone 
 such a ``z_m`` unevaluated as a :class:`LinearView`; plain tensors work too (what the
 plug-ins pass). Both give the same function, to float rounding.
 
-Differences from the authors' code (the spec wins; the paper's equations are
+Differences from the authors' code (docs/model.md lists them all; the paper's equations are
 partly garbled): the CLUB estimators are fitted on (E1_m, E2_m) pairs of the SAME
 modality (the code fits one estimator on text/image pairs, which is not the bound
 it then evaluates), one estimator and one Adam optimiser per modality; the main

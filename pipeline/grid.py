@@ -31,7 +31,7 @@ from sand.pipeline.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-#: Paper reference values of SAND's loss weights and temperature (spec §4).
+#: Paper reference values of SAND's loss weights and temperature (docs/model.md).
 REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
 
 #: Named grids reproducing the paper's experiments.

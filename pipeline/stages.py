@@ -440,7 +440,7 @@ def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artif
     tcfg = ctx.cfg.train
     data, features, graphs = load_model_inputs(ctx, inter, feature_arts)
     accepted, kwargs = effective_model_kwargs(tcfg)
-    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (spec section 3)
+    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (docs/model.md, CLUB fit)
         if name in accepted and name not in kwargs:
             kwargs[name] = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
     torch.manual_seed(tcfg.seed)
