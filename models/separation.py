@@ -48,9 +48,9 @@ SCOPES = ("auto", "all", "batch")
 #: over; the literal form holds 4 N^2 bytes per copy, 2.1 GB at Clothing's 23,033 items).
 AUTO_SCOPE_MAX_ITEMS = 20_000
 #: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing
-#: term and the CLUB fit are linear in N: about 1.3 KB per item and modality at their peak
-#: (E1, E2 and the estimator's N x 32 intermediates in float32), 60 MB for both modalities
-#: at Clothing's 23,033 items, 2.6 GB at 1,000,000 (docs/model.md, "Scopes").
+#: term and the CLUB fit are linear in N: about 1.5 KB per item and modality at their peak
+#: (E1, E2 and the estimator's N x 32 intermediates in float32), 70 MB for both modalities
+#: at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
 AUTO_DISTANCE_MAX_ITEMS = 1_000_000
 #: Fused Adam (one kernel for all parameters): the CLUB optimisers step 50 times per batch
 #: and the per-parameter loop of the default implementation costs more than the step itself.

@@ -75,7 +75,8 @@ FUSION_NOTES = {
     "scoring": "Plug-in fusion: scoring: FREEDOM+SAND adds the projected image and text features (generic and "
     "unique parts) to the item ID embeddings before FREEDOM's propagations, so the SAND-processed "
     "representation reaches the scores. VBPR+SAND is the same model in both fusions (VBPR scores its projected "
-    "features anyway).",
+    "features anyway). The gain over FREEDOM mixes the fusion itself with the SAND terms; FREEDOM+SAND in this "
+    "fusion with --variant no-align-no-distance isolates the fusion.",
 }
 
 
