@@ -40,7 +40,7 @@ from sand.models.vbpr import VBPR
 
 #: Separation keywords a plug-in accepts (everything else goes to the backbone).
 SEPARATION_KWARGS = ("alpha", "beta", "tau", "split_ratio", "club_steps", "club_lr", "l2_form",
-                     "solosim_scope", "distance_scope", "share_club", "head_dims")
+                     "solosim_scope", "distance_scope", "share_club", "head_dims", "club_fit_order")
 #: How the SAND-processed modal representation is used (module docstring).
 FUSIONS = ("auxiliary", "scoring")
 
@@ -74,6 +74,7 @@ class SeparationPlugin(Recommender):
         distance_scope: str = "auto",
         share_club: bool = False,
         head_dims: Sequence[int] = (64, 64, 32),
+        club_fit_order: str = "before",
         plugin_fusion: str = "auxiliary",
         **backbone_kwargs: Any,
     ) -> None:
@@ -92,6 +93,7 @@ class SeparationPlugin(Recommender):
             dims, align=align, distance=distance, alpha=alpha, beta=beta, tau=tau, split_ratio=split_ratio,
             club_steps=club_steps, club_lr=club_lr, l2_form=l2_form, solosim_scope=solosim_scope,
             distance_scope=distance_scope, share_club=share_club, head_dims=tuple(int(w) for w in head_dims),
+            club_fit_order=club_fit_order,
         )
 
     def _fusion_kwargs(self, fusion: str, backbone_kwargs: Mapping[str, Any]) -> dict[str, Any]:

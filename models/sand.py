@@ -107,7 +107,7 @@ class SAND(Recommender):
     ``l2_form`` ("neg-log"), ``split_ratio`` (0.5), ``fast`` (True), ``reg_weight``
     (0.0; when > 0 adds ``reg = reg_weight * mean over the batch of
     (|u|^2 + |i+|^2 + |i-|^2) / 2``, absent otherwise — the reference defines but never
-    uses one).
+    uses one), ``club_fit_order`` ("before"; "after" is the authors' order, docs/model.md).
     """
 
     required_modalities: tuple[str, ...] = MODALITIES
@@ -136,6 +136,7 @@ class SAND(Recommender):
         split_ratio: float = 0.5,
         fast: bool = True,
         reg_weight: float = 0.0,
+        club_fit_order: str = "before",
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -191,6 +192,7 @@ class SAND(Recommender):
             l2_form=l2_form,
             solosim_scope=solosim_scope,
             distance_scope=distance_scope,
+            club_fit_order=club_fit_order,
             reference=not fast,
         )
 

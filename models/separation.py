@@ -43,6 +43,8 @@ from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distanc
 ALIGNS = ("solosim", "infonce", "none")
 DISTANCES = ("club", "l2", "none")
 SCOPES = ("auto", "all", "batch")
+#: When the CLUB estimators are fitted relative to the bound that uses them (docs/model.md, departure 4).
+FIT_ORDERS = ("before", "after")
 #: ``solosim_scope="auto"`` computes over all items up to this catalogue size, else over the batch
 #: items: SoloSim over all items costs N x N logits per batch (N^2 (d + 1) multiply-adds three times
 #: over; the literal form holds 4 N^2 bytes per copy, 2.1 GB at Clothing's 23,033 items).
@@ -264,6 +266,10 @@ class ModalSeparation(nn.Module):
         (the reference uses all items); "auto" keeps all items up to 1,000,000 (the
         cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
       share_club: one estimator (and optimiser) for all modalities.
+      club_fit_order: "before" (default): each batch's estimators are fitted on that
+        batch's pairs before its bound is evaluated. "after" (the authors' order): the
+        bound uses the estimators as fitted so far, and the pairs it was evaluated on are
+        fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
       reference: evaluate the formulas literally (N x N log-softmax, CLUB gradients by
         autograd): the naive reference that the fast forms are tested against.
 
@@ -289,6 +295,7 @@ class ModalSeparation(nn.Module):
         solosim_scope: str = "auto",
         distance_scope: str = "auto",
         share_club: bool = False,
+        club_fit_order: str = "before",
         reference: bool = False,
     ) -> None:
         super().__init__()
@@ -298,6 +305,7 @@ class ModalSeparation(nn.Module):
             ("solosim_scope", solosim_scope, SCOPES),
             ("distance_scope", distance_scope, SCOPES),
             ("l2_form", l2_form, L2_FORMS),
+            ("club_fit_order", club_fit_order, FIT_ORDERS),
         ):
             if value not in allowed:
                 raise ValueError(f"ModalSeparation: {name} must be one of {allowed}; got {value!r}")
@@ -313,6 +321,9 @@ class ModalSeparation(nn.Module):
         self.l2_form = l2_form
         self.solosim_scope, self.distance_scope = solosim_scope, distance_scope
         self.club_steps = int(club_steps)
+        self.club_fit_order = club_fit_order
+        #: "after" order: the detached (E1_m, E2_m) of the last bound, fitted at the next auxiliary_step
+        self._pending_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reference = bool(reference)
         self.split_at: dict[str, int] = {}
         for m, d in dims.items():
@@ -452,6 +463,8 @@ class ModalSeparation(nn.Module):
         if self.distance == "l2":
             return l2_distance_loss(e1, e2, self.l2_form)
         est = self._estimator(modality)
+        if self.club_fit_order == "after" and torch.is_grad_enabled():
+            self._pending_pairs[modality] = (e1.detach(), e2.detach())
         # Detached estimator parameters: the bound trains the encoders, never the estimator
         # (which only maximises the likelihood, in auxiliary_step).
         params = {k: v.detach() for k, v in est.named_parameters()}
@@ -471,17 +484,12 @@ class ModalSeparation(nn.Module):
         """
         if self.distance != "club" or self.club_steps <= 0:
             return {}
-        n_items = z_detached[self.modalities[0]].shape[0]
-        rows = self._rows_for(self.distance_scope, n_items, batch_items, AUTO_DISTANCE_MAX_ITEMS)
-        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with torch.no_grad():
-            for m in self.modalities:
-                z = z_detached[m]
-                if rows is None:  # E1 and E2 from one read of a LinearView's inputs
-                    z = prefetch_reads(z, self._distance_consumers(m))
-                _, e1, e2 = self._projections(m, z, None, rows, False, True)
-                assert e1 is not None and e2 is not None
-                pairs[m] = (e1.detach(), e2.detach())
+        if self.club_fit_order == "after":
+            pairs, self._pending_pairs = self._pending_pairs, {}
+            if not pairs:  # the first batch: no bound evaluated yet
+                return {}
+        else:
+            pairs = self._current_pairs(z_detached, batch_items)
         if not self.reference:
             return self._fit_club_fast(pairs)
         lls: dict[str, torch.Tensor] = {}
@@ -499,6 +507,23 @@ class ModalSeparation(nn.Module):
             opt.zero_grad(set_to_none=True)
         return {f"club_ll_{m}": float(v.detach()) for m, v in lls.items()}
 
+    def _current_pairs(
+        self, z_detached: Mapping[str, ModalInput], batch_items: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Detached (E1_m, E2_m) per modality over the distancing scope."""
+        n_items = z_detached[self.modalities[0]].shape[0]
+        rows = self._rows_for(self.distance_scope, n_items, batch_items, AUTO_DISTANCE_MAX_ITEMS)
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for m in self.modalities:
+                z = z_detached[m]
+                if rows is None:  # E1 and E2 from one read of a LinearView's inputs
+                    z = prefetch_reads(z, self._distance_consumers(m))
+                _, e1, e2 = self._projections(m, z, None, rows, False, True)
+                assert e1 is not None and e2 is not None
+                pairs[m] = (e1.detach(), e2.detach())
+        return pairs
+
     def _fit_club_fast(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """The same fit by :func:`models.club_fit.fit_clubs` (closed form, flat Adam, side by side)."""
         groups = {k: [m for m in self.modalities if k in ("shared", m)] for k in self._club_optimisers}
@@ -510,8 +535,11 @@ class ModalSeparation(nn.Module):
         return {f"club_ll_{m}": lls[m] for m in self.modalities}
 
     def auxiliary_state_dict(self) -> dict[str, Any]:
-        """The CLUB optimisers' states (estimator weights are in the module's state_dict)."""
-        return {"club_optimisers": {k: opt.state_dict() for k, opt in self._club_optimisers.items()}}
+        """The CLUB optimisers' states (estimator weights are in the module's state_dict) and pairs awaiting a fit."""
+        return {
+            "club_optimisers": {k: opt.state_dict() for k, opt in self._club_optimisers.items()},
+            "pending_pairs": {m: list(pair) for m, pair in self._pending_pairs.items()},
+        }
 
     def load_auxiliary_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("club_optimisers", {})
@@ -522,6 +550,7 @@ class ModalSeparation(nn.Module):
             )
         for k, opt in self._club_optimisers.items():
             opt.load_state_dict(saved[k])
+        self._pending_pairs = {m: (pair[0], pair[1]) for m, pair in state.get("pending_pairs", {}).items()}
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -124,6 +124,9 @@ class TrainConfig(_Section):
         "auxiliary", description="plug-ins: SAND terms on the auxiliary modal features, or fused into the scores"
     )
     head_dims: list[int] | None = Field(None, min_length=1, description="plug-ins: projection head widths")
+    club_fit_order: Literal["before", "after"] | None = Field(
+        None, description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)"
+    )
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
 
     #: Named hyper-parameters: applied to the models that take them, ignored by the others (so one
@@ -131,6 +134,7 @@ class TrainConfig(_Section):
     NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
         "embedding_dim", "alpha", "beta", "tau", "club_steps", "mm_image_weight", "reg_weight",
         "n_layers", "solosim_scope", "distance_scope", "l2_form", "plugin_fusion", "head_dims",
+        "club_fit_order",
     )
     #: Named hyper-parameters with a value by default: a grid may set them for every model.
     ALWAYS_SET: ClassVar[tuple[str, ...]] = ("plugin_fusion",)
