@@ -3,7 +3,7 @@
 Why: these two baselines use no features, so trained on the released MMRec split
 they are directly comparable with the published numbers (SAND paper Table 2:
 MF-BPR R@20 0.0575, LightGCN 0.0754) and with MMRec run on these machines
-(SAND_SPEC §8: 0.0594 / 0.0745). A match validates the models, the BPR sampler,
+(MMRec's own code on these machines: 0.0594 / 0.0745). A match validates the models, the BPR sampler,
 the trainer (early stopping on valid R@20, patience 20, test at the best valid
 epoch) and the evaluator (full ranking, training items masked) end to end.
 

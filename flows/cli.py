@@ -240,8 +240,9 @@ def recommend(
 @with_common_options
 def grid(
     common: Common,
-    preset: Annotated[str | None, typer.Option(help="table2 | table3 | all-models | variants | ablations | "
-                                               "sensitivity-alpha | sensitivity-beta | sensitivity-tau")] = None,
+    preset: Annotated[str | None, typer.Option(help="table2 | table3 | table3-authors | all-models | variants | "
+                                               "ablations | sensitivity-alpha | sensitivity-beta | "
+                                               "sensitivity-tau")] = None,
     axis: Annotated[list[str] | None, typer.Option(
         "--axis", help="field=v1,v2,... (repeatable), e.g. train.alpha=0.001,0.012")] = None,
     name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,

@@ -18,6 +18,13 @@ Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
   loss = BPR + reg_weight * (BPR_text + BPR_image); reg_weight grid
   {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused by
   its FREEDOM and is not offered.
+
+Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality
+to the item ID embeddings before both propagations, so the modal features reach the
+scoring embeddings. It exists for the SAND plug-in's ``scoring`` fusion (see
+``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary
+BPR terms, so anything a plug-in does to them cannot change a score when
+``reg_weight = 0``.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class FREEDOM(Recommender):
         dropout: float = 0.8,
         reg_weight: float = 1e-3,
         train_features: bool = True,
+        modal_in_scores: bool = False,
     ) -> None:
         super().__init__()
         check_modalities("FREEDOM", self.required_modalities, features, item_graphs, n_items, need_graphs=True)
@@ -98,6 +106,7 @@ class FREEDOM(Recommender):
         self.n_ui_layers, self.n_mm_layers = int(n_ui_layers), int(n_mm_layers)
         self.dropout = float(dropout)
         self.reg_weight = float(reg_weight)
+        self.modal_in_scores = bool(modal_in_scores)
         self.modalities = self.required_modalities
 
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, embedding_dim)))
@@ -143,21 +152,31 @@ class FREEDOM(Recommender):
         """modality -> (N, feat_embed_dim) projected features, with gradient (FREEDOM's ``*_trs``)."""
         return {m: self.projections[m](getattr(self, f"feat_{m}")) for m in self.modalities}
 
-    def propagate(self, adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(users, items) over user-item graph ``adj``, plus the item-item propagation of item IDs."""
-        h = self.item_embedding
+    def propagate(
+        self, adj: torch.Tensor, modal: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) over user-item graph ``adj``, plus the item-item propagation of the items.
+
+        The items entering both propagations are the ID embeddings, plus the sum of the
+        projected features ``modal`` when ``modal_in_scores`` (computed here if not given).
+        """
+        items = self.item_embedding
+        if self.modal_in_scores:
+            modal = self.modal_representations() if modal is None else modal
+            items = items + sum(modal[m] for m in self.modalities)
+        h = items
         for _ in range(self.n_mm_layers):
             h = sparse_matmul(self.mm_adj, h, self.mm_adj_t)
-        out = layer_mean(adj, torch.cat([self.user_embedding, self.item_embedding], dim=0), self.n_ui_layers)
+        out = layer_mean(adj, torch.cat([self.user_embedding, items], dim=0), self.n_ui_layers)
         return out[: self.n_users], out[self.n_users :] + h
 
     def loss_terms(self, users: Tensor, pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
         if self.train_adj is None:
             raise RuntimeError("FREEDOM: on_epoch_start(epoch, generator) must run before training batches")
-        u_all, i_all = self.propagate(self.train_adj)
+        modal = self.modal_representations()
+        u_all, i_all = self.propagate(self.train_adj, modal)
         u = u_all[users]
         terms = {"bpr": bpr_loss(*dot_scores(u, i_all[pos], i_all[neg]))}
-        modal = self.modal_representations()
         modal_bpr = sum(bpr_loss(*dot_scores(u, modal[m][pos], modal[m][neg])) for m in self.modalities)
         terms["modal_bpr"] = self.reg_weight * modal_bpr
         return terms

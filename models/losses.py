@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 #: ``log2(e)``: ``exp(t) = exp2(LOG2E * t)``, and ``exp2`` is several times cheaper on CPU.
 LOG2E = 1.0 / math.log(2.0)
 
-#: Forms of the negative-l2 distancing loss (spec §3, Eq. 14), see :func:`l2_distance_loss`.
+#: Forms of the negative-l2 distancing loss (docs/model.md, Eq. 14), see :func:`l2_distance_loss`.
 L2_FORMS = ("neg-mse", "neg-log", "margin")
 
 
@@ -129,7 +129,7 @@ def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float, *, lit
 
 
 def infonce_loss(a: torch.Tensor, b: torch.Tensor, tau: float, *, literal: bool = False) -> torch.Tensor:
-    """Symmetric InfoNCE (spec §2, Table 4): the a -> b and b -> a SoloSim terms averaged.
+    """Symmetric InfoNCE (docs/model.md, Table 4): the a -> b and b -> a SoloSim terms averaged.
 
     Why symmetric: the alternative the paper compares against treats both modalities
     alike, unlike SoloSim which only asks text to find image.

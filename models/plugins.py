@@ -4,12 +4,29 @@ Why a wrapper: the component needs only each item's modal representations, which
 a backbone names through ``modal_representations() -> {modality: (N, d) tensor}``.
 The wrapper adds the alignment and distancing losses on the column halves of
 those tensors (generic | unique) and delegates everything else (BPR terms,
-scoring, FREEDOM's per-epoch edge pruning) to the backbone, untouched.
+scoring, FREEDOM's per-epoch edge pruning) to the backbone.
+
+``plugin_fusion`` says whether the SAND-processed representation reaches the scores
+(``docs/model.md``, "Plug-ins"):
+
+- ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For
+  FREEDOM this means the SAND terms act only on the projected features, which enter
+  FREEDOM's auxiliary modal BPR term (weight ``reg_weight``) and never its scores: with
+  ``reg_weight = 0`` (the authors' FREEDOM+SAND setting) its scores are bit-identical
+  to FREEDOM's whatever ``alpha`` and ``beta``.
+- ``"scoring"``: FREEDOM adds the projected features (generic and unique parts, i.e.
+  all their columns) of both modalities to the item embeddings before its user-item
+  and item-item propagations (``FREEDOM(modal_in_scores=True)``), so the SAND terms
+  shape what is scored.
+
+VBPR's projected features are part of its item representation already, so for VBPR
+both fusions are the same model (:attr:`SeparationPlugin.fusion_matters` is False and
+the registry does not pass the setting on).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +40,9 @@ from sand.models.vbpr import VBPR
 
 #: Separation keywords a plug-in accepts (everything else goes to the backbone).
 SEPARATION_KWARGS = ("alpha", "beta", "tau", "split_ratio", "club_steps", "club_lr", "l2_form",
-                     "solosim_scope", "distance_scope", "share_club")
+                     "solosim_scope", "distance_scope", "share_club", "head_dims", "club_fit_order")
+#: How the SAND-processed modal representation is used (module docstring).
+FUSIONS = ("auxiliary", "scoring")
 
 
 class SeparationPlugin(Recommender):
@@ -31,6 +50,9 @@ class SeparationPlugin(Recommender):
 
     backbone_class: type[Recommender]
     required_modalities = ("image", "text")
+    #: Whether ``plugin_fusion`` changes the model (False: the backbone scores its modal
+    #: representations anyway).
+    fusion_matters: bool = True
 
     def __init__(
         self,
@@ -51,11 +73,18 @@ class SeparationPlugin(Recommender):
         solosim_scope: str = "auto",
         distance_scope: str = "auto",
         share_club: bool = False,
+        head_dims: Sequence[int] = (64, 64, 32),
+        club_fit_order: str = "before",
+        plugin_fusion: str = "auxiliary",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown SAND variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        if plugin_fusion not in FUSIONS:
+            raise ValueError(f"plugin_fusion must be one of {', '.join(FUSIONS)}; got {plugin_fusion!r}")
+        self.plugin_fusion = plugin_fusion
+        backbone_kwargs.update(self._fusion_kwargs(plugin_fusion, backbone_kwargs))
         self.backbone = self.backbone_class(n_users, n_items, train_edges, features, item_graphs, **backbone_kwargs)
         align, distance = VARIANTS[variant]
         with torch.no_grad():
@@ -63,8 +92,13 @@ class SeparationPlugin(Recommender):
         self.separation = ModalSeparation(
             dims, align=align, distance=distance, alpha=alpha, beta=beta, tau=tau, split_ratio=split_ratio,
             club_steps=club_steps, club_lr=club_lr, l2_form=l2_form, solosim_scope=solosim_scope,
-            distance_scope=distance_scope, share_club=share_club,
+            distance_scope=distance_scope, share_club=share_club, head_dims=tuple(int(w) for w in head_dims),
+            club_fit_order=club_fit_order,
         )
+
+    def _fusion_kwargs(self, fusion: str, backbone_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Backbone keywords that realise ``fusion`` (none: the backbone as it is)."""
+        return {}
 
     @staticmethod
     def _batch_items(pos: Tensor, neg: Tensor) -> Tensor:
@@ -103,12 +137,23 @@ class SeparationPlugin(Recommender):
 
 
 class VBPRSand(SeparationPlugin):
-    """VBPR + SAND: the component on VBPR's projected image/text features."""
+    """VBPR + SAND: the component on VBPR's projected image/text features (always scored)."""
 
     backbone_class = VBPR
+    fusion_matters = False
 
 
 class FREEDOMSand(SeparationPlugin):
-    """FREEDOM + SAND: the component on FREEDOM's projected image/text features."""
+    """FREEDOM + SAND: the component on FREEDOM's projected image/text features.
+
+    ``plugin_fusion="scoring"`` builds the backbone with ``modal_in_scores=True``.
+    """
 
     backbone_class = FREEDOM
+
+    def _fusion_kwargs(self, fusion: str, backbone_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        wanted = fusion == "scoring"
+        given = backbone_kwargs.get("modal_in_scores", wanted)
+        if bool(given) != wanted:
+            raise ValueError(f"plugin_fusion={fusion!r} contradicts modal_in_scores={given!r}")
+        return {"modal_in_scores": wanted}

@@ -40,6 +40,17 @@ MODELS: dict[str, ModelSpec] = {
                               {"n_layers": "n_ui_layers"}),
 }
 VARIANT_MODELS = ("sand", "vbpr-sand", "freedom-sand")
+PLUGIN_MODELS = ("vbpr-sand", "freedom-sand")
+
+#: Hyper-parameter profiles besides each model's own defaults. "authors": the SAND authors'
+#: plug-in settings, read from their VBPR+SAND and FREEDOM+SAND training logs (projection
+#: heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic columns). Explicit settings win.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "authors": {
+        "vbpr-sand": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0},
+        "freedom-sand": {"head_dims": [33, 33, 63], "reg_weight": 0.0, "dropout": 0.8},
+    },
+}
 
 
 def spec(name: str) -> ModelSpec:
@@ -54,6 +65,13 @@ def required_modalities(name: str) -> tuple[str, ...]:
 
 def default_lr(name: str) -> float:
     return spec(name).lr
+
+
+def profile_hyperparameters(name: str, profile: str) -> dict[str, Any]:
+    """Constructor keywords that ``profile`` sets for model ``name`` ({} for "default" or none)."""
+    if profile != "default" and profile not in PROFILES:
+        raise ValueError(f"unknown hyper-parameter profile {profile!r}: choose default or {', '.join(PROFILES)}")
+    return dict(PROFILES.get(profile, {}).get(name, {}))
 
 
 def model_class(name: str) -> type[Recommender]:
@@ -73,6 +91,8 @@ def constructor_kwargs(name: str) -> set[str]:
     backbone = getattr(cls, "backbone_class", None)
     if backbone is not None:
         accepted |= set(inspect.signature(backbone.__init__).parameters)
+        if not getattr(cls, "fusion_matters", True):  # VBPR+SAND: both fusions are one model
+            accepted.discard("plugin_fusion")
     return accepted - _INPUT_ARGUMENTS
 
 

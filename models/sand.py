@@ -1,8 +1,8 @@
 """SAND (arXiv 2406.08270; v2 "SEA"): separate generic and unique modal awareness.
 
-Architecture as in ``shared/SAND_SPEC.md`` §1-4, i.e. the authors' code (built on
+Architecture as defined in ``docs/model.md``, i.e. the authors' code (built on
 MMRec's DRAGON) with its defects fixed; where that reading differs from the
-paper's (partly garbled) equations, the spec wins:
+paper's (partly garbled) equations, the code's reading wins:
 
 1. per modality a full-width linear transform ``Z_m = L_m(X_m)``, split by columns
    into generic/unique parts (:class:`models.separation.ModalSeparation`);
@@ -16,7 +16,7 @@ paper's (partly garbled) equations, the spec wins:
 
 Loss: BPR (natural log) + ``alpha * align`` + ``beta * distance``.
 
-Speed (spec §5): ``fast=True`` never forms ``Z_m``; every consumer of ``Z_m`` is
+Speed (docs/model.md, departure 11): ``fast=True`` never forms ``Z_m``; every consumer of ``Z_m`` is
 linear, so each reads ``X_m`` through the folded product of the small weight
 matrices (:class:`models.separation.LinearView`), all of them in one product with
 ``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items streams
@@ -107,7 +107,7 @@ class SAND(Recommender):
     ``l2_form`` ("neg-log"), ``split_ratio`` (0.5), ``fast`` (True), ``reg_weight``
     (0.0; when > 0 adds ``reg = reg_weight * mean over the batch of
     (|u|^2 + |i+|^2 + |i-|^2) / 2``, absent otherwise — the reference defines but never
-    uses one).
+    uses one), ``club_fit_order`` ("before"; "after" is the authors' order, docs/model.md).
     """
 
     required_modalities: tuple[str, ...] = MODALITIES
@@ -136,6 +136,7 @@ class SAND(Recommender):
         split_ratio: float = 0.5,
         fast: bool = True,
         reg_weight: float = 0.0,
+        club_fit_order: str = "before",
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -191,6 +192,7 @@ class SAND(Recommender):
             l2_form=l2_form,
             solosim_scope=solosim_scope,
             distance_scope=distance_scope,
+            club_fit_order=club_fit_order,
             reference=not fast,
         )
 

@@ -1,4 +1,4 @@
-"""SAND's reusable split / align / distance component (spec §2-§4, "plug-in").
+"""SAND's reusable split / align / distance component (docs/model.md).
 
 Any backbone that turns item modal features into a per-modality representation
 ``z_m`` (rows = items) can attach :class:`ModalSeparation`: it splits ``z_m`` by
@@ -9,7 +9,7 @@ away from its unique part (CLUB mutual-information bound or negative l2). SAND
 uses it on its full-width modal transform; VBPR and FREEDOM on their projected
 modal features.
 
-Fast path (spec §5). Every consumer of ``z_m`` here (the first layer of the
+Fast path (docs/model.md, departure 11). Every consumer of ``z_m`` here (the first layer of the
 projection head, ``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When
 ``z_m = X_m W^T + b`` comes from a linear map, a consumer ``C`` computes
 ``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first
@@ -17,7 +17,7 @@ costs ``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone 
 such a ``z_m`` unevaluated as a :class:`LinearView`; plain tensors work too (what the
 plug-ins pass). Both give the same function, to float rounding.
 
-Differences from the authors' code (the spec wins; the paper's equations are
+Differences from the authors' code (docs/model.md lists them all; the paper's equations are
 partly garbled): the CLUB estimators are fitted on (E1_m, E2_m) pairs of the SAME
 modality (the code fits one estimator on text/image pairs, which is not the bound
 it then evaluates), one estimator and one Adam optimiser per modality; the main
@@ -43,8 +43,17 @@ from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distanc
 ALIGNS = ("solosim", "infonce", "none")
 DISTANCES = ("club", "l2", "none")
 SCOPES = ("auto", "all", "batch")
-#: ``scope="auto"`` computes over all items up to this catalogue size, else over the batch items.
+#: When the CLUB estimators are fitted relative to the bound that uses them (docs/model.md, departure 4).
+FIT_ORDERS = ("before", "after")
+#: ``solosim_scope="auto"`` computes over all items up to this catalogue size, else over the batch
+#: items: SoloSim over all items costs N x N logits per batch (N^2 (d + 1) multiply-adds three times
+#: over; the literal form holds 4 N^2 bytes per copy, 2.1 GB at Clothing's 23,033 items).
 AUTO_SCOPE_MAX_ITEMS = 20_000
+#: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing
+#: term and the CLUB fit are linear in N: about 1.5 KB per item and modality at their peak
+#: (E1, E2 and the estimator's N x 32 intermediates in float32), 70 MB for both modalities
+#: at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
+AUTO_DISTANCE_MAX_ITEMS = 1_000_000
 #: Fused Adam (one kernel for all parameters): the CLUB optimisers step 50 times per batch
 #: and the per-parameter loop of the default implementation costs more than the step itself.
 _FAST_ADAM: dict[str, Any] = {"fused": True}
@@ -254,8 +263,13 @@ class ModalSeparation(nn.Module):
         "batch" (the batch's items), "auto" (all when N <= 20,000, else batch).
         InfoNCE always runs in-batch.
       distance_scope: the same choice for the distancing term and the CLUB fit
-        (the reference uses all items).
+        (the reference uses all items); "auto" keeps all items up to 1,000,000 (the
+        cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
       share_club: one estimator (and optimiser) for all modalities.
+      club_fit_order: "before" (default): each batch's estimators are fitted on that
+        batch's pairs before its bound is evaluated. "after" (the authors' order): the
+        bound uses the estimators as fitted so far, and the pairs it was evaluated on are
+        fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
       reference: evaluate the formulas literally (N x N log-softmax, CLUB gradients by
         autograd): the naive reference that the fast forms are tested against.
 
@@ -281,6 +295,7 @@ class ModalSeparation(nn.Module):
         solosim_scope: str = "auto",
         distance_scope: str = "auto",
         share_club: bool = False,
+        club_fit_order: str = "before",
         reference: bool = False,
     ) -> None:
         super().__init__()
@@ -290,6 +305,7 @@ class ModalSeparation(nn.Module):
             ("solosim_scope", solosim_scope, SCOPES),
             ("distance_scope", distance_scope, SCOPES),
             ("l2_form", l2_form, L2_FORMS),
+            ("club_fit_order", club_fit_order, FIT_ORDERS),
         ):
             if value not in allowed:
                 raise ValueError(f"ModalSeparation: {name} must be one of {allowed}; got {value!r}")
@@ -305,6 +321,9 @@ class ModalSeparation(nn.Module):
         self.l2_form = l2_form
         self.solosim_scope, self.distance_scope = solosim_scope, distance_scope
         self.club_steps = int(club_steps)
+        self.club_fit_order = club_fit_order
+        #: "after" order: the detached (E1_m, E2_m) of the last bound, fitted at the next auxiliary_step
+        self._pending_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reference = bool(reference)
         self.split_at: dict[str, int] = {}
         for m, d in dims.items():
@@ -349,7 +368,7 @@ class ModalSeparation(nn.Module):
         out: list[tuple[int, int, nn.Linear]] = []
         if self.align == "solosim" and self._resolve(self.solosim_scope, n_items) == "all":
             out.append((0, g, self.heads[modality][0]))
-        if self.distance != "none" and self._resolve(self.distance_scope, n_items) == "all":
+        if self.distance != "none" and self._resolve(self.distance_scope, n_items, AUTO_DISTANCE_MAX_ITEMS) == "all":
             out += self._distance_consumers(modality)
         return out
 
@@ -362,14 +381,17 @@ class ModalSeparation(nn.Module):
         return self.club["shared" if "shared" in self.club else modality]  # type: ignore[return-value]
 
     @staticmethod
-    def _resolve(scope: str, n_items: int) -> str:
+    def _resolve(scope: str, n_items: int, limit: int = AUTO_SCOPE_MAX_ITEMS) -> str:
+        """"all" or "batch"; ``"auto"`` means all items up to ``limit`` items."""
         if scope == "auto":
-            return "all" if n_items <= AUTO_SCOPE_MAX_ITEMS else "batch"
+            return "all" if n_items <= limit else "batch"
         return scope
 
-    def _rows_for(self, scope: str, n_items: int, batch_items: torch.Tensor) -> torch.Tensor | None:
+    def _rows_for(
+        self, scope: str, n_items: int, batch_items: torch.Tensor, limit: int = AUTO_SCOPE_MAX_ITEMS
+    ) -> torch.Tensor | None:
         """Row index for a scope: None = all items, else the sorted unique batch items."""
-        if self._resolve(scope, n_items) == "all":
+        if self._resolve(scope, n_items, limit) == "all":
             return None
         return torch.unique(batch_items)
 
@@ -416,7 +438,9 @@ class ModalSeparation(nn.Module):
         want_dist = self.distance != "none"
         align_scope = "batch" if self.align == "infonce" else self.solosim_scope
         head_rows = self._rows_for(align_scope, n_items, batch_items) if want_head else None
-        dist_rows = self._rows_for(self.distance_scope, n_items, batch_items) if want_dist else None
+        dist_rows = (
+            self._rows_for(self.distance_scope, n_items, batch_items, AUTO_DISTANCE_MAX_ITEMS) if want_dist else None
+        )
         heads: dict[str, torch.Tensor] = {}
         dist: list[torch.Tensor] = []
         for m in self.modalities:
@@ -439,6 +463,8 @@ class ModalSeparation(nn.Module):
         if self.distance == "l2":
             return l2_distance_loss(e1, e2, self.l2_form)
         est = self._estimator(modality)
+        if self.club_fit_order == "after" and torch.is_grad_enabled():
+            self._pending_pairs[modality] = (e1.detach(), e2.detach())
         # Detached estimator parameters: the bound trains the encoders, never the estimator
         # (which only maximises the likelihood, in auxiliary_step).
         params = {k: v.detach() for k, v in est.named_parameters()}
@@ -458,17 +484,12 @@ class ModalSeparation(nn.Module):
         """
         if self.distance != "club" or self.club_steps <= 0:
             return {}
-        n_items = z_detached[self.modalities[0]].shape[0]
-        rows = self._rows_for(self.distance_scope, n_items, batch_items)
-        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with torch.no_grad():
-            for m in self.modalities:
-                z = z_detached[m]
-                if rows is None:  # E1 and E2 from one read of a LinearView's inputs
-                    z = prefetch_reads(z, self._distance_consumers(m))
-                _, e1, e2 = self._projections(m, z, None, rows, False, True)
-                assert e1 is not None and e2 is not None
-                pairs[m] = (e1.detach(), e2.detach())
+        if self.club_fit_order == "after":
+            pairs, self._pending_pairs = self._pending_pairs, {}
+            if not pairs:  # the first batch: no bound evaluated yet
+                return {}
+        else:
+            pairs = self._current_pairs(z_detached, batch_items)
         if not self.reference:
             return self._fit_club_fast(pairs)
         lls: dict[str, torch.Tensor] = {}
@@ -486,6 +507,23 @@ class ModalSeparation(nn.Module):
             opt.zero_grad(set_to_none=True)
         return {f"club_ll_{m}": float(v.detach()) for m, v in lls.items()}
 
+    def _current_pairs(
+        self, z_detached: Mapping[str, ModalInput], batch_items: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Detached (E1_m, E2_m) per modality over the distancing scope."""
+        n_items = z_detached[self.modalities[0]].shape[0]
+        rows = self._rows_for(self.distance_scope, n_items, batch_items, AUTO_DISTANCE_MAX_ITEMS)
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for m in self.modalities:
+                z = z_detached[m]
+                if rows is None:  # E1 and E2 from one read of a LinearView's inputs
+                    z = prefetch_reads(z, self._distance_consumers(m))
+                _, e1, e2 = self._projections(m, z, None, rows, False, True)
+                assert e1 is not None and e2 is not None
+                pairs[m] = (e1.detach(), e2.detach())
+        return pairs
+
     def _fit_club_fast(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """The same fit by :func:`models.club_fit.fit_clubs` (closed form, flat Adam, side by side)."""
         groups = {k: [m for m in self.modalities if k in ("shared", m)] for k in self._club_optimisers}
@@ -497,8 +535,11 @@ class ModalSeparation(nn.Module):
         return {f"club_ll_{m}": lls[m] for m in self.modalities}
 
     def auxiliary_state_dict(self) -> dict[str, Any]:
-        """The CLUB optimisers' states (estimator weights are in the module's state_dict)."""
-        return {"club_optimisers": {k: opt.state_dict() for k, opt in self._club_optimisers.items()}}
+        """The CLUB optimisers' states (estimator weights are in the module's state_dict) and pairs awaiting a fit."""
+        return {
+            "club_optimisers": {k: opt.state_dict() for k, opt in self._club_optimisers.items()},
+            "pending_pairs": {m: list(pair) for m, pair in self._pending_pairs.items()},
+        }
 
     def load_auxiliary_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("club_optimisers", {})
@@ -509,6 +550,7 @@ class ModalSeparation(nn.Module):
             )
         for k, opt in self._club_optimisers.items():
             opt.load_state_dict(saved[k])
+        self._pending_pairs = {m: (pair[0], pair[1]) for m, pair in state.get("pending_pairs", {}).items()}
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -86,6 +86,11 @@ class GraphsConfig(_Section):
     block_size: int | None = Field(None, ge=1)
 
 
+#: Early-stopping patience per dataset where the SAND authors' logs differ from 20 (Clothing: 30).
+DATASET_PATIENCE = {"clothing": 30}
+DEFAULT_PATIENCE = 20
+
+
 class TrainConfig(_Section):
     model: ModelName = "sand"
     variant: Variant = "a"
@@ -93,10 +98,20 @@ class TrainConfig(_Section):
     batch_size: int = Field(2048, ge=1)
     lr: float | None = Field(None, gt=0, description="default: the model's published value")
     weight_decay: float = Field(0.0, ge=0)
-    patience: int = Field(20, ge=1)
+    patience: int | None = Field(
+        None, ge=1, description="evaluations without improvement before stopping; default 20 (clothing: 30)"
+    )
+    early_stop: Literal["mmrec", "strict"] = Field(
+        "mmrec",
+        description="mmrec: metric rounded to 4 decimals, stop after MORE than patience bad evaluations; "
+        "strict: unrounded, stop after patience",
+    )
     eval_every: int = Field(1, ge=1)
     seed: int = 0
     device: str | None = None
+    profile: Literal["default", "authors"] = Field(
+        "default", description="authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND)"
+    )
     embedding_dim: int = Field(64, ge=1)
     alpha: float | None = Field(None, ge=0, description="alignment weight (SAND default 0.012)")
     beta: float | None = Field(None, ge=0, description="distancing weight (SAND default 0.006)")
@@ -105,16 +120,31 @@ class TrainConfig(_Section):
     mm_image_weight: float | None = Field(None, ge=0, le=1)
     reg_weight: float | None = Field(None, ge=0)
     n_layers: int | None = Field(None, ge=0, le=8)
-    solosim_scope: Literal["auto", "all", "batch"] | None = None
+    solosim_scope: Literal["auto", "all", "batch"] | None = Field(
+        None, description="items SoloSim runs over (auto: all up to 20,000 items, else the batch's)"
+    )
+    distance_scope: Literal["auto", "all", "batch"] | None = Field(
+        None, description="items the distancing term and the CLUB fit run over (auto: all up to 1,000,000 items)"
+    )
     l2_form: Literal["neg-mse", "neg-log", "margin"] | None = None
+    plugin_fusion: Literal["auxiliary", "scoring"] = Field(
+        "auxiliary", description="plug-ins: SAND terms on the auxiliary modal features, or fused into the scores"
+    )
+    head_dims: list[int] | None = Field(None, min_length=1, description="plug-ins: projection head widths")
+    club_fit_order: Literal["before", "after"] | None = Field(
+        None, description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)"
+    )
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
 
     #: Named hyper-parameters: applied to the models that take them, ignored by the others (so one
     #: config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
     NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
         "embedding_dim", "alpha", "beta", "tau", "club_steps", "mm_image_weight", "reg_weight",
-        "n_layers", "solosim_scope", "l2_form",
+        "n_layers", "solosim_scope", "distance_scope", "l2_form", "plugin_fusion", "head_dims",
+        "club_fit_order",
     )
+    #: Named hyper-parameters with a value by default: a grid may set them for every model.
+    ALWAYS_SET: ClassVar[tuple[str, ...]] = ("plugin_fusion",)
 
     def model_kwargs(self, accepted: set[str] | None = None) -> dict[str, Any]:
         """Hyper-parameters the user set explicitly; the model's defaults fill the rest.
@@ -129,6 +159,12 @@ class TrainConfig(_Section):
         }
         kwargs.update(self.extra)
         return kwargs
+
+    def resolved_patience(self, dataset: str) -> int:
+        """``patience``, or the authors' value for ``dataset`` (a preset name or a folder named so)."""
+        if self.patience is not None:
+            return self.patience
+        return DATASET_PATIENCE.get(Path(str(dataset)).name.lower(), DEFAULT_PATIENCE)
 
 
 class EvaluateConfig(_Section):

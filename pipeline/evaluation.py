@@ -1,4 +1,4 @@
-"""Full-ranking top-K evaluation with MMRec's protocol (SAND_SPEC section 6).
+"""Full-ranking top-K evaluation with MMRec's protocol (docs/model.md).
 
 Why this shape: scores are dot products of user and item embeddings, so users are
 ranked in batches (memory ~ batch_users x n_items floats) on whatever device the

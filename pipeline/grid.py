@@ -31,7 +31,7 @@ from sand.pipeline.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-#: Paper reference values of SAND's loss weights and temperature (spec §4).
+#: Paper reference values of SAND's loss weights and temperature (docs/model.md).
 REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
 
 #: Named grids reproducing the paper's experiments.
@@ -46,8 +46,18 @@ PRESETS: dict[str, dict[str, list[Any]]] = {
     "variants": {"train.variant": ["a", "b", "c", "d"]},
     # Table 2: baselines vs SAND.
     "table2": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand"]},
-    # Table 3: backbones with and without the SAND plug-in.
-    "table3": {"train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"]},
+    # Table 3: backbones with and without the SAND plug-in, the plug-in in both fusions (the
+    # backbones and VBPR+SAND ignore the fusion, so their second runs come from the store).
+    "table3": {
+        "train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"],
+        "train.plugin_fusion": ["auxiliary", "scoring"],
+    },
+    # Table 3 with the SAND authors' plug-in hyper-parameters (train.profile=authors).
+    "table3-authors": {
+        "train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"],
+        "train.plugin_fusion": ["auxiliary", "scoring"],
+        "train.profile": ["authors"],
+    },
     # Tables 2 and 3 in one grid: every model of the package.
     "all-models": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand", "vbpr-sand", "freedom-sand"]},
 }
@@ -132,7 +142,7 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
         raise ConfigError(f"invalid config value train.model={name!r}: model not available ({err})") from None
     for field_name, _ in cfg.train.model_kwargs().items():
         kwarg = spec.renames.get(field_name, field_name)
-        if kwarg not in accepted:
+        if kwarg not in accepted and field_name not in cfg.train.ALWAYS_SET:  # those: ignored where not taken
             where = f"train.extra.{field_name}" if field_name in cfg.train.extra else f"train.{field_name}"
             raise ConfigError(
                 f"invalid config value {where}={cfg.train.model_kwargs()[field_name]!r}: "

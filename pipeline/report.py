@@ -62,7 +62,22 @@ TABLE2_MODELS = ("bpr", "lightgcn", "vbpr", "freedom", "sand")
 BACKBONES = ("vbpr", "freedom")
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
 
-RunKey = tuple[str, str, str | None]  # (dataset, model, variant)
+RunKey = tuple[str, str, str | None]  # (dataset, model id, variant); see StoredRun.model_id
+
+#: Plug-in fusions (``train.plugin_fusion``); the first is the faithful default.
+FUSIONS = ("auxiliary", "scoring")
+FUSION_NOTES = {
+    "auxiliary": "Plug-in fusion: auxiliary (the faithful plug-in): the SAND terms act on each backbone's "
+    "projected modal features as they are. VBPR scores those features; FREEDOM does not: they enter only its "
+    "auxiliary modal BPR term (weight reg_weight), so FREEDOM+SAND's scores can move only through that term, "
+    "and with reg_weight = 0 (the authors' FREEDOM+SAND setting) they are bit-identical to FREEDOM's whatever "
+    "alpha and beta.",
+    "scoring": "Plug-in fusion: scoring: FREEDOM+SAND adds the projected image and text features (generic and "
+    "unique parts) to the item ID embeddings before FREEDOM's propagations, so the SAND-processed "
+    "representation reaches the scores. VBPR+SAND is the same model in both fusions (VBPR scores its projected "
+    "features anyway). The gain over FREEDOM mixes the fusion itself with the SAND terms; FREEDOM+SAND in this "
+    "fusion with --variant no-align-no-distance isolates the fusion.",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,14 +94,21 @@ class StoredRun:
     test: dict[str, float]
     evaluate: Artifact
     train: Artifact | None
+    #: ``train.plugin_fusion`` of a plug-in whose fusion changes the model, else None
+    fusion: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The model, with a non-default fusion appended (``freedom-sand@scoring``): selected separately."""
+        return self.model if self.fusion in (None, FUSIONS[0]) else f"{self.model}@{self.fusion}"
 
     @property
     def key(self) -> RunKey:
-        return (self.dataset, self.model, self.variant)
+        return (self.dataset, self.model_id, self.variant)
 
     @property
     def label(self) -> str:
-        return run_label(self.model, self.variant)
+        return run_label(self.model_id, self.variant)
 
     @property
     def result(self) -> dict[str, Any]:
@@ -94,7 +116,10 @@ class StoredRun:
 
 
 def run_label(model: str, variant: str | None) -> str:
-    """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, ..."""
+    """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, FREEDOM+SAND (scoring), ..."""
+    model, _, fusion = model.partition("@")
+    if fusion:
+        return f"{run_label(model, variant)} ({fusion})"
     base = MODEL_LABELS.get(model, model)
     if variant is None:
         return base
@@ -108,10 +133,11 @@ def run_label(model: str, variant: str | None) -> str:
 def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
     """Paper order: baselines, then SAND_a-d, then the ablations; plug-ins last."""
     models, variants = list(MODEL_LABELS), [*VARIANT_PARTS, *VARIANT_LABELS]
+    full, model = model, model.partition("@")[0]
     return (
         models.index(model) if model in models else len(models),
         variants.index(variant) if variant in variants else len(variants),
-        f"{model}/{variant}",
+        f"{full}/{variant}",
     )
 
 
@@ -155,9 +181,21 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
         variant = art.manifest.get("variant") if model in VARIANT_MODELS else None
         metrics = art.manifest.get("metrics") or {}
         runs.append(
-            StoredRun(name, model, variant, _floats(metrics.get("valid")), _floats(metrics.get("test")), art, train)
+            StoredRun(
+                name, model, variant, _floats(metrics.get("valid")), _floats(metrics.get("test")), art, train,
+                _fusion(model, train),
+            )
         )
     return runs
+
+
+def _fusion(model: str, train: Artifact | None) -> str | None:
+    """The plug-in fusion of a run, where it changes the model (the train key holds it only then)."""
+    params = (train.manifest.get("params") or {}) if train else {}
+    fusion = params.get("plugin_fusion")
+    if fusion is None and model == "freedom-sand":  # trained before the setting existed: the faithful plug-in
+        fusion = FUSIONS[0]
+    return str(fusion) if fusion is not None else None
 
 
 def select_runs(runs: Iterable[StoredRun], metric: str = "recall@20") -> dict[RunKey, StoredRun]:
@@ -271,14 +309,33 @@ def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metri
     )
 
 
-def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
-    """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement."""
-    pairs = {
-        b: [d for d in datasets if (d, b, None) in selected and (d, f"{b}-sand", "a") in selected] for b in BACKBONES
+def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, fusion: str) -> StoredRun | None:
+    """The +SAND run of ``backbone`` in ``fusion`` (a plug-in whose fusion is moot serves both)."""
+    model = f"{backbone}-sand"
+    if fusion != FUSIONS[0]:
+        run = selected.get((dataset, f"{model}@{fusion}", "a"))
+        if run is not None:
+            return run
+    run = selected.get((dataset, model, "a"))
+    return run if run is not None and run.fusion in (None, fusion) else None
+
+
+def table_generalisation(
+    selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str, fusion: str = FUSIONS[0]
+) -> Table | None:
+    """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement.
+
+    One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table
+    in the scoring fusion is written only when a run in that fusion exists.
+    """
+    plugged = {
+        (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in BACKBONES if (d, b, None) in selected
     }
-    pairs = {b: ds for b, ds in pairs.items() if ds}
-    if not pairs:
+    plugged = {k: v for k, v in plugged.items() if v is not None}
+    if not plugged or (fusion != FUSIONS[0] and not any(r.fusion == fusion for r in plugged.values())):
         return None
+    pairs = {b: [d for d in datasets if (d, b) in plugged] for b in BACKBONES}
+    pairs = {b: ds for b, ds in pairs.items() if ds}
     used = [d for d in datasets if any(d in ds for ds in pairs.values())]
     rows, bold = [], set()
     for d in used:
@@ -286,7 +343,7 @@ def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[s
             row: dict[str, Any] = {"Dataset": d, "Metric": short}
             for b in pairs:
                 base = selected.get((d, b, None))
-                plug = selected.get((d, f"{b}-sand", "a"))
+                plug = plugged.get((d, b))
                 bv = base.test.get(m, math.nan) if base and d in pairs[b] else math.nan
                 pv = plug.test.get(m, math.nan) if plug and d in pairs[b] else math.nan
                 name = MODEL_LABELS[b]
@@ -297,15 +354,22 @@ def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[s
             rows.append(row)
     frame = pd.DataFrame(rows)
     formats = {f"{MODEL_LABELS[b]} Improv.": _fmt_pct for b in pairs}
+    chosen = [
+        f"{run.label} on {d}: profile {run.result.get('profile') or 'default'}"
+        for (d, _), run in sorted(plugged.items())
+    ]
+    suffix = "" if fusion == FUSIONS[0] else f"_{fusion}"
     return Table(
-        "table3_generalisation",
-        "Table 3: SAND plugged into other backbones (test)",
+        f"table3_generalisation{suffix}",
+        f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}",
         frame,
         bold,
         formats,
         notes=[
             _selection_note(metric) + " Improv. = relative change of +SAND over the "
-            "backbone, in percent; +SAND is variant a."
+            "backbone, in percent; +SAND is variant a.",
+            FUSION_NOTES[fusion],
+            "Selected +SAND runs: " + "; ".join(chosen) + ".",
         ],
     )
 
@@ -512,6 +576,7 @@ def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) ->
             "dataset": r.dataset,
             "model": r.model,
             "variant": r.variant,
+            "fusion": r.fusion,
             "label": r.label,
             "selected": r.evaluate.key in chosen,
         }
@@ -576,12 +641,15 @@ def write_report(
     tables: dict[str, Table | None] = {
         "table2": table_main(selected, chosen, select_metric),
         "table3": table_generalisation(selected, chosen, select_metric),
+        "table3-scoring": table_generalisation(selected, chosen, select_metric, "scoring"),
         "table4": table_variants(selected, chosen, select_metric),
         "table5": table_efficiency(selected, chosen),
     }
     why = {
         "table2": "no runs of MF-BPR, LightGCN, VBPR, FREEDOM or SAND_a",
         "table3": "no dataset with both a backbone (VBPR/FREEDOM) and its +SAND run",
+        "table3-scoring": "no FREEDOM+SAND run in the scoring fusion (train.plugin_fusion=scoring) next to its "
+        "backbone",
         "table4": "no dataset with at least two of the SAND variants a-d",
         "table5": "no train artifact with timing results",
     }
@@ -665,7 +733,7 @@ def _index_markdown(
         f"{len(selected)} selected by validation {metric}. All runs: [runs.csv](runs.csv).",
         "",
     ]
-    for name in ("table2", "table3", "table4", "table5"):
+    for name in ("table2", "table3", "table3-scoring", "table4", "table5"):
         table = tables.get(name)
         if table is None or name not in written:
             continue

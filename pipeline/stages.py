@@ -439,13 +439,12 @@ def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artif
     """Construct the configured model (seeded) and the data it trains on."""
     import torch
 
-    from sand.models.registry import accepted_hyperparameters, build_model, default_lr
+    from sand.models.registry import build_model, default_lr
 
     tcfg = ctx.cfg.train
     data, features, graphs = load_model_inputs(ctx, inter, feature_arts)
-    accepted = accepted_hyperparameters(tcfg.model)
-    kwargs = tcfg.model_kwargs(accepted)
-    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (spec section 3)
+    accepted, kwargs = effective_model_kwargs(tcfg)
+    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (docs/model.md, CLUB fit)
         if name in accepted and name not in kwargs:
             kwargs[name] = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
     torch.manual_seed(tcfg.seed)
@@ -459,14 +458,24 @@ def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artif
     return model, data
 
 
+def effective_model_kwargs(tcfg: Any) -> tuple[set[str], dict[str, Any]]:
+    """(accepted hyper-parameter names, keywords for the model): the profile, then explicit settings."""
+    from sand.models.registry import accepted_hyperparameters, profile_hyperparameters
+
+    accepted = accepted_hyperparameters(tcfg.model)
+    return accepted, {**profile_hyperparameters(tcfg.model, tcfg.profile), **tcfg.model_kwargs(accepted)}
+
+
 def train_key_params(tcfg: Any) -> dict[str, Any]:
     """Train parameters that reach the model: fields it ignores do not change the artifact key."""
-    from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters
+    from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters, profile_hyperparameters
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
     if tcfg.model not in VARIANT_MODELS:
         ignored.add("variant")
+    if not profile_hyperparameters(tcfg.model, tcfg.profile):
+        ignored.add("profile")
     return key_params(tcfg, PERFORMANCE_FIELDS | ignored)
 
 
@@ -479,7 +488,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
     work_key = artifact_key("train", STAGE_VERSIONS["train"], params, {k: a.key for k, a in inputs.items()})
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.models.registry import accepted_hyperparameters, default_lr
+        from sand.models.registry import default_lr
         from sand.pipeline.training import train_model
 
         model, data = build_model_for(ctx, inter, feature_arts)
@@ -487,7 +496,8 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
         lr = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
         result = train_model(
             model, data, out_dir=work, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=lr,
-            weight_decay=tcfg.weight_decay, patience=tcfg.patience, eval_every=tcfg.eval_every, seed=tcfg.seed,
+            weight_decay=tcfg.weight_decay, patience=tcfg.resolved_patience(ctx.cfg.acquire.dataset),
+            early_stop=tcfg.early_stop, eval_every=tcfg.eval_every, seed=tcfg.seed,
             device=tcfg.device, ks=tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20})), progress=ctx.progress,
             resume=True,
         )
@@ -498,7 +508,8 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
             "best_valid": _jsonable(result.best_valid), "test_at_best": _jsonable(result.test_at_best),
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
-            "model_kwargs": _jsonable(tcfg.model_kwargs(accepted_hyperparameters(tcfg.model))),
+            "model_kwargs": _jsonable(effective_model_kwargs(tcfg)[1]),
+            "plugin_fusion": getattr(model, "plugin_fusion", None), "profile": tcfg.profile,
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(work, ignore_errors=True)

@@ -9,9 +9,11 @@ after epoch e and resumed therefore replays epochs e+1.. exactly as an uninterru
 run would (bit-for-bit on CPU).
 
 Conventions: epochs and batches are numbered from 1. Early stopping counts
-*evaluations* without a strictly better validation metric and stops once there have
-been ``patience`` of them (MMRec stops one evaluation later, at ``> stopping_step``).
-The last epoch is always evaluated, so a run has a best checkpoint even when
+*evaluations* without a better validation metric. ``early_stop="mmrec"`` (default) is
+MMRec's rule: the metric is compared after rounding to 4 decimals (MMRec's evaluator
+rounds every metric so) and training stops once MORE than ``patience`` evaluations
+passed without improvement. ``"strict"`` compares the unrounded metric and stops after
+``patience`` of them. The last epoch is always evaluated, so a run has a best checkpoint even when
 ``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
 strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them.
 """
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 BEST_NAME, LAST_NAME, HISTORY_NAME = "best.pt", "last.pt", "epochs.csv"
 #: run settings that must not change between a run and its resumption
 _RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks")
+EARLY_STOP_RULES = ("mmrec", "strict")
+#: Decimals MMRec's evaluator rounds metrics to before early stopping compares them.
+MMREC_DECIMALS = 4
 
 
 @dataclass
@@ -162,6 +167,16 @@ def _scalar(term: torch.Tensor, name: str) -> torch.Tensor:
     return term.reshape(())
 
 
+def early_stop_score(value: float, rule: str) -> float:
+    """The number early stopping compares: MMRec's rounded metric, or the metric itself."""
+    return round(float(value), MMREC_DECIMALS) if rule == "mmrec" else float(value)
+
+
+def should_stop(bad_evals: int, patience: int, rule: str) -> bool:
+    """MMRec stops when ``bad_evals > patience``; the strict rule at ``bad_evals >= patience``."""
+    return bad_evals > patience if rule == "mmrec" else bad_evals >= patience
+
+
 def _check_args(epochs: int, batch_size: int, patience: int, eval_every: int, valid_metric: str, ks) -> None:
     for name, value in (
         ("epochs", epochs),
@@ -185,6 +200,7 @@ def train_model(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     patience: int = 20,
+    early_stop: str = "mmrec",
     eval_every: int = 1,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -206,6 +222,8 @@ def train_model(
 
     ks = tuple(int(k) for k in ks)
     _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
+    if early_stop not in EARLY_STOP_RULES:
+        raise ConfigError(f"training: early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {early_stop!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = (
@@ -349,11 +367,12 @@ def train_model(
                 user_emb, item_emb = model.embeddings()
                 valid = valid_eval(user_emb, item_emb)
                 row.update({f"valid_{k}": v for k, v in valid.items()})
-                if valid[valid_metric] > state["best_value"]:
+                score = early_stop_score(valid[valid_metric], early_stop)
+                if score > state["best_value"]:
                     test = test_eval(user_emb, item_emb)
                     row.update({f"test_{k}": v for k, v in test.items()})
                     state.update(
-                        best_value=float(valid[valid_metric]),
+                        best_value=score,
                         best_epoch=epoch,
                         best_valid=valid,
                         test_at_best=test,
@@ -381,7 +400,7 @@ def train_model(
             del user_emb, item_emb
             model.train()
             row["eval_seconds"] = time.perf_counter() - t1
-            if state["bad_evals"] >= patience:
+            if should_stop(state["bad_evals"], patience, early_stop):
                 state["stopped_early"] = True
         row["peak_memory_mb"] = _peak_memory_mb(dev)
         state["history"].append(row)
@@ -405,10 +424,11 @@ def train_model(
             on_epoch_end(epoch, row)
         if state["stopped_early"]:
             log.info(
-                "early stop at epoch %d: no better %s in %d evaluations (best %.6f at epoch %d)",
+                "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)",
                 epoch,
+                early_stop,
                 valid_metric,
-                patience,
+                state["bad_evals"],
                 state["best_value"],
                 state["best_epoch"],
             )

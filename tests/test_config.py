@@ -12,7 +12,18 @@ def test_defaults_are_the_papers():
     cfg = PipelineConfig()
     assert cfg.acquire.dataset == "sample"
     assert cfg.interactions.k_core == 5 and cfg.interactions.split == "mmrec"
-    assert cfg.graphs.k == 10 and cfg.train.patience == 20 and cfg.train.batch_size == 2048
+    assert cfg.graphs.k == 10 and cfg.train.batch_size == 2048
+    assert cfg.train.early_stop == "mmrec" and cfg.train.plugin_fusion == "auxiliary"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "patience", "expected"),
+    [("baby", None, 20), ("sports", None, 20), ("clothing", None, 30), ("/data/mmrec/clothing", None, 30),
+     ("clothing", 5, 5), ("sample", None, 20)],
+)
+def test_patience_per_dataset_follows_the_authors_logs(dataset, patience, expected):
+    cfg = load_config(None, {"acquire.dataset": dataset, "train.patience": patience})
+    assert cfg.train.resolved_patience(cfg.acquire.dataset) == expected
 
 
 def test_yaml_then_overrides_then_set(tmp_path):
@@ -32,6 +43,9 @@ def test_yaml_then_overrides_then_set(tmp_path):
         ("train.variant=z", "train.variant"),
         ("interactions.split=random", "interactions.split"),
         ("train.nonsense=1", "train.nonsense"),
+        ("train.early_stop=late", "train.early_stop"),
+        ("train.plugin_fusion=concat", "train.plugin_fusion"),
+        ("train.distance_scope=some", "train.distance_scope"),
     ],
 )
 def test_invalid_values_name_the_field(assignment, field):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,16 @@ def test_presets_expand_on_the_default_config(tmp_path, name):
     if name == "table3" and importlib.util.find_spec("sand.models.plugins") is None:
         pytest.skip("models/plugins.py (VBPR+SAND, FREEDOM+SAND) is not written yet")
     combos = expand_grid(_base(tmp_path), preset(name))
-    assert len(combos) == len(next(iter(PRESETS[name].values())))
+    assert len(combos) == math.prod(len(v) for v in PRESETS[name].values())
+
+
+def test_table3_preset_runs_both_fusions_and_trains_backbones_once(tmp_path):
+    from sand.pipeline.stages import train_key_params
+
+    combos = expand_grid(_base(tmp_path), preset("table3"))
+    keys = {(v["train.model"], json.dumps(train_key_params(c.train), sort_keys=True)) for v, c in combos}
+    per_model = {m: sum(1 for model, _ in keys if model == m) for m in ("vbpr", "vbpr-sand", "freedom", "freedom-sand")}
+    assert per_model == {"vbpr": 1, "vbpr-sand": 1, "freedom": 1, "freedom-sand": 2}
 
 
 def test_sensitivity_presets_bracket_the_paper_values():

@@ -86,3 +86,69 @@ def test_registry_rejects_unknown_names_and_reports_missing_features():
         build_model("freedom", **without_text)
     assert required_modalities("bpr") == () and required_modalities("sand") == ("image", "text")
     assert set(MODELS) == {"bpr", "lightgcn", "vbpr", "freedom", "sand", "vbpr-sand", "freedom-sand"}
+
+
+def _trained_scores(inputs, **kwargs) -> torch.Tensor:
+    """FREEDOM+SAND from one seed, a few training steps, then its eval-mode score matrix."""
+    torch.manual_seed(0)
+    model = build_model("freedom-sand", club_steps=3, **kwargs, **inputs)
+    train_steps(model, inputs, steps=4)
+    model.eval()
+    with torch.no_grad():
+        users, items = model.embeddings()
+    return users @ items.T
+
+
+@pytest.mark.parametrize("fusion", ["auxiliary", "scoring"])
+def test_freedom_sand_scores_move_with_alpha_beta_only_in_scoring_fusion(fusion):
+    """Auxiliary fusion with reg_weight=0: the SAND terms cannot reach FREEDOM's scores (bit-identical
+    to plain FREEDOM whatever alpha/beta); scoring fusion: they change the scores."""
+    inputs = tiny_inputs()
+    settings = [dict(alpha=0.012, beta=0.006), dict(alpha=0.5, beta=0.3)]
+    scores = [_trained_scores(inputs, plugin_fusion=fusion, reg_weight=0.0, **s) for s in settings]
+    if fusion == "auxiliary":
+        assert torch.equal(scores[0], scores[1])
+        torch.manual_seed(0)
+        plain = build_model("freedom", reg_weight=0.0, **inputs)
+        train_steps(plain, inputs, steps=4)
+        plain.eval()
+        with torch.no_grad():
+            users, items = plain.embeddings()
+        assert torch.equal(users @ items.T, scores[0])
+    else:
+        assert (scores[0] - scores[1]).abs().max() > 1e-4
+
+
+def test_scoring_fusion_adds_projected_features_to_the_items():
+    inputs = tiny_inputs()
+    torch.manual_seed(0)
+    model = build_model("freedom-sand", plugin_fusion="scoring", **inputs)
+    assert model.backbone.modal_in_scores and model.plugin_fusion == "scoring"
+    backbone = model.backbone
+    backbone.eval()
+    with torch.no_grad():
+        _, with_modal = backbone.embeddings()
+        backbone.item_embedding.add_(sum(backbone.modal_representations().values()))
+        backbone.modal_in_scores = False
+        _, folded = backbone.embeddings()
+    assert torch.allclose(with_modal, folded, atol=1e-6)
+    with pytest.raises(ValueError, match="plugin_fusion"):
+        build_model("freedom-sand", plugin_fusion="fused", **inputs)
+    with pytest.raises(ValueError, match="contradicts"):
+        build_model("freedom-sand", plugin_fusion="auxiliary", modal_in_scores=True, **inputs)
+
+
+def test_authors_profiles_and_fusion_reach_the_model():
+    from sand.models.registry import accepted_hyperparameters, profile_hyperparameters
+
+    inputs = tiny_inputs()
+    vbpr = build_model("vbpr-sand", **profile_hyperparameters("vbpr-sand", "authors"), **inputs)
+    assert (vbpr.separation.alpha, vbpr.separation.tau, vbpr.backbone.reg_weight) == (0.1, 0.1, 2.0)
+    freedom = build_model("freedom-sand", **profile_hyperparameters("freedom-sand", "authors"), **inputs)
+    widths = [layer.out_features for layer in freedom.separation.heads["image"] if isinstance(layer, torch.nn.Linear)]
+    assert freedom.separation.heads["image"][0].in_features == 32 and widths == [33, 33, 63]
+    assert (freedom.backbone.reg_weight, freedom.backbone.dropout) == (0.0, 0.8)
+    assert profile_hyperparameters("freedom", "authors") == {} == profile_hyperparameters("vbpr-sand", "default")
+    # VBPR scores its projected features either way: the fusion is not a VBPR+SAND hyper-parameter.
+    assert "plugin_fusion" in accepted_hyperparameters("freedom-sand")
+    assert "plugin_fusion" not in accepted_hyperparameters("vbpr-sand")

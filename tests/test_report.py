@@ -49,6 +49,7 @@ def _fake_run(
     tag: float = 0.0,
     seconds: float = 2.0,
     memory: float = 500.0,
+    fusion: str | None = None,
 ) -> Artifact:
     """A train + evaluate artifact pair with chosen numbers (recall@20 = the given value;
     the other metrics are fixed offsets of it so each cell is distinguishable)."""
@@ -57,6 +58,8 @@ def _fake_run(
         return {"recall@10": v - 0.01, "recall@20": v, "ndcg@10": v - 0.03, "ndcg@20": v - 0.02}
 
     params = {"model": model, "variant": variant, "alpha": tag or None, "epochs": 3}
+    if fusion is not None:  # the train key holds the fusion only for plug-ins it changes
+        params["plugin_fusion"] = fusion
 
     def build_train(out: Path) -> dict[str, Any]:
         pd.DataFrame(
@@ -193,6 +196,31 @@ def test_report_tables_put_numbers_in_the_right_cells(tmp_path):
     for path in written["curves"] + written["ablation"]:
         _assert_not_blank(path)
     assert {p.name for p in written["curves"]} == {"curves_baby.png", "curves_sports.png"}
+
+
+def test_table3_is_written_per_plugin_fusion_and_names_it(tmp_path):
+    store = ArtifactStore(tmp_path / "data")
+    baby = _interactions(store, "baby")
+    _fake_run(store, baby, "vbpr", valid=0.06, test=0.066)
+    _fake_run(store, baby, "vbpr-sand", valid=0.07, test=0.0726)
+    _fake_run(store, baby, "freedom", valid=0.09, test=0.10)
+    _fake_run(store, baby, "freedom-sand", valid=0.09, test=0.10, fusion="auxiliary")
+    # better validation in the scoring fusion: selected separately, never instead of the auxiliary run
+    _fake_run(store, baby, "freedom-sand", valid=0.095, test=0.11, fusion="scoring")
+    out = tmp_path / "out"
+    written = write_report(tmp_path / "data", out)
+    assert "table3" in written and "table3-scoring" in written
+    aux = pd.read_csv(out / "table3_generalisation.csv").set_index("Metric").loc["R@20"]
+    scoring = pd.read_csv(out / "table3_generalisation_scoring.csv").set_index("Metric").loc["R@20"]
+    assert aux["FREEDOM+SAND"] == pytest.approx(0.10) and aux["FREEDOM Improv."] == pytest.approx(0.0)
+    assert scoring["FREEDOM+SAND"] == pytest.approx(0.11) and scoring["FREEDOM Improv."] == pytest.approx(10.0)
+    assert aux["VBPR+SAND"] == scoring["VBPR+SAND"] == pytest.approx(0.0726)  # one model in both fusions
+    index = (out / "report.md").read_text()
+    assert "plug-in fusion: auxiliary" in index and "plug-in fusion: scoring" in index
+    assert "bit-identical to FREEDOM's" in index
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs.loc[runs["model"] == "freedom-sand", "label"]) == ["FREEDOM+SAND", "FREEDOM+SAND (scoring)"]
+    assert runs["selected"].sum() == 5
 
 
 def test_report_for_one_dataset_and_skipped_tables(tmp_path):

@@ -281,6 +281,18 @@ def test_auto_scope_threshold() -> None:
     assert sep._resolve("auto", 20_000) == "all" and sep._resolve("auto", 20_001) == "batch"
 
 
+def test_auto_distance_scope_keeps_all_items_at_clothing_size() -> None:
+    """Clothing (23,033 items): SoloSim goes to the batch, the CLUB bound and fit stay on all items."""
+    sep = ModalSeparation({"image": 8, "text": 6}, club_steps=1)
+    n = 23_033
+    assert [(s, e) for s, e, _ in sep.full_row_consumers("image", n)] == [(0, 4), (4, 8)]  # E1, E2 only
+    z = {"image": torch.randn(n, 8), "text": torch.randn(n, 6)}
+    seen = []
+    sep.club["image"].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    sep.loss_terms(z, torch.tensor([1, 5, 7]))
+    assert seen == [n]
+
+
 def test_separation_rejects_bad_config() -> None:
     with pytest.raises(ValueError, match="align"):
         ModalSeparation({"image": 4, "text": 4}, align="cosine")
@@ -318,3 +330,32 @@ def test_item_graph_mix_and_sparse_product_gradient(tiny: dict) -> None:
     weights = torch.randn(20, 5)
     (_SparseMatmul.apply(model.item_graph, model.item_graph_t, x) * weights).sum().backward()
     assert torch.allclose(x.grad, expected.T @ weights, atol=1e-6)
+
+
+def test_club_fit_order_after_fits_the_pairs_of_the_previous_bound(tiny: dict) -> None:
+    """The authors' order: a batch's bound uses the estimator fitted so far; its pairs are fitted next."""
+    torch.manual_seed(0)
+    before = build(tiny, variant="a", club_steps=5, lr=1e-2)
+    after = build(tiny, variant="a", club_steps=5, lr=1e-2, club_fit_order="after")
+    after.load_state_dict(before.state_dict())
+    b = batch(tiny)
+    start = [p.detach().clone() for p in after.separation.club.parameters()]
+    assert after.auxiliary_step(*b) == {}  # nothing evaluated yet, nothing to fit
+    assert all(torch.equal(a, p) for a, p in zip(start, after.separation.club.parameters(), strict=True))
+    torch.manual_seed(3)
+    unfitted_bound = after.loss_terms(*b)["distance"]
+    before.auxiliary_step(*b)
+    torch.manual_seed(3)
+    fitted_bound = before.loss_terms(*b)["distance"]
+    assert unfitted_bound.item() != pytest.approx(fitted_bound.item(), rel=1e-3)
+    # Round trip through a checkpoint, then the pending pairs (all items: the same as `before` fitted) are fitted.
+    buffer = io.BytesIO()
+    torch.save(after.auxiliary_state_dict(), buffer)
+    buffer.seek(0)
+    after.separation._pending_pairs = {}
+    after.load_auxiliary_state_dict(torch.load(buffer, weights_only=True))
+    assert set(after.auxiliary_step(*batch(tiny))) == {"club_ll_image", "club_ll_text"}
+    for p, q in zip(after.separation.club.parameters(), before.separation.club.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(ValueError, match="club_fit_order"):
+        build(tiny, club_fit_order="during")

@@ -185,19 +185,47 @@ def test_nan_loss_names_term_epoch_and_batch(tmp_path):
         train_model(model, data, out_dir=tmp_path, epochs=5, **COMMON)
 
 
-def test_early_stopping_with_patience(tmp_path):
+@pytest.mark.parametrize(("rule", "evaluations"), [("mmrec", 5), ("strict", 4)])
+def test_early_stopping_with_patience(tmp_path, rule, evaluations):
     data = planted_data()
     model = TinyMF(data.n_users, data.n_items)
-    # lr 0 freezes the embeddings: only the first evaluation improves
+    # lr 0 freezes the embeddings: only the first evaluation improves. MMRec stops when MORE
+    # than `patience` evaluations passed without improvement, the strict rule at `patience`.
     res = train_model(
-        model, data, out_dir=tmp_path, epochs=50, patience=3, eval_every=2, **{**COMMON, "lr": 0.0}
+        model, data, out_dir=tmp_path, epochs=50, patience=3, eval_every=2, early_stop=rule,
+        **{**COMMON, "lr": 0.0},
     )
     assert res.stopped_early
     assert res.best_epoch == 2
-    assert res.epochs_run == 2 + 3 * 2
+    assert res.epochs_run == 2 * evaluations
     hist = pd.read_csv(res.history_path)
-    assert hist["valid_recall@20"].notna().sum() == 4
+    assert hist["valid_recall@20"].notna().sum() == evaluations
     assert hist["test_recall@20"].notna().sum() == 1
+
+
+@pytest.mark.parametrize(("rule", "best_epoch", "epochs_run"), [("mmrec", 1, 4), ("strict", 2, 4)])
+def test_mmrec_rule_compares_metrics_rounded_to_four_decimals(tmp_path, monkeypatch, rule, best_epoch, epochs_run):
+    """A gain below 5e-5 is no gain for MMRec (its evaluator rounds to 4 decimals); strict counts it."""
+    import sand.pipeline.training as training
+
+    scripted = iter([0.1, 0.10004, 0.10003, 0.10004, 0.10004, 0.10004])
+
+    class ScriptedValid(training.SplitEvaluator):
+        def __call__(self, user_emb, item_emb):
+            out = super().__call__(user_emb, item_emb)
+            if self.split == "valid":
+                out["recall@20"] = next(scripted)
+            return out
+
+    monkeypatch.setattr(training, "SplitEvaluator", ScriptedValid)
+    data = planted_data()
+    res = train_model(
+        TinyMF(data.n_users, data.n_items), data, out_dir=tmp_path, epochs=50, patience=2, early_stop=rule, **COMMON
+    )
+    assert (res.best_epoch, res.epochs_run, res.stopped_early) == (best_epoch, epochs_run, True)
+    with pytest.raises(ConfigError, match="early_stop"):
+        train_model(TinyMF(data.n_users, data.n_items), data, out_dir=tmp_path / "x", epochs=1, early_stop="late",
+                    **COMMON)
 
 
 def test_bad_settings_and_missing_checkpoint(tmp_path):
