@@ -49,3 +49,88 @@ def test_many_shards_with_threads_and_decode_workers_finish_and_match_one_shard(
     single = run_image_features(ctx1, inter1)
     assert single.artifact.manifest["shards"] == 1
     assert features(sharded).tobytes() == features(single).tobytes()
+
+
+def processes(fn, jobs):
+    """What ``--runner processes`` / Dask do: shards in fresh interpreters (spawned, not forked)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    """Reference features: one shard, decoding in the calling thread, on a data root of its own."""
+    ctx, inter = prepared(tmp_path_factory.mktemp("ref"), "image_features.num_workers=0")
+    outcome = run_image_features(ctx, inter)
+    assert outcome.artifact.manifest["shards"] == 1
+    return features(outcome)
+
+
+@pytest.mark.timeout(600)
+def test_processes_runner_gives_the_same_bytes(tmp_path, one_shard):
+    ctx, inter = prepared(tmp_path, "image_features.shard_size=12")
+    outcome = run_image_features(ctx, inter, processes)
+    assert outcome.artifact.manifest["shards"] > 2
+    assert features(outcome).tobytes() == one_shard.tobytes()
+
+
+@pytest.mark.timeout(600)
+def test_resumed_and_refreshed_runs_equal_a_fresh_run_on_another_root(tmp_path, one_shard):
+    import shutil
+
+    ctx, inter = prepared(tmp_path, "image_features.shard_size=8")
+    first = run_image_features(ctx, inter, threads)
+    manifest = first.artifact.manifest
+    assert manifest["shards_encoded"] == manifest["shards"] > 3 and manifest["shards_resumed"] == 0
+    assert manifest["weights_description"] == "random init (seed 0)"
+    assert features(first).tobytes() == one_shard.tobytes()  # same seed, another data root: same bytes
+
+    # A killed run: the artifact never appeared and only some shards were written.
+    shutil.rmtree(first.artifact.path)
+    shard_files = sorted((tmp_path / "work" / "image_features").glob("*/shard-*.npz"))
+    for path in shard_files[::2]:
+        path.unlink()
+    resumed = run_image_features(ctx, inter, threads)
+    assert resumed.artifact.manifest["shards_resumed"] == len(shard_files) // 2
+    assert resumed.artifact.manifest["shards_encoded"] == len(shard_files) - len(shard_files) // 2
+    assert features(resumed).tobytes() == one_shard.tobytes()
+
+    ctx_refresh, _ = prepared(tmp_path, "image_features.shard_size=8", refresh=("image_features",))
+    before = {p: p.stat().st_mtime_ns for p in shard_files}
+    refreshed = run_image_features(ctx_refresh, inter, threads)
+    assert not refreshed.cached
+    assert refreshed.artifact.manifest["shards_encoded"] == len(shard_files)
+    assert refreshed.artifact.manifest["shards_resumed"] == 0
+    assert all(p.stat().st_mtime_ns != mtime for p, mtime in before.items())
+    assert features(refreshed).tobytes() == one_shard.tobytes()
+
+
+def test_image_urls_in_downloaded_metadata_cannot_read_local_files(http_server, tmp_path):
+    """The sample's metadata names its images by file:// URL: fine from disk, refused once downloaded."""
+    from conftest import Reply
+
+    from sand.pipeline.errors import DataError
+    from sand.pipeline.sample import generate_sample
+
+    files = generate_sample(tmp_path / "gen", seed=0, n_users=60, n_items=40)
+    for route, path in (("/reviews.json.gz", files.reviews), ("/meta.json.gz", files.meta)):
+        http_server.routes[route] = Reply(200, path.read_bytes())
+    remote = {"acquire.dataset": "mydata", "acquire.format": "amazon2014",
+              "acquire.reviews": http_server.url("/reviews.json.gz"), "acquire.meta": http_server.url("/meta.json.gz"),
+              "image_features.weights": "random", "image_features.backbone": "resnet18"}
+    cfg = load_config(None, {"data_root": str(tmp_path / "net"), **remote}, SMALL[2:])
+    ctx = Context.create(cfg, progress=False)
+    inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
+    with pytest.raises(DataError, match=r"no item has a usable image .*refused x"):
+        run_image_features(ctx, inter)
+
+    local = {**remote, "acquire.reviews": str(files.reviews), "acquire.meta": files.meta.as_uri()}
+    cfg = load_config(None, {"data_root": str(tmp_path / "local"), **local}, SMALL[2:])
+    ctx = Context.create(cfg, progress=False)
+    inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
+    outcome = run_image_features(ctx, inter)
+    assert outcome.artifact.manifest["url_policy"]["local_files"] is True
+    assert "refused" not in outcome.artifact.manifest["missing_reasons"]
