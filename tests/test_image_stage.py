@@ -134,3 +134,36 @@ def test_image_urls_in_downloaded_metadata_cannot_read_local_files(http_server, 
     outcome = run_image_features(ctx, inter)
     assert outcome.artifact.manifest["url_policy"]["local_files"] is True
     assert "refused" not in outcome.artifact.manifest["missing_reasons"]
+
+
+@pytest.mark.timeout(300)
+def test_mmrec_item_images_may_name_local_files_but_never_block_on_special_ones(http_server, tmp_path):
+    """An MMRec folder is the user's own: local paths and a private mirror work; a FIFO or device is a skip."""
+    import csv
+    import os
+
+    import pandas as pd
+    from conftest import Reply
+    from PIL import Image
+
+    folder = tmp_path / "mm"
+    folder.mkdir()
+    rows = [(u, i, 0 if k < 6 else k - 5) for u in range(30) for k, i in enumerate((u + np.arange(8)) % 10)]
+    pd.DataFrame(rows, columns=["userID", "itemID", "x_label"]).to_csv(folder / "mm.inter", sep="\t", index=False)
+    Image.effect_noise((48, 48), 40).convert("RGB").save(tmp_path / "own.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    http_server.routes["/mirror.png"] = Reply(200, (tmp_path / "own.png").read_bytes())
+    urls = [str(tmp_path / "own.png"), (tmp_path / "own.png").as_uri(), http_server.url("/mirror.png"),
+            str(tmp_path / "fifo.png"), "/dev/zero", str(tmp_path / "absent.png")]
+    with open(folder / "item_images.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["itemID", "asin", "imUrl"])
+        writer.writerows((i, f"A{i}", urls[i % len(urls)]) for i in range(10))
+    cfg = load_config(None, {"data_root": str(tmp_path / "data"), "acquire.dataset": str(folder)},
+                      ["image_features.image_size=32", "image_features.weights=random"])
+    ctx = Context.create(cfg, progress=False)
+    inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
+    outcome = run_image_features(ctx, inter)
+    missing = pd.read_csv(outcome.artifact.file("missing_images.csv"))
+    assert sorted(missing["reason"]) == ["file-not-found", "not-a-file", "not-a-file", "not-a-file"]
+    assert outcome.artifact.manifest["url_policy"] == {"local_files": True, "private_hosts": True, "allowed_hosts": []}
