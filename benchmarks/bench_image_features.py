@@ -47,11 +47,17 @@ def run_one(backbone: str, size: int, urls: list[str], repeats: int, threads: in
     from sand.pipeline.image_encoder import ImageFileDataset, build_cnn, encode_images
     from sand.pipeline.images import fetch_images
 
+    try:  # the URL policy (local files are the user's own here); absent before it existed
+        from sand.pipeline.url_policy import UrlPolicy
+
+        policy = {"policy": UrlPolicy.for_origin("local")}
+    except ImportError:
+        policy = {}
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        results = fetch_images(urls, Path(cache), progress=False)
+        results = fetch_images(urls, Path(cache), progress=False, **policy)
         validate_s = time.perf_counter() - t0
     paths = [r.path for r in results if r.ok]
     dataset = ImageFileDataset(paths, size)

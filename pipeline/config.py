@@ -68,11 +68,19 @@ class ImageFeaturesConfig(_Section):
     weights: str = Field("auto", description="imagenet | random | PATH | auto (sample: random, else imagenet)")
     image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default 224 (64 for sample)")
     batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, description="image decode threads per shard (0: decode in the shard thread)")
     concurrency: int = Field(16, ge=1, le=256)
     timeout: float = Field(10.0, gt=0)
     retries: int = Field(3, ge=0, le=10)
-    max_bytes: int = Field(10_000_000, ge=1024)
+    max_bytes: int = Field(10_000_000, ge=1024, description="largest image file or body read, in bytes")
+    max_pixels: int = Field(
+        40_000_000, ge=1024, description="largest image decoded (width x height, from its header); also the "
+        "pixels decoded at once per process"
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list, description="host or host:port that image URLs from downloaded metadata may "
+        "reach although private (an internal mirror); local metadata may reach any host"
+    )
     min_side: int = Field(32, ge=1)
     fill: Literal["mean", "zeros"] = "mean"
     shard_size: int = Field(1024, ge=1)

@@ -6,22 +6,33 @@ give cheaper pooled features. Pretrained weights cannot be downloaded everywhere
 so a local ``state_dict`` file and seeded random weights are first-class options
 (tests and the offline sample use them); every failure to get weights is a
 one-line :class:`ConfigError` that says what to pass instead.
+
+Determinism: architectures are built on the ``meta`` device (no memory, no random
+numbers), then filled from a state_dict or from a ``torch.Generator`` of their own
+seed: the global RNG is never touched, so building a CNN in one thread cannot race
+another thread (or deadlock a forked child), and the same seed gives the same bytes
+everywhere. Images are decoded by threads, never forked workers, and every CNN call
+sees the same batch shape, so a row's features do not depend on its batch-mates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.images import load_rgb
+from sand.pipeline.images import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +60,36 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _architecture(backbone: str) -> nn.Module:
+    """The torchvision module with no storage yet (``meta``): its own init would draw global random numbers."""
     import torchvision
 
-    return getattr(torchvision.models, backbone)(weights=None)
+    with torch.device("meta"):
+        return getattr(torchvision.models, backbone)(weights=None)
+
+
+def _random_init(model: nn.Module, seed: int) -> nn.Module:
+    """Materialise ``model`` on the CPU with torchvision's init schemes, drawn from a private generator.
+
+    Kaiming-normal (fan_out) convolutions, unit/zero batch norms, N(0, 0.01) linear
+    layers: what torchvision's constructors do, but reproducible from ``seed`` alone.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=gen)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                module.reset_running_stats()
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01, generator=gen)
+            elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(False)):
+                raise ConfigError(f"random init does not know how to initialise {name} ({type(module).__name__})")
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)
+    return model
 
 
 def _strip_head(backbone: str, model: nn.Module) -> nn.Module:
@@ -124,24 +162,22 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], backbone: str, 
             f"image weights {source} do not fit {backbone}: shape of {bad[0]} is "
             f"{tuple(state[bad[0]].shape)}, expected {tuple(expected[bad[0]].shape)}"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Module, int, str]:
     """A feature extractor in eval mode, its output dimension and a description of its weights.
 
     ``weights``: ``"imagenet"`` (torchvision's pretrained file, downloaded into the
-    torch hub cache), ``"random"`` (``torch.manual_seed(seed)`` then construct, so the
-    same seed gives the same features) or a path to a ``.pt``/``.pth`` state_dict
-    (a full torchvision checkpoint or one saved from the module returned here).
+    torch hub cache), ``"random"`` (drawn from a ``torch.Generator`` seeded with
+    ``seed``, so the same seed gives the same features in any thread or process) or a
+    path to a ``.pt``/``.pth`` state_dict (a full torchvision checkpoint or one saved
+    from the module returned here).
     """
     if backbone not in BACKBONES:
         raise ConfigError(f"image backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
     if str(weights) == "random":
-        # Seed around construction only, restoring the global RNG so callers' randomness is unaffected.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _strip_head(backbone, _architecture(backbone))
+        model = _random_init(_strip_head(backbone, _architecture(backbone)), seed)
         description = f"random init (seed {seed})"
     elif str(weights) == "imagenet":
         model = _strip_head(backbone, _architecture(backbone))
@@ -176,30 +212,88 @@ def image_transform(image_size: int = 224):
     )
 
 
-class ImageFileDataset(Dataset):
-    """Images by path, decoded upright in RGB; module-level so DataLoader workers can pickle it."""
+def save_cnn(model: nn.Module, path: Path) -> Path:
+    """Save ``model``'s state_dict atomically: the one CNN definition every shard of a stage loads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
-    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
+
+class ImageFileDataset(Dataset):
+    """Images by path, decoded upright in RGB within the byte and pixel limits.
+
+    JPEGs decode at a reduced scale that still covers the resize target (``draft``),
+    and decoding holds the process-wide pixel budget until the image is a small tensor.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], image_size: int, *, max_bytes: int = 10_000_000, max_pixels: int = MAX_PIXELS
+    ) -> None:
         self.paths = [Path(p) for p in paths]
         self.transform = image_transform(image_size)
+        self.draft_to = round(256 * image_size / 224)
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         path = self.paths[i]
+        reason, data = read_regular_file(path, self.max_bytes)
+        if reason is not None or data is None:
+            raise DataError(f"{path}: image cannot be read ({reason}); delete it to refetch")
         try:
-            img = load_rgb(path)
-        except (OSError, SyntaxError, ValueError) as exc:
+            with decoded_rgb(data, max_pixels=self.max_pixels, draft_to=self.draft_to) as img:
+                return self.transform(img)
+        except (OSError, SyntaxError, ValueError, TooManyPixels) as exc:
             msg = f"{path}: image cannot be decoded ({_one_line(exc)}); delete it to refetch"
             raise DataError(msg) from None
-        return self.transform(img)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
+    """Decoded batches in order, always ``batch_size`` rows (the last one padded with zeros).
+
+    ``num_workers`` threads decode ahead (Pillow and the resize release the GIL), at
+    most two batches ahead so memory stays bounded; 0 decodes in this thread. Threads,
+    not forked workers: forking a process that runs other threads (shards, HTTP) can
+    copy a held lock into the child and hang it forever.
+    """
+
+    def stack(rows: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.stack(rows)
+        if len(rows) < batch_size:
+            batch = torch.cat([batch, batch.new_zeros((batch_size - len(rows), *batch.shape[1:]))])
+        return batch
+
+    n = len(dataset)
+    if num_workers <= 0:
+        for start in range(0, n, batch_size):
+            yield stack([dataset[i] for i in range(start, min(start + batch_size, n))])
+        return
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future[torch.Tensor]] = deque()
+        next_index = 0
+        for start in range(0, n, batch_size):
+            end = min(start + batch_size, n)
+            while next_index < min(n, end + batch_size):
+                pending.append(pool.submit(dataset.__getitem__, next_index))
+                next_index += 1
+            yield stack([pending.popleft().result() for _ in range(end - start)])
 
 
 def encode_images(
@@ -211,12 +305,16 @@ def encode_images(
     num_workers: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    max_bytes: int = 10_000_000,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Features of ``paths`` (rows in the same order) as a float32 array.
 
-    ``num_workers=None`` picks 0 on CPU (decoding would compete with the CNN for
-    the same cores) and 2 on CUDA (decoding overlaps GPU work). The model is moved
-    to ``device`` in place.
+    ``num_workers`` decode threads (``None``: 0 on CPU, where decoding would compete
+    with the CNN for the same cores, and 2 on CUDA, where it overlaps GPU work). Every
+    CNN call sees a full ``batch_size`` batch, so a row's bytes do not depend on which
+    other images share its batch (how items were sharded). The model is moved to
+    ``device`` in place.
     """
     from tqdm.auto import tqdm
 
@@ -228,18 +326,14 @@ def encode_images(
         with torch.inference_mode():
             dim = model(torch.zeros(1, 3, image_size, image_size, device=dev)).reshape(1, -1).shape[1]
         return np.zeros((0, dim), dtype=np.float32)
-    loader = DataLoader(
-        ImageFileDataset(paths, image_size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=dev.type == "cuda",
-        # Own generator: iterating a DataLoader draws a seed, which would otherwise advance the global RNG.
-        generator=torch.Generator().manual_seed(0),
-    )
+    dataset = ImageFileDataset(paths, image_size, max_bytes=max_bytes, max_pixels=max_pixels)
     chunks: list[np.ndarray] = []
+    n_batches = -(-len(dataset) // batch_size)
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
+        batches = _batches(dataset, batch_size, num_workers)
+        for batch in tqdm(batches, total=n_batches, desc="encode images", unit="batch", disable=not progress):
+            if dev.type == "cuda":
+                batch = batch.pin_memory()
             out = model(batch.to(dev, non_blocking=True))
             chunks.append(out.reshape(out.shape[0], -1).float().cpu().numpy())
-    return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+    return np.concatenate(chunks, axis=0)[: len(dataset)].astype(np.float32, copy=False)

@@ -2,9 +2,11 @@
 
 Why shards: fetching and encoding tens of thousands of images is the slowest
 stage, so it maps over item ranges that can run in other processes or on Dask
-workers. A shard is self-contained (it builds its own CNN, reads only URLs and
-the shared image cache) and its result is a small ``.npz`` file, so nothing big
-travels through the orchestrator.
+workers. A shard is self-contained (it loads the CNN file the stage saved once,
+reads only URLs and the shared image cache) and its result is a small ``.npz``
+file, so nothing big travels through the orchestrator. Its features do not depend
+on which shard an item landed in: same CNN bytes everywhere, no global RNG, and a
+fixed batch shape in the encoder.
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ fetch the same URL twice across runs. Every URL therefore gets an outcome
 on disk keyed by ``sha256(url)`` (never by URL text), and transient failures are
 left uncached so a later run retries them.
 
+URLs are data: a :class:`~pipeline.url_policy.UrlPolicy` (chosen by where the
+metadata came from) decides which ones may be read at all; only regular files are
+read, never more than ``max_bytes``; an image's pixel count is checked from its
+header before anything is decoded, and a process-wide pixel budget keeps several
+large images from being decoded at once.
+
 Cache layout: ``cache_dir/<first 2 hex>/<sha256>.img`` holds the original bytes of
 a usable image and ``<sha256>.json`` the outcome (written last, so a sidecar saying
 "ok" implies a complete image file).
@@ -21,10 +27,14 @@ import io
 import json
 import logging
 import os
+import stat
 import tempfile
+import threading
+import urllib.request
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -33,13 +43,17 @@ from urllib.request import url2pathname
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sand.pipeline.retry import backoff_delays, is_retryable_status
+from sand.pipeline.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
 
 log = logging.getLogger(__name__)
 
-#: Largest image (in pixels) we decode. Far above any product photo (Amazon hi-res is
-#: ~2-3 Mpx) but well below Pillow's own bomb threshold, so a hostile or broken file
-#: is rejected as "too-large" before it can allocate gigabytes.
-MAX_PIXELS = 50_000_000
+#: Largest image (in pixels) we decode, judged from the header before decoding. Far above
+#: any product photo (Amazon hi-res is ~2-3 Mpx) but below Pillow's own bomb threshold: a
+#: 190 KB PNG can claim 7000 x 7000 RGBA pixels, over a gigabyte once decoded and converted.
+MAX_PIXELS = 40_000_000
+
+#: Redirect hops followed per URL; each hop is checked against the URL policy.
+MAX_REDIRECTS = 10
 
 #: Outcomes that will not change if fetched again (cached on disk). Any "http-4xx"
 #: that is not retryable is permanent as well (see :func:`_is_permanent`).
@@ -50,6 +64,7 @@ PERMANENT_REASONS = frozenset(
         "placeholder",
         "too-small",
         "too-large",
+        "too-many-pixels",
         "too-many-redirects",
         "bad-encoding",
     }
@@ -80,6 +95,75 @@ class _Limits:
     max_bytes: int
     min_side: int
     max_pixels: int
+    policy: UrlPolicy = field(default_factory=UrlPolicy)
+
+
+# --------------------------------------------------------------------------- bounded decoding
+
+
+class PixelBudget:
+    """Pixels being decoded at once in this process, shared by every decode thread.
+
+    Why: each image is capped at ``max_pixels``, but many threads (fetch validation,
+    encoding, several shards in one process) could still decode several large images
+    together. A reservation waits until the pixels fit; one image larger than the whole
+    budget still proceeds, alone.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, int(capacity))
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        need = min(max(1, int(pixels)), self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + need <= self.capacity)
+            self._used += need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= need
+                self._cond.notify_all()
+
+
+_BUDGETS: dict[int, PixelBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def decode_budget(max_pixels: int) -> PixelBudget:
+    """The process-wide budget for images capped at ``max_pixels`` (room for one such image at a time)."""
+    with _BUDGETS_LOCK:
+        return _BUDGETS.setdefault(int(max_pixels), PixelBudget(max_pixels))
+
+
+class TooManyPixels(Exception):
+    """The header announces more pixels than allowed: refused before any decoding."""
+
+
+@contextmanager
+def decoded_rgb(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_to: int | None = None) -> Iterator[Image.Image]:
+    """An upright RGB picture of ``data``, decoded inside the process-wide pixel budget.
+
+    The pixel count comes from the header (``Image.open`` is lazy) and is checked
+    before ``load``; ``draft_to`` lets JPEGs decode at a reduced scale that still
+    covers ``draft_to`` pixels on each side (a CNN input needs no more). Work on the
+    yielded image inside the ``with`` block: the budget is held until it ends.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise TooManyPixels(f"{width}x{height} pixels, over the limit of {max_pixels}")
+            if draft_to and img.format == "JPEG":
+                img.draft(img.mode, (draft_to, draft_to))
+            with decode_budget(max_pixels).reserve(img.size[0] * img.size[1]):
+                img.load()
+                yield to_rgb(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -106,12 +190,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: Path | str) -> Image.Image:
-    """Open an image file as an upright RGB picture (EXIF orientation applied)."""
-    with Image.open(path) as img:
-        img.load()
-        upright = ImageOps.exif_transpose(img)
-        return to_rgb(upright).copy()
+def load_rgb(path: Path | str, *, max_bytes: int = 10_000_000, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file as an upright RGB picture (EXIF orientation applied), within the limits.
+
+    Raises ``OSError`` naming the problem for anything but a readable regular file of
+    at most ``max_bytes`` holding at most ``max_pixels`` pixels.
+    """
+    reason, data = read_regular_file(Path(path), max_bytes)
+    if reason is not None or data is None:
+        raise OSError(f"{path}: {reason}")
+    try:
+        with decoded_rgb(data, max_pixels=max_pixels) as img:
+            return img.copy()
+    except TooManyPixels as exc:
+        raise OSError(f"{path}: {exc}") from None
 
 
 def _is_uniform(img: Image.Image) -> bool:
@@ -135,16 +227,17 @@ def validate_image_bytes(
         with Image.open(io.BytesIO(data)) as img:
             size = img.size
             if size[0] * size[1] > max_pixels:
-                return "too-large", size
-            img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
+                return "too-many-pixels", size
             fmt = img.format
-            upright = ImageOps.exif_transpose(img)
-            rgb = to_rgb(upright)
-            size = rgb.size
+            with decode_budget(max_pixels).reserve(size[0] * size[1]):
+                img.verify()
+        # A full decode catches truncation that verify() misses. Rotation does not change
+        # the smaller side, and only a GIF needs its colours (the placeholder check).
+        with Image.open(io.BytesIO(data)) as img, decode_budget(max_pixels).reserve(size[0] * size[1]):
+            img.load()
+            uniform = fmt == "GIF" and _is_uniform(to_rgb(img))
     except Image.DecompressionBombError:
-        return "too-large", None
+        return "too-many-pixels", None
     except UnidentifiedImageError:
         return "not-an-image", None
     except Exception:
@@ -153,7 +246,7 @@ def validate_image_bytes(
         return "undecodable", None
     if min(size) < min_side:
         return "too-small", size
-    if fmt == "GIF" and _is_uniform(rgb):
+    if uniform:
         return "placeholder", size
     return None, size
 
@@ -209,6 +302,9 @@ def _write_cache(
         "max_bytes": limits.max_bytes,
         "min_side": limits.min_side,
         "max_pixels": limits.max_pixels,
+        # Fetched where private hosts were allowed (its redirects may have gone there):
+        # not reused for metadata from the network.
+        "private_hosts": limits.policy.private_hosts,
     }
     _atomic_write(meta_path, json.dumps(meta).encode("utf-8"))
     return img_path if reason is None else None
@@ -227,20 +323,27 @@ def _read_cache(cache_dir: Path, url: str, limits: _Limits) -> ImageResult | Non
         return None
     if meta.get("url") != url:  # hash collision or foreign file: ignore
         return None
+    if meta.get("private_hosts", True) and not limits.policy.private_hosts:
+        return None
     reason, size, nbytes = meta.get("reason"), meta.get("size"), meta.get("bytes")
     if reason is None:
         if not img_path.is_file() or (nbytes is not None and img_path.stat().st_size != nbytes):
             return None
         if size and min(size) < limits.min_side:
             reason = "too-small"
-        elif (nbytes or 0) > limits.max_bytes or (size and size[0] * size[1] > limits.max_pixels):
+        elif (nbytes or 0) > limits.max_bytes:
             reason = "too-large"
+        elif size and size[0] * size[1] > limits.max_pixels:
+            reason = "too-many-pixels"
         return ImageResult(url, img_path if reason is None else None, reason, from_cache=True)
     if reason == "too-small":
         if not size or min(size) >= limits.min_side:
             return None
     elif reason == "too-large":
-        if limits.max_bytes > meta.get("max_bytes", 0) or limits.max_pixels > meta.get("max_pixels", 0):
+        if limits.max_bytes > meta.get("max_bytes", 0):
+            return None
+    elif reason == "too-many-pixels":
+        if limits.max_pixels > meta.get("max_pixels", 0):
             return None
     elif not _is_permanent(reason):
         return None
@@ -250,29 +353,54 @@ def _read_cache(cache_dir: Path, url: str, limits: _Limits) -> ImageResult | Non
 # --------------------------------------------------------------------------- fetching
 
 
-class _TooLarge(Exception):
-    """The body passed ``max_bytes`` while streaming: stop reading, the image is unusable."""
+class _Final(Exception):
+    """Stop fetching this URL for good with ``reason`` (too large, refused, too many redirects)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-async def _download(client: Any, url: str, max_bytes: int) -> tuple[int, bytes]:
-    """GET ``url`` streaming, aborting as soon as the body exceeds ``max_bytes``."""
-    async with client.stream("GET", url) as resp:
-        if resp.status_code != 200:
-            return resp.status_code, b""
-        declared = resp.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise _TooLarge
-        chunks, total = [], 0
-        async for chunk in resp.aiter_bytes():
-            total += len(chunk)
-            if total > max_bytes:
-                raise _TooLarge
-            chunks.append(chunk)
-        return 200, b"".join(chunks)
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def _peer_address(resp: Any) -> object:
+    stream = resp.extensions.get("network_stream")
+    return stream.get_extra_info("server_addr") if stream is not None else None
+
+
+async def _download(client: Any, url: str, max_bytes: int, policy: UrlPolicy, check_peer: bool) -> tuple[int, bytes]:
+    """GET ``url`` streaming, following redirects by hand so each hop passes ``policy`` first,
+    aborting as soon as the body exceeds ``max_bytes``."""
+    for _ in range(MAX_REDIRECTS + 1):
+        async with client.stream("GET", url) as resp:
+            if check_peer and not peer_allowed(url, _peer_address(resp), policy):
+                raise _Final(REFUSED)
+            location = resp.headers.get("location")
+            if resp.status_code in _REDIRECT_STATUSES and location:
+                url = str(resp.url.join(location))
+                reason = await check_http_url(url, policy)
+                if reason is not None:
+                    raise _Final(REFUSED)
+                continue
+            if resp.status_code != 200:
+                return resp.status_code, b""
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise _Final("too-large")
+            chunks, total = [], 0
+            async for chunk in resp.aiter_bytes():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _Final("too-large")
+                chunks.append(chunk)
+            return 200, b"".join(chunks)
+    raise _Final("too-many-redirects")
 
 
 async def _fetch_http(
-    client: Any, url: str, *, retries: int, max_bytes: int, backoff_base: float
+    client: Any, url: str, *, retries: int, max_bytes: int, backoff_base: float, policy: UrlPolicy,
+    check_peer: bool,
 ) -> tuple[str | None, bytes | None]:
     """Bytes of ``url`` or a failure reason, retrying only what may succeed later."""
     import httpx
@@ -281,15 +409,13 @@ async def _fetch_http(
     delays = backoff_delays(retries, base=backoff_base, seed=seed)
     while True:
         try:
-            status, body = await _download(client, url, max_bytes)
+            status, body = await _download(client, url, max_bytes, policy, check_peer)
             if status == 200:
                 return None, body
             reason = f"http-{status}"
             retry = is_retryable_status(status)
-        except _TooLarge:
-            return "too-large", None
-        except httpx.TooManyRedirects:
-            return "too-many-redirects", None
+        except _Final as final:
+            return final.reason, None
         except (httpx.InvalidURL, httpx.UnsupportedProtocol):
             return "bad-url", None
         except httpx.TimeoutException:
@@ -301,7 +427,7 @@ async def _fetch_http(
             retry = True
         except httpx.DecodingError:  # body does not match its Content-Encoding: the server's fault, for good
             return "bad-encoding", None
-        except httpx.HTTPError:  # any other transport problem (DNS, TLS, reset): worth another try
+        except (httpx.HTTPError, UnresolvableHost):  # any other transport problem (DNS, TLS, reset): retry
             reason, retry = "connection-error", True
         delay = next(delays, None) if retry else None
         if delay is None:
@@ -319,18 +445,62 @@ def _local_path(url: str) -> Path | None:
     return None
 
 
+def read_regular_file(path: Path, max_bytes: int) -> tuple[str | None, bytes | None]:
+    """``(None, bytes)`` of a regular file of at most ``max_bytes``, else ``(reason, None)``.
+
+    Why so careful: a path named in data may be a device (``/dev/zero`` never ends),
+    a FIFO (``open`` blocks until a writer appears) or a directory. The type is checked
+    before opening, the open never blocks (``O_NONBLOCK``), the type is checked again on
+    the open descriptor (the path may have been swapped), and reading stops at the cap.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not-a-file", None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return "file-not-found", None
+    except (OSError, ValueError):
+        return "unreadable-file", None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return "not-a-file", None
+            if info.st_size > max_bytes:
+                return "too-large", None
+            data = fh.read(max_bytes + 1)
+        except OSError:
+            return "unreadable-file", None
+    if len(data) > max_bytes:
+        return "too-large", None
+    return None, data
+
+
 def _check_local(url: str, path: Path, limits: _Limits) -> ImageResult:
     """Validate a local image in place (no copy: it is already on disk and may change)."""
-    try:
-        if path.stat().st_size > limits.max_bytes:
-            return ImageResult(url, None, "too-large")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return ImageResult(url, None, "file-not-found")
-    except OSError:
-        return ImageResult(url, None, "unreadable-file")
-    reason, _ = validate_image_bytes(data, min_side=limits.min_side, max_pixels=limits.max_pixels)
+    reason, data = read_regular_file(path, limits.max_bytes)
+    if reason is None and data is not None:
+        reason, _ = validate_image_bytes(data, min_side=limits.min_side, max_pixels=limits.max_pixels)
     return ImageResult(url, path if reason is None else None, reason)
+
+
+class _HostVerdicts:
+    """Each host's policy verdict, looked up once per run (thousands of URLs share a few hosts)."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+        self._done: dict[str, asyncio.Future[str | None]] = {}
+
+    async def check(self, url: str) -> str | None:
+        key = urlparse(url).netloc.lower()
+        if key not in self._done:
+            self._done[key] = asyncio.ensure_future(check_http_url(url, self.policy))
+        fut = self._done[key]
+        try:
+            return await asyncio.shield(fut)
+        except UnresolvableHost:
+            self._done.pop(key, None)  # retried by the next URL of that host
+            raise
 
 
 async def _fetch_one(
@@ -341,6 +511,8 @@ async def _fetch_one(
     limits: _Limits,
     retries: int,
     backoff_base: float,
+    verdicts: _HostVerdicts,
+    check_peer: bool,
 ) -> ImageResult:
     url = url.strip() if isinstance(url, str) else ""
     if not url:
@@ -349,22 +521,31 @@ async def _fetch_one(
         return ImageResult(url, None, "placeholder")
     local = _local_path(url)
     if local is not None:
+        if not limits.policy.local_files:  # decided without touching the path: nothing about it leaks
+            return ImageResult(url, None, REFUSED)
         return await asyncio.to_thread(_check_local, url, local, limits)
     if urlparse(url).scheme.lower() not in ("http", "https"):
         return ImageResult(url, None, "unsupported-scheme")
+    try:
+        verdict = await verdicts.check(url)
+    except UnresolvableHost:
+        return ImageResult(url, None, "connection-error")
+    if verdict is not None:
+        return ImageResult(url, None, verdict)
     cached = await asyncio.to_thread(_read_cache, cache_dir, url, limits)
     if cached is not None:
         return cached
     async with sem:
         reason, data = await _fetch_http(
-            client, url, retries=retries, max_bytes=limits.max_bytes, backoff_base=backoff_base
+            client, url, retries=retries, max_bytes=limits.max_bytes, backoff_base=backoff_base,
+            policy=limits.policy, check_peer=check_peer,
         )
     size = None
     if reason is None and data is not None:
         reason, size = await asyncio.to_thread(
             validate_image_bytes, data, min_side=limits.min_side, max_pixels=limits.max_pixels
         )
-    if not _is_permanent(reason):
+    if reason == REFUSED or not _is_permanent(reason):
         return ImageResult(url, None, reason)
     path = await asyncio.to_thread(_write_cache, cache_dir, url, reason, data, size, limits)
     return ImageResult(url, path, reason)
@@ -386,14 +567,20 @@ async def _fetch_all(
 
     sem = asyncio.Semaphore(concurrency)
     client_limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    verdicts = _HostVerdicts(limits.policy)
+    # Through a proxy the peer is the proxy, not the image host: then the name check alone applies.
+    check_peer = not limits.policy.private_hosts and not urllib.request.getproxies()
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
-        follow_redirects=True,
+        follow_redirects=False,  # followed by hand in _download, every hop checked
         limits=client_limits,
         headers={"User-Agent": _USER_AGENT},
     ) as client:
         tasks = {
-            asyncio.ensure_future(_fetch_one(client, sem, u, cache_dir, limits, retries, backoff_base)): u for u in urls
+            asyncio.ensure_future(
+                _fetch_one(client, sem, u, cache_dir, limits, retries, backoff_base, verdicts, check_peer)
+            ): u
+            for u in urls
         }
         out: dict[str, ImageResult] = {}
         with tqdm(total=len(tasks), desc="images", unit="img", disable=not progress) as bar:
@@ -417,14 +604,17 @@ def fetch_images(
     max_pixels: int = MAX_PIXELS,
     backoff_base: float = 0.5,
     progress: bool = True,
+    policy: UrlPolicy | None = None,
 ) -> list[ImageResult]:
     """Fetch and validate every URL; one :class:`ImageResult` per input, in input order.
 
     Never raises for a bad URL or image: a run over thousands of items must not stop
     on one broken picture. Duplicate URLs are fetched once. http(s) URLs are cached
     under ``cache_dir``; ``file://`` URLs and plain paths are validated in place.
+    ``policy`` says what URLs may point at; the default trusts nothing local or
+    private (as for metadata from the network): such URLs come back ``refused``.
     """
-    limits = _Limits(max_bytes=max_bytes, min_side=min_side, max_pixels=max_pixels)
+    limits = _Limits(max_bytes=max_bytes, min_side=min_side, max_pixels=max_pixels, policy=policy or UrlPolicy())
     unique = list(dict.fromkeys("" if u is None else str(u) for u in urls))
     coro_args = dict(
         concurrency=max(1, concurrency),

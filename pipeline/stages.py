@@ -31,7 +31,7 @@ STAGE_VERSIONS = {
     "acquire": "1",
     "interactions": "1",
     "text_features": "1",
-    "image_features": "1",
+    "image_features": "2",
     "graphs": "1",
     "train": "1",
     "evaluate": "1",
@@ -303,6 +303,41 @@ def image_settings(ctx: Context, inter: Artifact) -> dict[str, Any]:
     return params
 
 
+def image_url_origin(inter: Artifact) -> str:
+    """``network`` when the metadata naming the image URLs was downloaded, else ``local``.
+
+    Trust follows origin: the acquire artifact records the sources the user gave
+    (``params``); the bundled sample, MMRec folders and local files or ``file://``
+    sources are the user's own, anything fetched over http(s) is not.
+    """
+    from sand.pipeline.url_policy import host_and_port
+
+    raw = Path(inter.manifest["inputs"]["raw"]["path"])
+    try:
+        params = json.loads((raw / "manifest.json").read_text())["params"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return "network"  # unknown provenance: the safe assumption
+    if params.get("format") in ("sample", "mmrec"):
+        return "local"
+    meta = params.get("meta")
+    if meta is None:
+        return "local"  # no metadata file: the image URLs can only come from a local folder
+    return "network" if host_and_port(str(meta)) is not None else "local"
+
+
+def _stage_cnn(work: Path, backbone: str, weights: str, seed: int) -> tuple[Path, str]:
+    """Build the stage's CNN once and save it where every shard (thread, process, Dask worker) loads it.
+
+    Why: shards building their own random CNN would each draw from a racing RNG
+    (different features per shard and per run); one file, loaded with
+    ``weights_only=True``, gives every shard the same bytes.
+    """
+    from sand.pipeline.image_encoder import build_cnn, save_cnn
+
+    model, _, description = build_cnn(backbone, weights, seed)
+    return save_cnn(model, work / "cnn.pt"), description
+
+
 def _run_shard_job(args: tuple[Any, ...]) -> str:
     """One picklable shard job (runs in a thread, a process or on a Dask worker)."""
     from sand.pipeline.image_features import process_shard, save_shard
@@ -341,21 +376,30 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
         if "image_url" not in items.columns:
             raise StageError(_missing_feature_message(ctx, inter, "image", "image URLs"))
         urls = items["image_url"].fillna("").astype(str).tolist()
+        from sand.pipeline.url_policy import UrlPolicy
+
         work = ctx.store.work_dir("image_features", _shard_work_key(params, inter))
+        if "image_features" in ctx.refresh:  # re-encode: finished shards of an earlier run are not reused
+            for old in (*work.glob("shard-*.npz"), work / "cnn.pt"):
+                old.unlink(missing_ok=True)
+        cnn_file, weights_description = _stage_cnn(work, params["backbone"], params["weights"], icfg.seed)
+        policy = UrlPolicy.for_origin(image_url_origin(inter), icfg.allow_hosts)
         fetch_kwargs = dict(
-            concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries,
-            max_bytes=icfg.max_bytes, min_side=icfg.min_side, progress=False,
+            concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries, max_bytes=icfg.max_bytes,
+            min_side=icfg.min_side, max_pixels=icfg.max_pixels, policy=policy, progress=False,
         )
         encoder_kwargs = dict(
-            backbone=params["backbone"], weights=params["weights"], seed=icfg.seed,
-            image_size=params["image_size"], batch_size=icfg.batch_size, num_workers=icfg.num_workers,
-            device=icfg.device,
+            backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
+            batch_size=icfg.batch_size, num_workers=icfg.num_workers, device=icfg.device,
+            max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels,
         )
         jobs = []
         for i, rng in enumerate(shard_items(n_items, icfg.shard_size)):
             ids = list(rng)
             jobs.append((ids, [urls[j] for j in ids], str(ctx.store.cache_dir("images")), fetch_kwargs,
                          encoder_kwargs, str(work / f"shard-{i:05d}.npz")))
+        resumed = sum(Path(job[-1]).exists() for job in jobs)
+        log.info("image_features: %d shards, %d finished by an earlier run", len(jobs), resumed)
         paths = (map_shards or _map_locally)(_run_shard_job, jobs)
         shards = [load_shard(Path(p)) for p in paths]
         dim = max((s.dim for s in shards), default=0)
@@ -368,7 +412,9 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
                         len(missing), n_items, reasons, icfg.fill)
         return {"source": "encoded", "backbone": params["backbone"], "weights": params["weights"],
                 "shape": list(feats.shape), "missing": int(len(missing)), "missing_reasons": _jsonable(reasons),
-                "fill": icfg.fill, "shards": len(jobs)}
+                "fill": icfg.fill, "shards": len(jobs), "shards_encoded": len(jobs) - resumed,
+                "shards_resumed": resumed, "weights_description": weights_description,
+                "url_policy": policy.describe()}
 
     return ctx.store.run(
         "image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter}, build,

@@ -114,3 +114,22 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     cron, params = asyncio.run(read())
     assert cron == "15 4 * * 1"
     assert params["config"]["acquire"]["sample_users"] == 40
+
+
+def test_image_shards_default_runner_with_decode_workers_match_processes(prefect_server, tmp_path):
+    """Several shards under the default threads runner and decode workers finish (no fork deadlock)
+    and give the bytes the processes runner gives."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from sand.flows.pipeline_flows import RunOptions, image_features_flow
+
+    settings = ("image_features.num_workers=2",)
+    by_threads = image_features_flow(config=tiny_config(tmp_path / "t", *settings), options=RunOptions())
+    by_processes = image_features_flow(
+        config=tiny_config(tmp_path / "p", *settings), options=RunOptions(runner="processes", workers=2)
+    )
+    assert by_threads["manifest"]["shards"] == by_processes["manifest"]["shards"] > 1
+    feats = [np.load(Path(ref["path"]) / "image_feat.npy") for ref in (by_threads, by_processes)]
+    assert feats[0].tobytes() == feats[1].tobytes()

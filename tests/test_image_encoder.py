@@ -20,6 +20,7 @@ from sand.pipeline.image_features import (
     save_shard,
     shard_items,
 )
+from sand.pipeline.url_policy import UrlPolicy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,7 +176,8 @@ def test_process_shard_encodes_usable_and_lists_missing(images, tmp_path):
         device="cpu",
         progress=False,
     )
-    res = process_shard([10, 11, 12, 13], urls, tmp_path / "cache", {"progress": False}, enc)
+    local = {"progress": False, "policy": UrlPolicy.for_origin("local")}
+    res = process_shard([10, 11, 12, 13], urls, tmp_path / "cache", local, enc)
     assert res.item_ids.tolist() == [10, 13] and res.features.shape == (2, 512) and res.dim == 512
     assert res.missing == [(11, "", "empty-url"), (12, urls[2], "file-not-found")]
     model = build_cnn("resnet18", "random", seed=0)[0]

@@ -17,8 +17,11 @@ from sand.pipeline.images import (
     load_rgb,
     validate_image_bytes,
 )
+from sand.pipeline.url_policy import UrlPolicy
 
-FAST = dict(timeout=2.0, retries=2, backoff_base=0.01, progress=False)
+#: Metadata the user gave locally: the loopback test server and local files are allowed.
+LOCAL = UrlPolicy.for_origin("local")
+FAST = dict(timeout=2.0, retries=2, backoff_base=0.01, progress=False, policy=LOCAL)
 
 
 def encode(img: Image.Image, fmt: str, **save_kwargs: object) -> bytes:
@@ -169,7 +172,7 @@ def test_body_over_max_bytes_is_too_large(http_server, tmp_path):
 def test_decompression_bomb_is_too_large():
     body = encode(Image.new("1", (3000, 3000)), "PNG")  # tiny file, many pixels
     assert len(body) < 10_000
-    assert validate_image_bytes(body, max_pixels=1_000_000)[0] == "too-large"
+    assert validate_image_bytes(body, max_pixels=1_000_000)[0] == "too-many-pixels"
 
 
 def test_empty_url_is_reported_without_a_request(http_server, tmp_path):
