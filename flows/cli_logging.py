@@ -55,6 +55,7 @@ class RunLog:
 
     def __init__(self) -> None:
         self.path: Path | None = None
+        self.installed = False  # only the console entry point installs it (not CliRunner, not tests)
         self._file: logging.Handler | None = None
         self._buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
         self._exceptions = logging.getLogger("sand.cli.exceptions")  # file only, see record_exception
@@ -73,10 +74,11 @@ class RunLog:
         root.addHandler(self._buffer)
         for noisy in _QUIET:
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        self.installed = True
 
-    def open(self, data_root: Path | None, writable: bool = True) -> Path:
+    def open(self, data_root: Path | None, writable: bool = True) -> Path | None:
         """Start this run's log file: ``<data-root>/logs`` or, when that cannot be written, the temp dir."""
-        if self.path is not None:
+        if self.path is not None or not self.installed:
             return self.path
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         name = f"sand-{stamp}-{os.getpid()}.log"
