@@ -35,7 +35,7 @@ cli.main()
 
 
 def sand_train(api_url, root, batch_size, kill_after=0) -> dict:
-    args = ["run", "--until", "train", "--json", "--data-root", str(root), *TINY, "--set",
+    args = ["stage", "train", "--json", "--data-root", str(root), *TINY, "--set",
             f"train.batch_size={batch_size}"]
     env = {**os.environ, "PREFECT_API_URL": api_url, "SAND_LOG_LEVEL": "WARNING"}
     result = subprocess.run([sys.executable, "-c", _CLI, str(kill_after), *args], capture_output=True, text=True,
