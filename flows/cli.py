@@ -92,7 +92,7 @@ _COMMON_PARAMS = [
     _P("epochs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
         help="maximum training epochs")]),
     _P("device", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="cpu | cuda (default: cuda when present)")]),
+        help="training device: cpu | cuda | cuda:N | mps (default: cuda when present)")]),
     _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
     _P("set", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
