@@ -132,11 +132,10 @@ def _preflight(cfg) -> None:
     """Checks that need no stage: devices exist here, the data root can be written (or serves
     its cached artifacts read-only); then this run's log file opens under the data root."""
     from sand.flows.cli_logging import RUN_LOG
-    from sand.pipeline.devices import check_available
+    from sand.pipeline.devices import check_devices
     from sand.pipeline.store import ArtifactStore
 
-    for section in ("text_features", "image_features", "train"):
-        check_available(getattr(cfg, section).device, f"{section}.device")
+    check_devices(cfg)
     writable = ArtifactStore(cfg.data_root).check_writable()
     RUN_LOG.open(cfg.data_root, writable)
 

@@ -48,6 +48,12 @@ def check_available(value: str | None, field: str) -> None:
         raise ConfigError(f"{field}={value}: Apple MPS is not available on this machine (use cpu)")
 
 
+def check_devices(cfg) -> None:
+    """``check_available`` for every device field of a PipelineConfig."""
+    for section in ("text_features", "image_features", "train"):
+        check_available(getattr(cfg, section).device, f"{section}.device")
+
+
 def device_type(value: str | None, allow_mps: bool = False) -> str:
     """The kind of device a stage computes on: ``cpu``, ``cuda`` or ``mps``.
 

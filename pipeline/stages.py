@@ -59,7 +59,10 @@ class Context:
 
     @classmethod
     def create(cls, cfg: PipelineConfig, refresh: Sequence[str] = (), progress: bool = True) -> Context:
+        from sand.pipeline.devices import check_devices
+
         cfg = cfg.resolved()
+        check_devices(cfg)  # a deployment's worker may lack the GPU the config asks for
         # Absolute, so artifact paths stay valid in Prefect subprocesses and on Dask workers.
         cfg = cfg.model_copy(update={"data_root": Path(cfg.data_root).expanduser().resolve()})
         return cls(cfg, ArtifactStore(cfg.data_root), frozenset(refresh), progress)

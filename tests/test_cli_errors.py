@@ -192,3 +192,16 @@ def test_read_only_root_without_the_artifact_is_one_line(cached_read_only_root, 
     line = one_error_line(result.stderr)
     assert f"data root {cached_read_only_root} is not writable" in line and "cannot build train" in line
     assert Path(named_log(line)).is_file()  # in the temp dir: the data root cannot take it
+
+
+def test_flows_started_elsewhere_check_the_device_too(tmp_path):
+    """A deployment's worker runs stages without the CLI: the stage context checks the device."""
+    if _cuda_available():
+        pytest.skip("this machine has CUDA")
+    from sand.pipeline.config import load_config
+    from sand.pipeline.errors import ConfigError
+    from sand.pipeline.stages import Context
+
+    cfg = load_config(None, {"data_root": str(tmp_path)}, ["image_features.device=cuda:0"])
+    with pytest.raises(ConfigError, match=r"image_features.device=cuda:0: CUDA is not available"):
+        Context.create(cfg)
