@@ -24,7 +24,8 @@ CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"
 #: Loggers whose exception records repeat the failure the CLI reports in its one line.
 _REPORTED_ELSEWHERE = ("prefect",)
-_QUIET = ("httpx", "httpcore")  # one line per Prefect API call drowns the pipeline's own log
+_QUIET = ("httpx", "httpcore")
+KEEP_LOGS = 100  # newest run logs kept per directory  # one line per Prefect API call drowns the pipeline's own log
 
 
 class _ConsoleFilter(logging.Filter):
@@ -94,7 +95,9 @@ class RunLog:
             self._file, self.path = handler, directory / name
             break
         else:
-            raise OSError("no writable directory for the log file")
+            return None  # nowhere to write: the console line is all there is
+        for stale in sorted(self.path.parent.glob("sand-*.log"))[:-KEEP_LOGS]:
+            stale.unlink(missing_ok=True)
         root = logging.getLogger()
         self._buffer.setTarget(self._file)
         self._buffer.flush()
@@ -105,9 +108,7 @@ class RunLog:
 
     def record_exception(self, err: BaseException) -> Path | None:
         """Write ``err`` with its traceback to the log file (opened in the temp dir if need be)."""
-        try:
-            self.open(None, writable=False)
-        except OSError:
+        if self.open(None, writable=False) is None:
             return None
         self._exceptions.error("sand failed: %s: %s", type(err).__name__, err, exc_info=err)
         self._file.flush()
