@@ -12,6 +12,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+from test_training import COMMON, Kill, TinyMF, planted_data
+
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.training import train_model
+
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30", "--model", "bpr",
         "--epochs", "5", "--set", "train.patience=50"]
 
@@ -69,3 +76,30 @@ def test_killed_training_resumes_and_changed_settings_restart(prefect_server, tm
     assert resumed["train"]["resumed_from_epoch"] == 3 and resumed["train"]["restarted"] is None
     assert resumed["train"]["epochs_run"] == 5
     assert not work.exists()  # a finished run's checkpoints are not kept twice
+
+
+def test_checkpoint_written_under_other_settings_is_never_continued(tmp_path):
+    data = planted_data(1)
+
+    def die_after_2(epoch, row):
+        if epoch == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train_model(TinyMF(data.n_users, data.n_items, seed=5), data, out_dir=tmp_path / "run", epochs=4,
+                    patience=50, signature={"alpha": 1}, on_epoch_end=die_after_2, **COMMON)
+    with pytest.raises(ConfigError, match=r"signature.alpha 1 -> 2"):
+        train_model(TinyMF(data.n_users, data.n_items, seed=5), data, out_dir=tmp_path / "run", epochs=4,
+                    patience=50, signature={"alpha": 2}, **COMMON)
+    restarted_model = TinyMF(data.n_users, data.n_items, seed=5)
+    restarted = train_model(restarted_model, data, out_dir=tmp_path / "run", epochs=4, patience=50,
+                            signature={"alpha": 2}, restart_on_change=True, **COMMON)
+    assert restarted.restarted == "parameters changed: signature.alpha 1 -> 2"
+    assert restarted.resumed_from_epoch is None and [h["epoch"] for h in restarted.history] == [1, 2, 3, 4]
+
+    fresh_model = TinyMF(data.n_users, data.n_items, seed=5)
+    train_model(fresh_model, data, out_dir=tmp_path / "fresh", epochs=4, patience=50, signature={"alpha": 2},
+                **COMMON)
+    for (name, a), (_, b) in zip(restarted_model.state_dict().items(), fresh_model.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name  # nothing of the discarded checkpoint was mixed in
