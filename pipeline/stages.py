@@ -485,6 +485,10 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     return key_params(tcfg, PERFORMANCE_FIELDS | ignored)
 
 
+#: What a training work directory was started with (params and input keys), for restart messages.
+RUN_FILE = "run.json"
+
+
 def _interrupted_sibling(
     work: Path, params: dict[str, Any], input_keys: dict[str, str]
 ) -> tuple[Path, str] | None:
@@ -515,10 +519,6 @@ def _interrupted_sibling(
     _, other, run = latest
     return other, describe_changes({"params": run.get("params"), "inputs": run.get("inputs")},
                                    {"params": params, "inputs": input_keys})
-
-
-#: What a training work directory was started with (params and input keys), for restart messages.
-RUN_FILE = "run.json"
 
 
 def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:

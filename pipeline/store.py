@@ -116,7 +116,7 @@ class ArtifactStore:
         except OSError as err:
             raise StageError(
                 f"data root {self.data_root} is not writable ({err.strerror or err}): cannot build {stage} "
-                f"(it is not cached there); use a writable --data-root"
+                f"artifact {key} there (only complete artifacts can be read); use a writable --data-root"
             ) from None
         try:
             yield
