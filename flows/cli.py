@@ -4,14 +4,15 @@ Why typer with lazy imports: ``sand --help`` must answer instantly, so torch,
 transformers and Prefect are imported inside the commands that need them.
 Every option maps to a config field (``pipeline.config.CLI_FIELDS``); any
 other field is reachable with ``--set section.field=value`` or ``--config``.
-Errors a user can fix are printed as one line and exit with status 2.
+Errors a user can fix are printed as one line and exit with status 2; values
+(devices, seeds, the data root) are checked before Prefect is imported, and
+tracebacks go to the run's log file, which the error line names.
 """
 
 import functools
 import inspect
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,7 @@ _COMMON_PARAMS = [
     _P("epochs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
         help="maximum training epochs")]),
     _P("device", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="cpu | cuda (default: cuda when present)")]),
+        help="training device: cpu | cuda | cuda:N | mps (default: cuda when present)")]),
     _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
     _P("image_source", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
@@ -126,10 +127,21 @@ def with_common_options(fn):
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("SAND_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call drowns the pipeline's own log
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sand.flows.cli_logging import RUN_LOG
+
+    RUN_LOG.install()
+
+
+def _preflight(cfg) -> None:
+    """Checks that need no stage: devices exist here, the data root can be written (or serves
+    its cached artifacts read-only); then this run's log file opens under the data root."""
+    from sand.flows.cli_logging import RUN_LOG
+    from sand.pipeline.devices import check_devices
+    from sand.pipeline.store import ArtifactStore
+
+    check_devices(cfg)
+    writable = ArtifactStore(cfg.data_root).check_writable()
+    RUN_LOG.open(cfg.data_root, writable)
 
 
 def _check_prefect_server() -> None:
@@ -168,6 +180,7 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> di
     from sand.pipeline.runner import PipelineResult, planned_stages
 
     check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
+    _preflight(cfg)
     _check_prefect_server()
     from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
 
@@ -263,6 +276,7 @@ def grid(
 
     cfg = with_paper_inputs(common.pipeline_config(), preset)
     options = common.run_options()
+    _preflight(cfg)
     _check_prefect_server()
     from sand.flows.pipeline_flows import grid_flow
 
@@ -316,14 +330,41 @@ def serve(
 
     overrides = {"acquire.dataset": dataset, "data_root": str(data_root) if data_root else None}
     cfg = load_config(config, overrides)
+    _preflight(cfg)
     _check_prefect_server()
     from sand.flows.serve import serve_deployments
 
     serve_deployments(cfg, cron)
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError (numpy), torch.cuda.OutOfMemoryError, or torch's CPU allocator failing."""
+    return (
+        isinstance(err, MemoryError)
+        or type(err).__name__ == "OutOfMemoryError"
+        or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+    )
+
+
+#: What ``sand`` prints for an out-of-memory failure (exit 2: the user can size the run down).
+OUT_OF_MEMORY_HINT = (
+    "out of memory: reduce train.batch_size, evaluate.batch_users, image_features.batch_size, "
+    "text_features.batch_size or graphs.block_size (--set section.field=N), or use a machine with more memory"
+)
+
+
+def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) -> None:
+    """Print exactly one line on stderr (naming the log file with the traceback) and exit."""
+    from sand.flows.cli_logging import RUN_LOG
+
+    first = message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    path = RUN_LOG.record_exception(err) if always_log or RUN_LOG.path is not None else None
+    typer.echo(f"error: {first}" + (f" (details: {path})" if path else ""), err=True)
+    raise SystemExit(exit_code) from None
+
+
 def main() -> None:
-    """Console entry point: user-fixable errors become one line and exit status 2."""
+    """Console entry point: every failure is one line on stderr; fixable ones exit with status 2."""
     _setup_logging()
     from sand.flows.settings import apply_prefect_defaults
 
@@ -331,8 +372,12 @@ def main() -> None:
     try:
         app()
     except SandError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise SystemExit(err.exit_code) from None
+        _fail(str(err), err.exit_code, err, always_log=False)
+    except Exception as err:
+        if _is_out_of_memory(err):
+            _fail(OUT_OF_MEMORY_HINT, 2, err, always_log=True)
+        _fail(f"unexpected {type(err).__name__}: {err} (a bug: please report it with the log file)", 1, err,
+              always_log=True)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished artifacts are kept; rerun to resume", err=True)
         raise SystemExit(130) from None

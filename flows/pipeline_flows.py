@@ -33,6 +33,13 @@ class RunOptions(BaseModel):
     runner: str = Field("threads", description="task runner for image shards: threads | processes | dask")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
     workers: int | None = Field(None, ge=1, description="shard workers (default: the runner's)")
+    progress: bool | None = Field(None, description="progress bars on stderr (default: when it is a terminal)")
+
+    def show_progress(self) -> bool:
+        """Bars only where someone watches: in a captured log they are noise around the one error line."""
+        import sys
+
+        return self.progress if self.progress is not None else sys.stderr.isatty()
 
     @field_validator("refresh")
     @classmethod
@@ -83,7 +90,7 @@ def _shard_mapper(options: RunOptions) -> stages.ShardMapper:
 
 
 def _stage_body(stage: str, config: PipelineConfig, options: RunOptions) -> Any:
-    ctx = stages.Context.create(config, options.refresh)
+    ctx = stages.Context.create(config, options.refresh, progress=options.show_progress())
     # The report reads every evaluated run in the store, not one upstream chain.
     done = resolve_upstream(ctx, stage) if stage != "report" else {}
     mapper = _shard_mapper(options) if stage == "image_features" else None

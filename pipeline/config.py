@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from sand.pipeline.devices import DEVICE_CHOICES, validate_device_name
 from sand.pipeline.errors import ConfigError
 
 STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")
 DatasetFormat = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
 ModelName = Literal["sand", "bpr", "lightgcn", "vbpr", "freedom", "vbpr-sand", "freedom-sand"]
 Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance"]
+#: Every seed: numpy's SeedSequence and torch.manual_seed both take 0 <= seed < 2**32 everywhere.
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="seed: 0 <= seed < 2**32")]
+#: A compute device, spelled as torch spells it; whether it exists here is checked before a run.
+Device = Annotated[str | None, AfterValidator(validate_device_name), Field(description=DEVICE_CHOICES)]
 
 
 class _Section(BaseModel):
@@ -36,7 +41,7 @@ class AcquireConfig(_Section):
     meta: str | None = Field(None, description="explicit metadata URL or path (overrides the preset)")
     timeout: float = Field(60.0, gt=0, description="seconds per HTTP request")
     retries: int = Field(5, ge=0, le=20)
-    sample_seed: int = Field(0, description="seed of the bundled sample generator")
+    sample_seed: Seed = Field(0, description="seed of the bundled sample generator")
     sample_users: int = Field(1000, ge=20)
     sample_items: int = Field(500, ge=20)
 
@@ -44,14 +49,14 @@ class AcquireConfig(_Section):
 class InteractionsConfig(_Section):
     k_core: int = Field(5, ge=1, description="iterative k-core threshold for users and items")
     split: Literal["mmrec", "mmrec-notebook", "chronological"] = "mmrec"
-    seed: int = 0
+    seed: Seed = 0
     max_bad_lines: int = Field(1000, ge=0, description="dirty lines skipped (and reported) before failing")
 
 
 class TextFeaturesConfig(_Section):
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model name or local path")
     batch_size: int = Field(64, ge=1)
-    device: str | None = None
+    device: Device = None
 
 
 class ImageFeaturesConfig(_Section):
@@ -84,8 +89,8 @@ class ImageFeaturesConfig(_Section):
     min_side: int = Field(32, ge=1)
     fill: Literal["mean", "zeros"] = "mean"
     shard_size: int = Field(1024, ge=1)
-    seed: int = 0
-    device: str | None = None
+    seed: Seed = 0
+    device: Device = None
 
 
 class GraphsConfig(_Section):
@@ -115,8 +120,8 @@ class TrainConfig(_Section):
         "strict: unrounded, stop after patience",
     )
     eval_every: int = Field(1, ge=1)
-    seed: int = 0
-    device: str | None = None
+    seed: Seed = 0
+    device: Device = None
     profile: Literal["default", "authors"] = Field(
         "default", description="authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND)"
     )
@@ -184,7 +189,7 @@ class EvaluateConfig(_Section):
 class ReportConfig(_Section):
     tsne_items: int = Field(500, ge=10, description="items drawn for the t-SNE figures (Figures 5-6)")
     select_metric: str = Field("recall@20", description="validation metric that picks each table's run")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PipelineConfig(_Section):
@@ -192,7 +197,7 @@ class PipelineConfig(_Section):
         default_factory=lambda: Path(os.environ.get("SAND_DATA_ROOT", "data")),
         description="downloads, artifact store and caches live here (env SAND_DATA_ROOT)",
     )
-    seed: int | None = Field(None, description="when set, every stage's seed")
+    seed: Seed | None = Field(None, description="when set, every stage's seed")
     acquire: AcquireConfig = Field(default_factory=AcquireConfig)
     interactions: InteractionsConfig = Field(default_factory=InteractionsConfig)
     text_features: TextFeaturesConfig = Field(default_factory=TextFeaturesConfig)
@@ -234,7 +239,8 @@ def _one_line(err: ValidationError) -> str:
     value = first.get("input")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"invalid config value {field}={shown}: {first['msg']}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"invalid config value {field}={shown}: {msg}{more}"
 
 
 def build_config(data: dict[str, Any]) -> PipelineConfig:

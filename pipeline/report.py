@@ -531,7 +531,10 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
         arts[name] = art
     if "interactions" not in arts:
         raise StageError(f"train artifact {train.path}: manifest names no interactions input")
-    params = dict(train.manifest.get("params") or {})
+    from sand.pipeline.config import TrainConfig
+
+    # The key also holds what the run reported (eval_ks): only config fields rebuild the model.
+    params = {k: v for k, v in (train.manifest.get("params") or {}).items() if k in TrainConfig.model_fields}
     params["device"] = "cpu"
     ctx = Context.create(build_config({"data_root": str(store.data_root), "train": params}), progress=False)
     model, data = build_model_for(ctx, arts.pop("interactions"), arts)

@@ -38,8 +38,11 @@ STAGE_VERSIONS = {
     "report": "1",
 }
 
-#: Fields that change speed, not results: left out of artifact keys.
-PERFORMANCE_FIELDS = {"device", "batch_size", "num_workers", "concurrency", "block_size", "batch_users"}
+#: Fields that change speed, not results: left out of artifact keys. Only fields with a test
+#: showing the same artifact bytes under a changed value belong here (tests/test_cache_keys.py):
+#: batch sizes, block sizes and devices change float bits (BLAS and conv kernels pick their
+#: algorithm by shape and device), so they are part of every key that sees them.
+PERFORMANCE_FIELDS = {"num_workers", "concurrency"}
 
 #: A function that runs picklable shard jobs, e.g. over a Prefect task runner.
 ShardMapper = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]]
@@ -56,15 +59,28 @@ class Context:
 
     @classmethod
     def create(cls, cfg: PipelineConfig, refresh: Sequence[str] = (), progress: bool = True) -> Context:
+        from sand.pipeline.devices import check_devices
+
         cfg = cfg.resolved()
+        check_devices(cfg)  # a deployment's worker may lack the GPU the config asks for
         # Absolute, so artifact paths stay valid in Prefect subprocesses and on Dask workers.
         cfg = cfg.model_copy(update={"data_root": Path(cfg.data_root).expanduser().resolve()})
         return cls(cfg, ArtifactStore(cfg.data_root), frozenset(refresh), progress)
 
 
-def key_params(section: Any, drop: set[str] = PERFORMANCE_FIELDS) -> dict[str, Any]:
-    """A config section as artifact-key parameters, without speed-only knobs."""
-    return {k: v for k, v in section.model_dump(mode="json").items() if k not in drop}
+def key_params(section: Any, drop: set[str] = PERFORMANCE_FIELDS, allow_mps: bool = False) -> dict[str, Any]:
+    """A config section as artifact-key parameters, without speed-only knobs.
+
+    A ``device`` field enters the key as the device type the stage will compute on
+    (``None`` resolved here, as the stage resolves it), so a GPU-built artifact is
+    not served as a CPU run's result.
+    """
+    params = {k: v for k, v in section.model_dump(mode="json").items() if k not in drop}
+    if "device" in params:
+        from sand.pipeline.devices import device_type
+
+        params["device"] = device_type(params["device"], allow_mps=allow_mps)
+    return params
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -246,7 +262,8 @@ def _copy_imported(src: Path, out: Path, name: str, n_items: int) -> dict[str, A
 def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
     tcfg = ctx.cfg.text_features
     imported = _imported_feature(inter, "text_feat.npy")
-    params = {"imported": str(imported)} if imported else key_params(tcfg)
+    # sentence-transformers picks MPS by itself where present
+    params = {"imported": str(imported)} if imported else key_params(tcfg, allow_mps=True)
 
     def build(out: Path) -> dict[str, Any]:
         _, n_items = dataset_counts(inter)
@@ -263,9 +280,11 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
         texts = [
             item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
         ]
+        # Vectors depend on the batch (padding) and the device: each pair has its own per-item cache.
+        cache = ctx.store.cache_dir("text") / f"batch{tcfg.batch_size}-{params['device']}"
         feats, stats = encode_texts_with_stats(
-            texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device,
-            cache_dir=ctx.store.cache_dir("text"), progress=ctx.progress,
+            texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device, cache_dir=cache,
+            progress=ctx.progress,
         )
         np.save(out / "text_feat.npy", feats.astype(np.float32))
         return {"source": "encoded", "model": tcfg.model, "recipe": "title + brand + first category path + "
@@ -525,28 +544,76 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     return key_params(tcfg, PERFORMANCE_FIELDS | ignored)
 
 
+#: What a training work directory was started with (params and input keys), for restart messages.
+RUN_FILE = "run.json"
+
+
+def _interrupted_sibling(
+    work: Path, params: dict[str, Any], input_keys: dict[str, str]
+) -> tuple[Path, str] | None:
+    """The latest interrupted training run of the same model under other parameters or inputs.
+
+    Work directories are keyed by every parameter, so such a run is never continued (its
+    checkpoints would mix two settings): this only lets the log and the manifest say that
+    training restarted, and what changed.
+    """
+    from sand.pipeline.training import LAST_NAME, describe_changes
+
+    latest: tuple[float, Path, dict[str, Any]] | None = None
+    for other in work.parent.iterdir():
+        last = other / LAST_NAME
+        if other == work or not last.is_file():
+            continue
+        try:
+            run = json.loads((other / RUN_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if run.get("params", {}).get("model") != params.get("model"):
+            continue
+        mtime = last.stat().st_mtime
+        if latest is None or mtime > latest[0]:
+            latest = (mtime, other, run)
+    if latest is None:
+        return None
+    _, other, run = latest
+    return other, describe_changes({"params": run.get("params"), "inputs": run.get("inputs")},
+                                   {"params": params, "inputs": input_keys})
+
+
 def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:
-    from sand.pipeline.store import artifact_key
+    from sand.pipeline.store import artifact_key, write_json_atomic
 
     tcfg = ctx.cfg.train
-    params = train_key_params(tcfg)
+    ks = tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20}))
+    # The train summary reports metrics at these ks, so they are part of what the artifact holds.
+    params = {**train_key_params(tcfg), "eval_ks": list(ks)}
     inputs = _model_inputs(inter, feature_arts)
-    work_key = artifact_key("train", STAGE_VERSIONS["train"], params, {k: a.key for k, a in inputs.items()})
+    input_keys = {k: a.key for k, a in inputs.items()}
+    work_key = artifact_key("train", STAGE_VERSIONS["train"], params, input_keys)
 
     def build(out: Path) -> dict[str, Any]:
         from sand.models.registry import default_lr
-        from sand.pipeline.training import train_model
+        from sand.pipeline.training import LAST_NAME, train_model
 
         model, data = build_model_for(ctx, inter, feature_arts)
-        work = ctx.store.work_dir("train", work_key)  # checkpoints survive a killed run: rerun resumes
+        # Keyed by every parameter and input: a rerun of the same settings resumes from the
+        # last checkpoint; other settings get their own directory and start at epoch 1.
+        work = ctx.store.work_dir("train", work_key)
+        fresh = not (work / LAST_NAME).is_file()
+        write_json_atomic(work / RUN_FILE, {"params": params, "inputs": input_keys})
+        sibling = _interrupted_sibling(work, params, input_keys) if fresh else None
+        if sibling is not None:
+            log.info("train: starting at epoch 1, parameters changed since the interrupted run in %s: %s "
+                     "(its checkpoints are kept; rerun with its settings to resume it)", *sibling)
         lr = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
         result = train_model(
             model, data, out_dir=work, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=lr,
             weight_decay=tcfg.weight_decay, patience=tcfg.resolved_patience(ctx.cfg.acquire.dataset),
             early_stop=tcfg.early_stop, eval_every=tcfg.eval_every, seed=tcfg.seed,
-            device=tcfg.device, ks=tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20})), progress=ctx.progress,
-            resume=True,
+            device=tcfg.device, ks=ks, progress=ctx.progress, resume=True,
+            signature={"params": params, "inputs": input_keys}, restart_on_change=True,
         )
+        restarted = result.restarted or (f"parameters changed: {sibling[1]}" if sibling else None)
         for name in ("best.pt", "epochs.csv"):
             shutil.copy2(work / name, out / name)
         summary = {
@@ -556,6 +623,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
             "model_kwargs": _jsonable(effective_model_kwargs(tcfg)[1]),
             "plugin_fusion": getattr(model, "plugin_fusion", None), "profile": tcfg.profile,
+            "resumed_from_epoch": result.resumed_from_epoch, "restarted": restarted,
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(work, ignore_errors=True)

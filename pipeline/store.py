@@ -7,7 +7,9 @@ out of naming. An artifact is built in a temporary sibling directory and
 renamed into place only when complete, with ``manifest.json`` written last
 inside it, so a crash never leaves a directory that looks finished. A
 per-artifact file lock lets two runs on one data root share work safely: the
-second waits, then finds the artifact the first one built.
+second waits, then finds the artifact the first one built. A complete artifact
+is never modified, so reading one takes no lock and writes nothing: a
+read-only data root still serves every artifact it holds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from sand.pipeline.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +106,47 @@ class ArtifactStore:
 
     @contextmanager
     def lock(self, stage: str, key: str, timeout: float = -1) -> Iterator[None]:
+        """Exclusive right to build ``stage/key``; a data root that cannot be written is one clear error."""
         lock_dir = self.root / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lock_dir / f"{stage}-{key}.lock"), timeout=timeout):
+        path = lock_dir / f"{stage}-{key}.lock"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path), timeout=timeout)
+            lock.acquire()
+        except OSError as err:
+            raise StageError(
+                f"data root {self.data_root} is not writable ({err.strerror or err}): cannot build {stage} "
+                f"artifact {key} there (only complete artifacts can be read); use a writable --data-root"
+            ) from None
+        try:
             yield
+        finally:
+            lock.release()
+
+    def check_writable(self) -> bool:
+        """True when runs can write here; False for a read-only root that holds artifacts to serve.
+
+        Raises a one-line ConfigError naming the path when the root can neither be written
+        nor serve anything (missing parent, a file in the way, no permission, no artifacts).
+        Why probe with a real file: permission bits do not tell the truth for root, for
+        read-only mounts or for network file systems.
+        """
+        import errno
+        import tempfile
+
+        try:
+            self.data_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.data_root, prefix=".sand-write-probe-"):
+                return True
+        except OSError as err:
+            reason = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
+            if self.root.is_dir() and any(p for p in self.root.iterdir() if not p.name.startswith(".")):
+                log.info("data root %s is not writable (%s): serving cached artifacts only", self.data_root, reason)
+                return False
+            raise ConfigError(
+                f"data root {self.data_root} is not writable ({reason}): choose another with --data-root "
+                "or SAND_DATA_ROOT"
+            ) from None
 
     # -- reading -------------------------------------------------------------------------------
     def lookup(self, stage: str, key: str) -> Artifact | None:
@@ -166,6 +207,10 @@ class ArtifactStore:
         input_keys = {name: art.key for name, art in inputs.items()}
         key = artifact_key(stage, version, params, input_keys)
         start = time.perf_counter()
+        existing = None if refresh else self.lookup(stage, key)
+        if existing is not None:  # complete artifacts never change: no lock, no write
+            log.info("%s: cached (%s)", stage, existing.path)
+            return StageOutcome(existing, True, time.perf_counter() - start)
         with self.lock(stage, key):
             existing = self.lookup(stage, key)
             if existing is not None and not refresh:

@@ -69,6 +69,10 @@ class TrainResult:
     seconds_per_epoch: float
     peak_memory_mb: float
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
+    #: last epoch of the checkpoint this run continued from (None: started at epoch 1)
+    resumed_from_epoch: int | None = None
+    #: why an existing checkpoint was discarded and training started over (None: it was not)
+    restarted: str | None = None
 
 
 def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
@@ -142,7 +146,9 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path)
         raise StageError(f"checkpoint {path}: does not fit this model ({' '.join(first[:2])})") from exc
 
 
-def _result(state: dict[str, Any], out_dir: Path) -> TrainResult:
+def _result(
+    state: dict[str, Any], out_dir: Path, resumed_from: int | None = None, restarted: str | None = None
+) -> TrainResult:
     history = list(state["history"])
     secs = [h["seconds"] for h in history if "seconds" in h]
     mem = [h["peak_memory_mb"] for h in history if "peak_memory_mb" in h]
@@ -158,6 +164,8 @@ def _result(state: dict[str, Any], out_dir: Path) -> TrainResult:
         seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
         peak_memory_mb=float(max(mem)) if mem else float("nan"),
         history=history,
+        resumed_from_epoch=resumed_from,
+        restarted=restarted,
     )
 
 
@@ -175,6 +183,19 @@ def early_stop_score(value: float, rule: str) -> float:
 def should_stop(bad_evals: int, patience: int, rule: str) -> bool:
     """MMRec stops when ``bad_evals > patience``; the strict rule at ``bad_evals >= patience``."""
     return bad_evals > patience if rule == "mmrec" else bad_evals >= patience
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"batch_size 2048 -> 64, params.alpha 0.001 -> 0.012"``: what differs between two settings."""
+    a = {k.lstrip("."): v for k, v in _flat(old, "").items()}
+    b = {k.lstrip("."): v for k, v in _flat(new, "").items()}
+    return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _check_args(epochs: int, batch_size: int, patience: int, eval_every: int, valid_metric: str, ks) -> None:
@@ -209,6 +230,8 @@ def train_model(
     progress: bool = True,
     resume: bool = True,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    signature: dict[str, Any] | None = None,
+    restart_on_change: bool = False,
 ) -> TrainResult:
     """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
 
@@ -216,6 +239,11 @@ def train_model(
     and an existing ``last.pt`` the run continues where it stopped (or returns the stored
     result if it had finished). ``on_epoch_end(epoch, row)`` runs after the epoch's
     checkpoint is written; an exception there stops training with everything saved.
+
+    ``signature`` (e.g. the model's hyper-parameters and input keys) is stored with the
+    checkpoints and must match, like the run settings, for a resume. A checkpoint written
+    with other settings is never continued: it is an error, or with ``restart_on_change``
+    it is discarded and training starts over, ``TrainResult.restarted`` saying why.
     """
     import torch
     from tqdm.auto import tqdm
@@ -239,6 +267,7 @@ def train_model(
         "eval_every": int(eval_every),
         "valid_metric": valid_metric,
         "ks": list(ks),
+        "signature": signature,
     }
 
     model.to(dev)
@@ -267,16 +296,21 @@ def train_model(
         "history": [],
         "config": config,
     }
-    if resume and last_path.exists():
-        saved = _load(last_path, dev)
+    resumed_from, restarted = None, None
+    saved = _load(last_path, dev) if resume and last_path.exists() else None
+    if saved is not None:
         old = saved.get("config", {})
-        changed = [k for k in _RESUME_KEYS if old.get(k) != config[k]]
+        changed = {k: old.get(k) for k in (*_RESUME_KEYS, "signature") if old.get(k) != config[k]}
         if changed:
-            k = changed[0]
-            raise ConfigError(
-                f"training: {last_path} was written with {k}={old.get(k)!r}, now {k}={config[k]!r}; "
-                "use resume=False or another out_dir"
-            )
+            restarted = "parameters changed: " + describe_changes(changed, {k: config[k] for k in changed})
+            if not restart_on_change:
+                raise ConfigError(
+                    f"training: {last_path} was written with other settings ({restarted}); "
+                    "use restart_on_change=True, resume=False or another out_dir"
+                )
+            log.info("training: restarting from epoch 1, discarding %s: %s", last_path, restarted)
+            saved = None
+    if saved is not None:
         _load_model_state(model, saved["model"], last_path)
         optimizer.load_state_dict(saved["optimizer"])
         model.load_auxiliary_state_dict(saved["auxiliary"])
@@ -290,13 +324,14 @@ def train_model(
             state["best_value"],
             state["best_epoch"],
         )
+        resumed_from = int(state["epoch"])
         if state["stopped_early"] or state["epoch"] >= epochs:
             log.info("training had already finished; returning the stored result")
             if not hist_path.exists():
                 _atomic_csv(state["history"], hist_path)
-            return _result(state, out_dir)
-    elif not resume:
-        for p in (best_path, last_path):
+            return _result(state, out_dir, resumed_from)
+    else:
+        for p in (best_path, last_path, hist_path):
             p.unlink(missing_ok=True)
 
     n_batches = math.ceil(len(train_edges) / batch_size)
@@ -441,7 +476,7 @@ def train_model(
         state["best_valid"],
         state["test_at_best"],
     )
-    return _result(state, out_dir)
+    return _result(state, out_dir, resumed_from, restarted)
 
 
 def load_best_model(model: torch.nn.Module, out_dir: Path, device: str | torch.device | None = None) -> dict:

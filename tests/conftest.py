@@ -146,3 +146,28 @@ def prefect_server() -> Iterator[str]:
     apply_prefect_defaults()
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+def run_sand(args, *, api_url: str | None = None, cwd=None, env=None, drop_write_override: bool = False,
+             timeout: float = 600):
+    """The installed ``sand`` console script in a fresh process, as a user runs it (quiet console).
+
+    ``drop_write_override`` runs it without root's power to write where permission bits forbid
+    it (so a ``chmod a-w`` data root is really read-only even for root); it skips the test when
+    that cannot be arranged.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("sand", path=os.path.dirname(sys.executable)) or "sand"
+    cmd = [exe, *args]
+    if drop_write_override and os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make a directory read-only")
+        cmd = [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    full_env = {**os.environ, "SAND_LOG_LEVEL": "WARNING", **(env or {})}
+    if api_url is not None:
+        full_env["PREFECT_API_URL"] = api_url
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)

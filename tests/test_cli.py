@@ -53,8 +53,9 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
 
 
-def test_unreachable_prefect_server_is_one_clear_line():
-    code, out = _main(["run", "--until", "acquire"], {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
+    code, out = _main(["run", "--until", "acquire", "--data-root", str(tmp_path / "data")],
+                      {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     assert code == 2
     assert "prefect server start" in out.stderr and "PREFECT_API_URL" in out.stderr
 

@@ -1,0 +1,72 @@
+"""Compute devices: names a user may give, whether they exist here, and what ``None`` means.
+
+Why one module: the config validates the *spelling* of a device (``cpu``, ``cuda``,
+``cuda:N``, ``mps``) so a typo fails before anything runs; whether the device exists
+on this machine is checked separately (``check_available``), because a config written
+on a laptop may be meant for a GPU worker. Artifact keys hold the resolved device
+*type* (``device_type``): CPU and GPU kernels give different float bits, so an
+artifact computed on one is never served as the other's result.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sand.pipeline.errors import ConfigError
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+DEVICE_CHOICES = "cpu | cuda | cuda:N | mps"
+
+
+def validate_device_name(value: str | None) -> str | None:
+    """The device name, stripped; ``ValueError`` for anything torch would not accept from us."""
+    if value is None:
+        return None
+    name = str(value).strip().lower()
+    if not _DEVICE.match(name):
+        raise ValueError(f"unknown device {value!r}: choose {DEVICE_CHOICES}")
+    return name
+
+
+def check_available(value: str | None, field: str) -> None:
+    """A one-line ConfigError when ``value`` names a device this machine does not have.
+
+    Imports torch only when a GPU is asked for, so a CPU run's checks stay instant.
+    """
+    if value is None or value == "cpu":
+        return
+    import torch
+
+    if value.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{field}={value}: CUDA is not available on this machine (use cpu)")
+        index = int(value.split(":")[1]) if ":" in value else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"{field}={value}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif value == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}={value}: Apple MPS is not available on this machine (use cpu)")
+
+
+def check_devices(cfg) -> None:
+    """``check_available`` for every device field of a PipelineConfig."""
+    for section in ("text_features", "image_features", "train"):
+        check_available(getattr(cfg, section).device, f"{section}.device")
+
+
+def device_type(value: str | None, allow_mps: bool = False) -> str:
+    """The kind of device a stage computes on: ``cpu``, ``cuda`` or ``mps``.
+
+    ``None`` resolves the way the stage itself does (CUDA when present; MPS too where
+    the library picks it, as sentence-transformers does). The CUDA index is left out:
+    it selects one of several identical accelerators, not a different computation.
+    """
+    if value is not None:
+        return value.split(":")[0]
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if allow_mps and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

@@ -1,0 +1,207 @@
+"""The one-line-error promise, end to end: whatever goes wrong, stderr holds exactly one line.
+
+A user-fixable error exits 2, a bug exits 1; both name the log file that holds the
+traceback once a run has started. Bad values are rejected before any stage runs; a
+read-only data root still serves everything it has cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_sand
+
+TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}:\n{stderr[-3000:]}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def named_log(line: str) -> Path:
+    match = re.search(r"\(details: (.+\.log)\)$", line)
+    assert match, f"the error line names no log file: {line}"
+    return Path(match.group(1))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--device", "foo"], "train.device='foo'"),
+        (["--set", "text_features.device=gpu"], "text_features.device='gpu'"),
+        (["--seed", "-1"], "seed=-1"),
+        (["--set", "train.seed=4294967296"], "train.seed=4294967296"),
+        (["--set", "acquire.sample_seed=-3"], "acquire.sample_seed=-3"),
+    ],
+)
+def test_bad_device_or_seed_is_one_line_before_any_stage(args, needle, tmp_path):
+    result = run_sand(["run", "--data-root", str(tmp_path / "data"), *TINY, *args], cwd=tmp_path)
+    assert result.returncode == 2
+    assert needle in one_error_line(result.stderr)
+    assert not (tmp_path / "data").exists()  # rejected before anything was written
+
+
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    if _cuda_available():
+        pytest.skip("this machine has CUDA")
+    result = run_sand(["run", "--device", "cuda", "--data-root", str(tmp_path / "data")], cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "train.device=cuda" in line and "CUDA is not available" in line
+
+
+def test_data_root_that_cannot_be_created_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_sand(["run", "--data-root", str(blocker / "data")], cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert str(blocker / "data") in line and "not writable" in line
+
+
+def test_read_only_empty_data_root_is_one_line(tmp_path):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        result = run_sand(["run", "--data-root", str(root)], cwd=tmp_path, drop_write_override=True)
+    finally:
+        root.chmod(0o755)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert str(root) in line and "not writable" in line and "Permission denied" in line
+
+
+def test_error_raised_inside_a_flow_is_one_line_naming_the_log(prefect_server, tmp_path):
+    root = tmp_path / "data"
+    missing = tmp_path / "no-such-folder"
+    result = run_sand(["run", "--dataset", str(missing), "--data-root", str(root)], api_url=prefect_server,
+                      cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert f"dataset path does not exist: {missing}" in line
+    log = named_log(line)
+    assert log.parent == root / "logs"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "ConfigError" in text
+
+
+def test_bad_reviews_file_fails_in_a_later_stage_with_one_line(prefect_server, tmp_path):
+    reviews = tmp_path / "reviews_Toys_5.json"
+    good = {"reviewerID": "u1", "asin": "i1", "overall": 5.0, "unixReviewTime": 1}
+    reviews.write_text(json.dumps(good) + "\n{not json at all\n")
+    root = tmp_path / "data"
+    result = run_sand(["run", "--dataset", str(reviews), "--format", "amazon2014", "--model", "bpr",
+                       "--data-root", str(root), "--set", "interactions.max_bad_lines=0"],
+                      api_url=prefect_server, cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "reviews_Toys_5.json" in line
+    assert named_log(line).parent == root / "logs"
+    acquired = list((root / "artifacts" / "acquire").iterdir())
+    assert len(acquired) == 1  # the stage before the failure is kept for the rerun
+
+
+def _main_with(tmp_path: Path, raise_expr: str) -> subprocess.CompletedProcess:
+    """``sand run`` whose flow raises ``raise_expr``: the console entry point's last line of defence."""
+    code = (
+        "import sys\n"
+        "import sand.flows.cli as cli\n"
+        "def boom(*args, **kwargs):\n"
+        f"    raise {raise_expr}\n"
+        "cli._check_prefect_server = lambda: None\n"
+        "import sand.flows.pipeline_flows as flows\n"
+        "flows.pipeline_flow = boom\n"
+        f"sys.argv = ['sand', 'run', '--data-root', {str(tmp_path / 'data')!r}]\n"
+        "cli.main()\n"
+    )
+    env = {**os.environ, "SAND_LOG_LEVEL": "WARNING"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_bug_is_one_line_exit_1_with_the_traceback_in_the_log(tmp_path):
+    result = _main_with(tmp_path, "KeyError('surprise')")
+    assert result.returncode == 1
+    line = one_error_line(result.stderr)
+    assert "unexpected KeyError" in line and "bug" in line
+    log = named_log(line)
+    assert log.parent == tmp_path / "data" / "logs"
+    assert "Traceback (most recent call last)" in log.read_text() and "surprise" in log.read_text()
+
+
+def test_out_of_memory_is_one_line_exit_2_saying_what_to_reduce(tmp_path):
+    result = _main_with(tmp_path, "MemoryError()")
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "out of memory" in line and "train.batch_size" in line
+    assert "MemoryError" in named_log(line).read_text()
+
+
+@pytest.fixture(scope="module")
+def cached_read_only_root(tmp_path_factory):
+    """A data root holding a whole trained, evaluated and reported run (built without Prefect), then
+    made read-only."""
+    from sand.pipeline.config import load_config
+    from sand.pipeline.runner import run_pipeline
+    from sand.pipeline.stages import Context
+
+    root = tmp_path_factory.mktemp("ro") / "data"
+    settings = [s for s in TINY if s != "--set"] + ["train.model=bpr", "train.epochs=2"]
+    cfg = load_config(None, {"data_root": str(root)}, settings)
+    run_pipeline(Context.create(cfg, progress=False))
+    paths = [root, *root.rglob("*")]
+    for path in paths:
+        path.chmod(path.stat().st_mode & ~0o222)
+    yield root
+    for path in paths:
+        path.chmod(path.stat().st_mode | 0o200)
+
+
+@pytest.mark.parametrize("command", [["run", "--json"], ["recommend", "--user", "0", "-k", "3", "--json"],
+                                     ["report", "--json"]])
+def test_read_only_root_serves_cached_results(cached_read_only_root, prefect_server, tmp_path, command):
+    args = [*command, "--data-root", str(cached_read_only_root), *TINY, "--model", "bpr", "--epochs", "2"]
+    result = run_sand(args, api_url=prefect_server, cwd=tmp_path, drop_write_override=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    if command[0] == "recommend":
+        assert len(out["recommendations"]) == 3
+    else:
+        assert out["stages"] and all(stage["cached"] for stage in out["stages"].values())
+
+
+def test_read_only_root_without_the_artifact_is_one_line(cached_read_only_root, prefect_server, tmp_path):
+    args = ["run", "--data-root", str(cached_read_only_root), *TINY, "--model", "bpr", "--epochs", "3"]
+    result = run_sand(args, api_url=prefect_server, cwd=tmp_path, drop_write_override=True)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert f"data root {cached_read_only_root} is not writable" in line and "cannot build train" in line
+    assert Path(named_log(line)).is_file()  # in the temp dir: the data root cannot take it
+
+
+def test_flows_started_elsewhere_check_the_device_too(tmp_path):
+    """A deployment's worker runs stages without the CLI: the stage context checks the device."""
+    if _cuda_available():
+        pytest.skip("this machine has CUDA")
+    from sand.pipeline.config import load_config
+    from sand.pipeline.errors import ConfigError
+    from sand.pipeline.stages import Context
+
+    cfg = load_config(None, {"data_root": str(tmp_path)}, ["image_features.device=cuda:0"])
+    with pytest.raises(ConfigError, match=r"image_features.device=cuda:0: CUDA is not available"):
+        Context.create(cfg)
