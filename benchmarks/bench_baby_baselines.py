@@ -8,7 +8,7 @@ the trainer (early stopping on valid R@20, patience 20, test at the best valid
 epoch) and the evaluator (full ranking, training items masked) end to end.
 
 Usage (minutes per run on a 2-core machine; not run by CI):
-    .venv/bin/python benchmarks/bench_baby_baselines.py --runs mf:reg=0.1 lightgcn:layers=1,reg=0.01
+    .venv/bin/python benchmarks/bench_baby_baselines.py --inter PATH/baby.inter --runs mf:reg=0.1 lightgcn:layers=1,reg=0.01
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from sand.models.lightgcn import LightGCN  # noqa: E402
 from sand.pipeline.data import SplitData  # noqa: E402
 from sand.pipeline.training import train_model  # noqa: E402
 
-DEFAULT_INTER = Path("/work/shared/datasets/amazon-baby-2014/baby.inter")
 PUBLISHED_R20 = {"mf": 0.0575, "lightgcn": 0.0754}
 MMREC_HERE_R20 = {"mf": 0.0594, "lightgcn": 0.0745}
 
@@ -74,7 +73,8 @@ def build(name: str, hp: dict[str, float], data: SplitData) -> torch.nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--inter", type=Path, default=DEFAULT_INTER)
+    ap.add_argument("--inter", type=Path, required=True,
+                    help="the real Baby graph as an MMRec .inter file (userID itemID x_label), e.g. MMRec's baby.inter")
     ap.add_argument("--runs", nargs="+", default=["mf:reg=0.1", "lightgcn:layers=1,reg=0.01"])
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--patience", type=int, default=20)
