@@ -8,7 +8,8 @@ the trainer (early stopping on valid R@20, patience 20, test at the best valid
 epoch) and the evaluator (full ranking, training items masked) end to end.
 
 Usage (minutes per run on a 2-core machine; not run by CI):
-    .venv/bin/python benchmarks/bench_baby_baselines.py --inter PATH/baby.inter --runs mf:reg=0.1 lightgcn:layers=1,reg=0.01
+    .venv/bin/python benchmarks/bench_baby_baselines.py --inter PATH/baby.inter \
+        --runs mf:reg=0.1 lightgcn:layers=1,reg=0.01
 """
 
 from __future__ import annotations
