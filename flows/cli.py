@@ -104,7 +104,7 @@ _COMMON_PARAMS = [
     _P("refresh", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
         "--refresh", help="rebuild this stage even if cached (repeatable)")]),
     _P("runner", _P.KEYWORD_ONLY, default="threads", annotation=Annotated[str, typer.Option(
-        help="task runner for image shards: threads | processes | dask")]),
+        help="task runner for image and text shards: threads | processes | dask")]),
     _P("dask_address", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="tcp://host:port of an existing Dask scheduler (with --runner dask)")]),
     _P("json", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(

@@ -30,7 +30,7 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     refresh: list[str] = Field(default_factory=list, description="stages to rebuild even if cached")
-    runner: str = Field("threads", description="task runner for image shards: threads | processes | dask")
+    runner: str = Field("threads", description="task runner for image and text shards: threads | processes | dask")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
     workers: int | None = Field(None, ge=1, description="shard workers (default: the runner's)")
     progress: bool | None = Field(None, description="progress bars on stderr (default: when it is a terminal)")
@@ -89,11 +89,31 @@ def _shard_mapper(options: RunOptions) -> stages.ShardMapper:
     return map_shards
 
 
+@task(name="text-shard", cache_policy=NO_CACHE, retries=1)
+def text_shard_task(job: Any) -> str:
+    """Encode one shard of unique item texts; returns the shard file path."""
+    return stages._run_text_shard_job(job)
+
+
+def _task_mapper(options: RunOptions, shard_task: Any) -> stages.ShardMapper:
+    """Map shard jobs with ``shard_task`` over the chosen task runner (threads, processes, Dask)."""
+
+    def map_shards(_fn: Any, jobs: list[Any]) -> list[str]:
+        runner = make_task_runner(options.runner, options.dask_address, options.workers)
+        with runner:
+            futures = runner.map(shard_task, {"job": list(jobs)})
+            return [f.result() for f in futures]
+
+    return map_shards
+
+
 def _stage_body(stage: str, config: PipelineConfig, options: RunOptions) -> Any:
     ctx = stages.Context.create(config, options.refresh, progress=options.show_progress())
     # The report reads every evaluated run in the store, not one upstream chain.
     done = resolve_upstream(ctx, stage) if stage != "report" else {}
     mapper = _shard_mapper(options) if stage == "image_features" else None
+    if stage == "text_features":
+        mapper = _task_mapper(options, text_shard_task)
     outcome = run_stage(ctx, stage, done, mapper)
     publish_stage_artifacts(stage, outcome)
     ref = outcome_ref(outcome)

@@ -57,6 +57,13 @@ class TextFeaturesConfig(_Section):
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model name or local path")
     batch_size: int = Field(64, ge=1)
     device: Device = None
+    shard_size: int = Field(
+        16384, ge=1, description="unique texts per shard job (rounded up to whole groups of batch_size x 32)"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per shard (pinned so bytes do not depend on the runner); "
+        "default: the orchestrating process's torch thread count",
+    )
 
 
 class ImageFeaturesConfig(_Section):
@@ -97,6 +104,16 @@ class GraphsConfig(_Section):
     k: int = Field(10, ge=1, description="neighbours per item in the kNN item-item graphs")
     include_self: bool = True
     block_size: int | None = Field(None, ge=1)
+    method: Literal["exact", "faiss", "auto"] = Field(
+        "auto", description="exact blocked top-k | faiss IVF index | auto (exact up to auto_threshold items "
+        "or on a CUDA GPU, else faiss)",
+    )
+    auto_threshold: int = Field(100_000, ge=1, description="auto: catalogue size above which CPU runs use faiss")
+    nlist: int | None = Field(None, ge=1, description="faiss clusters (default about 4 sqrt(N))")
+    nprobe: int | None = Field(None, ge=1, description="faiss clusters searched (default: tuned to target_recall)")
+    target_recall: float = Field(0.95, gt=0, le=1, description="faiss: recall@k the nprobe tuning aims for")
+    recall_sample: int = Field(1000, ge=2, description="faiss: rows whose exact neighbours measure recall")
+    seed: int = 0
 
 
 #: Early-stopping patience per dataset where the SAND authors' logs differ from 20 (Clothing: 30).

@@ -1,7 +1,8 @@
 """Full-ranking top-K evaluation with MMRec's protocol (docs/model.md).
 
 Why this shape: scores are dot products of user and item embeddings, so users are
-ranked in batches (memory ~ batch_users x n_items floats) on whatever device the
+ranked in blocks (memory ~ users per block x n_items floats, capped at
+``MAX_SCORE_ELEMENTS``; only the top K of each block is kept) on whatever device the
 embeddings live on. Only each user's *training* items are masked: validation items
 stay rankable when the test split is evaluated, as MMRec does, so numbers compare
 with published ones.
@@ -34,6 +35,14 @@ if TYPE_CHECKING:
     import torch
 
 SPLITS = ("valid", "test")
+#: Scores held at once (users per block x items): 64M float32 = 256 MB, whatever the catalogue.
+#: At 1M items a block is 67 users; ``batch_users`` is the upper bound for small catalogues.
+MAX_SCORE_ELEMENTS = 1 << 26
+
+
+def users_per_block(batch_users: int, n_items: int) -> int:
+    """Users scored together: ``batch_users``, capped so a block holds <= MAX_SCORE_ELEMENTS scores."""
+    return int(max(1, min(batch_users, MAX_SCORE_ELEMENTS // max(n_items, 1))))
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -130,8 +139,9 @@ def _iter_topk(
     if len(users) and (users.min() < 0 or users.max() >= min(ue.shape[0], m.shape[0])):
         bad = int(users[(users < 0) | (users >= min(ue.shape[0], m.shape[0]))][0])
         raise SandError(f"ranking: user index {bad} outside 0..{min(ue.shape[0], m.shape[0]) - 1}")
-    for start in range(0, len(users), batch_users):
-        bu = users[start : start + batch_users]
+    block = users_per_block(batch_users, n_items)  # bounded memory at any catalogue size
+    for start in range(0, len(users), block):
+        bu = users[start : start + block]
         scores = ue[torch.as_tensor(bu, device=ue.device)] @ ie.T
         sub = m[bu]
         rows = np.repeat(np.arange(len(bu), dtype=np.int64), np.diff(sub.indptr))

@@ -52,13 +52,7 @@ def _validate(features: np.ndarray, k: int, include_self: bool, block_size: int 
     n = x.shape[0]
     if n == 0:
         raise DataError("features: no items (0 rows)")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(
-            f"features: non-finite value {x[r, c]} at row {r}, column {c} "
-            f"({int(bad.any(axis=1).sum())} rows affected)"
-        )
+    _check_finite(x)
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise ConfigError(f"k: expected an integer, got {k!r}")
     k_max = n if include_self else n - 1
@@ -70,6 +64,24 @@ def _validate(features: np.ndarray, k: int, include_self: bool, block_size: int 
     if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
         raise ConfigError(f"block_size: must be a positive integer or None, got {block_size!r}")
     return x
+
+
+def _check_finite(x: np.ndarray) -> None:
+    """NaN/inf anywhere is a one-line DataError; checked in row blocks (no N x d temporary)."""
+    step = max(1, _DEFAULT_BLOCK_ELEMENTS // 8 // max(x.shape[1], 1))
+    first, rows_affected = None, 0
+    for start in range(0, x.shape[0], step):
+        bad = ~np.isfinite(x[start : start + step])
+        if bad.any():
+            rows_affected += int(bad.any(axis=1).sum())
+            if first is None:
+                r, c = np.argwhere(bad)[0]
+                first = (start + int(r), int(c))
+    if first is not None:
+        r, c = first
+        raise DataError(
+            f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)"
+        )
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -87,24 +99,29 @@ def knn_neighbours(
     block_size: int | None = None,
     progress: bool = False,
     device: str | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N x k) int64 column indices of each row's top-k cosine neighbours (tie rule in module doc).
 
     Rows of the result are sorted by item index, so the output is a set per row.
-    ``device`` None uses CUDA when available, else CPU.
+    ``device`` None uses CUDA when available, else CPU. ``rows``: only these items' rows
+    (len(rows) x k), e.g. the sample an approximate graph's recall is measured on.
     """
     import torch
     from tqdm.auto import tqdm
 
     x = _validate(features, k, include_self, block_size)
     n = x.shape[0]
+    queries = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    if queries.size and (queries.min() < 0 or queries.max() >= n):
+        raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     xn = _l2_normalise(x)
     # One more than k: if the (k+1)-th best equals the k-th, the row has a tie at the boundary.
     kk = min(k + 1, n)
     diag_value = math.inf if include_self else -math.inf
-    out = np.empty((n, k), dtype=np.int64)
+    out = np.empty((len(queries), k), dtype=np.int64)
     n_tie_rows = 0
     if dev.type == "cpu":
         # numpy's BLAS matmul into one reused buffer: faster than torch.mm here and no
@@ -112,18 +129,20 @@ def knn_neighbours(
         buf = np.empty((bs, n), dtype=np.float32)
     else:
         xg = torch.from_numpy(xn).to(dev)
-        xgt = xg.T.contiguous()
+        xgt = xg.T  # a view: cuBLAS takes the transpose flag, no second N x d copy on the GPU
     with torch.inference_mode():
-        for start in tqdm(range(0, n, bs), desc="kNN blocks", disable=not progress, unit="block"):
-            stop = min(start + bs, n)
+        for start in tqdm(range(0, len(queries), bs), desc="kNN blocks", disable=not progress, unit="block"):
+            stop = min(start + bs, len(queries))
             b = stop - start
+            q = queries[start:stop]
+            contiguous = rows is None  # all rows: a slice, no gather
             if dev.type == "cpu":
-                np.matmul(xn[start:stop], xn.T, out=buf[:b])  # xn.T: a BLAS transpose flag, no copy
+                # xn.T: a BLAS transpose flag, no copy
+                np.matmul(xn[start:stop] if contiguous else xn[q], xn.T, out=buf[:b])
                 sims = torch.from_numpy(buf[:b])
             else:
-                sims = torch.mm(xg[start:stop], xgt)
-            rows = torch.arange(b, device=dev)
-            sims[rows, rows + start] = diag_value
+                sims = torch.mm(xg[start:stop] if contiguous else xg[torch.from_numpy(q).to(dev)], xgt)
+            sims[torch.arange(b, device=dev), torch.from_numpy(q).to(dev)] = diag_value
             vals, idx = torch.topk(sims, kk, dim=1, largest=True, sorted=True)
             idx = idx[:, :k].clone()
             if kk > k:
@@ -156,7 +175,12 @@ def knn_graph(
     nbrs = knn_neighbours(
         features, k, include_self=include_self, block_size=block_size, progress=progress, device=device
     )
-    n = nbrs.shape[0]
+    return graph_from_neighbours(nbrs)
+
+
+def graph_from_neighbours(nbrs: np.ndarray) -> sp.csr_matrix:
+    """The normalised binary graph of an (N x k) neighbour table (exact or approximate)."""
+    n, k = nbrs.shape
     indptr = np.arange(0, n * k + 1, k, dtype=np.int64)
     adj = sp.csr_matrix((np.ones(n * k, dtype=np.float32), nbrs.ravel(), indptr), shape=(n, n))
     return normalise_rows_cols(adj)

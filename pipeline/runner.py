@@ -3,7 +3,7 @@
 Why: ``sand run`` (through Prefect), a single stage flow, a grid of training
 runs and a notebook all need the same answer to "which stages, in which
 order, with which inputs". The Prefect layer only supplies ``call`` (to wrap
-each stage in its own sub-flow) and ``map_shards`` (to spread image shards over
+each stage in its own sub-flow) and ``map_shards`` (to spread image and text shards over
 a task runner).
 """
 
@@ -77,7 +77,7 @@ def run_stage(
     if stage == "interactions":
         return stages.run_interactions(ctx, art["acquire"])
     if stage == "text_features":
-        return stages.run_text_features(ctx, art["interactions"])
+        return stages.run_text_features(ctx, art["interactions"], map_shards)
     if stage == "image_features":
         return stages.run_image_features(ctx, art["interactions"], map_shards)
     if stage == "graphs":

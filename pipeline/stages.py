@@ -259,11 +259,48 @@ def _copy_imported(src: Path, out: Path, name: str, n_items: int) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 # text_features
 # ---------------------------------------------------------------------------------------------
-def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
+#: Text settings that change speed, or only the last float bits (documented): not in the key.
+TEXT_PERFORMANCE_FIELDS = PERFORMANCE_FIELDS | {"shard_size", "threads"}
+
+
+def _stage_work_key(stage: str, params: dict[str, Any], inputs: dict[str, Artifact]) -> str:
+    """Key of a stage's resumable scratch directory (same scheme as artifact keys)."""
+    from sand.pipeline.store import artifact_key
+
+    return artifact_key(stage, STAGE_VERSIONS[stage], params, {k: a.key for k, a in inputs.items()})
+
+
+def _run_text_shard_job(job: Any) -> str:
+    """One picklable text shard job (runs in a thread, a process or on a Dask worker)."""
+    from sand.pipeline.text_features import run_text_shard
+
+    return run_text_shard(job)
+
+
+def _map_text_locally(fn: Callable[..., Any], jobs: Sequence[Any]) -> list[Any]:
+    from tqdm import tqdm
+
+    return [fn(job) for job in tqdm(jobs, desc="text shards", disable=len(jobs) < 2)]
+
+
+def run_text_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
+    """Item texts -> ``text_feat.npy``, as shard jobs over ``map_shards`` (default: in this process).
+
+    The bytes do not depend on the runner, the shard size or a resume: shards are whole
+    encoding groups, each shard pins its torch thread count, and finished shard files are
+    reused (see :mod:`pipeline.text_features`).
+    """
     tcfg = ctx.cfg.text_features
     imported = _imported_feature(inter, "text_feat.npy")
-    # sentence-transformers picks MPS by itself where present
-    params = {"imported": str(imported)} if imported else key_params(tcfg, allow_mps=True)
+    if imported:
+        params: dict[str, Any] = {"imported": str(imported)}
+    else:
+        import torch
+
+        # sentence-transformers picks MPS by itself where present; the thread count changes the
+        # vectors' last bits, so the count the shards will pin is part of the key
+        params = key_params(tcfg, TEXT_PERFORMANCE_FIELDS, allow_mps=True)
+        params["threads"] = tcfg.threads or torch.get_num_threads()
 
     def build(out: Path) -> dict[str, Any]:
         _, n_items = dataset_counts(inter)
@@ -271,7 +308,7 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
             return _copy_imported(imported, out, "text_feat.npy", n_items)
         from dataclasses import asdict
 
-        from sand.pipeline.text_features import encode_texts_with_stats, item_text
+        from sand.pipeline.text_features import assemble_text_features, item_text, plan_text_shards
 
         items = pd.read_parquet(inter.file("items.parquet"))
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
@@ -280,15 +317,23 @@ def run_text_features(ctx: Context, inter: Artifact) -> StageOutcome:
         texts = [
             item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
         ]
-        # Vectors depend on the batch (padding) and the device: each pair has its own per-item cache.
-        cache = ctx.store.cache_dir("text") / f"batch{tcfg.batch_size}-{params['device']}"
-        feats, stats = encode_texts_with_stats(
-            texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device, cache_dir=cache,
-            progress=ctx.progress,
+        threads = params["threads"]
+        bits = {**params, "batch_size": tcfg.batch_size, "device": tcfg.device}
+        work = ctx.store.work_dir("text_features", _stage_work_key("text_features", bits, {"interactions": inter}))
+        # Vectors depend on the batch (padding), the device and the thread count: each has its own per-item cache.
+        cache = ctx.store.cache_dir("text") / f"batch{tcfg.batch_size}-{params['device']}-threads{threads}"
+        uniq, jobs, stats = plan_text_shards(
+            texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device, threads=threads,
+            cache_dir=cache, shard_size=tcfg.shard_size, work_dir=work,
         )
-        np.save(out / "text_feat.npy", feats.astype(np.float32))
+        paths = (map_shards or _map_text_locally)(_run_text_shard_job, jobs)
+        shape = assemble_text_features(uniq, paths, out / "text_feat.npy")
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("text features: %d texts (%d unique), %d from cache, %d encoded in %d shards",
+                 stats.n_texts, stats.n_unique, stats.n_cached, stats.n_encoded, len(jobs))
         return {"source": "encoded", "model": tcfg.model, "recipe": "title + brand + first category path + "
-                "description", "shape": list(feats.shape), "encoding": asdict(stats)}
+                "description", "shape": list(shape), "encoding": asdict(stats), "shards": len(jobs),
+                "threads": threads, "batch_size": tcfg.batch_size}
 
     return ctx.store.run(
         "text_features", STAGE_VERSIONS["text_features"], params, {"interactions": inter}, build,
@@ -450,23 +495,54 @@ def _shard_work_key(params: dict[str, Any], inter: Artifact) -> str:
 # ---------------------------------------------------------------------------------------------
 # graphs
 # ---------------------------------------------------------------------------------------------
+#: Graph settings used only by the faiss method (left out of the key of an exact graph).
+_FAISS_FIELDS = {"nlist", "nprobe", "target_recall", "recall_sample", "seed"}
+
+
+def graph_method(ctx: Context, text: Artifact, image: Artifact) -> str:
+    """The graph method this run uses (``auto`` resolved by catalogue size and CUDA)."""
+    import torch
+
+    from sand.pipeline.ann import resolve_method
+
+    gcfg = ctx.cfg.graphs
+    shape = np.load(text.file("text_feat.npy"), mmap_mode="r").shape
+    return resolve_method(gcfg.method, int(shape[0]), gcfg.auto_threshold, cuda=torch.cuda.is_available())
+
+
 def run_graphs(ctx: Context, text: Artifact, image: Artifact) -> StageOutcome:
     gcfg = ctx.cfg.graphs
+    method = graph_method(ctx, text, image)
+    drop = PERFORMANCE_FIELDS | {"auto_threshold"} | (_FAISS_FIELDS if method == "exact" else set())
+    params = {**key_params(gcfg, drop), "method": method}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.knn import knn_graph, save_graph
+        from sand.pipeline.knn import graph_from_neighbours, knn_neighbours, save_graph
 
         stats = {}
         for modality, art, name in (("image", image, "image_feat.npy"), ("text", text, "text_feat.npy")):
-            feats = np.load(art.file(name), allow_pickle=False)
-            graph = knn_graph(feats, k=gcfg.k, include_self=gcfg.include_self, block_size=gcfg.block_size,
-                              progress=ctx.progress)
+            # Memory-mapped: the exact path makes one normalised float32 copy, faiss only its index.
+            feats = np.load(art.file(name), mmap_mode="r", allow_pickle=False)
+            info: dict[str, Any] = {"method": method}
+            if method == "faiss":
+                from sand.pipeline.ann import faiss_neighbours
+
+                nbrs, report = faiss_neighbours(
+                    feats, gcfg.k, include_self=gcfg.include_self, nlist=gcfg.nlist, nprobe=gcfg.nprobe,
+                    target_recall=gcfg.target_recall, recall_sample=gcfg.recall_sample, seed=gcfg.seed,
+                    progress=ctx.progress,
+                )
+                info["ann"] = report.to_dict()
+            else:
+                nbrs = knn_neighbours(feats, gcfg.k, include_self=gcfg.include_self, block_size=gcfg.block_size,
+                                      progress=ctx.progress)
+            graph = graph_from_neighbours(nbrs)
             save_graph(out / f"{modality}_graph.npz", graph)
-            stats[modality] = {"nnz": int(graph.nnz), "shape": list(graph.shape)}
-        return {"graphs": stats, "note": "image/text mix weight is applied at model time"}
+            stats[modality] = {"nnz": int(graph.nnz), "shape": list(graph.shape), **info}
+        return {"graphs": stats, "method": method, "note": "image/text mix weight is applied at model time"}
 
     return ctx.store.run(
-        "graphs", STAGE_VERSIONS["graphs"], key_params(gcfg), {"text_features": text, "image_features": image},
+        "graphs", STAGE_VERSIONS["graphs"], params, {"text_features": text, "image_features": image},
         build, "graphs" in ctx.refresh,
     )
 
@@ -478,9 +554,25 @@ def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[st
     return {"interactions": inter, **feature_arts}
 
 
+def load_feature_tensor(path: Path):
+    """A feature matrix as a float32 tensor over a memory map of the ``.npy`` file, not a copy.
+
+    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on
+    demand and the models that keep raw features as a frozen buffer (SAND, VBPR) hold no
+    second copy on CPU (on a GPU, the one device copy). Copy-on-write (``mmap_mode="c"``):
+    a model that writes into its features changes private pages, never the artifact.
+    Other dtypes (an imported float16 file) are converted once, to one float32 copy.
+    """
+    import torch
+
+    arr = np.load(path, mmap_mode="c", allow_pickle=False)
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(arr)
+
+
 def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]):
     """SplitData, feature tensors and torch item graphs for building a model."""
-    import torch
 
     from sand.models.graph import scipy_to_torch_sparse
     from sand.pipeline.data import SplitData
@@ -489,9 +581,9 @@ def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Art
     data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
     features, graphs = {}, {}
     if "image_features" in feature_arts:
-        features["image"] = torch.from_numpy(np.load(feature_arts["image_features"].file("image_feat.npy")))
+        features["image"] = load_feature_tensor(feature_arts["image_features"].file("image_feat.npy"))
     if "text_features" in feature_arts:
-        features["text"] = torch.from_numpy(np.load(feature_arts["text_features"].file("text_feat.npy")))
+        features["text"] = load_feature_tensor(feature_arts["text_features"].file("text_feat.npy"))
     if "graphs" in feature_arts:
         from sand.pipeline.knn import load_graph
 

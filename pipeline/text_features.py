@@ -24,7 +24,9 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,12 +188,35 @@ class FeatureCache:
     def __init__(self, root: Path, identity: str) -> None:
         self.dir = Path(root) / identity[:32]
 
-    def lookup(self, keys: set[str]) -> dict[str, np.ndarray]:
-        """Vectors for those of ``keys`` that are cached; unreadable chunks are skipped with a warning."""
-        found: dict[str, np.ndarray] = {}
+    def index(self, keys: set[str]) -> dict[str, str]:
+        """key -> chunk file for those of ``keys`` that are cached, reading only the chunks' key lists.
+
+        Why separate from :meth:`load`: a sharded run indexes the cache once and sends each
+        shard only the chunk names of its own keys, instead of every shard reading every chunk.
+        """
+        found: dict[str, str] = {}
         if not self.dir.is_dir() or not keys:
             return found
         for chunk in sorted(self.dir.glob("chunk-*.npz")):
+            try:
+                with np.load(chunk, allow_pickle=False) as z:
+                    ckeys = z["keys"]
+            except (OSError, ValueError, KeyError, EOFError) as err:
+                log.warning("%s: unreadable text-feature cache chunk skipped (%s)", chunk, err)
+                continue
+            for key in ckeys.tolist():
+                if key in keys and key not in found:
+                    found[key] = str(chunk)
+        return found
+
+    @staticmethod
+    def load(index: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """The vectors named by an :meth:`index` (chunks that became unreadable are skipped)."""
+        by_chunk: dict[str, set[str]] = {}
+        for key, chunk in index.items():
+            by_chunk.setdefault(chunk, set()).add(key)
+        found: dict[str, np.ndarray] = {}
+        for chunk, wanted in sorted(by_chunk.items()):
             try:
                 with np.load(chunk, allow_pickle=False) as z:
                     ckeys, vecs = z["keys"], z["vectors"]
@@ -201,9 +226,13 @@ class FeatureCache:
                 log.warning("%s: unreadable text-feature cache chunk skipped (%s)", chunk, err)
                 continue
             for i, key in enumerate(ckeys.tolist()):
-                if key in keys and key not in found:
+                if key in wanted and key not in found:
                     found[key] = vecs[i]
         return found
+
+    def lookup(self, keys: set[str]) -> dict[str, np.ndarray]:
+        """Vectors for those of ``keys`` that are cached; unreadable chunks are skipped with a warning."""
+        return self.load(self.index(keys))
 
     def append(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one chunk atomically (temp file + rename): a crash never leaves half a chunk."""
@@ -223,6 +252,141 @@ class FeatureCache:
         return final
 
 
+_THREADS_LOCK = threading.Lock()
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with exactly ``n`` torch intra-op threads (None: leave torch as it is).
+
+    Why: the encoder's float sums depend on how many threads split them (measured: 1, 2, 3
+    and 4 threads give four different last bits), and a Dask worker starts torch with one
+    thread while a local process uses all cores. Pinning the count per shard makes the
+    bytes independent of where a shard runs. The count is process-global in torch, so
+    pinned sections in one process take turns (a lock) and restore the count afterwards.
+    """
+    if n is None:
+        yield
+        return
+    import torch
+
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(n))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _model_dim(model: Any) -> int:
+    # Renamed get_embedding_dimension in sentence-transformers 6; >= 3.0 is supported.
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get_dim())
+
+
+def group_size(batch_size: int) -> int:
+    """Unique texts per encoding group: one ``model.encode`` call and one cache chunk."""
+    return batch_size * _CHUNK_BATCHES
+
+
+@dataclass(frozen=True)
+class UniqueTexts:
+    """Distinct texts in order of first appearance, and which of them each input row is."""
+
+    keys: list[str]
+    texts: list[str]
+    inverse: np.ndarray  # (n_rows,) int64: row i has the text keys[inverse[i]]
+
+
+def unique_texts(texts: Sequence[str], identity: str) -> UniqueTexts:
+    """Deduplicate by cache key (model identity + text); the order depends only on ``texts`` (strings)."""
+    position: dict[str, int] = {}
+    keys: list[str] = []
+    uniq: list[str] = []
+    inverse = np.empty(len(texts), dtype=np.int64)
+    for i, t in enumerate(texts):
+        key = _text_key(identity, t)
+        j = position.get(key)
+        if j is None:
+            j = position[key] = len(keys)
+            keys.append(key)
+            uniq.append(t)
+        inverse[i] = j
+    return UniqueTexts(keys, uniq, inverse)
+
+
+def _check_texts(texts: Sequence[Any]) -> None:
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"texts[{i}]: expected a string, got {type(t).__name__} {t!r:.60}")
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
+
+
+def _prepare(texts: Sequence[str], model_name: str, batch_size: int) -> tuple[str, str, UniqueTexts]:
+    """Checked inputs -> (model directory, model identity, deduplicated texts)."""
+    _check_batch_size(batch_size)
+    texts = list(texts)
+    _check_texts(texts)
+    model_dir = resolve_model(model_name)
+    identity = model_identity(model_dir)
+    return model_dir, identity, unique_texts(texts, identity)
+
+
+def _encode_groups(
+    keys: Sequence[str],
+    texts: Sequence[str],
+    vectors: dict[str, np.ndarray],
+    *,
+    model_dir: str,
+    batch_size: int,
+    device: str | None,
+    threads: int | None,
+    cache: FeatureCache | None,
+    progress: bool,
+) -> int:
+    """Encode the texts missing from ``vectors`` group by group (adds them); returns the dimension.
+
+    Groups are consecutive runs of ``group_size(batch_size)`` unique texts counted from the
+    start of ``keys``; within a group the missing texts form one ``encode`` call (which sorts
+    them by length and pads each batch), written to the cache as one chunk. A caller that
+    passes whole groups (a shard aligned to group boundaries) therefore makes exactly the
+    same calls as a single-process run: the same batches, the same padding, the same bits.
+    """
+    from tqdm.auto import tqdm
+
+    missing = sum(1 for k in keys if k not in vectors)
+    if not missing and keys:
+        return int(next(iter(vectors.values())).shape[0])
+    model = _load_model(model_dir, device)
+    dim = _model_dim(model)
+    step = group_size(batch_size)
+    with tqdm(total=missing, desc="text features", unit="item", disable=not progress) as bar:
+        for start in range(0, len(keys), step):
+            todo = [i for i in range(start, min(start + step, len(keys))) if keys[i] not in vectors]
+            if not todo:
+                continue
+            chunk_keys = [keys[i] for i in todo]
+            with torch_threads(threads):
+                emb = model.encode(
+                    [texts[i] for i in todo],
+                    batch_size=batch_size,
+                    show_progress_bar=False,
+                    convert_to_numpy=True,
+                    normalize_embeddings=False,
+                )
+            emb = np.asarray(emb, dtype=np.float32)
+            if cache:
+                cache.append(chunk_keys, emb)
+            vectors.update(zip(chunk_keys, emb, strict=True))
+            bar.update(len(todo))
+    return dim
+
+
 def encode_texts_with_stats(
     texts: Sequence[str],
     model_name: str = DEFAULT_MODEL,
@@ -232,64 +396,157 @@ def encode_texts_with_stats(
     cache_dir: Path | None = None,
     progress: bool = True,
     normalize: bool = False,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, EncodeStats]:
     """Like :func:`encode_texts`, also returning what was cached and what was encoded."""
-    from tqdm.auto import tqdm
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise DataError(f"texts[{i}]: expected a string, got {type(t).__name__} {t!r:.60}")
-    model_dir = resolve_model(model_name)
-    identity = model_identity(model_dir)
-    keys = [_text_key(identity, t) for t in texts]
-    unique: dict[str, str] = {}
-    for key, t in zip(keys, texts, strict=True):
-        unique.setdefault(key, t)
-
+    model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
     cache = FeatureCache(cache_dir, identity) if cache_dir is not None else None
-    vectors: dict[str, np.ndarray] = cache.lookup(set(unique)) if cache else {}
+    vectors: dict[str, np.ndarray] = cache.lookup(set(uniq.keys)) if cache else {}
     n_cached = len(vectors)
-    missing = [k for k in unique if k not in vectors]
-
-    if missing or not texts:
-        model = _load_model(model_dir, device)
-        # Renamed get_embedding_dimension in sentence-transformers 6; >= 3.0 is supported.
-        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        dim = int(get_dim())
-        step = batch_size * _CHUNK_BATCHES
-        with tqdm(total=len(missing), desc="text features", unit="item", disable=not progress) as bar:
-            for start in range(0, len(missing), step):
-                chunk_keys = missing[start : start + step]
-                emb = model.encode(
-                    [unique[k] for k in chunk_keys],
-                    batch_size=batch_size,
-                    show_progress_bar=False,
-                    convert_to_numpy=True,
-                    normalize_embeddings=False,
-                )
-                emb = np.asarray(emb, dtype=np.float32)
-                if cache:
-                    cache.append(chunk_keys, emb)
-                vectors.update(zip(chunk_keys, emb, strict=True))
-                bar.update(len(chunk_keys))
+    if uniq.keys:
+        dim = _encode_groups(
+            uniq.keys, uniq.texts, vectors, model_dir=model_dir, batch_size=batch_size, device=device,
+            threads=threads, cache=cache, progress=progress,
+        )
     else:
-        dim = int(next(iter(vectors.values())).shape[0])
-
-    out = np.empty((len(texts), dim), dtype=np.float32)
-    for i, key in enumerate(keys):
-        out[i] = vectors[key]
+        dim = _model_dim(_load_model(model_dir, device))
+    out = np.empty((len(uniq.inverse), dim), dtype=np.float32)
+    for i, j in enumerate(uniq.inverse.tolist()):
+        out[i] = vectors[uniq.keys[j]]
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
-    stats = EncodeStats(len(texts), len(unique), n_cached, len(missing), model_dir, identity)
+    stats = EncodeStats(len(uniq.inverse), len(uniq.keys), n_cached, len(uniq.keys) - n_cached, model_dir, identity)
     log.info(
         "text features: %d texts (%d unique), %d from cache, %d encoded with %s",
         stats.n_texts, stats.n_unique, stats.n_cached, stats.n_encoded, model_dir,
     )
     return out, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded encoding: the same groups as encode_texts_with_stats, spread over a task runner
+# ---------------------------------------------------------------------------------------------
+def text_shard_ranges(n_unique: int, shard_size: int, batch_size: int) -> list[range]:
+    """Ranges of unique texts per shard, each a whole number of encoding groups.
+
+    ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries
+    are group boundaries and every shard makes the calls a single process would make.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ConfigError(f"text_features.shard_size: must be a positive integer, got {shard_size!r}")
+    _check_batch_size(batch_size)
+    step = group_size(batch_size)
+    size = -(-shard_size // step) * step
+    return [range(lo, min(lo + size, n_unique)) for lo in range(0, n_unique, size)]
+
+
+@dataclass(frozen=True)
+class TextShardJob:
+    """One picklable shard: its unique texts, where the cache already holds some, where to write."""
+
+    keys: list[str]
+    texts: list[str]
+    cached: dict[str, str]  # key -> cache chunk file (from FeatureCache.index, done once up front)
+    model_dir: str
+    identity: str
+    batch_size: int
+    device: str | None
+    threads: int | None
+    cache_dir: str
+    out_path: str
+
+
+def plan_text_shards(
+    texts: Sequence[str],
+    model_name: str,
+    *,
+    batch_size: int,
+    device: str | None,
+    threads: int | None,
+    cache_dir: Path,
+    shard_size: int,
+    work_dir: Path,
+) -> tuple[UniqueTexts, list[TextShardJob], EncodeStats]:
+    """Deduplicate, index the cache once, and cut the unique texts into shard jobs.
+
+    Shard files are named by their range: a rerun after a crash finds the finished ones
+    (see :func:`run_text_shard`); ``work_dir`` must be specific to the settings that change
+    bits (model, batch size, threads, device), which the caller puts in its name.
+    """
+    model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
+    index = FeatureCache(cache_dir, identity).index(set(uniq.keys))
+    jobs = []
+    for rng in text_shard_ranges(len(uniq.keys), shard_size, batch_size):
+        keys = uniq.keys[rng.start : rng.stop]
+        jobs.append(TextShardJob(
+            keys=keys, texts=uniq.texts[rng.start : rng.stop], cached={k: index[k] for k in keys if k in index},
+            model_dir=model_dir, identity=identity, batch_size=batch_size, device=device, threads=threads,
+            cache_dir=str(cache_dir), out_path=str(Path(work_dir) / f"shard-{rng.start:010d}-{rng.stop:010d}.npy"),
+        ))
+    stats = EncodeStats(len(uniq.inverse), len(uniq.keys), len(index), len(uniq.keys) - len(index), model_dir,
+                        identity)
+    return uniq, jobs, stats
+
+
+def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
+    """Encode one shard (cached vectors reused) and write its ``(len(keys), d)`` float32 ``.npy``.
+
+    Runs in a thread, a process or on a Dask worker; a shard file left by an interrupted
+    run is kept (written atomically, so it is complete).
+    """
+    out = Path(job.out_path)
+    if out.is_file():
+        return str(out)
+    cache = FeatureCache(Path(job.cache_dir), job.identity)
+    vectors = cache.load(job.cached)
+    dim = _encode_groups(
+        job.keys, job.texts, vectors, model_dir=job.model_dir, batch_size=job.batch_size, device=job.device,
+        threads=job.threads, cache=cache, progress=progress,
+    )
+    feats = np.empty((len(job.keys), dim), dtype=np.float32)
+    for i, key in enumerate(job.keys):
+        feats[i] = vectors[key]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-shard-", suffix=".npy", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, feats)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(out)
+
+
+def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_file: Path) -> tuple[int, int]:
+    """Write the ``(n_rows, d)`` float32 ``.npy`` row by row from the shard files; returns its shape.
+
+    Streams: the matrix is written through a memory map and each shard is read memory-mapped,
+    so the orchestrator never holds all vectors at once.
+    """
+    n_unique = len(uniq.keys)
+    starts = []
+    dim = None
+    for p in shard_paths:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        lo = int(Path(p).stem.split("-")[1])
+        if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
+            raise DataError(f"{p}: text feature shard has shape {arr.shape}, expected (rows, {dim})")
+        dim = int(arr.shape[1])
+        starts.append((lo, lo + arr.shape[0], p))
+    covered = sum(hi - lo for lo, hi, _ in starts)
+    if covered != n_unique or (dim is None and n_unique):
+        raise DataError(f"text feature shards cover {covered} of {n_unique} unique texts")
+    out = np.lib.format.open_memmap(out_file, mode="w+", dtype=np.float32, shape=(len(uniq.inverse), dim or 0))
+    for lo, hi, p in sorted(starts):
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        rows = np.flatnonzero((uniq.inverse >= lo) & (uniq.inverse < hi))
+        out[rows] = arr[uniq.inverse[rows] - lo]
+    out.flush()
+    shape = (int(out.shape[0]), int(out.shape[1]))
+    del out
+    return shape
 
 
 def encode_texts(
@@ -301,16 +558,18 @@ def encode_texts(
     cache_dir: Path | None = None,
     progress: bool = True,
     normalize: bool = False,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Encode texts to an (n x d) float32 array; cached items are not re-encoded.
 
     The raw model output is cached and returned (MMRec stores it that way);
     ``normalize=True`` L2-normalises the returned rows. Deterministic: the same texts,
     batch size and machine give the same bits, and cached vectors come back bit-for-bit
-    (a different batch size can change the last float bits through padding).
+    (a different batch size can change the last float bits through padding, and a different
+    torch thread count through the order of float sums: ``threads`` pins it).
     """
     out, _ = encode_texts_with_stats(
         texts, model_name, batch_size=batch_size, device=device, cache_dir=cache_dir,
-        progress=progress, normalize=normalize,
+        progress=progress, normalize=normalize, threads=threads,
     )
     return out

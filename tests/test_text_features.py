@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,78 @@ def test_bad_inputs() -> None:
         encode_texts(["ok", None], progress=False)  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="batch_size"):
         encode_texts(["ok"], batch_size=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded encoding: the same bytes as one process, whatever the shards, runner or resume
+# ---------------------------------------------------------------------------------------------
+#: 300 rows with varied lengths (so batches pad differently) and duplicates across shards.
+SHARD_TEXTS = [
+    item_text(f"Item {i} " + "soft cotton " * (i % 9), ["Acme", "Zed", None][i % 3], ["Baby", f"Cat{i % 5}"],
+              "Warm and washable. " * (i % 6))
+    for i in range(280)
+] + [item_text(f"Item {i} " + "soft cotton " * (i % 9), ["Acme", "Zed", None][i % 3], ["Baby", f"Cat{i % 5}"],
+               "Warm and washable. " * (i % 6)) for i in range(0, 200, 10)]
+
+
+def _sharded(texts, tmp_path, name, *, shard_size, cache_dir=None, mapper=None, threads=1, batch_size=4):
+    from sand.pipeline.text_features import assemble_text_features, plan_text_shards, run_text_shard
+
+    work = tmp_path / f"work-{name}"
+    uniq, jobs, stats = plan_text_shards(
+        texts, "all-MiniLM-L6-v2", batch_size=batch_size, device="cpu", threads=threads,
+        cache_dir=cache_dir or tmp_path / f"cache-{name}", shard_size=shard_size, work_dir=work,
+    )
+    paths = (mapper or (lambda fn, js: [fn(j) for j in js]))(run_text_shard, jobs)
+    out = tmp_path / f"{name}.npy"
+    assemble_text_features(uniq, paths, out)
+    return out, jobs, stats
+
+
+def test_text_shards_are_byte_identical_to_one_process(tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sand.pipeline.text_features import group_size
+
+    single = encode_texts(SHARD_TEXTS, batch_size=4, device="cpu", progress=False, threads=1)
+    one, jobs1, _ = _sharded(SHARD_TEXTS, tmp_path, "one", shard_size=10**6)
+    assert len(jobs1) == 1
+
+    def threaded(fn, jobs):  # a concurrent runner: shards finish in any order
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(fn, jobs))
+
+    many, jobs3, stats = _sharded(SHARD_TEXTS, tmp_path, "many", shard_size=100, mapper=threaded)
+    assert group_size(4) == 128 and [len(j.keys) for j in jobs3] == [128, 128, 24]
+    assert stats.n_texts == 300 and stats.n_unique == 280
+    arr = np.load(many, mmap_mode="r")
+    assert arr.shape == (300, 384) and arr.dtype == np.float32
+    assert one.read_bytes() == many.read_bytes()
+    np.testing.assert_array_equal(np.load(one), single)
+    np.testing.assert_array_equal(arr[280:], arr[0:200:10])  # duplicates share one vector
+
+
+def test_text_shards_resume_byte_identical(tmp_path, encode_spy: list[int]) -> None:
+    from sand.pipeline.text_features import plan_text_shards, run_text_shard
+
+    full, _, _ = _sharded(SHARD_TEXTS, tmp_path, "full", shard_size=100)
+    cache = tmp_path / "cache-resumed"
+    work = tmp_path / "work-resumed"
+    _, jobs, _ = plan_text_shards(SHARD_TEXTS, "all-MiniLM-L6-v2", batch_size=4, device="cpu", threads=1,
+                                  cache_dir=cache, shard_size=100, work_dir=work)
+    run_text_shard(jobs[0])  # finished shard file
+    lost = run_text_shard(jobs[1])  # encoded, cached, then its shard file is lost in the "crash"
+    Path(lost).unlink()
+    encode_spy.clear()
+    resumed, _, stats = _sharded(SHARD_TEXTS, tmp_path, "resumed", shard_size=100, cache_dir=cache)
+    assert stats.n_cached == 256, "the first two shards' groups come from the cache"
+    assert sum(encode_spy) == 24, "only the unfinished shard is encoded again"
+    assert resumed.read_bytes() == full.read_bytes()
+
+
+def test_text_shard_size_must_be_positive() -> None:
+    from sand.pipeline.text_features import text_shard_ranges
+
+    with pytest.raises(ConfigError, match="shard_size"):
+        text_shard_ranges(10, 0, 4)
+    assert text_shard_ranges(0, 5, 4) == []

@@ -1,0 +1,110 @@
+"""Approximate (faiss) item-item graphs: measured recall in the manifest, method choice and fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from sand.pipeline import ann
+from sand.pipeline.errors import ConfigError
+
+pytest.importorskip("faiss")
+
+
+def clustered(n: int, d: int, seed: int = 0, centres: int = 60) -> np.ndarray:
+    """Items around topic centres (like real embeddings, unlike isotropic noise)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    return x.astype(np.float32)
+
+
+def test_exact_rows_equal_blocked_exact() -> None:
+    from sand.pipeline.knn import knn_neighbours
+
+    x = clustered(2500, 24, seed=3)
+    rows = np.array([0, 7, 1234, 2499])
+    for include_self in (True, False):
+        want = knn_neighbours(x, 10, include_self=include_self, rows=rows)
+        np.testing.assert_array_equal(ann.exact_rows(x, rows, 10, include_self), want)
+        np.testing.assert_array_equal(want, knn_neighbours(x, 10, include_self=include_self)[rows])
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_faiss_graph_recall_measured_and_reached(include_self: bool) -> None:
+    from sand.pipeline.knn import knn_neighbours
+
+    x = clustered(20000, 32)
+    got, report = ann.faiss_neighbours(x, 10, include_self=include_self, recall_sample=400, seed=0)
+    assert got.shape == (20000, 10) and got.dtype == np.int64
+    assert (np.diff(got, axis=1) > 0).all(), "rows sorted, no repeats"
+    has_self = (got == np.arange(20000)[:, None]).any(axis=1)
+    assert has_self.all() if include_self else not has_self.any()
+    assert report.recall_at_k >= 0.95 and report.recall_rows == 200
+    assert report.nlist == ann.default_nlist(20000) and report.tuning[-1]["nprobe"] == report.nprobe
+    # The reported (sampled, held-out) recall matches the true recall over every row.
+    exact = knn_neighbours(x, 10, include_self=include_self)
+    true = ann.recall_at_k(got, exact, np.arange(20000))
+    assert true >= 0.95 and abs(true - report.recall_at_k) < 0.03
+    again, _ = ann.faiss_neighbours(x, 10, include_self=include_self, recall_sample=400, seed=0)
+    np.testing.assert_array_equal(again, got)
+
+
+def test_fixed_nprobe_reports_low_recall_honestly() -> None:
+    x = clustered(5000, 32, centres=5)
+    _, report = ann.faiss_neighbours(x, 10, nlist=256, nprobe=1, recall_sample=200)
+    assert report.nprobe == 1 and len(report.tuning) == 1
+    assert report.recall_at_k < 0.95
+
+
+def test_method_choice_and_fallback(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    assert ann.resolve_method("auto", 1000, 5000) == "exact"
+    assert ann.resolve_method("auto", 10_000, 5000) == "faiss"
+    assert ann.resolve_method("auto", 10_000, 5000, cuda=True) == "exact"
+    assert ann.resolve_method("exact", 10**7, 5000) == "exact"
+    monkeypatch.setattr(ann, "faiss_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="sand.pipeline.ann"):
+        assert ann.resolve_method("auto", 10_000, 5000) == "exact"
+    assert "faiss is not installed" in caplog.text
+    with pytest.raises(ConfigError) as info:
+        ann.resolve_method("faiss", 10, 5000)
+    assert "graphs.method=faiss" in str(info.value) and "\n" not in str(info.value)
+
+
+def _feature_artifacts(tmp_path, n: int, dtype=np.float32):
+    from sand.pipeline.store import Artifact
+
+    arts = {}
+    for i, (stage, name, d) in enumerate((("text_features", "text_feat.npy", 24), ("image_features",
+                                                                                    "image_feat.npy", 40))):
+        path = tmp_path / stage
+        path.mkdir()
+        np.save(path / name, clustered(n, d, seed=i).astype(dtype))
+        arts[stage] = Artifact(stage, f"k{i}", path, {"shape": [n, d]})
+    return arts["text_features"], arts["image_features"]
+
+
+def test_graph_stage_records_recall_in_manifest(tmp_path) -> None:
+    from sand.pipeline.config import load_config
+    from sand.pipeline.knn import load_graph
+    from sand.pipeline.stages import Context, run_graphs
+
+    text, image = _feature_artifacts(tmp_path, 6000, dtype=np.float16)
+    cfg = load_config(None, {"data_root": str(tmp_path / "root")}, ["graphs.auto_threshold=5000",
+                                                                    "graphs.recall_sample=300"])
+    outcome = run_graphs(Context.create(cfg, progress=False), text, image)
+    manifest = json.loads((outcome.artifact.path / "manifest.json").read_text())
+    assert manifest["method"] == "faiss" and manifest["params"]["method"] == "faiss"
+    for modality in ("image", "text"):
+        info = manifest["graphs"][modality]
+        assert info["ann"]["recall_at_k"] >= 0.95 and info["ann"]["recall_rows"] == 150
+        g = load_graph(outcome.artifact.path / f"{modality}_graph.npz")
+        assert g.shape == (6000, 6000) and g.nnz == 6000 * 10
+    # Below the threshold the same config builds the exact graph (a different artifact).
+    small = load_config(None, {"data_root": str(tmp_path / "root")}, ["graphs.auto_threshold=100000"])
+    exact = run_graphs(Context.create(small, progress=False), text, image)
+    assert exact.artifact.manifest["method"] == "exact" and exact.artifact.key != outcome.artifact.key
+    assert "ann" not in exact.artifact.manifest["graphs"]["text"]
