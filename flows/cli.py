@@ -47,6 +47,7 @@ class Common:
     variant: str | None
     epochs: int | None
     device: str | None
+    precision: str | None
     image_weights: str | None
     set: list[str]
     refresh: list[str]
@@ -92,6 +93,8 @@ _COMMON_PARAMS = [
         help="maximum training epochs")]),
     _P("device", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="cpu | cuda (default: cuda when present)")]),
+    _P("precision", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="training compute precision: fp32 (default) | bf16 | auto (bf16 where the hardware has it)")]),
     _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
     _P("set", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(

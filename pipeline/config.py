@@ -90,6 +90,11 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     seed: int = 0
     device: str | None = None
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="compute precision of the big products with the raw features: fp32 (the faithful "
+        "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
+    )
     embedding_dim: int = Field(64, ge=1)
     alpha: float | None = Field(None, ge=0, description="alignment weight (SAND default 0.012)")
     beta: float | None = Field(None, ge=0, description="distancing weight (SAND default 0.006)")
@@ -172,6 +177,7 @@ CLI_FIELDS = {
     "variant": "train.variant",
     "epochs": "train.epochs",
     "device": "train.device",
+    "precision": "train.precision",
     "image_weights": "image_features.weights",
 }
 

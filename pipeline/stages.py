@@ -456,14 +456,30 @@ def build_model_for(ctx: Context, inter: Artifact, feature_arts: dict[str, Artif
 
 
 def train_key_params(tcfg: Any) -> dict[str, Any]:
-    """Train parameters that reach the model: fields it ignores do not change the artifact key."""
+    """Train parameters that reach the model: fields it ignores do not change the artifact key.
+
+    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and
+    fp32 on another, and bf16 changes the results), and only when it is not fp32, so
+    artifacts trained before the field existed keep their keys.
+    """
     from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
     if tcfg.model not in VARIANT_MODELS:
         ignored.add("variant")
-    return key_params(tcfg, PERFORMANCE_FIELDS | ignored)
+    params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision"})
+    precision = resolved_train_precision(tcfg)
+    if precision != "fp32":
+        params["precision"] = precision
+    return params
+
+
+def resolved_train_precision(tcfg: Any) -> str:
+    """``train.precision`` resolved for ``train.device`` on this machine (fp32 | bf16)."""
+    from sand.pipeline.hardware import resolve_device, resolve_precision
+
+    return resolve_precision(tcfg.precision, resolve_device(tcfg.device))
 
 
 def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:
@@ -485,7 +501,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             model, data, out_dir=work, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=lr,
             weight_decay=tcfg.weight_decay, patience=tcfg.patience, eval_every=tcfg.eval_every, seed=tcfg.seed,
             device=tcfg.device, ks=tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20})), progress=ctx.progress,
-            resume=True,
+            resume=True, precision=resolved_train_precision(tcfg),
         )
         for name in ("best.pt", "epochs.csv"):
             shutil.copy2(work / name, out / name)
@@ -494,6 +510,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
             "best_valid": _jsonable(result.best_valid), "test_at_best": _jsonable(result.test_at_best),
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
+            "precision": result.precision,
             "model_kwargs": _jsonable(tcfg.model_kwargs(accepted_hyperparameters(tcfg.model))),
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2))

@@ -35,6 +35,7 @@ import numpy as np
 from sand.pipeline.data import SplitData
 from sand.pipeline.errors import ConfigError, DataError, SandError, StageError
 from sand.pipeline.evaluation import SplitEvaluator, metric_names
+from sand.pipeline.hardware import resolve_device, resolve_precision
 from sand.pipeline.sampling import sample_bpr_epoch
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 BEST_NAME, LAST_NAME, HISTORY_NAME = "best.pt", "last.pt", "epochs.csv"
 #: run settings that must not change between a run and its resumption
-_RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks")
+_RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks", "precision")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainResult:
     last_checkpoint: Path
     seconds_per_epoch: float
     peak_memory_mb: float
+    #: the resolved compute precision ("fp32" or "bf16", see pipeline.hardware)
+    precision: str = "fp32"
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
 
@@ -152,6 +155,7 @@ def _result(state: dict[str, Any], out_dir: Path) -> TrainResult:
         last_checkpoint=out_dir / LAST_NAME,
         seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
         peak_memory_mb=float(max(mem)) if mem else float("nan"),
+        precision=str(state["config"].get("precision", "fp32")),
         history=history,
     )
 
@@ -193,6 +197,7 @@ def train_model(
     progress: bool = True,
     resume: bool = True,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
 
@@ -200,19 +205,20 @@ def train_model(
     and an existing ``last.pt`` the run continues where it stopped (or returns the stored
     result if it had finished). ``on_epoch_end(epoch, row)`` runs after the epoch's
     checkpoint is written; an exception there stops training with everything saved.
+    ``precision``: fp32 | bf16 | auto (:func:`pipeline.hardware.resolve_precision`): the
+    dtype of the models' big products while training; evaluation always runs in float32.
     """
     import torch
     from tqdm.auto import tqdm
+
+    from sand.models.precision import precision_scope, set_precision
 
     ks = tuple(int(k) for k in ks)
     _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = resolve_device(device)
+    resolved_precision = resolve_precision(precision, dev)
     config = {
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -221,9 +227,11 @@ def train_model(
         "eval_every": int(eval_every),
         "valid_metric": valid_metric,
         "ks": list(ks),
+        "precision": resolved_precision,
     }
 
     model.to(dev)
+    set_precision(model, resolved_precision)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"training: model {type(model).__name__} has no trainable parameters")
@@ -251,7 +259,7 @@ def train_model(
     }
     if resume and last_path.exists():
         saved = _load(last_path, dev)
-        old = saved.get("config", {})
+        old = {"precision": "fp32", **saved.get("config", {})}  # runs from before precision existed
         changed = [k for k in _RESUME_KEYS if old.get(k) != config[k]]
         if changed:
             k = changed[0]
@@ -283,9 +291,10 @@ def train_model(
 
     n_batches = math.ceil(len(train_edges) / batch_size)
     log.info(
-        "training %s on %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
+        "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
         type(model).__name__,
         dev,
+        resolved_precision,
         data.n_users,
         data.n_items,
         len(train_edges),
@@ -345,7 +354,7 @@ def train_model(
         if epoch % eval_every == 0 or epoch == epochs:
             t1 = time.perf_counter()
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), precision_scope(model, "fp32"):
                 user_emb, item_emb = model.embeddings()
                 valid = valid_eval(user_emb, item_emb)
                 row.update({f"valid_{k}": v for k, v in valid.items()})
