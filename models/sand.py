@@ -27,6 +27,10 @@ formula literally: ``L_m`` at full width over all items every batch, the N x N
 log-softmax, autograd and ``torch.optim.Adam`` for the CLUB fit, COO graph products. Both compute the
 same function (tested to 1e-4), so the reference checks every shortcut.
 
+Precision: with ``precision = "bf16"`` (set by the trainer, :mod:`models.precision`) the
+folded reads run in bfloat16 on a bfloat16 copy of ``X_m`` (float32 accumulation and
+results, float32 gradients); everything else stays float32.
+
 Fixed defects of the reference: the CLUB estimators are fitted on pairs of the same
 modality and never trained by the main loss; scoring uses a fresh forward pass
 (``embeddings``), not embeddings cached in the last training batch; no dead
