@@ -324,3 +324,12 @@ def test_bf16_and_fp32_rank_a_trained_models_top10_alike_on_the_sample(tmp_path)
     assert len(tops["fp32"]) == data.n_users
     same = (tops["fp32"] == tops["bf16"]).mean()  # the same ten items in the same order
     assert same >= 0.95, same
+
+
+def test_cli_precision_option_is_validated_like_any_field():
+    from tests.test_cli import _main
+
+    code, out = _main(["run", "--precision", "half"])
+    lines = out.stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "train.precision" in lines[0] and "half" in lines[0]
+    assert load_config(None, {"train.precision": "auto"}).train.precision == "auto"
