@@ -459,10 +459,11 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     """Train parameters that reach the model: fields it ignores do not change the artifact key.
 
     The precision enters as resolved on this machine (``auto`` is bf16 on one machine and
-    fp32 on another, and bf16 changes the results), and only when it is not fp32, so
-    artifacts trained before the field existed keep their keys.
+    fp32 on another, and bf16 changes the results), only when it is not fp32 (artifacts
+    trained before the field existed keep their keys) and only for models that read
+    features (the ID-only ones compute the same in either).
     """
-    from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters
+    from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters, required_modalities
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
@@ -470,7 +471,7 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
         ignored.add("variant")
     params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision"})
     precision = resolved_train_precision(tcfg)
-    if precision != "fp32":
+    if precision != "fp32" and required_modalities(tcfg.model):
         params["precision"] = precision
     return params
 

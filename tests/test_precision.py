@@ -224,6 +224,8 @@ def test_manifest_and_summary_record_the_resolved_precision(feature_folder, tmp_
     cfg32, fp32 = _run(feature_folder, root, *common)
     assert fp32.summary()["train"]["precision"] == "fp32"
     assert "precision" not in train_key_params(cfg32.train)  # keys of runs from before the field hold
+    id_only = load_config(None, {}, ["train.model=lightgcn", "train.precision=bf16"]).train
+    assert "precision" not in train_key_params(id_only)  # nothing to compute in bf16
     _, bf16 = _run(feature_folder, root, *common, "train.precision=bf16")
     art = bf16.artifact("train")
     assert art.manifest["result"]["precision"] == "bf16" and bf16.summary()["train"]["precision"] == "bf16"
