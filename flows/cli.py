@@ -48,6 +48,7 @@ class Common:
     variant: str | None
     epochs: int | None
     device: str | None
+    precision: str | None
     image_weights: str | None
     image_source: str | None
     set: list[str]
@@ -94,6 +95,8 @@ _COMMON_PARAMS = [
         help="maximum training epochs")]),
     _P("device", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="training device: cpu | cuda | cuda:N | mps (default: cuda when present)")]),
+    _P("precision", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
+        help="training compute precision: fp32 (default) | bf16 | auto (bf16 where the hardware has it)")]),
     _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
     _P("image_source", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(

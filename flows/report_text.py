@@ -15,6 +15,12 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines.append(f"{'stage':<16}{'cached':<8}{'seconds':>9}  artifact")
     for stage, info in summary.get("stages", {}).items():
         lines.append(f"{stage:<16}{str(info['cached']):<8}{info['seconds']:>9.1f}  {info['artifact']}")
+    train = summary.get("train") or {}
+    if train.get("model"):
+        lines.append(
+            f"train: {train['model']} in {train.get('precision', 'fp32')}, "
+            f"{float(train.get('seconds_per_epoch') or float('nan')):.1f} s/epoch, best epoch {train.get('best_epoch')}"
+        )
     if "metrics" in summary:
         for split, values in summary["metrics"].items():
             shown = "  ".join(f"{k}={float(v):.4f}" for k, v in values.items())

@@ -38,8 +38,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from sand.models.losses import LOG2E, ClubEstimator
+
+#: Profiler label of the CLUB fit (benchmarks/bench_sand_speed.py reads it).
+CLUB_FIT = "sand::club_fit"
 
 
 @contextmanager
@@ -225,7 +229,7 @@ def fit_clubs(
     def one(job: tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]):
         return fit_club(*job, steps)
 
-    with single_intra_op_thread(device):
+    with record_function(CLUB_FIT), single_intra_op_thread(device):
         if device.type != "cpu" or len(jobs) == 1:
             return [one(job) for job in jobs]
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="club-fit") as pool:

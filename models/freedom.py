@@ -39,6 +39,7 @@ from sand.models.base import Recommender
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.lightgcn import edges_numpy, layer_mean
+from sand.models.precision import LowPrecisionCopies, compute_dtype, linear
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 
@@ -73,6 +74,8 @@ class FREEDOM(Recommender):
     """
 
     required_modalities: tuple[str, ...] = MODALITIES
+    #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
+    precision: str = "fp32"
 
     def __init__(
         self,
@@ -108,6 +111,7 @@ class FREEDOM(Recommender):
         self.reg_weight = float(reg_weight)
         self.modal_in_scores = bool(modal_in_scores)
         self.modalities = self.required_modalities
+        self._low_copies = LowPrecisionCopies()
 
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, embedding_dim)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
@@ -150,7 +154,14 @@ class FREEDOM(Recommender):
 
     def modal_representations(self) -> dict[str, torch.Tensor]:
         """modality -> (N, feat_embed_dim) projected features, with gradient (FREEDOM's ``*_trs``)."""
-        return {m: self.projections[m](getattr(self, f"feat_{m}")) for m in self.modalities}
+        out = {}
+        for m in self.modalities:
+            x, lin = getattr(self, f"feat_{m}"), self.projections[m]
+            # Trainable features are cast on every call (their gradient flows through the cast).
+            x_low = None if self.precision == "fp32" or x.requires_grad else self._low_copies.get(
+                m, x, compute_dtype(self.precision))
+            out[m] = linear(x, lin.weight, lin.bias, self.precision, x_low)
+        return out
 
     def propagate(
         self, adj: torch.Tensor, modal: Mapping[str, torch.Tensor] | None = None

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch.autograd.profiler import record_function
 
 
 def scipy_to_torch_sparse(m: sp.spmatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -61,6 +62,10 @@ def to_csr(a: torch.Tensor) -> torch.Tensor:
         return a.float().to_sparse_csr()
 
 
+#: Profiler label of the sparse graph products (benchmarks/bench_sand_speed.py reads it).
+GRAPH_PRODUCTS = "sand::graph_products"
+
+
 class SparseMatmul(torch.autograd.Function):
     """``a @ x`` for a constant CSR matrix ``a`` whose transpose ``a_t`` is given (also CSR).
 
@@ -72,11 +77,13 @@ class SparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.a_t = a_t
-        return a @ x
+        with record_function(GRAPH_PRODUCTS):
+            return a @ x
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
-        return None, None, ctx.a_t @ grad
+        with record_function(GRAPH_PRODUCTS):
+            return None, None, ctx.a_t @ grad
 
 
 def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.profiler import record_function
 
 #: ``log2(e)``: ``exp(t) = exp2(LOG2E * t)``, and ``exp2`` is several times cheaper on CPU.
 LOG2E = 1.0 / math.log(2.0)
+
+#: Profiler label of the SoloSim log-sum-exp pass (benchmarks/bench_sand_speed.py reads it).
+SOLOSIM = "sand::solosim"
 
 #: Forms of the negative-l2 distancing loss (docs/model.md, Eq. 14), see :func:`l2_distance_loss`.
 L2_FORMS = ("neg-mse", "neg-log", "margin")
@@ -46,6 +50,11 @@ class _MeanRowLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+        with record_function(SOLOSIM):
+            return _MeanRowLogSumExp._forward(ctx, a, b, block)
+
+    @staticmethod
+    def _forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
         n = a.shape[0]
         want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_a = torch.empty_like(a) if want_a else None

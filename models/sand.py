@@ -27,6 +27,10 @@ formula literally: ``L_m`` at full width over all items every batch, the N x N
 log-softmax, autograd and ``torch.optim.Adam`` for the CLUB fit, COO graph products. Both compute the
 same function (tested to 1e-4), so the reference checks every shortcut.
 
+Precision: with ``precision = "bf16"`` (set by the trainer, :mod:`models.precision`) the
+folded reads run in bfloat16 on a bfloat16 copy of ``X_m`` (float32 accumulation and
+results, float32 gradients); everything else stays float32.
+
 Fixed defects of the reference: the CLUB estimators are fitted on pairs of the same
 modality and never trained by the main loss; scoring uses a fresh forward pass
 (``embeddings``), not embeddings cached in the last training batch; no dead
@@ -48,6 +52,7 @@ from sand.models.base import Recommender
 from sand.models.graph import SparseMatmul as _SparseMatmul
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, to_csr
 from sand.models.losses import bpr_loss
+from sand.models.precision import LowPrecisionCopies, compute_dtype
 from sand.models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
 
 #: variant -> (align, distance). a-d are Table 4; the ablations (Fig. 3) build on a.
@@ -111,6 +116,8 @@ class SAND(Recommender):
     """
 
     required_modalities: tuple[str, ...] = MODALITIES
+    #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
+    precision: str = "fp32"
 
     def __init__(
         self,
@@ -158,6 +165,7 @@ class SAND(Recommender):
         self.n_mm_layers, self.n_ui_layers = int(n_mm_layers), int(n_ui_layers)
         self.reg_weight = float(reg_weight)
         self.modalities = self.required_modalities
+        self._low_copies = LowPrecisionCopies()
 
         edges = torch.as_tensor(train_edges).detach().cpu().numpy().astype(np.int64).reshape(-1, 2)
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
@@ -197,14 +205,25 @@ class SAND(Recommender):
         )
 
     # ----------------------------------------------------------------- forward
+    def _transform_view(self, modality: str) -> LinearView:
+        """``Z_m = L_m(X_m)`` unevaluated; under bf16 with bfloat16 copies of ``X_m`` and ``L_m``'s weight.
+
+        The copy of the fixed ``X_m`` is made once per run; the weight, which the optimiser
+        changes every batch, is cast on every call.
+        """
+        lin = self.transforms[modality]
+        x = getattr(self, f"feat_{modality}")
+        if self.precision == "fp32":
+            return LinearView(x, lin.weight, lin.bias)
+        dtype = compute_dtype(self.precision)
+        x_low = self._low_copies.get(f"x_{modality}", x, dtype)
+        weight_low = lin.weight.detach().to(dtype)
+        return LinearView(x, lin.weight, lin.bias, x_low=x_low, weight_low=weight_low)
+
     def modal_inputs(self) -> dict[str, ModalInput]:
         """modality -> ``Z_m``: a LinearView (fast) or the full-width tensor (naive)."""
-        out: dict[str, ModalInput] = {}
-        for m in self.modalities:
-            lin = self.transforms[m]
-            x = getattr(self, f"feat_{m}")
-            out[m] = LinearView(x, lin.weight, lin.bias) if self.fast else lin(x)
-        return out
+        views = {m: self._transform_view(m) for m in self.modalities}
+        return views if self.fast else {m: v.dense() for m, v in views.items()}
 
     def propagate(self, z: Mapping[str, ModalInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """(user (U, 2d), item (N, 2d)) final embeddings from the modal inputs."""
@@ -251,8 +270,7 @@ class SAND(Recommender):
             return {}
         z: dict[str, ModalInput] = {}
         for m in self.modalities:
-            lin = self.transforms[m]
-            z[m] = LinearView(getattr(self, f"feat_{m}"), lin.weight, lin.bias).detach()
+            z[m] = self._transform_view(m).detach()
         return self.separation.auxiliary_step(z, torch.cat([pos, neg]))
 
     def auxiliary_state_dict(self) -> dict[str, Any]:

@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.profiler import record_function
 from torch.func import functional_call
 
 from sand.models.club_fit import fit_clubs
 from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
+from sand.models.precision import low_linear
 
 ALIGNS = ("solosim", "infonce", "none")
 DISTANCES = ("club", "l2", "none")
@@ -54,6 +56,10 @@ AUTO_SCOPE_MAX_ITEMS = 20_000
 #: (E1, E2 and the estimator's N x 32 intermediates in float32), 70 MB for both modalities
 #: at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
 AUTO_DISTANCE_MAX_ITEMS = 1_000_000
+
+#: Profiler label of the folded reads of the raw features, forward and backward
+#: (benchmarks/bench_sand_speed.py reads it).
+FOLDED_READS = "sand::folded_reads"
 #: Fused Adam (one kernel for all parameters): the CLUB optimisers step 50 times per batch
 #: and the per-parameter loop of the default implementation costs more than the step itself.
 _FAST_ADAM: dict[str, Any] = {"fused": True}
@@ -70,6 +76,10 @@ class LinearView:
     ``start``: column offset of this view in the view it was sliced from (keys ``reads``).
     ``reads``: outputs of consumers computed ahead for all rows (:func:`prefetch_reads`),
     keyed by ``(id(consumer), first column, last column + 1)``; dropped by row slicing.
+    ``x_low``: a low-precision (bfloat16) copy of a fixed ``x``; when given, every product
+    with ``x`` and the folding of the weights run in its dtype (float32 accumulation,
+    float32 results, see :mod:`models.precision`). ``x`` itself then gets no gradient.
+    ``weight_low``: ``weight`` in that dtype (cast on use when not given).
     """
 
     x: torch.Tensor
@@ -78,17 +88,25 @@ class LinearView:
     fold: bool | None = None
     start: int = 0
     reads: Mapping[tuple[int, int, int], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    x_low: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    weight_low: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.x.shape[0]), int(self.weight.shape[0]))
 
     def rows(self, index: torch.Tensor) -> LinearView:
-        return LinearView(self.x[index], self.weight, self.bias, self.fold, self.start)
+        x_low = None if self.x_low is None else self.x_low[index]
+        return LinearView(
+            self.x[index], self.weight, self.bias, self.fold, self.start, x_low=x_low, weight_low=self.weight_low
+        )
 
     def columns(self, start: int, stop: int) -> LinearView:
         bias = None if self.bias is None else self.bias[start:stop]
-        return LinearView(self.x, self.weight[start:stop], bias, self.fold, self.start + start, self.reads)
+        weight_low = None if self.weight_low is None else self.weight_low[start:stop]
+        return replace(
+            self, weight=self.weight[start:stop], bias=bias, start=self.start + start, weight_low=weight_low
+        )
 
     def folds(self, n_out: int) -> bool:
         """Whether consumers with ``n_out`` outputs in all read ``x`` through folded weights.
@@ -104,11 +122,13 @@ class LinearView:
         return d_in * d * n_out + n * d_in * n_out <= n * d_in * d + n * d * n_out
 
     def dense(self) -> torch.Tensor:
-        return F.linear(self.x, self.weight, self.bias)
+        if self.x_low is None:
+            return F.linear(self.x, self.weight, self.bias)
+        return low_linear(self.x_low, self.weight, self.bias, self.weight_low)
 
     def detach(self) -> LinearView:
         bias = None if self.bias is None else self.bias.detach()
-        return LinearView(self.x.detach(), self.weight.detach(), bias, self.fold, self.start)
+        return replace(self, x=self.x.detach(), weight=self.weight.detach(), bias=bias, reads=None)
 
 
 ModalInput = torch.Tensor | LinearView
@@ -156,23 +176,29 @@ class _FoldedReads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ranges, *params):
+        with record_function(FOLDED_READS):
+            return _FoldedReads._forward(ctx, x, weight, bias, ranges, params)
+
+    @staticmethod
+    def _forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ranges, params):
         cw, cb = params[0::2], params[1::2]
         # (d_in, sum out), built and used in this layout: ``x @ folded`` with a contiguous
         # right operand ran ~1.5x faster than with the transposed (sum out, d_in) one
         # (MKL, 7,050 x 4,096 x 384), and ``W^T C^T`` is ~15% faster than ``C W`` here.
         folded = torch.cat([weight[s:e].T @ c.T for c, (s, e) in zip(cw, ranges, strict=True)], dim=1)
-        parts = []
-        for c, b, (s, e) in zip(cw, cb, ranges, strict=True):
-            part = c @ bias[s:e] if bias is not None else c.new_zeros(c.shape[0])
-            parts.append(part if b is None else part + b)
         ctx.ranges = ranges
         ctx.has_bias = (bias is not None, tuple(b is not None for b in cb))
         ctx.save_for_backward(x, weight, bias, folded if ctx.needs_input_grad[0] else None, *cw)
-        return torch.addmm(torch.cat(parts), x, folded)
+        return torch.addmm(_folded_bias(bias, ranges, cw, cb), x, folded)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor):
+        with record_function(FOLDED_READS):
+            return _FoldedReads._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor):
         x, weight, bias, folded, *cw = ctx.saved_tensors
         has_bias, has_cb = ctx.has_bias
         grad_folded = grad.T @ x  # (sum out, d_in): the one backward read of x
@@ -207,6 +233,77 @@ class _FoldedReads(torch.autograd.Function):
         return (grad_x, grad_w, grad_bias, None, *grads_c)
 
 
+def _folded_bias(bias: torch.Tensor | None, ranges, cw, cb) -> torch.Tensor:
+    """``cat_k(C_k b[s_k:e_k] + c_k)``: the folded bias of all consumers (float32)."""
+    parts = []
+    for c, b, (s, e) in zip(cw, cb, ranges, strict=True):
+        part = c @ bias[s:e] if bias is not None else c.new_zeros(c.shape[0])
+        parts.append(part if b is None else part + b)
+    return torch.cat(parts)
+
+
+class _LowFoldedReads(torch.autograd.Function):
+    """:class:`_FoldedReads` with the big products in a low precision (bfloat16).
+
+    ``x_low`` and ``weight_low`` are low-precision copies of the fixed inputs and of ``W``
+    (made by the caller, so one cast of ``W`` serves every read of a batch); ``weight``
+    is the float32 parameter that receives the gradient. Why another layout: the
+    consumers' weights are stacked into one block matrix ``P`` (``d x sum out``, ``C_k^T``
+    at rows ``s_k:e_k``, zeros elsewhere), so folding, ``dW = P dF`` and the consumer
+    gradients ``W dF^T`` are one product each (about 20% more multiply-adds than one per
+    consumer, but each low-precision result is converted to float32 once, and on a CPU
+    these conversions and fresh allocations cost as much as the products).
+    Products accumulate in float32 (oneDNN / cuBLAS); results are rounded to the low
+    dtype once, then converted; biases, outputs and every gradient are float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_low, weight, weight_low, bias, ranges, *params):
+        with record_function(FOLDED_READS):
+            cw, cb = params[0::2], params[1::2]
+            stacked_t = weight_low.new_zeros(sum(c.shape[0] for c in cw), weight_low.shape[0])  # P^T
+            row = 0
+            for c, (s, e) in zip(cw, ranges, strict=True):
+                stacked_t[row : row + c.shape[0], s:e].copy_(c)
+                row += c.shape[0]
+            # Contiguous operands throughout: oneDNN's bfloat16 products with a transposed
+            # operand of this size ran up to 2x slower (measured, 2 cores).
+            folded = (stacked_t @ weight_low).T.contiguous()  # (d_in, sum out)
+            ctx.ranges = ranges
+            ctx.has_bias = (bias is not None, tuple(b is not None for b in cb))
+            ctx.save_for_backward(x_low, weight_low, stacked_t.T.contiguous(), bias, *cw)
+            return torch.mm(x_low, folded).float().add_(_folded_bias(bias, ranges, cw, cb))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        with record_function(FOLDED_READS):
+            x_low, weight_low, stacked, bias, *cw = ctx.saved_tensors
+            has_bias, has_cb = ctx.has_bias
+            grad_t = grad.to(x_low.dtype).T.contiguous()  # cast, then transpose: 3x faster than both at once
+            grad_folded = grad_t @ x_low  # (sum out, d_in): the one backward read of x
+            grad_b_all = grad.sum(0)
+            grad_w = (stacked @ grad_folded).float() if ctx.needs_input_grad[1] else None
+            want_c = any(ctx.needs_input_grad[5::2])
+            grad_z = (weight_low @ grad_folded.T) if want_c else None  # (d, sum out) = (dF W^T)^T
+            grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[3] and has_bias else None
+            grads_c: list[torch.Tensor | None] = []
+            col = 0
+            for k, (c, (s, e)) in enumerate(zip(cw, ctx.ranges, strict=True)):
+                cols = slice(col, col + c.shape[0])
+                col += c.shape[0]
+                g_b = grad_b_all[cols]
+                g_c = None
+                if grad_z is not None and ctx.needs_input_grad[5 + 2 * k]:
+                    g_c = grad_z[s:e, cols].T.float()
+                    if has_bias:
+                        g_c.addr_(g_b, bias[s:e])
+                grads_c += [g_c, g_b if has_cb[k] and ctx.needs_input_grad[6 + 2 * k] else None]
+                if grad_bias is not None:
+                    grad_bias[s:e].addmv_(c.T, g_b)
+        return (None, grad_w, None, grad_bias, None, *grads_c)
+
+
 def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -> ModalInput:
     """``z`` carrying ``c(z[:, s:e])`` for every ``(s, e, c)`` in ``parts``, computed in one read of ``x``.
 
@@ -225,7 +322,12 @@ def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -
 def _folded_read(z: LinearView, parts: Sequence[tuple[int, int, nn.Linear]]) -> tuple[torch.Tensor, ...]:
     """``c(z[:, s:e])`` for every ``(s, e, c)`` in ``parts``, in one read of ``z.x`` (:class:`_FoldedReads`)."""
     params = [t for _, _, c in parts for t in (c.weight, c.bias)]
-    out = _FoldedReads.apply(z.x, z.weight, z.bias, tuple((s, e) for s, e, _ in parts), *params)
+    ranges = tuple((s, e) for s, e, _ in parts)
+    if z.x_low is None:
+        out = _FoldedReads.apply(z.x, z.weight, z.bias, ranges, *params)
+    else:
+        weight_low = z.weight.detach().to(z.x_low.dtype) if z.weight_low is None else z.weight_low
+        out = _LowFoldedReads.apply(z.x_low, z.weight, weight_low, z.bias, ranges, *params)
     return out.split([c.out_features for _, _, c in parts], dim=1)
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sand.models.base import Recommender
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores, emb_loss
+from sand.models.precision import LowPrecisionCopies, compute_dtype, low_linear
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 
@@ -35,6 +36,8 @@ class VBPR(Recommender):
     """
 
     required_modalities: tuple[str, ...] = MODALITIES
+    #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
+    precision: str = "fp32"
 
     def __init__(
         self,
@@ -57,6 +60,7 @@ class VBPR(Recommender):
         self.reg_weight = float(reg_weight)
         self.modal_fusion = modal_fusion
         self.modalities = self.required_modalities
+        self._low_copies = LowPrecisionCopies()
         n_modal_blocks = 1 if modal_fusion == "sum" else len(self.modalities)
         user_dim = embedding_dim * (1 + n_modal_blocks)
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, user_dim)))
@@ -79,7 +83,13 @@ class VBPR(Recommender):
         These are exactly the tensors :meth:`item_representation` is built from
         (summed, or concatenated, plus a bias), so a plug-in may add losses on them.
         """
-        return {m: getattr(self, f"feat_{m}") @ self.projections[m].T for m in self.modalities}
+        if self.precision == "fp32":
+            return {m: getattr(self, f"feat_{m}") @ self.projections[m].T for m in self.modalities}
+        dtype = compute_dtype(self.precision)  # the fixed features' copy is made once per run
+        return {
+            m: low_linear(self._low_copies.get(m, getattr(self, f"feat_{m}"), dtype), self.projections[m], None)
+            for m in self.modalities
+        }
 
     def item_representation(self, modal: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(N, d) item rows: concat(ID embedding, fused projected features)."""

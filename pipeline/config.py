@@ -139,6 +139,11 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     seed: Seed = 0
     device: Device = None
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="compute precision of the big products with the raw features: fp32 (the faithful "
+        "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
+    )
     profile: Literal["default", "authors"] = Field(
         "default", description="authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND)"
     )
@@ -245,6 +250,7 @@ CLI_FIELDS = {
     "variant": "train.variant",
     "epochs": "train.epochs",
     "device": "train.device",
+    "precision": "train.precision",
     "image_weights": "image_features.weights",
     "image_source": "image_features.source",
 }

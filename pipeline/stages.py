@@ -624,8 +624,19 @@ def effective_model_kwargs(tcfg: Any) -> tuple[set[str], dict[str, Any]]:
 
 
 def train_key_params(tcfg: Any) -> dict[str, Any]:
-    """Train parameters that reach the model: fields it ignores do not change the artifact key."""
-    from sand.models.registry import VARIANT_MODELS, accepted_hyperparameters, profile_hyperparameters
+    """Train parameters that reach the model: fields it ignores do not change the artifact key.
+
+    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and
+    fp32 on another, and bf16 changes the results), only when it is not fp32 (artifacts
+    trained before the field existed keep their keys) and only for models that read
+    features (the ID-only ones compute the same in either).
+    """
+    from sand.models.registry import (
+        VARIANT_MODELS,
+        accepted_hyperparameters,
+        profile_hyperparameters,
+        required_modalities,
+    )
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
@@ -633,7 +644,18 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
         ignored.add("variant")
     if not profile_hyperparameters(tcfg.model, tcfg.profile):
         ignored.add("profile")
-    return key_params(tcfg, PERFORMANCE_FIELDS | ignored)
+    params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision"})
+    precision = resolved_train_precision(tcfg)
+    if precision != "fp32" and required_modalities(tcfg.model):
+        params["precision"] = precision
+    return params
+
+
+def resolved_train_precision(tcfg: Any) -> str:
+    """``train.precision`` resolved for ``train.device`` on this machine (fp32 | bf16)."""
+    from sand.pipeline.hardware import resolve_device, resolve_precision
+
+    return resolve_precision(tcfg.precision, resolve_device(tcfg.device))
 
 
 #: What a training work directory was started with (params and input keys), for restart messages.
@@ -704,6 +726,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             early_stop=tcfg.early_stop, eval_every=tcfg.eval_every, seed=tcfg.seed,
             device=tcfg.device, ks=ks, progress=ctx.progress, resume=True,
             signature={"params": params, "inputs": input_keys}, restart_on_change=True,
+            precision=resolved_train_precision(tcfg),
         )
         restarted = result.restarted or (f"parameters changed: {sibling[1]}" if sibling else None)
         for name in ("best.pt", "epochs.csv"):
@@ -716,6 +739,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
             "model_kwargs": _jsonable(effective_model_kwargs(tcfg)[1]),
             "plugin_fusion": getattr(model, "plugin_fusion", None), "profile": tcfg.profile,
             "resumed_from_epoch": result.resumed_from_epoch, "restarted": restarted,
+            "precision": result.precision,
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(work, ignore_errors=True)

@@ -37,6 +37,7 @@ import numpy as np
 from sand.pipeline.data import SplitData
 from sand.pipeline.errors import ConfigError, DataError, SandError, StageError
 from sand.pipeline.evaluation import SplitEvaluator, metric_names
+from sand.pipeline.hardware import resolve_device, resolve_precision
 from sand.pipeline.sampling import sample_bpr_epoch
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 BEST_NAME, LAST_NAME, HISTORY_NAME = "best.pt", "last.pt", "epochs.csv"
 #: run settings that must not change between a run and its resumption
-_RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks")
+_RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks", "precision")
 EARLY_STOP_RULES = ("mmrec", "strict")
 #: Decimals MMRec's evaluator rounds metrics to before early stopping compares them.
 MMREC_DECIMALS = 4
@@ -68,6 +69,8 @@ class TrainResult:
     last_checkpoint: Path
     seconds_per_epoch: float
     peak_memory_mb: float
+    #: the resolved compute precision ("fp32" or "bf16", see pipeline.hardware)
+    precision: str = "fp32"
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
     #: last epoch of the checkpoint this run continued from (None: started at epoch 1)
     resumed_from_epoch: int | None = None
@@ -163,6 +166,7 @@ def _result(
         last_checkpoint=out_dir / LAST_NAME,
         seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
         peak_memory_mb=float(max(mem)) if mem else float("nan"),
+        precision=str(state["config"].get("precision", "fp32")),
         history=history,
         resumed_from_epoch=resumed_from,
         restarted=restarted,
@@ -232,6 +236,7 @@ def train_model(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     signature: dict[str, Any] | None = None,
     restart_on_change: bool = False,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
 
@@ -244,9 +249,14 @@ def train_model(
     checkpoints and must match, like the run settings, for a resume. A checkpoint written
     with other settings is never continued: it is an error, or with ``restart_on_change``
     it is discarded and training starts over, ``TrainResult.restarted`` saying why.
+
+    ``precision``: fp32 | bf16 | auto (:func:`pipeline.hardware.resolve_precision`): the
+    dtype of the models' big products while training; evaluation always runs in float32.
     """
     import torch
     from tqdm.auto import tqdm
+
+    from sand.models.precision import precision_scope, set_precision
 
     ks = tuple(int(k) for k in ks)
     _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
@@ -254,11 +264,8 @@ def train_model(
         raise ConfigError(f"training: early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {early_stop!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = resolve_device(device)
+    resolved_precision = resolve_precision(precision, dev)
     config = {
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -268,9 +275,11 @@ def train_model(
         "valid_metric": valid_metric,
         "ks": list(ks),
         "signature": signature,
+        "precision": resolved_precision,
     }
 
     model.to(dev)
+    set_precision(model, resolved_precision)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"training: model {type(model).__name__} has no trainable parameters")
@@ -299,7 +308,7 @@ def train_model(
     resumed_from, restarted = None, None
     saved = _load(last_path, dev) if resume and last_path.exists() else None
     if saved is not None:
-        old = saved.get("config", {})
+        old = {"precision": "fp32", **saved.get("config", {})}  # runs from before precision existed
         changed = {k: old.get(k) for k in (*_RESUME_KEYS, "signature") if old.get(k) != config[k]}
         if changed:
             restarted = "parameters changed: " + describe_changes(changed, {k: config[k] for k in changed})
@@ -336,9 +345,10 @@ def train_model(
 
     n_batches = math.ceil(len(train_edges) / batch_size)
     log.info(
-        "training %s on %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
+        "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
         type(model).__name__,
         dev,
+        resolved_precision,
         data.n_users,
         data.n_items,
         len(train_edges),
@@ -398,7 +408,7 @@ def train_model(
         if epoch % eval_every == 0 or epoch == epochs:
             t1 = time.perf_counter()
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), precision_scope(model, "fp32"):
                 user_emb, item_emb = model.embeddings()
                 valid = valid_eval(user_emb, item_emb)
                 row.update({f"valid_{k}": v for k, v in valid.items()})

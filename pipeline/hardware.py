@@ -1,0 +1,79 @@
+"""Which device and which compute precision a training run uses.
+
+Why a module: ``train.precision = auto`` must resolve the same way in the trainer,
+in the train stage's artifact key and in the run's manifest, and the answer depends
+on the machine: bfloat16 pays where the hardware multiplies it natively (CUDA GPUs
+with bf16 support; CPUs with AMX-BF16 or AVX512-BF16, where oneDNN runs bfloat16
+products ~4x faster than float32) and costs elsewhere (emulated bfloat16 is slower
+than float32). The models only ever see the resolved "fp32" or "bf16".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from sand.pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: What a user may ask for (``train.precision``, ``--precision``).
+PRECISION_CHOICES = ("fp32", "bf16", "auto")
+#: CPU feature flags that make bfloat16 products native (Linux /proc/cpuinfo names).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The training device: as given, else CUDA when present, else the CPU."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_bf16_support() -> bool:
+    """Whether this CPU reports AMX-BF16 or AVX512-BF16 (torch's own probe, else /proc/cpuinfo)."""
+    import torch
+
+    with contextlib.suppress(AttributeError, RuntimeError):
+        caps = torch.cpu.get_capabilities()
+        return any(bool(caps.get(flag)) for flag in CPU_BF16_FLAGS)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return any(flag in flags for flag in CPU_BF16_FLAGS)
+    return False
+
+
+def cuda_bf16_support(device: torch.device) -> bool:
+    """Whether the CUDA device multiplies bfloat16 natively (compute capability >= 8.0)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"`` for ``requested`` (fp32 | bf16 | auto) on ``device``.
+
+    ``auto``: bf16 on a CUDA device with bf16 support and on a CPU reporting AMX-BF16 or
+    AVX512-BF16; fp32 everywhere else. An explicit choice is kept (bf16 without native
+    support is slow, not wrong: a warning says so).
+    """
+    if requested not in PRECISION_CHOICES:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISION_CHOICES)}; got {requested!r}")
+    native = cuda_bf16_support(device) if device.type == "cuda" else device.type == "cpu" and cpu_bf16_support()
+    if requested == "auto":
+        return "bf16" if native else "fp32"
+    if requested == "bf16" and not native:
+        log.warning("train.precision=bf16 on %s without native bfloat16 support: expect it to be slower", device)
+    return requested
