@@ -83,3 +83,24 @@ def test_edited_file_url_source_is_acquired_again(tmp_path, form):
     edited, edited_bytes = acquire()
     assert not edited.cached and edited.artifact.key != first.artifact.key
     assert edited_bytes == reviews.read_bytes() != first_bytes
+
+
+def test_out_of_range_ratings_are_counted_in_the_interactions_manifest(tmp_path, caplog):
+    import gzip
+
+    from sand.pipeline.stages import run_acquire, run_interactions
+
+    reviews, meta = _raw_2014(tmp_path / "raw")
+    lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
+    lines[1] = lines[1].replace('"overall": 4.0', '"overall": 7.0')
+    lines[2] = lines[2].replace('"overall": 4.0', '"overall": 0')
+    reviews.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    settings = [f"acquire.reviews={reviews}", f"acquire.meta={meta}", "interactions.k_core=1"]
+    cfg = load_config(None, {"data_root": str(tmp_path / "data"), "acquire.dataset": "mine"}, settings)
+    ctx = Context.create(cfg, progress=False)
+    with caplog.at_level("WARNING"):
+        inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
+    skipped = inter.manifest["skipped"]["reviews"]
+    assert skipped["counts"] == {"overall out of range 1..5": 2} and skipped["records"] == len(lines) - 2
+    assert "skipped 2 (2 overall out of range 1..5)" in caplog.text
+    assert inter.manifest["stats"]["raw_reviews"] == len(lines) - 2
