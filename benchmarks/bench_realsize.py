@@ -27,13 +27,15 @@ user holds locally may name private hosts. So the script fetches the raw files
 from its loopback server with sand's own downloader (timed as "download raw") and
 hands them over as local paths; only the images are fetched over HTTP by sand.
 
-Memory is the peak resident set of the ``sand`` process and its children (shard
-and DataLoader workers), sampled every 0.2 s and attributed to the stage whose
-Prefect sub-flow was running; Prefect's own API server process is left out.
+Memory is the peak proportional set size (PSS: shared pages split between the
+processes sharing them, so forked DataLoader workers are not counted twice) of the
+``sand`` process and its children, sampled every 0.5 s and attributed to the stage
+whose Prefect sub-flow was running; Prefect's own API server process is left out.
 
 Usage:
     python benchmarks/bench_realsize.py [--scale 1.0] [--epochs N] [--keep DIR] [--seed 0]
     python benchmarks/bench_realsize.py --scale 0.1 --epochs 2      # a quick smoke run
+    python benchmarks/bench_realsize.py --backbone resnet18         # cheaper CNN on a CPU-only machine
 """
 
 from __future__ import annotations
@@ -284,7 +286,7 @@ class _Watcher:
                 cmd = " ".join(p.cmdline())
                 if "uvicorn" in cmd or "prefect.server" in cmd or "server start" in cmd:
                     continue  # Prefect's API server is not the pipeline's memory
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss  # proportional: forked workers share pages
             except psutil.Error:
                 continue
         return total / 2**20
@@ -293,7 +295,7 @@ class _Watcher:
         while self.proc.poll() is None:
             rss = self._rss_mb()
             self.peak_mb[self.stage] = max(self.peak_mb.get(self.stage, 0.0), rss)
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     def join(self) -> None:
         for t in self._threads:
@@ -329,7 +331,7 @@ def _manifest(summary: dict[str, Any], stage: str) -> dict[str, Any]:
 
 def print_tables(cold: dict[str, Any], cold_wall: float, peaks: dict[str, float], warm: dict[str, Any],
                  warm_wall: float, gen_s: float, download_s: float) -> None:
-    print("\n| stage | cold s | peak RSS MB | warm s (cached) |")
+    print("\n| stage | cold s | peak PSS MB | warm s (cached) |")
     print("|---|---:|---:|---:|")
     print(f"| generate dataset (outside sand) | {gen_s:.1f} | | |")
     print(f"| download raw (outside sand) | {download_s:.1f} | | |")
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the dataset and data root here")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     parser.add_argument("--port", type=int, default=0, help="loopback port (default: any free one)")
+    parser.add_argument("--backbone", default=None, help="CNN backbone (default: sand's, resnet50)")
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 4:
         parser.error("--scale must be in (0, 4]")
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
                "--set", f"acquire.reviews={local[0]}", "--set", f"acquire.meta={local[1]}"]
         if args.epochs is not None:
             cmd += ["--epochs", str(args.epochs)]
+        if args.backbone is not None:
+            cmd += ["--set", f"image_features.backbone={args.backbone}"]
         print("sand " + " ".join(cmd), flush=True)
         cold, cold_wall, peaks = run_sand(cmd, work / "cold.log")
         print(f"cold run: {cold_wall:.1f}s", flush=True)
