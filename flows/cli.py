@@ -34,6 +34,9 @@ app.add_typer(export_app, name="export")
 
 log = logging.getLogger("sand")
 
+#: Printed on Ctrl-C: finished artifacts are complete and kept, so the same command resumes.
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
 
 @dataclass
 class Common:
@@ -382,8 +385,12 @@ def main() -> None:
         _fail(f"unexpected {type(err).__name__}: {err} (a bug: please report it with the log file)", 1, err,
               always_log=True)
     except KeyboardInterrupt:
-        typer.echo("interrupted: finished artifacts are kept; rerun to resume", err=True)
+        typer.echo(INTERRUPTED, err=True)
         raise SystemExit(130) from None
+    except SystemExit as done:
+        if done.code == 130:  # typer turns Ctrl-C into a silent exit 130 before we could catch it
+            typer.echo(INTERRUPTED, err=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ class InteractionsConfig(_Section):
     split: Literal["mmrec", "mmrec-notebook", "chronological"] = "mmrec"
     seed: Seed = 0
     max_bad_lines: int = Field(1000, ge=0, description="dirty lines skipped (and reported) before failing")
+    max_line_bytes: int = Field(
+        4 << 20, ge=1024, le=1 << 30,
+        description="longest raw line read; longer ones are dirty lines, dropped without being held in memory",
+    )
 
 
 class TextFeaturesConfig(_Section):

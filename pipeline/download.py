@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
 
 import httpx
 from filelock import FileLock
 from tqdm.auto import tqdm
 
 from sand.pipeline.errors import DownloadError
+from sand.pipeline.locations import is_remote, local_path, url_scheme
 from sand.pipeline.retry import backoff_delays, is_retryable_status
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def safe_name(source: str) -> str:
     that would collide with our own ``.part``/sidecar files get a ``_`` appended.
     """
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()
-    path = unquote(urlsplit(source).path) if _is_url(source) else source
+    path = unquote(urlsplit(source).path) if url_scheme(source) else source
     base = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
     name = _UNSAFE.sub("_", base).lstrip(".")
     if not name.strip("_."):
@@ -130,7 +130,7 @@ def fetch_file(
             log.info("using cached %s (%d bytes)", final, cached.size)
             return cached
         _sidecar(final).unlink(missing_ok=True)  # a stale sidecar must not vouch for the new file
-        if _is_url(source) and urlsplit(source).scheme.lower() in ("http", "https"):
+        if is_remote(source):
             record = _fetch_http(
                 source, final, timeout=timeout, retries=retries, backoff_base=backoff_base,
                 chunk_size=chunk_size, progress=progress, client=client,
@@ -162,7 +162,7 @@ def _cached_record(source: str, final: Path) -> FileRecord | None:
     stat = final.stat()
     if record.source != source or record.size != stat.st_size:
         return None
-    if not _is_remote(source):
+    if not is_remote(source):
         src = _local_path(source)
         # a local source edited after we copied it must be copied again
         if not src.is_file() or src.stat().st_size != record.size or src.stat().st_mtime > stat.st_mtime:
@@ -180,28 +180,15 @@ def _write_sidecar(record: FileRecord) -> None:
 # ---------------------------------------------------------------------------- local
 
 
-def _is_url(source: str) -> bool:
-    scheme = urlsplit(source).scheme
-    return len(scheme) > 1  # "C:\\x" parses as scheme "c": that is a Windows path, not a URL
-
-
-def _is_remote(source: str) -> bool:
-    return _is_url(source) and urlsplit(source).scheme.lower() in ("http", "https")
-
-
 def _local_path(source: str) -> Path:
     """The file a ``file://`` URL or plain path points at (other schemes are refused)."""
-    if not _is_url(source):
-        return Path(source).expanduser()
-    parts = urlsplit(source)
-    if parts.scheme.lower() != "file":
+    path = local_path(source)
+    if path is None:
         raise DownloadError(
-            f"cannot download {source}: unsupported URL scheme '{parts.scheme}' "
+            f"cannot download {source}: unsupported URL scheme '{urlsplit(source).scheme}' "
             "(use http, https, file or a path)"
         )
-    if parts.netloc not in ("", "localhost"):
-        raise DownloadError(f"cannot download {source}: file URL names a remote host '{parts.netloc}'")
-    return Path(url2pathname(parts.path))
+    return path
 
 
 def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) -> FileRecord:

@@ -37,11 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
+from urllib.parse import urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sand.pipeline.errors import SandError
+from sand.pipeline.locations import local_path
 from sand.pipeline.retry import backoff_delays, is_retryable_status
 from sand.pipeline.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
 
@@ -436,13 +437,11 @@ async def _fetch_http(
 
 
 def _local_path(url: str) -> Path | None:
-    """The file a ``file://`` URL or plain path names; None for any other scheme."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(url2pathname(unquote(parsed.path)))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):  # Windows drive
-        return Path(url)
-    return None
+    """The file a ``file://`` URL or plain path names; None for any other scheme (or a remote file host)."""
+    try:
+        return local_path(url)
+    except SandError:  # file://otherhost/...: not readable here; the caller reports the scheme
+        return None
 
 
 def read_regular_file(path: Path, max_bytes: int) -> tuple[str | None, bytes | None]:

@@ -11,6 +11,13 @@ past the budget, or when the file itself is broken (truncated gzip, empty), a
 one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed with
 :func:`ast.literal_eval`, which only accepts literals: a line such as
 ``__import__('os').system(...)`` is a counted skip, never executed.
+
+Memory is bounded whatever the input: a line longer than ``max_line_bytes`` is
+read and dropped in chunks (a counted "line too long" skip, never held whole);
+``literal_eval`` (whose syntax tree costs ~500 bytes per byte of a dense literal)
+only sees lines with a bounded number of tokens; and a gzip stream that inflates
+far beyond any real dump (a "gzip bomb" of blank lines or one endless line) is
+refused in one line once it has inflated past a floor.
 """
 
 from __future__ import annotations
@@ -39,7 +46,19 @@ REVIEW_COLUMNS = ["user_id", "asin", "rating", "timestamp"]
 META_COLUMNS = ["asin", "title", "brand", "categories", "description", "features", "image_url"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: Default longest line (bytes, newline excluded). Real 2014-2023 dump lines are under 100 KB.
+DEFAULT_MAX_LINE_BYTES = 4 << 20
+#: Over-long lines are discarded in chunks of this size, so they never sit in memory whole.
+_DISCARD_CHUNK = 1 << 20
+#: Real dumps inflate 4-10x; a gzip inflating more than this many times (once past the floor) is a bomb.
+_MAX_INFLATION = 200
+_INFLATION_FLOOR = 16 << 20
+#: Most brackets, commas, colons and signs a Python literal line may hold before literal_eval sees it:
+#: real 2014 meta lines hold a few hundred; 50k bounds literal_eval's syntax tree to tens of MB.
+_MAX_LITERAL_TOKENS = 50_000
+_LITERAL_TOKENS = tuple(bytes([c]) for c in b",:[]{}()+-")
 _MAX_EXAMPLES = 5
+MIN_RATING, MAX_RATING = 1, 5  # star ratings in every release; anything else is a dirty line
 _MAX_STAMP = 2**62  # far beyond any real date; keeps int64 arithmetic safe downstream
 
 
@@ -84,7 +103,7 @@ class SkipReport:
         return f"{self.file}: {self.records} records, skipped {self.total} ({parts})"
 
 
-class _Skip(Exception):
+class DirtyLine(Exception):
     """A dirty record: reason is the counted category, detail the offending value."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -98,48 +117,115 @@ def _check_format(fmt: str) -> None:
         raise ConfigError(f"unknown raw format {fmt!r}; valid formats: {', '.join(FORMATS)}")
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw line) from a gzip or plain file, detected by magic bytes."""
+def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (1-based line number, raw line) from a gzip or plain file, detected by magic bytes.
+
+    A line longer than ``max_line_bytes`` (newline excluded) is yielded as ``None``
+    after its bytes were read and dropped in chunks, so no line is ever held whole
+    past the limit. A gzip stream that inflates more than ``_MAX_INFLATION`` times
+    its compressed size (checked once past ``_INFLATION_FLOOR``) is a one-line
+    :class:`DataError`: nothing real compresses like that, and without the check a
+    few MB of blank lines could keep a reader busy for hours.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    if not magic:
-        raise DataError(f"{path}: file is empty")
-    if magic == _GZIP_MAGIC:
-        fh = gzip.open(path, "rb")
-    else:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below in the finally block
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed below in the finally block
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    gz = None
     lineno = 0
     try:
+        magic = raw.read(2)
+        if not magic:
+            raise DataError(f"{path}: file is empty")
+        raw.seek(0)
+        if magic == _GZIP_MAGIC:
+            gz = gzip.GzipFile(fileobj=raw, mode="rb")
+        fh = gz if gz is not None else raw
+        guard = _InflationGuard(path, raw) if gz is not None else None
         try:
-            for lineno, line in enumerate(fh, start=1):  # noqa: B007 - lineno used after the loop
-                yield lineno, line
+            while True:
+                line = fh.readline(max_line_bytes + 1)
+                if not line:
+                    return
+                lineno += 1
+                if guard is not None:
+                    guard.add(len(line), lineno)
+                if len(line) > max_line_bytes and line[-1:] != b"\n":  # no newline within the limit
+                    del line
+                    _discard_rest_of_line(fh, guard, lineno)
+                    yield lineno, None
+                else:
+                    yield lineno, line
         except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise DataError(f"{path}: truncated gzip or corrupt gzip after line {lineno} ({err})") from None
+            raise DataError(
+                f"{path}: truncated gzip or corrupt gzip after line {lineno} (cannot read: {err})"
+            ) from None
     finally:
-        fh.close()
+        if gz is not None:
+            gz.close()
+        raw.close()
+
+
+def _discard_rest_of_line(fh: Any, guard: _InflationGuard | None, lineno: int) -> None:
+    while True:
+        chunk = fh.readline(_DISCARD_CHUNK)
+        if guard is not None:
+            guard.add(len(chunk), lineno)
+        if not chunk or chunk[-1:] == b"\n":
+            return
+
+
+class _InflationGuard:
+    """Counts inflated bytes against compressed bytes read; raises on a gzip bomb."""
+
+    def __init__(self, path: Path, raw: Any) -> None:
+        self.path = path
+        self.raw = raw
+        self.inflated = 0
+        self.next_check = _INFLATION_FLOOR
+
+    def add(self, n: int, lineno: int) -> None:
+        self.inflated += n
+        if self.inflated < self.next_check:
+            return
+        self.next_check = self.inflated + _INFLATION_FLOOR
+        compressed = max(1, self.raw.tell())
+        if self.inflated > _MAX_INFLATION * compressed:
+            raise DataError(
+                f"{self.path}:{lineno}: {self.inflated} bytes inflated from {compressed} compressed "
+                f"(over {_MAX_INFLATION}x, no real dump compresses so well): refusing a gzip bomb"
+            )
 
 
 def _parse_json(line: bytes) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
-        raise _Skip("malformed JSON") from None
+        raise DirtyLine("malformed JSON") from None
 
 
-def _parse_literal(line: bytes) -> Any:
-    """2014 metadata: Python literals. Try JSON first (fast path), then ast.literal_eval (never eval)."""
+def parse_literal_line(line: bytes) -> Any:
+    """2014 metadata: Python literals. Try JSON first (fast path), then ast.literal_eval (never eval).
+
+    A cheap token count comes first: ``literal_eval`` builds a full syntax tree, about
+    1 KB per element, so a dense 1 MB literal would cost ~500 MB. Too many tokens is a
+    counted skip, decided without parsing.
+    """
     with contextlib.suppress(orjson.JSONDecodeError):
         return orjson.loads(line)
+    tokens = sum(line.count(t) for t in _LITERAL_TOKENS)
+    if tokens > _MAX_LITERAL_TOKENS:
+        raise DirtyLine("Python literal too complex", f"({tokens} brackets/commas/signs)")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise _Skip("not UTF-8") from None
+        raise DirtyLine("not UTF-8") from None
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise _Skip("malformed Python literal") from None
+        raise DirtyLine("malformed Python literal") from None
 
 
 def _read_records(
@@ -148,27 +234,33 @@ def _read_records(
     convert: Callable[[dict], tuple],
     n_columns: int,
     max_bad_lines: int,
+    max_line_bytes: int,
 ) -> tuple[list[list], SkipReport]:
     """Parse every line into column lists (not row tuples: about half the memory for 5M rows)."""
     report = SkipReport(file=str(path))
     columns: list[list] = [[] for _ in range(n_columns)]
     appenders = [c.append for c in columns]
-    for lineno, line in _iter_lines(path):
+
+    def skip(lineno: int, reason: str, detail: str) -> None:
+        report.add(lineno, reason, detail)
+        if report.total > max_bad_lines:
+            shown = f" {detail}" if detail else ""
+            raise DataError(f"{path}:{lineno}: {reason}{shown} (more than {max_bad_lines} bad lines)")
+
+    for lineno, line in iter_lines(path, max_line_bytes):
         report.lines_read = lineno
+        if line is None:
+            skip(lineno, "line too long", f"(over {max_line_bytes} bytes)")
+            continue
         if not line.strip():
             continue
         try:
             obj = parse(line)
             if not isinstance(obj, dict):
-                raise _Skip("not a record", type(obj).__name__)
+                raise DirtyLine("not a record", type(obj).__name__)
             values = convert(obj)
-        except _Skip as skip:
-            report.add(lineno, skip.reason, skip.detail)
-            if report.total > max_bad_lines:
-                detail = f" {skip.detail}" if skip.detail else ""
-                raise DataError(
-                    f"{path}:{lineno}: {skip.reason}{detail} (more than {max_bad_lines} bad lines)"
-                ) from None
+        except DirtyLine as err:
+            skip(lineno, err.reason, err.detail)
             continue
         for append, value in zip(appenders, values, strict=True):
             append(value)
@@ -188,35 +280,37 @@ def _read_records(
 def _ident(obj: dict, key: str) -> str:
     value = obj.get(key)
     if isinstance(value, bool) or value is None:
-        raise _Skip(f"missing {key}")
+        raise DirtyLine(f"missing {key}")
     if isinstance(value, int):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise _Skip(f"missing {key}", repr(value)[:60])
+        raise DirtyLine(f"missing {key}", repr(value)[:60])
     return value
 
 
 def _rating(obj: dict, key: str) -> float:
     value = obj.get(key)
     if value is None:
-        raise _Skip(f"missing {key}")
+        raise DirtyLine(f"missing {key}")
     if isinstance(value, bool):
-        raise _Skip(f"non-numeric {key}", repr(value))
+        raise DirtyLine(f"non-numeric {key}", repr(value))
     try:
         rating = float(value)
     except (TypeError, ValueError):
-        raise _Skip(f"non-numeric {key}", repr(value)[:60]) from None
+        raise DirtyLine(f"non-numeric {key}", repr(value)[:60]) from None
     if not math.isfinite(rating):
-        raise _Skip(f"non-numeric {key}", repr(value)[:60])
+        raise DirtyLine(f"non-numeric {key}", repr(value)[:60])
+    if not MIN_RATING <= rating <= MAX_RATING:
+        raise DirtyLine(f"{key} out of range {MIN_RATING}..{MAX_RATING}", repr(value)[:60])
     return rating
 
 
 def _timestamp(obj: dict, key: str, divisor: int) -> int:
     value = obj.get(key)
     if value is None:
-        raise _Skip(f"missing {key}")
+        raise DirtyLine(f"missing {key}")
     if isinstance(value, bool):
-        raise _Skip(f"bad {key}", repr(value))
+        raise DirtyLine(f"bad {key}", repr(value))
     try:
         if isinstance(value, str):
             value = float(value) if any(c in value for c in ".eE") else int(value)
@@ -227,10 +321,10 @@ def _timestamp(obj: dict, key: str, divisor: int) -> int:
         if not isinstance(value, int) or value < 0:
             raise ValueError
     except (TypeError, ValueError, OverflowError):
-        raise _Skip(f"bad {key}", repr(value)[:60]) from None
+        raise DirtyLine(f"bad {key}", repr(value)[:60]) from None
     seconds = value // divisor
     if seconds > _MAX_STAMP:
-        raise _Skip(f"bad {key}", repr(value)[:60])
+        raise DirtyLine(f"bad {key}", repr(value)[:60])
     return seconds
 
 
@@ -242,7 +336,9 @@ _REVIEW_FIELDS = {
 }
 
 
-def read_reviews(path: str | Path, fmt: str, max_bad_lines: int = 100) -> tuple[pd.DataFrame, SkipReport]:
+def read_reviews(
+    path: str | Path, fmt: str, max_bad_lines: int = 100, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> tuple[pd.DataFrame, SkipReport]:
     """Read a review dump into ``user_id, asin, rating (float32), timestamp (int64 seconds)``.
 
     2023 reviews are keyed by ``parent_asin`` (the metadata's key) and timestamped in
@@ -263,7 +359,7 @@ def read_reviews(path: str | Path, fmt: str, max_bad_lines: int = 100) -> tuple[
             and user.strip()
             and item.strip()
             and 0 <= stamp <= _MAX_STAMP
-            and math.isfinite(rating)
+            and MIN_RATING <= rating <= MAX_RATING
         ):
             return user, item, float(rating), stamp // divisor
         return (
@@ -273,7 +369,9 @@ def read_reviews(path: str | Path, fmt: str, max_bad_lines: int = 100) -> tuple[
             _timestamp(obj, tkey, divisor),
         )
 
-    (users, items, ratings, times), report = _read_records(path, _parse_json, convert, 4, max_bad_lines)
+    (users, items, ratings, times), report = _read_records(
+        path, _parse_json, convert, 4, max_bad_lines, max_line_bytes
+    )
     df = pd.DataFrame(
         {
             "user_id": pd.array(users, dtype="str"),
@@ -379,13 +477,15 @@ def _meta_2023(obj: dict) -> tuple:
 
 
 _META = {
-    "amazon2014": (_parse_literal, _meta_2014),
+    "amazon2014": (parse_literal_line, _meta_2014),
     "amazon2018": (_parse_json, _meta_2018),
     "amazon2023": (_parse_json, _meta_2023),
 }
 
 
-def read_meta(path: str | Path, fmt: str, max_bad_lines: int = 100) -> tuple[pd.DataFrame, SkipReport]:
+def read_meta(
+    path: str | Path, fmt: str, max_bad_lines: int = 100, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> tuple[pd.DataFrame, SkipReport]:
     """Read a metadata dump into ``asin, title, brand, categories, description, features, image_url``.
 
     ``categories`` is one category path as a list of str (2014: the first of its
@@ -396,7 +496,7 @@ def read_meta(path: str | Path, fmt: str, max_bad_lines: int = 100) -> tuple[pd.
     _check_format(fmt)
     path = Path(path)
     parse, convert = _META[fmt]
-    columns, report = _read_records(path, parse, convert, len(META_COLUMNS), max_bad_lines)
+    columns, report = _read_records(path, parse, convert, len(META_COLUMNS), max_bad_lines, max_line_bytes)
     df = pd.DataFrame(
         {
             col: values if col == "categories" else pd.array(values, dtype="str")

@@ -9,25 +9,28 @@ naming the value and the valid choices, before any download starts.
 Formats are told apart by content, not by file name, because people rename
 dumps: 2014 metadata lines are Python literals (single quotes), 2018 reviews are
 JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
-``parent_asin`` (reviews also ``user_id``).
+``parent_asin`` (reviews also ``user_id``). The sniffer reads lines as the
+readers do (bounded length, guarded ``literal_eval``) and votes over the first
+few good records, so a dirty first line does not condemn a file the readers
+would accept within their dirty-line budget.
 """
 
 from __future__ import annotations
 
-import ast
-import gzip
-import json
 import re
-import zlib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
+import orjson
+
+from sand.pipeline.config import InteractionsConfig
 from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.locations import REMOTE_SCHEMES, local_path, url_scheme
+from sand.pipeline.readers import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 
 Format = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
 FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023", "mmrec", "sample")
@@ -56,6 +59,10 @@ _PUBLISHED_2014_REVIEWS = re.compile(
     re.escape(_URLS["amazon2014"][0]).replace(re.escape("{cat}"), "([A-Za-z][A-Za-z0-9_]*)")
 )
 _SCAN_LINES = 1000  # blank lines tolerated before the first record
+#: Good records the sniffer votes over; dirty lines it tolerates before them (the readers' default budget,
+#: the configured budget is applied again when the file is read).
+SNIFF_RECORDS = 5
+SNIFF_BAD_LINES: int = InteractionsConfig.model_fields["max_bad_lines"].default
 
 
 @dataclass(frozen=True)
@@ -215,20 +222,6 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.startswith(("~", ".")) or bool(Path(text).suffix)
 
 
-def _is_remote(source: str) -> bool:
-    return urlsplit(source).scheme.lower() in ("http", "https")
-
-
-def _local(source: str) -> Path | None:
-    """Local path of a plain path or ``file://`` URL; None for remote URLs."""
-    parts = urlsplit(source)
-    if parts.scheme.lower() == "file":
-        return Path(url2pathname(parts.path))
-    if len(parts.scheme) > 1:
-        return None
-    return Path(source).expanduser()
-
-
 # ---------------------------------------------------------------------------- explicit files
 
 
@@ -238,12 +231,12 @@ def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str 
     for field, value in (("reviews", reviews), ("meta", meta)):
         if value is None:
             continue
-        scheme = urlsplit(value).scheme.lower()
-        if len(scheme) > 1 and scheme not in ("http", "https", "file"):
+        scheme = url_scheme(value)
+        if scheme and scheme not in (*REMOTE_SCHEMES, "file"):
             raise ConfigError(
                 f"{field}: unsupported URL scheme '{scheme}' in {value} (valid: http, https, file)"
             )
-        local = _local(value)
+        local = local_path(value)
         if local is not None and not local.is_file():
             raise ConfigError(f"{field} file does not exist: {value}")
     new_reviews = reviews if reviews is not None else spec.reviews
@@ -259,12 +252,12 @@ def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str 
 
 
 def _sniff_sources(reviews: str, meta: str | None) -> str:
-    local = _local(reviews)
+    local = local_path(reviews)
     if local is None:
         raise ConfigError(
             f"format is required for a remote reviews URL ({reviews}); valid: {', '.join(RAW_FORMATS)}"
         )
-    meta_path = _local(meta) if meta is not None else None
+    meta_path = local_path(meta) if meta is not None else None
     return _agree(local, meta_path)
 
 
@@ -380,7 +373,7 @@ def _agree(reviews: Path, meta: Path | None) -> str:
 
 
 def detect_format(path: Path | str) -> str:
-    """Format of a raw Amazon file (gzip or plain) from its first non-empty line.
+    """Format of a raw Amazon file (gzip or plain) from its first good records (dirty lines tolerated).
 
     A folder is resolved as :func:`resolve_source` would (``mmrec`` when it
     holds a ``.inter`` file). Raises :class:`DataError` naming the file and line
@@ -397,41 +390,55 @@ def detect_format(path: Path | str) -> str:
 
 
 def _sniff_file(path: Path) -> tuple[str, str]:
-    lineno, line = _first_line(path)
-    return _classify(line, path, lineno)
+    """(format, kind) most of the first ``SNIFF_RECORDS`` good records agree on.
 
-
-def _first_line(path: Path) -> tuple[int, str]:
-    with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
-            for lineno, data in enumerate(fh, start=1):
-                text = data.decode("utf-8", errors="replace").strip()
-                if text:
-                    return lineno, text
-                if lineno >= _SCAN_LINES:
-                    break
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
+    Dirty lines before them (malformed, over-long, foreign records) are tolerated up
+    to ``SNIFF_BAD_LINES``; when no good record is found the first line's problem is
+    the error, as it names what is wrong with the file.
+    """
+    votes: Counter[tuple[str, str]] = Counter()
+    first_error: DataError | None = None
+    bad = 0
+    for lineno, line in iter_lines(path, DEFAULT_MAX_LINE_BYTES):
+        if lineno > _SCAN_LINES + SNIFF_BAD_LINES:
+            break
+        try:
+            if line is None:
+                raise DataError(f"{path} line {lineno}: line too long (over {DEFAULT_MAX_LINE_BYTES} bytes)")
+            text = line.strip()
+            if not text:
+                continue
+            votes[_classify(text, path, lineno)] += 1
+        except DataError as err:
+            first_error = first_error or err
+            bad += 1
+            if bad > SNIFF_BAD_LINES:
+                break
+            continue
+        if sum(votes.values()) >= SNIFF_RECORDS:
+            break
+    if votes:
+        return votes.most_common(1)[0][0]  # ties: the first record seen
+    if first_error is not None:
+        raise first_error
     raise DataError(f"{path}: no record found (file is empty)")
 
 
-def _classify(line: str, path: Path, lineno: int) -> tuple[str, str]:
+def _classify(line: bytes, path: Path, lineno: int) -> tuple[str, str]:
     """(format, 'reviews' | 'meta') of one raw record line."""
     record: Any
     strict_json = True
     try:
-        record = json.loads(line)
-    except ValueError:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
         strict_json = False
         try:
-            record = ast.literal_eval(line)  # 2014 meta lines are Python literals; never eval
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+            record = parse_literal_line(line)  # 2014 meta lines are Python literals; never eval
+        except DirtyLine as exc:
+            shown = line[:60].decode("utf-8", errors="replace")
             raise DataError(
-                f"{path} line {lineno}: neither JSON nor a Python literal "
-                f"({type(exc).__name__}): {line[:60]!r}"
-            ) from exc
+                f"{path} line {lineno}: neither JSON nor a Python literal ({exc.reason}): {shown!r}"
+            ) from None
     if not isinstance(record, dict):
         raise DataError(f"{path} line {lineno}: expected one object per line, got {type(record).__name__}")
     keys = set(record)

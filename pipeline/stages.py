@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Bump a stage's version when its code changes what it writes: old artifacts stop matching.
 STAGE_VERSIONS = {
     "acquire": "1",
-    "interactions": "1",
+    "interactions": "2",
     "text_features": "1",
     "image_features": "2",
     "graphs": "1",
@@ -96,9 +96,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def _local_fingerprint(source: str | None) -> dict[str, Any] | None:
     """For local inputs the key includes size and mtime, so an edited file is re-acquired."""
-    if not source or source.startswith(("http://", "https://")):
+    from sand.pipeline.locations import local_path
+
+    path = local_path(source) if source else None
+    if path is None:  # remote: the download's own checks decide
         return None
-    path = Path(source[7:] if source.startswith("file://") else source)
     if path.is_dir():
         return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()}
     if path.exists():
@@ -189,11 +191,12 @@ def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
             from sand.pipeline.readers import read_meta, read_reviews
 
             files = raw.manifest["files"]
-            reviews, skip_r = read_reviews(raw.file(files["reviews"]), fmt, max_bad_lines=icfg.max_bad_lines)
+            limits = {"max_bad_lines": icfg.max_bad_lines, "max_line_bytes": icfg.max_line_bytes}
+            reviews, skip_r = read_reviews(raw.file(files["reviews"]), fmt, **limits)
             skips["reviews"] = _skip_dict(skip_r)
             meta = None
             if "meta" in files:
-                meta, skip_m = read_meta(raw.file(files["meta"]), fmt, max_bad_lines=icfg.max_bad_lines)
+                meta, skip_m = read_meta(raw.file(files["meta"]), fmt, **limits)
                 skips["meta"] = _skip_dict(skip_m)
             result = build_interactions(reviews, meta, k_core=icfg.k_core, split_rule=icfg.split, seed=icfg.seed)
         result.interactions.to_parquet(out / "interactions.parquet", index=False)

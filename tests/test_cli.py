@@ -143,3 +143,70 @@ def test_grid_then_report_by_cli(prefect_server, tmp_path):
     table = (out / "table2_main.md").read_text()
     assert "MF-BPR" in table and "LightGCN" in table
     assert (out / "report.md").is_file() and list(out.glob("curves_*.png"))
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(prefect_server, http_server, tmp_path):
+    """SIGINT during a slow download: one 'interrupted' line on stderr (after Prefect's own log), exit 130."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    from conftest import Reply
+
+    http_server.routes["/reviews_Slow_5.json.gz"] = Reply(200, b"x" * 100, delay=120)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "SAND_LOG_LEVEL": "WARNING"}
+    exe = shutil.which("sand", path=os.path.dirname(sys.executable)) or "sand"
+    args = ["run", "--until", "acquire", "--dataset", "slow", "--format", "amazon2014", "--data-root",
+            str(tmp_path / "data"), "--set", f"acquire.reviews={http_server.url('/reviews_Slow_5.json.gz')}"]
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not http_server.hits.get("/reviews_Slow_5.json.gz") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        assert http_server.hits.get("/reviews_Slow_5.json.gz"), "the download never started"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == "interrupted: rerun the same command to resume", stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def _gzip_bomb(path, n_bytes: int):
+    """One good review, then ``n_bytes`` of 'a' in one line, streamed through gzip (a ~100 KB file)."""
+    import gzip
+
+    good = json.dumps({"reviewerID": "U1", "asin": "B1", "overall": 5.0, "unixReviewTime": 1, "helpful": [0, 0]})
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        fh.write(good.encode() + b"\n")
+        for _ in range(n_bytes >> 20):
+            fh.write(b"a" * (1 << 20))
+        fh.write(b"\n" + good.encode() + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["gzip-bomb", "remote-file-host", "over-long-lines"])
+def test_hostile_raw_input_is_one_error_line_and_exit_2(prefect_server, tmp_path, case):
+    reviews = tmp_path / "reviews_Evil_5.json.gz"
+    settings = []
+    if case == "gzip-bomb":
+        source, needle = str(_gzip_bomb(reviews, 64 << 20)), "gzip bomb"
+    elif case == "remote-file-host":
+        source, needle = f"file://fileserver{_gzip_bomb(reviews, 0)}", "names the host 'fileserver'"
+    else:
+        _gzip_bomb(reviews, 2 << 20)
+        source, needle = str(reviews), "line too long (over 1024 bytes) (more than 0 bad lines)"
+        settings = ["--set", "interactions.max_line_bytes=1024", "--set", "interactions.max_bad_lines=0"]
+    args = ["run", "--until", "interactions", "--dataset", "evil",
+            "--data-root", str(tmp_path / "data"), "--set", f"acquire.reviews={source}", *settings]
+    result = _sand(args, prefect_server, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-2000:]
+    assert needle in errors[0], result.stderr[-2000:]

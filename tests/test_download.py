@@ -313,3 +313,18 @@ def test_progress_bar_reports_bytes(http_server, tmp_path, capsys):
     http_server.routes["/f.bin"] = range_route(BODY)
     fetch_file(http_server.url("/f.bin"), tmp_path, backoff_base=0.01, progress=True)
     assert "f.bin" in capsys.readouterr().err
+
+
+def test_file_url_forms_name_one_local_file(tmp_path):
+    from urllib.parse import quote
+
+    from sand.pipeline.errors import ConfigError
+
+    src = tmp_path / "my dumps" / "r.json"
+    src.parent.mkdir()
+    src.write_bytes(BODY)
+    for url in (src.as_uri(), "file://localhost" + quote(str(src))):
+        assert "%20" in url
+        assert fetch_file(url, tmp_path / "out", **FAST).path.read_bytes() == BODY
+    with pytest.raises(ConfigError, match=r"names the host 'fileserver'"):
+        fetch_file(f"file://fileserver{quote(str(src))}", tmp_path / "out2", **FAST)

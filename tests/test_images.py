@@ -270,3 +270,19 @@ def test_redirect_is_followed(http_server, tmp_path):
     res = fetch_one(http_server, "/moved", Reply(301, b"", {"Location": http_server.url("/final.jpg")}), tmp_path)
     assert res.ok
     assert http_server.hits == {"/moved": 1, "/final.jpg": 1}
+
+
+def test_file_urls_are_decoded_once_and_remote_file_hosts_refused(tmp_path):
+    from urllib.parse import quote
+
+    img_path = tmp_path / "a%41 b.png"  # decoding twice would look for "aA b.png"
+    Image.new("RGB", (50, 60), (1, 2, 3)).save(img_path)
+    url = img_path.as_uri()
+    assert "%2541" in url
+    by_url, by_localhost, remote = fetch_images(
+        [url, "file://localhost" + quote(str(img_path)), "file://fileserver" + quote(str(img_path))],
+        tmp_path / "cache", **FAST,
+    )
+    assert by_url.ok and by_url.path == img_path
+    assert by_localhost.ok and by_localhost.path == img_path
+    assert not remote.ok and remote.reason == "unsupported-scheme"

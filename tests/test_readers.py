@@ -216,3 +216,126 @@ def test_meta_2023_jsonl(tmp_path, compress):
     assert row["description"] == "Light Foldable" and row["features"] == "4 wheels"
     assert row["image_url"] == "http://a/main.jpg"
     assert df.iloc[1]["image_url"] == "" and df.iloc[1]["description"] == ""
+
+
+# ------------------------------------------------------------------- hostile sizes and values
+
+
+def test_over_long_line_is_a_counted_skip(tmp_path):
+    huge = json.dumps({"reviewerID": "U2", "asin": "B2", "overall": 5.0, "unixReviewTime": 1,
+                       "reviewText": "x" * 300_000})
+    lines = [review_2014("U1", "B1"), huge, review_2014("U3", "B3")]
+    path = write_lines(tmp_path / "r.json.gz", lines, compress=True)
+    df, report = read_reviews(path, "amazon2014", max_line_bytes=100_000)
+    assert df["user_id"].tolist() == ["U1", "U3"]
+    assert report.counts == {"line too long": 1} and report.lines_read == 3
+    assert report.examples[0].startswith(f"{path}:2: line too long")
+    # A line of exactly the limit (newline not counted) is read.
+    df, report = read_reviews(path, "amazon2014", max_line_bytes=len(huge))
+    assert len(df) == 3 and report.total == 0
+
+
+def test_over_long_lines_past_the_budget_end_in_one_line_error(tmp_path):
+    lines = [review_2014("U1", "B1")] + ["[" + "1," * 5_000 + "1]"] * 3
+    path = write_lines(tmp_path / "r.json", lines, compress=False)
+    with pytest.raises(DataError) as err:
+        read_reviews(path, "amazon2014", max_bad_lines=2, max_line_bytes=1_000)
+    assert str(err.value) == f"{path}:4: line too long (over 1000 bytes) (more than 2 bad lines)"
+
+
+@pytest.mark.parametrize(
+    "rating, reason",
+    [(0, "overall out of range 1..5"), (6.0, "overall out of range 1..5"), (-1, "overall out of range 1..5"),
+     (5.5, "overall out of range 1..5"), ("NaN", "non-numeric overall"), (None, "missing overall"),
+     ("4", None), (1, None)],
+)
+def test_ratings_outside_one_to_five_are_dirty(tmp_path, rating, reason):
+    lines = [review_2014("U1", "B1"), review_2014("U2", "B2", rating=rating)]
+    df, report = read_reviews(write_lines(tmp_path / "r.json", lines, compress=False), "amazon2014")
+    if reason is None:
+        assert len(df) == 2 and report.total == 0
+    else:
+        assert df["user_id"].tolist() == ["U1"] and report.counts == {reason: 1}
+
+
+def test_2023_ratings_out_of_range_are_dirty(tmp_path):
+    line = {"user_id": "A", "parent_asin": "P", "rating": 10, "timestamp": 1588687728923}
+    ok = {**line, "user_id": "B", "rating": 4}
+    path = write_lines(tmp_path / "r.jsonl", [json.dumps(line), json.dumps(ok)], compress=False)
+    df, report = read_reviews(path, "amazon2023")
+    assert df["user_id"].tolist() == ["B"] and report.counts == {"rating out of range 1..5": 1}
+
+
+def test_literal_guard_skips_pathological_meta_without_evaluating(tmp_path):
+    good = repr({"asin": "B1", "title": "ok", "related": {"also_bought": [f"B{i:09d}" for i in range(300)]}})
+    flat = "[" + "0," * 200_000 + "]"  # 400 KB that literal_eval would turn into ~200 MB of AST
+    unary = "{'asin': " + "-" * 300_000 + "1}"
+    path = write_lines(tmp_path / "meta.json", [good, flat, unary], compress=False)
+    df, report = read_meta(path, "amazon2014")
+    assert df["asin"].tolist() == ["B1"]
+    assert report.counts == {"Python literal too complex": 2}
+
+
+def _peak_rss_growth_mb(code: str) -> tuple[float, str]:
+    """Run ``code`` in a fresh interpreter; (growth of peak RSS over the import baseline in MB, its stdout)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from sand.pipeline.readers import read_meta, read_reviews\n"
+        "from sand.pipeline.errors import DataError\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"{code}\n"
+        "print('GROWTH', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth = float(out.stdout.strip().splitlines()[-1].split()[1])
+    return growth, out.stdout
+
+
+def _gzip_bomb(path: Path, head: bytes, filler: bytes, n_bytes: int, tail: bytes = b"") -> Path:
+    """A small .gz inflating to ``n_bytes`` of ``filler``, streamed in chunks (never held whole)."""
+    chunk = filler * ((1 << 20) // len(filler))
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        fh.write(head)
+        for _ in range(n_bytes // len(chunk)):
+            fh.write(chunk)
+        fh.write(tail)
+    return path
+
+
+def test_gzip_bomb_in_one_line_is_contained_with_bounded_memory(tmp_path):
+    good = (review_2014("U1", "B1") + "\n").encode()
+    # 256 MiB of 'a' in a single line, then one more good record.
+    path = _gzip_bomb(tmp_path / "bomb.json.gz", good + b'{"x": "', b"a", 256 << 20, b'"}\n' + good)
+    assert path.stat().st_size < 2 << 20
+    code = (
+        f"try:\n"
+        f"    df, rep = read_reviews({str(path)!r}, 'amazon2014')\n"
+        f"    print('SKIPPED', rep.counts)\n"
+        f"except DataError as err:\n"
+        f"    print('ERROR', err)\n"
+    )
+    growth, stdout = _peak_rss_growth_mb(code)
+    assert growth < 200, f"peak RSS grew by {growth:.0f} MB"
+    outcome = stdout.splitlines()[0]
+    # Either the over-long line is skipped and counted, or the file is refused as a bomb: never a MemoryError.
+    assert outcome.startswith(("SKIPPED {'line too long': 1}", f"ERROR {path}:")), outcome
+    assert "\n" not in outcome
+
+
+def test_gzip_bomb_of_blank_lines_is_refused_in_one_line(tmp_path):
+    good = (review_2014("U1", "B1") + "\n").encode()
+    path = _gzip_bomb(tmp_path / "blank.json.gz", good, b"\n", 40 << 20)
+    with pytest.raises(DataError) as err:
+        read_reviews(path, "amazon2014")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:") and "gzip bomb" in msg and "\n" not in msg
+
+
+def test_gzip_bomb_of_many_junk_lines_ends_at_the_budget(tmp_path):
+    path = _gzip_bomb(tmp_path / "junk.json.gz", b"", b"junk\n", 64 << 20)
+    with pytest.raises(DataError, match=r":101: malformed JSON \(more than 100 bad lines\)$"):
+        read_reviews(path, "amazon2014", max_bad_lines=100)

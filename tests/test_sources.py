@@ -287,7 +287,7 @@ def test_detect_format_sniffs_gzip_by_content_not_name(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("", "no record found"),
+        ("", "file is empty"),
         ("\n\n", "no record found"),
         ("this is not data\n", "line 1: neither JSON nor a Python literal"),
         ("\n[1, 2, 3]\n", "line 2: expected one object per line, got list"),
@@ -347,3 +347,57 @@ def test_spec_to_dict_is_json_friendly(tmp_path):
     assert json.loads(json.dumps(spec.to_dict())) == {
         "name": "baby", "format": "mmrec", "reviews": None, "meta": None, "mmrec_dir": str(tmp_path)
     }
+
+
+# ---------------------------------------------------------------------------- dirty first lines
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize(("fmt", "kind"), sorted(LINES))
+def test_sniffer_tolerates_dirty_first_lines(tmp_path, fmt, kind, gz):
+    dirty = ["{truncated", "not a record at all", "[1, 2]", '{"no": "asin"}', "{'x': " + "1," * 60_000 + "}"]
+    path = write(tmp_path / "data.json", *dirty, LINES[(fmt, kind)], LINES[(fmt, kind)], gz=gz)
+    assert detect_format(path) == fmt
+
+
+def test_sniffer_skips_an_over_long_first_line(tmp_path):
+    huge = json.dumps({"reviewerID": "A", "asin": "B", "overall": 5.0, "unixReviewTime": 1, "t": "x" * (5 << 20)})
+    path = write(tmp_path / "r.json", huge, LINES[("amazon2023", "reviews")], gz=True)
+    assert detect_format(path) == "amazon2023"
+
+
+def test_sniffer_decides_by_the_majority_of_the_first_good_lines(tmp_path):
+    r14, r18 = LINES[("amazon2014", "reviews")], LINES[("amazon2018", "reviews")]
+    path = write(tmp_path / "r.json", r18, r14, r14, r14)
+    assert detect_format(path) == "amazon2014"
+
+
+def test_sniffer_gives_up_past_the_dirty_line_budget(tmp_path):
+    from sand.pipeline import sources
+
+    path = write(tmp_path / "r.json", *["{junk"] * (sources.SNIFF_BAD_LINES + 1), LINES[("amazon2014", "reviews")])
+    with pytest.raises(DataError, match=r"line 1: neither JSON nor a Python literal"):
+        detect_format(path)
+
+
+# ---------------------------------------------------------------------------- file:// URLs
+
+
+@pytest.mark.parametrize("form", ["file:///{p}", "file://localhost/{p}", "FILE://LOCALHOST/{p}"])
+def test_file_urls_with_escapes_and_localhost_resolve(tmp_path, form):
+    from urllib.parse import quote
+
+    folder = tmp_path / "my dumps"
+    folder.mkdir()
+    reviews, meta = raw_folder(folder, "amazon2014")
+    url = form.format(p=quote(str(reviews).lstrip("/")))
+    assert "%20" in url
+    spec = resolve_source("mine", None, url, meta.as_uri())
+    assert spec.format == "amazon2014" and spec.reviews == url
+
+
+def test_file_url_naming_another_host_is_refused(tmp_path):
+    reviews, _ = raw_folder(tmp_path, "amazon2014")
+    with pytest.raises(ConfigError, match=r"names the host 'fileserver'.*file:///path") as err:
+        resolve_source("mine", None, f"file://fileserver{reviews}")
+    assert "\n" not in str(err.value)

@@ -42,3 +42,65 @@ def test_id_only_model_trains_on_interactions_alone(inter_only_folder, tmp_path)
 def test_multimodal_model_names_the_missing_feature_file(inter_only_folder, tmp_path):
     with pytest.raises(StageError, match=r"model 'sand' needs text features.*tiny has no text_feat\.npy"):
         _run(inter_only_folder, tmp_path / "data", "train.model=sand", "train.epochs=1")
+
+
+# ---------------------------------------------------------------------------- acquire of local file:// sources
+
+
+def _raw_2014(folder, n_users=8):
+    import gzip
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    reviews = [json.dumps({"reviewerID": f"U{u}", "asin": f"B{i}", "overall": 4.0, "unixReviewTime": 1_300_000_000,
+                           "helpful": [0, 0]}) for u in range(n_users) for i in range(3)]
+    meta = [repr({"asin": f"B{i}", "title": f"item {i}", "categories": [["Baby"]]}) for i in range(3)]
+    (folder / "reviews_Mine_5.json.gz").write_bytes(gzip.compress(("\n".join(reviews) + "\n").encode()))
+    (folder / "meta_Mine.json.gz").write_bytes(gzip.compress(("\n".join(meta) + "\n").encode()))
+    return folder / "reviews_Mine_5.json.gz", folder / "meta_Mine.json.gz"
+
+
+@pytest.mark.parametrize("form", ["file:///{p}", "file://localhost/{p}"])
+def test_edited_file_url_source_is_acquired_again(tmp_path, form):
+    from urllib.parse import quote
+
+    from sand.pipeline.stages import run_acquire
+
+    reviews, meta = _raw_2014(tmp_path / "my dumps")
+    url = form.format(p=quote(str(reviews).lstrip("/")))
+    assert "%20" in url
+    settings = [f"acquire.reviews={url}", f"acquire.meta={meta.as_uri()}"]
+    cfg = load_config(None, {"data_root": str(tmp_path / "data"), "acquire.dataset": "mine"}, settings)
+
+    def acquire():
+        outcome = run_acquire(Context.create(cfg, progress=False))
+        return outcome, outcome.artifact.file(outcome.artifact.manifest["files"]["reviews"]).read_bytes()
+
+    first, first_bytes = acquire()
+    again, _ = acquire()
+    assert not first.cached and again.cached and again.artifact.key == first.artifact.key
+    _raw_2014(tmp_path / "my dumps", n_users=12)  # the user edits the file in place
+    edited, edited_bytes = acquire()
+    assert not edited.cached and edited.artifact.key != first.artifact.key
+    assert edited_bytes == reviews.read_bytes() != first_bytes
+
+
+def test_out_of_range_ratings_are_counted_in_the_interactions_manifest(tmp_path, caplog):
+    import gzip
+
+    from sand.pipeline.stages import run_acquire, run_interactions
+
+    reviews, meta = _raw_2014(tmp_path / "raw")
+    lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
+    lines[1] = lines[1].replace('"overall": 4.0', '"overall": 7.0')
+    lines[2] = lines[2].replace('"overall": 4.0', '"overall": 0')
+    reviews.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    settings = [f"acquire.reviews={reviews}", f"acquire.meta={meta}", "interactions.k_core=1"]
+    cfg = load_config(None, {"data_root": str(tmp_path / "data"), "acquire.dataset": "mine"}, settings)
+    ctx = Context.create(cfg, progress=False)
+    with caplog.at_level("WARNING"):
+        inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
+    skipped = inter.manifest["skipped"]["reviews"]
+    assert skipped["counts"] == {"overall out of range 1..5": 2} and skipped["records"] == len(lines) - 2
+    assert "skipped 2 (2 overall out of range 1..5)" in caplog.text
+    assert inter.manifest["stats"]["raw_reviews"] == len(lines) - 2
