@@ -79,16 +79,6 @@ def image_shard_task(job: tuple[Any, ...]) -> str:
     return stages._run_shard_job(job)
 
 
-def _shard_mapper(options: RunOptions) -> stages.ShardMapper:
-    def map_shards(_fn: Any, jobs: list[tuple[Any, ...]]) -> list[str]:
-        runner = make_task_runner(options.runner, options.dask_address, options.workers)
-        with runner:
-            futures = runner.map(image_shard_task, {"job": list(jobs)})
-            return [f.result() for f in futures]
-
-    return map_shards
-
-
 @task(name="text-shard", cache_policy=NO_CACHE, retries=1)
 def text_shard_task(job: Any) -> str:
     """Encode one shard of unique item texts; returns the shard file path."""
@@ -111,9 +101,8 @@ def _stage_body(stage: str, config: PipelineConfig, options: RunOptions) -> Any:
     ctx = stages.Context.create(config, options.refresh, progress=options.show_progress())
     # The report reads every evaluated run in the store, not one upstream chain.
     done = resolve_upstream(ctx, stage) if stage != "report" else {}
-    mapper = _shard_mapper(options) if stage == "image_features" else None
-    if stage == "text_features":
-        mapper = _task_mapper(options, text_shard_task)
+    shard_tasks = {"image_features": image_shard_task, "text_features": text_shard_task}
+    mapper = _task_mapper(options, shard_tasks[stage]) if stage in shard_tasks else None
     outcome = run_stage(ctx, stage, done, mapper)
     publish_stage_artifacts(stage, outcome)
     ref = outcome_ref(outcome)

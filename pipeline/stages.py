@@ -445,7 +445,7 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
         urls = items["image_url"].fillna("").astype(str).tolist()
         from sand.pipeline.url_policy import UrlPolicy
 
-        work = ctx.store.work_dir("image_features", _shard_work_key(params, inter))
+        work = ctx.store.work_dir("image_features", _stage_work_key("image_features", params, {"interactions": inter}))
         if "image_features" in ctx.refresh:  # re-encode: finished shards of an earlier run are not reused
             for old in (*work.glob("shard-*.npz"), work / "cnn.pt"):
                 old.unlink(missing_ok=True)
@@ -487,12 +487,6 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
         "image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter}, build,
         "image_features" in ctx.refresh,
     )
-
-
-def _shard_work_key(params: dict[str, Any], inter: Artifact) -> str:
-    from sand.pipeline.store import artifact_key
-
-    return artifact_key("image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter.key})
 
 
 # ---------------------------------------------------------------------------------------------
