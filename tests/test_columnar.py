@@ -16,7 +16,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from sand.pipeline.columnar import interactions_from_dumps, read_review_columns
+from sand.pipeline.columnar import _has_nan_or_inf_token, interactions_from_dumps, read_review_columns
 from sand.pipeline.errors import DataError
 from sand.pipeline.interactions import build_interactions
 from sand.pipeline.readers import read_meta, read_reviews
@@ -36,6 +36,7 @@ DIRTY_REVIEW_LINES = [
     b"{}",
     b'{"%(u)s": "U1", "%(i)s": "I1", "%(r)s": NaN, "%(t)s": 5}',
     b'{"%(u)s": "U1", "%(i)s": "I1", "%(r)s": 5, "%(t)s": 5, "x": Infinity}',
+    b'{"%(u)s": "U1", "%(i)s": "I1", "%(r)s": 5, "%(t)s": 5, "x": [1, - Infinity]}',
     b'{"%(u)s": "U1", "%(i)s": "I1", "%(r)s": 5, "%(t)s": 5, "x": "\xff"}',
     b'{"%(u)s": "U1", "%(i)s": "I1", "%(r)s": 5, "%(t)s": 5, "x": "\\ud800"}',
     b'{"%(u)s": "U1", "%(i)s": "I1", "%(r)s": 5, "%(t)s": 5} {"%(u)s": "U2", "%(i)s": "I2", "%(r)s": 5, "%(t)s": 5}',
@@ -201,3 +202,8 @@ def test_truncated_gzip_fails_like_the_per_line_reader(tmp_path):
     with pytest.raises(DataError) as got:
         read_review_columns(cut, "amazon2018", chunk_lines=256)
     assert str(got.value) == str(ref.value) and "truncated gzip" in str(got.value)
+
+
+def test_nan_token_check_tells_values_from_words():
+    assert _has_nan_or_inf_token(b'{"a": NaN}') and _has_nan_or_inf_token(b'{"a": [1,\n -Infinity]}')
+    assert not _has_nan_or_inf_token(b'{"text": "Infant seat and NaNa brand", "b": "x Inf"}')
