@@ -44,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STAGES = ("generate", "acquire", "interactions", "graphs", "train_sand", "train_lightgcn")
 #: Not run by default: the per-line reference path (read_reviews + read_meta + build_interactions).
 REFERENCE = "interactions_per_line"
+#: Not run by default: dedup + k-core + re-index + split on codes drawn like ``generate`` (no file, no parsing).
+CORE = "interactions_core"
+EXTRA = (REFERENCE, CORE)
 BLOCK = 500_000  # reviews generated per block: bounds the generator's memory
 IMAGE_DIM, TEXT_DIM = 2048, 384
 _LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
@@ -220,6 +223,8 @@ def run_stage(stage: str, folder: Path, n: int) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - t0, **info}
     if stage == REFERENCE:
         return _per_line_reference(folder)
+    if stage == CORE:
+        return _core_only(n)
     from sand.pipeline.stages import run_acquire, run_graphs, run_interactions, run_train
 
     model = {"train_sand": "sand", "train_lightgcn": "lightgcn"}.get(stage, "sand")
@@ -263,6 +268,32 @@ def _per_line_reference(folder: Path) -> dict[str, Any]:
     reviews, _ = read_reviews(folder / "reviews.jsonl.gz", "amazon2023", max_bad_lines=1000)
     meta, _ = read_meta(folder / "meta.jsonl.gz", "amazon2023", max_bad_lines=1000)
     stats = build_interactions(reviews, meta).stats
+    return {"seconds": time.perf_counter() - t0, **{k: stats[k] for k in ("users", "items", "interactions")}}
+
+
+def _core_only(n: int, seed: int = 0) -> dict[str, Any]:
+    """``index_reviews`` on what the columnar reader would hand it for ``n`` generated reviews."""
+    from sand.pipeline.interactions import index_reviews
+
+    rng = np.random.default_rng(seed)
+    n_users, n_items = max(n // 3, 10), max(n // 8, 10)
+    user_perm, item_perm = rng.permutation(n_users), rng.permutation(n_items)
+    ucodes, icodes = np.empty(n, np.int64), np.empty(n, np.int64)
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        b = np.random.default_rng([seed, start])
+        fresh = m - m // 100
+        users = power_law_codes(b, fresh, n_users, 2.4, user_perm)
+        items = power_law_codes(b, fresh, n_items, 2.8, item_perm)
+        redo = b.integers(0, fresh, m - fresh)
+        ucodes[start : start + m] = np.r_[users, users[redo]]
+        icodes[start : start + m] = np.r_[items, items[redo]]
+    users = _fixed_ids(np.arange(n_users), b"A", 27, 3)
+    items = _fixed_ids(np.arange(n_items), b"B0", 8, 7)
+    rating = rng.integers(1, 6, n).astype(np.float32)
+    stamps = rng.integers(1_262_304_000, 1_694_000_000, n)
+    t0 = time.perf_counter()
+    stats = index_reviews(ucodes, icodes, users, items, rating, stamps).stats
     return {"seconds": time.perf_counter() - t0, **{k: stats[k] for k in ("users", "items", "interactions")}}
 
 
@@ -310,7 +341,7 @@ def report(work: Path, plot: Path | None) -> None:
     sizes = sorted({n for _, n in results})
     print("| stage | " + " | ".join(f"{n / 1e6:g}M reviews" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
-    for stage in (*STAGES, REFERENCE):
+    for stage in (*STAGES, *EXTRA):
         cells = []
         for n in sizes:
             rec = results.get((stage, n))
@@ -322,7 +353,7 @@ def report(work: Path, plot: Path | None) -> None:
                 cells.append(f"{rec['seconds']:.0f} s, {rec['peak_rss_gb']:.1f} GB")
         print(f"| {stage} | " + " | ".join(cells) + " |")
     print()
-    for stage in (*STAGES, REFERENCE):
+    for stage in (*STAGES, *EXTRA):
         ok = [(n, results[(stage, n)]) for n in sizes if results.get((stage, n), {}).get("status") == "ok"]
         if ok:
             print(f"{stage}: {fit_growth([n for n, _ in ok], [r['seconds'] for n, r in ok])}")
@@ -342,7 +373,7 @@ def _plot(results, sizes, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for stage in (*STAGES, REFERENCE):
+    for stage in (*STAGES, *EXTRA):
         pts = [(n, results[(stage, n)]) for n in sizes if results.get((stage, n), {}).get("status") == "ok"]
         if not pts:
             continue
@@ -367,12 +398,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="cache of generated data and results")
     parser.add_argument("--sizes", default="1e6,5e6", help="comma-separated review counts, e.g. 1e6,5e6,2e7")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"also: {REFERENCE}")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"also: {', '.join(EXTRA)}")
     parser.add_argument("--stage-timeout", type=float, default=3600.0)
     parser.add_argument("--force", action="store_true", help="re-measure stages already in results.jsonl")
     parser.add_argument("--report", action="store_true", help="only print the table (and plot) of past results")
     parser.add_argument("--plot", type=Path)
-    parser.add_argument("--worker", choices=(*STAGES, REFERENCE), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*STAGES, *EXTRA), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work.resolve()
@@ -387,9 +418,10 @@ def main() -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     done = load_results(work)
-    stages = [s for s in (*STAGES, REFERENCE) if s in args.stages.split(",")]
+    stages = [s for s in (*STAGES, *EXTRA) if s in args.stages.split(",")]
     for n in (int(float(s)) for s in args.sizes.split(",")):
-        for stage in ["generate", *[s for s in stages if s != "generate"]]:
+        needs_files = any(s != CORE for s in stages)
+        for stage in ["generate"] * needs_files + [s for s in stages if s != "generate"]:
             prev = done.get((stage, n))
             if prev is not None and prev["status"] == "ok" and not args.force:
                 continue
