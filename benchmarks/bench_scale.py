@@ -324,7 +324,10 @@ def load_results(work: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def fit_growth(sizes: list[int], seconds: list[float]) -> str:
-    """Exponent of t ~ n^b (log-log least squares) and seconds per 10M reviews at the largest size."""
+    """Exponent of t ~ n^b (log-log least squares) and seconds per 10M reviews at the largest size.
+
+    Fitted on CPU seconds: on a shared machine wall time mostly measures the queue.
+    """
     if len(sizes) < 2:
         return f"one size only: {seconds[0]:.0f} s at {sizes[0] / 1e6:g}M"
     b = float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
@@ -333,7 +336,7 @@ def fit_growth(sizes: list[int], seconds: list[float]) -> str:
     else:
         shape = "linear" if b < 1.15 else ("n log n-ish" if b < 1.35 else f"superlinear (n^{b:.1f})")
     per10m = seconds[-1] / sizes[-1] * 1e7
-    return f"{shape}, exponent {b:.2f}, {per10m:.0f} s per 10M reviews (at {sizes[-1] / 1e6:g}M)"
+    return f"{shape}, exponent {b:.2f}, {per10m:.0f} CPU s per 10M reviews (at {sizes[-1] / 1e6:g}M)"
 
 
 def report(work: Path, plot: Path | None) -> None:
@@ -350,15 +353,16 @@ def report(work: Path, plot: Path | None) -> None:
             elif rec["status"] != "ok":
                 cells.append(rec["status"])
             else:
-                cells.append(f"{rec['seconds']:.0f} s, {rec['peak_rss_gb']:.1f} GB")
+                wall, cpu, peak = rec["seconds"], rec["cpu_seconds"], rec["peak_rss_gb"]
+                cells.append(f"{wall:.0f} s wall, {cpu:.0f} s CPU, {peak:.2f} GB")
         print(f"| {stage} | " + " | ".join(cells) + " |")
     print()
     for stage in (*STAGES, *EXTRA):
         ok = [(n, results[(stage, n)]) for n in sizes if results.get((stage, n), {}).get("status") == "ok"]
         if ok:
-            print(f"{stage}: {fit_growth([n for n, _ in ok], [r['seconds'] for n, r in ok])}")
-    core = [(n, results[("interactions", n)]) for n in sizes if ("interactions", n) in results]
-    for n, rec in core:
+            print(f"{stage}: {fit_growth([n for n, _ in ok], [r['cpu_seconds'] for n, r in ok])}")
+    for n in sizes:
+        rec = results.get(("interactions", n)) or results.get((CORE, n)) or {}
         if rec.get("status") == "ok":
             print(f"{n / 1e6:g}M reviews -> 5-core: {rec['users']:,} users, {rec['items']:,} items, "
                   f"{rec['interactions']:,} interactions")
@@ -378,9 +382,9 @@ def _plot(results, sizes, path: Path) -> None:
         if not pts:
             continue
         x = [n / 1e6 for n, _ in pts]
-        ax_t.plot(x, [r["seconds"] for _, r in pts], "o-", label=stage)
+        ax_t.plot(x, [r["cpu_seconds"] for _, r in pts], "o-", label=stage)
         ax_m.plot(x, [r["peak_rss_gb"] for _, r in pts], "o-", label=stage)
-    for ax, label in ((ax_t, "seconds (wall, machine under load)"), (ax_m, "peak RSS (GB)")):
+    for ax, label in ((ax_t, "CPU seconds (all threads)"), (ax_m, "peak RSS (GB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("raw reviews (millions), 2023 format")
@@ -400,7 +404,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1e6,5e6", help="comma-separated review counts, e.g. 1e6,5e6,2e7")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"also: {', '.join(EXTRA)}")
     parser.add_argument("--stage-timeout", type=float, default=3600.0)
-    parser.add_argument("--force", action="store_true", help="re-measure stages already in results.jsonl")
+    parser.add_argument("--force", action="store_true", help="re-measure stages (not generate) already measured")
     parser.add_argument("--report", action="store_true", help="only print the table (and plot) of past results")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--worker", choices=(*STAGES, *EXTRA), help=argparse.SUPPRESS)
@@ -423,7 +427,7 @@ def main() -> None:
         needs_files = any(s != CORE for s in stages)
         for stage in ["generate"] * needs_files + [s for s in stages if s != "generate"]:
             prev = done.get((stage, n))
-            if prev is not None and prev["status"] == "ok" and not args.force:
+            if prev is not None and prev["status"] == "ok" and (not args.force or stage == "generate"):
                 continue
             rec = measure(stage, work / f"n{n}", n, args.stage_timeout)
             rec["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
