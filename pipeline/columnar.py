@@ -5,7 +5,7 @@ Why: :func:`pipeline.readers.read_reviews` keeps two Python ``str`` objects per 
 that is well over 10 GB before pandas copies anything. Here a review never becomes a
 Python object for longer than one chunk: each chunk of lines is parsed into Arrow
 columns, its user and item ids are dictionary-encoded at once, and only int32 codes,
-the float32 rating and the int64 timestamp (16 bytes a review) are kept. The distinct
+the float32 rating and the int64 timestamp (20 bytes a review) are kept. The distinct
 ids are sorted once at the end, so the codes follow the sorted raw ids exactly as
 ``pd.factorize(sort=True)`` numbers them in the per-line path.
 
