@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from sand.pipeline.data import SPLIT_NAMES
 from sand.pipeline.errors import ConfigError, DataError
@@ -97,12 +98,12 @@ def _items_table(item_map: pd.DataFrame, meta: pd.DataFrame | None) -> pd.DataFr
     return items[list(ITEM_COLUMNS)]
 
 
-def _codes(values: pd.Series, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _codes(values: pd.Series, what: str) -> tuple[np.ndarray, pa.Array]:
     codes, uniques = pd.factorize(values, sort=True)
     if (codes < 0).any():
         row = int(np.flatnonzero(codes < 0)[0])
         raise DataError(f"reviews row {row}: field {what!r} is empty")
-    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+    return codes.astype(np.int64), pa.array(np.asarray(uniques, dtype=object), pa.string())
 
 
 def _reindex(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +112,13 @@ def _reindex(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
     lookup = np.full(n_codes, -1, dtype=np.int64)
     lookup[used] = np.arange(len(used))
     return used, lookup[codes]
+
+
+def _check_options(k_core: int, split_rule: str) -> None:
+    if split_rule not in SPLIT_RULES:
+        raise ConfigError(f"unknown split rule {split_rule!r}; valid rules: {', '.join(SPLIT_RULES)}")
+    if not isinstance(k_core, int | np.integer) or k_core < 0:
+        raise ConfigError(f"k_core must be a non-negative integer, got {k_core!r}")
 
 
 def build_interactions(
@@ -125,18 +133,48 @@ def build_interactions(
     missing = [c for c in REVIEW_COLUMNS if c not in reviews.columns]
     if missing:
         raise DataError(f"reviews table lacks column {missing[0]!r}")
-    if split_rule not in SPLIT_RULES:
-        raise ConfigError(f"unknown split rule {split_rule!r}; valid rules: {', '.join(SPLIT_RULES)}")
-    if not isinstance(k_core, int | np.integer) or k_core < 0:
-        raise ConfigError(f"k_core must be a non-negative integer, got {k_core!r}")
-    n_raw = len(reviews)
-    if n_raw == 0:
+    _check_options(k_core, split_rule)
+    if len(reviews) == 0:
         raise DataError("no reviews in the input")
-
     ucodes, raw_users = _codes(reviews["user_id"], "user_id")
     icodes, raw_items = _codes(reviews["asin"], "asin")
-    timestamps = reviews["timestamp"].to_numpy(np.int64)
+    result = index_reviews(
+        ucodes,
+        icodes,
+        raw_users,
+        raw_items,
+        reviews["rating"].to_numpy(np.float32),
+        reviews["timestamp"].to_numpy(np.int64),
+        k_core=k_core,
+        split_rule=split_rule,
+        seed=seed,
+    )
+    return with_meta(result, meta)
 
+
+def index_reviews(
+    ucodes: np.ndarray,
+    icodes: np.ndarray,
+    raw_users: pa.Array,
+    raw_items: pa.Array,
+    ratings: np.ndarray,
+    timestamps: np.ndarray,
+    *,
+    k_core: int = 5,
+    split_rule: str = "mmrec",
+    seed: int = 0,
+) -> InteractionsResult:
+    """:func:`build_interactions` on reviews already coded by sorted raw id, without metadata.
+
+    ``ucodes``/``icodes`` index ``raw_users``/``raw_items`` (sorted distinct raw ids);
+    this is the entry of the columnar reader (:mod:`pipeline.columnar`), which never
+    holds a Python string per review. Join metadata with :func:`with_meta`.
+    """
+    _check_options(k_core, split_rule)
+    n_raw = len(ucodes)
+    if n_raw == 0:
+        raise DataError("no reviews in the input")
+    timestamps = np.asarray(timestamps, dtype=np.int64)
     rows = np.flatnonzero(dedup_mask(ucodes, icodes, timestamps))
     n_dups = n_raw - len(rows)
     core = kcore(ucodes[rows], icodes[rows], int(k_core))
@@ -159,16 +197,17 @@ def build_interactions(
         {
             "user": user.astype(np.int64),
             "item": item.astype(np.int64),
-            "rating": reviews["rating"].to_numpy(np.float32)[rows],
+            "rating": np.asarray(ratings, dtype=np.float32)[rows],
             "timestamp": ts,
             "split": split,
         }
     )
     user_map = pd.DataFrame(
-        {"user_id": pd.array(raw_users[used_users], dtype="str"), "user": np.arange(len(used_users))}
+        {"user_id": pd.array(raw_users.take(used_users), dtype="str"), "user": np.arange(len(used_users))}
     )
-    item_map = pd.DataFrame({"asin": pd.array(raw_items[used_items], dtype="str"), "item": np.arange(len(used_items))})
-    items = _items_table(item_map, meta)
+    item_map = pd.DataFrame(
+        {"asin": pd.array(raw_items.take(used_items), dtype="str"), "item": np.arange(len(used_items))}
+    )
     stats: dict[str, Any] = {
         "raw_reviews": n_raw,
         "duplicates_removed": int(n_dups),
@@ -181,8 +220,6 @@ def build_interactions(
         "split_rule": split_rule,
         "seed": seed,
         **_split_stats(split),
-        "items_without_meta": int((~items["has_meta"]).sum()),
-        "items_without_image": int((items["image_url"] == "").sum()),
     }
     log.info(
         "interactions: %d reviews -> %d users, %d items, %d interactions (%d duplicates, %d k-core rounds)",
@@ -193,7 +230,18 @@ def build_interactions(
         n_dups,
         core.rounds,
     )
-    return InteractionsResult(interactions, items, user_map, item_map, stats)
+    return with_meta(InteractionsResult(interactions, pd.DataFrame(), user_map, item_map, stats), None)
+
+
+def with_meta(result: InteractionsResult, meta: pd.DataFrame | None) -> InteractionsResult:
+    """``result`` with its items table (and metadata stats) rebuilt from ``meta``."""
+    items = _items_table(result.item_map, meta)
+    stats = {
+        **result.stats,
+        "items_without_meta": int((~items["has_meta"]).sum()),
+        "items_without_image": int((items["image_url"] == "").sum()),
+    }
+    return InteractionsResult(result.interactions, items, result.user_map, result.item_map, stats)
 
 
 def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:

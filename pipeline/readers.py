@@ -28,7 +28,7 @@ import gzip
 import logging
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,18 +228,25 @@ def parse_literal_line(line: bytes) -> Any:
         raise DirtyLine("malformed Python literal") from None
 
 
-def _read_records(
-    path: Path,
+def parse_lines(
+    numbered_lines: Iterable[tuple[int, bytes | None]],
     parse: Callable[[bytes], Any],
     convert: Callable[[dict], tuple],
-    n_columns: int,
+    columns: list[list],
+    report: SkipReport,
     max_bad_lines: int,
-    max_line_bytes: int,
-) -> tuple[list[list], SkipReport]:
-    """Parse every line into column lists (not row tuples: about half the memory for 5M rows)."""
-    report = SkipReport(file=str(path))
-    columns: list[list] = [[] for _ in range(n_columns)]
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> None:
+    """Append each line's converted values to ``columns``; count dirty lines in ``report``.
+
+    The one place that decides what a dirty line is: the whole-file reader below and
+    the chunked columnar reader (:mod:`pipeline.columnar`, for chunks its fast path
+    cannot vouch for) both go through it, so both skip and count the same lines.
+    A ``None`` line is one :func:`iter_lines` dropped for exceeding ``max_line_bytes``.
+    Raises :class:`DataError` once more than ``max_bad_lines`` lines were skipped.
+    """
     appenders = [c.append for c in columns]
+    path = report.file
 
     def skip(lineno: int, reason: str, detail: str) -> None:
         report.add(lineno, reason, detail)
@@ -247,7 +254,7 @@ def _read_records(
             shown = f" {detail}" if detail else ""
             raise DataError(f"{path}:{lineno}: {reason}{shown} (more than {max_bad_lines} bad lines)")
 
-    for lineno, line in iter_lines(path, max_line_bytes):
+    for lineno, line in numbered_lines:
         report.lines_read = lineno
         if line is None:
             skip(lineno, "line too long", f"(over {max_line_bytes} bytes)")
@@ -264,14 +271,33 @@ def _read_records(
             continue
         for append, value in zip(appenders, values, strict=True):
             append(value)
+
+
+def _read_records(
+    path: Path,
+    parse: Callable[[bytes], Any],
+    convert: Callable[[dict], tuple],
+    n_columns: int,
+    max_bad_lines: int,
+    max_line_bytes: int,
+) -> tuple[list[list], SkipReport]:
+    """Parse every line into column lists (not row tuples: about half the memory for 5M rows)."""
+    report = SkipReport(file=str(path))
+    columns: list[list] = [[] for _ in range(n_columns)]
+    parse_lines(iter_lines(path, max_line_bytes), parse, convert, columns, report, max_bad_lines, max_line_bytes)
     report.records = len(columns[0])
+    finish_report(path, report)
+    return columns, report
+
+
+def finish_report(path: Path, report: SkipReport) -> None:
+    """After a whole file: fail if nothing was usable, else log what was skipped."""
     if not report.records:
         raise DataError(f"{path}: no usable records ({report.total} bad lines, {report.lines_read} lines)")
     if report.total:
         log.warning("%s", report.summary())
         for example in report.examples:
             log.info("skipped %s", example)
-    return columns, report
 
 
 # ----------------------------------------------------------------------------------------- reviews
@@ -336,16 +362,13 @@ _REVIEW_FIELDS = {
 }
 
 
-def read_reviews(
-    path: str | Path, fmt: str, max_bad_lines: int = 100, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> tuple[pd.DataFrame, SkipReport]:
-    """Read a review dump into ``user_id, asin, rating (float32), timestamp (int64 seconds)``.
+def review_converter(fmt: str) -> Callable[[dict], tuple]:
+    """The per-record check and conversion of one review: ``(user, item, rating, seconds)``.
 
-    2023 reviews are keyed by ``parent_asin`` (the metadata's key) and timestamped in
-    milliseconds; both are normalised so the three releases look alike downstream.
+    A factory (not inlined in :func:`read_reviews`) so the chunked columnar reader
+    can hand the lines its fast path rejects to exactly the same rules.
     """
     _check_format(fmt)
-    path = Path(path)
     ukey, ikey, rkey, tkey, divisor = _REVIEW_FIELDS[fmt]
 
     def convert(obj: dict) -> tuple:
@@ -369,6 +392,19 @@ def read_reviews(
             _timestamp(obj, tkey, divisor),
         )
 
+    return convert
+
+
+def read_reviews(
+    path: str | Path, fmt: str, max_bad_lines: int = 100, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> tuple[pd.DataFrame, SkipReport]:
+    """Read a review dump into ``user_id, asin, rating (float32), timestamp (int64 seconds)``.
+
+    2023 reviews are keyed by ``parent_asin`` (the metadata's key) and timestamped in
+    milliseconds; both are normalised so the three releases look alike downstream.
+    """
+    path = Path(path)
+    convert = review_converter(fmt)
     (users, items, ratings, times), report = _read_records(
         path, _parse_json, convert, 4, max_bad_lines, max_line_bytes
     )
@@ -493,14 +529,23 @@ def read_meta(
     2014, which has none); ``image_url`` is "" when the item has no image. Duplicate
     asins are kept here; the interactions stage keeps the first.
     """
-    _check_format(fmt)
     path = Path(path)
-    parse, convert = _META[fmt]
+    parse, convert = meta_parser(fmt)
     columns, report = _read_records(path, parse, convert, len(META_COLUMNS), max_bad_lines, max_line_bytes)
-    df = pd.DataFrame(
+    return meta_frame(columns), report
+
+
+def meta_parser(fmt: str) -> tuple[Callable[[bytes], Any], Callable[[dict], tuple]]:
+    """(line parser, record converter) for one release's metadata lines."""
+    _check_format(fmt)
+    return _META[fmt]
+
+
+def meta_frame(columns: list[list]) -> pd.DataFrame:
+    """Converted metadata columns (in ``META_COLUMNS`` order) as the ``read_meta`` table."""
+    return pd.DataFrame(
         {
             col: values if col == "categories" else pd.array(values, dtype="str")
             for col, values in zip(META_COLUMNS, columns, strict=True)
         }
     )
-    return df, report

@@ -180,7 +180,7 @@ def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
     params = key_params(icfg) if fmt != "mmrec" else {"kept": "given split and ids"}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.interactions import build_interactions, interactions_from_mmrec
+        from sand.pipeline.interactions import interactions_from_mmrec
 
         skips: dict[str, Any] = {}
         if fmt == "mmrec":
@@ -188,17 +188,7 @@ def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
 
             result = interactions_from_mmrec(read_mmrec_folder(raw.path))
         else:
-            from sand.pipeline.readers import read_meta, read_reviews
-
-            files = raw.manifest["files"]
-            limits = {"max_bad_lines": icfg.max_bad_lines, "max_line_bytes": icfg.max_line_bytes}
-            reviews, skip_r = read_reviews(raw.file(files["reviews"]), fmt, **limits)
-            skips["reviews"] = _skip_dict(skip_r)
-            meta = None
-            if "meta" in files:
-                meta, skip_m = read_meta(raw.file(files["meta"]), fmt, **limits)
-                skips["meta"] = _skip_dict(skip_m)
-            result = build_interactions(reviews, meta, k_core=icfg.k_core, split_rule=icfg.split, seed=icfg.seed)
+            result = _interactions_from_dumps(raw, fmt, icfg, skips, ctx.progress)
         result.interactions.to_parquet(out / "interactions.parquet", index=False)
         result.items.to_parquet(out / "items.parquet", index=False)
         result.user_map.to_parquet(out / "user_map.parquet", index=False)
@@ -208,6 +198,29 @@ def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
     return ctx.store.run(
         "interactions", STAGE_VERSIONS["interactions"], params, {"raw": raw}, build, "interactions" in ctx.refresh
     )
+
+
+def _interactions_from_dumps(raw: Artifact, fmt: str, icfg: Any, skips: dict[str, Any], progress: bool) -> Any:
+    """Raw dumps -> InteractionsResult in bounded memory (see :mod:`pipeline.columnar`)."""
+    from tqdm.auto import tqdm
+
+    from sand.pipeline.columnar import interactions_from_dumps
+
+    files = raw.manifest["files"]
+    with tqdm(desc="reading reviews", unit=" lines", unit_scale=True, disable=not progress) as bar:
+        result, reports = interactions_from_dumps(
+            raw.file(files["reviews"]),
+            raw.file(files["meta"]) if "meta" in files else None,
+            fmt,
+            k_core=icfg.k_core,
+            split_rule=icfg.split,
+            seed=icfg.seed,
+            max_bad_lines=icfg.max_bad_lines,
+            max_line_bytes=icfg.max_line_bytes,
+            progress=bar.update,
+        )
+    skips.update({role: _skip_dict(report) for role, report in reports.items()})
+    return result
 
 
 def _skip_dict(report: Any) -> dict[str, Any]:
