@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/bench_interactions.py [--rows 5000000] [--runs 3] [--seed 0]
     python benchmarks/bench_interactions.py --reader-rows 1000000   # also time read_reviews on a .json.gz
-    python benchmarks/bench_interactions.py --mmrec-dir /work/shared/datasets/amazon-baby-2014
+    python benchmarks/bench_interactions.py --mmrec-dir PATH/TO/MMREC_BABY_FOLDER
 
 Synthetic data: users and items drawn from bounded power laws (a few heavy users
 and best-sellers, a long tail of one-off reviewers, as in the Amazon dumps) plus 1%
