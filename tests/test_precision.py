@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_sand import knn_graph
 from torch import nn
 
 from sand.models.precision import LowPrecisionCopies, precision_scope, set_precision
@@ -20,7 +21,6 @@ from sand.pipeline.evaluation import recommendations_table
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context, train_key_params
 from sand.pipeline.training import train_model
-from tests.test_sand import knn_graph
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -337,7 +337,7 @@ def test_bf16_and_fp32_rank_a_trained_models_top10_alike_on_the_sample(tmp_path)
 
 
 def test_cli_precision_option_is_validated_like_any_field():
-    from tests.test_cli import _main
+    from test_cli import _main
 
     code, out = _main(["run", "--precision", "half"])
     lines = out.stderr.strip().splitlines()
