@@ -32,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,25 +109,47 @@ def _num(values: np.ndarray) -> pa.Array:
     return pa.array(values).cast(pa.string())
 
 
+@dataclass(frozen=True)
+class Population:
+    """Who reviews what: user and item counts and their popularity orders, from one seed.
+
+    One definition shared by the file generator and the in-memory bench, so both measure
+    the same interactions.
+    """
+
+    n_users: int
+    n_items: int
+    user_perm: np.ndarray
+    item_perm: np.ndarray
+
+    @classmethod
+    def draw(cls, n: int, rng: np.random.Generator) -> Population:
+        n_users, n_items = max(n // 3, 10), max(n // 8, 10)
+        return cls(n_users, n_items, rng.permutation(n_users), rng.permutation(n_items))
+
+    def block(self, b: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """User and item codes of one block of ``m`` reviews, 1% of them re-reviews within the block."""
+        fresh = m - m // 100
+        users = power_law_codes(b, fresh, self.n_users, 2.4, self.user_perm)
+        items = power_law_codes(b, fresh, self.n_items, 2.8, self.item_perm)
+        redo = b.integers(0, fresh, m - fresh)
+        return np.r_[users, users[redo]], np.r_[items, items[redo]]
+
+
 def generate(n: int, folder: Path, seed: int = 0) -> dict[str, Any]:
     """Write ``reviews.jsonl.gz`` and ``meta.jsonl.gz`` for ``n`` reviews (cached: skipped if present)."""
     done = folder / "generated.json"
     if done.exists():
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n_users, n_items = max(n // 3, 10), max(n // 8, 10)
-    user_perm, item_perm = rng.permutation(n_users), rng.permutation(n_items)
+    pop = Population.draw(n, np.random.default_rng(seed))
+    n_users, n_items = pop.n_users, pop.n_items
     t0 = time.perf_counter()
     with gzip.open(folder / "reviews.jsonl.gz.tmp", "wb", compresslevel=1) as fh:
         for start in range(0, n, BLOCK):
             m = min(BLOCK, n - start)
             b = np.random.default_rng([seed, start])
-            fresh = m - m // 100
-            users = power_law_codes(b, fresh, n_users, 2.4, user_perm)
-            items = power_law_codes(b, fresh, n_items, 2.8, item_perm)
-            redo = b.integers(0, fresh, m - fresh)  # re-reviews of pairs in this block
-            users, items = np.r_[users, users[redo]], np.r_[items, items[redo]]
+            users, items = pop.block(b, m)
             parent = _fixed_ids(items, b"B0", 8, 7)
             stamp = b.integers(1_262_304_000_000, 1_694_000_000_000, m)
             rating = b.choice(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), m, p=[0.08, 0.05, 0.08, 0.16, 0.63])
@@ -276,20 +299,14 @@ def _core_only(n: int, seed: int = 0) -> dict[str, Any]:
     from sand.pipeline.interactions import index_reviews
 
     rng = np.random.default_rng(seed)
-    n_users, n_items = max(n // 3, 10), max(n // 8, 10)
-    user_perm, item_perm = rng.permutation(n_users), rng.permutation(n_items)
+    pop = Population.draw(n, rng)
     ucodes, icodes = np.empty(n, np.int64), np.empty(n, np.int64)
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
-        b = np.random.default_rng([seed, start])
-        fresh = m - m // 100
-        users = power_law_codes(b, fresh, n_users, 2.4, user_perm)
-        items = power_law_codes(b, fresh, n_items, 2.8, item_perm)
-        redo = b.integers(0, fresh, m - fresh)
-        ucodes[start : start + m] = np.r_[users, users[redo]]
-        icodes[start : start + m] = np.r_[items, items[redo]]
-    users = _fixed_ids(np.arange(n_users), b"A", 27, 3)
-    items = _fixed_ids(np.arange(n_items), b"B0", 8, 7)
+        block_users, block_items = pop.block(np.random.default_rng([seed, start]), m)
+        ucodes[start : start + m], icodes[start : start + m] = block_users, block_items
+    users = _fixed_ids(np.arange(pop.n_users), b"A", 27, 3)
+    items = _fixed_ids(np.arange(pop.n_items), b"B0", 8, 7)
     rating = rng.integers(1, 6, n).astype(np.float32)
     stamps = rng.integers(1_262_304_000, 1_694_000_000, n)
     t0 = time.perf_counter()
