@@ -44,7 +44,7 @@ def _write_file(path: Path, n_records: int, seed: int) -> None:
     import numpy as np
     from tqdm import tqdm
 
-    from sand.pipeline.amazon2014_features import FEATURE_DIM, RECORD_DTYPE
+    from sand.pipeline.features.amazon2014 import FEATURE_DIM, RECORD_DTYPE
 
     base = np.random.default_rng(seed).standard_normal((BLOCK, FEATURE_DIM), dtype=np.float32)
     block = np.zeros(BLOCK, dtype=RECORD_DTYPE)
@@ -62,7 +62,7 @@ def _write_file(path: Path, n_records: int, seed: int) -> None:
 def _worker(path: str, asins_path: str, hash_file: bool) -> None:
     import numpy as np
 
-    from sand.pipeline.amazon2014_features import read_item_features
+    from sand.pipeline.features.amazon2014 import read_item_features
 
     asins = json.loads(Path(asins_path).read_text())
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

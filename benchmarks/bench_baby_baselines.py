@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sand.models.bpr import MFBPR  # noqa: E402
 from sand.models.lightgcn import LightGCN  # noqa: E402
-from sand.pipeline.data import SplitData  # noqa: E402
-from sand.pipeline.training import train_model  # noqa: E402
+from sand.pipeline.dataset.split_data import SplitData  # noqa: E402
+from sand.pipeline.training.trainer import train_model  # noqa: E402
 
 PUBLISHED_R20 = {"mf": 0.0575, "lightgcn": 0.0754}
 MMREC_HERE_R20 = {"mf": 0.0594, "lightgcn": 0.0745}

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sand.pipeline.data import SplitData  # noqa: E402
-from sand.pipeline.evaluation import evaluate_split  # noqa: E402
-from sand.pipeline.sampling import sample_bpr_epoch  # noqa: E402
+from sand.pipeline.dataset.split_data import SplitData  # noqa: E402
+from sand.pipeline.training.evaluation import evaluate_split  # noqa: E402
+from sand.pipeline.training.negative_sampling import sample_bpr_epoch  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "amazon-baby-2014" / "baby.inter"
 

@@ -28,7 +28,7 @@ def _worker(n: int, d: int, k: int, block_size: int, seed: int) -> None:
     import numpy as np
     import torch  # noqa: F401 - imported before timing, as a running pipeline already has it
 
-    from sand.pipeline.knn import default_block_size, knn_graph
+    from sand.pipeline.features.knn import default_block_size, knn_graph
 
     x = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -51,8 +51,8 @@ def _worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch  # noqa: F401 - loaded before timing, as in a running pipeline
 
-    from sand.pipeline.ann import faiss_neighbours
-    from sand.pipeline.knn import knn_neighbours
+    from sand.pipeline.features.ann import faiss_neighbours
+    from sand.pipeline.features.knn import knn_neighbours
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         path = Path(tmp) / "feat.npy"

@@ -44,11 +44,11 @@ def run_one(backbone: str, size: int, urls: list[str], repeats: int, threads: in
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from sand.pipeline.image_encoder import ImageFileDataset, build_cnn, encode_images
-    from sand.pipeline.images import fetch_images
+    from sand.pipeline.features.image_encoder import ImageFileDataset, build_cnn, encode_images
+    from sand.pipeline.features.image_fetch import fetch_images
 
     try:  # the URL policy (local files are the user's own here); absent before it existed
-        from sand.pipeline.url_policy import UrlPolicy
+        from sand.pipeline.acquire.url_policy import UrlPolicy
 
         policy = {"policy": UrlPolicy.for_origin("local")}
     except ImportError:

@@ -32,11 +32,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sand.pipeline.interactions import build_interactions, interactions_from_mmrec  # noqa: E402
-from sand.pipeline.kcore import dedup_mask, kcore  # noqa: E402
-from sand.pipeline.mmrec import read_mmrec_folder  # noqa: E402
-from sand.pipeline.readers import read_reviews  # noqa: E402
-from sand.pipeline.splits import split_counts, split_interactions  # noqa: E402
+from sand.pipeline.dataset.interactions import build_interactions, interactions_from_mmrec  # noqa: E402
+from sand.pipeline.dataset.kcore import dedup_mask, kcore  # noqa: E402
+from sand.pipeline.dataset.mmrec import read_mmrec_folder  # noqa: E402
+from sand.pipeline.dataset.readers import read_reviews  # noqa: E402
+from sand.pipeline.dataset.splits import split_counts, split_interactions  # noqa: E402
 
 
 def peak_rss_gb() -> float:

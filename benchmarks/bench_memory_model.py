@@ -70,8 +70,8 @@ def _worker(model_name: str, n_items: int, n_users: int, batches: int, batch: in
 
     from sand.models.graph import scipy_to_torch_sparse
     from sand.models.registry import build_model, required_modalities
-    from sand.pipeline.knn import knn_graph
-    from sand.pipeline.sampling import sample_bpr_epoch
+    from sand.pipeline.features.knn import knn_graph
+    from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

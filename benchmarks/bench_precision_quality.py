@@ -82,7 +82,7 @@ def baby_part(epochs: int) -> None:
     from bench_sand_speed import N_ITEMS, N_USERS, make_inputs
     from gpu_check import build, split_data
 
-    from sand.pipeline.training import train_model
+    from sand.pipeline.training.trainer import train_model
 
     inputs = make_inputs(0)
     data = split_data(inputs, N_USERS, N_ITEMS)

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline import sample as S
+from sand.pipeline.acquire import bundled_sample as S
 
 BABY_ITEMS, BABY_USERS = 7050, 19445
 PER_USER = (5, 11)  # distinct items per user: mean 8, as Baby's 8.3
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         gen_s = time.perf_counter() - t0
         print(f"generated in {gen_s:.1f}s: {json.dumps(gen.counts)}", flush=True)
 
-        from sand.pipeline.download import fetch_file
+        from sand.pipeline.acquire.download import fetch_file
 
         t0 = time.perf_counter()
         local = [fetch_file(f"{base}/raw/{p.name}", work / "raw-downloaded", progress=False).path

@@ -3,7 +3,7 @@
 Inputs (seeded, generated here): 19,445 users, 7,050 items, 160,792 distinct random
 interactions (75% train), 4096-d image and 384-d text random features, item-item
 kNN graphs (k = 10, item itself included, values 1/k) built blockwise with
-``torch.topk`` (this script does not use ``pipeline/knn.py`` on purpose: it measures
+``torch.topk`` (this script does not use ``pipeline/features/knn.py`` on purpose: it measures
 the model only).
 
 Models (``--models``): SAND_a and SAND_b (modes: naive = the literal reference in

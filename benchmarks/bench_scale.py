@@ -284,8 +284,8 @@ def run_stage(stage: str, folder: Path, n: int) -> dict[str, Any]:
 
 def _per_line_reference(folder: Path) -> dict[str, Any]:
     """The per-line path the columnar one replaced (same tables), for a memory and time ratio."""
-    from sand.pipeline.interactions import build_interactions
-    from sand.pipeline.readers import read_meta, read_reviews
+    from sand.pipeline.dataset.interactions import build_interactions
+    from sand.pipeline.dataset.readers import read_meta, read_reviews
 
     t0 = time.perf_counter()
     reviews, _ = read_reviews(folder / "reviews.jsonl.gz", "amazon2023", max_bad_lines=1000)
@@ -296,7 +296,7 @@ def _per_line_reference(folder: Path) -> dict[str, Any]:
 
 def _core_only(n: int, seed: int = 0) -> dict[str, Any]:
     """``index_reviews`` on what the columnar reader would hand it for ``n`` generated reviews."""
-    from sand.pipeline.interactions import index_reviews
+    from sand.pipeline.dataset.interactions import index_reviews
 
     rng = np.random.default_rng(seed)
     pop = Population.draw(n, rng)

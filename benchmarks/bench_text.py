@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sand.pipeline.text_features import encode_texts, item_text  # noqa: E402
+from sand.pipeline.features.text import encode_texts, item_text  # noqa: E402
 
 WORDS = (
     "soft cotton baby blanket warm lightweight stroller car seat organic bottle nipple pacifier "

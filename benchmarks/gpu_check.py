@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sand_speed import batches, make_inputs  # noqa: E402
 
 from sand.models.registry import build_model  # noqa: E402
-from sand.pipeline.data import SplitData  # noqa: E402
-from sand.pipeline.training import train_model  # noqa: E402
+from sand.pipeline.dataset.split_data import SplitData  # noqa: E402
+from sand.pipeline.training.trainer import train_model  # noqa: E402
 
 #: Table 5 of the paper (Baby, the authors' GPU): variant -> (s/epoch, GB).
 PAPER_TABLE5 = {"a": (16.04, 3.42), "b": (3.75, 2.54)}

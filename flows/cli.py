@@ -182,7 +182,7 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> di
     options = common.run_options()
     if until is not None and until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
-    from sand.pipeline.amazon2014_stage import check_feature_source
+    from sand.pipeline.features.amazon2014_stage import check_feature_source
     from sand.pipeline.runner import PipelineResult, planned_stages
 
     check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
@@ -227,7 +227,7 @@ def export_mmrec(
     until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features",
 ) -> None:
     """Write an MMRec dataset folder: <name>.inter, id maps, features, user_graph_dict.npy and <name>.yaml."""
-    from sand.pipeline.export import export_mmrec_folder
+    from sand.pipeline.dataset.export import export_mmrec_folder
 
     summary = _run_flow(common, until)
     manifest = export_mmrec_folder(summary, out)
@@ -245,7 +245,7 @@ def recommend(
     k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10,
 ) -> None:
     """Print a user's top-K items (training items excluded), with titles where known."""
-    from sand.pipeline.recommend import recommend_for_user
+    from sand.pipeline.training.recommend import recommend_for_user
 
     summary = _run_flow(common, "train")
     table = recommend_for_user(common.pipeline_config(), summary, user, k)
@@ -267,7 +267,7 @@ def grid(
     name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,
 ) -> None:
     """Run a grid of settings; select by validation Recall@20, report its test metrics, write the report."""
-    from sand.pipeline.grid import PRESETS
+    from sand.pipeline.experiments.grid import PRESETS
 
     axes: dict[str, list[Any]] = {}
     if preset is not None:
@@ -278,7 +278,7 @@ def grid(
         axes.update(_parse_axis(text))
     if not axes:
         raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
-    from sand.pipeline.grid import with_paper_inputs
+    from sand.pipeline.experiments.grid import with_paper_inputs
 
     cfg = with_paper_inputs(common.pipeline_config(), preset)
     options = common.run_options()

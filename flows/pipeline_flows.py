@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sand.flows.runners import RUNNERS, make_task_runner
+from sand.flows.task_runners import RUNNERS, make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline import stages
 from sand.pipeline.config import STAGES, PipelineConfig
@@ -166,7 +166,7 @@ def grid_flow(
     select_metric: str = "recall@20",
 ) -> dict[str, Any]:
     """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
-    from sand.pipeline.grid import run_grid
+    from sand.pipeline.experiments.grid import run_grid
 
     config = config or PipelineConfig()
     options = options or RunOptions()

@@ -110,7 +110,7 @@ def _local_fingerprint(source: str | None) -> dict[str, Any] | None:
 
 
 def run_acquire(ctx: Context) -> StageOutcome:
-    from sand.pipeline.sources import resolve_source
+    from sand.pipeline.acquire.sources import resolve_source
 
     acfg = ctx.cfg.acquire
     spec = resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta)
@@ -133,7 +133,7 @@ def run_acquire(ctx: Context) -> StageOutcome:
     def build(out: Path) -> dict[str, Any]:
         files: dict[str, Any] = {}
         if spec.format == "sample":
-            from sand.pipeline.sample import generate_sample
+            from sand.pipeline.acquire.bundled_sample import generate_sample
 
             # The sample's images play the part of the internet: they live outside the
             # artifact at a stable path so their file:// URLs stay valid after the rename.
@@ -153,7 +153,7 @@ def run_acquire(ctx: Context) -> StageOutcome:
                     _link_or_copy(src, out / src.name)
                     files[src.name] = src.name
             return {"format": "mmrec", "name": spec.name, "files": files}
-        from sand.pipeline.download import fetch_file
+        from sand.pipeline.acquire.download import fetch_file
 
         downloads = ctx.store.data_root / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
@@ -180,11 +180,11 @@ def run_interactions(ctx: Context, raw: Artifact) -> StageOutcome:
     params = key_params(icfg) if fmt != "mmrec" else {"kept": "given split and ids"}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.interactions import interactions_from_mmrec
+        from sand.pipeline.dataset.interactions import interactions_from_mmrec
 
         skips: dict[str, Any] = {}
         if fmt == "mmrec":
-            from sand.pipeline.mmrec import read_mmrec_folder
+            from sand.pipeline.dataset.mmrec import read_mmrec_folder
 
             result = interactions_from_mmrec(read_mmrec_folder(raw.path))
         else:
@@ -204,7 +204,7 @@ def _interactions_from_dumps(raw: Artifact, fmt: str, icfg: Any, skips: dict[str
     """Raw dumps -> InteractionsResult in bounded memory (see :mod:`pipeline.columnar`)."""
     from tqdm.auto import tqdm
 
-    from sand.pipeline.columnar import interactions_from_dumps
+    from sand.pipeline.dataset.columnar import interactions_from_dumps
 
     files = raw.manifest["files"]
     with tqdm(desc="reading reviews", unit=" lines", unit_scale=True, disable=not progress) as bar:
@@ -288,7 +288,7 @@ def _stage_work_key(stage: str, params: dict[str, Any], inputs: dict[str, Artifa
 
 def _run_text_shard_job(job: Any) -> str:
     """One picklable text shard job (runs in a thread, a process or on a Dask worker)."""
-    from sand.pipeline.text_features import run_text_shard
+    from sand.pipeline.features.text import run_text_shard
 
     return run_text_shard(job)
 
@@ -324,7 +324,7 @@ def run_text_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | N
             return _copy_imported(imported, out, "text_feat.npy", n_items)
         from dataclasses import asdict
 
-        from sand.pipeline.text_features import assemble_text_features, item_text, plan_text_shards
+        from sand.pipeline.features.text import assemble_text_features, item_text, plan_text_shards
 
         items = pd.read_parquet(inter.file("items.parquet"))
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
@@ -390,7 +390,7 @@ def image_url_origin(inter: Artifact) -> str:
     (``params``); the bundled sample, MMRec folders and local files or ``file://``
     sources are the user's own, anything fetched over http(s) is not.
     """
-    from sand.pipeline.url_policy import host_and_port
+    from sand.pipeline.acquire.url_policy import host_and_port
 
     raw = Path(inter.manifest["inputs"]["raw"]["path"])
     try:
@@ -412,7 +412,7 @@ def _stage_cnn(work: Path, backbone: str, weights: str, seed: int) -> tuple[Path
     (different features per shard and per run); one file, loaded with
     ``weights_only=True``, gives every shard the same bytes.
     """
-    from sand.pipeline.image_encoder import build_cnn, save_cnn
+    from sand.pipeline.features.image_encoder import build_cnn, save_cnn
 
     model, _, description = build_cnn(backbone, weights, seed)
     return save_cnn(model, work / "cnn.pt"), description
@@ -420,7 +420,7 @@ def _stage_cnn(work: Path, backbone: str, weights: str, seed: int) -> tuple[Path
 
 def _run_shard_job(args: tuple[Any, ...]) -> str:
     """One picklable shard job (runs in a thread, a process or on a Dask worker)."""
-    from sand.pipeline.image_features import process_shard, save_shard
+    from sand.pipeline.features.image_shards import process_shard, save_shard
 
     item_ids, urls, cache_dir, fetch_kwargs, encoder_kwargs, out_path = args
     out_path = Path(out_path)
@@ -441,7 +441,7 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
     icfg = ctx.cfg.image_features
     imported = _imported_feature(inter, "image_feat.npy")
     if icfg.source == "amazon2014" and not imported:
-        from sand.pipeline.amazon2014_stage import run_amazon2014_image_features
+        from sand.pipeline.features.amazon2014_stage import run_amazon2014_image_features
 
         return run_amazon2014_image_features(ctx, inter)
     params = {"imported": str(imported)} if imported else image_settings(ctx, inter)
@@ -450,13 +450,13 @@ def run_image_features(ctx: Context, inter: Artifact, map_shards: ShardMapper | 
         _, n_items = dataset_counts(inter)
         if imported:
             return _copy_imported(imported, out, "image_feat.npy", n_items)
-        from sand.pipeline.image_features import assemble_features, load_shard, shard_items
+        from sand.pipeline.features.image_shards import assemble_features, load_shard, shard_items
 
         items = pd.read_parquet(inter.file("items.parquet")).sort_values("item")
         if "image_url" not in items.columns:
             raise StageError(_missing_feature_message(ctx, inter, "image", "image URLs"))
         urls = items["image_url"].fillna("").astype(str).tolist()
-        from sand.pipeline.url_policy import UrlPolicy
+        from sand.pipeline.acquire.url_policy import UrlPolicy
 
         work = ctx.store.work_dir("image_features", _stage_work_key("image_features", params, {"interactions": inter}))
         if "image_features" in ctx.refresh:  # re-encode: finished shards of an earlier run are not reused
@@ -513,7 +513,7 @@ def graph_method(ctx: Context, text: Artifact, image: Artifact) -> str:
     """The graph method this run uses (``auto`` resolved by catalogue size and CUDA)."""
     import torch
 
-    from sand.pipeline.ann import resolve_method
+    from sand.pipeline.features.ann import resolve_method
 
     gcfg = ctx.cfg.graphs
     shape = np.load(text.file("text_feat.npy"), mmap_mode="r").shape
@@ -527,7 +527,7 @@ def run_graphs(ctx: Context, text: Artifact, image: Artifact) -> StageOutcome:
     params = {**key_params(gcfg, drop), "method": method}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.knn import graph_from_neighbours, knn_neighbours, save_graph
+        from sand.pipeline.features.knn import graph_from_neighbours, knn_neighbours, save_graph
 
         stats = {}
         for modality, art, name in (("image", image, "image_feat.npy"), ("text", text, "text_feat.npy")):
@@ -535,7 +535,7 @@ def run_graphs(ctx: Context, text: Artifact, image: Artifact) -> StageOutcome:
             feats = np.load(art.file(name), mmap_mode="r", allow_pickle=False)
             info: dict[str, Any] = {"method": method}
             if method == "faiss":
-                from sand.pipeline.ann import faiss_neighbours
+                from sand.pipeline.features.ann import faiss_neighbours
 
                 nbrs, report = faiss_neighbours(
                     feats, gcfg.k, include_self=gcfg.include_self, nlist=gcfg.nlist, nprobe=gcfg.nprobe,
@@ -585,7 +585,7 @@ def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Art
     """SplitData, feature tensors and torch item graphs for building a model."""
 
     from sand.models.graph import scipy_to_torch_sparse
-    from sand.pipeline.data import SplitData
+    from sand.pipeline.dataset.split_data import SplitData
 
     n_users, n_items = dataset_counts(inter)
     data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
@@ -595,7 +595,7 @@ def load_model_inputs(ctx: Context, inter: Artifact, feature_arts: dict[str, Art
     if "text_features" in feature_arts:
         features["text"] = load_feature_tensor(feature_arts["text_features"].file("text_feat.npy"))
     if "graphs" in feature_arts:
-        from sand.pipeline.knn import load_graph
+        from sand.pipeline.features.knn import load_graph
 
         for modality in ("image", "text"):
             graphs[modality] = scipy_to_torch_sparse(load_graph(feature_arts["graphs"].file(f"{modality}_graph.npz")))
@@ -681,7 +681,7 @@ def _interrupted_sibling(
     checkpoints would mix two settings): this only lets the log and the manifest say that
     training restarted, and what changed.
     """
-    from sand.pipeline.training import LAST_NAME, describe_changes
+    from sand.pipeline.training.trainer import LAST_NAME, describe_changes
 
     latest: tuple[float, Path, dict[str, Any]] | None = None
     for other in work.parent.iterdir():
@@ -717,7 +717,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
 
     def build(out: Path) -> dict[str, Any]:
         from sand.models.registry import default_lr
-        from sand.pipeline.training import LAST_NAME, train_model
+        from sand.pipeline.training.trainer import LAST_NAME, train_model
 
         model, data = build_model_for(ctx, inter, feature_arts)
         # Keyed by every parameter and input: a rerun of the same settings resumes from the
@@ -782,7 +782,7 @@ def run_evaluate(
     params = key_params(ecfg)
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.evaluation import evaluate_split, recommendations_table
+        from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
 
         data, user_emb, item_emb = trained_embeddings(ctx, inter, trained, feature_arts)
         metrics = {
@@ -812,7 +812,7 @@ def run_report(ctx: Context) -> StageOutcome:
     params = {**key_params(rcfg), "evaluations": evaluations, "grids": grids}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.report import write_report
+        from sand.pipeline.experiments.report import write_report
 
         files = write_report(ctx.store.data_root, out, tsne_items=rcfg.tsne_items, seed=rcfg.seed,
                              select_metric=rcfg.select_metric)

@@ -20,7 +20,10 @@ import pytest
 from test_download import range_headers, range_route
 
 from sand.flows.ui import image_coverage_rows
-from sand.pipeline.amazon2014_features import (
+from sand.pipeline.config import load_config
+from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.experiments.grid import with_paper_inputs
+from sand.pipeline.features.amazon2014 import (
     ABSENT,
     FEATURE_DIM,
     NONFINITE,
@@ -28,9 +31,6 @@ from sand.pipeline.amazon2014_features import (
     read_item_features,
     write_feature_file,
 )
-from sand.pipeline.config import load_config
-from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.grid import with_paper_inputs
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context, run_image_features
 

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 
-from sand.pipeline import ann
 from sand.pipeline.errors import ConfigError
+from sand.pipeline.features import ann
 
 pytest.importorskip("faiss")
 
@@ -23,7 +23,7 @@ def clustered(n: int, d: int, seed: int = 0, centres: int = 60) -> np.ndarray:
 
 
 def test_exact_rows_equal_blocked_exact() -> None:
-    from sand.pipeline.knn import knn_neighbours
+    from sand.pipeline.features.knn import knn_neighbours
 
     x = clustered(2500, 24, seed=3)
     rows = np.array([0, 7, 1234, 2499])
@@ -35,7 +35,7 @@ def test_exact_rows_equal_blocked_exact() -> None:
 
 @pytest.mark.parametrize("include_self", [True, False])
 def test_faiss_graph_recall_measured_and_reached(include_self: bool) -> None:
-    from sand.pipeline.knn import knn_neighbours
+    from sand.pipeline.features.knn import knn_neighbours
 
     x = clustered(20000, 32)
     got, report = ann.faiss_neighbours(x, 10, include_self=include_self, recall_sample=400, seed=0)
@@ -66,7 +66,7 @@ def test_method_choice_and_fallback(monkeypatch: pytest.MonkeyPatch, caplog: pyt
     assert ann.resolve_method("auto", 10_000, 5000, cuda=True) == "exact"
     assert ann.resolve_method("exact", 10**7, 5000) == "exact"
     monkeypatch.setattr(ann, "faiss_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="sand.pipeline.ann"):
+    with caplog.at_level(logging.WARNING, logger="sand.pipeline.features.ann"):
         assert ann.resolve_method("auto", 10_000, 5000) == "exact"
     assert "faiss is not installed" in caplog.text
     with pytest.raises(ConfigError) as info:
@@ -89,7 +89,7 @@ def _feature_artifacts(tmp_path, n: int, dtype=np.float32):
 
 def test_graph_stage_records_recall_in_manifest(tmp_path) -> None:
     from sand.pipeline.config import load_config
-    from sand.pipeline.knn import load_graph
+    from sand.pipeline.features.knn import load_graph
     from sand.pipeline.stages import Context, run_graphs
 
     text, image = _feature_artifacts(tmp_path, 6000, dtype=np.float16)

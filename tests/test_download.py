@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import Reply, RequestInfo
 
-from sand.pipeline.download import FileRecord, fetch_file, safe_name, sha256_file
+from sand.pipeline.acquire.download import FileRecord, fetch_file, safe_name, sha256_file
 from sand.pipeline.errors import DownloadError
 
 BODY = bytes(range(256)) * 400 + b"tail"  # 102,404 bytes, not a multiple of the chunk size

@@ -9,10 +9,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sand.pipeline.data import SplitData
+from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import DataError, SandError
-from sand.pipeline.evaluation import evaluate_split, rank_topk, recommendations_table
-from sand.pipeline.sampling import sample_bpr_epoch
+from sand.pipeline.training.evaluation import evaluate_split, rank_topk, recommendations_table
+from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
 # ---------------------------------------------------------------- reference
 
@@ -242,7 +242,7 @@ def test_sampler_rejects_user_with_every_item():
 
 
 def test_complement_sampler_exact_and_uniform():
-    from sand.pipeline.sampling import _complement_draw
+    from sand.pipeline.training.negative_sampling import _complement_draw
 
     rng = np.random.default_rng(4)
     n_users, n_items = 6, 12

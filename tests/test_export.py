@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import yaml
 
-from sand.pipeline.export import (
+from sand.pipeline.dataset.export import (
     MMREC_IMAGE_DIM,
     co_interaction_user_graph,
     image_width_warning,

@@ -13,7 +13,7 @@ import pytest
 
 from sand.pipeline.config import PipelineConfig, build_config
 from sand.pipeline.errors import ConfigError
-from sand.pipeline.grid import PRESETS, expand_grid, preset, run_grid, select_best
+from sand.pipeline.experiments.grid import PRESETS, expand_grid, preset, run_grid, select_best
 from sand.pipeline.store import ArtifactStore
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sand.pipeline.acquire.url_policy import UrlPolicy
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.image_encoder import build_cnn, encode_images
-from sand.pipeline.image_features import (
+from sand.pipeline.features.image_encoder import build_cnn, encode_images
+from sand.pipeline.features.image_shards import (
     ShardResult,
     assemble_features,
     load_shard,
@@ -20,7 +21,6 @@ from sand.pipeline.image_features import (
     save_shard,
     shard_items,
 )
-from sand.pipeline.url_policy import UrlPolicy
 
 
 @pytest.fixture(autouse=True, scope="module")

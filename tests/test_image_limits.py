@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sand.pipeline.images import PixelBudget
+from sand.pipeline.features.image_fetch import PixelBudget
 
 
 def bomb_png(path: Path, side: int = 7000) -> Path:
@@ -39,8 +39,8 @@ def bomb_png(path: Path, side: int = 7000) -> Path:
 MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from sand.pipeline.images import fetch_images
-from sand.pipeline.url_policy import UrlPolicy
+from sand.pipeline.features.image_fetch import fetch_images
+from sand.pipeline.acquire.url_policy import UrlPolicy
 paths = sys.argv[2:]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 results = fetch_images(paths, Path(sys.argv[1]), policy=UrlPolicy.for_origin("local"), concurrency=8,
@@ -69,7 +69,7 @@ def test_pixel_bombs_are_skipped_from_the_header_with_bounded_memory(tmp_path):
 
 def test_the_encoder_refuses_a_bomb_that_replaced_a_checked_file(tmp_path):
     from sand.pipeline.errors import DataError
-    from sand.pipeline.image_encoder import ImageFileDataset
+    from sand.pipeline.features.image_encoder import ImageFileDataset
 
     dataset = ImageFileDataset([bomb_png(tmp_path / "b.png", side=3000)], 32, max_pixels=1_000_000)
     with pytest.raises(DataError, match=r"b\.png.*over the limit"):

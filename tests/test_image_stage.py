@@ -112,8 +112,8 @@ def test_image_urls_in_downloaded_metadata_cannot_read_local_files(http_server, 
     """The sample's metadata names its images by file:// URL: fine from disk, refused once downloaded."""
     from conftest import Reply
 
+    from sand.pipeline.acquire.bundled_sample import generate_sample
     from sand.pipeline.errors import DataError
-    from sand.pipeline.sample import generate_sample
 
     files = generate_sample(tmp_path / "gen", seed=0, n_users=60, n_items=40)
     for route, path in (("/reviews.json.gz", files.reviews), ("/meta.json.gz", files.meta)):

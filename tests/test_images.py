@@ -10,14 +10,14 @@ import pytest
 from conftest import Reply
 from PIL import Image
 
-from sand.pipeline.images import (
+from sand.pipeline.acquire.url_policy import UrlPolicy
+from sand.pipeline.features.image_fetch import (
     ImageResult,
     cache_paths,
     fetch_images,
     load_rgb,
     validate_image_bytes,
 )
-from sand.pipeline.url_policy import UrlPolicy
 
 #: Metadata the user gave locally: the loopback test server and local files are allowed.
 LOCAL = UrlPolicy.for_origin("local")

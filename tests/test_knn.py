@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.knn import knn_graph, knn_neighbours, load_graph, mix_graphs, save_graph
+from sand.pipeline.features.knn import knn_graph, knn_neighbours, load_graph, mix_graphs, save_graph
 
 
 def _features(n: int = 300, d: int = 16, seed: int = 0) -> np.ndarray:

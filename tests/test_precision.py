@@ -15,12 +15,12 @@ from sand.models.sand import SAND
 from sand.models.separation import LinearView, prefetch_reads
 from sand.pipeline import hardware
 from sand.pipeline.config import load_config
-from sand.pipeline.data import SplitData
+from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError
-from sand.pipeline.evaluation import recommendations_table
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context, train_key_params
-from sand.pipeline.training import train_model
+from sand.pipeline.training.evaluation import recommendations_table
+from sand.pipeline.training.trainer import train_model
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

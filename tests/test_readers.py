@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sand.pipeline.dataset.readers import META_COLUMNS, read_meta, read_reviews
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.readers import META_COLUMNS, read_meta, read_reviews
 
 
 def write_lines(path: Path, lines: list[str], compress: bool) -> Path:
@@ -283,7 +283,7 @@ def _peak_rss_growth_mb(code: str) -> tuple[float, str]:
 
     script = (
         "import resource, sys\n"
-        "from sand.pipeline.readers import read_meta, read_reviews\n"
+        "from sand.pipeline.dataset.readers import read_meta, read_reviews\n"
         "from sand.pipeline.errors import DataError\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"{code}\n"

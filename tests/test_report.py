@@ -13,8 +13,8 @@ from PIL import Image
 
 from sand.pipeline.config import build_config
 from sand.pipeline.errors import StageError
-from sand.pipeline.grid import run_grid
-from sand.pipeline.report import collect_runs, select_runs, write_report
+from sand.pipeline.experiments.grid import run_grid
+from sand.pipeline.experiments.report import collect_runs, select_runs, write_report
 from sand.pipeline.store import Artifact, ArtifactStore
 
 METRIC_KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -273,7 +273,7 @@ def test_sensitivity_figure_from_grid_tables(tmp_path):
 
 
 def _feature_artifacts(store: ArtifactStore, inter: Artifact) -> dict[str, Artifact]:
-    from sand.pipeline.knn import knn_graph, save_graph
+    from sand.pipeline.features.knn import knn_graph, save_graph
 
     rng = np.random.default_rng(7)
     feats = {
@@ -345,7 +345,7 @@ def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
 
 
 def test_tsne_is_seeded():
-    from sand.pipeline.figures import circle_points, tsne_2d
+    from sand.pipeline.experiments.figures import circle_points, tsne_2d
 
     x = np.random.default_rng(1).normal(size=(25, 6))
     a, b = tsne_2d(x, seed=4), tsne_2d(x, seed=4)
@@ -356,7 +356,7 @@ def test_tsne_is_seeded():
 def test_modal_representations_match_the_models_split(tmp_path):
     torch = pytest.importorskip("torch")
     from sand.models.sand import SAND
-    from sand.pipeline.figures import modal_representations
+    from sand.pipeline.experiments.figures import modal_representations
 
     rng = np.random.default_rng(0)
     feats = {

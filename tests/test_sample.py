@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
+from sand.pipeline.acquire.bundled_sample import COLOURS, MATERIALS, SHAPES, TYPES, generate_sample
 from sand.pipeline.errors import ConfigError
-from sand.pipeline.sample import COLOURS, MATERIALS, SHAPES, TYPES, generate_sample
 
 SMALL = {"n_users": 120, "n_items": 60}
 
@@ -272,7 +272,7 @@ def test_cli_writes_the_sample(tmp_path):
         [
             sys.executable,
             "-m",
-            "sand.pipeline.sample",
+            "sand.pipeline.acquire.bundled_sample",
             str(tmp_path),
             "--seed",
             "1",

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sand.pipeline import evaluation
-from sand.pipeline.data import SplitData
+from sand.pipeline.dataset.split_data import SplitData
+from sand.pipeline.training.trainer import evaluation
 
 
 def _mapped_ranges(path) -> list[tuple[int, int]]:
@@ -30,7 +30,7 @@ def _mapped_ranges(path) -> list[tuple[int, int]]:
 
 
 def _artifacts(tmp_path, n_users=40, n_items=60):
-    from sand.pipeline.knn import knn_graph, save_graph
+    from sand.pipeline.features.knn import knn_graph, save_graph
     from sand.pipeline.store import Artifact
 
     rng = np.random.default_rng(0)

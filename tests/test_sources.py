@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sand.pipeline.acquire.sources import FORMATS, PRESETS, SourceSpec, category_urls, detect_format, resolve_source
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.sources import FORMATS, PRESETS, SourceSpec, category_urls, detect_format, resolve_source
 
 SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 V2 = "https://jmcauley.ucsd.edu/data/amazon_v2"
@@ -373,7 +373,7 @@ def test_sniffer_decides_by_the_majority_of_the_first_good_lines(tmp_path):
 
 
 def test_sniffer_gives_up_past_the_dirty_line_budget(tmp_path):
-    from sand.pipeline import sources
+    from sand.pipeline.acquire import sources
 
     path = write(tmp_path / "r.json", *["{junk"] * (sources.SNIFF_BAD_LINES + 1), LINES[("amazon2014", "reviews")])
     with pytest.raises(DataError, match=r"line 1: neither JSON nor a Python literal"):

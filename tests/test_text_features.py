@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.text_features import encode_texts, encode_texts_with_stats, item_text, resolve_model
+from sand.pipeline.features.text import encode_texts, encode_texts_with_stats, item_text, resolve_model
 
 
 def test_recipe_full_fields() -> None:
@@ -161,7 +161,7 @@ SHARD_TEXTS = [
 
 
 def _sharded(texts, tmp_path, name, *, shard_size, cache_dir=None, mapper=None, threads=1, batch_size=4):
-    from sand.pipeline.text_features import assemble_text_features, plan_text_shards, run_text_shard
+    from sand.pipeline.features.text import assemble_text_features, plan_text_shards, run_text_shard
 
     work = tmp_path / f"work-{name}"
     uniq, jobs, stats = plan_text_shards(
@@ -177,7 +177,7 @@ def _sharded(texts, tmp_path, name, *, shard_size, cache_dir=None, mapper=None, 
 def test_text_shards_are_byte_identical_to_one_process(tmp_path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from sand.pipeline.text_features import group_size
+    from sand.pipeline.features.text import group_size
 
     single = encode_texts(SHARD_TEXTS, batch_size=4, device="cpu", progress=False, threads=1)
     one, jobs1, _ = _sharded(SHARD_TEXTS, tmp_path, "one", shard_size=10**6)
@@ -198,7 +198,7 @@ def test_text_shards_are_byte_identical_to_one_process(tmp_path) -> None:
 
 
 def test_text_shards_resume_byte_identical(tmp_path, encode_spy: list[int]) -> None:
-    from sand.pipeline.text_features import plan_text_shards, run_text_shard
+    from sand.pipeline.features.text import plan_text_shards, run_text_shard
 
     full, _, _ = _sharded(SHARD_TEXTS, tmp_path, "full", shard_size=100)
     cache = tmp_path / "cache-resumed"
@@ -216,7 +216,7 @@ def test_text_shards_resume_byte_identical(tmp_path, encode_spy: list[int]) -> N
 
 
 def test_text_shard_size_must_be_positive() -> None:
-    from sand.pipeline.text_features import text_shard_ranges
+    from sand.pipeline.features.text import text_shard_ranges
 
     with pytest.raises(ConfigError, match="shard_size"):
         text_shard_ranges(10, 0, 4)

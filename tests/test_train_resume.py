@@ -17,7 +17,7 @@ import torch
 from test_training import COMMON, Kill, TinyMF, planted_data
 
 from sand.pipeline.errors import ConfigError
-from sand.pipeline.training import train_model
+from sand.pipeline.training.trainer import train_model
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30", "--model", "bpr",
         "--epochs", "5", "--set", "train.patience=50"]
@@ -29,7 +29,7 @@ import sand.flows.cli as cli
 kill_after = int(sys.argv[1])
 if kill_after:
     import os
-    import sand.pipeline.training as training
+    import sand.pipeline.training.trainer as training
     real = training._atomic_torch_save
     def save(obj, path):
         real(obj, path)

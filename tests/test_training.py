@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from sand.models.base import Recommender
-from sand.pipeline.data import SplitData
+from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError, SandError, StageError
-from sand.pipeline.evaluation import evaluate_split
-from sand.pipeline.training import load_best_model, train_model
+from sand.pipeline.training.evaluation import evaluate_split
+from sand.pipeline.training.trainer import load_best_model, train_model
 
 
 class TinyMF(Recommender):
@@ -206,7 +206,7 @@ def test_early_stopping_with_patience(tmp_path, rule, evaluations):
 @pytest.mark.parametrize(("rule", "best_epoch", "epochs_run"), [("mmrec", 1, 4), ("strict", 2, 4)])
 def test_mmrec_rule_compares_metrics_rounded_to_four_decimals(tmp_path, monkeypatch, rule, best_epoch, epochs_run):
     """A gain below 5e-5 is no gain for MMRec (its evaluator rounds to 4 decimals); strict counts it."""
-    import sand.pipeline.training as training
+    import sand.pipeline.training.trainer as training
 
     scripted = iter([0.1, 0.10004, 0.10003, 0.10004, 0.10004, 0.10004])
 

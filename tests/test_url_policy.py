@@ -16,8 +16,8 @@ import pytest
 from conftest import LoopbackServer, Reply
 from PIL import Image
 
-from sand.pipeline.images import fetch_images
-from sand.pipeline.url_policy import UrlPolicy, is_public_address
+from sand.pipeline.acquire.url_policy import UrlPolicy, is_public_address
+from sand.pipeline.features.image_fetch import fetch_images
 
 FAST = dict(timeout=2.0, retries=0, backoff_base=0.01, progress=False)
 NETWORK = UrlPolicy.for_origin("network")

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.images import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
+from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
 
 log = logging.getLogger(__name__)
 

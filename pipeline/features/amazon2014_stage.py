@@ -29,7 +29,7 @@ def amazon2014_feature_source(cfg: PipelineConfig) -> str:
     """The feature file to read: ``image_features.amazon2014_url``, else the one of the dataset's 2014 category."""
     if cfg.image_features.amazon2014_url:
         return cfg.image_features.amazon2014_url
-    from sand.pipeline.sources import amazon2014_image_features_url, resolve_source
+    from sand.pipeline.acquire.sources import amazon2014_image_features_url, resolve_source
 
     acfg = cfg.acquire
     url = amazon2014_image_features_url(resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta))
@@ -48,7 +48,7 @@ def check_feature_source(cfg: PipelineConfig, stages_planned: list[str]) -> None
     """
     if cfg.image_features.source != "amazon2014" or "image_features" not in stages_planned:
         return
-    from sand.pipeline.sources import resolve_source
+    from sand.pipeline.acquire.sources import resolve_source
 
     acfg = cfg.acquire
     if resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta).format != "mmrec":
@@ -68,8 +68,8 @@ def run_amazon2014_image_features(ctx: Context, inter: Artifact) -> StageOutcome
     params = {"source": "amazon2014", "url": source, "fingerprint": _local_fingerprint(source), "fill": icfg.fill}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.amazon2014_features import read_item_features
-        from sand.pipeline.download import _local_path, fetch_file
+        from sand.pipeline.acquire.download import _local_path, fetch_file
+        from sand.pipeline.features.amazon2014 import read_item_features
 
         items = pd.read_parquet(inter.file("items.parquet"), columns=["item", "asin"]).sort_values("item")
         download = None

@@ -43,9 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-from sand.pipeline import readers
-from sand.pipeline.interactions import InteractionsResult, index_reviews, with_meta
-from sand.pipeline.readers import SkipReport, parse_lines, review_converter
+from sand.pipeline.dataset import readers
+from sand.pipeline.dataset.interactions import InteractionsResult, index_reviews, with_meta
+from sand.pipeline.dataset.readers import SkipReport, parse_lines, review_converter
 
 log = logging.getLogger(__name__)
 

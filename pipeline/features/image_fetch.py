@@ -41,10 +41,10 @@ from urllib.parse import urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
+from sand.pipeline.acquire.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
 from sand.pipeline.errors import SandError
 from sand.pipeline.locations import local_path
-from sand.pipeline.retry import backoff_delays, is_retryable_status
-from sand.pipeline.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
 
 log = logging.getLogger(__name__)
 

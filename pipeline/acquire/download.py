@@ -30,9 +30,9 @@ import httpx
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
 from sand.pipeline.errors import DownloadError
 from sand.pipeline.locations import is_remote, local_path, url_scheme
-from sand.pipeline.retry import backoff_delays, is_retryable_status
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pandas as pd
 
 from sand.models.registry import VARIANT_MODELS
 from sand.pipeline.errors import SandError, StageError
-from sand.pipeline.grid import REFERENCE
+from sand.pipeline.experiments.grid import REFERENCE
 from sand.pipeline.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -450,7 +450,7 @@ def _safe_name(text: str) -> str:
 def _curves(
     selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, metric: str, notes: list[str]
 ) -> list[Path]:
-    from sand.pipeline.figures import plot_training_curves
+    from sand.pipeline.experiments.figures import plot_training_curves
 
     paths = []
     for d in datasets:
@@ -516,7 +516,7 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
     import torch
 
     from sand.pipeline.config import build_config
-    from sand.pipeline.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
+    from sand.pipeline.experiments.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
     from sand.pipeline.stages import Context, build_model_for
 
     train = run.train
@@ -614,7 +614,7 @@ def write_report(
     (skips are logged and listed in ``report.md``). No evaluated runs at all, or a named
     dataset without runs, is a :class:`StageError`.
     """
-    from sand.pipeline.figures import plot_ablation, plot_sensitivity
+    from sand.pipeline.experiments.figures import plot_ablation, plot_sensitivity
 
     data_root, out_dir = Path(data_root), Path(out_dir)
     store = ArtifactStore(data_root)

@@ -91,7 +91,7 @@ def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineC
     """
     if preset_name not in PAPER_PRESETS or "source" in cfg.image_features.model_fields_set:
         return cfg
-    from sand.pipeline.sources import amazon2014_category, resolve_source
+    from sand.pipeline.acquire.sources import amazon2014_category, resolve_source
 
     acfg = cfg.acquire
     try:

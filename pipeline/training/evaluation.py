@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
-from sand.pipeline.data import SplitData
+from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError, DataError, SandError
 
 if TYPE_CHECKING:

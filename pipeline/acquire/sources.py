@@ -28,9 +28,9 @@ from typing import Any, Literal
 import orjson
 
 from sand.pipeline.config import InteractionsConfig
+from sand.pipeline.dataset.readers import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.locations import REMOTE_SCHEMES, local_path, url_scheme
-from sand.pipeline.readers import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 
 Format = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
 FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023", "mmrec", "sample")

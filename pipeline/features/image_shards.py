@@ -69,8 +69,8 @@ def process_shard(
     hold ``backbone``/``weights``/``seed`` for :func:`build_cnn` and the rest for
     :func:`encode_images`. Builds the CNN only when some image is usable.
     """
-    from sand.pipeline.image_encoder import OUT_DIMS, build_cnn, encode_images
-    from sand.pipeline.images import fetch_images
+    from sand.pipeline.features.image_encoder import OUT_DIMS, build_cnn, encode_images
+    from sand.pipeline.features.image_fetch import fetch_images
 
     if len(item_ids) != len(urls):
         raise ConfigError(f"process_shard got {len(item_ids)} item ids but {len(urls)} URLs")

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sand.pipeline.data import SplitData
+from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError, DataError, SandError, StageError
-from sand.pipeline.evaluation import SplitEvaluator, metric_names
 from sand.pipeline.hardware import resolve_device, resolve_precision
-from sand.pipeline.sampling import sample_bpr_epoch
+from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
+from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
 if TYPE_CHECKING:
     import torch

@@ -101,7 +101,7 @@ def export_mmrec_folder(summary: dict[str, Any], out: Path) -> dict[str, Any]:
     Returns the export's manifest (also written as ``sand_export.json``): the files,
     the feature widths and any warnings, which the caller shows the user.
     """
-    from sand.pipeline.mmrec import write_mmrec_folder
+    from sand.pipeline.dataset.mmrec import write_mmrec_folder
 
     stages = summary.get("stages", {})
     if "interactions" not in stages:

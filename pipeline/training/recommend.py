@@ -34,8 +34,8 @@ def resolve_user(user: str, user_map: pd.DataFrame, n_users: int) -> int:
 
 
 def recommend_for_user(cfg: PipelineConfig, summary: dict[str, Any], user: str, k: int) -> pd.DataFrame:
-    from sand.pipeline.evaluation import recommendations_table
     from sand.pipeline.stages import Context, trained_embeddings
+    from sand.pipeline.training.evaluation import recommendations_table
 
     if k < 1:
         raise ConfigError(f"invalid -k {k}: must be at least 1")

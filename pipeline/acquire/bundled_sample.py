@@ -433,8 +433,8 @@ def _write_gz(path: Path, lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m sand.pipeline.sample OUT_DIR [--seed N]``: write the sample and print what was planted."""
-    parser = argparse.ArgumentParser(prog="python -m sand.pipeline.sample", description=main.__doc__)
+    """``python -m sand.pipeline.acquire.bundled_sample OUT [--seed N]``: write the sample, print the planted dirt."""
+    parser = argparse.ArgumentParser(prog="python -m sand.pipeline.acquire.bundled_sample", description=main.__doc__)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users", type=int, default=1000)

@@ -1,0 +1,3 @@
+"""Training and scoring models on the split data: the trainer with checkpoints and resume, negative
+sampling, full-ranking evaluation and top-k recommendation.
+"""
