@@ -13,6 +13,8 @@ import functools
 import inspect
 import json
 import logging
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ log = logging.getLogger("sand")
 
 #: Printed on Ctrl-C: finished artifacts are complete and kept, so the same command resumes.
 INTERRUPTED = "interrupted: rerun the same command to resume"
+TERMINATED = "terminated: rerun the same command to resume"
 
 
 @dataclass
@@ -369,8 +372,43 @@ def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) ->
     raise SystemExit(exit_code) from None
 
 
+def _stop_temporary_prefect_servers() -> None:
+    """Terminate the API servers Prefect started for this process (if Prefect was imported at all)."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return
+    for server in list(getattr(server_module.SubprocessASGIServer, "_instances", {}).values()):
+        process = getattr(server, "server_process", None)
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+
+def _exit_on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C (or SIGTERM): one line, stop Prefect's temporary server, exit 130 (143) at once.
+
+    Why not let ``KeyboardInterrupt`` unwind: shard work runs in worker threads that
+    the interpreter joins at exit (minutes for an image shard), and a terminal's
+    Ctrl-C also reaches Prefect's temporary API server (same process group), so every
+    state update made while unwinding fails with a connection error. Leaving now is
+    safe: artifacts, shards and checkpoints are written atomically (temp file, then
+    rename), and the OS releases the store's locks, so a rerun resumes.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stderr.write((INTERRUPTED if signum == signal.SIGINT else TERMINATED) + "\n")
+    sys.stderr.flush()
+    # Our line stays the last one: other threads may still log until the process ends.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    _stop_temporary_prefect_servers()
+    os._exit(128 + signum)
+
+
 def main() -> None:
     """Console entry point: every failure is one line on stderr; fixable ones exit with status 2."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, _exit_on_interrupt)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_interrupt)
     _setup_logging()
     from sand.flows.settings import apply_prefect_defaults
 
