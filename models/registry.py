@@ -148,11 +148,21 @@ def profile_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for s in MODELS.values() for p in s.profiles))
 
 
+def profile_choices() -> tuple[str, ...]:
+    """Values of ``train.profile``: "default" (each model's own defaults), then the named profiles."""
+    return ("default", *profile_names())
+
+
+def check_profile_name(profile: str) -> str:
+    """``profile`` if some model defines it (or "default"), else a ValueError naming the choices."""
+    if profile not in profile_choices():
+        raise ValueError(f"unknown hyper-parameter profile {profile!r}: choose one of {', '.join(profile_choices())}")
+    return profile
+
+
 def profile_hyperparameters(name: str, profile: str) -> dict[str, Any]:
     """Constructor keywords that ``profile`` sets for model ``name`` ({} for "default" or none)."""
-    known = profile_names()
-    if profile != "default" and profile not in known:
-        raise ValueError(f"unknown hyper-parameter profile {profile!r}: choose default or {', '.join(known)}")
+    check_profile_name(profile)
     return dict(spec(name).profiles.get(profile, {}))
 
 

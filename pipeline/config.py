@@ -22,6 +22,7 @@ from sand.pipeline.errors import ConfigError
 
 STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")
 
+
 def _enum_of(names: Any) -> Any:
     """A JSON-schema hook listing ``names()`` as the field's choices (the Prefect UI's drop-down)."""
     return lambda schema: schema.update(enum=list(names()))
@@ -35,6 +36,10 @@ DatasetFormat = Annotated[
 #: A model of the registry (``models/registry.py``), checked when validated: the only list of models.
 ModelName = Annotated[
     str, AfterValidator(registry.check_model_name), Field(json_schema_extra=_enum_of(registry.model_names))
+]
+#: "default" or a hyper-parameter profile some registry entry defines.
+ProfileName = Annotated[
+    str, AfterValidator(registry.check_profile_name), Field(json_schema_extra=_enum_of(registry.profile_choices))
 ]
 Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance"]
 #: Every seed: numpy's SeedSequence and torch.manual_seed both take 0 <= seed < 2**32 everywhere.
@@ -163,7 +168,7 @@ class TrainConfig(_Section):
         description="compute precision of the big products with the raw features: fp32 (the faithful "
         "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
     )
-    profile: Literal["default", "authors"] = Field(
+    profile: ProfileName = Field(
         "default", description="authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND)"
     )
     embedding_dim: int = Field(64, ge=1)
