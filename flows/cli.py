@@ -22,7 +22,9 @@ from typing import Annotated, Any
 
 import typer
 
+from sand.models.registry import model_choices
 from sand.pipeline.config import CLI_FIELDS, STAGES
+from sand.pipeline.dataset.formats import format_help
 from sand.pipeline.errors import ConfigError, SandError
 
 app = typer.Typer(
@@ -86,7 +88,7 @@ _COMMON_PARAMS = [
     _P("dataset", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="sample | baby | sports | clothing | category name | PATH (raw files or an MMRec folder)")]),
     _P("format", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        "--format", help="amazon2014 | amazon2018 | amazon2023 | mmrec")]),
+        "--format", help=format_help())]),
     _P("data_root", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, typer.Option(
         help="downloads, artifacts and caches (default: ./data)")]),
     _P("config", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, typer.Option(
@@ -94,7 +96,7 @@ _COMMON_PARAMS = [
     _P("seed", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
         help="seed for every random choice")]),
     _P("model", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="sand | bpr | lightgcn | vbpr | freedom | vbpr-sand | freedom-sand")]),
+        help=model_choices())]),
     _P("variant", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
         help="SAND variant: a | b | c | d | no-align | no-distance | no-align-no-distance")]),
     _P("epochs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(

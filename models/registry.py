@@ -1,8 +1,13 @@
-"""Model names -> classes, default learning rates and the modalities each needs.
+"""Every model of the package, one entry each: the single table the rest is derived from.
 
-Why one table: the CLI, the config validation, the train stage and the grid
-runner all ask "what does model X need and how is it built"; answering it here
-keeps ``--model`` names, feature requirements and published defaults in one place.
+Why one table: the config's allowed ``train.model`` names, the CLI help, the train
+stage (modalities, default lr, variants), the grid presets and the report's labels
+and table membership all ask "what is model X". Answering it here means adding a
+model is its file plus one :data:`MODELS` entry, and no other module lists models.
+
+This module must stay cheap to import (``sand --help`` and config validation use
+it): model classes are named as ``"module:Class"`` strings and imported (with torch)
+only when a model is built or introspected.
 """
 
 from __future__ import annotations
@@ -10,46 +15,70 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sand.models.base import Recommender
+if TYPE_CHECKING:
+    from sand.models.base import Recommender
+
+#: Report tables and figures a model can appear in (its entry's ``tables``).
+TABLES = ("table2", "table3", "table4", "figure3", "figures5-6")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    module: str
-    cls: str
+    """One model: how it is built, what it needs, and where the paper shows it."""
+
+    #: the paper's display name (report rows and columns)
+    label: str
+    #: the class, as ``"module:Class"`` (imported lazily: it pulls in torch)
+    target: str
+    #: feature modalities the model reads ((): ID-only)
     modalities: tuple[str, ...]
+    #: default learning rate (the published setting)
     lr: float
+    #: report tables/figures the model appears in (see :data:`TABLES`)
+    tables: tuple[str, ...] = ()
+    #: whether ``train.variant`` selects a variant of this model (else runs record variant null)
+    has_variants: bool = False
+    #: a plug-in's backbone model (Table 3 pairs each backbone with its plug-in)
+    backbone: str | None = None
     #: config field name -> constructor keyword where they differ
     renames: dict[str, str] = field(default_factory=dict)
-    #: fixed constructor keywords (e.g. the SAND plug-ins' backbone choice)
+    #: fixed constructor keywords
     fixed: dict[str, Any] = field(default_factory=dict)
+    #: named hyper-parameter profiles (``train.profile``) -> constructor keywords they set
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tables if t not in TABLES]
+        if unknown:
+            raise ValueError(f"model {self.label}: unknown report table {unknown[0]!r} (known: {', '.join(TABLES)})")
+        if ":" not in self.target:
+            raise ValueError(f"model {self.label}: target {self.target!r} is not 'module:Class'")
 
 
 MODELS: dict[str, ModelSpec] = {
     # MMRec's published settings: lr 1e-3 for the ID-only baselines, VBPR and FREEDOM; the SAND
-    # authors' config uses lr 1e-4.
-    "bpr": ModelSpec("sand.models.bpr", "MFBPR", (), 1e-3),
-    "lightgcn": ModelSpec("sand.models.lightgcn", "LightGCN", (), 1e-3),
-    "vbpr": ModelSpec("sand.models.vbpr", "VBPR", ("image", "text"), 1e-3),
-    "freedom": ModelSpec("sand.models.freedom", "FREEDOM", ("image", "text"), 1e-3, {"n_layers": "n_ui_layers"}),
-    "sand": ModelSpec("sand.models.sand", "SAND", ("image", "text"), 1e-4, {"n_layers": "n_ui_layers"}),
-    "vbpr-sand": ModelSpec("sand.models.plugins", "VBPRSand", ("image", "text"), 1e-3),
-    "freedom-sand": ModelSpec("sand.models.plugins", "FREEDOMSand", ("image", "text"), 1e-3,
-                              {"n_layers": "n_ui_layers"}),
-}
-VARIANT_MODELS = ("sand", "vbpr-sand", "freedom-sand")
-PLUGIN_MODELS = ("vbpr-sand", "freedom-sand")
-
-#: Hyper-parameter profiles besides each model's own defaults. "authors": the SAND authors'
-#: plug-in settings, read from their VBPR+SAND and FREEDOM+SAND training logs (projection
-#: heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic columns). Explicit settings win.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "authors": {
-        "vbpr-sand": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0},
-        "freedom-sand": {"head_dims": [33, 33, 63], "reg_weight": 0.0, "dropout": 0.8},
-    },
+    # authors' config uses lr 1e-4. Order is the paper's row order (baselines, SAND, plug-ins).
+    "bpr": ModelSpec("MF-BPR", "sand.models.bpr:MFBPR", (), 1e-3, tables=("table2",)),
+    "lightgcn": ModelSpec("LightGCN", "sand.models.lightgcn:LightGCN", (), 1e-3, tables=("table2",)),
+    "vbpr": ModelSpec("VBPR", "sand.models.vbpr:VBPR", ("image", "text"), 1e-3, tables=("table2", "table3")),
+    "freedom": ModelSpec("FREEDOM", "sand.models.freedom:FREEDOM", ("image", "text"), 1e-3,
+                         tables=("table2", "table3"), renames={"n_layers": "n_ui_layers"}),
+    "sand": ModelSpec("SAND", "sand.models.sand:SAND", ("image", "text"), 1e-4,
+                      tables=("table2", "table4", "figure3", "figures5-6"), has_variants=True,
+                      renames={"n_layers": "n_ui_layers"}),
+    # The "authors" profile: the SAND authors' plug-in settings, read from their VBPR+SAND and
+    # FREEDOM+SAND training logs (projection heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic
+    # columns). Explicit settings win.
+    "vbpr-sand": ModelSpec("VBPR+SAND", "sand.models.plugins:VBPRSand", ("image", "text"), 1e-3,
+                           tables=("table3",), has_variants=True, backbone="vbpr",
+                           profiles={"authors": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0}}),
+    "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
+                              tables=("table3",), has_variants=True, backbone="freedom",
+                              renames={"n_layers": "n_ui_layers"},
+                              profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0,
+                                                    "dropout": 0.8}}),
 }
 
 
@@ -57,6 +86,53 @@ def spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     return MODELS[name]
+
+
+def model_names() -> tuple[str, ...]:
+    """Every registered model name, in the paper's order."""
+    return tuple(MODELS)
+
+
+def model_choices() -> str:
+    """``"bpr | lightgcn | ..."``: the models as CLI help lists them."""
+    return " | ".join(MODELS)
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if registered, else a ValueError naming it and the allowed names (config validation)."""
+    spec(name)
+    return name
+
+
+def has_variants(name: str) -> bool:
+    """Whether runs of ``name`` have a variant (unknown models, e.g. from an old store: no)."""
+    return name in MODELS and MODELS[name].has_variants
+
+
+def recorded_variant(name: str, variant: str | None) -> str | None:
+    """The variant a run of ``name`` records in manifests, summaries and reports: None without variants."""
+    return variant if has_variants(name) else None
+
+
+def variant_models() -> tuple[str, ...]:
+    return tuple(n for n, s in MODELS.items() if s.has_variants)
+
+
+def models_in(table: str) -> tuple[str, ...]:
+    """Models that appear in report ``table`` (one of :data:`TABLES`), in the paper's order."""
+    if table not in TABLES:
+        raise ValueError(f"unknown report table {table!r}: choose one of {', '.join(TABLES)}")
+    return tuple(n for n, s in MODELS.items() if table in s.tables)
+
+
+def plugins() -> dict[str, str]:
+    """backbone -> its plug-in model, for the plug-ins in Table 3 (in the paper's order)."""
+    return {s.backbone: n for n, s in MODELS.items() if s.backbone is not None and "table3" in s.tables}
+
+
+def label(name: str) -> str:
+    """The paper's display name of ``name`` (the name itself for a model no longer registered)."""
+    return MODELS[name].label if name in MODELS else name
 
 
 def required_modalities(name: str) -> tuple[str, ...]:
@@ -67,16 +143,32 @@ def default_lr(name: str) -> float:
     return spec(name).lr
 
 
+def profile_names() -> tuple[str, ...]:
+    """Every named hyper-parameter profile some model defines ("default" excluded)."""
+    return tuple(dict.fromkeys(p for s in MODELS.values() for p in s.profiles))
+
+
+def profile_choices() -> tuple[str, ...]:
+    """Values of ``train.profile``: "default" (each model's own defaults), then the named profiles."""
+    return ("default", *profile_names())
+
+
+def check_profile_name(profile: str) -> str:
+    """``profile`` if some model defines it (or "default"), else a ValueError naming the choices."""
+    if profile not in profile_choices():
+        raise ValueError(f"unknown hyper-parameter profile {profile!r}: choose one of {', '.join(profile_choices())}")
+    return profile
+
+
 def profile_hyperparameters(name: str, profile: str) -> dict[str, Any]:
     """Constructor keywords that ``profile`` sets for model ``name`` ({} for "default" or none)."""
-    if profile != "default" and profile not in PROFILES:
-        raise ValueError(f"unknown hyper-parameter profile {profile!r}: choose default or {', '.join(PROFILES)}")
-    return dict(PROFILES.get(profile, {}).get(name, {}))
+    check_profile_name(profile)
+    return dict(spec(name).profiles.get(profile, {}))
 
 
 def model_class(name: str) -> type[Recommender]:
-    s = spec(name)
-    return getattr(importlib.import_module(s.module), s.cls)
+    module, _, cls = spec(name).target.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 #: Constructor arguments that are the model's inputs (or catch-alls), not hyper-parameters.
@@ -117,7 +209,7 @@ def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
     positional = {"n_users", "n_items", "train_edges", "features", "item_graphs"}
     hparams = {s.renames.get(k, k): v for k, v in kwargs.items() if k not in positional}
     hparams.update(s.fixed)
-    if name in VARIANT_MODELS:
+    if s.has_variants:
         hparams["variant"] = variant
     unknown = sorted(k for k in hparams if k not in accepted)
     if unknown:

@@ -15,12 +15,32 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from sand.models import registry
+from sand.pipeline.dataset import formats
 from sand.pipeline.devices import DEVICE_CHOICES, validate_device_name
 from sand.pipeline.errors import ConfigError
 
 STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")
-DatasetFormat = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
-ModelName = Literal["sand", "bpr", "lightgcn", "vbpr", "freedom", "vbpr-sand", "freedom-sand"]
+
+
+def _enum_of(names: Any) -> Any:
+    """A JSON-schema hook listing ``names()`` as the field's choices (the Prefect UI's drop-down)."""
+    return lambda schema: schema.update(enum=list(names()))
+
+
+#: A format of the format table (``pipeline/dataset/formats.py``), checked when validated, so the
+#: table is the only list of formats.
+DatasetFormat = Annotated[
+    str, AfterValidator(formats.check_format_name), Field(json_schema_extra=_enum_of(formats.format_names))
+]
+#: A model of the registry (``models/registry.py``), checked when validated: the only list of models.
+ModelName = Annotated[
+    str, AfterValidator(registry.check_model_name), Field(json_schema_extra=_enum_of(registry.model_names))
+]
+#: "default" or a hyper-parameter profile some registry entry defines.
+ProfileName = Annotated[
+    str, AfterValidator(registry.check_profile_name), Field(json_schema_extra=_enum_of(registry.profile_choices))
+]
 Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance"]
 #: Every seed: numpy's SeedSequence and torch.manual_seed both take 0 <= seed < 2**32 everywhere.
 Seed = Annotated[int, Field(ge=0, lt=2**32, description="seed: 0 <= seed < 2**32")]
@@ -148,7 +168,7 @@ class TrainConfig(_Section):
         description="compute precision of the big products with the raw features: fp32 (the faithful "
         "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
     )
-    profile: Literal["default", "authors"] = Field(
+    profile: ProfileName = Field(
         "default", description="authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND)"
     )
     embedding_dim: int = Field(64, ge=1)

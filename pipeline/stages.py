@@ -642,15 +642,15 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     features (the ID-only ones compute the same in either).
     """
     from sand.models.registry import (
-        VARIANT_MODELS,
         accepted_hyperparameters,
+        has_variants,
         profile_hyperparameters,
         required_modalities,
     )
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
-    if tcfg.model not in VARIANT_MODELS:
+    if not has_variants(tcfg.model):
         ignored.add("variant")
     if not profile_hyperparameters(tcfg.model, tcfg.profile):
         ignored.add("profile")
@@ -716,7 +716,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
     work_key = artifact_key("train", STAGE_VERSIONS["train"], params, input_keys)
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.models.registry import default_lr
+        from sand.models.registry import default_lr, recorded_variant
         from sand.pipeline.training.trainer import LAST_NAME, train_model
 
         model, data = build_model_for(ctx, inter, feature_arts)
@@ -742,7 +742,7 @@ def run_train(ctx: Context, inter: Artifact, feature_arts: dict[str, Artifact]) 
         for name in ("best.pt", "epochs.csv"):
             shutil.copy2(work / name, out / name)
         summary = {
-            "model": tcfg.model, "variant": tcfg.variant if tcfg.model.startswith("sand") else None, "lr": lr,
+            "model": tcfg.model, "variant": recorded_variant(tcfg.model, tcfg.variant), "lr": lr,
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
             "best_valid": _jsonable(result.best_valid), "test_at_best": _jsonable(result.test_at_best),
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
@@ -782,6 +782,7 @@ def run_evaluate(
     params = key_params(ecfg)
 
     def build(out: Path) -> dict[str, Any]:
+        from sand.models.registry import recorded_variant
         from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
 
         data, user_emb, item_emb = trained_embeddings(ctx, inter, trained, feature_arts)
@@ -792,7 +793,8 @@ def run_evaluate(
         recs = recommendations_table(user_emb, item_emb, data, ecfg.top_k)
         recs.to_parquet(out / "recommendations.parquet", index=False)
         (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
-        return {"metrics": _jsonable(metrics), "model": ctx.cfg.train.model, "variant": ctx.cfg.train.variant}
+        model, variant = ctx.cfg.train.model, recorded_variant(ctx.cfg.train.model, ctx.cfg.train.variant)
+        return {"metrics": _jsonable(metrics), "model": model, "variant": variant}
 
     return ctx.store.run(
         "evaluate", STAGE_VERSIONS["evaluate"], params, {"train": trained, **_model_inputs(inter, feature_arts)},

@@ -46,6 +46,8 @@ def test_yaml_then_overrides_then_set(tmp_path):
         ("train.early_stop=late", "train.early_stop"),
         ("train.plugin_fusion=concat", "train.plugin_fusion"),
         ("train.distance_scope=some", "train.distance_scope"),
+        ("train.profile=mine", "train.profile"),
+        ("acquire.format=amazon2099", "acquire.format"),
     ],
 )
 def test_invalid_values_name_the_field(assignment, field):
@@ -65,3 +67,30 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_global_seed_reaches_every_stage():
     cfg = load_config(None, {"seed": 7}).resolved()
     assert cfg.interactions.seed == cfg.train.seed == cfg.image_features.seed == cfg.acquire.sample_seed == 7
+
+
+@pytest.mark.parametrize(
+    ("assignment", "choices"),
+    [
+        ("train.model=nope", "bpr, lightgcn, vbpr, freedom, sand, vbpr-sand, freedom-sand"),
+        ("acquire.format=amazon2099", "amazon2014, amazon2018, amazon2023, mmrec, sample"),
+        ("train.profile=mine", "default, authors"),
+    ],
+)
+def test_table_backed_fields_list_the_tables_choices(assignment, choices):
+    """Models, formats and profiles are validated against their one table, whose names the error lists."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, None, [assignment])
+    assert str(err.value).endswith(f"choose one of {choices}")
+
+
+def test_schema_offers_the_tables_choices():
+    """The Prefect UI's parameter form shows the registry's models, the format table's formats."""
+    from sand.models.registry import MODELS
+    from sand.pipeline.dataset.formats import FORMATS
+
+    defs = PipelineConfig.model_json_schema()["$defs"]
+    assert defs["TrainConfig"]["properties"]["model"]["enum"] == list(MODELS)
+    assert defs["TrainConfig"]["properties"]["profile"]["enum"] == ["default", "authors"]
+    (fmt,) = [a for a in defs["AcquireConfig"]["properties"]["format"]["anyOf"] if a.get("type") == "string"]
+    assert fmt["enum"] == list(FORMATS)

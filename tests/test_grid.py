@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from sand.pipeline.config import PipelineConfig, build_config
+from sand.pipeline.config import PipelineConfig, build_config, set_dotted
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.experiments.grid import PRESETS, expand_grid, preset, run_grid, select_best
 from sand.pipeline.store import ArtifactStore
@@ -94,12 +93,28 @@ def test_bad_grid_name_and_metric_fail_before_any_run(tmp_path):
     assert calls == []
 
 
+def _dotted(cfg: PipelineConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_expand_on_the_default_config(tmp_path, name):
-    if name == "table3" and importlib.util.find_spec("sand.models.plugins") is None:
-        pytest.skip("models/plugins.py (VBPR+SAND, FREEDOM+SAND) is not written yet")
-    combos = expand_grid(_base(tmp_path), preset(name))
-    assert len(combos) == math.prod(len(v) for v in PRESETS[name].values())
+    """Each cell's config holds that cell's values (product order, first axis slowest); nothing else moves."""
+    axes = preset(name)
+    base = _base(tmp_path)
+    combos = expand_grid(base, axes)
+    assert [values for values, _ in combos] == [
+        dict(zip(axes, cell, strict=True)) for cell in itertools.product(*axes.values())
+    ]
+    for values, cfg in combos:
+        assert {dotted: _dotted(cfg, dotted) for dotted in values} == values
+        rest = cfg.model_dump()
+        for dotted in values:  # put the base's values back: the rest must be the base itself
+            set_dotted(rest, dotted, _dotted(base, dotted))
+        assert rest == base.model_dump()
 
 
 def test_table3_preset_runs_both_fusions_and_trains_backbones_once(tmp_path):

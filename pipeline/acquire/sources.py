@@ -23,40 +23,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from sand.pipeline.config import InteractionsConfig
+from sand.pipeline.dataset import formats
 from sand.pipeline.dataset.readers import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.locations import REMOTE_SCHEMES, local_path, url_scheme
 
-Format = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
-FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023", "mmrec", "sample")
-RAW_FORMATS: tuple[str, ...] = ("amazon2014", "amazon2018", "amazon2023")
-
-_URLS: Mapping[str, tuple[str, str]] = MappingProxyType({
-    "amazon2014": (
-        "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_{cat}_5.json.gz",
-        "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_{cat}.json.gz",
-    ),
-    "amazon2018": (
-        "https://jmcauley.ucsd.edu/data/amazon_v2/categoryFilesSmall/{cat}_5.json.gz",
-        "https://jmcauley.ucsd.edu/data/amazon_v2/metaFiles2/meta_{cat}.json.gz",
-    ),
-    "amazon2023": (
-        "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/review_categories/{cat}.jsonl.gz",
-        "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/meta_categories/meta_{cat}.jsonl.gz",
-    ),
-})
+#: Format names and raw-dump formats, from the format table (functions here ask the table itself).
+FORMATS: tuple[str, ...] = formats.format_names()
+RAW_FORMATS: tuple[str, ...] = formats.raw_formats()
 #: The 2014 release's per-category CNN image features (10-byte ASIN + 4,096 float32 per record).
 AMAZON2014_IMAGE_FEATURES_URL = (
     "http://snap.stanford.edu/data/amazon/productGraph/image_features/categoryFiles/image_features_{cat}.b"
 )
 _CATEGORY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_REVIEWS_2014_URL = formats.FORMATS["amazon2014"].urls[0]  # type: ignore[index]
 _PUBLISHED_2014_REVIEWS = re.compile(
-    re.escape(_URLS["amazon2014"][0]).replace(re.escape("{cat}"), "([A-Za-z][A-Za-z0-9_]*)")
+    re.escape(_REVIEWS_2014_URL).replace(re.escape("{cat}"), "([A-Za-z][A-Za-z0-9_]*)")
 )
 _SCAN_LINES = 1000  # blank lines tolerated before the first record
 #: Good records the sniffer votes over; dirty lines it tolerates before them (the readers' default budget,
@@ -113,11 +100,12 @@ class SourceSpec:
 
 def category_urls(fmt: str, category: str) -> tuple[str, str]:
     """(reviews URL, meta URL) of ``category`` in release ``fmt`` (as published by the authors)."""
-    if fmt not in _URLS:
-        raise ConfigError(f"format '{fmt}' has no published category files (valid: {', '.join(RAW_FORMATS)})")
+    urls = formats.FORMATS[fmt].urls if fmt in formats.FORMATS else None
+    if urls is None:
+        raise ConfigError(f"format '{fmt}' has no published category files (valid: {', '.join(formats.raw_formats())})")
     if not _CATEGORY.match(category):
         raise ConfigError(f"invalid category name '{category}' (letters, digits and '_', e.g. Baby_Products)")
-    reviews, meta = _URLS[fmt]
+    reviews, meta = urls
     return reviews.format(cat=category), meta.format(cat=category)
 
 
@@ -162,16 +150,16 @@ def resolve_source(
         spec = _from_path(Path(key).expanduser(), fmt)
     elif _looks_like_path(key):
         raise ConfigError(f"dataset path does not exist: {key}")
-    elif fmt in RAW_FORMATS and _CATEGORY.match(key):
+    elif fmt in formats.raw_formats() and _CATEGORY.match(key):
         rev_url, meta_url = category_urls(fmt, key)
         spec = SourceSpec(_category_name(key, fmt), fmt, rev_url, meta_url)
     elif reviews is not None:
         spec = SourceSpec(_sanitise_name(key), fmt or "", None, None)
     else:
-        hint = f"; with --format {fmt} a category name such as Baby_Products" if fmt in RAW_FORMATS else ""
+        hint = f"; with --format {fmt} a category name such as Baby_Products" if fmt in formats.raw_formats() else ""
         raise ConfigError(
             f"unknown dataset '{key}' (valid: presets {', '.join(PRESETS)}, an existing path, "
-            f"a category name with a format of {', '.join(RAW_FORMATS)}, or explicit reviews{hint})"
+            f"a category name with a format of {', '.join(formats.raw_formats())}, or explicit reviews{hint})"
         )
     if reviews is None and meta is None:
         return spec
@@ -185,8 +173,8 @@ def _check_format(fmt: str | None) -> str | None:
     if fmt is None:
         return None
     norm = fmt.strip().lower()
-    if norm not in FORMATS:
-        raise ConfigError(f"unknown format '{fmt}' (valid: {', '.join(FORMATS)})")
+    if norm not in formats.format_names():
+        raise ConfigError(f"unknown format '{fmt}' (valid: {', '.join(formats.format_names())})")
     return norm
 
 
@@ -244,9 +232,9 @@ def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str 
     if new_reviews is None:
         raise ConfigError(f"dataset '{spec.name}' needs a reviews file or URL (only meta was given)")
     out_fmt = fmt or spec.format or _sniff_sources(new_reviews, new_meta)
-    if out_fmt not in RAW_FORMATS:
+    if out_fmt not in formats.raw_formats():
         raise ConfigError(
-            f"format '{out_fmt}' cannot read reviews/meta files (valid: {', '.join(RAW_FORMATS)})"
+            f"format '{out_fmt}' cannot read reviews/meta files (valid: {', '.join(formats.raw_formats())})"
         )
     return SourceSpec(spec.name, out_fmt, new_reviews, new_meta)
 
@@ -255,7 +243,7 @@ def _sniff_sources(reviews: str, meta: str | None) -> str:
     local = local_path(reviews)
     if local is None:
         raise ConfigError(
-            f"format is required for a remote reviews URL ({reviews}); valid: {', '.join(RAW_FORMATS)}"
+            f"format is required for a remote reviews URL ({reviews}); valid: {', '.join(formats.raw_formats())}"
         )
     meta_path = local_path(meta) if meta is not None else None
     return _agree(local, meta_path)
@@ -441,20 +429,10 @@ def _classify(line: bytes, path: Path, lineno: int) -> tuple[str, str]:
             ) from None
     if not isinstance(record, dict):
         raise DataError(f"{path} line {lineno}: expected one object per line, got {type(record).__name__}")
-    keys = set(record)
-    if "parent_asin" in keys:
-        return "amazon2023", "reviews" if "user_id" in keys else "meta"
-    if "asin" not in keys:
-        found = ", ".join(sorted(map(str, keys))[:8])
+    claimed = formats.classify_keys(set(record), strict_json)
+    if claimed is None:
+        found = ", ".join(sorted(map(str, record))[:8])
         raise DataError(
             f"{path} line {lineno}: unknown record (no 'asin' or 'parent_asin' field; found {found})"
         )
-    if not strict_json:
-        return "amazon2014", "reviews" if "reviewerID" in keys else "meta"
-    if {"reviewerID", "unixReviewTime"} <= keys:
-        # 2014 reviews carry "helpful" [up, total]; 2018 ones "verified"/"vote"/"style" instead
-        is_2014 = "helpful" in keys and not keys & {"verified", "vote", "style"}
-        return ("amazon2014" if is_2014 else "amazon2018"), "reviews"
-    if keys & {"imUrl", "salesRank", "categories"} and not keys & {"imageURL", "imageURLHighRes", "main_cat"}:
-        return "amazon2014", "meta"  # 2014 meta someone converted to strict JSON
-    return "amazon2018", "meta"
+    return claimed

@@ -213,7 +213,7 @@ def read_review_columns(
     """
     path = Path(path)
     convert = review_converter(fmt)
-    ukey, ikey, rkey, tkey, divisor = readers._REVIEW_FIELDS[fmt]
+    ukey, ikey, rkey, tkey, divisor = readers.review_fields(fmt)
     report = SkipReport(file=str(path))
     user_chunks: list[pa.DictionaryArray] = []
     item_chunks: list[pa.DictionaryArray] = []

@@ -37,11 +37,11 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from sand.pipeline.dataset import formats
 from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("amazon2014", "amazon2018", "amazon2023")
 REVIEW_COLUMNS = ["user_id", "asin", "rating", "timestamp"]
 META_COLUMNS = ["asin", "title", "brand", "categories", "description", "features", "image_url"]
 
@@ -112,9 +112,12 @@ class DirtyLine(Exception):
         self.detail = detail
 
 
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown raw format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+def _check_format(fmt: str) -> formats.DatasetFormat:
+    """The format table's row of raw format ``fmt``, or a ConfigError naming the valid ones."""
+    try:
+        return formats.raw_format(fmt)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
@@ -354,12 +357,9 @@ def _timestamp(obj: dict, key: str, divisor: int) -> int:
     return seconds
 
 
-_REVIEW_FIELDS = {
-    # fmt: (user key, item key, rating key, time key, time divisor to seconds)
-    "amazon2014": ("reviewerID", "asin", "overall", "unixReviewTime", 1),
-    "amazon2018": ("reviewerID", "asin", "overall", "unixReviewTime", 1),
-    "amazon2023": ("user_id", "parent_asin", "rating", "timestamp", 1000),
-}
+def review_fields(fmt: str) -> tuple[str, str, str, str, int]:
+    """(user key, item key, rating key, time key, time divisor to seconds) of raw format ``fmt``."""
+    return _check_format(fmt).reviews.as_tuple()  # type: ignore[union-attr]
 
 
 def review_converter(fmt: str) -> Callable[[dict], tuple]:
@@ -368,8 +368,7 @@ def review_converter(fmt: str) -> Callable[[dict], tuple]:
     A factory (not inlined in :func:`read_reviews`) so the chunked columnar reader
     can hand the lines its fast path rejects to exactly the same rules.
     """
-    _check_format(fmt)
-    ukey, ikey, rkey, tkey, divisor = _REVIEW_FIELDS[fmt]
+    ukey, ikey, rkey, tkey, divisor = review_fields(fmt)
 
     def convert(obj: dict) -> tuple:
         user, item, rating, stamp = obj.get(ukey), obj.get(ikey), obj.get(rkey), obj.get(tkey)
@@ -473,7 +472,8 @@ def _image_2023(images: Any) -> str:
     return ""
 
 
-def _meta_2014(obj: dict) -> tuple:
+def meta_record_2014(obj: dict) -> tuple:
+    """One 2014 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     cats = obj.get("categories")
     first = cats[0] if isinstance(cats, list | tuple) and cats and isinstance(cats[0], list | tuple) else []
     return (
@@ -487,7 +487,8 @@ def _meta_2014(obj: dict) -> tuple:
     )
 
 
-def _meta_2018(obj: dict) -> tuple:
+def meta_record_2018(obj: dict) -> tuple:
+    """One 2018 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     image = _first_url(obj.get("imageURLHighRes")) or _first_url(obj.get("imageURL"))
     return (
         _ident(obj, "asin"),
@@ -500,7 +501,8 @@ def _meta_2018(obj: dict) -> tuple:
     )
 
 
-def _meta_2023(obj: dict) -> tuple:
+def meta_record_2023(obj: dict) -> tuple:
+    """One 2023 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     return (
         _ident(obj, "parent_asin"),
         _text(obj.get("title")),
@@ -510,13 +512,6 @@ def _meta_2023(obj: dict) -> tuple:
         _text(obj.get("features")),
         _image_2023(obj.get("images")),
     )
-
-
-_META = {
-    "amazon2014": (parse_literal_line, _meta_2014),
-    "amazon2018": (_parse_json, _meta_2018),
-    "amazon2023": (_parse_json, _meta_2023),
-}
 
 
 def read_meta(
@@ -536,9 +531,10 @@ def read_meta(
 
 
 def meta_parser(fmt: str) -> tuple[Callable[[bytes], Any], Callable[[dict], tuple]]:
-    """(line parser, record converter) for one release's metadata lines."""
-    _check_format(fmt)
-    return _META[fmt]
+    """(line parser, record converter) for one release's metadata lines, as its format row names them."""
+    row = _check_format(fmt)
+    parse = parse_literal_line if row.meta_lines == "literal" else _parse_json
+    return parse, formats.resolve(row.meta_record)
 
 
 def meta_frame(columns: list[list]) -> pd.DataFrame:

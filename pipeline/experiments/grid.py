@@ -20,11 +20,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sand.models import registry
 from sand.pipeline.config import PipelineConfig, build_config, set_dotted
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.store import write_json_atomic
@@ -34,33 +35,52 @@ log = logging.getLogger(__name__)
 #: Paper reference values of SAND's loss weights and temperature (docs/model.md).
 REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
 
-#: Named grids reproducing the paper's experiments.
-PRESETS: dict[str, dict[str, list[Any]]] = {
+def _table3_models() -> list[str]:
+    """Table 3's models: each backbone then its SAND plug-in (from the registry)."""
+    return [model for pair in registry.plugins().items() for model in pair]
+
+
+#: Named grids reproducing the paper's experiments: name -> its axes. Model axes come from the
+#: model registry when a preset is looked up, so a newly registered model joins its tables' presets.
+_PRESET_AXES: dict[str, Callable[[], dict[str, list[Any]]]] = {
     # Figure 4: one hyper-parameter at a time around the reference value.
-    "sensitivity-alpha": {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},
-    "sensitivity-beta": {"train.beta": [0.001, 0.003, 0.006, 0.01, 0.05]},
-    "sensitivity-tau": {"train.tau": [0.05, 0.1, 0.2, 0.5, 1.0]},
+    "sensitivity-alpha": lambda: {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},
+    "sensitivity-beta": lambda: {"train.beta": [0.001, 0.003, 0.006, 0.01, 0.05]},
+    "sensitivity-tau": lambda: {"train.tau": [0.05, 0.1, 0.2, 0.5, 1.0]},
     # Figure 3: SAND_a and its ablations.
-    "ablations": {"train.variant": ["a", "no-align", "no-distance", "no-align-no-distance"]},
+    "ablations": lambda: {"train.variant": ["a", "no-align", "no-distance", "no-align-no-distance"]},
     # Table 4: the four alignment x distancing combinations.
-    "variants": {"train.variant": ["a", "b", "c", "d"]},
-    # Table 2: baselines vs SAND.
-    "table2": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand"]},
+    "variants": lambda: {"train.variant": ["a", "b", "c", "d"]},
+    # Table 2: baselines vs SAND (the registry's Table 2 models).
+    "table2": lambda: {"train.model": list(registry.models_in("table2"))},
     # Table 3: backbones with and without the SAND plug-in, the plug-in in both fusions (the
     # backbones and VBPR+SAND ignore the fusion, so their second runs come from the store).
-    "table3": {
-        "train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"],
-        "train.plugin_fusion": ["auxiliary", "scoring"],
-    },
+    "table3": lambda: {"train.model": _table3_models(), "train.plugin_fusion": ["auxiliary", "scoring"]},
     # Table 3 with the SAND authors' plug-in hyper-parameters (train.profile=authors).
-    "table3-authors": {
-        "train.model": ["vbpr", "vbpr-sand", "freedom", "freedom-sand"],
+    "table3-authors": lambda: {
+        "train.model": _table3_models(),
         "train.plugin_fusion": ["auxiliary", "scoring"],
         "train.profile": ["authors"],
     },
     # Tables 2 and 3 in one grid: every model of the package.
-    "all-models": {"train.model": ["bpr", "lightgcn", "vbpr", "freedom", "sand", "vbpr-sand", "freedom-sand"]},
+    "all-models": lambda: {"train.model": list(registry.model_names())},
 }
+
+
+class _Presets(Mapping[str, dict[str, list[Any]]]):
+    """The presets as a read-only mapping; each lookup builds the axes afresh (a copy, from the registry)."""
+
+    def __getitem__(self, name: str) -> dict[str, list[Any]]:
+        return _PRESET_AXES[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_PRESET_AXES)
+
+    def __len__(self) -> int:
+        return len(_PRESET_AXES)
+
+
+PRESETS: Mapping[str, dict[str, list[Any]]] = _Presets()
 
 #: Presets that reproduce the paper's tables and figures: on an Amazon 2014 dataset they read the
 #: release's own image features (the paper's inputs) unless the user chose an image source.
@@ -80,7 +100,7 @@ def preset(name: str) -> dict[str, list[Any]]:
     """The axes of a named preset (a copy), or a ConfigError listing the names."""
     if name not in PRESETS:
         raise ConfigError(f"unknown grid preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return {k: list(v) for k, v in PRESETS[name].items()}
+    return PRESETS[name]
 
 
 def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineConfig:
@@ -126,15 +146,13 @@ def _field_exists(data: dict[str, Any], dotted: str) -> bool:
 
 def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
     """Reject hyper-parameters the configured model does not take (before anything trains)."""
-    from sand.models import registry
-
     name = cfg.train.model
     spec = registry.spec(name)
     for dotted in values:
-        if dotted in _VARIANT_FIELDS and name not in registry.VARIANT_MODELS:
+        if dotted in _VARIANT_FIELDS and not registry.has_variants(name):
             raise ConfigError(
                 f"grid axis {dotted}={values[dotted]!r}: has no effect on model {name!r} "
-                f"(only {', '.join(registry.VARIANT_MODELS)} have variants)"
+                f"(only {', '.join(registry.variant_models())} have variants)"
             )
     try:
         accepted = registry.constructor_kwargs(name)

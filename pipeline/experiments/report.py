@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sand.models.registry import VARIANT_MODELS
+from sand.models import registry
 from sand.pipeline.errors import SandError, StageError
 from sand.pipeline.experiments.grid import REFERENCE
 from sand.pipeline.store import Artifact, ArtifactStore
@@ -37,15 +37,6 @@ log = logging.getLogger(__name__)
 #: (metric key, column label) of the paper's tables
 METRICS = (("recall@10", "R@10"), ("recall@20", "R@20"), ("ndcg@10", "N@10"), ("ndcg@20", "N@20"))
 PAPER_DATASETS = ("baby", "sports", "clothing")
-MODEL_LABELS = {
-    "bpr": "MF-BPR",
-    "lightgcn": "LightGCN",
-    "vbpr": "VBPR",
-    "freedom": "FREEDOM",
-    "sand": "SAND",
-    "vbpr-sand": "VBPR+SAND",
-    "freedom-sand": "FREEDOM+SAND",
-}
 VARIANT_LABELS = {
     "no-align": "w/o Alignment",
     "no-distance": "w/o Distancing",
@@ -58,8 +49,6 @@ VARIANT_PARTS = {
     "d": ("InfoNCE", "negative l2"),
 }
 ABLATIONS = ("a", "no-align", "no-distance", "no-align-no-distance")
-TABLE2_MODELS = ("bpr", "lightgcn", "vbpr", "freedom", "sand")
-BACKBONES = ("vbpr", "freedom")
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
 
 RunKey = tuple[str, str, str | None]  # (dataset, model id, variant); see StoredRun.model_id
@@ -115,24 +104,34 @@ class StoredRun:
         return (self.train.manifest.get("result") or {}) if self.train else {}
 
 
+def _single_model(table: str) -> str:
+    """The one model ``table`` shows (SAND for Table 4 and Figures 3, 5, 6), from the registry."""
+    (model,) = registry.models_in(table)
+    return model
+
+
 def run_label(model: str, variant: str | None) -> str:
-    """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, FREEDOM+SAND (scoring), ..."""
+    """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, FREEDOM+SAND (scoring), ...
+
+    Labels come from the model registry; variant "a" is named only for the model whose
+    variants the paper compares (SAND_a), the plug-ins' default variant is not.
+    """
     model, _, fusion = model.partition("@")
     if fusion:
         return f"{run_label(model, variant)} ({fusion})"
-    base = MODEL_LABELS.get(model, model)
+    base = registry.label(model)
     if variant is None:
         return base
     if variant in VARIANT_LABELS:
         return f"{base} {VARIANT_LABELS[variant]}"
-    if model != "sand" and variant == "a":
+    if variant == "a" and model not in registry.models_in("table4"):
         return base
     return f"{base}_{variant}"
 
 
 def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
-    """Paper order: baselines, then SAND_a-d, then the ablations; plug-ins last."""
-    models, variants = list(MODEL_LABELS), [*VARIANT_PARTS, *VARIANT_LABELS]
+    """Paper order (the registry's): baselines, then SAND_a-d, then the ablations; plug-ins last."""
+    models, variants = list(registry.model_names()), [*VARIANT_PARTS, *VARIANT_LABELS]
     full, model = model, model.partition("@")[0]
     return (
         models.index(model) if model in models else len(models),
@@ -178,7 +177,7 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
         train_key = (art.manifest.get("inputs", {}).get("train") or {}).get("key")
         train = store.lookup("train", train_key) if train_key else None
         model = str(art.manifest.get("model") or (train.manifest.get("result", {}).get("model") if train else "?"))
-        variant = art.manifest.get("variant") if model in VARIANT_MODELS else None
+        variant = art.manifest.get("variant") if registry.has_variants(model) else None
         metrics = art.manifest.get("metrics") or {}
         runs.append(
             StoredRun(
@@ -287,12 +286,12 @@ def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metri
     """Table 2: models x (dataset, R@10 R@20 N@10 N@20), best per column in bold."""
     cols = _metric_columns(datasets)
     rows = []
-    for model in TABLE2_MODELS:
-        variant = "a" if model == "sand" else None
+    for model in registry.models_in("table2"):
+        variant = "a" if registry.has_variants(model) else None
         found = [selected.get((d, model, variant)) for d in datasets]
         if not any(found):
             continue
-        row: dict[str, Any] = {"Model": MODEL_LABELS[model]}
+        row: dict[str, Any] = {"Model": registry.label(model)}
         for d, m, col in cols:
             run = selected.get((d, model, variant))
             row[col] = run.test.get(m, math.nan) if run else math.nan
@@ -311,7 +310,7 @@ def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metri
 
 def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, fusion: str) -> StoredRun | None:
     """The +SAND run of ``backbone`` in ``fusion`` (a plug-in whose fusion is moot serves both)."""
-    model = f"{backbone}-sand"
+    model = registry.plugins()[backbone]
     if fusion != FUSIONS[0]:
         run = selected.get((dataset, f"{model}@{fusion}", "a"))
         if run is not None:
@@ -328,13 +327,14 @@ def table_generalisation(
     One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table
     in the scoring fusion is written only when a run in that fusion exists.
     """
+    backbones = registry.plugins()  # backbone -> its plug-in
     plugged = {
-        (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in BACKBONES if (d, b, None) in selected
+        (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in backbones if (d, b, None) in selected
     }
     plugged = {k: v for k, v in plugged.items() if v is not None}
     if not plugged or (fusion != FUSIONS[0] and not any(r.fusion == fusion for r in plugged.values())):
         return None
-    pairs = {b: [d for d in datasets if (d, b) in plugged] for b in BACKBONES}
+    pairs = {b: [d for d in datasets if (d, b) in plugged] for b in backbones}
     pairs = {b: ds for b, ds in pairs.items() if ds}
     used = [d for d in datasets if any(d in ds for ds in pairs.values())]
     rows, bold = [], set()
@@ -346,14 +346,14 @@ def table_generalisation(
                 plug = plugged.get((d, b))
                 bv = base.test.get(m, math.nan) if base and d in pairs[b] else math.nan
                 pv = plug.test.get(m, math.nan) if plug and d in pairs[b] else math.nan
-                name = MODEL_LABELS[b]
-                row[name], row[f"{name}+SAND"] = bv, pv
+                name, plug_name = registry.label(b), registry.label(backbones[b])
+                row[name], row[plug_name] = bv, pv
                 row[f"{name} Improv."] = (pv - bv) / bv * 100.0 if bv > 0 else math.nan
                 if math.isfinite(bv) and math.isfinite(pv):  # the better of the pair (both on a tie)
-                    bold |= {(len(rows), c) for c, v in ((name, bv), (f"{name}+SAND", pv)) if v == max(bv, pv)}
+                    bold |= {(len(rows), c) for c, v in ((name, bv), (plug_name, pv)) if v == max(bv, pv)}
             rows.append(row)
     frame = pd.DataFrame(rows)
-    formats = {f"{MODEL_LABELS[b]} Improv.": _fmt_pct for b in pairs}
+    formats = {f"{registry.label(b)} Improv.": _fmt_pct for b in pairs}
     chosen = [
         f"{run.label} on {d}: profile {run.result.get('profile') or 'default'}"
         for (d, _), run in sorted(plugged.items())
@@ -376,21 +376,22 @@ def table_generalisation(
 
 def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
     """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics)."""
+    sand = _single_model("table4")
     # only datasets where variants can be compared (at least two of a-d)
-    datasets = [d for d in datasets if sum((d, "sand", v) in selected for v in VARIANT_PARTS) >= 2]
+    datasets = [d for d in datasets if sum((d, sand, v) in selected for v in VARIANT_PARTS) >= 2]
     if not datasets:
         return None
-    present = [v for v in VARIANT_PARTS if any((d, "sand", v) in selected for d in datasets)]
+    present = [v for v in VARIANT_PARTS if any((d, sand, v) in selected for d in datasets)]
     cols = _metric_columns(datasets)
     rows = []
     for v in present:
         row: dict[str, Any] = {
-            "Variant": run_label("sand", v),
+            "Variant": run_label(sand, v),
             "Alignment": VARIANT_PARTS[v][0],
             "Distancing": VARIANT_PARTS[v][1],
         }
         for d, m, col in cols:
-            run = selected.get((d, "sand", v))
+            run = selected.get((d, sand, v))
             row[col] = run.test.get(m, math.nan) if run else math.nan
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["Variant", "Alignment", "Distancing"] + [c for _, _, c in cols])
@@ -562,9 +563,10 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
 
 def _tsne_run(selected: dict[RunKey, StoredRun], dataset: str) -> StoredRun | None:
     """The SAND run to visualise: variant a if there is one, else the first variant in paper order."""
+    sand = _single_model("figures5-6")
     for variant in ("a", "b", "c", "d", "no-distance", "no-align", "no-align-no-distance"):
-        if (dataset, "sand", variant) in selected:
-            return selected[(dataset, "sand", variant)]
+        if (dataset, sand, variant) in selected:
+            return selected[(dataset, sand, variant)]
     return None
 
 
@@ -614,10 +616,36 @@ def write_report(
     (skips are logged and listed in ``report.md``). No evaluated runs at all, or a named
     dataset without runs, is a :class:`StageError`.
     """
-    from sand.pipeline.experiments.figures import plot_ablation, plot_sensitivity
-
     data_root, out_dir = Path(data_root), Path(out_dir)
     store = ArtifactStore(data_root)
+    runs, chosen = _report_runs(store, datasets)
+    selected = select_runs(runs, select_metric)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    written: dict[str, list[Path]] = {"runs": _write_runs_csv(runs, selected, out_dir)}
+    tables = paper_tables(selected, chosen, select_metric)
+    written.update(_write_tables(tables, out_dir, notes))
+    figures = {
+        "curves": _curves(selected, chosen, out_dir, select_metric, notes),
+        "sensitivity": _sensitivity_figure(data_root, chosen, out_dir, notes),
+        "ablation": _ablation_figure(selected, chosen, out_dir, notes),
+        "tsne": _tsne_section(store, selected, chosen, out_dir, tsne_items, seed, notes),
+    }
+    written.update({name: paths for name, paths in figures.items() if paths})
+    for note in notes:
+        log.info("report: %s", note)
+    index = out_dir / "report.md"
+    index.write_text(_index_markdown(data_root, chosen, runs, selected, tables, written, notes, select_metric))
+    written["index"] = [index]
+    return written
+
+
+def _report_runs(store: ArtifactStore, datasets: Sequence[str] | None) -> tuple[list[StoredRun], list[str]]:
+    """(runs on the reported datasets, those datasets in paper order).
+
+    Why it fails rather than skips: a report of nothing, or of a dataset the user named
+    but never ran, would be an empty page that looks like a result.
+    """
     runs = collect_runs(store)
     if not runs:
         raise StageError(f"report: no evaluated runs in {store.root / 'evaluate'} (run the pipeline first)")
@@ -626,88 +654,121 @@ def write_report(
         missing = [d for d in datasets if d not in found]
         if missing:
             raise StageError(
-                f"report: no evaluated runs for dataset {missing[0]!r} in {data_root} (found: {', '.join(found)})"
+                f"report: no evaluated runs for dataset {missing[0]!r} in {store.data_root} "
+                f"(found: {', '.join(found)})"
             )
         chosen = list(dict.fromkeys(datasets))
     else:
         chosen = found
-    runs = [r for r in runs if r.dataset in chosen]
-    selected = select_runs(runs, select_metric)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, list[Path]] = {}
-    notes: list[str] = []
+    return [r for r in runs if r.dataset in chosen], chosen
 
-    runs_csv = out_dir / "runs.csv"
-    _runs_frame(runs, selected).to_csv(runs_csv, index=False)
-    written["runs"] = [runs_csv]
 
-    tables: dict[str, Table | None] = {
-        "table2": table_main(selected, chosen, select_metric),
-        "table3": table_generalisation(selected, chosen, select_metric),
-        "table3-scoring": table_generalisation(selected, chosen, select_metric, "scoring"),
-        "table4": table_variants(selected, chosen, select_metric),
-        "table5": table_efficiency(selected, chosen),
-    }
-    why = {
-        "table2": "no runs of MF-BPR, LightGCN, VBPR, FREEDOM or SAND_a",
-        "table3": "no dataset with both a backbone (VBPR/FREEDOM) and its +SAND run",
+def _write_runs_csv(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun], out_dir: Path) -> list[Path]:
+    """``runs.csv``: every run, the selected ones marked, so any table cell can be traced to its run."""
+    path = out_dir / "runs.csv"
+    _runs_frame(runs, selected).to_csv(path, index=False)
+    return [path]
+
+
+def _table_skip_reasons() -> dict[str, str]:
+    """Why each table may be missing, as ``report.md`` lists it (a skipped table is never padded)."""
+    table2 = [run_label(m, "a" if registry.has_variants(m) else None) for m in registry.models_in("table2")]
+    return {
+        "table2": f"no runs of {', '.join(table2[:-1])} or {table2[-1]}",
+        "table3": "no dataset with both a backbone ("
+        + "/".join(registry.label(b) for b in registry.plugins())
+        + ") and its +SAND run",
         "table3-scoring": "no FREEDOM+SAND run in the scoring fusion (train.plugin_fusion=scoring) next to its "
         "backbone",
         "table4": "no dataset with at least two of the SAND variants a-d",
         "table5": "no train artifact with timing results",
     }
+
+
+def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> dict[str, Table | None]:
+    """Tables 2-5 (None where no run fills one), in the order ``report.md`` shows them.
+
+    Why one mapping: the index page and the file writer walk the same tables, so a
+    table added here is both written and linked.
+    """
+    return {
+        "table2": table_main(selected, datasets, metric),
+        "table3": table_generalisation(selected, datasets, metric),
+        "table3-scoring": table_generalisation(selected, datasets, metric, "scoring"),
+        "table4": table_variants(selected, datasets, metric),
+        "table5": table_efficiency(selected, datasets),
+    }
+
+
+def _write_tables(tables: dict[str, Table | None], out_dir: Path, notes: list[str]) -> dict[str, list[Path]]:
+    """Each filled table as Markdown + CSV; each empty one becomes a note saying why it is missing."""
+    why = _table_skip_reasons()
+    written: dict[str, list[Path]] = {}
     for name, table in tables.items():
         if table is None:
             notes.append(f"{name.capitalize()} skipped: {why[name]}.")
-            continue
-        written[name] = table.write(out_dir)
+        else:
+            written[name] = table.write(out_dir)
+    return written
 
-    curves = _curves(selected, chosen, out_dir, select_metric, notes)
-    if curves:
-        written["curves"] = curves
 
-    series = sensitivity_series(data_root, chosen)
-    if series:
-        written["sensitivity"] = [plot_sensitivity(series, out_dir / "sensitivity.png", reference=REFERENCE)]
-    else:
+def _sensitivity_figure(data_root: Path, datasets: Sequence[str], out_dir: Path, notes: list[str]) -> list[Path]:
+    """Figure 4 from the one-parameter grids (the grids' runs.csv, not the store: it needs the swept value)."""
+    from sand.pipeline.experiments.figures import plot_sensitivity
+
+    series = sensitivity_series(data_root, datasets)
+    if not series:
         notes.append(
             "Sensitivity figure skipped: no grid over exactly one of train.alpha/beta/tau with at "
             "least two successful runs (run the sensitivity-* grid presets)."
         )
+        return []
+    return [plot_sensitivity(series, out_dir / "sensitivity.png", reference=REFERENCE)]
 
+
+def _ablation_figure(
+    selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, notes: list[str]
+) -> list[Path]:
+    """Figure 3: SAND_a next to its ablations, per dataset with at least one ablation to compare."""
+    from sand.pipeline.experiments.figures import plot_ablation
+
+    sand = _single_model("figure3")
     ablation = {
         d: {
-            run_label("sand", v) if v != "a" else "SAND": selected[(d, "sand", v)].test
+            run_label(sand, v) if v != "a" else registry.label(sand): selected[(d, sand, v)].test
             for v in ABLATIONS
-            if (d, "sand", v) in selected
+            if (d, sand, v) in selected
         }
-        for d in chosen
+        for d in datasets
     }
     ablation = {d: v for d, v in ablation.items() if len(v) >= 2}
-    if ablation:
-        written["ablation"] = [plot_ablation(ablation, out_dir / "ablation.png")]
-    else:
+    if not ablation:
         notes.append("Ablation figure skipped: no dataset with SAND_a and at least one ablation run.")
+        return []
+    return [plot_ablation(ablation, out_dir / "ablation.png")]
 
-    tsne: list[Path] = []
-    for d in chosen:
+
+def _tsne_section(
+    store: ArtifactStore,
+    selected: dict[RunKey, StoredRun],
+    datasets: Sequence[str],
+    out_dir: Path,
+    n_items: int,
+    seed: int,
+    notes: list[str],
+) -> list[Path]:
+    """Figures 5-6 per dataset; a dataset whose run cannot be rebuilt is a note, not a failed report."""
+    paths: list[Path] = []
+    for d in datasets:
         run = _tsne_run(selected, d)
         if run is None:
             notes.append(f"Figures 5-6 for {d} skipped: no trained SAND run.")
             continue
         try:
-            tsne += _tsne_figures(store, run, out_dir, tsne_items, seed)
+            paths += _tsne_figures(store, run, out_dir, n_items, seed)
         except SandError as err:
             notes.append(f"Figures 5-6 for {d} skipped: {err}")
-    if tsne:
-        written["tsne"] = tsne
-
-    for note in notes:
-        log.info("report: %s", note)
-    index = out_dir / "report.md"
-    index.write_text(_index_markdown(data_root, chosen, runs, selected, tables, written, notes, select_metric))
-    written["index"] = [index]
-    return written
+    return paths
 
 
 def _rel(path: Path, base: Path) -> str:
