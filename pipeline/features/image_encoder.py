@@ -17,10 +17,7 @@ sees the same batch shape, so a row's features do not depend on its batch-mates.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +30,7 @@ from torch.utils.data import Dataset
 
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
+from sand.pipeline.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +117,6 @@ def _imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
     return state, f"torchvision {enum_name}.{member}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(
@@ -189,7 +179,7 @@ def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Mod
         model = _strip_head(backbone, _architecture(backbone))
         _load_into(model, state, backbone, f"file {path}")
         # The content hash makes the description (and so any cache key built from it) change with the file.
-        description = f"state_dict {path} (sha256 {_sha256(path)[:16]})"
+        description = f"state_dict {path} (sha256 {sha256_file(path)[:16]})"
     model.eval()
     log.info("image CNN %s, weights: %s", backbone, description)
     for p in model.parameters():
@@ -215,15 +205,8 @@ def image_transform(image_size: int = 224):
 def save_cnn(model: nn.Module, path: Path) -> Path:
     """Save ``model``'s state_dict atomically: the one CNN definition every shard of a stage loads."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
