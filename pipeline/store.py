@@ -30,11 +30,10 @@ from typing import Any
 from filelock import FileLock
 
 from sand.pipeline.errors import ConfigError, StageError
-from sand.pipeline.files import write_json_atomic  # re-exported: callers import it from here
+from sand.pipeline.files import write_json_atomic as write_json_atomic  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Artifact", "ArtifactStore", "StageOutcome", "artifact_key", "canonical_json", "write_json_atomic"]
 
 MANIFEST = "manifest.json"
 

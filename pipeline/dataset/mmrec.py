@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sand.pipeline.errors import DataError
+from sand.pipeline.errors import DataError, one_line
 
 FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}
 _INTER_COLUMNS = {"userID": "user", "itemID": "item", "x_label": "split"}
@@ -71,7 +71,7 @@ def _read_table(path: Path, required: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot parse ({one_line(err)})") from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.devices import resolve_device
+from sand.pipeline.errors import ConfigError, DataError, one_line
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
 from sand.pipeline.files import atomic_path, sha256_file
 
@@ -50,11 +51,6 @@ _HEAD_KEYS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _architecture(backbone: str) -> nn.Module:
@@ -110,7 +106,7 @@ def _imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ConfigError(
-            f"image weights 'imagenet' for {backbone}: cannot obtain {weights.url} ({_one_line(exc)}); "
+            f"image weights 'imagenet' for {backbone}: cannot obtain {weights.url} ({one_line(exc)}); "
             f"download that file elsewhere and pass --image-weights PATH (or copy it into "
             f"{torch.hub.get_dir()}/checkpoints), or use --image-weights random"
         ) from None
@@ -125,7 +121,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for non-checkpoint files
-        msg = f"image weights file {path} is not a readable state_dict: {_one_line(exc)}"
+        msg = f"image weights file {path} is not a readable state_dict: {one_line(exc)}"
         raise ConfigError(msg) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -238,14 +234,8 @@ class ImageFileDataset(Dataset):
             with decoded_rgb(data, max_pixels=self.max_pixels, draft_to=self.draft_to) as img:
                 return self.transform(img)
         except (OSError, SyntaxError, ValueError, TooManyPixels) as exc:
-            msg = f"{path}: image cannot be decoded ({_one_line(exc)}); delete it to refetch"
+            msg = f"{path}: image cannot be decoded ({one_line(exc)}); delete it to refetch"
             raise DataError(msg) from None
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
@@ -301,7 +291,7 @@ def encode_images(
     """
     from tqdm.auto import tqdm
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     if num_workers is None:
         num_workers = 2 if dev.type == "cuda" else 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from sand.pipeline.devices import resolve_device
 from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def knn_neighbours(
     if queries.size and (queries.min() < 0 or queries.max() >= n):
         raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     xn = _l2_normalise(x)
     # One more than k: if the (k+1)-th best equals the k-th, the row has a tie at the boundary.
     kk = min(k + 1, n)

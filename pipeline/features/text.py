@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.errors import ConfigError, DataError, one_line
 from sand.pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def _load_model(model_dir: str, device: str | None) -> Any:
     try:
         return SentenceTransformer(model_dir, device=device, local_files_only=True)
     except Exception as err:  # one line for the user, whatever the loader raised
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"text model {model_dir!r}: cannot be loaded offline ({msg})") from err
+        raise ConfigError(f"text model {model_dir!r}: cannot be loaded offline ({one_line(err)})") from err
 
 
 def _text_key(identity: str, text: str) -> str:
