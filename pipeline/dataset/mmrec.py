@@ -42,11 +42,6 @@ class MMRecDataset:
     image_feat: Path | None = None
     text_feat: Path | None = None
 
-    @property
-    def feature_files(self) -> dict[str, Path]:
-        found = {"image": self.image_feat, "text": self.text_feat}
-        return {k: v for k, v in found.items() if v is not None}
-
 
 def _sniff_sep(path: Path) -> str:
     with open(path, encoding="utf-8", errors="replace") as fh:

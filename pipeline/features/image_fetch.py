@@ -44,7 +44,7 @@ from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
 from sand.pipeline.acquire.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
 from sand.pipeline.errors import SandError
 from sand.pipeline.files import write_bytes_atomic
-from sand.pipeline.locations import local_path
+from sand.pipeline.locations import is_remote, local_path
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ async def _fetch_one(
         if not limits.policy.local_files:  # decided without touching the path: nothing about it leaks
             return ImageResult(url, None, REFUSED)
         return await asyncio.to_thread(_check_local, url, local, limits)
-    if urlparse(url).scheme.lower() not in ("http", "https"):
+    if not is_remote(url):
         return ImageResult(url, None, "unsupported-scheme")
     try:
         verdict = await verdicts.check(url)

@@ -200,32 +200,6 @@ def normalise_rows_cols(adj: sp.spmatrix) -> sp.csr_matrix:
     return out
 
 
-def mix_graphs(graphs: dict[str, sp.spmatrix], weights: dict[str, float]) -> sp.csr_matrix:
-    """Weighted sum of per-modality graphs, e.g. S = w*S_v + (1-w)*S_t (SAND, w = mm_image_weight).
-
-    Both dicts must name the same modalities; weights must be finite and >= 0.
-    """
-    if not graphs:
-        raise ConfigError("graphs: no modality graphs to mix")
-    if set(graphs) != set(weights):
-        raise ConfigError(
-            f"weights: modalities {sorted(weights)} do not match the graphs {sorted(graphs)}"
-        )
-    shapes = {name: g.shape for name, g in graphs.items()}
-    if len(set(shapes.values())) != 1:
-        raise DataError(f"graphs: shapes differ between modalities: {shapes}")
-    for name, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"weights.{name}: must be a finite number >= 0, got {w!r}")
-    names = sorted(graphs)
-    total = sp.csr_matrix(graphs[names[0]], dtype=np.float32) * np.float32(weights[names[0]])
-    for name in names[1:]:
-        total = total + sp.csr_matrix(graphs[name], dtype=np.float32) * np.float32(weights[name])
-    total = sp.csr_matrix(total, dtype=np.float32)
-    total.sort_indices()
-    return total
-
-
 def save_graph(path: str | Path, graph: sp.spmatrix) -> None:
     """Write a graph as a compressed ``.npz`` that loads without pickle."""
     sp.save_npz(Path(path), sp.csr_matrix(graph), compressed=True)
