@@ -13,7 +13,7 @@ from torch import nn
 from sand.models.base import Recommender
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError, SandError, StageError
-from sand.pipeline.training.checkpoints import load_best_model, load_weights, read_checkpoint
+from sand.pipeline.training.checkpoints import load_weights, read_checkpoint
 from sand.pipeline.training.evaluation import evaluate_split
 from sand.pipeline.training.trainer import train_model
 
@@ -125,7 +125,7 @@ def test_training_improves_metrics_and_writes_logs(tmp_path):
     last = torch.load(res.last_checkpoint, weights_only=True)
     assert best["epoch"] == res.best_epoch and last["epoch"] == 15
     fresh = TinyMF(data.n_users, data.n_items, seed=99)
-    meta = load_best_model(fresh, tmp_path)
+    meta = load_weights(fresh, res.best_checkpoint)
     assert meta["epoch"] == res.best_epoch and meta["test"] == res.test_at_best
     with torch.no_grad():
         again = evaluate_split(*fresh.embeddings(), data, "test")
@@ -239,7 +239,7 @@ def test_bad_settings_and_missing_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         train_model(model, data, out_dir=tmp_path, epochs=1, **{**COMMON, "batch_size": 0})
     with pytest.raises(StageError, match="missing"):
-        load_best_model(model, tmp_path / "nothing")
+        load_weights(model, tmp_path / "nothing" / "best.pt")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StageError, match="cannot be read"):

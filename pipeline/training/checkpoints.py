@@ -44,7 +44,8 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path |
 def load_weights(model: torch.nn.Module, path: Path | str, device: str | torch.device | None = None) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``model`` (in place); returns the rest of the checkpoint.
 
-    Accepts the trainer's checkpoints (``{"model": state_dict, "epoch", "valid", ...}``) and
+    Accepts the trainer's checkpoints (``best.pt``: ``{"model": state_dict, "epoch", "valid", "test",
+    "config"}``; ``last.pt`` adds the optimiser and counters) and
     a bare state_dict (then the returned metadata is empty). ``device`` None maps the tensors
     to the device the model's parameters are on.
     """
@@ -56,8 +57,3 @@ def load_weights(model: torch.nn.Module, path: Path | str, device: str | torch.d
     has_model = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
     load_model_state(model, ckpt["model"] if has_model else ckpt, path)
     return {k: v for k, v in ckpt.items() if k != "model"} if has_model else {}
-
-
-def load_best_model(model: torch.nn.Module, out_dir: Path | str, device: str | torch.device | None = None) -> dict:
-    """Load ``best.pt`` from a training ``out_dir`` into ``model``; returns its ``epoch``, metrics and ``config``."""
-    return load_weights(model, Path(out_dir) / BEST_NAME, device)
