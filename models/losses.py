@@ -209,7 +209,3 @@ class ClubEstimator(nn.Module):
         positive = self._log_q(mu, logvar, y)
         negative = self._log_q(mu, logvar, y[perm])
         return torch.clamp((positive - negative).mean() / 2.0, min=0.0)
-
-
-#: ``1 / ln 2``: multiply :func:`bpr_loss` by this to get the reference's log2 value.
-BPR_LOG2_FACTOR = 1.0 / math.log(2.0)

@@ -562,7 +562,7 @@ def train_model(
     )
     for epoch in bar:
         row = _train_epoch(run, epoch)
-        if epoch % eval_every == 0 or epoch == epochs:
+        if epoch % run.eval_every == 0 or epoch == run.epochs:
             _evaluate_and_keep_best(run, state, epoch, row)
         _save_epoch(run, state, epoch, row)
         bar.set_postfix(_progress_postfix(row, valid_metric))
