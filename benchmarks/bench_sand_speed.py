@@ -49,6 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from naive_sand import NaiveSAND  # noqa: E402  (benchmarks/naive_sand.py, beside this script)
+
 from sand.models.club_fit import CLUB_FIT  # noqa: E402
 from sand.models.graph import GRAPH_PRODUCTS  # noqa: E402
 from sand.models.losses import SOLOSIM  # noqa: E402
@@ -156,7 +158,10 @@ def build(inputs: dict, model: str, mode: str, seed: int = 0) -> torch.nn.Module
         features=inputs["features"],
         item_graphs=inputs["graphs"],
     )
-    m = SAND(**kwargs, variant=variant, fast=mode != "naive") if name == "sand" else build_model(name, **kwargs)
+    if name == "sand":
+        m = (NaiveSAND if mode == "naive" else SAND)(**kwargs, variant=variant)
+    else:
+        m = build_model(name, **kwargs)
     set_precision(m, "bf16" if mode == "bf16" else "fp32")
     m.on_epoch_start(1, torch.Generator().manual_seed(seed))  # FREEDOM's pruned graph
     m.train()

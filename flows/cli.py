@@ -25,7 +25,7 @@ import typer
 from sand.models.registry import model_choices
 from sand.pipeline.config import CLI_FIELDS, STAGES
 from sand.pipeline.dataset.formats import format_help
-from sand.pipeline.errors import ConfigError, SandError
+from sand.pipeline.errors import ConfigError, SandError, one_line
 
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
@@ -368,7 +368,7 @@ def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) ->
     """Print exactly one line on stderr (naming the log file with the traceback) and exit."""
     from sand.flows.cli_logging import RUN_LOG
 
-    first = message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    first = one_line(message, limit=None) or type(err).__name__
     path = RUN_LOG.record_exception(err) if always_log or RUN_LOG.path is not None else None
     typer.echo(f"error: {first}" + (f" (details: {path})" if path else ""), err=True)
     raise SystemExit(exit_code) from None

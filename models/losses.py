@@ -119,7 +119,7 @@ def mean_row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 128) -> to
     return _MeanRowLogSumExp.apply(a, b, block)
 
 
-def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float, *, literal: bool = False) -> torch.Tensor:
+def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float) -> torch.Tensor:
     """SoloSim (Eq. 10), text -> image direction only, as the reference computes it.
 
     ``S = T I^T / tau``; loss ``= -mean(diag(log_softmax(S, dim=1)))``: item i's text view
@@ -128,22 +128,18 @@ def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float, *, lit
 
     Computed as ``mean_i(logsumexp_j S_ij - S_ii)`` (the same value) with ``1/tau``
     applied to the n x d input and the n x n logits never held (:func:`mean_row_logsumexp`).
-    ``literal=True`` evaluates the formula as written (the naive reference the fast
-    form is tested against).
     """
-    if literal:
-        return -torch.diagonal(F.log_softmax(text_h @ image_h.T / tau, dim=1)).mean()
     scaled = text_h / tau
     return mean_row_logsumexp(scaled, image_h) - (scaled * image_h).sum(dim=1).mean()
 
 
-def infonce_loss(a: torch.Tensor, b: torch.Tensor, tau: float, *, literal: bool = False) -> torch.Tensor:
+def infonce_loss(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     """Symmetric InfoNCE (docs/model.md, Table 4): the a -> b and b -> a SoloSim terms averaged.
 
     Why symmetric: the alternative the paper compares against treats both modalities
     alike, unlike SoloSim which only asks text to find image.
     """
-    return 0.5 * (solosim_loss(a, b, tau, literal=literal) + solosim_loss(b, a, tau, literal=literal))
+    return 0.5 * (solosim_loss(a, b, tau) + solosim_loss(b, a, tau))
 
 
 def l2_distance_loss(
@@ -213,7 +209,3 @@ class ClubEstimator(nn.Module):
         positive = self._log_q(mu, logvar, y)
         negative = self._log_q(mu, logvar, y[perm])
         return torch.clamp((positive - negative).mean() / 2.0, min=0.0)
-
-
-#: ``1 / ln 2``: multiply :func:`bpr_loss` by this to get the reference's log2 value.
-BPR_LOG2_FACTOR = 1.0 / math.log(2.0)

@@ -38,9 +38,6 @@ from sand.models.sand import VARIANTS
 from sand.models.separation import ModalSeparation
 from sand.models.vbpr import VBPR
 
-#: Separation keywords a plug-in accepts (everything else goes to the backbone).
-SEPARATION_KWARGS = ("alpha", "beta", "tau", "split_ratio", "club_steps", "club_lr", "l2_form",
-                     "solosim_scope", "distance_scope", "share_club", "head_dims", "club_fit_order")
 #: How the SAND-processed modal representation is used (module docstring).
 FUSIONS = ("auxiliary", "scoring")
 

@@ -16,16 +16,18 @@ paper's (partly garbled) equations, the code's reading wins:
 
 Loss: BPR (natural log) + ``alpha * align`` + ``beta * distance``.
 
-Speed (docs/model.md, departure 11): ``fast=True`` never forms ``Z_m``; every consumer of ``Z_m`` is
+Speed (docs/model.md, departure 11): the model never forms ``Z_m``; every consumer of ``Z_m`` is
 linear, so each reads ``X_m`` through the folded product of the small weight
 matrices (:class:`models.separation.LinearView`), all of them in one product with
 ``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items streams
 its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients and a
 flat Adam, the estimators side by side (:mod:`models.club_fit`); the frozen graphs are
-multiplied in CSR form. ``fast=False`` is the naive reference that evaluates every
-formula literally: ``L_m`` at full width over all items every batch, the N x N
-log-softmax, autograd and ``torch.optim.Adam`` for the CLUB fit, COO graph products. Both compute the
-same function (tested to 1e-4), so the reference checks every shortcut.
+multiplied in CSR form. The naive reference that evaluates every formula literally
+(``L_m`` at full width over all items every batch, the N x N log-softmax, autograd and
+``torch.optim.Adam`` for the CLUB fit, COO graph products) is not shipped: it lives beside
+the tests and benchmarks that check every shortcut against it (``benchmarks/naive_sand.py``,
+the same function to 1e-4). It overrides the hooks ``modal_inputs``, ``_prefetch``,
+``_product`` and ``separation_class``.
 
 Precision: with ``precision = "bf16"`` (set by the trainer, :mod:`models.precision`) the
 folded reads run in bfloat16 on a bfloat16 copy of ``X_m`` (float32 accumulation and
@@ -40,7 +42,7 @@ per-epoch user-graph work.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,8 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sand.models.base import Recommender
-from sand.models.graph import SparseMatmul as _SparseMatmul
-from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, to_csr
+from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.losses import bpr_loss
 from sand.models.precision import LowPrecisionCopies, compute_dtype
 from sand.models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
@@ -78,17 +79,20 @@ class ModalGCN(nn.Module):
         self.mlp = nn.Linear(in_dim, 4 * dim)
         self.mlp1 = nn.Linear(4 * dim, dim)
 
-    def forward(self, adj: torch.Tensor, z: ModalInput, n_layers: int) -> torch.Tensor:
+    def forward(
+        self, adj: torch.Tensor, z: ModalInput, n_layers: int, product: Callable[..., torch.Tensor] = sparse_matmul
+    ) -> torch.Tensor:
         """(U + N, dim): ``x + A x + A^2 x + ...`` with ``x`` the row-normalised inputs.
 
-        ``adj``: the symmetric normalised bipartite adjacency, CSR (fast) or COO (reference).
+        ``adj``: the symmetric normalised bipartite adjacency (CSR); ``product(adj, h)``
+        multiplies by it (:func:`models.graph.sparse_matmul`).
         """
         (hidden,) = read_through(z, [self.mlp])
         items = self.mlp1(F.leaky_relu(hidden))
         x = F.normalize(torch.cat([self.preference, items], dim=0), dim=1)
         out, h = x, x
         for _ in range(n_layers):
-            h = _SparseMatmul.apply(adj, adj, h) if adj.layout == torch.sparse_csr else torch.sparse.mm(adj, h)
+            h = product(adj, h)
             out = out + h
         return out
 
@@ -109,7 +113,7 @@ class SAND(Recommender):
     S), ``n_mm_layers`` (1), ``n_ui_layers`` (2), ``alpha`` (0.012), ``beta`` (0.006),
     ``tau`` (0.2), ``club_steps`` (50), ``lr`` (1e-4: the CLUB optimisers' learning rate;
     the trainer's lr is separate), ``solosim_scope`` / ``distance_scope`` ("auto"),
-    ``l2_form`` ("neg-log"), ``split_ratio`` (0.5), ``fast`` (True), ``reg_weight``
+    ``l2_form`` ("neg-log"), ``split_ratio`` (0.5), ``reg_weight``
     (0.0; when > 0 adds ``reg = reg_weight * mean over the batch of
     (|u|^2 + |i+|^2 + |i-|^2) / 2``, absent otherwise — the reference defines but never
     uses one), ``club_fit_order`` ("before"; "after" is the authors' order, docs/model.md).
@@ -118,6 +122,8 @@ class SAND(Recommender):
     required_modalities: tuple[str, ...] = MODALITIES
     #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
     precision: str = "fp32"
+    #: builds :attr:`separation` (a subclass swaps in another formulation of the same losses)
+    separation_class: type[ModalSeparation] = ModalSeparation
 
     def __init__(
         self,
@@ -141,7 +147,6 @@ class SAND(Recommender):
         distance_scope: str = "auto",
         l2_form: str = "neg-log",
         split_ratio: float = 0.5,
-        fast: bool = True,
         reg_weight: float = 0.0,
         club_fit_order: str = "before",
     ) -> None:
@@ -161,7 +166,6 @@ class SAND(Recommender):
             raise ValueError(f"SAND: mm_image_weight must be in [0, 1]; got {mm_image_weight}")
         self.n_users, self.n_items = int(n_users), int(n_items)
         self.variant = variant
-        self.fast = bool(fast)
         self.n_mm_layers, self.n_ui_layers = int(n_mm_layers), int(n_ui_layers)
         self.reg_weight = float(reg_weight)
         self.modalities = self.required_modalities
@@ -170,12 +174,12 @@ class SAND(Recommender):
         edges = torch.as_tensor(train_edges).detach().cpu().numpy().astype(np.int64).reshape(-1, 2)
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
-        self.register_buffer("adj", to_csr(adj) if fast else adj, persistent=False)
+        self.register_buffer("adj", to_csr(adj), persistent=False)
         s = mix_item_graphs(
             {m: _as_coo(item_graphs[m], m, self.n_items) for m in ("image", "text")}, mm_image_weight
         )
-        self.register_buffer("item_graph", to_csr(s) if fast else s.coalesce(), persistent=False)
-        self.register_buffer("item_graph_t", to_csr(s.t()) if fast else None, persistent=False)
+        self.register_buffer("item_graph", to_csr(s), persistent=False)
+        self.register_buffer("item_graph_t", to_csr(s.t()), persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}
         for m in self.modalities:
             self.register_buffer(f"feat_{m}", features[m].detach().float(), persistent=False)
@@ -187,7 +191,7 @@ class SAND(Recommender):
         std = math.sqrt(2.0 / (self.n_users + len(self.modalities)))
         self.modal_weight = nn.Parameter(torch.softmax(torch.randn(self.n_users, len(self.modalities)) * std, 1))
         align, distance = VARIANTS[variant]
-        self.separation = ModalSeparation(
+        self.separation = self.separation_class(
             dims,
             align=align,
             distance=distance,
@@ -201,7 +205,6 @@ class SAND(Recommender):
             solosim_scope=solosim_scope,
             distance_scope=distance_scope,
             club_fit_order=club_fit_order,
-            reference=not fast,
         )
 
     # ----------------------------------------------------------------- forward
@@ -221,36 +224,41 @@ class SAND(Recommender):
         return LinearView(x, lin.weight, lin.bias, x_low=x_low, weight_low=weight_low)
 
     def modal_inputs(self) -> dict[str, ModalInput]:
-        """modality -> ``Z_m``: a LinearView (fast) or the full-width tensor (naive)."""
-        views = {m: self._transform_view(m) for m in self.modalities}
-        return views if self.fast else {m: v.dense() for m, v in views.items()}
+        """modality -> ``Z_m`` as a LinearView: ``L_m(X_m)`` never evaluated at full width."""
+        return {m: self._transform_view(m) for m in self.modalities}
+
+    @staticmethod
+    def _product(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = None) -> torch.Tensor:
+        """``a @ x`` for a frozen graph ``a`` (CSR; ``a_t`` its transpose, default ``a``)."""
+        return sparse_matmul(a, x, a_t)
+
+    def _prefetch(self, z: dict[str, ModalInput]) -> dict[str, ModalInput]:
+        """Every linear reader of ``Z_m`` over all items (GCN input MLP, head, E1, E2) in one product.
+
+        One product with ``X_m`` forward and one backward instead of one per reader.
+        """
+        for m in self.modalities:
+            parts = [(0, z[m].shape[1], self.gcns[m].mlp)]
+            parts += self.separation.full_row_consumers(m, self.n_items)
+            z[m] = prefetch_reads(z[m], parts)
+        return z
 
     def propagate(self, z: Mapping[str, ModalInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """(user (U, 2d), item (N, 2d)) final embeddings from the modal inputs."""
         users, items = [], []
         for k, m in enumerate(self.modalities):
-            out = self.gcns[m](self.adj, z[m], self.n_ui_layers)
+            out = self.gcns[m](self.adj, z[m], self.n_ui_layers, self._product)
             users.append(self.modal_weight[:, k : k + 1] * out[: self.n_users])
             items.append(out[self.n_users :])
         item = torch.cat(items, dim=1)
         h = item
         for _ in range(self.n_mm_layers):
-            if self.fast:
-                h = _SparseMatmul.apply(self.item_graph, self.item_graph_t, h)
-            else:
-                h = torch.sparse.mm(self.item_graph, h)
+            h = self._product(self.item_graph, h, self.item_graph_t)
         return torch.cat(users, dim=1), item + h
 
     def loss_terms(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"bpr", "reg"?, "align"?, "distance"?}: weighted terms; disabled ones are absent."""
-        z = self.modal_inputs()
-        if self.fast:
-            # Every linear reader of Z_m over all items (GCN input MLP, head, E1, E2) in one
-            # product with X_m forward and one backward.
-            for m in self.modalities:
-                parts = [(0, z[m].shape[1], self.gcns[m].mlp)]
-                parts += self.separation.full_row_consumers(m, self.n_items)
-                z[m] = prefetch_reads(z[m], parts)
+        z = self._prefetch(self.modal_inputs())
         user, item = self.propagate(z)
         u, p, n = user[users], item[pos], item[neg]
         terms = {"bpr": bpr_loss((u * p).sum(1), (u * n).sum(1))}
@@ -262,9 +270,8 @@ class SAND(Recommender):
     def auxiliary_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
         """Fit the CLUB estimators on this batch's detached projections (MI variants only).
 
-        Reads ``Z_m`` through the folded linear maps in both modes: no gradient flows
-        here, the values are the same, and the naive mode then pays for one full-width
-        ``L_m`` per batch (in :meth:`loss_terms`), as the authors' code does.
+        Reads ``Z_m`` through the folded linear maps (also in the naive reference): no
+        gradient flows here and the values are the same.
         """
         if self.separation.distance != "club":
             return {}

@@ -372,8 +372,6 @@ class ModalSeparation(nn.Module):
         batch's pairs before its bound is evaluated. "after" (the authors' order): the
         bound uses the estimators as fitted so far, and the pairs it was evaluated on are
         fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
-      reference: evaluate the formulas literally (N x N log-softmax, CLUB gradients by
-        autograd): the naive reference that the fast forms are tested against.
 
     Random permutations for the CLUB bound come from the global torch RNG.
     """
@@ -398,7 +396,6 @@ class ModalSeparation(nn.Module):
         distance_scope: str = "auto",
         share_club: bool = False,
         club_fit_order: str = "before",
-        reference: bool = False,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -426,7 +423,6 @@ class ModalSeparation(nn.Module):
         self.club_fit_order = club_fit_order
         #: "after" order: the detached (E1_m, E2_m) of the last bound, fitted at the next auxiliary_step
         self._pending_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.reference = bool(reference)
         self.split_at: dict[str, int] = {}
         for m, d in dims.items():
             g = int(d * split_ratio)
@@ -554,12 +550,15 @@ class ModalSeparation(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if want_head:
             a, b = (heads[m] for m in self.align_pair)
-            align_loss = solosim_loss if self.align == "solosim" else infonce_loss
-            loss = align_loss(a, b, self.tau, literal=self.reference)
-            terms["align"] = self.alpha * loss
+            terms["align"] = self.alpha * self._align_loss(a, b)
         if want_dist:
             terms["distance"] = self.beta * torch.stack(dist).mean()
         return terms
+
+    def _align_loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """SoloSim or InfoNCE between the anchor's and the other modality's head outputs."""
+        align_loss = solosim_loss if self.align == "solosim" else infonce_loss
+        return align_loss(a, b, self.tau)
 
     def _distance(self, modality: str, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
         if self.distance == "l2":
@@ -579,8 +578,8 @@ class ModalSeparation(nn.Module):
 
         Pairs are the detached (E1_m, E2_m) of the same modality over the distancing
         scope. Returns the mean log-likelihood per modality before the last step.
-        The fast path computes the gradients in closed form (:mod:`models.club_fit`);
-        ``reference=True`` runs autograd and ``torch.optim.Adam`` (same arithmetic).
+        The gradients are computed in closed form (:mod:`models.club_fit`; the same
+        arithmetic as autograd and ``torch.optim.Adam``, which the tests check).
         Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also
         holds these parameters never moves them.
         """
@@ -592,22 +591,7 @@ class ModalSeparation(nn.Module):
                 return {}
         else:
             pairs = self._current_pairs(z_detached, batch_items)
-        if not self.reference:
-            return self._fit_club_fast(pairs)
-        lls: dict[str, torch.Tensor] = {}
-        with torch.enable_grad():
-            for _ in range(self.club_steps):
-                for opt in self._club_optimisers.values():
-                    opt.zero_grad(set_to_none=True)
-                # One backward of the sum gives each estimator its own gradient (a shared
-                # estimator: the sum over modalities, as fit_clubs computes it).
-                lls = {m: self._estimator(m).log_likelihood(*pairs[m]) for m in self.modalities}
-                (-torch.stack(list(lls.values())).sum()).backward()
-                for opt in self._club_optimisers.values():
-                    opt.step()
-        for opt in self._club_optimisers.values():
-            opt.zero_grad(set_to_none=True)
-        return {f"club_ll_{m}": float(v.detach()) for m, v in lls.items()}
+        return self._fit_club(pairs)
 
     def _current_pairs(
         self, z_detached: Mapping[str, ModalInput], batch_items: torch.Tensor
@@ -626,8 +610,8 @@ class ModalSeparation(nn.Module):
                 pairs[m] = (e1.detach(), e2.detach())
         return pairs
 
-    def _fit_club_fast(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """The same fit by :func:`models.club_fit.fit_clubs` (closed form, flat Adam, side by side)."""
+    def _fit_club(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Fit by :func:`models.club_fit.fit_clubs` (closed form, flat Adam, the estimators side by side)."""
         groups = {k: [m for m in self.modalities if k in ("shared", m)] for k in self._club_optimisers}
         jobs = [(self.club[k], self._club_optimisers[k], [pairs[m] for m in ms]) for k, ms in groups.items()]
         results = fit_clubs(jobs, self.club_steps)  # type: ignore[arg-type]

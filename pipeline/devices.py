@@ -11,8 +11,12 @@ artifact computed on one is never served as the other's result.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from sand.pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICE_CHOICES = "cpu | cuda | cuda:N | mps"
@@ -54,6 +58,23 @@ def check_devices(cfg) -> None:
         check_available(getattr(cfg, section).device, f"{section}.device")
 
 
+def resolve_device(device: str | torch.device | None, allow_mps: bool = False) -> torch.device:
+    """The device to compute on: as given, else CUDA when present, else (``allow_mps``) MPS, else the CPU.
+
+    The one place that decides what "no device given" means, for training, the image
+    encoder, the k-NN graphs and the artifact keys alike.
+    """
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if allow_mps and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def device_type(value: str | None, allow_mps: bool = False) -> str:
     """The kind of device a stage computes on: ``cpu``, ``cuda`` or ``mps``.
 
@@ -63,10 +84,4 @@ def device_type(value: str | None, allow_mps: bool = False) -> str:
     """
     if value is not None:
         return value.split(":")[0]
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if allow_mps and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return resolve_device(None, allow_mps).type

@@ -8,6 +8,9 @@ read a traceback to learn what to fix.
 
 from __future__ import annotations
 
+#: Longest message :func:`one_line` keeps (a stack of chained reasons stays readable).
+ONE_LINE_MAX = 300
+
 
 class SandError(Exception):
     """A problem the user can fix; ``str(err)`` is the one-line explanation."""
@@ -29,3 +32,19 @@ class DownloadError(SandError):
 
 class StageError(SandError):
     """A stage that cannot run because an input artifact or file is missing."""
+
+
+def one_line(err: BaseException | str, *, with_type: bool = False, limit: int | None = ONE_LINE_MAX) -> str:
+    """The first non-blank line of an error's message, whitespace collapsed, at most ``limit`` characters (None: all).
+
+    Why one function: the CLI's ``error:`` line, the reasons stage errors quote from a
+    library (torch, sentence-transformers) and a grid run's failure column all show a
+    foreign exception in one line. An exception with no message gives its type's name;
+    ``with_type`` prefixes the type (``"OSError: disk full"``). An empty string gives "".
+    """
+    text = err if isinstance(err, str) else str(err)
+    first = next((" ".join(line.split()) for line in text.splitlines() if line.strip()), "")
+    if not isinstance(err, str):
+        name = type(err).__name__
+        first = f"{name}: {first}" if with_type and first else first or name
+    return first if limit is None or len(first) <= limit else first[: limit - 3] + "..."

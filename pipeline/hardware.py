@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from sand.pipeline.devices import resolve_device as resolve_device  # re-exported: the train stage imports it from here
 from sand.pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,15 +26,6 @@ log = logging.getLogger(__name__)
 PRECISION_CHOICES = ("fp32", "bf16", "auto")
 #: CPU feature flags that make bfloat16 products native (Linux /proc/cpuinfo names).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The training device: as given, else CUDA when present, else the CPU."""
-    import torch
-
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cpu_bf16_support() -> bool:

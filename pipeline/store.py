@@ -30,8 +30,10 @@ from typing import Any
 from filelock import FileLock
 
 from sand.pipeline.errors import ConfigError, StageError
+from sand.pipeline.files import write_json_atomic as write_json_atomic  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
+
 
 MANIFEST = "manifest.json"
 
@@ -44,16 +46,6 @@ def artifact_key(stage: str, version: str, params: dict[str, Any], inputs: dict[
     """Hash of everything that determines a stage's output (16 hex chars)."""
     payload = canonical_json({"stage": stage, "version": version, "params": params, "inputs": inputs})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file + rename so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import Reply, RequestInfo
 
-from sand.pipeline.acquire.download import FileRecord, fetch_file, safe_name, sha256_file
+from sand.pipeline.acquire.download import FileRecord, fetch_file, safe_name
 from sand.pipeline.errors import DownloadError
+from sand.pipeline.files import sha256_file
 
 BODY = bytes(range(256)) * 400 + b"tail"  # 102,404 bytes, not a multiple of the chunk size
 FAST = {"backoff_base": 0.01, "progress": False, "timeout": 5, "chunk_size": 4096}

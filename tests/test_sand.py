@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import io
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sand.models.graph import SparseMatmul
 from sand.models.losses import bpr_loss
-from sand.models.sand import SAND, VARIANTS, _SparseMatmul
+from sand.models.sand import SAND, VARIANTS
 from sand.models.separation import LinearView, ModalSeparation, prefetch_reads, read_through
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from naive_sand import NaiveModalSeparation, NaiveSAND  # noqa: E402  (the naive reference: not shipped, see that module)
 
 EXPECTED_TERMS = {
     "a": {"bpr", "align", "distance"},
@@ -56,8 +62,8 @@ def batch(data: dict, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch
     return users, pos, neg
 
 
-def build(data: dict, **kw) -> SAND:
-    return SAND(data["n_users"], data["n_items"], data["edges"], data["features"], data["graphs"], **kw)
+def build(data: dict, cls: type[SAND] = SAND, **kw) -> SAND:
+    return cls(data["n_users"], data["n_items"], data["edges"], data["features"], data["graphs"], **kw)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -109,8 +115,11 @@ def test_fast_equals_naive(variant: str) -> None:
     data = make_data(40, 400, 256, 24, 1200, seed=1)
     torch.manual_seed(0)
     fast = build(data, variant=variant, club_steps=2)
-    naive = build(data, variant=variant, club_steps=2, fast=False)
+    naive = build(data, variant=variant, club_steps=2, cls=NaiveSAND)
     naive.load_state_dict(fast.state_dict())
+    # the naive model really takes the literal path: full-width Z_m, COO graph products
+    assert isinstance(naive.modal_inputs()["image"], torch.Tensor) and naive.adj.layout == torch.sparse_coo
+    assert naive.item_graph.layout == torch.sparse_coo and fast.item_graph.layout == torch.sparse_csr
     view = fast.modal_inputs()["image"]
     assert isinstance(view, LinearView) and view.folds(256) and view.columns(0, 128).folds(96)
     # ... and reads it once for the GCN input MLP, the head, E1 and E2 together (prefetch_reads).
@@ -307,7 +316,7 @@ def test_separation_rejects_bad_config() -> None:
 def test_share_club_uses_one_estimator() -> None:
     torch.manual_seed(0)
     sep = ModalSeparation({"image": 8, "text": 6}, share_club=True, club_steps=3, club_lr=1e-2)
-    ref = ModalSeparation({"image": 8, "text": 6}, share_club=True, club_steps=3, club_lr=1e-2, reference=True)
+    ref = NaiveModalSeparation({"image": 8, "text": 6}, share_club=True, club_steps=3, club_lr=1e-2)
     ref.load_state_dict(sep.state_dict())
     assert list(sep.club) == ["shared"]
     z = {"image": torch.randn(16, 8), "text": torch.randn(16, 6)}
@@ -328,7 +337,7 @@ def test_item_graph_mix_and_sparse_product_gradient(tiny: dict) -> None:
     assert not torch.allclose(expected, expected.T)  # kNN graphs are not symmetric: backward needs S^T
     x = torch.randn(20, 5, dtype=torch.float32, requires_grad=True)
     weights = torch.randn(20, 5)
-    (_SparseMatmul.apply(model.item_graph, model.item_graph_t, x) * weights).sum().backward()
+    (SparseMatmul.apply(model.item_graph, model.item_graph_t, x) * weights).sum().backward()
     assert torch.allclose(x.grad, expected.T @ weights, atol=1e-6)
 
 

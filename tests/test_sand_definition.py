@@ -8,6 +8,9 @@ whose bound is clearly non-zero, and compares every parameter's gradient.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import sand_reference as ref
 import torch
@@ -16,6 +19,9 @@ import torch.nn.functional as F
 from sand.models.losses import ClubEstimator
 from sand.models.sand import SAND
 from sand.models.separation import ModalSeparation
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from naive_sand import NaiveSAND  # noqa: E402  (the naive reference: not shipped, see that module)
 
 ALPHA, BETA, TAU = 0.3, 0.2, 0.2  # larger than the defaults so every term moves the gradients visibly
 IMAGE_WEIGHT = 0.25  # with 4 neighbours every graph value is a power of two: exact in float32 too
@@ -50,10 +56,10 @@ def setting() -> dict:
 
 def build(s: dict, fast: bool) -> SAND:
     torch.manual_seed(0)
-    model = SAND(
+    model = (SAND if fast else NaiveSAND)(
         s["n_users"], s["n_items"], s["edges"], {m: x.float() for m, x in s["features"].items()},
         {m: g.to_sparse() for m, g in s["graphs"].items()}, variant="a", alpha=ALPHA, beta=BETA, tau=TAU,
-        club_steps=CLUB_STEPS, lr=CLUB_LR, mm_image_weight=IMAGE_WEIGHT, fast=fast,
+        club_steps=CLUB_STEPS, lr=CLUB_LR, mm_image_weight=IMAGE_WEIGHT,
     ).double()
     for m in ref.MODALITIES:  # the features themselves in float64, not float32 rounded up
         setattr(model, f"feat_{m}", s["features"][m])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,8 +13,9 @@ from torch import nn
 from sand.models.base import Recommender
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError, SandError, StageError
+from sand.pipeline.training.checkpoints import load_weights, read_checkpoint
 from sand.pipeline.training.evaluation import evaluate_split
-from sand.pipeline.training.trainer import load_best_model, train_model
+from sand.pipeline.training.trainer import train_model
 
 
 class TinyMF(Recommender):
@@ -122,7 +125,7 @@ def test_training_improves_metrics_and_writes_logs(tmp_path):
     last = torch.load(res.last_checkpoint, weights_only=True)
     assert best["epoch"] == res.best_epoch and last["epoch"] == 15
     fresh = TinyMF(data.n_users, data.n_items, seed=99)
-    meta = load_best_model(fresh, tmp_path)
+    meta = load_weights(fresh, res.best_checkpoint)
     assert meta["epoch"] == res.best_epoch and meta["test"] == res.test_at_best
     with torch.no_grad():
         again = evaluate_split(*fresh.embeddings(), data, "test")
@@ -236,8 +239,31 @@ def test_bad_settings_and_missing_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         train_model(model, data, out_dir=tmp_path, epochs=1, **{**COMMON, "batch_size": 0})
     with pytest.raises(StageError, match="missing"):
-        load_best_model(model, tmp_path / "nothing")
+        load_weights(model, tmp_path / "nothing" / "best.pt")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StageError, match="cannot be read"):
         train_model(model, data, out_dir=tmp_path / "bad", epochs=1, **COMMON)
+
+
+def test_checkpoint_loader_reads_trainer_and_bare_checkpoints_and_refuses_pickled_objects(tmp_path):
+    data = planted_data()
+    model = TinyMF(data.n_users, data.n_items, seed=1)
+    res = train_model(model, data, out_dir=tmp_path / "run", epochs=2, **COMMON)
+    fresh = TinyMF(data.n_users, data.n_items, seed=2)
+    meta = load_weights(fresh, res.best_checkpoint)
+    assert meta["epoch"] == res.best_epoch and "model" not in meta
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+    torch.save(model.state_dict(), tmp_path / "bare.pt")  # e.g. a state_dict exported by hand
+    other = TinyMF(data.n_users, data.n_items, seed=3)
+    assert load_weights(other, tmp_path / "bare.pt") == {}
+    assert torch.equal(other.state_dict()["user"], model.state_dict()["user"])
+
+    with pytest.raises(StageError, match="does not fit this model"):
+        load_weights(TinyMF(data.n_users + 1, data.n_items), res.best_checkpoint)
+
+    # anything but tensors and plain containers must never be unpickled
+    torch.save({"model": argparse.Namespace(run="code")}, tmp_path / "evil.pt")
+    with pytest.raises(StageError, match=r"evil.pt: cannot be read \(.*Error: .*"):
+        read_checkpoint(tmp_path / "evil.pt")

@@ -28,7 +28,6 @@ import argparse
 import gzip
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from sand.pipeline.errors import ConfigError
+from sand.pipeline.files import atomic_path
 
 REVIEWS_NAME = "reviews_Sample_5.json.gz"
 META_NAME = "meta_Sample.json.gz"
@@ -426,10 +426,12 @@ def _corrupt_bytes(rng: np.random.Generator) -> bytes:
 
 def _write_gz(path: Path, lines: list[str]) -> None:
     """Gzip with no name or time in the header, written beside and renamed, so reruns are byte-identical."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+    ):
         gz.write(("\n".join(lines) + "\n").encode("utf-8"))
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

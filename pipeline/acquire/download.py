@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
 from sand.pipeline.errors import DownloadError
+from sand.pipeline.files import atomic_path, file_digest, write_text_atomic
 from sand.pipeline.locations import is_remote, local_path, url_scheme
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ class FileRecord:
 
 class _Retryable(Exception):
     """An attempt failed in a way that another attempt may fix (the message is the reason)."""
-
-
-def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB dumps do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safe_name(source: str) -> str:
@@ -171,10 +163,7 @@ def _cached_record(source: str, final: Path) -> FileRecord | None:
 
 
 def _write_sidecar(record: FileRecord) -> None:
-    sidecar = _sidecar(record.path)
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, sidecar)
+    write_text_atomic(_sidecar(record.path), json.dumps(record.to_dict(), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------- local
@@ -195,10 +184,10 @@ def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) ->
     src = _local_path(source)
     if not src.is_file():
         raise DownloadError(f"cannot read {source}: no such file")
-    part = final.with_name(final.name + PART_SUFFIX)
     digest = hashlib.sha256()
     size = 0
     with (
+        atomic_path(final) as part,
         open(src, "rb") as fin,
         open(part, "wb") as fout,
         _bar(final.name, src.stat().st_size, 0, progress) as bar,
@@ -208,7 +197,6 @@ def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) ->
             digest.update(chunk)
             size += len(chunk)
             bar.update(len(chunk))
-    os.replace(part, final)
     return FileRecord(path=final, source=source, size=size, sha256=digest.hexdigest())
 
 
@@ -238,12 +226,8 @@ class _PartState:
     def sync(self) -> int:
         on_disk = self.path.stat().st_size if self.path.exists() else 0
         if on_disk != self.size:
-            self.digest, self.size = hashlib.sha256(), 0
-            if on_disk:
-                with open(self.path, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        self.digest.update(chunk)
-                        self.size += len(chunk)
+            self.digest = file_digest(self.path) if on_disk else hashlib.sha256()
+            self.size = on_disk
         return self.size
 
     def reset(self) -> None:

@@ -107,7 +107,7 @@ def export_mmrec_folder(summary: dict[str, Any], out: Path) -> dict[str, Any]:
     if "interactions" not in stages:
         raise StageError("export mmrec needs the interactions stage: use --until interactions or later")
     inter_dir = Path(stages["interactions"]["artifact"])
-    name = summary.get("dataset_name") or _dataset_name(inter_dir)
+    name = _dataset_name(inter_dir)
     features = {}
     for stage, fname in (("image_features", "image_feat.npy"), ("text_features", "text_feat.npy")):
         if stage in stages:

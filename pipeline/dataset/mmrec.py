@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sand.pipeline.errors import DataError
+from sand.pipeline.errors import DataError, one_line
 
 FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}
 _INTER_COLUMNS = {"userID": "user", "itemID": "item", "x_label": "split"}
@@ -41,11 +41,6 @@ class MMRecDataset:
     item_images: pd.DataFrame | None = None  # columns item (int64), image_url (str)
     image_feat: Path | None = None
     text_feat: Path | None = None
-
-    @property
-    def feature_files(self) -> dict[str, Path]:
-        found = {"image": self.image_feat, "text": self.text_feat}
-        return {k: v for k, v in found.items() if v is not None}
 
 
 def _sniff_sep(path: Path) -> str:
@@ -71,7 +66,7 @@ def _read_table(path: Path, required: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot parse ({one_line(err)})") from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:

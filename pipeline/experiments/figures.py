@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sand.pipeline.errors import StageError
+from sand.pipeline.files import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,10 +61,8 @@ def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    tmp.replace(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:  # the suffix tells matplotlib the format
+        fig.savefig(tmp, dpi=DPI)
     return path
 
 

@@ -17,10 +17,7 @@ sees the same batch shape, so a row's features do not depend on its batch-mates.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -32,8 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.devices import resolve_device
+from sand.pipeline.errors import ConfigError, DataError, one_line
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
+from sand.pipeline.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,6 @@ _CPU_FORWARD_GATE = threading.Lock()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _architecture(backbone: str) -> nn.Module:
@@ -121,19 +115,11 @@ def _imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ConfigError(
-            f"image weights 'imagenet' for {backbone}: cannot obtain {weights.url} ({_one_line(exc)}); "
+            f"image weights 'imagenet' for {backbone}: cannot obtain {weights.url} ({one_line(exc)}); "
             f"download that file elsewhere and pass --image-weights PATH (or copy it into "
             f"{torch.hub.get_dir()}/checkpoints), or use --image-weights random"
         ) from None
     return state, f"torchvision {enum_name}.{member}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -144,7 +130,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for non-checkpoint files
-        msg = f"image weights file {path} is not a readable state_dict: {_one_line(exc)}"
+        msg = f"image weights file {path} is not a readable state_dict: {one_line(exc)}"
         raise ConfigError(msg) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -198,7 +184,7 @@ def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Mod
         model = _strip_head(backbone, _architecture(backbone))
         _load_into(model, state, backbone, f"file {path}")
         # The content hash makes the description (and so any cache key built from it) change with the file.
-        description = f"state_dict {path} (sha256 {_sha256(path)[:16]})"
+        description = f"state_dict {path} (sha256 {sha256_file(path)[:16]})"
     model.eval()
     log.info("image CNN %s, weights: %s", backbone, description)
     for p in model.parameters():
@@ -224,15 +210,8 @@ def image_transform(image_size: int = 224):
 def save_cnn(model: nn.Module, path: Path) -> Path:
     """Save ``model``'s state_dict atomically: the one CNN definition every shard of a stage loads."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -264,14 +243,8 @@ class ImageFileDataset(Dataset):
             with decoded_rgb(data, max_pixels=self.max_pixels, draft_to=self.draft_to) as img:
                 return self.transform(img)
         except (OSError, SyntaxError, ValueError, TooManyPixels) as exc:
-            msg = f"{path}: image cannot be decoded ({_one_line(exc)}); delete it to refetch"
+            msg = f"{path}: image cannot be decoded ({one_line(exc)}); delete it to refetch"
             raise DataError(msg) from None
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
@@ -327,7 +300,7 @@ def encode_images(
     """
     from tqdm.auto import tqdm
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     if num_workers is None:
         num_workers = 2 if dev.type == "cuda" else 0

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import urllib.request
 from collections import Counter
@@ -44,7 +43,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
 from sand.pipeline.acquire.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
 from sand.pipeline.errors import SandError
-from sand.pipeline.locations import local_path
+from sand.pipeline.files import write_bytes_atomic
+from sand.pipeline.locations import is_remote, local_path
 
 log = logging.getLogger(__name__)
 
@@ -262,19 +262,6 @@ def cache_paths(cache_dir: Path, url: str) -> tuple[Path, Path]:
     return folder / f"{digest}.img", folder / f"{digest}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and ``os.replace`` so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _is_permanent(reason: str | None) -> bool:
     if reason is None or reason in PERMANENT_REASONS:
         return True
@@ -294,7 +281,7 @@ def _write_cache(
 ) -> Path | None:
     img_path, meta_path = cache_paths(cache_dir, url)
     if reason is None and data is not None:
-        _atomic_write(img_path, data)
+        write_bytes_atomic(img_path, data)
     meta = {
         "url": url,
         "reason": reason,
@@ -307,7 +294,7 @@ def _write_cache(
         # not reused for metadata from the network.
         "private_hosts": limits.policy.private_hosts,
     }
-    _atomic_write(meta_path, json.dumps(meta).encode("utf-8"))
+    write_bytes_atomic(meta_path, json.dumps(meta).encode("utf-8"))
     return img_path if reason is None else None
 
 
@@ -523,7 +510,7 @@ async def _fetch_one(
         if not limits.policy.local_files:  # decided without touching the path: nothing about it leaks
             return ImageResult(url, None, REFUSED)
         return await asyncio.to_thread(_check_local, url, local, limits)
-    if urlparse(url).scheme.lower() not in ("http", "https"):
+    if not is_remote(url):
         return ImageResult(url, None, "unsupported-scheme")
     try:
         verdict = await verdicts.check(url)

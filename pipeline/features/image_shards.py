@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +113,7 @@ def save_shard(result: ShardResult, path: Path) -> None:
         missing_reasons=np.asarray([m[2] for m in result.missing], dtype=np.str_),
         meta=np.asarray(json.dumps({"weights": result.weights})),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def load_shard(path: Path) -> ShardResult:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from sand.pipeline.devices import resolve_device
 from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def knn_neighbours(
     if queries.size and (queries.min() < 0 or queries.max() >= n):
         raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     xn = _l2_normalise(x)
     # One more than k: if the (k+1)-th best equals the k-th, the row has a tie at the boundary.
     kk = min(k + 1, n)
@@ -197,32 +198,6 @@ def normalise_rows_cols(adj: sp.spmatrix) -> sp.csr_matrix:
     out = sp.csr_matrix((vals, (coo.row, coo.col)), shape=a.shape)
     out.sort_indices()
     return out
-
-
-def mix_graphs(graphs: dict[str, sp.spmatrix], weights: dict[str, float]) -> sp.csr_matrix:
-    """Weighted sum of per-modality graphs, e.g. S = w*S_v + (1-w)*S_t (SAND, w = mm_image_weight).
-
-    Both dicts must name the same modalities; weights must be finite and >= 0.
-    """
-    if not graphs:
-        raise ConfigError("graphs: no modality graphs to mix")
-    if set(graphs) != set(weights):
-        raise ConfigError(
-            f"weights: modalities {sorted(weights)} do not match the graphs {sorted(graphs)}"
-        )
-    shapes = {name: g.shape for name, g in graphs.items()}
-    if len(set(shapes.values())) != 1:
-        raise DataError(f"graphs: shapes differ between modalities: {shapes}")
-    for name, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"weights.{name}: must be a finite number >= 0, got {w!r}")
-    names = sorted(graphs)
-    total = sp.csr_matrix(graphs[names[0]], dtype=np.float32) * np.float32(weights[names[0]])
-    for name in names[1:]:
-        total = total + sp.csr_matrix(graphs[name], dtype=np.float32) * np.float32(weights[name])
-    total = sp.csr_matrix(total, dtype=np.float32)
-    total.sort_indices()
-    return total
 
 
 def save_graph(path: str | Path, graph: sp.spmatrix) -> None:

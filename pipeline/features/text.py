@@ -23,7 +23,6 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.errors import ConfigError, DataError, one_line
+from sand.pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,7 @@ def _load_model(model_dir: str, device: str | None) -> Any:
     try:
         return SentenceTransformer(model_dir, device=device, local_files_only=True)
     except Exception as err:  # one line for the user, whatever the loader raised
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"text model {model_dir!r}: cannot be loaded offline ({msg})") from err
+        raise ConfigError(f"text model {model_dir!r}: cannot be loaded offline ({one_line(err)})") from err
 
 
 def _text_key(identity: str, text: str) -> str:
@@ -236,19 +235,10 @@ class FeatureCache:
 
     def append(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
         """Write one chunk atomically (temp file + rename): a crash never leaves half a chunk."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
         final = self.dir / f"chunk-{name}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-chunk-", suffix=".npz", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, keys=np.asarray(list(keys), dtype="<U64"), vectors=vectors.astype(np.float32))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, keys=np.asarray(list(keys), dtype="<U64"), vectors=vectors.astype(np.float32))
         return final
 
 
@@ -507,15 +497,8 @@ def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
     feats = np.empty((len(job.keys), dim), dtype=np.float32)
     for i, key in enumerate(job.keys):
         feats[i] = vectors[key]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-shard-", suffix=".npy", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, feats)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, feats)
     return str(out)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import resource
 import statistics
 import time
@@ -35,8 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.errors import ConfigError, DataError, SandError, StageError
-from sand.pipeline.hardware import resolve_device, resolve_precision
+from sand.pipeline.devices import resolve_device
+from sand.pipeline.errors import ConfigError, DataError, SandError
+from sand.pipeline.files import atomic_path
+from sand.pipeline.hardware import resolve_precision
+from sand.pipeline.training.checkpoints import BEST_NAME, LAST_NAME, load_model_state, read_checkpoint
 from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
 from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BEST_NAME, LAST_NAME, HISTORY_NAME = "best.pt", "last.pt", "epochs.csv"
+HISTORY_NAME = "epochs.csv"
 #: run settings that must not change between a run and its resumption
 _RESUME_KEYS = ("seed", "batch_size", "lr", "weight_decay", "eval_every", "valid_metric", "ks", "precision")
 EARLY_STOP_RULES = ("mmrec", "strict")
@@ -88,9 +90,8 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
@@ -99,9 +100,8 @@ def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -130,23 +130,6 @@ def _peak_memory_mb(device: torch.device) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _load(path: Path, device: torch.device) -> dict[str, Any]:
-    import torch
-
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: name it instead of a traceback
-        raise StageError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
-
-
-def _load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise StageError(f"checkpoint {path}: does not fit this model ({' '.join(first[:2])})") from exc
 
 
 def _result(
@@ -215,6 +198,288 @@ def _check_args(epochs: int, batch_size: int, patience: int, eval_every: int, va
         raise ConfigError(f"training: valid_metric {valid_metric!r} is not one of {metric_names(ks)}")
 
 
+@dataclass
+class _Run:
+    """What stays fixed during one training run: the model, its optimiser, the data and the settings."""
+
+    model: Recommender
+    data: SplitData
+    dev: torch.device
+    optimizer: torch.optim.Optimizer
+    valid_eval: SplitEvaluator
+    test_eval: SplitEvaluator
+    train_edges: np.ndarray
+    config: dict[str, Any]
+    out_dir: Path
+    epochs: int
+    batch_size: int
+    patience: int
+    early_stop: str
+    eval_every: int
+    seed: int
+    valid_metric: str
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.train_edges) / self.batch_size)
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / BEST_NAME
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / LAST_NAME
+
+    @property
+    def history_path(self) -> Path:
+        return self.out_dir / HISTORY_NAME
+
+
+def _fresh_state(config: dict[str, Any]) -> dict[str, Any]:
+    """What evolves during a run besides the weights: counters, the best epoch, the log so far."""
+    return {
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_valid": {},
+        "test_at_best": {},
+        "best_value": float("-inf"),
+        "bad_evals": 0,
+        "stopped_early": False,
+        "history": [],
+        "config": config,
+    }
+
+
+def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str, Any], int | None, str | None]:
+    """(state, epoch resumed from, why it restarted): ``last.pt`` restored into the run, or a clean start.
+
+    A checkpoint written with other settings is an error, or with ``restart_on_change``
+    discarded; starting over removes the previous run's files so none of them is mistaken
+    for this run's.
+    """
+    state = _fresh_state(run.config)
+    restarted = None
+    saved = read_checkpoint(run.last_path, run.dev) if resume and run.last_path.exists() else None
+    if saved is not None:
+        old = {"precision": "fp32", **saved.get("config", {})}  # runs from before precision existed
+        changed = {k: old.get(k) for k in (*_RESUME_KEYS, "signature") if old.get(k) != run.config[k]}
+        if changed:
+            restarted = "parameters changed: " + describe_changes(changed, {k: run.config[k] for k in changed})
+            if not restart_on_change:
+                raise ConfigError(
+                    f"training: {run.last_path} was written with other settings ({restarted}); "
+                    "use restart_on_change=True, resume=False or another out_dir"
+                )
+            log.info("training: restarting from epoch 1, discarding %s: %s", run.last_path, restarted)
+            saved = None
+    if saved is None:
+        for p in (run.best_path, run.last_path, run.history_path):
+            p.unlink(missing_ok=True)
+        return state, None, restarted
+    load_model_state(run.model, saved["model"], run.last_path)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.model.load_auxiliary_state_dict(saved["auxiliary"])
+    state = {k: saved[k] for k in state}
+    state["history"] = [dict(h) for h in state["history"]]
+    log.info(
+        "resuming from %s after epoch %d (best %s=%.6f at epoch %d)",
+        run.last_path,
+        state["epoch"],
+        run.valid_metric,
+        state["best_value"],
+        state["best_epoch"],
+    )
+    return state, int(state["epoch"]), restarted
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """One epoch of BPR batches; the epoch's log row (mean loss terms, seconds).
+
+    Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes
+    a resumed run replay the epochs an uninterrupted one would have run.
+    """
+    import torch
+
+    model, dev, batch_size, n_batches = run.model, run.dev, run.batch_size, run.n_batches
+    rng, gen_seed, global_seed = epoch_seeds(run.seed, epoch)
+    torch.manual_seed(global_seed)
+    generator = torch.Generator(device=dev).manual_seed(gen_seed)
+    _reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    model.train()
+    model.on_epoch_start(epoch, generator)
+    users, pos, neg = (
+        torch.from_numpy(a).to(dev)
+        for a in sample_bpr_epoch(run.train_edges, run.valid_eval.train_csr, run.data.n_items, rng)
+    )
+    sums: dict[str, float] = {}
+    for b in range(n_batches):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        u, p, n = users[sl], pos[sl], neg[sl]
+        aux = model.auxiliary_step(u, p, n)
+        terms = model.loss_terms(u, p, n)
+        if not terms:
+            raise SandError(f"training: {type(model).__name__}.loss_terms returned no loss terms")
+        names = list(terms)
+        stacked = torch.stack([_scalar(terms[k], k) for k in names])
+        values = stacked.detach().double().cpu().numpy()
+        for name, value in zip(names, values, strict=True):
+            if not np.isfinite(value):
+                raise SandError(f"non-finite loss term {name!r} at epoch {epoch}, batch {b + 1}: {value}")
+        loss = stacked.sum()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        sums["loss"] = sums.get("loss", 0.0) + float(values.sum())
+        for name, value in zip(names, values, strict=True):
+            sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+        for name, value in aux.items():
+            sums[f"aux_{name}"] = sums.get(f"aux_{name}", 0.0) + float(value)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    row: dict[str, float] = {"epoch": epoch}
+    row.update({k: v / n_batches for k, v in sums.items()})
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, float]) -> None:
+    """Validate in float32; on a better metric also test and write ``best.pt``; update early stopping.
+
+    Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place.
+    """
+    import torch
+
+    from sand.models.precision import precision_scope
+
+    model = run.model
+    t1 = time.perf_counter()
+    model.eval()
+    with torch.no_grad(), precision_scope(model, "fp32"):
+        user_emb, item_emb = model.embeddings()
+        valid = run.valid_eval(user_emb, item_emb)
+        row.update({f"valid_{k}": v for k, v in valid.items()})
+        score = early_stop_score(valid[run.valid_metric], run.early_stop)
+        if score > state["best_value"]:
+            test = run.test_eval(user_emb, item_emb)
+            row.update({f"test_{k}": v for k, v in test.items()})
+            state.update(best_value=score, best_epoch=epoch, best_valid=valid, test_at_best=test, bad_evals=0)
+            _atomic_torch_save(
+                {"model": model.state_dict(), "epoch": epoch, "valid": valid, "test": test, "config": run.config},
+                run.best_path,
+            )
+            log.info(
+                "epoch %d: %s improved to %.6f (test %s)",
+                epoch,
+                run.valid_metric,
+                valid[run.valid_metric],
+                {k: round(v, 6) for k, v in test.items()},
+            )
+        else:
+            state["bad_evals"] += 1
+    del user_emb, item_emb
+    model.train()
+    row["eval_seconds"] = time.perf_counter() - t1
+    if should_stop(state["bad_evals"], run.patience, run.early_stop):
+        state["stopped_early"] = True
+
+
+def _save_epoch(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, float]) -> None:
+    """Append the row to the log and write ``epochs.csv`` and ``last.pt``: the epoch is now resumable."""
+    row["peak_memory_mb"] = _peak_memory_mb(run.dev)
+    state["history"].append(row)
+    state["epoch"] = epoch
+    _atomic_csv(state["history"], run.history_path)
+    _atomic_torch_save(
+        {
+            **state,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "auxiliary": run.model.auxiliary_state_dict(),
+        },
+        run.last_path,
+    )
+
+
+def _log_start(run: _Run, first_epoch: int, precision: str) -> None:
+    log.info(
+        "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
+        type(run.model).__name__,
+        run.dev,
+        precision,
+        run.data.n_users,
+        run.data.n_items,
+        len(run.train_edges),
+        run.n_batches,
+        first_epoch,
+        run.epochs,
+    )
+
+
+def _log_early_stop(run: _Run, state: dict[str, Any], epoch: int) -> None:
+    log.info(
+        "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)",
+        epoch,
+        run.early_stop,
+        run.valid_metric,
+        state["bad_evals"],
+        state["best_value"],
+        state["best_epoch"],
+    )
+
+
+def _log_finish(state: dict[str, Any]) -> None:
+    log.info(
+        "finished after epoch %d; best epoch %d, valid %s, test %s",
+        state["epoch"],
+        state["best_epoch"],
+        state["best_valid"],
+        state["test_at_best"],
+    )
+
+
+def _progress_postfix(row: dict[str, float], valid_metric: str) -> dict[str, str]:
+    postfix = {"loss": f"{row['loss']:.4f}"}
+    if f"valid_{valid_metric}" in row:
+        postfix[valid_metric] = f"{row[f'valid_{valid_metric}']:.4f}"
+    return postfix
+
+
+def _prepare(
+    model: Recommender,
+    data: SplitData,
+    *,
+    out_dir: Path,
+    dev: torch.device,
+    config: dict[str, Any],
+    settings: dict[str, Any],
+) -> _Run:
+    """The run's fixed parts: the model on its device and precision, Adam, the evaluators, the edges."""
+    import torch
+
+    from sand.models.precision import set_precision
+
+    model.to(dev)
+    set_precision(model, config["precision"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"training: model {type(model).__name__} has no trainable parameters")
+    # Fused Adam: one kernel over all parameters; the per-parameter loop of the default
+    # implementation costs more than the update itself for SAND's 4096 x 4096 transform.
+    optimizer = torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"], fused=True)
+    ks = tuple(config["ks"])
+    valid_eval = SplitEvaluator(data, "valid", ks)
+    test_eval = SplitEvaluator(data, "test", ks)
+    train_edges = np.asarray(data.train, dtype=np.int64)
+    if len(train_edges) == 0:
+        raise DataError("training: the train split has no interactions")
+    return _Run(
+        model=model, data=data, dev=dev, optimizer=optimizer, valid_eval=valid_eval, test_eval=test_eval,
+        train_edges=train_edges, config=config, out_dir=out_dir, **settings,
+    )
+
+
 def train_model(
     model: Recommender,
     data: SplitData,
@@ -253,10 +518,7 @@ def train_model(
     ``precision``: fp32 | bf16 | auto (:func:`pipeline.hardware.resolve_precision`): the
     dtype of the models' big products while training; evaluation always runs in float32.
     """
-    import torch
     from tqdm.auto import tqdm
-
-    from sand.models.precision import precision_scope, set_precision
 
     ks = tuple(int(k) for k in ks)
     _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
@@ -265,7 +527,6 @@ def train_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    resolved_precision = resolve_precision(precision, dev)
     config = {
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -275,87 +536,21 @@ def train_model(
         "valid_metric": valid_metric,
         "ks": list(ks),
         "signature": signature,
-        "precision": resolved_precision,
+        "precision": resolve_precision(precision, dev),
     }
-
-    model.to(dev)
-    set_precision(model, resolved_precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"training: model {type(model).__name__} has no trainable parameters")
-    # Fused Adam: one kernel over all parameters; the per-parameter loop of the default
-    # implementation costs more than the update itself for SAND's 4096 x 4096 transform.
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    valid_eval = SplitEvaluator(data, "valid", ks)
-    test_eval = SplitEvaluator(data, "test", ks)
-    train_csr = valid_eval.train_csr
-    train_edges = np.asarray(data.train, dtype=np.int64)
-    if len(train_edges) == 0:
-        raise DataError("training: the train split has no interactions")
-    best_path, last_path, hist_path = out_dir / BEST_NAME, out_dir / LAST_NAME, out_dir / HISTORY_NAME
-
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_valid": {},
-        "test_at_best": {},
-        "best_value": float("-inf"),
-        "bad_evals": 0,
-        "stopped_early": False,
-        "history": [],
-        "config": config,
+    settings = {
+        "epochs": epochs, "batch_size": batch_size, "patience": patience, "early_stop": early_stop,
+        "eval_every": eval_every, "seed": seed, "valid_metric": valid_metric,
     }
-    resumed_from, restarted = None, None
-    saved = _load(last_path, dev) if resume and last_path.exists() else None
-    if saved is not None:
-        old = {"precision": "fp32", **saved.get("config", {})}  # runs from before precision existed
-        changed = {k: old.get(k) for k in (*_RESUME_KEYS, "signature") if old.get(k) != config[k]}
-        if changed:
-            restarted = "parameters changed: " + describe_changes(changed, {k: config[k] for k in changed})
-            if not restart_on_change:
-                raise ConfigError(
-                    f"training: {last_path} was written with other settings ({restarted}); "
-                    "use restart_on_change=True, resume=False or another out_dir"
-                )
-            log.info("training: restarting from epoch 1, discarding %s: %s", last_path, restarted)
-            saved = None
-    if saved is not None:
-        _load_model_state(model, saved["model"], last_path)
-        optimizer.load_state_dict(saved["optimizer"])
-        model.load_auxiliary_state_dict(saved["auxiliary"])
-        state = {k: saved[k] for k in state}
-        state["history"] = [dict(h) for h in state["history"]]
-        log.info(
-            "resuming from %s after epoch %d (best %s=%.6f at epoch %d)",
-            last_path,
-            state["epoch"],
-            valid_metric,
-            state["best_value"],
-            state["best_epoch"],
-        )
-        resumed_from = int(state["epoch"])
-        if state["stopped_early"] or state["epoch"] >= epochs:
-            log.info("training had already finished; returning the stored result")
-            if not hist_path.exists():
-                _atomic_csv(state["history"], hist_path)
-            return _result(state, out_dir, resumed_from)
-    else:
-        for p in (best_path, last_path, hist_path):
-            p.unlink(missing_ok=True)
+    run = _prepare(model, data, out_dir=out_dir, dev=dev, config=config, settings=settings)
+    state, resumed_from, restarted = _resume(run, resume, restart_on_change)
+    if resumed_from is not None and (state["stopped_early"] or state["epoch"] >= epochs):
+        log.info("training had already finished; returning the stored result")
+        if not run.history_path.exists():
+            _atomic_csv(state["history"], run.history_path)
+        return _result(state, out_dir, resumed_from)
 
-    n_batches = math.ceil(len(train_edges) / batch_size)
-    log.info(
-        "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
-        type(model).__name__,
-        dev,
-        resolved_precision,
-        data.n_users,
-        data.n_items,
-        len(train_edges),
-        n_batches,
-        state["epoch"] + 1,
-        epochs,
-    )
+    _log_start(run, state["epoch"] + 1, config["precision"])
     bar = tqdm(
         range(state["epoch"] + 1, epochs + 1),
         initial=state["epoch"],
@@ -366,144 +561,17 @@ def train_model(
         leave=False,
     )
     for epoch in bar:
-        rng, gen_seed, global_seed = epoch_seeds(seed, epoch)
-        torch.manual_seed(global_seed)
-        generator = torch.Generator(device=dev).manual_seed(gen_seed)
-        _reset_peak_memory(dev)
-        t0 = time.perf_counter()
-        model.train()
-        model.on_epoch_start(epoch, generator)
-        users, pos, neg = (
-            torch.from_numpy(a).to(dev) for a in sample_bpr_epoch(train_edges, train_csr, data.n_items, rng)
-        )
-        sums: dict[str, float] = {}
-        for b in range(n_batches):
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            u, p, n = users[sl], pos[sl], neg[sl]
-            aux = model.auxiliary_step(u, p, n)
-            terms = model.loss_terms(u, p, n)
-            if not terms:
-                raise SandError(f"training: {type(model).__name__}.loss_terms returned no loss terms")
-            names = list(terms)
-            stacked = torch.stack([_scalar(terms[k], k) for k in names])
-            values = stacked.detach().double().cpu().numpy()
-            for name, value in zip(names, values, strict=True):
-                if not np.isfinite(value):
-                    raise SandError(f"non-finite loss term {name!r} at epoch {epoch}, batch {b + 1}: {value}")
-            loss = stacked.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums["loss"] = sums.get("loss", 0.0) + float(values.sum())
-            for name, value in zip(names, values, strict=True):
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
-            for name, value in aux.items():
-                sums[f"aux_{name}"] = sums.get(f"aux_{name}", 0.0) + float(value)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        row: dict[str, float] = {"epoch": epoch}
-        row.update({k: v / n_batches for k, v in sums.items()})
-        row["seconds"] = time.perf_counter() - t0
-
-        if epoch % eval_every == 0 or epoch == epochs:
-            t1 = time.perf_counter()
-            model.eval()
-            with torch.no_grad(), precision_scope(model, "fp32"):
-                user_emb, item_emb = model.embeddings()
-                valid = valid_eval(user_emb, item_emb)
-                row.update({f"valid_{k}": v for k, v in valid.items()})
-                score = early_stop_score(valid[valid_metric], early_stop)
-                if score > state["best_value"]:
-                    test = test_eval(user_emb, item_emb)
-                    row.update({f"test_{k}": v for k, v in test.items()})
-                    state.update(
-                        best_value=score,
-                        best_epoch=epoch,
-                        best_valid=valid,
-                        test_at_best=test,
-                        bad_evals=0,
-                    )
-                    _atomic_torch_save(
-                        {
-                            "model": model.state_dict(),
-                            "epoch": epoch,
-                            "valid": valid,
-                            "test": test,
-                            "config": config,
-                        },
-                        best_path,
-                    )
-                    log.info(
-                        "epoch %d: %s improved to %.6f (test %s)",
-                        epoch,
-                        valid_metric,
-                        valid[valid_metric],
-                        {k: round(v, 6) for k, v in test.items()},
-                    )
-                else:
-                    state["bad_evals"] += 1
-            del user_emb, item_emb
-            model.train()
-            row["eval_seconds"] = time.perf_counter() - t1
-            if should_stop(state["bad_evals"], patience, early_stop):
-                state["stopped_early"] = True
-        row["peak_memory_mb"] = _peak_memory_mb(dev)
-        state["history"].append(row)
-        state["epoch"] = epoch
-        _atomic_csv(state["history"], hist_path)
-        _atomic_torch_save(
-            {
-                **state,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "auxiliary": model.auxiliary_state_dict(),
-            },
-            last_path,
-        )
-        postfix = {"loss": f"{row['loss']:.4f}"}
-        if f"valid_{valid_metric}" in row:
-            postfix[valid_metric] = f"{row[f'valid_{valid_metric}']:.4f}"
-        bar.set_postfix(postfix)
+        row = _train_epoch(run, epoch)
+        if epoch % run.eval_every == 0 or epoch == run.epochs:
+            _evaluate_and_keep_best(run, state, epoch, row)
+        _save_epoch(run, state, epoch, row)
+        bar.set_postfix(_progress_postfix(row, valid_metric))
         log.debug("epoch %d: %s", epoch, row)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if state["stopped_early"]:
-            log.info(
-                "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)",
-                epoch,
-                early_stop,
-                valid_metric,
-                state["bad_evals"],
-                state["best_value"],
-                state["best_epoch"],
-            )
+            _log_early_stop(run, state, epoch)
             break
     bar.close()
-    log.info(
-        "finished after epoch %d; best epoch %d, valid %s, test %s",
-        state["epoch"],
-        state["best_epoch"],
-        state["best_valid"],
-        state["test_at_best"],
-    )
+    _log_finish(state)
     return _result(state, out_dir, resumed_from, restarted)
-
-
-def load_best_model(model: torch.nn.Module, out_dir: Path, device: str | torch.device | None = None) -> dict:
-    """Load ``best.pt`` from ``out_dir`` into ``model`` (in place, weights_only).
-
-    Returns the checkpoint's metadata: ``epoch``, ``valid`` and ``test`` metrics, ``config``.
-    """
-    import torch
-
-    path = Path(out_dir) / BEST_NAME
-    if not path.exists():
-        raise StageError(f"checkpoint {path}: missing (train the model first)")
-    dev = (
-        torch.device(device)
-        if device is not None
-        else next((p.device for p in model.parameters()), torch.device("cpu"))
-    )
-    ckpt = _load(path, dev)
-    _load_model_state(model, ckpt["model"], path)
-    return {k: v for k, v in ckpt.items() if k != "model"}
