@@ -433,7 +433,7 @@ def train_model(
                         },
                         best_path,
                     )
-                    log.info(
+                    log.debug(
                         "epoch %d: %s improved to %.6f (test %s)",
                         epoch,
                         valid_metric,
