@@ -51,15 +51,16 @@ def log_rows(rows: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ in process
-def test_a_log_line_written_while_a_bar_is_drawn_gets_a_row_of_its_own():
+def _log_while_a_bar_is_drawn(handler_class: type[logging.StreamHandler]) -> list[str]:
+    """Rows on screen after a WARNING is logged halfway through a bar, with ``handler_class`` on the console."""
     from tqdm import tqdm
 
-    from sand.flows.cli_logging import CONSOLE_FORMAT, ProgressAwareHandler
+    from sand.flows.cli_logging import CONSOLE_FORMAT
 
     stream = io.StringIO()
-    handler = ProgressAwareHandler(stream)
+    handler = handler_class(stream)
     handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
-    logger = logging.getLogger("sand.test_logging")
+    logger = logging.getLogger(f"sand.test_logging.{handler_class.__name__}")
     logger.addHandler(handler)
     logger.propagate = False
     try:
@@ -69,8 +70,13 @@ def test_a_log_line_written_while_a_bar_is_drawn_gets_a_row_of_its_own():
             bar.update(2)
     finally:
         logger.removeHandler(handler)
-        logger.propagate = True
-    rows = rendered_rows(stream.getvalue())
+    return rendered_rows(stream.getvalue())
+
+
+def test_a_log_line_written_while_a_bar_is_drawn_gets_a_row_of_its_own():
+    from sand.flows.cli_logging import ProgressAwareHandler
+
+    rows = _log_while_a_bar_is_drawn(ProgressAwareHandler)
     [line] = log_rows(rows)
     assert RECORD.match(line) and line.endswith("skipped 2 lines")
     assert rows[-1].startswith("reading reviews: 100%")  # the bar was redrawn below the line
@@ -78,24 +84,7 @@ def test_a_log_line_written_while_a_bar_is_drawn_gets_a_row_of_its_own():
 
 def test_rendering_shows_a_line_appended_to_a_bar_as_broken():
     """The check above can fail: a plain stream handler leaves the line inside the bar's row."""
-    from tqdm import tqdm
-
-    from sand.flows.cli_logging import CONSOLE_FORMAT
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
-    logger = logging.getLogger("sand.test_logging.plain")
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        with tqdm(total=4, desc="reading reviews", file=stream, ncols=70, mininterval=0) as bar:
-            bar.update(2)
-            logger.warning("skipped 2 lines")
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = True
-    [line] = log_rows(rendered_rows(stream.getvalue()))
+    [line] = log_rows(_log_while_a_bar_is_drawn(logging.StreamHandler))
     assert not RECORD.match(line) and line.startswith("reading reviews")
 
 
