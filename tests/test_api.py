@@ -58,13 +58,23 @@ def test_bad_data_raises_the_projects_error_not_system_exit(tmp_path):
         run(dataset=str(tmp_path / "no-such-dataset"), data_root=tmp_path / "data", progress=False)
 
 
-@pytest.mark.slow
-def test_three_lines_give_the_clis_metrics_and_artifacts_and_a_second_call_is_cached(prefect_server, tmp_path):
+def _three_lines(data_root: Path):
     from sand import run
 
-    result = run(dataset="sample", model="bpr", epochs=2, data_root=tmp_path / "api", overrides=TINY,
-                 progress=False)
+    return run(dataset="sample", model="bpr", epochs=2, data_root=data_root, overrides=TINY, progress=False)
 
+
+def _artifact_keys(summary: dict) -> dict[str, str]:
+    return {stage: Path(info["artifact"]).name for stage, info in summary["stages"].items()}
+
+
+@pytest.mark.slow
+def test_three_lines_give_the_runners_metrics_and_artifacts_and_a_second_call_is_cached(tmp_path):
+    from sand.pipeline.config import load_config
+    from sand.pipeline.runner import run_pipeline
+    from sand.pipeline.stages import Context
+
+    result = _three_lines(tmp_path / "api")
     assert not any(result.cached.values())
     assert set(result.metrics) == {"valid", "test"}
     assert {"recall@10", "recall@20", "ndcg@10", "ndcg@20"} <= set(result.metrics["test"])
@@ -74,20 +84,27 @@ def test_three_lines_give_the_clis_metrics_and_artifacts_and_a_second_call_is_ca
     assert result.features == {}  # an ID-only model skips the feature stages
     assert "recall@20=" in repr(result)
 
-    # The same settings through the command line (Prefect flows), computed again in another root.
+    # The settings as `sand run --model bpr --epochs 2 --set ...` builds them, run again in another root.
+    cfg = load_config(None, {"data_root": str(tmp_path / "runner"), "train.model": "bpr", "train.epochs": 2},
+                      [f"{field}={value}" for field, value in TINY.items()])
+    summary = run_pipeline(Context.create(cfg, progress=False)).summary()
+    assert summary["metrics"] == result.metrics and summary["dataset"] == result.summary["dataset"]
+    assert _artifact_keys(summary) == _artifact_keys(result.summary)  # same keys: same settings
+
+    again = _three_lines(tmp_path / "api")
+    assert all(again.cached.values()) and again.cached.keys() == result.cached.keys()
+    assert again.metrics == result.metrics and again.artifacts == result.artifacts
+
+
+@pytest.mark.slow
+def test_three_lines_give_the_metrics_of_sand_run_json(prefect_server, tmp_path):
+    result = _three_lines(tmp_path / "api")
     cli = run_sand(["run", "--json", "--model", "bpr", "--epochs", "2", *TINY_CLI,
                     "--data-root", str(tmp_path / "cli")], api_url=prefect_server, cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr[-3000:]
     summary = json.loads(cli.stdout.strip().splitlines()[-1])
     assert summary["metrics"] == result.metrics
-    assert summary["dataset"] == result.summary["dataset"]
-    keys = {stage: Path(info["artifact"]).name for stage, info in summary["stages"].items()}
-    assert keys == {stage: path.name for stage, path in result.artifacts.items()}  # same keys: same settings
-
-    again = run(dataset="sample", model="bpr", epochs=2, data_root=tmp_path / "api", overrides=TINY,
-                progress=False)
-    assert all(again.cached.values()) and again.cached.keys() == result.cached.keys()
-    assert again.metrics == result.metrics and again.artifacts == result.artifacts
+    assert _artifact_keys(summary) == _artifact_keys(result.summary)
 
 
 @pytest.mark.slow
