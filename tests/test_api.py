@@ -97,10 +97,11 @@ def test_three_lines_give_the_runners_metrics_and_artifacts_and_a_second_call_is
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two trainings and a Prefect run: 5 minutes on a loaded 2-core machine
 def test_three_lines_give_the_metrics_of_sand_run_json(prefect_server, tmp_path):
     result = _three_lines(tmp_path / "api")
     cli = run_sand(["run", "--json", "--model", "bpr", "--epochs", "2", *TINY_CLI,
-                    "--data-root", str(tmp_path / "cli")], api_url=prefect_server, cwd=tmp_path)
+                    "--data-root", str(tmp_path / "cli")], api_url=prefect_server, cwd=tmp_path, timeout=1500)
     assert cli.returncode == 0, cli.stderr[-3000:]
     summary = json.loads(cli.stdout.strip().splitlines()[-1])
     assert summary["metrics"] == result.metrics
