@@ -64,6 +64,8 @@ class Common:
     runner: str
     dask_address: str | None
     json: bool
+    quiet: bool
+    verbose: bool
 
     def pipeline_config(self):
         from sand.pipeline.config import load_config
@@ -77,7 +79,8 @@ class Common:
         from sand.flows.pipeline_flows import RunOptions
 
         try:
-            return RunOptions(refresh=self.refresh, runner=self.runner, dask_address=self.dask_address)
+            return RunOptions(refresh=self.refresh, runner=self.runner, dask_address=self.dask_address,
+                              progress=False if self.quiet else None)
         except Exception as err:  # pydantic ValidationError -> one line
             msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
             raise ConfigError(f"invalid option: {msg.removeprefix('Value error, ')}") from None
@@ -120,6 +123,10 @@ _COMMON_PARAMS = [
         help="tcp://host:port of an existing Dask scheduler (with --runner dask)")]),
     _P("json", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
         "--json", help="print one JSON object on stdout")]),
+    _P("quiet", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--quiet", "-q", help="warnings and errors only, no progress bars")]),
+    _P("verbose", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--verbose", "-v", help="also debug lines and Prefect's flow-run lines")]),
 ]
 _COMMON_NAMES = [p.name for p in _COMMON_PARAMS]
 
@@ -131,6 +138,7 @@ def with_common_options(fn):
     @functools.wraps(fn)
     def wrapper(**kwargs: Any):
         common = Common(**{name: kwargs.pop(name) for name in _COMMON_NAMES})
+        _set_verbosity(common.quiet, common.verbose)
         return fn(common=common, **kwargs)
 
     wrapper.__signature__ = inspect.Signature(own + _COMMON_PARAMS)
@@ -141,6 +149,12 @@ def _setup_logging() -> None:
     from sand.flows.cli_logging import RUN_LOG
 
     RUN_LOG.install()
+
+
+def _set_verbosity(quiet: bool, verbose: bool) -> None:
+    from sand.flows.cli_logging import RUN_LOG, requested_level
+
+    RUN_LOG.set_level(requested_level(quiet, verbose))
 
 
 def _preflight(cfg) -> None:
@@ -335,10 +349,13 @@ def serve(
     config: Annotated[Path | None, typer.Option(help="YAML config the deployments default to")] = None,
     dataset: Annotated[str | None, typer.Option(help="dataset the deployments default to")] = None,
     data_root: Annotated[Path | None, typer.Option(help="data root the deployments default to")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also debug lines")] = False,
 ) -> None:
     """Register deployments (end-to-end and each stage) with a schedule and serve them."""
     from sand.pipeline.config import load_config
 
+    _set_verbosity(quiet, verbose)
     overrides = {"acquire.dataset": dataset, "data_root": str(data_root) if data_root else None}
     cfg = load_config(config, overrides)
     _preflight(cfg)

@@ -8,6 +8,13 @@ exception records and prints every other record without its traceback; the log f
 under ``<data-root>/logs`` receives everything, tracebacks included, and the CLI's
 ``error:`` line names it. Records logged before the data root is known are held in
 memory and written to the file once it opens.
+
+Progress: tqdm draws the bars (every stage already uses it), and the console handler
+writes each record with ``tqdm.write``, which lifts the bars, prints the line and
+redraws them, so a log line never lands in the middle of a bar. How much reaches the
+console is one choice (``--quiet``: warnings and errors, no bars; default: what a user
+acts on; ``--verbose``: the pipeline's DEBUG lines and Prefect's run lines); the log
+file always holds INFO and up.
 """
 
 from __future__ import annotations
@@ -20,17 +27,62 @@ import tempfile
 import time
 from pathlib import Path
 
+from sand.pipeline.errors import ConfigError
+
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"
 #: Loggers whose exception records repeat the failure the CLI reports in its one line.
 _REPORTED_ELSEWHERE = ("prefect",)
-_QUIET = ("httpx", "httpcore")
-KEEP_LOGS = 100  # newest run logs kept per directory  # one line per Prefect API call drowns the pipeline's own log
+_QUIET = ("httpx", "httpcore")  # one line per Prefect API call drowns the pipeline's own log
+KEEP_LOGS = 100  # newest run logs kept per directory
+QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
+
+
+def requested_level(quiet: bool, verbose: bool) -> int | None:
+    """The console level ``--quiet``/``--verbose`` ask for; ``None``: SAND_LOG_LEVEL's (default INFO)."""
+    if quiet and verbose:
+        raise ConfigError("--quiet and --verbose contradict each other: choose one")
+    return QUIET if quiet else VERBOSE if verbose else None
+
+
+def prefect_console_level(level: int) -> int:
+    """Prefect's own lines on the console: WARNING and up, INFO with --verbose.
+
+    Why: Prefect logs two INFO lines per stage sub-flow ("Beginning subflow run ...",
+    "Finished in state Completed()") that repeat what the stage's own line says; they
+    stay in the log file and the Prefect UI. Prefect's DEBUG (every API call) is never
+    wanted on the console: PREFECT_LOGGING_LEVEL is the knob for that.
+    """
+    return logging.INFO if level <= VERBOSE else max(level, logging.WARNING)
 
 
 class _ConsoleFilter(logging.Filter):
+    """Prefect's records pass above their own threshold and never with a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefect_level = prefect_console_level(NORMAL)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.name.startswith(_REPORTED_ELSEWHERE))
+        if not record.name.startswith(_REPORTED_ELSEWHERE):
+            return True
+        return not record.exc_info and record.levelno >= self.prefect_level
+
+
+class ProgressAwareHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write``: bars are cleared, the line printed,
+    the bars redrawn (under tqdm's lock, so threads' records and bars do not interleave)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -64,18 +116,27 @@ class RunLog:
 
     def install(self) -> None:
         """Console on stderr (level from SAND_LOG_LEVEL, default INFO), file level INFO or lower."""
-        console_level = _console_level()
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(console_level)
-        console.addFilter(_ConsoleFilter())
-        console.setFormatter(_OneLineFormatter(CONSOLE_FORMAT))
+        self._filter = _ConsoleFilter()
+        self._console = ProgressAwareHandler(sys.stderr)
+        self._console.addFilter(self._filter)
+        self._console.setFormatter(_OneLineFormatter(CONSOLE_FORMAT))
         root = logging.getLogger()
-        root.setLevel(min(console_level, logging.INFO))
-        root.addHandler(console)
+        root.setLevel(logging.INFO)
+        root.addHandler(self._console)
         root.addHandler(self._buffer)
         for noisy in _QUIET:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.installed = True
+        self.set_level(_console_level())
+
+    def set_level(self, level: int | None) -> None:
+        """Console verbosity (``None``: keep SAND_LOG_LEVEL's). DEBUG applies to sand's own loggers
+        only: other libraries' DEBUG (PIL, matplotlib, asyncio) is noise even when debugging sand."""
+        if not self.installed or level is None:
+            return
+        self._console.setLevel(level)
+        self._filter.prefect_level = prefect_console_level(level)
+        logging.getLogger("sand").setLevel(logging.DEBUG if level <= VERBOSE else logging.NOTSET)
 
     def open(self, data_root: Path | None, writable: bool = True) -> Path | None:
         """Start this run's log file: ``<data-root>/logs`` or, when that cannot be written, the temp dir."""

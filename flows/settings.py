@@ -14,6 +14,7 @@ import os
 DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",  # Prefect's client-side telemetry (and its first-run notice on a terminal)
     "PREFECT_UI_ENABLED": "true",
     # Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU, spinning
     # threads made each small torch op (SAND's CLUB steps) ~15x slower in our measurements.

@@ -7,8 +7,25 @@ namespace as ``sand.pipeline``, ``sand.flows`` and ``sand.models``
 packages named ``models`` or ``pipeline`` collide with the research code users
 keep next to this project (MMRec and the SAND authors' code have a ``models/``
 folder of their own), and a namespace of our own cannot.
+
+``from sand import run`` is the notebook API (:mod:`sand.api`). It is loaded on first
+use, so ``import sand`` (and ``sand --help``) stays free of torch, pandas and Prefect.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["RunResult", "run"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from sand.api import RunResult, run
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from sand import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sand' has no attribute {name!r}")

@@ -243,7 +243,7 @@ def read_review_columns(
     stamp_all = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
     report.records = len(rating_all)
     readers.finish_report(path, report)
-    log.info("%s: %d chunks parsed columnar, %d line by line", path, paths["fast"], paths["per-line"])
+    log.debug("%s: %d chunks parsed columnar, %d line by line", path, paths["fast"], paths["per-line"])
     return ReviewColumns(user_codes, item_codes, distinct_users, distinct_items, rating_all, stamp_all, report, paths)
 
 

@@ -117,5 +117,5 @@ def kcore(users: np.ndarray, items: np.ndarray, k: int) -> KCoreResult:
 def iterative_kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the rows in the k-core (see :func:`kcore` for the round count)."""
     result = kcore(users, items, k)
-    log.info("%d-core: kept %d of %d rows after %d rounds", k, result.mask.sum(), len(users), result.rounds)
+    log.debug("%d-core: kept %d of %d rows after %d rounds", k, result.mask.sum(), len(users), result.rounds)
     return result.mask

@@ -186,7 +186,7 @@ def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Mod
         # The content hash makes the description (and so any cache key built from it) change with the file.
         description = f"state_dict {path} (sha256 {sha256_file(path)[:16]})"
     model.eval()
-    log.info("image CNN %s, weights: %s", backbone, description)
+    log.debug("image CNN %s, weights: %s", backbone, description)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, OUT_DIMS[backbone], description

@@ -623,5 +623,5 @@ def fetch_images(
             by_url = pool.submit(run).result()
     results = [by_url["" if u is None else str(u)] for u in urls]
     counts = Counter(r.reason or "ok" for r in results)
-    log.info("images: %d URLs, %s", len(results), ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    log.debug("images: %d URLs, %s", len(results), ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return results

@@ -91,7 +91,7 @@ def process_shard(
         dim, description = OUT_DIMS[build["backbone"]], ""
         feats = np.zeros((0, dim), dtype=np.float32)
     counts = Counter(reason for _, _, reason in missing)
-    log.info("image shard: %d items, %d encoded, missing %s", len(item_ids), len(ok), dict(counts))
+    log.debug("image shard: %d items, %d encoded, missing %s", len(item_ids), len(ok), dict(counts))
     return ShardResult(
         item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
         features=np.ascontiguousarray(feats, dtype=np.float32),

@@ -159,7 +159,7 @@ def knn_neighbours(
             out[start:stop] = np.sort(idx.cpu().numpy(), axis=1)
             del sims, vals, idx
     if n_tie_rows:
-        log.info("kNN: %d of %d rows had ties at the k-th similarity (broken by lower index)", n_tie_rows, n)
+        log.debug("kNN: %d of %d rows had ties at the k-th similarity (broken by lower index)", n_tie_rows, n)
     return out
 
 

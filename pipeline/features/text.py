@@ -407,7 +407,7 @@ def encode_texts_with_stats(
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
     stats = EncodeStats(len(uniq.inverse), len(uniq.keys), n_cached, len(uniq.keys) - n_cached, model_dir, identity)
-    log.info(
+    log.debug(
         "text features: %d texts (%d unique), %d from cache, %d encoded with %s",
         stats.n_texts, stats.n_unique, stats.n_cached, stats.n_encoded, model_dir,
     )

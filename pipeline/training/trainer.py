@@ -369,7 +369,7 @@ def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: d
                 {"model": model.state_dict(), "epoch": epoch, "valid": valid, "test": test, "config": run.config},
                 run.best_path,
             )
-            log.info(
+            log.debug(
                 "epoch %d: %s improved to %.6f (test %s)",
                 epoch,
                 run.valid_metric,
