@@ -18,7 +18,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from sand.pipeline.devices import DEVICE_CHOICES, validate_device_name
 from sand.pipeline.errors import ConfigError
 
-STAGES = ("acquire", "interactions", "text_features", "image_features", "graphs", "train", "evaluate", "report")
 DatasetFormat = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
 ModelName = Literal["sand", "bpr", "lightgcn", "vbpr", "freedom", "vbpr-sand", "freedom-sand"]
 Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance"]

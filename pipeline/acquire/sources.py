@@ -28,8 +28,8 @@ from typing import Any, Literal
 import orjson
 
 from sand.pipeline.config import InteractionsConfig
-from sand.pipeline.dataset.readers import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 from sand.pipeline.locations import REMOTE_SCHEMES, local_path, url_scheme
 
 Format = Literal["amazon2014", "amazon2018", "amazon2023", "mmrec", "sample"]
