@@ -270,6 +270,7 @@ def grid(
     name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,
 ) -> None:
     """Run a grid of settings; select by validation Recall@20, report its test metrics, write the report."""
+    check_stage_names(common.refresh)
     from sand.pipeline.experiments.grid import PRESETS
 
     axes: dict[str, list[Any]] = {}

@@ -2,8 +2,7 @@
 
 Training resumes: its work directory is keyed by every parameter and input, so a
 rerun of the same settings continues from the last checkpoint. ``sand.models``
-(which imports torch) and the hardware probes are imported inside functions
-(keeps ``sand --help`` fast).
+(which imports torch) is imported inside functions (keeps ``sand --help`` fast).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sand.pipeline.hardware import resolve_device, resolve_precision
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, jsonable, key_params
 from sand.pipeline.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
@@ -60,8 +60,6 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
 
 def resolved_train_precision(tcfg: Any) -> str:
     """``train.precision`` resolved for ``train.device`` on this machine (fp32 | bf16)."""
-    from sand.pipeline.hardware import resolve_device, resolve_precision  # resolve_device imports torch
-
     return resolve_precision(tcfg.precision, resolve_device(tcfg.device))
 
 
