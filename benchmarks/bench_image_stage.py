@@ -23,7 +23,10 @@ ONE = """
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from sand.pipeline.config import load_config
-from sand.pipeline.stages import Context, run_acquire, run_image_features, run_interactions
+from sand.pipeline.acquire.stage import run_acquire
+from sand.pipeline.dataset.stage import run_interactions
+from sand.pipeline.features.image_stage import run_image_features
+from sand.pipeline.stages import Context
 root, settings, threads = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
 cfg = load_config(None, {"data_root": root}, settings)
 ctx = Context.create(cfg, progress=False)

@@ -223,7 +223,7 @@ def _context(folder: Path, model: str = "sand", refresh: tuple[str, ...] = ()):
 
 def _random_features(ctx, inter, name: str, dim: int):
     """A features artifact of random unit-ish vectors (stands in for the CNN / sentence encoder)."""
-    from sand.pipeline.stages import dataset_counts
+    from sand.pipeline.stage_context import dataset_counts
 
     _, n_items = dataset_counts(inter)
 
@@ -248,7 +248,10 @@ def run_stage(stage: str, folder: Path, n: int) -> dict[str, Any]:
         return _per_line_reference(folder)
     if stage == CORE:
         return _core_only(n)
-    from sand.pipeline.stages import run_acquire, run_graphs, run_interactions, run_train
+    from sand.pipeline.acquire.stage import run_acquire
+    from sand.pipeline.dataset.stage import run_interactions
+    from sand.pipeline.features.graph_stage import run_graphs
+    from sand.pipeline.training.stage import run_train
 
     model = {"train_sand": "sand", "train_lightgcn": "lightgcn"}.get(stage, "sand")
     refresh = {"train_sand": "train", "train_lightgcn": "train"}.get(stage, stage)

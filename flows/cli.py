@@ -23,9 +23,10 @@ from typing import Annotated, Any
 import typer
 
 from sand.models.registry import model_choices
-from sand.pipeline.config import CLI_FIELDS, STAGES
-from sand.pipeline.dataset.formats import format_help
+from sand.pipeline.config import CLI_FIELDS
 from sand.pipeline.errors import ConfigError, SandError, one_line
+from sand.pipeline.formats import format_help
+from sand.pipeline.stages import STAGE_NAMES, check_stage_names
 
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
@@ -196,11 +197,15 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
     typer.echo(render_summary(summary))
 
 
-def _run_flow(common: Common, until: str | None, stage: str | None = None) -> dict[str, Any]:
+def _run_flow(common: Common, until: str | None, stage: str | None = None):
+    """Run the pipeline (up to ``until``) or one stage as Prefect flows; returns the PipelineResult.
+
+    Stage names are checked first, from the stage table alone: a typo answers before
+    the config is read, and long before Prefect or torch is imported.
+    """
+    check_stage_names([until, stage, *common.refresh])
     cfg = common.pipeline_config()
     options = common.run_options()
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
     from sand.pipeline.features.amazon2014_stage import check_feature_source
     from sand.pipeline.runner import PipelineResult, planned_stages
 
@@ -212,30 +217,27 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> di
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
     ref = STAGE_FLOWS[stage](config=cfg, options=options)
-    result = PipelineResult({stage: outcome_from_ref(ref)})
-    return result.summary()
+    return PipelineResult({stage: outcome_from_ref(ref)})
 
 
 @app.command()
 @with_common_options
 def run(
     common: Common,
-    until: Annotated[str | None, typer.Option(help=f"stop after this stage: {', '.join(STAGES)}")] = None,
+    until: Annotated[str | None, typer.Option(help=f"stop after this stage: {', '.join(STAGE_NAMES)}")] = None,
 ) -> None:
     """Run the whole pipeline (default: the bundled sample, offline); cached stages are reused."""
-    _emit(_run_flow(common, until), common.json)
+    _emit(_run_flow(common, until).summary(), common.json)
 
 
 @app.command()
 @with_common_options
 def stage(
     common: Common,
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGE_NAMES)}")],
 ) -> None:
     """Run one stage (its inputs are reused from the store, or built first)."""
-    if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}: choose one of {', '.join(STAGES)}")
-    _emit(_run_flow(common, None, stage=name), common.json)
+    _emit(_run_flow(common, None, stage=name).summary(), common.json)
 
 
 @export_app.command("mmrec")
@@ -248,8 +250,9 @@ def export_mmrec(
     """Write an MMRec dataset folder: <name>.inter, id maps, features, user_graph_dict.npy and <name>.yaml."""
     from sand.pipeline.dataset.export import export_mmrec_folder
 
-    summary = _run_flow(common, until)
-    manifest = export_mmrec_folder(summary, out)
+    result = _run_flow(common, until)
+    manifest = export_mmrec_folder(result.artifacts(), out)
+    summary = result.summary()
     for warning in manifest["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     summary["export"] = {"out": str(out), **manifest}
@@ -266,8 +269,8 @@ def recommend(
     """Print a user's top-K items (training items excluded), with titles where known."""
     from sand.pipeline.training.recommend import recommend_for_user
 
-    summary = _run_flow(common, "train")
-    table = recommend_for_user(common.pipeline_config(), summary, user, k)
+    result = _run_flow(common, "train")
+    table = recommend_for_user(common.pipeline_config().resolved().train, result.artifacts(), user, k)
     if common.json:
         _emit({"user": user, "recommendations": table.to_dict(orient="records")}, True)
     else:
@@ -286,6 +289,7 @@ def grid(
     name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,
 ) -> None:
     """Run a grid of settings; select by validation Recall@20, report its test metrics, write the report."""
+    check_stage_names(common.refresh)
     from sand.pipeline.experiments.grid import PRESETS
 
     axes: dict[str, list[Any]] = {}
@@ -333,7 +337,7 @@ def report(
     """Tables (paper layouts) and figures from every evaluated run in the data root."""
     import shutil
 
-    summary = _run_flow(common, None, stage="report")
+    summary = _run_flow(common, None, stage="report").summary()
     if out is not None:
         shutil.copytree(summary["report"], out, dirs_exist_ok=True)
         summary["report"] = str(out)

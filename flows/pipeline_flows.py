@@ -2,25 +2,34 @@
 
 Why this shape: every stage is its own flow (a deployment of its own, a node
 of its own in the UI), parameterised by the validated ``PipelineConfig`` so the
-UI shows a form. Flows pass small references to artifacts (paths, keys,
-manifests), never arrays. Caching is the artifact store's: a stage whose key
-exists does no work and its flow run ends in a ``Cached`` completed state.
+UI shows a form. The flows are generated from the stage table
+(``pipeline/stages.py``): adding a stage adds its flow. Flows pass small
+references to artifacts (paths, keys, manifests), never arrays: the end-to-end
+flow hands each stage flow its upstream results. Caching is the artifact
+store's: a stage whose key exists does no work and its flow run ends in a
+``Cached`` completed state.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from prefect import flow, task
+from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sand.flows.task_runners import RUNNERS, make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
-from sand.pipeline import stages
-from sand.pipeline.config import STAGES, PipelineConfig
-from sand.pipeline.runner import PipelineResult, planned_stages, resolve_upstream, run_stage
+from sand.pipeline.config import PipelineConfig
+from sand.pipeline.experiments.grid import run_grid
+from sand.pipeline.runner import PipelineResult, direct_upstream, planned_stages, resolve_upstream, run_stage
+from sand.pipeline.stage_context import ShardMapper
+from sand.pipeline.stages import STAGE_NAMES, STAGE_TABLE, Context, Stage
 from sand.pipeline.store import Artifact, StageOutcome
 
 
@@ -37,16 +46,14 @@ class RunOptions(BaseModel):
 
     def show_progress(self) -> bool:
         """Bars only where someone watches: in a captured log they are noise around the one error line."""
-        import sys
-
         return self.progress if self.progress is not None else sys.stderr.isatty()
 
     @field_validator("refresh")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
-        unknown = [s for s in value if s not in STAGES]
+        unknown = [s for s in value if s not in STAGE_NAMES]
         if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGES)}")
+            raise ValueError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGE_NAMES)}")
         return value
 
     @field_validator("runner")
@@ -67,94 +74,102 @@ def outcome_ref(outcome: StageOutcome) -> dict[str, Any]:
 
 
 def outcome_from_ref(ref: dict[str, Any]) -> StageOutcome:
-    from pathlib import Path
-
     art = Artifact(ref["stage"], ref["key"], Path(ref["path"]), ref["manifest"])
     return StageOutcome(art, ref["cached"], ref["seconds"])
 
 
-@task(name="image-shard", cache_policy=NO_CACHE, retries=1)
-def image_shard_task(job: tuple[Any, ...]) -> str:
-    """Fetch, validate and encode one shard of item images; returns the shard file path."""
-    return stages._run_shard_job(job)
+@task(cache_policy=NO_CACHE, retries=1)
+def shard_task(run_job: Callable[[Any], str], job: Any) -> str:
+    """Run one shard job of a sharded stage (fetch and encode images, encode texts); returns its file path."""
+    return run_job(job)
 
 
-@task(name="text-shard", cache_policy=NO_CACHE, retries=1)
-def text_shard_task(job: Any) -> str:
-    """Encode one shard of unique item texts; returns the shard file path."""
-    return stages._run_text_shard_job(job)
+def _task_mapper(options: RunOptions, row: Stage) -> ShardMapper:
+    """Map a stage's shard jobs, as ``<stage>-shard`` tasks, over the chosen task runner (threads, processes, Dask)."""
+    named = shard_task.with_options(name=f"{row.flow_name.removeprefix('sand-')}-shard")
 
-
-def _task_mapper(options: RunOptions, shard_task: Any) -> stages.ShardMapper:
-    """Map shard jobs with ``shard_task`` over the chosen task runner (threads, processes, Dask)."""
-
-    def map_shards(_fn: Any, jobs: list[Any]) -> list[str]:
+    def map_shards(run_job: Callable[[Any], str], jobs: Sequence[Any]) -> list[str]:
         runner = make_task_runner(options.runner, options.dask_address, options.workers)
         with runner:
-            futures = runner.map(shard_task, {"job": list(jobs)})
+            futures = runner.map(named, {"run_job": unmapped(run_job), "job": list(jobs)})
             return [f.result() for f in futures]
 
     return map_shards
 
 
-def _stage_body(stage: str, config: PipelineConfig, options: RunOptions) -> Any:
-    ctx = stages.Context.create(config, options.refresh, progress=options.show_progress())
-    # The report reads every evaluated run in the store, not one upstream chain.
-    done = resolve_upstream(ctx, stage) if stage != "report" else {}
-    shard_tasks = {"image_features": image_shard_task, "text_features": text_shard_task}
-    mapper = _task_mapper(options, shard_tasks[stage]) if stage in shard_tasks else None
-    outcome = run_stage(ctx, stage, done, mapper)
-    publish_stage_artifacts(stage, outcome)
+def _stage_body(
+    row: Stage, config: PipelineConfig, options: RunOptions, upstream: dict[str, dict[str, Any]] | None
+) -> Any:
+    ctx = Context.create(config, options.refresh, progress=options.show_progress())
+    if upstream is None:  # run on its own (``sand stage``, a deployment): find or build what it reads
+        done = resolve_upstream(ctx, row.name)
+    else:  # inside the pipeline flow: the upstream flows' results, passed in
+        done = {name: outcome_from_ref(ref) for name, ref in upstream.items()}
+    mapper = _task_mapper(options, row) if row.sharded else None
+    outcome = run_stage(ctx, row.name, done, mapper)
+    publish_stage_artifacts(row.name, outcome)
     ref = outcome_ref(outcome)
     if outcome.cached:
-        return Completed(message=f"{stage}: cached artifact {outcome.artifact.key}", name="Cached", data=ref)
+        return Completed(message=f"{row.name}: cached artifact {outcome.artifact.key}", name="Cached", data=ref)
     return ref
 
 
-def _make_stage_flow(stage: str):
-    def stage_flow(config: PipelineConfig | None = None, options: RunOptions | None = None) -> dict[str, Any]:
-        return _stage_body(stage, config or PipelineConfig(), options or RunOptions())
+def _stage_flow(row: Stage) -> Flow[..., dict[str, Any]]:
+    """The Prefect flow of one table row, named ``sand-<stage>``."""
 
-    stage_flow.__name__ = stage_flow.__qualname__ = f"{stage}_flow"
-    stage_flow.__doc__ = f"Run the {stage} stage (upstream artifacts are reused or built first)."
-    return flow(name=f"sand-{stage.replace('_', '-')}", log_prints=True)(stage_flow)
+    def run_stage_flow(
+        config: PipelineConfig | None = None,
+        options: RunOptions | None = None,
+        upstream: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        return _stage_body(row, config or PipelineConfig(), options or RunOptions(), upstream)
+
+    return flow(
+        run_stage_flow, name=row.flow_name, log_prints=True,
+        description=f"Run the {row.name} stage (config section [{row.section}]); without ``upstream`` "
+        "its inputs are reused from the artifact store or built first.",
+    )
 
 
-acquire_flow = _make_stage_flow("acquire")
-interactions_flow = _make_stage_flow("interactions")
-text_features_flow = _make_stage_flow("text_features")
-image_features_flow = _make_stage_flow("image_features")
-graphs_flow = _make_stage_flow("graphs")
-train_flow = _make_stage_flow("train")
-evaluate_flow = _make_stage_flow("evaluate")
-report_flow = _make_stage_flow("report")
+#: One flow per row of the stage table, in pipeline order.
+STAGE_FLOWS: Mapping[str, Flow[..., dict[str, Any]]] = MappingProxyType(
+    {row.name: _stage_flow(row) for row in STAGE_TABLE}
+)
 
-STAGE_FLOWS = {
-    "acquire": acquire_flow,
-    "interactions": interactions_flow,
-    "text_features": text_features_flow,
-    "image_features": image_features_flow,
-    "graphs": graphs_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-    "report": report_flow,
-}
+
+def stage_flow_entrypoint(stage_name: str) -> str:
+    """The module path a deployment loads the stage's flow from (resolved by :func:`__getattr__`)."""
+    return f"{__name__}.{stage_name}_flow"
+
+
+def __getattr__(name: str) -> Flow[..., dict[str, Any]]:
+    """``<stage>_flow`` for every row (``image_features_flow``...): importable names for deployments."""
+    stage_name = name.removesuffix("_flow")
+    if name.endswith("_flow") and stage_name in STAGE_FLOWS:
+        return STAGE_FLOWS[stage_name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @flow(name="sand-pipeline", log_prints=True)
 def pipeline_flow(
     config: PipelineConfig | None = None, options: RunOptions | None = None, until: str | None = None
-) -> dict[str, Any]:
-    """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow."""
+) -> PipelineResult:
+    """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow.
+
+    Each stage flow receives its upstream flows' results (small references), so no
+    stage resolves its inputs again; the summary is published to the UI.
+    """
     config = config or PipelineConfig()
     options = options or RunOptions()
+    resolved = config.resolved()
+    refs: dict[str, dict[str, Any]] = {}
     result = PipelineResult()
-    for stage in planned_stages(config.resolved(), until):
-        ref = STAGE_FLOWS[stage](config=config, options=options)
-        result.outcomes[stage] = outcome_from_ref(ref)
-    summary = result.summary()
-    publish_summary(summary)
-    return summary
+    for name in planned_stages(resolved, until):
+        upstream = {source: refs[source] for source in direct_upstream(resolved, name)}
+        refs[name] = STAGE_FLOWS[name](config=config, options=options, upstream=upstream)
+        result.outcomes[name] = outcome_from_ref(refs[name])
+    publish_summary(result.summary())
+    return result
 
 
 @flow(name="sand-grid", log_prints=True)
@@ -166,17 +181,15 @@ def grid_flow(
     select_metric: str = "recall@20",
 ) -> dict[str, Any]:
     """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
-    from sand.pipeline.experiments.grid import run_grid
-
     config = config or PipelineConfig()
     options = options or RunOptions()
 
     def run_one(cfg: PipelineConfig) -> dict[str, Any]:
-        return pipeline_flow(config=cfg, options=options, until="evaluate")
+        return pipeline_flow(config=cfg, options=options, until="evaluate").summary()
 
     result = run_grid(config, axes or {}, name=name, run_one=run_one, select_metric=select_metric)
     publish_grid(result)
     summary = result.to_dict()
     if any(run.status == "ok" for run in result.runs):  # tables and figures over everything stored
-        summary["report"] = report_flow(config=config, options=options)["path"]
+        summary["report"] = STAGE_FLOWS["report"](config=config, options=options)["path"]
     return summary

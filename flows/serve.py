@@ -20,9 +20,9 @@ DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
 def build_deployments(config: PipelineConfig, cron: str | None = None) -> list[Any]:
     """RunnerDeployments: ``sand-pipeline/retrain`` (scheduled) and ``sand-<stage>/on-demand``."""
-    from prefect.deployments.runner import EntrypointType
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-    from sand.flows.pipeline_flows import STAGE_FLOWS, RunOptions, pipeline_flow
+    from sand.flows.pipeline_flows import STAGE_FLOWS, RunOptions, pipeline_flow, stage_flow_entrypoint
 
     params = {"config": config.model_dump(mode="json"), "options": RunOptions().model_dump(mode="json")}
     common = {"parameters": params, "entrypoint_type": EntrypointType.MODULE_PATH}
@@ -32,10 +32,11 @@ def build_deployments(config: PipelineConfig, cron: str | None = None) -> list[A
             description="End-to-end SAND pipeline: acquire to evaluate; cached stages are reused.",
         )
     ]
-    for stage, stage_flow in STAGE_FLOWS.items():
+    for stage in STAGE_FLOWS:
+        # Stage flows are generated from the stage table: their module path is given, not derived.
         deployments.append(
-            stage_flow.to_deployment(
-                name="on-demand", tags=["sand", "stage", stage], **common,
+            RunnerDeployment.from_entrypoint(
+                stage_flow_entrypoint(stage), name="on-demand", tags=["sand", "stage", stage], parameters=params,
                 description=f"Run the {stage} stage alone (inputs reused from the artifact store).",
             )
         )

@@ -1,30 +1,32 @@
-"""The stage graph, in one place, for every way of running the pipeline.
+"""Run the stage table in-process: which stages, in which order, with which inputs.
 
 Why: ``sand run`` (through Prefect), a single stage flow, a grid of training
-runs and a notebook all need the same answer to "which stages, in which
-order, with which inputs". The Prefect layer only supplies ``call`` (to wrap
-each stage in its own sub-flow) and ``map_shards`` (to spread image and text shards over
-a task runner).
+runs and a notebook all need the same answer, and the table in
+``pipeline/stages.py`` gives it. The Prefect layer only supplies ``call`` (to wrap
+each stage in its own sub-flow) and ``map_shards`` (to spread image and text
+shards over a task runner). ``sand.models`` (which imports torch) is imported
+inside :func:`model_needs_features` (keeps ``sand --help`` fast).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sand.pipeline import stages
-from sand.pipeline.config import STAGES
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.config import PipelineConfig
+from sand.pipeline.errors import StageError
+from sand.pipeline.experiments.grid import GridResult, run_grid
+from sand.pipeline.stage_context import ShardMapper, StageContext
+from sand.pipeline.stages import MODEL_INPUT_STAGES, STAGE_TABLE, Context, Stage, stage
 from sand.pipeline.store import Artifact, StageOutcome
 
-FEATURE_STAGES = ("text_features", "image_features", "graphs")
 #: ``call(stage_name, function, *args)`` runs one stage; the default just calls it.
 StageCaller = Callable[..., StageOutcome]
 
 
-def _direct(stage: str, fn: Callable[..., StageOutcome], *args: Any) -> StageOutcome:
+def _direct(stage_name: str, fn: Callable[..., StageOutcome], *args: Any) -> StageOutcome:
     return fn(*args)
 
 
@@ -34,23 +36,45 @@ def model_needs_features(model_name: str) -> bool:
     return bool(required_modalities(model_name))
 
 
-def planned_stages(cfg, until: str | None = None) -> list[str]:
-    """Stages to run, in order, up to ``until``; ID-only models skip the feature stages."""
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    plan = list(STAGES[: last + 1])
-    if not model_needs_features(cfg.train.model) and until not in FEATURE_STAGES:
-        plan = [s for s in plan if s not in FEATURE_STAGES]
+def planned_stages(cfg: PipelineConfig, until: str | None = None) -> list[str]:
+    """Stages to run, in table order, up to ``until``; ID-only models skip the model-input stages."""
+    last = STAGE_TABLE.index(stage(until)) if until else len(STAGE_TABLE) - 1
+    plan = [s.name for s in STAGE_TABLE[: last + 1]]
+    if until not in MODEL_INPUT_STAGES and not model_needs_features(cfg.train.model):
+        plan = [s for s in plan if s not in MODEL_INPUT_STAGES]
     return plan
+
+
+def direct_upstream(cfg: PipelineConfig, name: str) -> list[str]:
+    """The stages whose artifacts ``name`` receives, in table order."""
+    row = stage(name)
+    wanted = set(row.inputs.values())
+    if row.reads_model_features and model_needs_features(cfg.train.model):
+        wanted.update(MODEL_INPUT_STAGES)
+    return [s.name for s in STAGE_TABLE if s.name in wanted]
+
+
+def upstream_stages(cfg: PipelineConfig, name: str) -> list[str]:
+    """Every stage ``name`` depends on, directly or not, in table order."""
+    needed: set[str] = set()
+    todo = direct_upstream(cfg, name)
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo.extend(direct_upstream(cfg, current))
+    return [s.name for s in STAGE_TABLE if s.name in needed]
 
 
 @dataclass
 class PipelineResult:
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
 
-    def artifact(self, stage: str) -> Artifact:
-        return self.outcomes[stage].artifact
+    def artifact(self, stage_name: str) -> Artifact:
+        return self.outcomes[stage_name].artifact
+
+    def artifacts(self) -> dict[str, Artifact]:
+        return {name: outcome.artifact for name, outcome in self.outcomes.items()}
 
     def summary(self) -> dict[str, Any]:
         """The ``--json`` object: dataset statistics, per-stage timings/caching, metrics."""
@@ -66,53 +90,63 @@ class PipelineResult:
         return out
 
 
+def stage_arguments(
+    ctx: StageContext, row: Stage, upstream: Mapping[str, Artifact], map_shards: ShardMapper | None = None
+) -> dict[str, Any]:
+    """The run function's keyword arguments, from its row and the upstream artifacts."""
+    kwargs: dict[str, Any] = {param: upstream[source] for param, source in row.inputs.items()}
+    if row.reads_model_features:
+        reads = model_needs_features(ctx.cfg.train.model)
+        kwargs["feature_arts"] = {n: upstream[n] for n in MODEL_INPUT_STAGES if reads and n in upstream}
+    if row.sharded:
+        kwargs["map_shards"] = map_shards
+    return kwargs
+
+
 def run_stage(
-    ctx: stages.Context, stage: str, done: dict[str, StageOutcome], map_shards: stages.ShardMapper | None = None
+    ctx: StageContext, stage_name: str, done: Mapping[str, StageOutcome], map_shards: ShardMapper | None = None
 ) -> StageOutcome:
-    """Run one stage given the outcomes of the stages before it."""
-    art = {name: o.artifact for name, o in done.items()}
-    features = {k: art[k] for k in FEATURE_STAGES if k in art and model_needs_features(ctx.cfg.train.model)}
-    if stage == "acquire":
-        return stages.run_acquire(ctx)
-    if stage == "interactions":
-        return stages.run_interactions(ctx, art["acquire"])
-    if stage == "text_features":
-        return stages.run_text_features(ctx, art["interactions"], map_shards)
-    if stage == "image_features":
-        return stages.run_image_features(ctx, art["interactions"], map_shards)
-    if stage == "graphs":
-        return stages.run_graphs(ctx, art["text_features"], art["image_features"])
-    if stage == "train":
-        return stages.run_train(ctx, art["interactions"], features)
-    if stage == "evaluate":
-        return stages.run_evaluate(ctx, art["interactions"], art["train"], features)
-    if stage == "report":
-        return stages.run_report(ctx)
-    raise ConfigError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+    """Run one stage given the outcomes of (at least) the stages it reads."""
+    row = stage(stage_name)
+    upstream = {name: outcome.artifact for name, outcome in done.items()}
+    missing = [s for s in direct_upstream(ctx.cfg, stage_name) if s not in upstream]
+    if missing:
+        raise StageError(f"stage {stage_name!r} needs the outcome of {', '.join(missing)} first")
+    return row.function(ctx, **stage_arguments(ctx, row, upstream, map_shards))
 
 
 def run_pipeline(
-    ctx: stages.Context,
+    ctx: StageContext,
     until: str | None = None,
     call: StageCaller = _direct,
-    map_shards: stages.ShardMapper | None = None,
+    map_shards: ShardMapper | None = None,
 ) -> PipelineResult:
     """Run (or reuse) every planned stage in order."""
     result = PipelineResult()
-    for stage in planned_stages(ctx.cfg, until):
-        result.outcomes[stage] = call(stage, run_stage, ctx, stage, dict(result.outcomes), map_shards)
+    for name in planned_stages(ctx.cfg, until):
+        result.outcomes[name] = call(name, run_stage, ctx, name, dict(result.outcomes), map_shards)
     return result
 
 
-def resolve_upstream(ctx: stages.Context, stage: str) -> dict[str, StageOutcome]:
-    """Outcomes of the stages ``stage`` reads, built if missing but never refreshed.
+def resolve_upstream(ctx: StageContext, stage_name: str) -> dict[str, StageOutcome]:
+    """Outcomes of every stage ``stage_name`` depends on, built if missing but never refreshed.
 
     A single-stage run (``sand stage train``) uses this so that ``--refresh`` applies to
     the named stage only, and an upstream stage run moments ago is simply found again.
     """
-    plan = planned_stages(ctx.cfg, stage)
     calm = dataclasses.replace(ctx, refresh=frozenset())
     done: dict[str, StageOutcome] = {}
-    for upstream in plan[:-1]:
+    for upstream in upstream_stages(ctx.cfg, stage_name):
         done[upstream] = run_stage(calm, upstream, done)
     return done
+
+
+def run_grid_locally(
+    base: PipelineConfig, axes: Mapping[str, Sequence[Any]], *, name: str, select_metric: str = "recall@20"
+) -> GridResult:
+    """A grid in this process (no Prefect): each combination is the pipeline up to ``evaluate``."""
+
+    def run_one(cfg: PipelineConfig) -> dict[str, Any]:
+        return run_pipeline(Context.create(cfg), until="evaluate").summary()
+
+    return run_grid(base, axes, name=name, run_one=run_one, select_metric=select_metric)

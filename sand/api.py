@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sand.pipeline.config import CLI_FIELDS, STAGES
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.config import CLI_FIELDS
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def run(
     """
     from sand.pipeline.config import load_config
     from sand.pipeline.runner import run_pipeline
-    from sand.pipeline.stages import Context
+    from sand.pipeline.stages import Context, check_stage_names
 
     unknown = sorted(set(options) - set(CLI_FIELDS))
     if unknown:
@@ -102,9 +101,7 @@ def run(
         dotted["data_root"] = str(data_root)
     dotted.update(overrides or {})
     refresh = (refresh,) if isinstance(refresh, str) else tuple(refresh)
-    for stage in refresh:
-        if stage not in STAGES:
-            raise ConfigError(f"unknown stage {stage!r} in refresh: choose from {', '.join(STAGES)}")
+    check_stage_names(refresh)
     cfg = load_config(Path(config) if config is not None else None, dotted)
     ctx = Context.create(cfg, refresh=refresh, progress=progress)
     ctx.store.check_writable()  # one clear error for a root that can neither be written nor serve a run

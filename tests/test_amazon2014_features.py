@@ -31,8 +31,9 @@ from sand.pipeline.features.amazon2014 import (
     read_item_features,
     write_feature_file,
 )
+from sand.pipeline.features.image_stage import run_image_features
 from sand.pipeline.runner import run_pipeline
-from sand.pipeline.stages import Context, run_image_features
+from sand.pipeline.stages import Context
 
 TINY = ["acquire.sample_users=40", "acquire.sample_items=30"]
 FAST_DOWNLOAD = ["acquire.timeout=5", "acquire.retries=2"]

@@ -89,8 +89,9 @@ def _feature_artifacts(tmp_path, n: int, dtype=np.float32):
 
 def test_graph_stage_records_recall_in_manifest(tmp_path) -> None:
     from sand.pipeline.config import load_config
+    from sand.pipeline.features.graph_stage import run_graphs
     from sand.pipeline.features.knn import load_graph
-    from sand.pipeline.stages import Context, run_graphs
+    from sand.pipeline.stages import Context
 
     text, image = _feature_artifacts(tmp_path, 6000, dtype=np.float16)
     cfg = load_config(None, {"data_root": str(tmp_path / "root")}, ["graphs.auto_threshold=5000",

@@ -10,14 +10,11 @@ from __future__ import annotations
 import pytest
 
 from sand.pipeline.config import PipelineConfig, TrainConfig, load_config
+from sand.pipeline.features.image_stage import image_settings
 from sand.pipeline.runner import run_pipeline
-from sand.pipeline.stages import (
-    PERFORMANCE_FIELDS,
-    Context,
-    image_settings,
-    key_params,
-    train_key_params,
-)
+from sand.pipeline.stage_context import PERFORMANCE_FIELDS, key_params
+from sand.pipeline.stages import Context
+from sand.pipeline.training.stage import run_train, train_key_params
 
 TINY = ["acquire.sample_users=40", "acquire.sample_items=30", "image_features.image_size=32",
         "image_features.shard_size=8"]
@@ -81,8 +78,6 @@ def _stage_params(cfg: PipelineConfig, dotted: str) -> dict:
     if section == "image_features":
         return image_settings(ctx, None)
     if section == "train" or dotted == "evaluate.ks":
-        import sand.pipeline.stages as stages
-
         captured = {}
 
         class _Stop(Exception):
@@ -94,7 +89,7 @@ def _stage_params(cfg: PipelineConfig, dotted: str) -> dict:
 
         ctx.store.run = fake_run
         with pytest.raises(_Stop):
-            stages.run_train(ctx, _FakeArtifact(), {})
+            run_train(ctx, _FakeArtifact(), {})
         return captured
     return key_params(getattr(ctx.cfg, section))
 

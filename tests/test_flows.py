@@ -1,9 +1,11 @@
 """Prefect flows on a tiny generated dataset, against one test server for the module.
 
-What users rely on: the end-to-end flow completes; a second run is fully cached;
-changing one graph parameter reruns exactly graphs/train/evaluate; a failing stage
-leaves upstream artifacts cached and the rerun starts from it; the image shards run
-on a Dask cluster; deployments are registered with their schedule.
+What users rely on: the end-to-end flow completes, handing each stage flow its
+upstream results; a second run is fully cached; changing one graph parameter reruns
+exactly graphs/train/evaluate/report; a failing stage leaves upstream artifacts cached
+and the rerun starts from it; the image shards run on a Dask cluster and under the
+default threads runner; every flow of the stage table is deployed, loadable from its
+module path, and the end-to-end one is scheduled.
 """
 
 from __future__ import annotations
@@ -34,14 +36,21 @@ def tiny_config(root, *extra):
 def run(cfg, **options):
     from sand.flows.pipeline_flows import RunOptions, pipeline_flow
 
-    return pipeline_flow(config=cfg, options=RunOptions(**options))
+    return pipeline_flow(config=cfg, options=RunOptions(**options)).summary()
 
 
 def cached(summary):
     return {stage: info["cached"] for stage, info in summary["stages"].items()}
 
 
-def test_end_to_end_then_cached_then_graph_change(prefect_server, tmp_path):
+def test_end_to_end_then_cached_then_graph_change(prefect_server, tmp_path, monkeypatch):
+    import sand.flows.pipeline_flows as flows
+
+    def no_second_resolution(ctx, stage):
+        raise AssertionError(f"stage flow {stage} resolved its upstream again instead of using the passed results")
+
+    # the pipeline flow hands every stage flow its upstream results
+    monkeypatch.setattr(flows, "resolve_upstream", no_second_resolution)
     cfg = tiny_config(tmp_path)
     first = run(cfg)
     assert list(first["stages"]) == [
@@ -91,27 +100,32 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     import asyncio
 
     from prefect.client.orchestration import get_client
+    from prefect.flows import load_flow_from_entrypoint
 
     from sand.flows.serve import build_deployments
+    from sand.pipeline.stages import STAGE_TABLE
 
     deployments = build_deployments(tiny_config(tmp_path), cron="15 4 * * 1")
-    names = {d.name for d in deployments}
-    assert names == {"retrain", "on-demand"}
-    assert len(deployments) == 9  # end-to-end + 8 stages (acquire ... report)
-    # module-path entrypoints load the installed `sand` package wherever it lives
-    assert {d.entrypoint for d in deployments} >= {
-        "sand.flows.pipeline_flows.pipeline_flow", "sand.flows.pipeline_flows.acquire_flow"
-    }
-    assert all(d.entrypoint.startswith("sand.flows.pipeline_flows.") for d in deployments)
-    ids = [d.apply() for d in deployments]
-    assert all(ids)
+    expected = {"sand-pipeline/retrain", *(f"{row.flow_name}/on-demand" for row in STAGE_TABLE)}
+    assert {f"{d.flow_name}/{d.name}" for d in deployments} == expected
+    # `sand serve` runs each deployment in a fresh process that imports its entrypoint: a module
+    # path of the installed package, which must load the very flow the deployment was made for.
+    for deployment in deployments:
+        assert deployment.entrypoint.startswith("sand.flows.pipeline_flows.")
+        assert load_flow_from_entrypoint(deployment.entrypoint).name == deployment.flow_name
+    for deployment in deployments:
+        deployment.apply()
 
     async def read():
         async with get_client() as client:
-            dep = await client.read_deployment_by_name("sand-pipeline/retrain")
-            return dep.schedules[0].schedule.cron, dep.parameters
+            registered = await client.read_deployments()
+            retrain = await client.read_deployment_by_name("sand-pipeline/retrain")
+            flows = {f.id: f.name for f in await client.read_flows()}
+            return ({f"{flows[d.flow_id]}/{d.name}" for d in registered}, retrain.schedules[0].schedule.cron,
+                    retrain.parameters)
 
-    cron, params = asyncio.run(read())
+    names, cron, params = asyncio.run(read())
+    assert names >= expected
     assert cron == "15 4 * * 1"
     assert params["config"]["acquire"]["sample_users"] == 40
 

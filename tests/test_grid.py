@@ -118,7 +118,7 @@ def test_presets_expand_on_the_default_config(tmp_path, name):
 
 
 def test_table3_preset_runs_both_fusions_and_trains_backbones_once(tmp_path):
-    from sand.pipeline.stages import train_key_params
+    from sand.pipeline.training.stage import train_key_params
 
     combos = expand_grid(_base(tmp_path), preset("table3"))
     keys = {(v["train.model"], json.dumps(train_key_params(c.train), sort_keys=True)) for v, c in combos}

@@ -13,8 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from sand.pipeline.acquire.stage import run_acquire
 from sand.pipeline.config import load_config
-from sand.pipeline.stages import Context, run_acquire, run_image_features, run_interactions
+from sand.pipeline.dataset.stage import run_interactions
+from sand.pipeline.features.image_stage import run_image_features
+from sand.pipeline.stages import Context
 
 SMALL = [
     "acquire.sample_users=60",

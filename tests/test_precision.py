@@ -18,8 +18,9 @@ from sand.pipeline.config import load_config
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.runner import run_pipeline
-from sand.pipeline.stages import Context, train_key_params
+from sand.pipeline.stages import Context
 from sand.pipeline.training.evaluation import recommendations_table
+from sand.pipeline.training.stage import train_key_params
 from sand.pipeline.training.trainer import train_model
 
 
@@ -311,7 +312,7 @@ def test_bf16_and_fp32_rank_a_trained_models_top10_alike_on_the_sample(tmp_path)
     features and the folded products' outputs (~0.3%), which swaps near-tied neighbours
     in a list. That is why evaluation (and ``sand recommend``) always run in float32.
     """
-    from sand.pipeline.stages import build_model_for
+    from sand.pipeline.training.model_io import build_model_for
 
     cfg = load_config(None, {"data_root": str(tmp_path)},
                       ["train.model=sand", "train.epochs=5", "train.lr=0.001", "train.club_steps=5",
@@ -319,7 +320,7 @@ def test_bf16_and_fp32_rank_a_trained_models_top10_alike_on_the_sample(tmp_path)
     ctx = Context.create(cfg, progress=False)
     result = run_pipeline(ctx, until="train")
     feature_arts = {s: result.artifact(s) for s in ("text_features", "image_features", "graphs")}
-    model, data = build_model_for(ctx, result.artifact("interactions"), feature_arts)
+    model, data = build_model_for(ctx.cfg.train, result.artifact("interactions"), feature_arts)
     state = torch.load(result.artifact("train").file("best.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()

@@ -343,7 +343,7 @@ def test_gzip_bomb_of_many_junk_lines_ends_at_the_budget(tmp_path):
 
 # ---------------------------------------------------------------------------- the format table
 # Adding a format is its reader (a metadata record converter) plus one row of
-# pipeline/dataset/formats.py: this toy release is added that way only, and the config, the CLI
+# pipeline/formats.py: this toy release is added that way only, and the config, the CLI
 # help, the sniffer, the readers and the interactions stage all take it.
 TOY = "toy2030"
 
@@ -361,7 +361,7 @@ def _sniff_toy(keys, strict_json):
 
 @pytest.fixture
 def toy_format(monkeypatch):
-    from sand.pipeline.dataset import formats
+    from sand.pipeline import formats
 
     row = formats.DatasetFormat(
         formats.ReviewFields("who", "what", "stars", "when_ms", 1000),
@@ -387,7 +387,7 @@ def test_new_format_row_is_accepted_by_config_and_listed_in_errors_and_help(toy_
     import typer.main
 
     from sand.pipeline.config import build_config
-    from sand.pipeline.dataset.formats import format_help
+    from sand.pipeline.formats import format_help
 
     assert build_config({"acquire": {"format": toy_format}}).acquire.format == toy_format
     with pytest.raises(ConfigError, match=rf"acquire.format='nope': unknown format 'nope': choose one of .*{TOY}"):
@@ -438,7 +438,7 @@ def test_new_format_row_runs_through_the_interactions_stage(toy_format, tmp_path
 
 def test_rows_claim_only_their_own_records():
     """Every sniffer is order-independent: exactly one format claims each release's records."""
-    from sand.pipeline.dataset.formats import FORMATS
+    from sand.pipeline.formats import FORMATS
 
     samples = {
         ("amazon2014", "reviews"): ({"reviewerID", "asin", "overall", "unixReviewTime", "helpful"}, True),

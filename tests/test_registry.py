@@ -106,7 +106,7 @@ def test_entry_matches_its_class(name):
 
 def test_registry_and_config_import_without_torch():
     code = (
-        "import sys, sand.models.registry, sand.pipeline.config, sand.pipeline.dataset.formats;"
+        "import sys, sand.models.registry, sand.pipeline.config, sand.pipeline.formats;"
         "heavy = [m for m in ('torch', 'pandas', 'numpy') if m in sys.modules]; print(heavy); assert not heavy"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -307,7 +307,8 @@ def _feature_artifacts(store: ArtifactStore, inter: Artifact) -> dict[str, Artif
 def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
     """Real train + evaluate stages on a tiny random dataset, then Figures 5-6 from best.pt."""
     pytest.importorskip("sand.models.sand")
-    from sand.pipeline import stages
+    from sand.pipeline.stages import Context
+    from sand.pipeline.training.stage import run_evaluate, run_train
 
     root = tmp_path / "data"
     store = ArtifactStore(root)
@@ -327,10 +328,10 @@ def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
                 "evaluate": {"ks": [10, 20]},
             }
         )
-        ctx = stages.Context.create(cfg, progress=False)
+        ctx = Context.create(cfg, progress=False)
         feats = features if model == "sand" else {}
-        trained = stages.run_train(ctx, inter, feats).artifact
-        stages.run_evaluate(ctx, inter, trained, feats)
+        trained = run_train(ctx, inter, feats).artifact
+        run_evaluate(ctx, inter, trained, feats)
 
     written = write_report(root, tmp_path / "out", tsne_items=30, seed=3)
     names = [p.name for p in written["tsne"]]

@@ -58,17 +58,16 @@ def _artifacts(tmp_path, n_users=40, n_items=60):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_training_reads_features_memory_mapped_without_a_copy(tmp_path) -> None:
     from sand.pipeline.config import load_config
-    from sand.pipeline.stages import Context, build_model_for, load_model_inputs
+    from sand.pipeline.training.model_io import build_model_for, load_model_inputs
 
     inter, arts = _artifacts(tmp_path)
     cfg = load_config(None, {"data_root": str(tmp_path / "root")}, ["train.model=sand"])
-    ctx = Context.create(cfg, progress=False)
-    _, features, _ = load_model_inputs(ctx, inter, arts)
+    _, features, _ = load_model_inputs(inter, arts)
     for name, stage in (("text", "text_features"), ("image", "image_features")):
         ranges = _mapped_ranges(arts[stage].file(f"{name}_feat.npy"))
         ptr = features[name].data_ptr()
         assert any(lo <= ptr < hi for lo, hi in ranges), f"{name} features are a copy, not the mapping"
-    model, _ = build_model_for(ctx, inter, arts)
+    model, _ = build_model_for(cfg.train, inter, arts)
     ranges = _mapped_ranges(arts["text_features"].file("text_feat.npy"))
     assert any(lo <= model.feat_text.data_ptr() < hi for lo, hi in ranges), "the model holds its own copy"
     # Copy-on-write: writing into the tensor never changes the artifact.

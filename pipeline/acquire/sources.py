@@ -27,10 +27,10 @@ from typing import Any
 
 import orjson
 
+from sand.pipeline import formats
 from sand.pipeline.config import InteractionsConfig
-from sand.pipeline.dataset import formats
-from sand.pipeline.dataset.readers import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 from sand.pipeline.locations import REMOTE_SCHEMES, local_path, url_scheme
 
 #: Format names and raw-dump formats, from the format table (functions here ask the table itself).

@@ -12,16 +12,18 @@ config ``<name>.yaml`` for ``src/configs/dataset/``. The export writes both, and
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import yaml
 
+from sand.pipeline.dataset.mmrec import write_mmrec_folder
 from sand.pipeline.errors import StageError
-from sand.pipeline.store import write_json_atomic
+from sand.pipeline.store import Artifact, write_json_atomic
 
 USER_GRAPH_FILE = "user_graph_dict.npy"
 EXPORT_MANIFEST = "sand_export.json"
@@ -67,8 +69,6 @@ def co_interaction_user_graph(
 
 def mmrec_dataset_yaml(name: str, files: set[str], has_timestamp: bool) -> str:
     """The ``src/configs/dataset/<name>.yaml`` MMRec reads: field names and the folder's file names."""
-    import yaml
-
     config: dict[str, Any] = {"USER_ID_FIELD": "userID", "ITEM_ID_FIELD": "itemID"}
     if has_timestamp:
         config["TIME_FIELD"] = "timestamp"
@@ -95,23 +95,21 @@ def image_width_warning(image_dim: int | None) -> str | None:
     )
 
 
-def export_mmrec_folder(summary: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write the folder from a run summary (``PipelineResult.summary()``).
+def export_mmrec_folder(artifacts: Mapping[str, Artifact], out: Path) -> dict[str, Any]:
+    """Write the folder from a run's artifacts (stage name -> artifact, as the runner returns them).
 
     Returns the export's manifest (also written as ``sand_export.json``): the files,
     the feature widths and any warnings, which the caller shows the user.
     """
-    from sand.pipeline.dataset.mmrec import write_mmrec_folder
-
-    stages = summary.get("stages", {})
-    if "interactions" not in stages:
+    if "interactions" not in artifacts:
         raise StageError("export mmrec needs the interactions stage: use --until interactions or later")
-    inter_dir = Path(stages["interactions"]["artifact"])
-    name = _dataset_name(inter_dir)
+    inter = artifacts["interactions"]
+    inter_dir = inter.path
+    name = str(inter.manifest.get("name") or "dataset")
     features = {}
     for stage, fname in (("image_features", "image_feat.npy"), ("text_features", "text_feat.npy")):
-        if stage in stages:
-            features[fname.removesuffix(".npy")] = np.load(Path(stages[stage]["artifact"]) / fname)
+        if stage in artifacts:
+            features[fname.removesuffix(".npy")] = np.load(artifacts[stage].file(fname))
     interactions = pd.read_parquet(inter_dir / "interactions.parquet")
     user_map = pd.read_parquet(inter_dir / "user_map.parquet")
     folder = Path(write_mmrec_folder(out, name, interactions, user_map, pd.read_parquet(inter_dir / "item_map.parquet"),
@@ -135,7 +133,3 @@ def export_mmrec_folder(summary: dict[str, Any], out: Path) -> dict[str, Any]:
     write_json_atomic(folder / EXPORT_MANIFEST, manifest)
     return manifest
 
-
-def _dataset_name(inter_dir: Path) -> str:
-    manifest = json.loads((inter_dir / "manifest.json").read_text())
-    return str(manifest.get("name") or "dataset")

@@ -12,23 +12,16 @@ one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed 
 :func:`ast.literal_eval`, which only accepts literals: a line such as
 ``__import__('os').system(...)`` is a counted skip, never executed.
 
-Memory is bounded whatever the input: a line longer than ``max_line_bytes`` is
-read and dropped in chunks (a counted "line too long" skip, never held whole);
-``literal_eval`` (whose syntax tree costs ~500 bytes per byte of a dense literal)
-only sees lines with a bounded number of tokens; and a gzip stream that inflates
-far beyond any real dump (a "gzip bomb" of blank lines or one endless line) is
-refused in one line once it has inflated past a floor.
+Memory is bounded whatever the input: lines come from :func:`pipeline.lines.iter_lines`
+(over-long lines dropped in chunks, gzip bombs refused) and 2014 literals from
+:func:`pipeline.lines.parse_literal_line` (token count bounded before ``literal_eval``).
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import gzip
 import logging
 import math
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,26 +30,15 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from sand.pipeline.dataset import formats
+from sand.pipeline import formats
 from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 
 log = logging.getLogger(__name__)
 
 REVIEW_COLUMNS = ["user_id", "asin", "rating", "timestamp"]
 META_COLUMNS = ["asin", "title", "brand", "categories", "description", "features", "image_url"]
 
-_GZIP_MAGIC = b"\x1f\x8b"
-#: Default longest line (bytes, newline excluded). Real 2014-2023 dump lines are under 100 KB.
-DEFAULT_MAX_LINE_BYTES = 4 << 20
-#: Over-long lines are discarded in chunks of this size, so they never sit in memory whole.
-_DISCARD_CHUNK = 1 << 20
-#: Real dumps inflate 4-10x; a gzip inflating more than this many times (once past the floor) is a bomb.
-_MAX_INFLATION = 200
-_INFLATION_FLOOR = 16 << 20
-#: Most brackets, commas, colons and signs a Python literal line may hold before literal_eval sees it:
-#: real 2014 meta lines hold a few hundred; 50k bounds literal_eval's syntax tree to tens of MB.
-_MAX_LITERAL_TOKENS = 50_000
-_LITERAL_TOKENS = tuple(bytes([c]) for c in b",:[]{}()+-")
 _MAX_EXAMPLES = 5
 MIN_RATING, MAX_RATING = 1, 5  # star ratings in every release; anything else is a dirty line
 _MAX_STAMP = 2**62  # far beyond any real date; keeps int64 arithmetic safe downstream
@@ -103,15 +85,6 @@ class SkipReport:
         return f"{self.file}: {self.records} records, skipped {self.total} ({parts})"
 
 
-class DirtyLine(Exception):
-    """A dirty record: reason is the counted category, detail the offending value."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
 def _check_format(fmt: str) -> formats.DatasetFormat:
     """The format table's row of raw format ``fmt``, or a ConfigError naming the valid ones."""
     try:
@@ -120,115 +93,11 @@ def _check_format(fmt: str) -> formats.DatasetFormat:
         raise ConfigError(str(err)) from None
 
 
-def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (1-based line number, raw line) from a gzip or plain file, detected by magic bytes.
-
-    A line longer than ``max_line_bytes`` (newline excluded) is yielded as ``None``
-    after its bytes were read and dropped in chunks, so no line is ever held whole
-    past the limit. A gzip stream that inflates more than ``_MAX_INFLATION`` times
-    its compressed size (checked once past ``_INFLATION_FLOOR``) is a one-line
-    :class:`DataError`: nothing real compresses like that, and without the check a
-    few MB of blank lines could keep a reader busy for hours.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below in the finally block
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    gz = None
-    lineno = 0
-    try:
-        magic = raw.read(2)
-        if not magic:
-            raise DataError(f"{path}: file is empty")
-        raw.seek(0)
-        if magic == _GZIP_MAGIC:
-            gz = gzip.GzipFile(fileobj=raw, mode="rb")
-        fh = gz if gz is not None else raw
-        guard = _InflationGuard(path, raw) if gz is not None else None
-        try:
-            while True:
-                line = fh.readline(max_line_bytes + 1)
-                if not line:
-                    return
-                lineno += 1
-                if guard is not None:
-                    guard.add(len(line), lineno)
-                if len(line) > max_line_bytes and line[-1:] != b"\n":  # no newline within the limit
-                    del line
-                    _discard_rest_of_line(fh, guard, lineno)
-                    yield lineno, None
-                else:
-                    yield lineno, line
-        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise DataError(
-                f"{path}: truncated gzip or corrupt gzip after line {lineno} (cannot read: {err})"
-            ) from None
-    finally:
-        if gz is not None:
-            gz.close()
-        raw.close()
-
-
-def _discard_rest_of_line(fh: Any, guard: _InflationGuard | None, lineno: int) -> None:
-    while True:
-        chunk = fh.readline(_DISCARD_CHUNK)
-        if guard is not None:
-            guard.add(len(chunk), lineno)
-        if not chunk or chunk[-1:] == b"\n":
-            return
-
-
-class _InflationGuard:
-    """Counts inflated bytes against compressed bytes read; raises on a gzip bomb."""
-
-    def __init__(self, path: Path, raw: Any) -> None:
-        self.path = path
-        self.raw = raw
-        self.inflated = 0
-        self.next_check = _INFLATION_FLOOR
-
-    def add(self, n: int, lineno: int) -> None:
-        self.inflated += n
-        if self.inflated < self.next_check:
-            return
-        self.next_check = self.inflated + _INFLATION_FLOOR
-        compressed = max(1, self.raw.tell())
-        if self.inflated > _MAX_INFLATION * compressed:
-            raise DataError(
-                f"{self.path}:{lineno}: {self.inflated} bytes inflated from {compressed} compressed "
-                f"(over {_MAX_INFLATION}x, no real dump compresses so well): refusing a gzip bomb"
-            )
-
-
 def _parse_json(line: bytes) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
         raise DirtyLine("malformed JSON") from None
-
-
-def parse_literal_line(line: bytes) -> Any:
-    """2014 metadata: Python literals. Try JSON first (fast path), then ast.literal_eval (never eval).
-
-    A cheap token count comes first: ``literal_eval`` builds a full syntax tree, about
-    1 KB per element, so a dense 1 MB literal would cost ~500 MB. Too many tokens is a
-    counted skip, decided without parsing.
-    """
-    with contextlib.suppress(orjson.JSONDecodeError):
-        return orjson.loads(line)
-    tokens = sum(line.count(t) for t in _LITERAL_TOKENS)
-    if tokens > _MAX_LITERAL_TOKENS:
-        raise DirtyLine("Python literal too complex", f"({tokens} brackets/commas/signs)")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DirtyLine("not UTF-8") from None
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise DirtyLine("malformed Python literal") from None
 
 
 def parse_lines(

@@ -32,9 +32,6 @@ from sand.pipeline.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-#: Paper reference values of SAND's loss weights and temperature (docs/model.md).
-REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
-
 def _table3_models() -> list[str]:
     """Table 3's models: each backbone then its SAND plug-in (from the registry)."""
     return [model for pair in registry.plugins().items() for model in pair]
@@ -202,14 +199,6 @@ def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list
 # ---------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------
-def run_pipeline_summary(cfg: PipelineConfig) -> dict[str, Any]:
-    """The default ``run_one``: the pipeline up to ``evaluate`` (cached stages reused)."""
-    from sand.pipeline.runner import run_pipeline
-    from sand.pipeline.stages import Context
-
-    return run_pipeline(Context.create(cfg), until="evaluate").summary()
-
-
 @dataclass
 class GridRun:
     """One combination's outcome (a row of ``runs.csv``)."""
@@ -372,12 +361,13 @@ def run_grid(
     axes: Mapping[str, Sequence[Any]],
     *,
     name: str,
-    run_one: RunOne | None = None,
+    run_one: RunOne,
     select_metric: str = "recall@20",
 ) -> GridResult:
     """Run every combination, record each outcome, select by validation ``select_metric``.
 
-    ``run_one(cfg) -> summary`` (default: :func:`run_pipeline_summary`) returns a dict like
+    ``run_one(cfg) -> summary`` runs one combination (the caller decides how: in process with
+    :func:`pipeline.runner.run_grid_locally`, or as nested Prefect flows) and returns a dict like
     :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}},
     ``train`` (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths,
     cached flags). A run that raises is recorded as failed with its one-line error and the
@@ -388,7 +378,6 @@ def run_grid(
     combos = expand_grid(base, axes)  # validates everything before the first run
     for _, cfg in combos:
         _check_metric(select_metric, cfg)
-    run_one = run_one or run_pipeline_summary
     out = grid_dir(base.data_root, name)
     result = GridResult(
         name=name,

@@ -29,8 +29,9 @@ import pandas as pd
 
 from sand.models import registry
 from sand.pipeline.errors import SandError, StageError
-from sand.pipeline.experiments.grid import REFERENCE
+from sand.pipeline.experiments.reference import REFERENCE
 from sand.pipeline.store import Artifact, ArtifactStore
+from sand.pipeline.training.model_io import build_model_for
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +519,6 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
 
     from sand.pipeline.config import build_config
     from sand.pipeline.experiments.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
-    from sand.pipeline.stages import Context, build_model_for
 
     train = run.train
     if train is None or not train.file("best.pt").is_file():
@@ -537,8 +537,8 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
     # The key also holds what the run reported (eval_ks): only config fields rebuild the model.
     params = {k: v for k, v in (train.manifest.get("params") or {}).items() if k in TrainConfig.model_fields}
     params["device"] = "cpu"
-    ctx = Context.create(build_config({"data_root": str(store.data_root), "train": params}), progress=False)
-    model, data = build_model_for(ctx, arts.pop("interactions"), arts)
+    tcfg = build_config({"data_root": str(store.data_root), "train": params}).train
+    model, data = build_model_for(tcfg, arts.pop("interactions"), arts)
     state = torch.load(train.file("best.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
     rng = np.random.default_rng(seed)

@@ -1,6 +1,6 @@
 """The image_features stage when ``image_features.source=amazon2014``: the release's own features.
 
-Why a module of its own: the CNN path of ``stages.run_image_features`` fetches
+Why a module of its own: the CNN path of ``image_stage.run_image_features`` fetches
 and encodes images in shards; this path downloads one category file and keeps
 the dataset's rows (:mod:`pipeline.amazon2014_features`). They share only the
 stage name and the output contract (``image_feat.npy`` in item order,
@@ -17,9 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sand.pipeline.acquire.download import _local_path, fetch_file
+from sand.pipeline.acquire.sources import amazon2014_image_features_url, resolve_source
 from sand.pipeline.config import PipelineConfig
 from sand.pipeline.errors import ConfigError
-from sand.pipeline.stages import STAGE_VERSIONS, Context, _local_fingerprint
+from sand.pipeline.features.amazon2014 import read_item_features
+from sand.pipeline.stage_context import StageContext, local_fingerprint
 from sand.pipeline.store import Artifact, StageOutcome
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,6 @@ def amazon2014_feature_source(cfg: PipelineConfig) -> str:
     """The feature file to read: ``image_features.amazon2014_url``, else the one of the dataset's 2014 category."""
     if cfg.image_features.amazon2014_url:
         return cfg.image_features.amazon2014_url
-    from sand.pipeline.acquire.sources import amazon2014_image_features_url, resolve_source
-
     acfg = cfg.acquire
     url = amazon2014_image_features_url(resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta))
     if url is None:
@@ -48,14 +49,12 @@ def check_feature_source(cfg: PipelineConfig, stages_planned: list[str]) -> None
     """
     if cfg.image_features.source != "amazon2014" or "image_features" not in stages_planned:
         return
-    from sand.pipeline.acquire.sources import resolve_source
-
     acfg = cfg.acquire
     if resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta).format != "mmrec":
         amazon2014_feature_source(cfg)
 
 
-def run_amazon2014_image_features(ctx: Context, inter: Artifact) -> StageOutcome:
+def run_amazon2014_image_features(ctx: StageContext, inter: Artifact) -> StageOutcome:
     """The 2014 release's 4,096-d image features of the dataset's items, streamed out of the category file.
 
     Remote files are downloaded like the raw dumps (resume, retry, size check,
@@ -65,12 +64,9 @@ def run_amazon2014_image_features(ctx: Context, inter: Artifact) -> StageOutcome
     icfg = ctx.cfg.image_features
     source = amazon2014_feature_source(ctx.cfg)
     remote = source.lower().startswith(("http://", "https://"))
-    params = {"source": "amazon2014", "url": source, "fingerprint": _local_fingerprint(source), "fill": icfg.fill}
+    params = {"source": "amazon2014", "url": source, "fingerprint": local_fingerprint(source), "fill": icfg.fill}
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.pipeline.acquire.download import _local_path, fetch_file
-        from sand.pipeline.features.amazon2014 import read_item_features
-
         items = pd.read_parquet(inter.file("items.parquet"), columns=["item", "asin"]).sort_values("item")
         download = None
         if remote:
@@ -95,7 +91,4 @@ def run_amazon2014_image_features(ctx: Context, inter: Artifact) -> StageOutcome
             "missing": result.items_filled, "missing_reasons": reasons,
         }
 
-    return ctx.store.run(
-        "image_features", STAGE_VERSIONS["image_features"], params, {"interactions": inter}, build,
-        "image_features" in ctx.refresh,
-    )
+    return ctx.run("image_features", params, {"interactions": inter}, build)

@@ -6,21 +6,15 @@ user's training items) is what users expect ``sand recommend`` to follow too.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
 import pandas as pd
 
-from sand.pipeline.config import PipelineConfig
+from sand.pipeline.config import TrainConfig
 from sand.pipeline.errors import ConfigError
 from sand.pipeline.store import Artifact
-
-
-def _artifact(summary: dict[str, Any], stage: str) -> Artifact:
-    import json
-
-    path = Path(summary["stages"][stage]["artifact"])
-    return Artifact(stage, path.name, path, json.loads((path / "manifest.json").read_text()))
+from sand.pipeline.training.evaluation import recommendations_table
+from sand.pipeline.training.model_io import trained_embeddings
 
 
 def resolve_user(user: str, user_map: pd.DataFrame, n_users: int) -> int:
@@ -33,17 +27,13 @@ def resolve_user(user: str, user_map: pd.DataFrame, n_users: int) -> int:
     raise ConfigError(f"unknown user {user!r}: not a user id of this dataset nor an index below {n_users}")
 
 
-def recommend_for_user(cfg: PipelineConfig, summary: dict[str, Any], user: str, k: int) -> pd.DataFrame:
-    from sand.pipeline.stages import Context, trained_embeddings
-    from sand.pipeline.training.evaluation import recommendations_table
-
+def recommend_for_user(tcfg: TrainConfig, artifacts: Mapping[str, Artifact], user: str, k: int) -> pd.DataFrame:
+    """``user``'s top ``k`` items from a run's artifacts (stage name -> artifact, up to ``train``)."""
     if k < 1:
         raise ConfigError(f"invalid -k {k}: must be at least 1")
-    inter = _artifact(summary, "interactions")
-    trained = _artifact(summary, "train")
-    features = {s: _artifact(summary, s) for s in ("text_features", "image_features", "graphs")
-                if s in summary["stages"]}
-    data, user_emb, item_emb = trained_embeddings(Context.create(cfg), inter, trained, features)
+    inter, trained = artifacts["interactions"], artifacts["train"]
+    features = {s: artifacts[s] for s in ("text_features", "image_features", "graphs") if s in artifacts}
+    data, user_emb, item_emb = trained_embeddings(tcfg, inter, trained, features)
     idx = resolve_user(user, pd.read_parquet(inter.file("user_map.parquet")), data.n_users)
     recs = recommendations_table(user_emb, item_emb, data, k, users=[idx])
     items = pd.read_parquet(inter.file("items.parquet"))

@@ -1,0 +1,36 @@
+"""The ``report`` stage: the paper's tables and figures over every evaluated run in the store.
+
+Why it reads the store, not one upstream chain: a report compares runs (models,
+variants, grids); its key is the set of evaluations and grid tables, so it is
+cached while that set is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from sand.pipeline.experiments.report import write_report
+from sand.pipeline.stage_context import StageContext, key_params
+from sand.pipeline.store import StageOutcome
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run_report(ctx: StageContext) -> StageOutcome:
+    """Tables and figures over every evaluated run in the store (cached while the set is unchanged)."""
+    rcfg = ctx.cfg.report
+    evaluations = sorted(a.key for a in ctx.store.list("evaluate"))
+    # Grid tables feed the sensitivity figure: a changed grid must give a new report.
+    grids = {p.parent.name: _file_digest(p) for p in sorted((ctx.store.data_root / "grids").glob("*/runs.csv"))}
+    params = {**key_params(rcfg), "evaluations": evaluations, "grids": grids}
+
+    def build(out: Path) -> dict[str, Any]:
+        files = write_report(ctx.store.data_root, out, tsne_items=rcfg.tsne_items, seed=rcfg.seed,
+                             select_metric=rcfg.select_metric)
+        return {"files": {name: [str(Path(p).relative_to(out)) for p in paths] for name, paths in files.items()}}
+
+    return ctx.run("report", params, {}, build)

@@ -1,0 +1,48 @@
+"""Feature files an MMRec folder ships (``image_feat.npy`` / ``text_feat.npy``), used as they are.
+
+Why a module of its own: the text and the image stage both accept such a file in
+place of encoding, with the same checks (one row per item) and the same error
+naming the model that needs the features when neither the file nor the raw data
+(titles, image URLs) is there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sand.pipeline.errors import StageError
+from sand.pipeline.stage_context import StageContext
+from sand.pipeline.store import Artifact
+
+
+def imported_feature(inter: Artifact, name: str) -> Path | None:
+    """An MMRec folder may ship ``image_feat.npy`` / ``text_feat.npy``: used as they are."""
+    raw_path = inter.manifest["inputs"]["raw"]["path"]
+    candidate = Path(raw_path) / name
+    return candidate if candidate.is_file() else None
+
+
+def missing_feature_message(ctx: StageContext, inter: Artifact, modality: str, what: str) -> str:
+    """Name the model that needs the features and the folder the user gave."""
+    raw = Path(inter.manifest["inputs"]["raw"]["path"])
+    try:
+        origin = json.loads((raw / "manifest.json").read_text())["params"].get("mmrec_dir") or raw
+    except (OSError, KeyError, json.JSONDecodeError):
+        origin = raw
+    return (
+        f"model {ctx.cfg.train.model!r} needs {modality} features: the dataset has no {what} and {origin} "
+        f"has no {modality}_feat.npy (add one, or train an ID-only model: --model bpr | lightgcn)"
+    )
+
+
+def copy_imported(src: Path, out: Path, name: str, n_items: int) -> dict[str, Any]:
+    """An imported feature file into the artifact, as float32, after checking it has one row per item."""
+    feats = np.load(src, allow_pickle=False)
+    if feats.ndim != 2 or feats.shape[0] != n_items:
+        raise StageError(f"{src}: expected {n_items} rows (one per item), found shape {feats.shape}")
+    np.save(out / name, feats.astype(np.float32, copy=False))
+    return {"source": "imported", "file": str(src), "shape": list(feats.shape)}

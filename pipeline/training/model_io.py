@@ -1,0 +1,103 @@
+"""Models built from stage artifacts: the interactions split, feature matrices and item graphs.
+
+Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's
+figures all rebuild the configured model from the same artifacts; one home keeps
+them identical and keeps the report from importing the stage table (no cycle).
+torch and ``sand.models`` (which imports torch) are imported inside functions
+(keeps ``sand --help`` fast).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sand.pipeline.config import TrainConfig
+from sand.pipeline.dataset.split_data import SplitData
+from sand.pipeline.errors import ConfigError
+from sand.pipeline.features.knn import load_graph
+from sand.pipeline.stage_context import dataset_counts
+from sand.pipeline.store import Artifact
+
+
+def load_feature_tensor(path: Path):
+    """A feature matrix as a float32 tensor over a memory map of the ``.npy`` file, not a copy.
+
+    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on
+    demand and the models that keep raw features as a frozen buffer (SAND, VBPR) hold no
+    second copy on CPU (on a GPU, the one device copy). Copy-on-write (``mmap_mode="c"``):
+    a model that writes into its features changes private pages, never the artifact.
+    Other dtypes (an imported float16 file) are converted once, to one float32 copy.
+    """
+    import torch
+
+    arr = np.load(path, mmap_mode="c", allow_pickle=False)
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(arr)
+
+
+def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
+    """SplitData, feature tensors and torch item graphs for building a model."""
+    from sand.models.graph import scipy_to_torch_sparse
+
+    n_users, n_items = dataset_counts(inter)
+    data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
+    features, graphs = {}, {}
+    if "image_features" in feature_arts:
+        features["image"] = load_feature_tensor(feature_arts["image_features"].file("image_feat.npy"))
+    if "text_features" in feature_arts:
+        features["text"] = load_feature_tensor(feature_arts["text_features"].file("text_feat.npy"))
+    if "graphs" in feature_arts:
+        for modality in ("image", "text"):
+            graphs[modality] = scipy_to_torch_sparse(load_graph(feature_arts["graphs"].file(f"{modality}_graph.npz")))
+    return data, features, graphs
+
+
+def effective_model_kwargs(tcfg: Any) -> tuple[set[str], dict[str, Any]]:
+    """(accepted hyper-parameter names, keywords for the model): the profile, then explicit settings."""
+    from sand.models.registry import accepted_hyperparameters, profile_hyperparameters
+
+    accepted = accepted_hyperparameters(tcfg.model)
+    return accepted, {**profile_hyperparameters(tcfg.model, tcfg.profile), **tcfg.model_kwargs(accepted)}
+
+
+def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, Artifact]):
+    """Construct the model ``tcfg`` names (seeded) and the data it trains on."""
+    import torch
+
+    from sand.models.registry import build_model, default_lr
+
+    data, features, graphs = load_model_inputs(inter, feature_arts)
+    accepted, kwargs = effective_model_kwargs(tcfg)
+    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (docs/model.md, CLUB fit)
+        if name in accepted and name not in kwargs:
+            kwargs[name] = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
+    torch.manual_seed(tcfg.seed)
+    try:
+        model = build_model(
+            tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
+            train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs, **kwargs,
+        )
+    except ValueError as err:  # models/ raises ValueError; here it becomes the user's one-line error
+        raise ConfigError(f"train.model={tcfg.model}: {err}") from None
+    return model, data
+
+
+def trained_embeddings(tcfg: TrainConfig, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]):
+    """(data, user_emb, item_emb) of a trained run: its best checkpoint, a fresh eval-mode forward pass.
+
+    Why fresh: the reference scores with embeddings cached during the last training batch;
+    evaluation and ``sand recommend`` both rebuild them from the checkpoint instead.
+    """
+    import torch
+
+    model, data = build_model_for(tcfg, inter, feature_arts)
+    state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    model.eval()
+    with torch.no_grad():
+        user_emb, item_emb = model.embeddings()
+    return data, user_emb, item_emb
