@@ -6,11 +6,10 @@ classes and ``prefect-dask``; the CLI and deployments pass plain strings.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from sand.pipeline.errors import ConfigError
 
-RunnerName = Literal["threads", "processes", "dask"]
 RUNNERS = ("threads", "processes", "dask")
 
 

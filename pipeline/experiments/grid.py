@@ -27,7 +27,8 @@ from typing import Any
 
 from sand.models import registry
 from sand.pipeline.config import PipelineConfig, build_config, set_dotted
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.errors import ConfigError, one_line
+from sand.pipeline.files import atomic_path
 from sand.pipeline.store import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -284,11 +285,6 @@ def _floats(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return {str(k): float(v) for k, v in (metrics or {}).items()}
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _dataset_name(summary: Mapping[str, Any], cfg: PipelineConfig) -> str:
     """The interactions manifest's dataset name when the summary points at it, else the config's."""
     path = summary.get("stages", {}).get("interactions", {}).get("artifact")
@@ -350,9 +346,8 @@ def write_grid_tables(result: GridResult) -> None:
 
     result.table_path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([r.row() for r in result.runs])
-    tmp = result.table_path.with_name(f".{result.table_path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(result.table_path)
+    with atomic_path(result.table_path) as tmp:
+        frame.to_csv(tmp, index=False)
     write_json_atomic(result.selected_path, result.to_dict())
 
 
@@ -397,7 +392,7 @@ def run_grid(
         try:
             _record(run, run_one(cfg), cfg, select_metric)
         except Exception as err:  # a failed run is a result too; the grid goes on
-            run.status, run.error = "failed", _one_line(err)
+            run.status, run.error = "failed", one_line(err, with_type=True)
             log.error("grid %s: run %d/%d (%s) failed: %s", name, i, len(combos), shown, run.error)
         else:
             log.info(

@@ -31,6 +31,7 @@ from sand.models import registry
 from sand.pipeline.errors import SandError, StageError
 from sand.pipeline.experiments.reference import REFERENCE
 from sand.pipeline.store import Artifact, ArtifactStore
+from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
 
 log = logging.getLogger(__name__)
@@ -515,7 +516,6 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
 
 def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
     """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
-    import torch
 
     from sand.pipeline.config import build_config
     from sand.pipeline.experiments.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
@@ -539,8 +539,7 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
     params["device"] = "cpu"
     tcfg = build_config({"data_root": str(store.data_root), "train": params}).train
     model, data = build_model_for(tcfg, arts.pop("interactions"), arts)
-    state = torch.load(train.file("best.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+    load_weights(model, train.file("best.pt"), "cpu")
     rng = np.random.default_rng(seed)
     items = np.sort(rng.choice(data.n_items, size=min(n_items, data.n_items), replace=False))
     reps = modal_representations(model, items)

@@ -20,6 +20,7 @@ from sand.pipeline.errors import ConfigError
 from sand.pipeline.features.knn import load_graph
 from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.store import Artifact
+from sand.pipeline.training.checkpoints import load_weights
 
 
 def load_feature_tensor(path: Path):
@@ -95,8 +96,7 @@ def trained_embeddings(tcfg: TrainConfig, inter: Artifact, trained: Artifact, fe
     import torch
 
     model, data = build_model_for(tcfg, inter, feature_arts)
-    state = torch.load(trained.file("best.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    load_weights(model, trained.file("best.pt"), "cpu")
     model.eval()
     with torch.no_grad():
         user_emb, item_emb = model.embeddings()
