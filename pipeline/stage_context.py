@@ -37,15 +37,24 @@ PERFORMANCE_FIELDS = {"num_workers", "concurrency"}
 ShardMapper = Callable[[Callable[..., Any], Sequence[Any]], list[Any]]
 
 
+class NotCached(Exception):
+    """Raised in a ``cache_only`` context by the first stage whose artifact is not in the store."""
+
+
 @dataclass
 class StageContext:
-    """Everything a stage needs besides its inputs: config, store, what to rebuild, stage versions."""
+    """Everything a stage needs besides its inputs: config, store, what to rebuild, stage versions.
+
+    ``cache_only``: serve artifacts from the store and raise :class:`NotCached` instead of
+    building one, so a caller can answer a fully cached run without starting Prefect.
+    """
 
     cfg: PipelineConfig
     store: ArtifactStore
     versions: Mapping[str, str]
     refresh: frozenset[str] = field(default_factory=frozenset)
     progress: bool = True
+    cache_only: bool = False
 
     @classmethod
     def create(
@@ -67,6 +76,11 @@ class StageContext:
         self, stage: str, params: dict[str, Any], inputs: dict[str, Artifact], build: Callable[[Path], Any]
     ) -> StageOutcome:
         """The stage's artifact for ``params`` and ``inputs``: cached, or built by ``build(staging_dir)``."""
+        if self.cache_only:
+            existing = None if stage in self.refresh else self.store.lookup(stage, self.work_key(stage, params, inputs))
+            if existing is None:
+                raise NotCached(stage)
+            return StageOutcome(existing, True, 0.0)
         return self.store.run(stage, self.version(stage), params, inputs, build, stage in self.refresh)
 
     def work_key(self, stage: str, params: dict[str, Any], inputs: dict[str, Artifact]) -> str:
