@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.training.trainer import evaluation
+from sand.pipeline.training import evaluation
 
 
 def _mapped_ranges(path) -> list[tuple[int, int]]:
