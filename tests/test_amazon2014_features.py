@@ -280,6 +280,7 @@ def test_config_file_choice_of_image_source_is_kept_by_grids(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the CLI
+@pytest.mark.slow
 def test_cli_wrong_width_file_is_one_line_and_exit_2(prefect_server, tmp_path):
     path = tmp_path / "image_features_Odd.b"
     with open(path, "wb") as fh:
@@ -296,6 +297,7 @@ def test_cli_wrong_width_file_is_one_line_and_exit_2(prefect_server, tmp_path):
     assert out.stdout.strip() == ""  # nothing on stdout on an error
 
 
+@pytest.mark.slow
 def test_prefect_ui_shows_the_coverage(prefect_server, sample_items, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -318,6 +320,7 @@ def test_prefect_ui_shows_the_coverage(prefect_server, sample_items, tmp_path):
     assert shown[ABSENT.replace("_", " ")] == "2"
 
 
+@pytest.mark.slow
 def test_cli_unnamed_feature_file_fails_before_any_stage_runs(tmp_path):
     root = tmp_path / "data"
     out = subprocess.run(

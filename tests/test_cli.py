@@ -89,6 +89,7 @@ def _last_json(stdout: str) -> dict:
     return json.loads(lines[0])
 
 
+@pytest.mark.slow
 def test_json_run_export_and_recommend(prefect_server, tmp_path):
     root = ["--data-root", str(tmp_path / "data"), *TINY]
     result = run_sand(["run", "--until", "interactions", "--json", *root], api_url=prefect_server, cwd=tmp_path)
@@ -140,6 +141,7 @@ def test_json_run_export_and_recommend(prefect_server, tmp_path):
     assert len(recs) == 5 and {"item", "asin", "title", "score"} <= set(recs[0])
 
 
+@pytest.mark.slow
 def test_grid_then_report_by_cli(prefect_server, tmp_path):
     root = ["--data-root", str(tmp_path / "data"), *TINY, "--epochs", "2"]
     result = invoke_sand(["grid", "--axis", "train.model=bpr,lightgcn,nope", "--json", *root],
@@ -159,6 +161,7 @@ def test_grid_then_report_by_cli(prefect_server, tmp_path):
     assert (out / "report.md").is_file() and list(out.glob("curves_*.png"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(prefect_server, http_server, tmp_path):
     """SIGINT during a slow download: one 'interrupted' line on stderr (after Prefect's own log), exit 130."""
     import os
@@ -205,6 +208,7 @@ def _gzip_bomb(path, n_bytes: int):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gzip-bomb", "remote-file-host", "over-long-lines"])
 def test_hostile_raw_input_is_one_error_line_and_exit_2(prefect_server, tmp_path, case):
     reviews = tmp_path / "reviews_Evil_5.json.gz"

@@ -75,6 +75,7 @@ def test_data_root_that_cannot_be_created_is_one_line(tmp_path):
     assert str(blocker / "data") in line and "not writable" in line
 
 
+@pytest.mark.slow
 def test_read_only_empty_data_root_is_one_line(tmp_path):
     root = tmp_path / "ro"
     root.mkdir()
@@ -88,6 +89,7 @@ def test_read_only_empty_data_root_is_one_line(tmp_path):
     assert str(root) in line and "not writable" in line and "Permission denied" in line
 
 
+@pytest.mark.slow
 def test_error_raised_inside_a_flow_is_one_line_naming_the_log(prefect_server, tmp_path):
     root = tmp_path / "data"
     missing = tmp_path / "no-such-folder"
@@ -102,6 +104,7 @@ def test_error_raised_inside_a_flow_is_one_line_naming_the_log(prefect_server, t
     assert "Traceback (most recent call last)" in text and "ConfigError" in text
 
 
+@pytest.mark.slow
 def test_bad_reviews_file_fails_in_a_later_stage_with_one_line(prefect_server, tmp_path):
     reviews = tmp_path / "reviews_Toys_5.json"
     good = {"reviewerID": "u1", "asin": "i1", "overall": 5.0, "unixReviewTime": 1}
@@ -171,6 +174,7 @@ def cached_read_only_root(tmp_path_factory):
 
 @pytest.mark.parametrize("command", [["run", "--json"], ["recommend", "--user", "0", "-k", "3", "--json"],
                                      ["report", "--json"]])
+@pytest.mark.slow
 def test_read_only_root_serves_cached_results(cached_read_only_root, prefect_server, tmp_path, command):
     args = [*command, "--data-root", str(cached_read_only_root), *TINY, "--model", "bpr", "--epochs", "2"]
     result = run_sand(args, api_url=prefect_server, cwd=tmp_path, drop_write_override=True)
@@ -182,6 +186,7 @@ def test_read_only_root_serves_cached_results(cached_read_only_root, prefect_ser
         assert out["stages"] and all(stage["cached"] for stage in out["stages"].values())
 
 
+@pytest.mark.slow
 def test_read_only_root_without_the_artifact_is_one_line(cached_read_only_root, prefect_server, tmp_path):
     args = ["run", "--data-root", str(cached_read_only_root), *TINY, "--model", "bpr", "--epochs", "3"]
     result = run_sand(args, api_url=prefect_server, cwd=tmp_path, drop_write_override=True)
