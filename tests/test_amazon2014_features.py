@@ -177,6 +177,7 @@ def test_local_file_is_read_in_place_and_hashed(sample_items, tmp_path):
     np.testing.assert_array_equal(np.load(edited.artifact.file("image_feat.npy"))[0], vector(asins[0], salt=2))
 
 
+@pytest.mark.slow
 def test_cnn_and_amazon2014_artifacts_never_share_a_key(sample_items, tmp_path):
     root, asins = sample_items
     path = tmp_path / "image_features_Baby.b"

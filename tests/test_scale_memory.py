@@ -55,7 +55,6 @@ def _artifacts(tmp_path, n_users=40, n_items=60):
     return inter, feats
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_training_reads_features_memory_mapped_without_a_copy(tmp_path) -> None:
     from sand.pipeline.config import load_config

@@ -31,7 +31,6 @@ def _run(folder, root, *settings):
     return run_pipeline(Context.create(cfg, progress=False))
 
 
-@pytest.mark.slow
 def test_id_only_model_trains_on_interactions_alone(inter_only_folder, tmp_path):
     result = _run(inter_only_folder, tmp_path / "data", "train.model=lightgcn", "train.epochs=2")
     summary = result.summary()
