@@ -7,6 +7,7 @@ client code (timeouts, retries, Range requests) without leaving the machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -171,3 +172,81 @@ def run_sand(args, *, api_url: str | None = None, cwd=None, env=None, drop_write
     if api_url is not None:
         full_env["PREFECT_API_URL"] = api_url
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def _logging_state() -> dict[str, tuple[list[logging.Handler], int, bool]]:
+    """Handlers, level and propagation of the root logger and every logger that exists now."""
+    loggers = [logging.getLogger(), *(obj for obj in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(obj, logging.Logger))]
+    return {lg.name: (list(lg.handlers), lg.level, lg.propagate) for lg in loggers}
+
+
+def _restore_logging(saved: dict[str, tuple[list[logging.Handler], int, bool]]) -> None:
+    """Undo what a CLI run did to logging: close and drop the handlers it added, reset levels.
+
+    Loggers created during the run keep their handlers, except those the CLI itself owns
+    (``sand.*``): Prefect configures its loggers once per process and must keep working.
+    """
+    current = _logging_state()
+    for name, (handlers, _, _) in current.items():
+        if name in saved:
+            before, level, propagate = saved[name]
+        elif name.startswith("sand"):
+            before, level, propagate = [], logging.NOTSET, True
+        else:
+            continue
+        lg = logging.getLogger() if name == "root" else logging.getLogger(name)
+        for handler in handlers:
+            if handler not in before:
+                lg.removeHandler(handler)
+                handler.close()
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def invoke_sand(args, *, api_url: str | None = None, env: dict[str, str] | None = None, cwd=None):
+    """``sand ARGS`` in this process: the console entry point under ``typer.testing.CliRunner``.
+
+    Why the entry point (``sand.flows.cli.main``) and not ``CliRunner.invoke(app)``: the
+    one-line ``error:`` and the exit codes 1/2/130 are made by ``main`` around the typer app,
+    and they are what the tests check. The run sees what a user's process would (argv, the
+    environment with ``SAND_LOG_LEVEL=WARNING`` like ``run_sand``, a fresh run log) and leaves
+    nothing behind: the environment, argv, the working directory and the logging handlers it
+    installed are restored, so runs in one test process do not see each other's state.
+    Returns a ``typer.testing.Result`` (``exit_code``, ``stdout``, ``stderr`` kept apart).
+    """
+    import contextlib
+    import sys
+
+    from typer.testing import CliRunner, Result
+
+    from sand.flows import cli, cli_logging
+
+    overrides = {"SAND_LOG_LEVEL": "WARNING", **(env or {})}
+    if api_url is not None:
+        overrides["PREFECT_API_URL"] = api_url
+    runner = CliRunner()
+    saved_env, saved_argv, saved_logging = dict(os.environ), sys.argv, _logging_state()
+    saved_run_log = cli_logging.RUN_LOG
+    cli_logging.RUN_LOG = cli_logging.RunLog()  # each command opens its own log file
+    exit_code, exception = 0, None
+    try:
+        with runner.isolation(env=overrides) as (out, err, mixed), contextlib.chdir(cwd or os.getcwd()):
+            sys.argv = ["sand", *map(str, args)]
+            try:
+                cli.main()
+            except SystemExit as done:
+                exit_code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+                exception = done if exit_code else None
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            captured = out.getvalue(), err.getvalue(), mixed.getvalue()
+    finally:
+        _restore_logging(saved_logging)
+        cli_logging.RUN_LOG = saved_run_log
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+    return Result(runner=runner, stdout_bytes=captured[0], stderr_bytes=captured[1], output_bytes=captured[2],
+                  return_value=None, exit_code=exit_code, exception=exception)

@@ -178,6 +178,7 @@ def test_local_file_is_read_in_place_and_hashed(sample_items, tmp_path):
     np.testing.assert_array_equal(np.load(edited.artifact.file("image_feat.npy"))[0], vector(asins[0], salt=2))
 
 
+@pytest.mark.slow
 def test_cnn_and_amazon2014_artifacts_never_share_a_key(sample_items, tmp_path):
     root, asins = sample_items
     path = tmp_path / "image_features_Baby.b"
@@ -281,6 +282,7 @@ def test_config_file_choice_of_image_source_is_kept_by_grids(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the CLI
+@pytest.mark.slow
 def test_cli_wrong_width_file_is_one_line_and_exit_2(prefect_server, tmp_path):
     path = tmp_path / "image_features_Odd.b"
     with open(path, "wb") as fh:
@@ -297,6 +299,7 @@ def test_cli_wrong_width_file_is_one_line_and_exit_2(prefect_server, tmp_path):
     assert out.stdout.strip() == ""  # nothing on stdout on an error
 
 
+@pytest.mark.slow
 def test_prefect_ui_shows_the_coverage(prefect_server, sample_items, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -319,6 +322,7 @@ def test_prefect_ui_shows_the_coverage(prefect_server, sample_items, tmp_path):
     assert shown[ABSENT.replace("_", " ")] == "2"
 
 
+@pytest.mark.slow
 def test_cli_unnamed_feature_file_fails_before_any_stage_runs(tmp_path):
     root = tmp_path / "data"
     out = subprocess.run(

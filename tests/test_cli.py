@@ -1,4 +1,9 @@
-"""The `sand` command: fast help, one-line errors, JSON output, export and recommend."""
+"""The `sand` command: fast help, one-line errors, JSON output, export and recommend.
+
+Commands run in this process (``invoke_sand``: the console entry point under CliRunner),
+except the checks only a real process can make: the installed console script end to end,
+its exit status and stderr, Ctrl-C, and which modules ``sand --help`` imports.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import invoke_sand, run_sand
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
 
@@ -25,15 +31,6 @@ def test_help_does_not_import_heavy_libraries():
     assert out.stdout.strip() == "[]"
 
 
-def _main(args, env=None):
-    """The CLI in a fresh process: the exit status and stderr a user sees."""
-    import os
-
-    out = subprocess.run([sys.executable, "-m", "sand.flows.cli", *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=300)
-    return out.returncode, out
-
-
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -46,28 +43,44 @@ def _main(args, env=None):
         (["run", "--config", "/no/such/file.yaml"], "file.yaml"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, needle):
-    code, out = _main(args)
-    assert code == 2
-    lines = out.stderr.strip().splitlines()
+def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
+    result = invoke_sand(args, cwd=tmp_path)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert result.stdout == ""
+
+
+def test_installed_command_prints_one_line_and_exits_2(tmp_path):
+    """The same promise from a real process: the installed console script, its exit status and stderr."""
+    result = run_sand(["run", "--until", "nowhere"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
 
 
 def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
-    code, out = _main(["run", "--until", "acquire", "--data-root", str(tmp_path / "data")],
-                      {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
-    assert code == 2
-    assert "prefect server start" in out.stderr and "PREFECT_API_URL" in out.stderr
+    result = invoke_sand(["run", "--until", "acquire", "--data-root", str(tmp_path / "data")],
+                         env={"PREFECT_API_URL": "http://127.0.0.1:9/api"}, cwd=tmp_path)
+    assert result.exit_code == 2
+    assert "prefect server start" in result.stderr and "PREFECT_API_URL" in result.stderr
 
 
-def _sand(args, api_url, tmp_path):
-    """The installed console script, as a user runs it, against the session's test server."""
+def test_in_process_runs_leave_no_state_behind(tmp_path):
+    """A run that opened its log file leaves the logging handlers, environment, argv and working
+    directory as it found them, and no file open: in-process CLI tests cannot see each other."""
+    import logging
     import os
-    import shutil
 
-    env = {**os.environ, "PREFECT_API_URL": api_url, "SAND_LOG_LEVEL": "WARNING"}
-    exe = shutil.which("sand", path=os.path.dirname(sys.executable)) or "sand"
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, dict(os.environ), list(sys.argv), os.getcwd())
+    result = invoke_sand(["run", "--until", "acquire", "--data-root", str(tmp_path / "data")],
+                         env={"PREFECT_API_URL": "http://127.0.0.1:9/api"}, cwd=tmp_path)
+    assert result.exit_code == 2 and list((tmp_path / "data" / "logs").glob("sand-*.log"))
+    assert (list(root.handlers), root.level, dict(os.environ), list(sys.argv), os.getcwd()) == before
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [path for path in open_files if path.startswith(str(tmp_path))]
 
 
 def _last_json(stdout: str) -> dict:
@@ -76,9 +89,10 @@ def _last_json(stdout: str) -> dict:
     return json.loads(lines[0])
 
 
+@pytest.mark.slow
 def test_json_run_export_and_recommend(prefect_server, tmp_path):
     root = ["--data-root", str(tmp_path / "data"), *TINY]
-    result = _sand(["run", "--until", "interactions", "--json", *root], prefect_server, tmp_path)
+    result = run_sand(["run", "--until", "interactions", "--json", *root], api_url=prefect_server, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = _last_json(result.stdout)
     assert set(summary["stages"]) == {"acquire", "interactions"}
@@ -86,8 +100,8 @@ def test_json_run_export_and_recommend(prefect_server, tmp_path):
     assert set(summary["stages"]["acquire"]) == {"cached", "seconds", "artifact"}
 
     out = tmp_path / "mmrec"
-    result = _sand(["export", "mmrec", "--out", str(out), "--until", "image_features", "--json", *root],
-                   prefect_server, tmp_path)
+    result = run_sand(["export", "mmrec", "--out", str(out), "--until", "image_features", "--json", *root],
+                      api_url=prefect_server, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     exported = _last_json(result.stdout)["export"]
     inter = next(out.glob("*.inter"))
@@ -106,8 +120,8 @@ def test_json_run_export_and_recommend(prefect_server, tmp_path):
     assert json.loads((out / "sand_export.json").read_text())["warnings"] == exported["warnings"]
 
     # the exported folder is itself a dataset, with its split kept, row for row
-    result = _sand(["run", "--until", "interactions", "--json", "--dataset", str(out),
-                    "--data-root", str(tmp_path / "data2")], prefect_server, tmp_path)
+    result = run_sand(["run", "--until", "interactions", "--json", "--dataset", str(out),
+                       "--data-root", str(tmp_path / "data2")], api_url=prefect_server, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     again = _last_json(result.stdout)
     for key in ("users", "items", "interactions", "train", "valid", "test"):
@@ -120,31 +134,34 @@ def test_json_run_export_and_recommend(prefect_server, tmp_path):
     ]
     pd.testing.assert_frame_equal(rows[0], rows[1])
 
-    result = _sand(["recommend", "--user", "0", "-k", "5", "--model", "bpr", "--epochs", "1", "--json", *root],
-                   prefect_server, tmp_path)
+    result = run_sand(["recommend", "--user", "0", "-k", "5", "--model", "bpr", "--epochs", "1", "--json",
+                       *root], api_url=prefect_server, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     recs = _last_json(result.stdout)["recommendations"]
     assert len(recs) == 5 and {"item", "asin", "title", "score"} <= set(recs[0])
 
 
+@pytest.mark.slow
 def test_grid_then_report_by_cli(prefect_server, tmp_path):
     root = ["--data-root", str(tmp_path / "data"), *TINY, "--epochs", "2"]
-    result = _sand(["grid", "--axis", "train.model=bpr,lightgcn,nope", "--json", *root], prefect_server, tmp_path)
-    assert result.returncode == 2 and "train.model" in result.stderr  # validated before anything runs
-    result = _sand(["grid", "--axis", "train.model=bpr,lightgcn", "--name", "ids", "--json", *root],
-                   prefect_server, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = invoke_sand(["grid", "--axis", "train.model=bpr,lightgcn,nope", "--json", *root],
+                         api_url=prefect_server, cwd=tmp_path)
+    assert result.exit_code == 2 and "train.model" in result.stderr  # validated before anything runs
+    result = invoke_sand(["grid", "--axis", "train.model=bpr,lightgcn", "--name", "ids", "--json", *root],
+                         api_url=prefect_server, cwd=tmp_path)
+    assert result.exit_code == 0, result.stderr[-2000:]
     grid = _last_json(result.stdout)
     assert grid["n_runs"] == 2 and grid["n_failed"] == 0 and grid["selected_by"] == "valid recall@20"
     assert (tmp_path / "data" / "grids" / "ids" / "runs.csv").is_file()
     out = tmp_path / "report"
-    result = _sand(["report", "--out", str(out), "--json", *root], prefect_server, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = invoke_sand(["report", "--out", str(out), "--json", *root], api_url=prefect_server, cwd=tmp_path)
+    assert result.exit_code == 0, result.stderr[-2000:]
     table = (out / "table2_main.md").read_text()
     assert "MF-BPR" in table and "LightGCN" in table
     assert (out / "report.md").is_file() and list(out.glob("curves_*.png"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(prefect_server, http_server, tmp_path):
     """SIGINT during a slow download: one 'interrupted' line on stderr (after Prefect's own log), exit 130."""
     import os
@@ -191,6 +208,7 @@ def _gzip_bomb(path, n_bytes: int):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gzip-bomb", "remote-file-host", "over-long-lines"])
 def test_hostile_raw_input_is_one_error_line_and_exit_2(prefect_server, tmp_path, case):
     reviews = tmp_path / "reviews_Evil_5.json.gz"
@@ -205,8 +223,8 @@ def test_hostile_raw_input_is_one_error_line_and_exit_2(prefect_server, tmp_path
         settings = ["--set", "interactions.max_line_bytes=1024", "--set", "interactions.max_bad_lines=0"]
     args = ["run", "--until", "interactions", "--dataset", "evil",
             "--data-root", str(tmp_path / "data"), "--set", f"acquire.reviews={source}", *settings]
-    result = _sand(args, prefect_server, tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = invoke_sand(args, api_url=prefect_server, cwd=tmp_path)
+    assert result.exit_code == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-2000:]
     assert needle in errors[0], result.stderr[-2000:]

@@ -3,19 +3,20 @@
 A user-fixable error exits 2, a bug exits 1; both name the log file that holds the
 traceback once a run has started. Bad values are rejected before any stage runs; a
 read-only data root still serves everything it has cached.
+
+Commands run in this process (``invoke_sand``: the console entry point under CliRunner);
+the read-only cases run the installed command in a real process, because only a process
+started without root's write override sees a ``chmod a-w`` folder as read-only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_sand
+from conftest import invoke_sand, run_sand
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
 
@@ -50,8 +51,8 @@ def _cuda_available() -> bool:
     ],
 )
 def test_bad_device_or_seed_is_one_line_before_any_stage(args, needle, tmp_path):
-    result = run_sand(["run", "--data-root", str(tmp_path / "data"), *TINY, *args], cwd=tmp_path)
-    assert result.returncode == 2
+    result = invoke_sand(["run", "--data-root", str(tmp_path / "data"), *TINY, *args], cwd=tmp_path)
+    assert result.exit_code == 2
     assert needle in one_error_line(result.stderr)
     assert not (tmp_path / "data").exists()  # rejected before anything was written
 
@@ -59,8 +60,8 @@ def test_bad_device_or_seed_is_one_line_before_any_stage(args, needle, tmp_path)
 def test_cuda_without_cuda_is_one_line(tmp_path):
     if _cuda_available():
         pytest.skip("this machine has CUDA")
-    result = run_sand(["run", "--device", "cuda", "--data-root", str(tmp_path / "data")], cwd=tmp_path)
-    assert result.returncode == 2
+    result = invoke_sand(["run", "--device", "cuda", "--data-root", str(tmp_path / "data")], cwd=tmp_path)
+    assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert "train.device=cuda" in line and "CUDA is not available" in line
 
@@ -68,12 +69,13 @@ def test_cuda_without_cuda_is_one_line(tmp_path):
 def test_data_root_that_cannot_be_created_is_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = run_sand(["run", "--data-root", str(blocker / "data")], cwd=tmp_path)
-    assert result.returncode == 2
+    result = invoke_sand(["run", "--data-root", str(blocker / "data")], cwd=tmp_path)
+    assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert str(blocker / "data") in line and "not writable" in line
 
 
+@pytest.mark.slow
 def test_read_only_empty_data_root_is_one_line(tmp_path):
     root = tmp_path / "ro"
     root.mkdir()
@@ -87,12 +89,13 @@ def test_read_only_empty_data_root_is_one_line(tmp_path):
     assert str(root) in line and "not writable" in line and "Permission denied" in line
 
 
+@pytest.mark.slow
 def test_error_raised_inside_a_flow_is_one_line_naming_the_log(prefect_server, tmp_path):
     root = tmp_path / "data"
     missing = tmp_path / "no-such-folder"
-    result = run_sand(["run", "--dataset", str(missing), "--data-root", str(root)], api_url=prefect_server,
-                      cwd=tmp_path)
-    assert result.returncode == 2
+    result = invoke_sand(["run", "--dataset", str(missing), "--data-root", str(root)], api_url=prefect_server,
+                         cwd=tmp_path)
+    assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert f"dataset path does not exist: {missing}" in line
     log = named_log(line)
@@ -101,15 +104,16 @@ def test_error_raised_inside_a_flow_is_one_line_naming_the_log(prefect_server, t
     assert "Traceback (most recent call last)" in text and "ConfigError" in text
 
 
+@pytest.mark.slow
 def test_bad_reviews_file_fails_in_a_later_stage_with_one_line(prefect_server, tmp_path):
     reviews = tmp_path / "reviews_Toys_5.json"
     good = {"reviewerID": "u1", "asin": "i1", "overall": 5.0, "unixReviewTime": 1}
     reviews.write_text(json.dumps(good) + "\n{not json at all\n")
     root = tmp_path / "data"
-    result = run_sand(["run", "--dataset", str(reviews), "--format", "amazon2014", "--model", "bpr",
-                       "--data-root", str(root), "--set", "interactions.max_bad_lines=0"],
-                      api_url=prefect_server, cwd=tmp_path)
-    assert result.returncode == 2
+    result = invoke_sand(["run", "--dataset", str(reviews), "--format", "amazon2014", "--model", "bpr",
+                          "--data-root", str(root), "--set", "interactions.max_bad_lines=0"],
+                         api_url=prefect_server, cwd=tmp_path)
+    assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert "reviews_Toys_5.json" in line
     assert named_log(line).parent == root / "logs"
@@ -117,26 +121,22 @@ def test_bad_reviews_file_fails_in_a_later_stage_with_one_line(prefect_server, t
     assert len(acquired) == 1  # the stage before the failure is kept for the rerun
 
 
-def _main_with(tmp_path: Path, raise_expr: str) -> subprocess.CompletedProcess:
-    """``sand run`` whose flow raises ``raise_expr``: the console entry point's last line of defence."""
-    code = (
-        "import sys\n"
-        "import sand.flows.cli as cli\n"
-        "def boom(*args, **kwargs):\n"
-        f"    raise {raise_expr}\n"
-        "cli._check_prefect_server = lambda: None\n"
-        "import sand.flows.pipeline_flows as flows\n"
-        "flows.pipeline_flow = boom\n"
-        f"sys.argv = ['sand', 'run', '--data-root', {str(tmp_path / 'data')!r}]\n"
-        "cli.main()\n"
-    )
-    env = {**os.environ, "SAND_LOG_LEVEL": "WARNING"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+def _main_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: BaseException):
+    """``sand run`` whose flow raises ``error``: the console entry point's last line of defence."""
+    import sand.flows.cli as cli
+    import sand.flows.pipeline_flows as flows
+
+    def boom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "_check_prefect_server", lambda: None)
+    monkeypatch.setattr(flows, "pipeline_flow", boom)
+    return invoke_sand(["run", "--data-root", str(tmp_path / "data")], cwd=tmp_path)
 
 
-def test_a_bug_is_one_line_exit_1_with_the_traceback_in_the_log(tmp_path):
-    result = _main_with(tmp_path, "KeyError('surprise')")
-    assert result.returncode == 1
+def test_a_bug_is_one_line_exit_1_with_the_traceback_in_the_log(monkeypatch, tmp_path):
+    result = _main_with(monkeypatch, tmp_path, KeyError("surprise"))
+    assert result.exit_code == 1
     line = one_error_line(result.stderr)
     assert "unexpected KeyError" in line and "bug" in line
     log = named_log(line)
@@ -144,9 +144,9 @@ def test_a_bug_is_one_line_exit_1_with_the_traceback_in_the_log(tmp_path):
     assert "Traceback (most recent call last)" in log.read_text() and "surprise" in log.read_text()
 
 
-def test_out_of_memory_is_one_line_exit_2_saying_what_to_reduce(tmp_path):
-    result = _main_with(tmp_path, "MemoryError()")
-    assert result.returncode == 2
+def test_out_of_memory_is_one_line_exit_2_saying_what_to_reduce(monkeypatch, tmp_path):
+    result = _main_with(monkeypatch, tmp_path, MemoryError())
+    assert result.exit_code == 2
     line = one_error_line(result.stderr)
     assert "out of memory" in line and "train.batch_size" in line
     assert "MemoryError" in named_log(line).read_text()
@@ -174,6 +174,7 @@ def cached_read_only_root(tmp_path_factory):
 
 @pytest.mark.parametrize("command", [["run", "--json"], ["recommend", "--user", "0", "-k", "3", "--json"],
                                      ["report", "--json"]])
+@pytest.mark.slow
 def test_read_only_root_serves_cached_results(cached_read_only_root, prefect_server, tmp_path, command):
     args = [*command, "--data-root", str(cached_read_only_root), *TINY, "--model", "bpr", "--epochs", "2"]
     result = run_sand(args, api_url=prefect_server, cwd=tmp_path, drop_write_override=True)
@@ -185,6 +186,7 @@ def test_read_only_root_serves_cached_results(cached_read_only_root, prefect_ser
         assert out["stages"] and all(stage["cached"] for stage in out["stages"].values())
 
 
+@pytest.mark.slow
 def test_read_only_root_without_the_artifact_is_one_line(cached_read_only_root, prefect_server, tmp_path):
     args = ["run", "--data-root", str(cached_read_only_root), *TINY, "--model", "bpr", "--epochs", "3"]
     result = run_sand(args, api_url=prefect_server, cwd=tmp_path, drop_write_override=True)

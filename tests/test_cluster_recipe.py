@@ -81,6 +81,7 @@ def dask_cluster(tmp_path):
                 p.kill()
 
 
+@pytest.mark.slow
 def test_text_shards_default_runner_equal_one_shard(prefect_server, tmp_path):
     from sand.flows.pipeline_flows import RunOptions, text_features_flow
 

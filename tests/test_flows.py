@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("prefect")
 
+pytestmark = pytest.mark.slow  # second tier (README: Tests)
+
 from sand.pipeline.config import load_config  # noqa: E402
 from sand.pipeline.errors import SandError  # noqa: E402
 

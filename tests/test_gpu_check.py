@@ -24,6 +24,7 @@ def gpu_check():
         sys.path.remove(str(BENCH))
 
 
+@pytest.mark.slow
 def test_dry_mode_trains_both_variants_in_both_precisions(gpu_check, capsys):
     assert gpu_check.main(["--device", "cpu", "--small", "--epochs", "1"]) == 0
     out = capsys.readouterr().out

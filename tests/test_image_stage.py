@@ -72,6 +72,7 @@ def one_shard(tmp_path_factory):
     return features(outcome)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_processes_runner_gives_the_same_bytes(tmp_path, one_shard):
     ctx, inter = prepared(tmp_path, "image_features.shard_size=12")

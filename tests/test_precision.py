@@ -337,10 +337,10 @@ def test_bf16_and_fp32_rank_a_trained_models_top10_alike_on_the_sample(tmp_path)
     assert same_order >= 0.85, same_order
 
 
-def test_cli_precision_option_is_validated_like_any_field():
-    from test_cli import _main
+def test_cli_precision_option_is_validated_like_any_field(tmp_path):
+    from conftest import invoke_sand
 
-    code, out = _main(["run", "--precision", "half"])
-    lines = out.stderr.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "train.precision" in lines[0] and "half" in lines[0]
+    result = invoke_sand(["run", "--precision", "half"], cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "train.precision" in lines[0] and "half" in lines[0]
     assert load_config(None, {"train.precision": "auto"}).train.precision == "auto"

@@ -326,6 +326,7 @@ def test_gzip_bomb_in_one_line_is_contained_with_bounded_memory(tmp_path):
     assert "\n" not in outcome
 
 
+@pytest.mark.slow
 def test_gzip_bomb_of_blank_lines_is_refused_in_one_line(tmp_path):
     good = (review_2014("U1", "B1") + "\n").encode()
     path = _gzip_bomb(tmp_path / "blank.json.gz", good, b"\n", 40 << 20)

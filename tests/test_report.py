@@ -304,6 +304,7 @@ def _feature_artifacts(store: ArtifactStore, inter: Artifact) -> dict[str, Artif
     return arts
 
 
+@pytest.mark.slow
 def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
     """Real train + evaluate stages on a tiny random dataset, then Figures 5-6 from best.pt."""
     pytest.importorskip("sand.models.sand")

@@ -197,6 +197,7 @@ def test_text_shards_are_byte_identical_to_one_process(tmp_path) -> None:
     np.testing.assert_array_equal(arr[280:], arr[0:200:10])  # duplicates share one vector
 
 
+@pytest.mark.slow
 def test_text_shards_resume_byte_identical(tmp_path, encode_spy: list[int]) -> None:
     from sand.pipeline.features.text import plan_text_shards, run_text_shard
 

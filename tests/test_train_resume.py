@@ -54,6 +54,7 @@ def sand_train(api_url, root, batch_size, kill_after=0) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_changed_settings_restart(prefect_server, tmp_path):
     root = tmp_path / "data"
     sand_train(prefect_server, root, 256, kill_after=3)
