@@ -15,7 +15,7 @@ It fails loudly (exit status 2, one line on stderr) when CUDA is absent, and exi
 when any check fails (non-finite loss, CUDA/CPU mismatch, bf16 run far from fp32).
 
 ``--device cpu --small`` is a dry mode for machines without a GPU: the same code path on
-small inputs, so the script's own logic is tested (tests/test_gpu_check.py).
+small inputs, so the script's own logic is tested (tests/benchmarks/test_gpu_check.py).
 
 Usage: ``python benchmarks/gpu_check.py`` (on a CUDA machine); ``--epochs``, ``--variants``.
 """

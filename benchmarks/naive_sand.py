@@ -11,7 +11,7 @@ only the shortcuts, so what is compared is exactly those:
 - the CLUB fit by autograd and ``torch.optim.Adam`` (no closed-form gradients);
 - graph products with ``torch.sparse.mm`` on COO matrices (no CSR, no cached transpose).
 
-Tests import it with ``benchmarks/`` on ``sys.path`` (as ``tests/test_bench_realsize.py``
+Tests import it with ``benchmarks/`` on ``sys.path`` (as ``tests/benchmarks/test_bench_realsize.py``
 does); ``tests/sand_reference.py`` is a second, fully independent reference that shares
 no code with the package at all.
 """

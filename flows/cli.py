@@ -28,6 +28,9 @@ from sand.pipeline.errors import ConfigError, SandError, one_line
 from sand.pipeline.formats import format_help
 from sand.pipeline.stages import STAGE_NAMES, check_stage_names
 
+# Prefect (and our modules that need them): imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
     add_completion=False,

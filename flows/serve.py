@@ -15,6 +15,9 @@ from typing import Any
 
 from sand.pipeline.config import PipelineConfig
 
+# Prefect (and our modules that need them): imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
 

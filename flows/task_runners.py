@@ -10,6 +10,9 @@ from typing import Any
 
 from sand.pipeline.errors import ConfigError
 
+# Prefect, prefect-dask: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 RUNNERS = ("threads", "processes", "dask")
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from sand.pipeline.store import StageOutcome
 
+# Prefect: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 

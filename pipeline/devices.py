@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from sand.pipeline.errors import ConfigError
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 if TYPE_CHECKING:
     import torch
 

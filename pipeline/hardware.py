@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from sand.pipeline.devices import resolve_device as resolve_device  # re-exported: the train stage imports it from here
 from sand.pipeline.errors import ConfigError
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 if TYPE_CHECKING:
     import torch
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sand.models.registry import required_modalities
 from sand.pipeline.config import PipelineConfig
 from sand.pipeline.errors import StageError
 from sand.pipeline.experiments.grid import GridResult, run_grid
@@ -31,8 +32,6 @@ def _direct(stage_name: str, fn: Callable[..., StageOutcome], *args: Any) -> Sta
 
 
 def model_needs_features(model_name: str) -> bool:
-    from sand.models.registry import required_modalities
-
     return bool(required_modalities(model_name))
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from sand.pipeline.config import CLI_FIELDS
 
+# the pipeline (torch, pandas): imported inside run(), so `import sand` and `from sand import run` stay fast.
+
 
 @dataclass(frozen=True)
 class RunResult:

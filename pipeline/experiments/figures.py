@@ -28,6 +28,9 @@ import numpy as np
 from sand.pipeline.errors import StageError
 from sand.pipeline.files import atomic_path
 
+# matplotlib, torch: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sand.models import registry
+from sand.pipeline.acquire.sources import amazon2014_category, resolve_source
 from sand.pipeline.config import PipelineConfig, build_config, set_dotted
 from sand.pipeline.errors import ConfigError, one_line
 from sand.pipeline.files import atomic_path
@@ -109,8 +110,6 @@ def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineC
     """
     if preset_name not in PAPER_PRESETS or "source" in cfg.image_features.model_fields_set:
         return cfg
-    from sand.pipeline.acquire.sources import amazon2014_category, resolve_source
-
     acfg = cfg.acquire
     try:
         category = amazon2014_category(resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta))

@@ -28,11 +28,14 @@ import numpy as np
 import pandas as pd
 
 from sand.models import registry
+from sand.pipeline.config import TrainConfig, build_config
 from sand.pipeline.errors import SandError, StageError
 from sand.pipeline.experiments.reference import REFERENCE
 from sand.pipeline.store import Artifact, ArtifactStore
 from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
+
+# figures (matplotlib) and torch: imported inside the functions that draw, so importing this module stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +520,6 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
 def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
     """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
 
-    from sand.pipeline.config import build_config
     from sand.pipeline.experiments.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
 
     train = run.train
@@ -532,7 +534,6 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
         arts[name] = art
     if "interactions" not in arts:
         raise StageError(f"train artifact {train.path}: manifest names no interactions input")
-    from sand.pipeline.config import TrainConfig
 
     # The key also holds what the run reported (eval_ks): only config fields rebuild the model.
     params = {k: v for k, v in (train.manifest.get("params") or {}).items() if k in TrainConfig.model_fields}

@@ -27,6 +27,8 @@ import numpy as np
 
 from sand.pipeline.errors import ConfigError
 
+# faiss: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "faiss", "auto")

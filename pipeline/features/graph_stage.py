@@ -17,6 +17,8 @@ from sand.pipeline.features.knn import graph_from_neighbours, knn_neighbours, sa
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, key_params
 from sand.pipeline.store import Artifact, StageOutcome
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 #: Graph settings used only by the faiss method (left out of the key of an exact graph).
 _FAISS_FIELDS = {"nlist", "nprobe", "target_recall", "recall_sample", "seed"}
 

@@ -34,6 +34,8 @@ from sand.pipeline.errors import ConfigError, DataError, one_line
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
 from sand.pipeline.files import atomic_path, sha256_file
 
+# torchvision: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "resnet18", "vgg16")

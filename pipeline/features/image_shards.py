@@ -26,6 +26,9 @@ import pandas as pd
 from sand.pipeline.errors import ConfigError, DataError
 from sand.pipeline.files import write_bytes_atomic
 
+# the modules that pull in torch: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 #: Keys of ``encoder_kwargs`` that choose the CNN; the others go to ``encode_images``.

@@ -34,6 +34,9 @@ from sand.pipeline.stage_context import (
 )
 from sand.pipeline.store import Artifact, StageOutcome
 
+# the modules that pull in torch: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 

@@ -30,6 +30,8 @@ import scipy.sparse as sp
 from sand.pipeline.devices import resolve_device
 from sand.pipeline.errors import ConfigError, DataError
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 #: Similarity entries (block rows x N) held at once when ``block_size`` is None:

@@ -35,6 +35,9 @@ import numpy as np
 from sand.pipeline.errors import ConfigError, DataError, one_line
 from sand.pipeline.files import atomic_path
 
+# sentence-transformers, torch: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"

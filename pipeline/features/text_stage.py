@@ -32,6 +32,8 @@ from sand.pipeline.stage_context import (
 )
 from sand.pipeline.store import Artifact, StageOutcome
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 log = logging.getLogger(__name__)
 
 #: Text settings that change speed, or only the last float bits (documented): not in the key.

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from sand.pipeline.errors import StageError, one_line
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 if TYPE_CHECKING:
     import torch
 

@@ -30,6 +30,8 @@ import scipy.sparse as sp
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.errors import ConfigError, DataError, SandError
 
+# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+
 if TYPE_CHECKING:
     import pandas as pd
     import torch

@@ -22,6 +22,9 @@ from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.store import Artifact
 from sand.pipeline.training.checkpoints import load_weights
 
+# torch (and our modules that need them): imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 
 def load_feature_tensor(path: Path):
     """A feature matrix as a float32 tensor over a memory map of the ``.npy`` file, not a copy.

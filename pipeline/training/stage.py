@@ -13,13 +13,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sand.models.registry import recorded_variant
+from sand.models.registry import (
+    accepted_hyperparameters,
+    has_variants,
+    profile_hyperparameters,
+    recorded_variant,
+    required_modalities,
+)
 from sand.pipeline.hardware import resolve_device, resolve_precision
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, jsonable, key_params
 from sand.pipeline.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
 from sand.pipeline.training.model_io import build_model_for, effective_model_kwargs, trained_embeddings
 from sand.pipeline.training.trainer import LAST_NAME, describe_changes, train_model
+
+# the modules that pull in torch: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +48,6 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     trained before the field existed keep their keys) and only for models that read
     features (the ID-only ones compute the same in either).
     """
-    from sand.models.registry import (
-        accepted_hyperparameters,
-        has_variants,
-        profile_hyperparameters,
-        required_modalities,
-    )
 
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}

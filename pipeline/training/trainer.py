@@ -42,6 +42,9 @@ from sand.pipeline.training.checkpoints import BEST_NAME, LAST_NAME, load_model_
 from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
 from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
+# torch (and our modules that need them): imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast.
+
 if TYPE_CHECKING:
     import torch
 

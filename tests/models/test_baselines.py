@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from support import knn_graph
 
 from sand.models.bpr import MFBPR, bpr_loss, emb_loss
 from sand.models.freedom import FREEDOM
@@ -16,15 +17,6 @@ from sand.models.lightgcn import LightGCN, sparse_matmul, to_csr
 from sand.models.vbpr import VBPR
 
 N_USERS, N_ITEMS = 30, 20
-
-
-def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Binary top-k cosine graph (self included), symmetric-normalised: every value 1/k."""
-    xn = torch.nn.functional.normalize(x, dim=1)
-    idx = (xn @ xn.T).topk(k, dim=1).indices
-    rows = torch.arange(x.shape[0]).repeat_interleave(k)
-    vals = torch.full((rows.numel(),), 1.0 / k)
-    return torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), vals, (x.shape[0],) * 2).coalesce()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from support import fake_interactions, fake_run
 
 from sand.pipeline.config import build_config
 from sand.pipeline.errors import StageError
@@ -21,74 +21,6 @@ METRIC_KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
 # ------------------------------------------------------------------------------------- fixtures
-def _interactions(store: ArtifactStore, name: str, n_users: int = 30, n_items: int = 40, seed: int = 0) -> Artifact:
-    """A real interactions artifact: every user has 6 items, 4 train / 1 valid / 1 test."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        items = rng.choice(n_items, size=6, replace=False)
-        rows += [(u, int(i), s) for i, s in zip(items, (0, 0, 0, 0, 1, 2), strict=True)]
-    frame = pd.DataFrame(rows, columns=["user", "item", "split"])
-    frame["rating"], frame["timestamp"] = 5.0, 0
-
-    def build(out: Path) -> dict[str, Any]:
-        frame.to_parquet(out / "interactions.parquet", index=False)
-        return {"name": name, "stats": {"users": n_users, "items": n_items, "interactions": len(frame)}}
-
-    return store.run("interactions", "1", {"name": name, "seed": seed}, {}, build).artifact
-
-
-def _fake_run(
-    store: ArtifactStore,
-    inter: Artifact,
-    model: str,
-    *,
-    variant: str = "a",
-    valid: float,
-    test: float,
-    tag: float = 0.0,
-    seconds: float = 2.0,
-    memory: float = 500.0,
-    fusion: str | None = None,
-) -> Artifact:
-    """A train + evaluate artifact pair with chosen numbers (recall@20 = the given value;
-    the other metrics are fixed offsets of it so each cell is distinguishable)."""
-
-    def metrics(v: float) -> dict[str, float]:
-        return {"recall@10": v - 0.01, "recall@20": v, "ndcg@10": v - 0.03, "ndcg@20": v - 0.02}
-
-    params = {"model": model, "variant": variant, "alpha": tag or None, "epochs": 3}
-    if fusion is not None:  # the train key holds the fusion only for plug-ins it changes
-        params["plugin_fusion"] = fusion
-
-    def build_train(out: Path) -> dict[str, Any]:
-        pd.DataFrame(
-            {
-                "epoch": [1, 2, 3],
-                "loss": [0.69, 0.5, 0.4],
-                "seconds": [seconds] * 3,
-                "valid_recall@20": [valid / 3, valid, valid / 2],
-                "peak_memory_mb": [memory] * 3,
-            }
-        ).to_csv(out / "epochs.csv", index=False)
-        result = {
-            "model": model,
-            "variant": variant,
-            "best_epoch": 2,
-            "best_valid": metrics(valid),
-            "test_at_best": metrics(test),
-            "seconds_per_epoch": seconds,
-            "peak_memory_mb": memory,
-        }
-        (out / "result.json").write_text(json.dumps(result))
-        return {"result": result}
-
-    train = store.run("train", "1", params, {"interactions": inter}, build_train).artifact
-
-    def build_eval(out: Path) -> dict[str, Any]:
-        return {"metrics": {"valid": metrics(valid), "test": metrics(test)}, "model": model, "variant": variant}
-
-    return store.run("evaluate", "1", {"ks": [10, 20]}, {"train": train, "interactions": inter}, build_eval).artifact
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -108,15 +40,15 @@ def _assert_not_blank(path: Path) -> None:
 
 def _paper_fixture(root: Path) -> ArtifactStore:
     store = ArtifactStore(root)
-    baby, sports = _interactions(store, "baby"), _interactions(store, "sports", seed=1)
+    baby, sports = fake_interactions(store, "baby"), fake_interactions(store, "sports", seed=1)
     for inter, offset in ((baby, 0.0), (sports, 0.1)):
-        _fake_run(store, inter, "bpr", valid=0.05 + offset, test=0.055 + offset, seconds=1.0, memory=100)
-        _fake_run(store, inter, "lightgcn", valid=0.07 + offset, test=0.075 + offset, seconds=1.5, memory=150)
-        _fake_run(store, inter, "vbpr", valid=0.06 + offset, test=0.066 + offset)
-        _fake_run(store, inter, "freedom", valid=0.09 + offset, test=0.099 + offset)
+        fake_run(store, inter, "bpr", valid=0.05 + offset, test=0.055 + offset, seconds=1.0, memory=100)
+        fake_run(store, inter, "lightgcn", valid=0.07 + offset, test=0.075 + offset, seconds=1.5, memory=150)
+        fake_run(store, inter, "vbpr", valid=0.06 + offset, test=0.066 + offset)
+        fake_run(store, inter, "freedom", valid=0.09 + offset, test=0.099 + offset)
         # two SAND_a runs: the second has the better validation but the worse test metric
-        _fake_run(store, inter, "sand", valid=0.10 + offset, test=0.12 + offset, tag=0.001)
-        _fake_run(store, inter, "sand", valid=0.11 + offset, test=0.103 + offset, tag=0.012, seconds=16.0)
+        fake_run(store, inter, "sand", valid=0.10 + offset, test=0.12 + offset, tag=0.001)
+        fake_run(store, inter, "sand", valid=0.11 + offset, test=0.103 + offset, tag=0.012, seconds=16.0)
     for variant, v in (
         ("b", 0.105),
         ("c", 0.095),
@@ -125,8 +57,8 @@ def _paper_fixture(root: Path) -> ArtifactStore:
         ("no-distance", 0.085),
         ("no-align-no-distance", 0.07),
     ):
-        _fake_run(store, baby, "sand", variant=variant, valid=v, test=v - 0.001, seconds=3.0)
-    _fake_run(store, baby, "vbpr-sand", valid=0.07, test=0.0726)
+        fake_run(store, baby, "sand", variant=variant, valid=v, test=v - 0.001, seconds=3.0)
+    fake_run(store, baby, "vbpr-sand", valid=0.07, test=0.0726)
     return store
 
 
@@ -200,13 +132,13 @@ def test_report_tables_put_numbers_in_the_right_cells(tmp_path):
 
 def test_table3_is_written_per_plugin_fusion_and_names_it(tmp_path):
     store = ArtifactStore(tmp_path / "data")
-    baby = _interactions(store, "baby")
-    _fake_run(store, baby, "vbpr", valid=0.06, test=0.066)
-    _fake_run(store, baby, "vbpr-sand", valid=0.07, test=0.0726)
-    _fake_run(store, baby, "freedom", valid=0.09, test=0.10)
-    _fake_run(store, baby, "freedom-sand", valid=0.09, test=0.10, fusion="auxiliary")
+    baby = fake_interactions(store, "baby")
+    fake_run(store, baby, "vbpr", valid=0.06, test=0.066)
+    fake_run(store, baby, "vbpr-sand", valid=0.07, test=0.0726)
+    fake_run(store, baby, "freedom", valid=0.09, test=0.10)
+    fake_run(store, baby, "freedom-sand", valid=0.09, test=0.10, fusion="auxiliary")
     # better validation in the scoring fusion: selected separately, never instead of the auxiliary run
-    _fake_run(store, baby, "freedom-sand", valid=0.095, test=0.11, fusion="scoring")
+    fake_run(store, baby, "freedom-sand", valid=0.095, test=0.11, fusion="scoring")
     out = tmp_path / "out"
     written = write_report(tmp_path / "data", out)
     assert "table3" in written and "table3-scoring" in written
@@ -225,11 +157,11 @@ def test_table3_is_written_per_plugin_fusion_and_names_it(tmp_path):
 
 def test_report_for_one_dataset_and_skipped_tables(tmp_path):
     store = ArtifactStore(tmp_path / "data")
-    inter = _interactions(store, "clothing")
-    _fake_run(store, inter, "bpr", valid=0.05, test=0.06)
-    _fake_run(store, inter, "sand", valid=0.08, test=0.09)
-    other = _interactions(store, "baby", seed=3)
-    _fake_run(store, other, "bpr", valid=0.5, test=0.5)
+    inter = fake_interactions(store, "clothing")
+    fake_run(store, inter, "bpr", valid=0.05, test=0.06)
+    fake_run(store, inter, "sand", valid=0.08, test=0.09)
+    other = fake_interactions(store, "baby", seed=3)
+    fake_run(store, other, "bpr", valid=0.5, test=0.5)
     written = write_report(tmp_path / "data", tmp_path / "out", datasets=["clothing"])
     assert "table3" not in written and "table4" not in written and "ablation" not in written
     t2 = pd.read_csv(tmp_path / "out" / "table2_main.csv")
@@ -244,7 +176,7 @@ def test_report_errors_name_what_is_missing(tmp_path):
     with pytest.raises(StageError, match="no evaluated runs in .*evaluate"):
         write_report(tmp_path / "empty", tmp_path / "out")
     store = ArtifactStore(tmp_path / "data")
-    _fake_run(store, _interactions(store, "baby"), "bpr", valid=0.1, test=0.1)
+    fake_run(store, fake_interactions(store, "baby"), "bpr", valid=0.1, test=0.1)
     with pytest.raises(StageError) as err:
         write_report(tmp_path / "data", tmp_path / "out", datasets=["sports"])
     assert "'sports'" in str(err.value) and "found: baby" in str(err.value) and "\n" not in str(err.value)
@@ -252,7 +184,7 @@ def test_report_errors_name_what_is_missing(tmp_path):
 
 def test_sensitivity_figure_from_grid_tables(tmp_path):
     store = ArtifactStore(tmp_path / "data")
-    _fake_run(store, _interactions(store, "baby"), "sand", valid=0.1, test=0.1)
+    fake_run(store, fake_interactions(store, "baby"), "sand", valid=0.1, test=0.1)
     base = build_config({"data_root": str(tmp_path / "data"), "acquire": {"dataset": "baby"}})
 
     def run_one(cfg):
@@ -313,7 +245,7 @@ def test_tsne_figures_from_a_trained_sand_checkpoint(tmp_path):
 
     root = tmp_path / "data"
     store = ArtifactStore(root)
-    inter = _interactions(store, "tiny")
+    inter = fake_interactions(store, "tiny")
     features = _feature_artifacts(store, inter)
     for model in ("sand", "bpr"):
         cfg = build_config(

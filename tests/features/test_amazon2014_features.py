@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from test_download import range_headers, range_route
+from support import range_headers, range_route
 
 from sand.flows.ui import image_coverage_rows
 from sand.pipeline.config import load_config

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_sand import knn_graph
+from support import knn_graph
 from torch import nn
 
 from sand.models.precision import LowPrecisionCopies, precision_scope, set_precision

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Reply, RequestInfo
+from support import range_headers, range_route
 
 from sand.pipeline.acquire.download import FileRecord, fetch_file, safe_name
 from sand.pipeline.errors import DownloadError
@@ -16,26 +17,6 @@ from sand.pipeline.files import sha256_file
 
 BODY = bytes(range(256)) * 400 + b"tail"  # 102,404 bytes, not a multiple of the chunk size
 FAST = {"backoff_base": 0.01, "progress": False, "timeout": 5, "chunk_size": 4096}
-
-
-def range_route(body: bytes, honour: bool = True):
-    """A route that serves ``body`` and honours ``Range: bytes=N-`` like a real static server."""
-
-    def handler(info: RequestInfo) -> Reply:
-        header = info.headers.get("Range")
-        match = re.fullmatch(r"bytes=(\d+)-", header or "")
-        if not honour or match is None:
-            return Reply(200, body)
-        start = int(match.group(1))
-        if start >= len(body):
-            return Reply(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-        return Reply(206, body[start:], {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
-
-    return handler
-
-
-def range_headers(server) -> list[str | None]:
-    return [r.headers.get("Range") for r in server.requests]
 
 
 def test_full_download_writes_file_hash_and_sidecar(http_server, tmp_path):

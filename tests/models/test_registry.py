@@ -62,16 +62,16 @@ def test_registered_model_appears_in_cli_help(monkeypatch):
 
 
 def test_registered_model_appears_in_report_labels_and_tables(dummy_model, tmp_path):
-    from test_report import _fake_run, _interactions
+    from support import fake_interactions, fake_run
 
     from sand.pipeline.experiments.report import run_label, write_report
     from sand.pipeline.store import ArtifactStore
 
     assert run_label(dummy_model, None) == "Dummy-MF"
     store = ArtifactStore(tmp_path / "data")
-    inter = _interactions(store, "baby")
-    _fake_run(store, inter, "bpr", variant=None, valid=0.05, test=0.055)
-    _fake_run(store, inter, dummy_model, variant=None, valid=0.06, test=0.065)
+    inter = fake_interactions(store, "baby")
+    fake_run(store, inter, "bpr", variant=None, valid=0.05, test=0.055)
+    fake_run(store, inter, dummy_model, variant=None, valid=0.06, test=0.065)
     out = tmp_path / "report"
     written = write_report(tmp_path / "data", out, tsne_items=20)
     table2 = pd.read_csv(out / "table2_main.csv")

@@ -20,7 +20,7 @@ from sand.models.losses import ClubEstimator
 from sand.models.sand import SAND
 from sand.models.separation import ModalSeparation
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from naive_sand import NaiveSAND  # noqa: E402  (the naive reference: not shipped, see that module)
 
 ALPHA, BETA, TAU = 0.3, 0.2, 0.2  # larger than the defaults so every term moves the gradients visibly

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # second tier (README: Tests)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

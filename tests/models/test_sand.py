@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support import knn_graph
 
 from sand.models.graph import SparseMatmul
 from sand.models.losses import bpr_loss
 from sand.models.sand import SAND, VARIANTS
 from sand.models.separation import LinearView, ModalSeparation, prefetch_reads, read_through
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from naive_sand import NaiveModalSeparation, NaiveSAND  # noqa: E402  (the naive reference: not shipped, see that module)
 
 EXPECTED_TERMS = {
@@ -28,17 +29,6 @@ EXPECTED_TERMS = {
     "no-distance": {"bpr", "align"},
     "no-align-no-distance": {"bpr"},
 }
-
-
-def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k cosine graph (self included), binary, every value 1/k: the graph stage's contract."""
-    xn = F.normalize(x, dim=1)
-    n = x.shape[0]
-    cols = (xn @ xn.T).topk(k, dim=1).indices.reshape(-1)
-    rows = torch.arange(n).repeat_interleave(k)
-    return torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), torch.full((n * k,), 1.0 / k), (n, n), check_invariants=True
-    ).coalesce()
 
 
 def make_data(n_users: int, n_items: int, d_image: int, d_text: int, n_edges: int, seed: int) -> dict:
