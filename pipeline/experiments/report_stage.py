@@ -7,17 +7,13 @@ cached while that set is unchanged.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from sand.pipeline.experiments.report import write_report
+from sand.pipeline.files import sha256_file
 from sand.pipeline.stage_context import StageContext, key_params
 from sand.pipeline.store import StageOutcome
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def run_report(ctx: StageContext) -> StageOutcome:
@@ -25,7 +21,7 @@ def run_report(ctx: StageContext) -> StageOutcome:
     rcfg = ctx.cfg.report
     evaluations = sorted(a.key for a in ctx.store.list("evaluate"))
     # Grid tables feed the sensitivity figure: a changed grid must give a new report.
-    grids = {p.parent.name: _file_digest(p) for p in sorted((ctx.store.data_root / "grids").glob("*/runs.csv"))}
+    grids = {p.parent.name: sha256_file(p)[:16] for p in sorted((ctx.store.data_root / "grids").glob("*/runs.csv"))}
     params = {**key_params(rcfg), "evaluations": evaluations, "grids": grids}
 
     def build(out: Path) -> dict[str, Any]:
