@@ -436,10 +436,15 @@ def _stop_temporary_prefect_servers() -> None:
     server_module = sys.modules.get("prefect.server.api.server")
     if server_module is None:
         return
-    for server in list(getattr(server_module.SubprocessASGIServer, "_instances", {}).values()):
-        process = getattr(server, "server_process", None)
-        if process is not None and process.poll() is None:
-            process.terminate()
+    servers = getattr(server_module.SubprocessASGIServer, "_instances", {}).values()
+    running = [p for p in (getattr(s, "server_process", None) for s in list(servers)) if p and p.poll() is None]
+    for process in running:
+        process.terminate()
+    for process in running:  # a few seconds to shut down cleanly, then no more
+        try:
+            process.wait(timeout=5)
+        except Exception:
+            process.kill()
 
 
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
@@ -452,12 +457,18 @@ def _exit_on_interrupt(signum: int, frame: Any) -> None:
     safe: artifacts, shards and checkpoints are written atomically (temp file, then
     rename), and the OS releases the store's locks, so a rerun resumes.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.stderr.write((INTERRUPTED if signum == signal.SIGINT else TERMINATED) + "\n")
-    sys.stderr.flush()
-    # Our line stays the last one: other threads may still log until the process ends.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # e.g. the signal arrived while this thread was writing to it
+            pass
+    # Other threads may write until the process ends: from now on to nowhere, so our line,
+    # written through a private copy of the descriptor, stays the last one.
+    stderr_fd = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    after_bar = "\n" if bars is not None and len(getattr(bars, "_instances", ())) else ""  # a bar ends mid-line
+    os.write(stderr_fd, (after_bar + (INTERRUPTED if signum == signal.SIGINT else TERMINATED) + "\n").encode())
     _stop_temporary_prefect_servers()
     os._exit(128 + signum)
 

@@ -250,3 +250,15 @@ def invoke_sand(args, *, api_url: str | None = None, env: dict[str, str] | None 
         sys.argv = saved_argv
     return Result(runner=runner, stdout_bytes=captured[0], stderr_bytes=captured[1], output_bytes=captured[2],
                   return_value=None, exit_code=exit_code, exception=exception)
+
+
+def foreground_signals() -> None:
+    """``preexec_fn`` for a child that gets Ctrl-C as a terminal's foreground job would.
+
+    Why: a test runner started in the background (``nohup``, ``&``, some CI agents) ignores
+    SIGINT, children inherit that, and Python then leaves SIGINT ignored: a Ctrl-C test
+    would wait forever. A terminal's foreground job always starts with the default.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

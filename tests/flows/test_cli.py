@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import invoke_sand, run_sand
+from conftest import foreground_signals, invoke_sand, run_sand
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30"]
 
@@ -177,7 +177,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(prefect_server, http_server, tmp_p
     args = ["run", "--until", "acquire", "--dataset", "slow", "--format", "amazon2014", "--data-root",
             str(tmp_path / "data"), "--set", f"acquire.reviews={http_server.url('/reviews_Slow_5.json.gz')}"]
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=foreground_signals)
     try:
         deadline = time.monotonic() + 240
         while not http_server.hits.get("/reviews_Slow_5.json.gz") and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import foreground_signals
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def _start(root: Path) -> subprocess.Popen:
     cmd = [SAND, "run", "--dataset", "sample", "--data-root", str(root), "--until", "image_features",
            "--image-weights", "random", "--set", "image_features.shard_size=64"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=foreground_signals)
 
 
 def _wait_for_first_shard(proc: subprocess.Popen, root: Path, timeout: float = 480) -> None:
@@ -53,6 +54,22 @@ def _server_children(pid: int) -> list[int]:
     return out
 
 
+def _still_running(pids: list[int], wait: float) -> list[int]:
+    """The processes of ``pids`` still alive (not zombies) after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if "zombie" not in Path(f"/proc/{pid}/status").read_text().lower():
+                    alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize(("signum", "code", "line"), [
     (signal.SIGINT, 130, "interrupted: rerun the same command to resume"),
     (signal.SIGTERM, 143, "terminated: rerun the same command to resume"),
@@ -74,10 +91,7 @@ def test_signal_during_image_shards_exits_at_once_and_rerun_resumes(tmp_path, si
     assert stderr.strip().splitlines()[-1] == line, stderr[-2000:]
     assert "Traceback" not in stderr and "ConnectError" not in stderr, stderr[-3000:]
     assert took < 20, f"took {took:.1f}s to stop"
-    time.sleep(1)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
-             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
-    assert not alive, f"left running: {alive}"
+    assert not _still_running(children, wait=10), "Prefect's temporary server was left running"
 
     finished = {p.name for p in root.glob("work/image_features/*/shard-*.npz")}
     assert finished
