@@ -9,6 +9,7 @@ Errors a user can fix are printed as one line and exit with status 2; values
 tracebacks go to the run's log file, which the error line names.
 """
 
+import contextlib
 import functools
 import inspect
 import json
@@ -458,10 +459,8 @@ def _exit_on_interrupt(signum: int, frame: Any) -> None:
     rename), and the OS releases the store's locks, so a rerun resumes.
     """
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):  # e.g. the signal arrived while this thread was writing to it
             stream.flush()
-        except Exception:  # e.g. the signal arrived while this thread was writing to it
-            pass
     # Other threads may write until the process ends: from now on to nowhere, so our line,
     # written through a private copy of the descriptor, stays the last one.
     stderr_fd = os.dup(2)
