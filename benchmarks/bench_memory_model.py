@@ -64,6 +64,35 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def time_batches(model, edges, train_csr, n_items: int, batches: int, batch: int, seed: int = 0) -> list[float]:
+    """Seconds of each of the first ``batches`` training steps, each as the trainer runs it.
+
+    A step: the CLUB fit (``auxiliary_step``), the loss terms, backward and a fused Adam
+    step over one batch of an epoch's BPR triples (``sample_bpr_epoch``). Shared by the
+    benchmarks that project an epoch from a few batches (``bench_scale.py``).
+    """
+    import numpy as np
+    import torch
+
+    from sand.pipeline.training.negative_sampling import sample_bpr_epoch
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    u, p, n = (torch.from_numpy(a) for a in sample_bpr_epoch(edges, train_csr, n_items, np.random.default_rng(seed)))
+    model.train()
+    model.on_epoch_start(1, torch.Generator().manual_seed(seed))  # FREEDOM prunes its graph per epoch
+    times = []
+    for b in range(batches):
+        sl = slice(b * batch, (b + 1) * batch)
+        t0 = time.perf_counter()
+        model.auxiliary_step(u[sl], p[sl], n[sl])
+        loss = sum(model.loss_terms(u[sl], p[sl], n[sl]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _worker(model_name: str, n_items: int, n_users: int, batches: int, batch: int) -> None:
     import numpy as np
     import torch
@@ -71,7 +100,6 @@ def _worker(model_name: str, n_items: int, n_users: int, batches: int, batch: in
     from sand.models.graph import scipy_to_torch_sparse
     from sand.models.registry import build_model, required_modalities
     from sand.pipeline.features.knn import knn_graph
-    from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -90,23 +118,10 @@ def _worker(model_name: str, n_items: int, n_users: int, batches: int, batch: in
     base = _rss_mb()
     model = build_model(model_name, n_users=n_users, n_items=n_items, train_edges=torch.from_numpy(edges),
                         features=feats, item_graphs=graphs)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     import scipy.sparse as sp
 
     csr = sp.csr_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n_users, n_items))
-    u, p, n = (torch.from_numpy(a) for a in sample_bpr_epoch(edges, csr, n_items, rng))
-    model.train()
-    model.on_epoch_start(1, torch.Generator().manual_seed(0))  # FREEDOM prunes its graph per epoch
-    times = []
-    for b in range(batches):
-        sl = slice(b * batch, (b + 1) * batch)
-        t0 = time.perf_counter()
-        model.auxiliary_step(u[sl], p[sl], n[sl])
-        loss = sum(model.loss_terms(u[sl], p[sl], n[sl]).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    times = time_batches(model, edges, csr, n_items, batches, batch)
     print(json.dumps({"peak_mb": _rss_mb() - base, "s_per_batch": float(np.median(times[1:] or times)),
                       "edges": int(len(edges))}))
 

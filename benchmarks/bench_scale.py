@@ -47,9 +47,13 @@ STAGES = ("generate", "acquire", "interactions", "graphs", "train_sand", "train_
 REFERENCE = "interactions_per_line"
 #: Not run by default: dedup + k-core + re-index + split on codes drawn like ``generate`` (no file, no parsing).
 CORE = "interactions_core"
-EXTRA = (REFERENCE, CORE)
+#: Not run by default: a few timed training batches and one validation + test evaluation through the
+#: train stage's own model and data, projected to an epoch (where a whole epoch takes hours on a CPU).
+SAMPLED = ("train_sand_batches", "train_lightgcn_batches")
+EXTRA = (REFERENCE, CORE, *SAMPLED)
 BLOCK = 500_000  # reviews generated per block: bounds the generator's memory
 IMAGE_DIM, TEXT_DIM = 2048, 384
+TRAIN_BATCHES = 6  # timed batches of the *_batches stages; the first (warm-up) is left out of the median
 _LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 _ALNUM = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
 
@@ -248,6 +252,8 @@ def run_stage(stage: str, folder: Path, n: int) -> dict[str, Any]:
         return _per_line_reference(folder)
     if stage == CORE:
         return _core_only(n)
+    if stage in SAMPLED:
+        return _sampled_epoch(stage, folder)
     from sand.pipeline.acquire.stage import run_acquire
     from sand.pipeline.dataset.stage import run_interactions
     from sand.pipeline.features.graph_stage import run_graphs
@@ -283,6 +289,63 @@ def run_stage(stage: str, folder: Path, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = run_train(ctx, inter, feats).artifact.manifest["result"]
     return {"seconds": time.perf_counter() - t0, "seconds_per_epoch": result["seconds_per_epoch"]}
+
+
+def _train_inputs(folder: Path, model: str):
+    """(context, interactions, feature artifacts) of the train stage, every upstream stage cached or built."""
+    from sand.pipeline.acquire.stage import run_acquire
+    from sand.pipeline.dataset.stage import run_interactions
+    from sand.pipeline.features.graph_stage import run_graphs
+
+    ctx = _context(folder, model)
+    inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
+    if model == "lightgcn":
+        return ctx, inter, {}
+    text = _random_features(ctx, inter, "text", TEXT_DIM)
+    image = _random_features(ctx, inter, "image", IMAGE_DIM)
+    graphs = run_graphs(ctx, text, image).artifact
+    return ctx, inter, {"text_features": text, "image_features": image, "graphs": graphs}
+
+
+def _sampled_epoch(stage: str, folder: Path) -> dict[str, Any]:
+    """``TRAIN_BATCHES`` timed batches + one validation and one test evaluation, projected to an epoch.
+
+    Why: one SAND epoch at 5 M reviews and beyond takes hours on this CPU (every batch
+    reads all items' features), while every batch of an epoch costs the same, so an
+    epoch is ``batches x median s/batch + evaluations``. The model and data are the
+    train stage's own (``build_model_for``); the batch step is the trainer's
+    (``bench_memory_model.time_batches``). Checked against a whole epoch at 1 M reviews.
+    """
+    import math
+
+    import torch
+    from bench_memory_model import time_batches
+
+    from sand.pipeline.training.evaluation import SplitEvaluator
+    from sand.pipeline.training.model_io import build_model_for
+
+    model_name = stage.removeprefix("train_").removesuffix("_batches")
+    ctx, inter, feats = _train_inputs(folder, model_name)
+    t_build = time.perf_counter()
+    model, data = build_model_for(ctx.cfg.train, inter, feats)
+    build_s = time.perf_counter() - t_build
+    batch = ctx.cfg.train.batch_size
+    times = time_batches(model, data.train, data.csr("train"), data.n_items, TRAIN_BATCHES, batch)
+    per_batch = float(np.median(times[1:] or times))
+    n_batches = math.ceil(len(data.train) / batch)
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        user_emb, item_emb = model.embeddings()
+    SplitEvaluator(data, "valid")(user_emb, item_emb)
+    SplitEvaluator(data, "test")(user_emb, item_emb)
+    eval_s = time.perf_counter() - t0
+    return {
+        "seconds": build_s + per_batch * n_batches + eval_s, "projected": True, "batches_timed": len(times),
+        "s_per_batch": per_batch, "batches_per_epoch": n_batches, "eval_seconds": eval_s, "build_seconds": build_s,
+        "seconds_per_epoch": per_batch * n_batches, "users": data.n_users, "items": data.n_items,
+        "train_edges": int(len(data.train)),
+    }
 
 
 def _per_line_reference(folder: Path) -> dict[str, Any]:
@@ -343,7 +406,7 @@ def load_results(work: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return latest
 
 
-def fit_growth(sizes: list[int], seconds: list[float]) -> str:
+def fit_growth(sizes: list[int], seconds: list[float], unit: str = "CPU s") -> str:
     """Exponent of t ~ n^b (log-log least squares) and seconds per 10M reviews at the largest size.
 
     Fitted on CPU seconds: on a shared machine wall time mostly measures the queue.
@@ -356,7 +419,16 @@ def fit_growth(sizes: list[int], seconds: list[float]) -> str:
     else:
         shape = "linear" if b < 1.15 else ("n log n-ish" if b < 1.35 else f"superlinear (n^{b:.1f})")
     per10m = seconds[-1] / sizes[-1] * 1e7
-    return f"{shape}, exponent {b:.2f}, {per10m:.0f} CPU s per 10M reviews (at {sizes[-1] / 1e6:g}M)"
+    return f"{shape}, exponent {b:.2f}, {per10m:.0f} {unit} per 10M reviews (at {sizes[-1] / 1e6:g}M)"
+
+
+def _cost(rec: dict[str, Any]) -> float:
+    """CPU seconds of a measured stage; the projected epoch's wall seconds of a sampled one."""
+    return rec["seconds"] if rec.get("projected") else rec["cpu_seconds"]
+
+
+def _unit(stage: str) -> str:
+    return "projected wall s" if stage in SAMPLED else "CPU s"
 
 
 def report(work: Path, plot: Path | None) -> None:
@@ -372,6 +444,10 @@ def report(work: Path, plot: Path | None) -> None:
                 cells.append("not run")
             elif rec["status"] != "ok":
                 cells.append(rec["status"])
+            elif rec.get("projected"):
+                cells.append(f"{rec['seconds']:.0f} s projected ({rec['s_per_batch']:.2f} s/batch x "
+                             f"{rec['batches_per_epoch']} batches + {rec['eval_seconds']:.0f} s evaluation), "
+                             f"{rec['peak_rss_gb']:.2f} GB")
             else:
                 wall, cpu, peak = rec["seconds"], rec["cpu_seconds"], rec["peak_rss_gb"]
                 cells.append(f"{wall:.0f} s wall, {cpu:.0f} s CPU, {peak:.2f} GB")
@@ -379,8 +455,8 @@ def report(work: Path, plot: Path | None) -> None:
     print()
     for stage in (*STAGES, *EXTRA):
         ok = [(n, results[(stage, n)]) for n in sizes if results.get((stage, n), {}).get("status") == "ok"]
-        if ok:
-            print(f"{stage}: {fit_growth([n for n, _ in ok], [r['cpu_seconds'] for n, r in ok])}")
+        if ok:  # projected stages: their projected wall seconds (their CPU seconds cover a few batches)
+            print(f"{stage}: {fit_growth([n for n, _ in ok], [_cost(r) for _, r in ok], _unit(stage))}")
     for n in sizes:
         rec = results.get(("interactions", n)) or results.get((CORE, n)) or {}
         if rec.get("status") == "ok":
@@ -402,9 +478,9 @@ def _plot(results, sizes, path: Path) -> None:
         if not pts:
             continue
         x = [n / 1e6 for n, _ in pts]
-        ax_t.plot(x, [r["cpu_seconds"] for _, r in pts], "o-", label=stage)
+        ax_t.plot(x, [_cost(r) for _, r in pts], "o-", label=f"{stage} ({_unit(stage)})")
         ax_m.plot(x, [r["peak_rss_gb"] for _, r in pts], "o-", label=stage)
-    for ax, label in ((ax_t, "CPU seconds (all threads)"), (ax_m, "peak RSS (GB)")):
+    for ax, label in ((ax_t, "seconds (CPU, all threads; *_batches: projected wall)"), (ax_m, "peak RSS (GB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("raw reviews (millions), 2023 format")

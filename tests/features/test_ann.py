@@ -53,6 +53,18 @@ def test_faiss_graph_recall_measured_and_reached(include_self: bool) -> None:
     np.testing.assert_array_equal(again, got)
 
 
+def test_faiss_rows_search_only_those_rows_with_the_same_answer() -> None:
+    """``rows=`` (what bench_graphs_scale times at a million items): the full graph's rows, nothing else."""
+    x = clustered(6000, 16, seed=5)
+    full, _ = ann.faiss_neighbours(x, 10, recall_sample=200, seed=1)
+    rows = np.array([3, 17, 2048, 5999])
+    part, report = ann.faiss_neighbours(x, 10, recall_sample=200, seed=1, rows=rows)
+    np.testing.assert_array_equal(part, full[rows])
+    assert report.recall_rows == 100
+    with pytest.raises(ConfigError, match="rows"):
+        ann.faiss_neighbours(x, 10, recall_sample=200, rows=np.array([6000]))
+
+
 def test_fixed_nprobe_reports_low_recall_honestly() -> None:
     x = clustered(5000, 32, centres=5)
     _, report = ann.faiss_neighbours(x, 10, nlist=256, nprobe=1, recall_sample=200)
