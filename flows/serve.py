@@ -139,8 +139,3 @@ class InstalledPackage:
 
     def to_pull_step(self) -> dict[str, Any]:
         return {"prefect.deployments.steps.set_working_directory": {"directory": "."}}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, InstalledPackage)
-
-    __hash__ = object.__hash__
