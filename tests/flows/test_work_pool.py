@@ -109,3 +109,16 @@ def test_work_pool_runs_text_shards_on_dask_like_threads(prefect_server, tmp_pat
             executed = dask.run(lambda dask_worker: dask_worker.state.executed_count)
         assert sum(executed.values()) == manifest["shards"]
         assert written[0].read_bytes() == (Path(threads["path"]) / "text_feat.npy").read_bytes()
+
+        # Deploying again updates the same deployments in place (the text summary this time);
+        # a relative data root is registered as the absolute path it names where `sand deploy` ran.
+        again = invoke_sand(["deploy", "--work-pool", POOL, "--cron", "0 5 * * *", "--data-root", "data"],
+                            api_url=prefect_server, cwd=tmp_path)
+        assert again.exit_code == 0, again.stderr
+        assert f"registered {len(summary['deployments'])} deployments with work pool {POOL!r}" in again.stdout
+        assert "sand-pipeline/retrain  (cron 0 5 * * *)" in again.stdout
+        with get_client(sync_client=True) as client:
+            updated = client.read_deployment_by_name("sand-pipeline/retrain")
+        assert updated.id == retrain.id and [s.schedule.cron for s in updated.schedules] == ["0 5 * * *"]
+        assert updated.parameters["config"]["data_root"] == str(tmp_path / "data")
+        assert updated.parameters["options"]["runner"] == "threads"
