@@ -174,22 +174,27 @@ def _preflight(cfg) -> None:
     RUN_LOG.open(cfg.data_root, writable)
 
 
-def _check_prefect_server() -> None:
-    """Fail early, in one line, when a configured Prefect server cannot be reached."""
+def _check_prefect_server(required_by: str | None = None) -> None:
+    """Fail early, in one line, when a configured Prefect server cannot be reached.
+
+    ``required_by`` names a command that cannot use Prefect's temporary server (what it
+    registers must outlive it): for it, no configured server is an error too.
+    """
     from prefect.settings import Settings
 
     url = Settings().api.url  # read afresh: the environment may have changed since import
-    if not url:
+    if not url and not required_by:
         return
+    start = "start one with `prefect server start`"
+    if not url:
+        raise ConfigError(f"{required_by} needs a Prefect server: {start} and set PREFECT_API_URL=http://HOST:4200/api")
     import httpx
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
     except httpx.HTTPError as err:
-        raise SandError(
-            f"Prefect server at {url} is unreachable ({type(err).__name__}): start one with "
-            "`prefect server start`, or unset PREFECT_API_URL to run without a server"
-        ) from None
+        fallback = "" if required_by else ", or unset PREFECT_API_URL to run without a server"
+        raise SandError(f"Prefect server at {url} is unreachable ({type(err).__name__}): {start}{fallback}") from None
 
 
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
@@ -404,6 +409,43 @@ def serve(
     from sand.flows.serve import serve_deployments
 
     serve_deployments(cfg, cron)
+
+
+@app.command(help="Register the deployments of `sand serve` with a Prefect work pool, then exit; "
+             "the pool's workers run them.")
+@with_common_options
+def deploy(
+    common: Common,
+    work_pool: Annotated[str, typer.Option(help="existing Prefect work pool whose workers run the flows")],
+    cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None,
+) -> None:
+    """Register the deployments of `sand serve` with a Prefect work pool, then exit.
+
+    Why a command of its own and not `sand serve --work-pool`: serving runs the flows in
+    that process until stopped, deploying only registers them and returns, and a
+    flag that turned a long-running command into one that exits at once would surprise.
+    Every run option (--runner, --dask-address, --refresh) and config option becomes the
+    deployments' default parameters; nothing is checked against this machine's devices or
+    data root, because the flows run on the workers' machines.
+    """
+    check_stage_names(common.refresh)
+    cfg = common.pipeline_config()
+    options = common.run_options()
+    _check_prefect_server(required_by="sand deploy")
+    from sand.flows.serve import deploy_to_work_pool
+
+    summary = deploy_to_work_pool(cfg, work_pool, cron, options)
+    if common.json:
+        _emit(summary, True)
+        return
+    typer.echo(f"registered {len(summary['deployments'])} deployments with work pool {work_pool!r} "
+               f"({summary['work_pool_type']}; runner {options.runner}"
+               + (f" at {options.dask_address}" if options.dask_address else "")
+               + f"; data root {summary['data_root']}):")
+    for deployment in summary["deployments"]:
+        typer.echo(f"  {deployment['name']}" + (f"  (cron {deployment['cron']})" if deployment["cron"] else ""))
+    if not summary["workers_online"]:
+        typer.echo(f"no worker polls {work_pool!r} yet: start one with `prefect worker start --pool {work_pool}`")
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

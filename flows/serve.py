@@ -1,19 +1,34 @@
 """Deployments for the Prefect UI: the end-to-end flow and every stage, on a schedule.
 
-Why ``flow.to_deployment`` + ``prefect.serve``: it needs no work pool or
-infrastructure block; ``sand serve`` is a long-running process that picks up
-scheduled and UI-triggered runs, and each deployment's parameters default to
-the config given at serve time (editable per run in the UI form). Entrypoints are
+Two ways to run them, one set of deployments (:func:`build_deployments`):
+
+* ``sand serve`` (:func:`serve_deployments`): ``prefect.serve`` in a long-running
+  process that picks up scheduled and UI-triggered runs itself. It needs no work
+  pool or infrastructure block: the simplest setup, on the machine that runs the flows.
+* ``sand deploy --work-pool NAME`` (:func:`deploy_to_work_pool`): registers the same
+  deployments with an existing work pool and returns; the pool's workers
+  (``prefect worker start --pool NAME``, on the GPU node of a cluster) run the flows.
+  Deploying and running are then separate: deploy once from anywhere, restart or add
+  workers without touching the deployments.
+
+Each deployment's parameters default to the config (and run options: task runner,
+Dask scheduler) given at deploy time, editable per run in the UI form. Entrypoints are
 module paths (``sand.flows.pipeline_flows.pipeline_flow``), not file paths, so a
 deployment loads the installed package wherever it lives (a wheel in a container,
-an editable checkout), whatever the worker's current directory.
+an editable checkout), whatever the worker's current directory: no code storage,
+git source or image build is involved.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sand.pipeline.config import PipelineConfig
+from sand.pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sand.flows.pipeline_flows import RunOptions
 
 # Prefect (and our modules that need them): imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.
@@ -21,13 +36,18 @@ from sand.pipeline.config import PipelineConfig
 DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
 
-def build_deployments(config: PipelineConfig, cron: str | None = None) -> list[Any]:
-    """RunnerDeployments: ``sand-pipeline/retrain`` (scheduled) and ``sand-<stage>/on-demand``."""
+def build_deployments(config: PipelineConfig, cron: str | None = None, options: RunOptions | None = None) -> list[Any]:
+    """RunnerDeployments: ``sand-pipeline/retrain`` (scheduled) and ``sand-<stage>/on-demand``.
+
+    ``options`` (default: ``RunOptions()``, the threads runner) are the run options every
+    run of these deployments gets unless the run overrides them.
+    """
     from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
     from sand.flows.pipeline_flows import STAGE_FLOWS, RunOptions, pipeline_flow, stage_flow_entrypoint
 
-    params = {"config": config.model_dump(mode="json"), "options": RunOptions().model_dump(mode="json")}
+    options = options or RunOptions()
+    params = {"config": config.model_dump(mode="json"), "options": options.model_dump(mode="json")}
     common = {"parameters": params, "entrypoint_type": EntrypointType.MODULE_PATH}
     deployments = [
         pipeline_flow.to_deployment(
@@ -50,3 +70,72 @@ def serve_deployments(config: PipelineConfig, cron: str | None = None) -> None:
     from prefect import serve
 
     serve(*build_deployments(config, cron))
+
+
+def deploy_to_work_pool(
+    config: PipelineConfig, work_pool: str, cron: str | None = None, options: RunOptions | None = None
+) -> dict[str, Any]:
+    """Register every deployment with the existing work pool ``work_pool``; returns what was registered.
+
+    Why ``RunnerDeployment.apply(work_pool_name=...)`` and not ``prefect.deploy``: the
+    latter exists to build and push a Docker image (or demands code storage) and prints
+    Rich tables; module-path entrypoints need neither, and ``apply`` registers exactly
+    the deployment. The data root is made absolute first: a process worker runs each
+    flow in a temporary working directory, where ``./data`` would be a fresh, lost folder.
+    Each deployment gets :class:`InstalledPackage` as its code storage (see there why).
+    Raises ConfigError (one line) when the pool does not exist.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+    from prefect.exceptions import ObjectNotFound
+
+    from sand.flows.pipeline_flows import RunOptions
+
+    options = options or RunOptions()
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(work_pool)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"Prefect work pool {work_pool!r} does not exist at {client.api_url}: create it with "
+                f"`prefect work-pool create {work_pool} --type process`"
+            ) from None
+        online = client.read_workers_for_work_pool(
+            work_pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+        )
+    absolute = config.model_copy(update={"data_root": config.data_root.absolute()})
+    registered = []
+    for deployment in build_deployments(absolute, cron, options):
+        deployment.storage = InstalledPackage()
+        deployment_id = deployment.apply(work_pool_name=work_pool)
+        registered.append({"name": f"{deployment.flow_name}/{deployment.name}", "id": str(deployment_id),
+                           "cron": next((getattr(s.schedule, "cron", None) for s in deployment.schedules), None)})
+    return {"work_pool": work_pool, "work_pool_type": pool.type, "workers_online": len(online),
+            "data_root": str(absolute.data_root), "options": options.model_dump(mode="json"),
+            "deployments": registered}
+
+
+class InstalledPackage:
+    """Code storage (Prefect's ``RunnerStorage``) for code already installed where the flows run.
+
+    Why: a work-pool deployment without storage makes a process worker copy a directory
+    into each run's workspace before the run starts: the deploying command's working
+    directory, recorded at deploy time. That directory may not exist on the worker's
+    machine (the run fails), or may hold the data root (every run copies it). Our
+    entrypoints are module paths of the installed package, so there is nothing to copy:
+    the one pull step, ``set_working_directory: .``, leaves the run in the working
+    directory the worker gives it (its ``working_dir`` job variable, else a temporary one).
+    """
+
+    destination = Path(".")
+    pull_interval = None
+
+    def set_base_path(self, path: Path) -> None:
+        """Nothing is pulled, so there is no base path to set."""
+
+    async def pull_code(self) -> None:
+        """The package is installed on every worker: nothing to pull."""
+
+    def to_pull_step(self) -> dict[str, Any]:
+        return {"prefect.deployments.steps.set_working_directory": {"directory": "."}}

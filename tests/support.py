@@ -7,8 +7,14 @@ path through its ``conftest.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from conftest import Reply, RequestInfo
 
+from sand.pipeline.config import PipelineConfig, load_config
 from sand.pipeline.store import Artifact, ArtifactStore
 
 
@@ -123,3 +130,79 @@ def fake_run(
         return {"metrics": {"valid": metrics(valid), "test": metrics(test)}, "model": model, "variant": variant}
 
     return store.run("evaluate", "1", {"ks": [10, 20]}, {"train": train, "interactions": inter}, build_eval).artifact
+
+
+# --------------------------------------------------------------------------- real processes (Dask, Prefect workers)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: Environment of the processes a test starts: offline, like the machine the tests run on.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@contextlib.contextmanager
+def background_processes(logs: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """``start(name, *argv, env=...)`` runs ``python -m argv...`` with its output in ``logs/<name>.log``.
+
+    Why one helper: every process a test starts must stop, even when the test fails:
+    on leaving, each gets SIGTERM (the last started first), 30 s to exit, then SIGKILL.
+    Only the processes started here are touched, by their handle.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(logs / f"{name}.log", "wb") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **OFFLINE_ENV, **(env or {})}))
+        return procs[-1]
+
+    try:
+        yield start
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@contextlib.contextmanager
+def start_dask_cluster(workdir: Path) -> Iterator[str]:
+    """A ``dask scheduler`` process and a ``dask worker --nworkers 2 --nthreads 1`` process on loopback,
+    started as on a real cluster; yields the scheduler's address once both workers joined."""
+    import distributed
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with background_processes(workdir / "dask-logs") as start:
+        start("scheduler", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
+        start("workers", "dask", "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+              "--local-directory", str(workdir / "dask-workers"))
+        with distributed.Client(address, timeout=120) as client:
+            client.wait_for_workers(2, timeout=180)
+            assert len(client.scheduler_info()["workers"]) == 2
+        yield address
+
+
+# --------------------------------------------------------------------------- the sample in several shards
+#: The sample cut small, its feature stages in several shards each: what cluster tests drive.
+SMALL_SHARDED = [
+    "acquire.sample_users=150",
+    "acquire.sample_items=100",
+    "image_features.image_size=32",
+    "image_features.num_workers=0",
+    "image_features.shard_size=16",
+    "text_features.batch_size=1",  # encoding groups of 32 unique texts: several shards
+    "text_features.shard_size=32",
+]
+
+
+def small_sharded_config(root: Path, *extra: str) -> PipelineConfig:
+    return load_config(None, {"data_root": str(root)}, [*SMALL_SHARDED, *extra])
