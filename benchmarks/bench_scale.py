@@ -14,7 +14,7 @@ under ``--work/n<size>/``, so a later run only measures.
 
 Stages, each timed in its own subprocess (so each has its own peak RSS, ``ru_maxrss``):
 acquire (local file: hard link + fingerprint), interactions (the real stage, parquet
-out), graphs (the real stage on random features of the pipeline's default sizes: 2048-d
+out), graphs (the real stage on clustered random features of the pipeline's default sizes: 2048-d
 image (resnet50) and 384-d text (MiniLM), so no CNN is needed), and one training epoch
 of SAND and of LightGCN through the real train stage (the epoch's validation and test
 evaluation included). A stage that exceeds ``--stage-timeout`` is recorded as such.
@@ -226,20 +226,25 @@ def _context(folder: Path, model: str = "sand", refresh: tuple[str, ...] = ()):
 
 
 def _random_features(ctx, inter, name: str, dim: int):
-    """A features artifact of random unit-ish vectors (stands in for the CNN / sentence encoder)."""
+    """A features artifact of clustered random vectors (stands in for the CNN / sentence encoder).
+
+    Topic centres plus noise (``bench_graphs_scale.synthetic_features``), one centre per
+    ~125 items: isotropic noise has no neighbourhoods, so an approximate index (the graph
+    stage's faiss path above 100,000 items) would need to probe nearly every cluster to
+    reach its recall target, which real embeddings never make it do.
+    """
+    from bench_graphs_scale import synthetic_features
+
     from sand.pipeline.stage_context import dataset_counts
 
     _, n_items = dataset_counts(inter)
+    centres = max(64, n_items // 125)
 
     def build(out: Path) -> dict[str, Any]:
-        feats = np.lib.format.open_memmap(out / f"{name}_feat.npy", mode="w+", dtype=np.float32, shape=(n_items, dim))
-        for start in range(0, n_items, 65_536):
-            stop = min(start + 65_536, n_items)
-            feats[start:stop] = np.random.default_rng([dim, start]).standard_normal((stop - start, dim))
-        feats.flush()
-        return {"random": True, "dim": dim}
+        synthetic_features(out / f"{name}_feat.npy", n_items, dim, "float32", seed=dim, centres=centres)
+        return {"random": True, "dim": dim, "centres": centres}
 
-    return ctx.store.run(f"{name}_features", "random", {"dim": dim}, {"interactions": inter}, build).artifact
+    return ctx.store.run(f"{name}_features", "clustered", {"dim": dim}, {"interactions": inter}, build).artifact
 
 
 def run_stage(stage: str, folder: Path, n: int) -> dict[str, Any]:
