@@ -39,8 +39,9 @@ The kNN item graphs come from these features through the pipeline's own
 therefore not the paper's (synthetic features on a real graph); the relative cost of the
 scopes is the point.
 
-Usage (about 35 CPU-minutes for the defaults on a 2-core machine; not run by CI):
-    .venv/bin/python benchmarks/bench_scopes.py --inter PATH/baby.inter --seeds 3 --epochs 30
+Usage (28 minutes on Baby for the defaults on a loaded 2-core machine; not run by CI; results
+in docs/model.md, "Scopes"):
+    .venv/bin/python benchmarks/bench_scopes.py --inter PATH/baby.inter --seeds 3 --epochs 15 --patience 3 --lr 1e-3
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "batch/batch": ("batch", "batch"),
 }
 #: what train.*_scope=auto picks, per configuration (docs/model.md, "Scopes")
-AUTO_RANGE = {"all/all": "<= 20,000 items", "batch/all": "20,000 - 1,000,000 items", "batch/batch": "> 1,000,000"}
+AUTO_RANGE = {"all/all": "<= 20,000 items", "batch/all": "20,000 - 1,000,000 items", "batch/batch": "> 1,000,000 items"}
 DEFAULT_DIMS = {"image": 512, "text": 384}
 METRICS = ("recall@20", "ndcg@20")
 
