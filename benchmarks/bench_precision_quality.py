@@ -37,6 +37,12 @@ from sand.pipeline.stages import Context  # noqa: E402
 PRECISIONS = ("fp32", "bf16")
 
 
+def seed_spread(values: list[float]) -> tuple[float, float]:
+    """(mean, (max - min) / mean): the run-to-run noise over seeds that a difference is judged against."""
+    mean = statistics.mean(values)
+    return mean, (max(values) - min(values)) / mean
+
+
 def sample_run(root: Path, seed: int, precision: str, epochs: int) -> dict:
     settings = [
         "train.model=sand", "train.variant=a", f"train.epochs={epochs}", f"train.eval_every={epochs}",
@@ -67,8 +73,7 @@ def sample_part(root: Path, seeds: int, epochs: int) -> None:
     for split in ("valid", "test"):
         f = [runs[(s, "fp32")][split] for s in range(seeds)]
         b = [runs[(s, "bf16")][split] for s in range(seeds)]
-        mean_f, mean_b = statistics.mean(f), statistics.mean(b)
-        spread = (max(f) - min(f)) / mean_f
+        (mean_f, spread), mean_b = seed_spread(f), statistics.mean(b)
         print(f"{split}: fp32 mean {mean_f:.4f} (seed spread {spread:.1%} of the mean), "
               f"bf16 mean {mean_b:.4f} ({(mean_b - mean_f) / mean_f:+.1%})")
     print("\nPer-epoch training loss, seed 0 (fp32 | bf16):")

@@ -1,0 +1,73 @@
+"""The scopes benchmark's synthetic features: deterministic for a seed, built from the train split only."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_scopes  # noqa: E402
+
+from sand.pipeline.dataset.split_data import SplitData  # noqa: E402
+
+DIMS = {"image": 24, "text": 16}
+RANKS = {"shared_rank": 4, "unique_rank": 2}
+
+
+def _edges(rng: np.random.Generator, n_users: int, n_items: int, n: int) -> np.ndarray:
+    keys = rng.choice(n_users * n_items, size=n, replace=False)
+    return np.stack([keys // n_items, keys % n_items], 1).astype(np.int64)
+
+
+@pytest.fixture()
+def data() -> SplitData:
+    rng = np.random.default_rng(0)
+    edges = _edges(rng, 120, 80, 2_000)
+    return SplitData(120, 80, edges[:1_600], edges[1_600:1_800], edges[1_800:])
+
+
+def _features(data: SplitData, seed: int) -> dict[str, np.ndarray]:
+    return bench_scopes.collaborative_features(data, seed, DIMS, **RANKS)
+
+
+def test_same_seed_same_bytes_other_seed_other_features(data):
+    first, again, other = _features(data, 3), _features(data, 3), _features(data, 4)
+    assert {m: (x.shape, x.dtype) for m, x in first.items()} == {
+        "image": ((80, 24), np.float32), "text": ((80, 16), np.float32)
+    }
+    assert all(first[m].tobytes() == again[m].tobytes() for m in DIMS)
+    assert all(not np.allclose(first[m], other[m]) for m in DIMS)
+
+
+def test_only_the_train_split_is_read(data):
+    rng = np.random.default_rng(1)
+    reference = _features(data, 3)
+    other_holdout = replace(data, valid=_edges(rng, 120, 80, 300), test=_edges(rng, 120, 80, 300))
+    fewer_train = replace(data, train=data.train[:-100])
+    assert all(reference[m].tobytes() == _features(other_holdout, 3)[m].tobytes() for m in DIMS)
+    assert all(not np.allclose(reference[m], _features(fewer_train, 3)[m]) for m in DIMS)
+
+
+def test_modalities_share_the_collaborative_factor(data):
+    """Items close in one modality are close in the other (the shared SVD factor), unless noise drowns it."""
+
+    def agreement(noise: float) -> float:
+        feats = bench_scopes.collaborative_features(
+            data, 3, {"image": 128, "text": 96}, shared_rank=8, unique_rank=1, noise=noise
+        )
+        unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in feats.values()]
+        upper = np.triu_indices(data.n_items, 1)
+        return float(np.corrcoef(*((u @ u.T)[upper] for u in unit))[0, 1])
+
+    shared, drowned = agreement(0.1), agreement(10.0)
+    assert shared > 0.5 and drowned < shared / 3
+
+
+def test_a_rank_the_matrix_cannot_hold_is_refused(data):
+    with pytest.raises(ValueError, match="SVD rank"):
+        bench_scopes.collaborative_features(data, 0, DIMS, shared_rank=70, unique_rank=10)
