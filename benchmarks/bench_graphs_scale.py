@@ -63,7 +63,8 @@ def _worker(args: argparse.Namespace) -> None:
         rows = None
         if args.search_rows:
             rows = np.sort(np.random.default_rng(2).choice(args.items, args.search_rows, replace=False))
-        nbrs, report = faiss_neighbours(feats, args.k, recall_sample=args.recall_sample, seed=args.seed, rows=rows)
+        nbrs, report = faiss_neighbours(feats, args.k, recall_sample=args.recall_sample, seed=args.seed, rows=rows,
+                                        storage=args.storage)
         faiss_s, faiss_cpu = time.perf_counter() - t0, _cpu() - c0
         rss_faiss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         assert nbrs.shape == (args.items if rows is None else len(rows), args.k)
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--centres", type=int, default=2000)
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--exact-rows", type=int, default=2000, help="rows timed to extrapolate the exact build")
+    ap.add_argument("--storage", choices=["float32", "float16"], default="float32",
+                    help="how the faiss index stores the vectors (graphs.faiss_storage)")
     ap.add_argument("--search-rows", type=int, default=0,
                     help="search only this many rows and extrapolate the search (0: all rows)")
     ap.add_argument("--seed", type=int, default=0)
@@ -109,6 +112,7 @@ def main() -> None:
     import subprocess
 
     print(f"graph at scale: {args.items} items x {args.dims} dims ({args.dtype}, memory-mapped), k={args.k}, "
+          f"faiss storage {args.storage}, "
           f"cpus={os.cpu_count()}, load avg {os.getloadavg()[0]:.1f} at start")
     out = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], check=True, capture_output=True,
                          text=True).stdout

@@ -131,10 +131,14 @@ class GraphsConfig(_Section):
         "or on a CUDA GPU, else faiss)",
     )
     auto_threshold: int = Field(100_000, ge=1, description="auto: catalogue size above which CPU runs use faiss")
-    nlist: int | None = Field(None, ge=1, description="faiss clusters (default about 4 sqrt(N))")
+    nlist: int | None = Field(None, ge=1, description="faiss clusters (default about 2 sqrt(N))")
     nprobe: int | None = Field(None, ge=1, description="faiss clusters searched (default: tuned to target_recall)")
     target_recall: float = Field(0.95, gt=0, le=1, description="faiss: recall@k the nprobe tuning aims for")
     recall_sample: int = Field(1000, ge=2, description="faiss: rows whose exact neighbours measure recall")
+    faiss_storage: Literal["float32", "float16"] = Field(
+        "float32", description="faiss: how the index stores the vectors (float16: half the memory, N x d x 2 "
+        "bytes, e.g. 8 GB instead of 16 GB at 1M x 4096; recall is measured either way)",
+    )
     seed: int = 0
 
 

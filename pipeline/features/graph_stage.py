@@ -20,7 +20,7 @@ from sand.pipeline.store import Artifact, StageOutcome
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 #: Graph settings used only by the faiss method (left out of the key of an exact graph).
-_FAISS_FIELDS = {"nlist", "nprobe", "target_recall", "recall_sample", "seed"}
+_FAISS_FIELDS = {"nlist", "nprobe", "target_recall", "recall_sample", "faiss_storage", "seed"}
 
 
 def graph_method(ctx: StageContext, text: Artifact, image: Artifact) -> str:
@@ -48,7 +48,7 @@ def run_graphs(ctx: StageContext, text: Artifact, image: Artifact) -> StageOutco
                 nbrs, report = faiss_neighbours(
                     feats, gcfg.k, include_self=gcfg.include_self, nlist=gcfg.nlist, nprobe=gcfg.nprobe,
                     target_recall=gcfg.target_recall, recall_sample=gcfg.recall_sample, seed=gcfg.seed,
-                    progress=ctx.progress,
+                    storage=gcfg.faiss_storage, progress=ctx.progress,
                 )
                 info["ann"] = report.to_dict()
             else:
