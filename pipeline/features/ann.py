@@ -175,6 +175,35 @@ def _ivf_index(faiss: Any, d: int, nlist: int, storage: str) -> Any:
     return index
 
 
+def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
+    """Add every row to the trained IVF ``index``, each inverted list allocated once at its final size.
+
+    Why two passes: faiss appends to a list by growing its buffer geometrically, so
+    adding row blocks left the lists holding ~1.6x their codes (measured: 932 MB for
+    586 MB of vectors), and at 1M x 4,096 float32 the process was killed for memory on
+    a 24 GB machine. Assigning every row to its list first (the same nearest-centroid
+    search ``add`` does; N int64s kept) gives each list's size; its capacity is then
+    reserved (``resize`` up, then back to 0: a std::vector keeps its capacity) and the
+    rows are added with their assignment (``add_preassigned``). Same index, same output.
+    """
+    from faiss.contrib.ivf_tools import add_preassigned
+    from tqdm.auto import tqdm
+
+    n = features.shape[0]
+    assign = np.empty(n, dtype=np.int64)
+    blocks = range(0, n, _ROW_BLOCK)
+    for start in tqdm(blocks, desc="faiss assign", disable=not progress, unit="block"):
+        assign[start : start + _ROW_BLOCK] = index.quantizer.search(
+            _normalised(features[start : start + _ROW_BLOCK]), 1
+        )[1][:, 0]
+    lists = index.invlists
+    for list_no, size in enumerate(np.bincount(assign, minlength=index.nlist)):
+        lists.resize(list_no, int(size))
+        lists.resize(list_no, 0)
+    for start in tqdm(blocks, desc="faiss add", disable=not progress, unit="block"):
+        add_preassigned(index, _normalised(features[start : start + _ROW_BLOCK]), assign[start : start + _ROW_BLOCK])
+
+
 def faiss_neighbours(
     features: np.ndarray,
     k: int = 10,
@@ -228,8 +257,7 @@ def faiss_neighbours(
     seconds["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    for start in tqdm(range(0, n, _ROW_BLOCK), desc="faiss add", disable=not progress, unit="block"):
-        index.add(_normalised(features[start : start + _ROW_BLOCK]))
+    _add_reserved(index, features, progress)
     seconds["add"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
