@@ -6,7 +6,9 @@ about 8 PFLOP. This builds the faiss IVF graph of ``pipeline.ann`` on N syntheti
 vectors have no neighbourhoods to find), stored on disk as ``.npy`` and read
 memory-mapped (float16 halves the file), reports the recall@k faiss measured on its
 held-out sample rows, and times the exact build on a sample of rows to extrapolate its
-full cost (its cost per row is the same for every row). Each size runs in a fresh
+full cost (its cost per row is the same for every row; timed with the streaming
+``ann.exact_rows``, whose memory is bounded, where ``knn_neighbours`` would first make a
+normalised float32 copy of all features: 16 GB at 1M x 4,096, next to the index). Each size runs in a fresh
 subprocess so that peak RSS is its own. Not run by CI.
 
     .venv/bin/python benchmarks/bench_graphs_scale.py --items 1000000 --dims 384 --dtype float16
@@ -51,8 +53,7 @@ def _worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch  # noqa: F401 - loaded before timing, as in a running pipeline
 
-    from sand.pipeline.features.ann import faiss_neighbours
-    from sand.pipeline.features.knn import knn_neighbours
+    from sand.pipeline.features.ann import exact_rows, faiss_neighbours
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         path = Path(tmp) / "feat.npy"
@@ -77,7 +78,7 @@ def _worker(args: argparse.Namespace) -> None:
         if args.exact_rows:
             rows = np.random.default_rng(1).choice(args.items, args.exact_rows, replace=False)
             t0, c0 = time.perf_counter(), _cpu()
-            knn_neighbours(feats, args.k, rows=np.sort(rows))
+            exact_rows(feats, np.sort(rows), args.k, include_self=True)
             exact_s = (time.perf_counter() - t0) * args.items / args.exact_rows
             exact_cpu = (_cpu() - c0) * args.items / args.exact_rows
     print(json.dumps({
