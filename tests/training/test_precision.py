@@ -82,7 +82,7 @@ def test_sand_bf16_computes_the_fp32_model_to_rounding(variant):
         model.auxiliary_step(users, pos, neg)
         t = model.loss_terms(users, pos, neg)
         sum(t.values()).backward()
-        terms[name] = {k: float(v) for k, v in t.items()}
+        terms[name] = {k: float(v.detach()) for k, v in t.items()}
         grads[name] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     assert terms["bf16"].keys() == terms["fp32"].keys()
     for k, v in terms["fp32"].items():
