@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_scale.py --work /tmp/scale --sizes 1e6,5e6            # generate + measure
     python benchmarks/bench_scale.py --work /tmp/scale --sizes 2e7 --stages acquire,interactions
+    python benchmarks/bench_scale.py --work /tmp/scale --sizes 2e7 --stages train_sand_batches  # projected epoch
     python benchmarks/bench_scale.py --work /tmp/scale --report --plot docs/scaling.png
 
 Data: Amazon 2023-format raw reviews and metadata (``.jsonl.gz``, the real field
