@@ -164,7 +164,7 @@ def test_other_feature_models_train_in_bf16_like_fp32(name):
         torch.manual_seed(2)
         t = model.loss_terms(users, pos, neg)
         sum(t.values()).backward()
-        terms[key] = {k: float(v) for k, v in t.items()}
+        terms[key] = {k: float(v.detach()) for k, v in t.items()}
     for k, v in terms["fp32"].items():
         assert terms["bf16"][k] == pytest.approx(v, rel=2e-2, abs=1e-4), (name, k)
     grads = [(p.grad, q.grad) for p, q in zip(m16.parameters(), m32.parameters(), strict=True) if q.grad is not None]
