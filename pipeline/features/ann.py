@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sand.pipeline.errors import ConfigError
+from sand.pipeline.features.knn import query_rows
 
 # faiss: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
@@ -167,12 +168,9 @@ def _ivf_index(faiss: Any, d: int, nlist: int, storage: str) -> Any:
     """An untrained IVF index over inner products, vectors stored in ``storage``."""
     quantizer = faiss.IndexFlatIP(d)
     if storage == "float16":
-        index = faiss.IndexIVFScalarQuantizer(
-            quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-        )
-    else:
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    return index
+        return faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                             faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
 
 
 def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
@@ -185,6 +183,8 @@ def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
     search ``add`` does; N int64s kept) gives each list's size; its capacity is then
     reserved (``resize`` up, then back to 0: a std::vector keeps its capacity) and the
     rows are added with their assignment (``add_preassigned``). Same index, same output.
+    Each block is read and normalised twice: keeping the normalised rows between the
+    passes would be the N x d float32 copy this avoids.
     """
     from faiss.contrib.ivf_tools import add_preassigned
     from tqdm.auto import tqdm
@@ -221,7 +221,7 @@ def faiss_neighbours(
     """(N x k) approximate top-k cosine neighbours (rows sorted by item index) and their report.
 
     ``features`` may be memory-mapped and of any float dtype: rows are normalised block by
-    block, so the only full copy is the index's own float32 storage (N x d x 4 bytes).
+    block, so the only full copy is the index's own storage (N x d x 4 or 2 bytes, ``storage``).
     ``nprobe`` None: tuned on half of the recall sample (doubling from 8) until
     ``target_recall``; a row the index cannot fill (a tiny cluster) is computed exactly.
     ``rows``: search only these items (len(rows) x k; the index still holds every item),
@@ -242,9 +242,7 @@ def faiss_neighbours(
     nl = int(nlist) if nlist else default_nlist(n)
     if not 1 <= nl <= n:
         raise ConfigError(f"graphs.nlist: must be between 1 and the number of items {n}, got {nlist}")
-    queries = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    if queries.size and (queries.min() < 0 or queries.max() >= n):
-        raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
+    queries = query_rows(rows, n)
     rng = np.random.default_rng(seed)
     seconds: dict[str, float] = {}
 

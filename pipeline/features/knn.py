@@ -94,6 +94,14 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
+def query_rows(rows: np.ndarray | None, n: int) -> np.ndarray:
+    """The items whose neighbours are wanted: all ``n`` (``rows`` None) or ``rows``, checked in range."""
+    queries = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    if queries.size and (queries.min() < 0 or queries.max() >= n):
+        raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
+    return queries
+
+
 def knn_neighbours(
     features: np.ndarray,
     k: int = 10,
@@ -115,9 +123,7 @@ def knn_neighbours(
 
     x = _validate(features, k, include_self, block_size)
     n = x.shape[0]
-    queries = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    if queries.size and (queries.min() < 0 or queries.max() >= n):
-        raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
+    queries = query_rows(rows, n)
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
     dev = resolve_device(device)
     xn = _l2_normalise(x)
