@@ -22,7 +22,7 @@ from pathlib import Path
 ONE = """
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from sand.pipeline.config import load_config
+from sand.pipeline.base.config import load_config
 from sand.pipeline.acquire.stage import run_acquire
 from sand.pipeline.dataset.stage import run_interactions
 from sand.pipeline.features.image_stage import run_image_features

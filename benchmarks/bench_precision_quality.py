@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sand.pipeline.config import load_config  # noqa: E402
+from sand.pipeline.base.config import load_config  # noqa: E402
 from sand.pipeline.runner import run_pipeline  # noqa: E402
 from sand.pipeline.stages import Context  # noqa: E402
 

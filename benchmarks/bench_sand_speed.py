@@ -58,7 +58,7 @@ from sand.models.precision import set_precision  # noqa: E402
 from sand.models.registry import build_model  # noqa: E402
 from sand.models.sand import SAND  # noqa: E402
 from sand.models.separation import FOLDED_READS  # noqa: E402
-from sand.pipeline.hardware import cpu_bf16_support  # noqa: E402
+from sand.pipeline.base.hardware import cpu_bf16_support  # noqa: E402
 
 N_USERS, N_ITEMS, N_INTER = 19_445, 7_050, 160_792
 D_IMAGE, D_TEXT, KNN_K, BATCH = 4096, 384, 10, 2048

@@ -212,7 +212,7 @@ def generate(n: int, folder: Path, seed: int = 0) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- stages
 def _context(folder: Path, model: str = "sand", refresh: tuple[str, ...] = ()):
-    from sand.pipeline.config import PipelineConfig
+    from sand.pipeline.base.config import PipelineConfig
     from sand.pipeline.stages import Context
 
     cfg = PipelineConfig.model_validate(

@@ -102,14 +102,21 @@ def collaborative_features(
     shared_rank: int = 32,
     unique_rank: int = 16,
     noise: float = 1.0,
+    splits: Sequence[str] = ("train",),
 ) -> dict[str, np.ndarray]:
-    """Per-modality float32 (n_items x width) features from the TRAIN split's SVD; see the module doc."""
+    """Per-modality float32 (n_items x width) features from the SVD of ``splits``; see the module doc.
+
+    ``splits`` defaults to the train split alone (features that know nothing of valid/test);
+    ``("train", "valid", "test")`` makes features that carry the held-out interactions too, as real
+    content features carry what users will buy (``bench_convergence.py``'s informative set).
+    """
     rng = np.random.default_rng(seed)
-    train = data.csr("train").astype(np.float64)
+    matrix = sum(data.csr(split) for split in splits).astype(np.float64)
+    matrix.data[:] = 1.0
     rank = shared_rank + unique_rank * len(dims)
-    if not 0 < rank < min(train.shape):
-        raise ValueError(f"SVD rank {rank} must be in (0, {min(train.shape)}) for a {train.shape} matrix")
-    _, s, vt = svds(train, k=rank, v0=rng.standard_normal(min(train.shape)))
+    if not 0 < rank < min(matrix.shape):
+        raise ValueError(f"SVD rank {rank} must be in (0, {min(matrix.shape)}) for a {matrix.shape} matrix")
+    _, s, vt = svds(matrix, k=rank, v0=rng.standard_normal(min(matrix.shape)))
     comps = vt[np.argsort(-s)]  # (rank, n_items), largest singular value first
     rows = np.arange(len(comps))
     comps *= np.sign(comps[rows, np.abs(comps).argmax(axis=1)])[:, None]

@@ -2,7 +2,7 @@
 
 Why typer with lazy imports: ``sand --help`` must answer instantly, so torch,
 transformers and Prefect are imported inside the commands that need them.
-Every option maps to a config field (``pipeline.config.CLI_FIELDS``); any
+Every option maps to a config field (``pipeline.base.config.CLI_FIELDS``); any
 other field is reachable with ``--set section.field=value`` or ``--config``.
 Errors a user can fix are printed as one line and exit with status 2; values
 (devices, seeds, the data root) are checked before Prefect is imported, and
@@ -24,9 +24,9 @@ from typing import Annotated, Any
 import typer
 
 from sand.models.registry import model_choices
-from sand.pipeline.config import CLI_FIELDS
-from sand.pipeline.errors import ConfigError, SandError, one_line
-from sand.pipeline.formats import format_help
+from sand.pipeline.base.config import CLI_FIELDS
+from sand.pipeline.base.errors import ConfigError, SandError, one_line
+from sand.pipeline.base.formats import format_help
 from sand.pipeline.stages import STAGE_NAMES, check_stage_names
 
 # Prefect (and our modules that need them): imported inside the functions that use them,
@@ -73,7 +73,7 @@ class Common:
     verbose: bool
 
     def pipeline_config(self):
-        from sand.pipeline.config import load_config
+        from sand.pipeline.base.config import load_config
 
         overrides = {field: getattr(self, opt) for opt, field in CLI_FIELDS.items() if hasattr(self, opt)}
         if overrides.get("data_root") is not None:
@@ -166,8 +166,8 @@ def _preflight(cfg) -> None:
     """Checks that need no stage: devices exist here, the data root can be written (or serves
     its cached artifacts read-only); then this run's log file opens under the data root."""
     from sand.flows.cli_logging import RUN_LOG
-    from sand.pipeline.devices import check_devices
-    from sand.pipeline.store import ArtifactStore
+    from sand.pipeline.base.devices import check_devices
+    from sand.pipeline.base.store import ArtifactStore
 
     check_devices(cfg)
     writable = ArtifactStore(cfg.data_root).check_writable()
@@ -399,7 +399,7 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also debug lines")] = False,
 ) -> None:
     """Register deployments (end-to-end and each stage) with a schedule and serve them."""
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
 
     _set_verbosity(quiet, verbose)
     overrides = {"acquire.dataset": dataset, "data_root": str(data_root) if data_root else None}

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"

@@ -25,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sand.flows.task_runners import RUNNERS, make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
-from sand.pipeline.config import PipelineConfig
+from sand.pipeline.base.config import PipelineConfig
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.experiments.grid import run_grid
 from sand.pipeline.runner import PipelineResult, direct_upstream, planned_stages, resolve_upstream, run_stage
 from sand.pipeline.stage_context import ShardMapper
 from sand.pipeline.stages import STAGE_NAMES, STAGE_TABLE, Context, Stage
-from sand.pipeline.store import Artifact, StageOutcome
 
 
 class RunOptions(BaseModel):

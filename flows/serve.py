@@ -24,8 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sand.pipeline.config import PipelineConfig
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.config import PipelineConfig
+from sand.pipeline.base.errors import ConfigError
 
 if TYPE_CHECKING:
     from sand.flows.pipeline_flows import RunOptions

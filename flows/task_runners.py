@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 
 # Prefect, prefect-dask: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sand.pipeline.store import StageOutcome
+from sand.pipeline.base.store import StageOutcome
 
 # Prefect: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -45,7 +45,7 @@ def check_modalities(
 ) -> None:
     """Raise ``ValueError`` naming the first missing (or mis-shaped) modality input.
 
-    ``models/`` may not import ``pipeline.errors``; the pipeline turns this
+    ``models/`` may not import ``pipeline.base.errors``; the pipeline turns this
     ValueError into its user-facing error (it knows which file was missing).
     """
     features = features or {}

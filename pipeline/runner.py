@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sand.models.registry import required_modalities
-from sand.pipeline.config import PipelineConfig
-from sand.pipeline.errors import StageError
+from sand.pipeline.base.config import PipelineConfig
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.experiments.grid import GridResult, run_grid
 from sand.pipeline.stage_context import ShardMapper, StageContext
 from sand.pipeline.stages import MODEL_INPUT_STAGES, STAGE_TABLE, Context, Stage, stage
-from sand.pipeline.store import Artifact, StageOutcome
 
 #: ``call(stage_name, function, *args)`` runs one stage; the default just calls it.
 StageCaller = Callable[..., StageOutcome]

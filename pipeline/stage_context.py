@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sand.pipeline.config import PipelineConfig
-from sand.pipeline.devices import check_devices, device_type
-from sand.pipeline.errors import StageError
-from sand.pipeline.locations import local_path
-from sand.pipeline.store import Artifact, ArtifactStore, StageOutcome, artifact_key
+from sand.pipeline.base.config import PipelineConfig
+from sand.pipeline.base.devices import check_devices, device_type
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.locations import local_path
+from sand.pipeline.base.store import Artifact, ArtifactStore, StageOutcome, artifact_key
 
 #: Fields that change speed, not results: left out of artifact keys. Only fields with a test
 #: showing the same artifact bytes under a changed value belong here (tests/test_cache_keys.py):

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from sand.pipeline.config import PipelineConfig
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.config import PipelineConfig
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.store import StageOutcome
 from sand.pipeline.stage_context import StageContext
-from sand.pipeline.store import StageOutcome
 
 
 @dataclass(frozen=True)

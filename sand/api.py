@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sand.pipeline.config import CLI_FIELDS
+from sand.pipeline.base.config import CLI_FIELDS
 
 # the pipeline (torch, pandas): imported inside run(), so `import sand` and `from sand import run` stay fast.
 
@@ -86,9 +86,9 @@ def run(
     ``overrides`` any other config field as dotted keys, ``{"train.lr": 1e-3}`` (applied
     last, as ``--set``); ``refresh`` names stages to rebuild even if cached. ``None`` keeps
     the config's default (the bundled sample, ``./data`` or ``SAND_DATA_ROOT``). Bad values
-    raise :class:`~sand.pipeline.errors.ConfigError`, bad data :class:`~sand.pipeline.errors.DataError`.
+    raise :class:`~sand.pipeline.base.errors.ConfigError`, bad data :class:`~sand.pipeline.base.errors.DataError`.
     """
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
     from sand.pipeline.runner import run_pipeline
     from sand.pipeline.stages import Context, check_stage_names
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Reply, RequestInfo
 
-from sand.pipeline.config import PipelineConfig, load_config
-from sand.pipeline.store import Artifact, ArtifactStore
+from sand.pipeline.base.config import PipelineConfig, load_config
+from sand.pipeline.base.store import Artifact, ArtifactStore
 
 
 # --------------------------------------------------------------------------- HTTP Range routes

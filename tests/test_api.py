@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_sand
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 
 TINY = {"acquire.sample_users": 40, "acquire.sample_items": 30}
 TINY_CLI = [arg for field, value in TINY.items() for arg in ("--set", f"{field}={value}")]
@@ -70,7 +70,7 @@ def _artifact_keys(summary: dict) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_three_lines_give_the_runners_metrics_and_artifacts_and_a_second_call_is_cached(tmp_path):
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
     from sand.pipeline.runner import run_pipeline
     from sand.pipeline.stages import Context
 

@@ -19,11 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Repository folder -> the package it installs as (pyproject.toml's package-dir).
 PACKAGE_DIRS = {"sand": "sand", "models": "sand.models", "pipeline": "sand.pipeline", "flows": "sand.flows"}
 
-_BASE = ("errors", "locations", "devices", "hardware", "files", "lines", "formats", "config", "store")
 #: Lowest first; a module may import modules of its own layer or lower ones only.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("sand.models",)),
-    ("pipeline base", ("sand.pipeline", *(f"sand.pipeline.{m}" for m in _BASE))),
+    ("pipeline base", ("sand.pipeline", "sand.pipeline.base")),
     ("stage context", ("sand.pipeline.stage_context",)),
     ("acquire", ("sand.pipeline.acquire",)),
     ("dataset", ("sand.pipeline.dataset",)),
@@ -72,7 +71,7 @@ def import_graph() -> dict[str, set[str]]:
     for module, path in files.items():
         targets = set()
         for name in imported_names(path, module, path.name == "__init__.py"):
-            while name and name not in files:  # ``from sand.pipeline.store import Artifact`` -> the store
+            while name and name not in files:  # ``from sand.pipeline.base.store import Artifact`` -> the store
                 name = name.rpartition(".")[0]
             if name and name != module:
                 targets.add(name)
@@ -174,3 +173,11 @@ def test_models_and_pipeline_never_import_what_sits_above_them(folder, forbidden
         if any(name == f or name.startswith(f + ".") for f in forbidden)
     ]
     assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+def test_the_pipeline_root_reads_bottom_up():
+    """Base modules sit in ``pipeline/base/``; the root keeps only the table, its runner and the context."""
+    root_modules = sorted(p.name for p in (ROOT / "pipeline").glob("*.py"))
+    assert len(root_modules) <= 6, f"pipeline/ root holds {len(root_modules)} modules: {root_modules}"
+    base = {p.stem for p in (ROOT / "pipeline" / "base").glob("*.py")}
+    assert {"errors", "config", "store", "files"} <= base

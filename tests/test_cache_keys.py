@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from sand.pipeline.config import PipelineConfig, TrainConfig, load_config
+from sand.pipeline.base.config import PipelineConfig, TrainConfig, load_config
 from sand.pipeline.features.image_stage import image_settings
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, key_params

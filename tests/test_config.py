@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sand.pipeline.config import PipelineConfig, load_config
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.config import PipelineConfig, load_config
+from sand.pipeline.base.errors import ConfigError
 
 
 def test_defaults_are_the_papers():
@@ -87,7 +87,7 @@ def test_table_backed_fields_list_the_tables_choices(assignment, choices):
 def test_schema_offers_the_tables_choices():
     """The Prefect UI's parameter form shows the registry's models, the format table's formats."""
     from sand.models.registry import MODELS
-    from sand.pipeline.formats import FORMATS
+    from sand.pipeline.base.formats import FORMATS
 
     defs = PipelineConfig.model_json_schema()["$defs"]
     assert defs["TrainConfig"]["properties"]["model"]["enum"] == list(MODELS)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sand.pipeline.devices import device_type, resolve_device
-from sand.pipeline.errors import ConfigError, one_line
+from sand.pipeline.base.devices import device_type, resolve_device
+from sand.pipeline.base.errors import ConfigError, one_line
 
 
 def test_one_line_keeps_the_first_line_collapsed_and_bounded() -> None:

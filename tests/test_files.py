@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sand.pipeline import files
-from sand.pipeline.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
+from sand.pipeline.base import files
+from sand.pipeline.base.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def test_writes_replace_the_file_and_leave_no_temporary(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_a_process_killed_mid_write_leaves_the_old_file_intact(tmp_path: Path) -
     write_json_atomic(target, {"epoch": 1})
     script = (
         "import os, sys\n"
-        "from sand.pipeline.files import atomic_path\n"
+        "from sand.pipeline.base.files import atomic_path\n"
         "with atomic_path(sys.argv[1]) as tmp:\n"
         "    open(tmp, 'w').write('{\"epoch\": 2, \"trunc')\n"
         "    os._exit(9)  # killed: no cleanup, no rename\n"

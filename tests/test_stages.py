@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sand.pipeline.config import load_config
-from sand.pipeline.errors import StageError
+from sand.pipeline.base.config import load_config
+from sand.pipeline.base.errors import StageError
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context
 
@@ -114,7 +114,7 @@ def test_every_row_names_a_run_function_that_takes_its_inputs():
     """A row and its function agree: the runner calls ``fn(ctx, **row.inputs, ...)`` by name."""
     import inspect
 
-    from sand.pipeline.config import PipelineConfig
+    from sand.pipeline.base.config import PipelineConfig
     from sand.pipeline.stages import STAGE_TABLE
 
     seen: list[str] = []
@@ -159,7 +159,7 @@ def test_a_stage_without_its_upstream_outcomes_fails_naming_them(tmp_path):
 
 
 def test_unknown_stage_names_are_one_line_config_errors():
-    from sand.pipeline.errors import ConfigError
+    from sand.pipeline.base.errors import ConfigError
     from sand.pipeline.runner import planned_stages
     from sand.pipeline.stages import STAGE_NAMES, check_stage_names
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sand.pipeline.store import ArtifactStore, artifact_key
+from sand.pipeline.base.store import ArtifactStore, artifact_key
 
 
 def _write(out: Path, text: str = "hello") -> dict:

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.errors import ConfigError
-from sand.pipeline.files import atomic_path
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.files import atomic_path
 
 REVIEWS_NAME = "reviews_Sample_5.json.gz"
 META_NAME = "meta_Sample.json.gz"

@@ -31,9 +31,9 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
-from sand.pipeline.errors import DownloadError
-from sand.pipeline.files import atomic_path, file_digest, write_text_atomic
-from sand.pipeline.locations import is_remote, local_path, url_scheme
+from sand.pipeline.base.errors import DownloadError
+from sand.pipeline.base.files import atomic_path, file_digest, write_text_atomic
+from sand.pipeline.base.locations import is_remote, local_path, url_scheme
 
 log = logging.getLogger(__name__)
 

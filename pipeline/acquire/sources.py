@@ -27,11 +27,11 @@ from typing import Any
 
 import orjson
 
-from sand.pipeline import formats
-from sand.pipeline.config import InteractionsConfig
-from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
-from sand.pipeline.locations import REMOTE_SCHEMES, local_path, url_scheme
+from sand.pipeline.base import formats
+from sand.pipeline.base.config import InteractionsConfig
+from sand.pipeline.base.errors import ConfigError, DataError
+from sand.pipeline.base.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
+from sand.pipeline.base.locations import REMOTE_SCHEMES, local_path, url_scheme
 
 #: Format names and raw-dump formats, from the format table (functions here ask the table itself).
 FORMATS: tuple[str, ...] = formats.format_names()

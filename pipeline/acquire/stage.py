@@ -13,8 +13,8 @@ from typing import Any
 from sand.pipeline.acquire.bundled_sample import generate_sample
 from sand.pipeline.acquire.download import fetch_file
 from sand.pipeline.acquire.sources import resolve_source
+from sand.pipeline.base.store import StageOutcome
 from sand.pipeline.stage_context import StageContext, link_or_copy, local_fingerprint
-from sand.pipeline.store import StageOutcome
 
 #: Files of an MMRec folder that make up the dataset (anything else in the folder is left out).
 MMREC_SUFFIXES = {".inter", ".npy", ".csv", ".npz"}

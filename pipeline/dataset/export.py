@@ -21,9 +21,9 @@ import pandas as pd
 import scipy.sparse as sp
 import yaml
 
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.store import Artifact, write_json_atomic
 from sand.pipeline.dataset.mmrec import write_mmrec_folder
-from sand.pipeline.errors import StageError
-from sand.pipeline.store import Artifact, write_json_atomic
 
 USER_GRAPH_FILE = "user_graph_dict.npy"
 EXPORT_MANIFEST = "sand_export.json"

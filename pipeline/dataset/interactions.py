@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.dataset.kcore import dedup_mask, kcore
 from sand.pipeline.dataset.mmrec import MMRecDataset
 from sand.pipeline.dataset.split_data import SPLIT_NAMES
 from sand.pipeline.dataset.splits import SPLIT_RULES, split_interactions
-from sand.pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sand.pipeline.errors import DataError, one_line
+from sand.pipeline.base.errors import DataError, one_line
 
 FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}
 _INTER_COLUMNS = {"userID": "user", "itemID": "item", "x_label": "split"}

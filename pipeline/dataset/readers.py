@@ -12,9 +12,9 @@ one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed 
 :func:`ast.literal_eval`, which only accepts literals: a line such as
 ``__import__('os').system(...)`` is a counted skip, never executed.
 
-Memory is bounded whatever the input: lines come from :func:`pipeline.lines.iter_lines`
+Memory is bounded whatever the input: lines come from :func:`pipeline.base.lines.iter_lines`
 (over-long lines dropped in chunks, gzip bombs refused) and 2014 literals from
-:func:`pipeline.lines.parse_literal_line` (token count bounded before ``literal_eval``).
+:func:`pipeline.base.lines.parse_literal_line` (token count bounded before ``literal_eval``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from sand.pipeline import formats
-from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
+from sand.pipeline.base import formats
+from sand.pipeline.base.errors import ConfigError, DataError
+from sand.pipeline.base.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lines, parse_literal_line
 
 log = logging.getLogger(__name__)
 

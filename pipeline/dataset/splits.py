@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.dataset.split_data import TEST, TRAIN, VALID
-from sand.pipeline.errors import ConfigError
 
 SPLIT_RULES = ("mmrec", "mmrec-notebook", "chronological")
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.dataset.columnar import interactions_from_dumps
 from sand.pipeline.dataset.interactions import InteractionsResult, interactions_from_mmrec
 from sand.pipeline.dataset.mmrec import read_mmrec_folder
 from sand.pipeline.stage_context import StageContext, jsonable, key_params
-from sand.pipeline.store import Artifact, StageOutcome
 
 
 def run_interactions(ctx: StageContext, raw: Artifact) -> StageOutcome:

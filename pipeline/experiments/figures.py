@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sand.pipeline.errors import StageError
-from sand.pipeline.files import atomic_path
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.files import atomic_path
 
 # matplotlib, torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.

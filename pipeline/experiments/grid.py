@@ -27,10 +27,10 @@ from typing import Any
 
 from sand.models import registry
 from sand.pipeline.acquire.sources import amazon2014_category, resolve_source
-from sand.pipeline.config import PipelineConfig, build_config, set_dotted
-from sand.pipeline.errors import ConfigError, one_line
-from sand.pipeline.files import atomic_path
-from sand.pipeline.store import write_json_atomic
+from sand.pipeline.base.config import PipelineConfig, build_config, set_dotted
+from sand.pipeline.base.errors import ConfigError, one_line
+from sand.pipeline.base.files import atomic_path
+from sand.pipeline.base.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 

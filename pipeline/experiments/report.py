@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 
 from sand.models import registry
-from sand.pipeline.config import TrainConfig, build_config
-from sand.pipeline.errors import SandError, StageError
+from sand.pipeline.base.config import TrainConfig, build_config
+from sand.pipeline.base.errors import SandError, StageError
+from sand.pipeline.base.store import Artifact, ArtifactStore
 from sand.pipeline.experiments.reference import REFERENCE
-from sand.pipeline.store import Artifact, ArtifactStore
 from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sand.pipeline.base.files import sha256_file
+from sand.pipeline.base.store import StageOutcome
 from sand.pipeline.experiments.report import write_report
-from sand.pipeline.files import sha256_file
 from sand.pipeline.stage_context import StageContext, key_params
-from sand.pipeline.store import StageOutcome
 
 
 def run_report(ctx: StageContext) -> StageOutcome:

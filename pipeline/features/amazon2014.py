@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

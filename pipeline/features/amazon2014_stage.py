@@ -19,11 +19,11 @@ import pandas as pd
 
 from sand.pipeline.acquire.download import _local_path, fetch_file
 from sand.pipeline.acquire.sources import amazon2014_image_features_url, resolve_source
-from sand.pipeline.config import PipelineConfig
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.config import PipelineConfig
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.amazon2014 import read_item_features
 from sand.pipeline.stage_context import StageContext, local_fingerprint
-from sand.pipeline.store import Artifact, StageOutcome
 
 log = logging.getLogger(__name__)
 

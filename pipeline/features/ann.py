@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.features.knn import query_rows
 
 # faiss: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.ann import faiss_neighbours, resolve_method
 from sand.pipeline.features.knn import graph_from_neighbours, knn_neighbours, save_graph
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, key_params
-from sand.pipeline.store import Artifact, StageOutcome
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sand.pipeline.devices import resolve_device
-from sand.pipeline.errors import ConfigError, DataError, one_line
+from sand.pipeline.base.devices import resolve_device
+from sand.pipeline.base.errors import ConfigError, DataError, one_line
+from sand.pipeline.base.files import atomic_path, sha256_file
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
-from sand.pipeline.files import atomic_path, sha256_file
 
 # torchvision: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -42,9 +42,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
 from sand.pipeline.acquire.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
-from sand.pipeline.errors import SandError
-from sand.pipeline.files import write_bytes_atomic
-from sand.pipeline.locations import is_remote, local_path
+from sand.pipeline.base.errors import SandError
+from sand.pipeline.base.files import write_bytes_atomic
+from sand.pipeline.base.locations import is_remote, local_path
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sand.pipeline.errors import ConfigError, DataError
-from sand.pipeline.files import write_bytes_atomic
+from sand.pipeline.base.errors import ConfigError, DataError
+from sand.pipeline.base.files import write_bytes_atomic
 
 # the modules that pull in torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.

@@ -19,7 +19,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from sand.pipeline.acquire.url_policy import UrlPolicy, host_and_port
-from sand.pipeline.errors import StageError
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.amazon2014_stage import run_amazon2014_image_features
 from sand.pipeline.features.image_shards import assemble_features, load_shard, process_shard, save_shard, shard_items
 from sand.pipeline.features.imported import copy_imported, imported_feature, missing_feature_message
@@ -32,7 +33,6 @@ from sand.pipeline.stage_context import (
     key_params,
     local_fingerprint,
 )
-from sand.pipeline.store import Artifact, StageOutcome
 
 # the modules that pull in torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.errors import StageError
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.store import Artifact
 from sand.pipeline.stage_context import StageContext
-from sand.pipeline.store import Artifact
 
 
 def imported_feature(inter: Artifact, name: str) -> Path | None:

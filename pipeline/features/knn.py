@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from sand.pipeline.devices import resolve_device
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.devices import resolve_device
+from sand.pipeline.base.errors import ConfigError, DataError
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.errors import ConfigError, DataError, one_line
-from sand.pipeline.files import atomic_path
+from sand.pipeline.base.errors import ConfigError, DataError, one_line
+from sand.pipeline.base.files import atomic_path
 
 # sentence-transformers, torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.

@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from sand.pipeline.errors import StageError
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.imported import copy_imported, imported_feature, missing_feature_message
 from sand.pipeline.features.text import (
     assemble_text_features,
@@ -30,7 +31,6 @@ from sand.pipeline.stage_context import (
     dataset_counts,
     key_params,
 )
-from sand.pipeline.store import Artifact, StageOutcome
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sand.pipeline.errors import StageError, one_line
+from sand.pipeline.base.errors import StageError, one_line
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

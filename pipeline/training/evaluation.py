@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from sand.pipeline.base.errors import ConfigError, DataError, SandError
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.errors import ConfigError, DataError, SandError
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from sand.pipeline.config import TrainConfig
+from sand.pipeline.base.config import TrainConfig
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.store import Artifact
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.errors import ConfigError
 from sand.pipeline.features.knn import load_graph
 from sand.pipeline.stage_context import dataset_counts
-from sand.pipeline.store import Artifact
 from sand.pipeline.training.checkpoints import load_weights
 
 # torch (and our modules that need them): imported inside the functions that use them,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from sand.pipeline.errors import DataError
+from sand.pipeline.base.errors import DataError
 
 #: rejection rounds before the exact complement sampler takes the leftovers
 _REJECTION_ROUNDS = 8

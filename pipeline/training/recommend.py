@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from sand.pipeline.config import TrainConfig
-from sand.pipeline.errors import ConfigError
-from sand.pipeline.store import Artifact
+from sand.pipeline.base.config import TrainConfig
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.store import Artifact
 from sand.pipeline.training.evaluation import recommendations_table
 from sand.pipeline.training.model_io import trained_embeddings
 

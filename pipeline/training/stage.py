@@ -20,9 +20,9 @@ from sand.models.registry import (
     recorded_variant,
     required_modalities,
 )
-from sand.pipeline.hardware import resolve_device, resolve_precision
+from sand.pipeline.base.hardware import resolve_device, resolve_precision
+from sand.pipeline.base.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, jsonable, key_params
-from sand.pipeline.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
 from sand.pipeline.training.model_io import build_model_for, effective_model_kwargs, trained_embeddings
 from sand.pipeline.training.trainer import LAST_NAME, describe_changes, train_model

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sand.pipeline.base.devices import resolve_device
+from sand.pipeline.base.errors import ConfigError, DataError, SandError
+from sand.pipeline.base.files import atomic_path
+from sand.pipeline.base.hardware import resolve_precision
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.devices import resolve_device
-from sand.pipeline.errors import ConfigError, DataError, SandError
-from sand.pipeline.files import atomic_path
-from sand.pipeline.hardware import resolve_precision
 from sand.pipeline.training.checkpoints import BEST_NAME, LAST_NAME, load_model_state, read_checkpoint
 from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
 from sand.pipeline.training.negative_sampling import sample_bpr_epoch
@@ -74,7 +74,7 @@ class TrainResult:
     last_checkpoint: Path
     seconds_per_epoch: float
     peak_memory_mb: float
-    #: the resolved compute precision ("fp32" or "bf16", see pipeline.hardware)
+    #: the resolved compute precision ("fp32" or "bf16", see pipeline.base.hardware)
     precision: str = "fp32"
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
     #: last epoch of the checkpoint this run continued from (None: started at epoch 1)
@@ -518,7 +518,7 @@ def train_model(
     with other settings is never continued: it is an error, or with ``restart_on_change``
     it is discarded and training starts over, ``TrainResult.restarted`` saying why.
 
-    ``precision``: fp32 | bf16 | auto (:func:`pipeline.hardware.resolve_precision`): the
+    ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the
     dtype of the models' big products while training; evaluation always runs in float32.
     """
     from tqdm.auto import tqdm

@@ -12,8 +12,8 @@ from conftest import Reply, RequestInfo
 from support import range_headers, range_route
 
 from sand.pipeline.acquire.download import FileRecord, fetch_file, safe_name
-from sand.pipeline.errors import DownloadError
-from sand.pipeline.files import sha256_file
+from sand.pipeline.base.errors import DownloadError
+from sand.pipeline.base.files import sha256_file
 
 BODY = bytes(range(256)) * 400 + b"tail"  # 102,404 bytes, not a multiple of the chunk size
 FAST = {"backoff_base": 0.01, "progress": False, "timeout": 5, "chunk_size": 4096}
@@ -300,7 +300,7 @@ def test_progress_bar_reports_bytes(http_server, tmp_path, capsys):
 def test_file_url_forms_name_one_local_file(tmp_path):
     from urllib.parse import quote
 
-    from sand.pipeline.errors import ConfigError
+    from sand.pipeline.base.errors import ConfigError
 
     src = tmp_path / "my dumps" / "r.json"
     src.parent.mkdir()

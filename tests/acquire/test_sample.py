@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from sand.pipeline.acquire.bundled_sample import COLOURS, MATERIALS, SHAPES, TYPES, generate_sample
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 
 SMALL = {"n_users": 120, "n_items": 60}
 

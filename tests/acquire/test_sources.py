@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sand.pipeline.acquire.sources import FORMATS, PRESETS, SourceSpec, category_urls, detect_format, resolve_source
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.errors import ConfigError, DataError
 
 SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 V2 = "https://jmcauley.ucsd.edu/data/amazon_v2"

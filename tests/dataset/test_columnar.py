@@ -16,10 +16,10 @@ import orjson
 import pandas as pd
 import pytest
 
+from sand.pipeline.base.errors import DataError
 from sand.pipeline.dataset.columnar import _has_nan_or_inf_token, interactions_from_dumps, read_review_columns
 from sand.pipeline.dataset.interactions import build_interactions
 from sand.pipeline.dataset.readers import read_meta, read_reviews
-from sand.pipeline.errors import DataError
 
 REVIEW_KEYS = {
     "amazon2014": ("reviewerID", "asin", "overall", "unixReviewTime", 1),

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.dataset.interactions import build_interactions, interactions_from_mmrec
 from sand.pipeline.dataset.mmrec import read_mmrec_folder, write_mmrec_folder
 from sand.pipeline.dataset.readers import read_meta, read_reviews
 from sand.pipeline.dataset.splits import split_counts
-from sand.pipeline.errors import ConfigError, DataError
 
 
 def block_reviews(n_users: int = 12, n_items: int = 8, seed: int = 0) -> pd.DataFrame:

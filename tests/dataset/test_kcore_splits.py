@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.dataset.kcore import dedup_mask, deduplicate, iterative_kcore, kcore
 from sand.pipeline.dataset.splits import SPLIT_RULES, split_counts, split_interactions
-from sand.pipeline.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------ dedup
 

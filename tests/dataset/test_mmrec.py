@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sand.pipeline.base.errors import DataError
 from sand.pipeline.dataset.interactions import interactions_from_mmrec
 from sand.pipeline.dataset.mmrec import read_mmrec_folder, write_mmrec_folder
-from sand.pipeline.errors import DataError
 
 
 def sample_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

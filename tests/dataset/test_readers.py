@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.dataset.readers import META_COLUMNS, read_meta, read_reviews
-from sand.pipeline.errors import ConfigError, DataError
 
 
 def write_lines(path: Path, lines: list[str], compress: bool) -> Path:
@@ -284,7 +284,7 @@ def _peak_rss_growth_mb(code: str) -> tuple[float, str]:
     script = (
         "import resource, sys\n"
         "from sand.pipeline.dataset.readers import read_meta, read_reviews\n"
-        "from sand.pipeline.errors import DataError\n"
+        "from sand.pipeline.base.errors import DataError\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"{code}\n"
         "print('GROWTH', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
@@ -344,7 +344,7 @@ def test_gzip_bomb_of_many_junk_lines_ends_at_the_budget(tmp_path):
 
 # ---------------------------------------------------------------------------- the format table
 # Adding a format is its reader (a metadata record converter) plus one row of
-# pipeline/formats.py: this toy release is added that way only, and the config, the CLI
+# pipeline/base/formats.py: this toy release is added that way only, and the config, the CLI
 # help, the sniffer, the readers and the interactions stage all take it.
 TOY = "toy2030"
 
@@ -362,7 +362,7 @@ def _sniff_toy(keys, strict_json):
 
 @pytest.fixture
 def toy_format(monkeypatch):
-    from sand.pipeline import formats
+    from sand.pipeline.base import formats
 
     row = formats.DatasetFormat(
         formats.ReviewFields("who", "what", "stars", "when_ms", 1000),
@@ -387,8 +387,8 @@ def _toy_files(folder: Path, n_users: int = 12, n_items: int = 8) -> tuple[Path,
 def test_new_format_row_is_accepted_by_config_and_listed_in_errors_and_help(toy_format):
     import typer.main
 
-    from sand.pipeline.config import build_config
-    from sand.pipeline.formats import format_help
+    from sand.pipeline.base.config import build_config
+    from sand.pipeline.base.formats import format_help
 
     assert build_config({"acquire": {"format": toy_format}}).acquire.format == toy_format
     with pytest.raises(ConfigError, match=rf"acquire.format='nope': unknown format 'nope': choose one of .*{TOY}"):
@@ -424,7 +424,7 @@ def test_new_format_row_is_sniffed_and_read(toy_format, tmp_path):
 
 
 def test_new_format_row_runs_through_the_interactions_stage(toy_format, tmp_path):
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
     from sand.pipeline.runner import run_pipeline
     from sand.pipeline.stages import Context
 
@@ -439,7 +439,7 @@ def test_new_format_row_runs_through_the_interactions_stage(toy_format, tmp_path
 
 def test_rows_claim_only_their_own_records():
     """Every sniffer is order-independent: exactly one format claims each release's records."""
-    from sand.pipeline.formats import FORMATS
+    from sand.pipeline.base.formats import FORMATS
 
     samples = {
         ("amazon2014", "reviews"): ({"reviewerID", "asin", "overall", "unixReviewTime", "helpful"}, True),

@@ -10,10 +10,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from sand.pipeline.config import PipelineConfig, build_config, set_dotted
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.config import PipelineConfig, build_config, set_dotted
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.store import ArtifactStore
 from sand.pipeline.experiments.grid import PRESETS, expand_grid, preset, run_grid, select_best
-from sand.pipeline.store import ArtifactStore
 
 
 def _base(tmp_path: Path, **train: Any) -> PipelineConfig:

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from support import fake_interactions, fake_run
 
-from sand.pipeline.config import build_config
-from sand.pipeline.errors import StageError
+from sand.pipeline.base.config import build_config
+from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.store import Artifact, ArtifactStore
 from sand.pipeline.experiments.grid import run_grid
 from sand.pipeline.experiments.report import collect_runs, select_runs, write_report
-from sand.pipeline.store import Artifact, ArtifactStore
 
 METRIC_KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 

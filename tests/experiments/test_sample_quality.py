@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from sand.pipeline.config import load_config
+from sand.pipeline.base.config import load_config
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context
 

@@ -20,8 +20,8 @@ import pytest
 from support import range_headers, range_route
 
 from sand.flows.ui import image_coverage_rows
-from sand.pipeline.config import load_config
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.config import load_config
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.experiments.grid import with_paper_inputs
 from sand.pipeline.features.amazon2014 import (
     ABSENT,

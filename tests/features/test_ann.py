@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.features import ann
 
 pytest.importorskip("faiss")
@@ -128,7 +128,7 @@ def test_method_choice_and_fallback(monkeypatch: pytest.MonkeyPatch, caplog: pyt
 
 
 def _feature_artifacts(tmp_path, n: int, dtype=np.float32):
-    from sand.pipeline.store import Artifact
+    from sand.pipeline.base.store import Artifact
 
     arts = {}
     for i, (stage, name, d) in enumerate((("text_features", "text_feat.npy", 24), ("image_features",
@@ -141,7 +141,7 @@ def _feature_artifacts(tmp_path, n: int, dtype=np.float32):
 
 
 def test_graph_stage_records_recall_in_manifest(tmp_path) -> None:
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
     from sand.pipeline.features.graph_stage import run_graphs
     from sand.pipeline.features.knn import load_graph
     from sand.pipeline.stages import Context

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sand.pipeline.acquire.url_policy import UrlPolicy
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.features.image_encoder import build_cnn, encode_images
 from sand.pipeline.features.image_shards import (
     ShardResult,

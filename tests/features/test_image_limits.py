@@ -68,7 +68,7 @@ def test_pixel_bombs_are_skipped_from_the_header_with_bounded_memory(tmp_path):
 
 
 def test_the_encoder_refuses_a_bomb_that_replaced_a_checked_file(tmp_path):
-    from sand.pipeline.errors import DataError
+    from sand.pipeline.base.errors import DataError
     from sand.pipeline.features.image_encoder import ImageFileDataset
 
     dataset = ImageFileDataset([bomb_png(tmp_path / "b.png", side=3000)], 32, max_pixels=1_000_000)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sand.pipeline.acquire.stage import run_acquire
-from sand.pipeline.config import load_config
+from sand.pipeline.base.config import load_config
 from sand.pipeline.dataset.stage import run_interactions
 from sand.pipeline.features.image_stage import run_image_features
 from sand.pipeline.stages import Context
@@ -117,7 +117,7 @@ def test_image_urls_in_downloaded_metadata_cannot_read_local_files(http_server, 
     from conftest import Reply
 
     from sand.pipeline.acquire.bundled_sample import generate_sample
-    from sand.pipeline.errors import DataError
+    from sand.pipeline.base.errors import DataError
 
     files = generate_sample(tmp_path / "gen", seed=0, n_users=60, n_items=40)
     for route, path in (("/reviews.json.gz", files.reviews), ("/meta.json.gz", files.meta)):

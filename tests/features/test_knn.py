@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.features.knn import knn_graph, knn_neighbours, load_graph, save_graph
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sand.pipeline.errors import ConfigError, DataError
+from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.features.text import encode_texts, encode_texts_with_stats, item_text, resolve_model
 
 

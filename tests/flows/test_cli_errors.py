@@ -156,7 +156,7 @@ def test_out_of_memory_is_one_line_exit_2_saying_what_to_reduce(monkeypatch, tmp
 def cached_read_only_root(tmp_path_factory):
     """A data root holding a whole trained, evaluated and reported run (built without Prefect), then
     made read-only."""
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
     from sand.pipeline.runner import run_pipeline
     from sand.pipeline.stages import Context
 
@@ -200,8 +200,8 @@ def test_flows_started_elsewhere_check_the_device_too(tmp_path):
     """A deployment's worker runs stages without the CLI: the stage context checks the device."""
     if _cuda_available():
         pytest.skip("this machine has CUDA")
-    from sand.pipeline.config import load_config
-    from sand.pipeline.errors import ConfigError
+    from sand.pipeline.base.config import load_config
+    from sand.pipeline.base.errors import ConfigError
     from sand.pipeline.stages import Context
 
     cfg = load_config(None, {"data_root": str(tmp_path)}, ["image_features.device=cuda:0"])

@@ -16,8 +16,8 @@ pytest.importorskip("prefect")
 
 pytestmark = pytest.mark.slow  # second tier (README: Tests)
 
-from sand.pipeline.config import load_config  # noqa: E402
-from sand.pipeline.errors import SandError  # noqa: E402
+from sand.pipeline.base.config import load_config  # noqa: E402
+from sand.pipeline.base.errors import SandError  # noqa: E402
 
 TINY = [
     "acquire.sample_users=40",

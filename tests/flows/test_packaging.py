@@ -51,7 +51,7 @@ def test_wheel_in_fresh_venv_beside_a_users_models_folder(wheel, tmp_path):
     (work / "models").mkdir(parents=True)  # MMRec style: a namespace package, no __init__.py
     (work / "models" / "sand.py").write_text("class SAND:\n    def __init__(self, config, dataset):\n        pass\n")
     code = (
-        "import json, models.sand, sand.models.sand, sand.pipeline.config, sand.flows.cli; "
+        "import json, models.sand, sand.models.sand, sand.pipeline.base.config, sand.flows.cli; "
         "models.sand.SAND(None, None); "
         "print(json.dumps([models.sand.__file__, sand.models.sand.__file__, sand.flows.cli.__file__]))"
     )

@@ -14,8 +14,8 @@ import pytest
 import typer.main
 
 from sand.models import registry
-from sand.pipeline.config import PipelineConfig, build_config, load_config
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.config import PipelineConfig, build_config, load_config
+from sand.pipeline.base.errors import ConfigError
 
 DUMMY = "dummy-mf"
 
@@ -64,8 +64,8 @@ def test_registered_model_appears_in_cli_help(monkeypatch):
 def test_registered_model_appears_in_report_labels_and_tables(dummy_model, tmp_path):
     from support import fake_interactions, fake_run
 
+    from sand.pipeline.base.store import ArtifactStore
     from sand.pipeline.experiments.report import run_label, write_report
-    from sand.pipeline.store import ArtifactStore
 
     assert run_label(dummy_model, None) == "Dummy-MF"
     store = ArtifactStore(tmp_path / "data")
@@ -106,7 +106,7 @@ def test_entry_matches_its_class(name):
 
 def test_registry_and_config_import_without_torch():
     code = (
-        "import sys, sand.models.registry, sand.pipeline.config, sand.pipeline.formats;"
+        "import sys, sand.models.registry, sand.pipeline.base.config, sand.pipeline.base.formats;"
         "heavy = [m for m in ('torch', 'pandas', 'numpy') if m in sys.modules]; print(heavy); assert not heavy"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

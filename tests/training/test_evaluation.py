@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from sand.pipeline.base.errors import DataError, SandError
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.errors import DataError, SandError
 from sand.pipeline.training.evaluation import evaluate_split, rank_topk, recommendations_table
 from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 

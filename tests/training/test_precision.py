@@ -13,10 +13,10 @@ from sand.models.precision import LowPrecisionCopies, precision_scope, set_preci
 from sand.models.registry import build_model
 from sand.models.sand import SAND
 from sand.models.separation import LinearView, prefetch_reads
-from sand.pipeline import hardware
-from sand.pipeline.config import load_config
+from sand.pipeline.base import hardware
+from sand.pipeline.base.config import load_config
+from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.errors import ConfigError
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context
 from sand.pipeline.training.evaluation import recommendations_table

@@ -30,8 +30,8 @@ def _mapped_ranges(path) -> list[tuple[int, int]]:
 
 
 def _artifacts(tmp_path, n_users=40, n_items=60):
+    from sand.pipeline.base.store import Artifact
     from sand.pipeline.features.knn import knn_graph, save_graph
-    from sand.pipeline.store import Artifact
 
     rng = np.random.default_rng(0)
     rows = []
@@ -57,7 +57,7 @@ def _artifacts(tmp_path, n_users=40, n_items=60):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_training_reads_features_memory_mapped_without_a_copy(tmp_path) -> None:
-    from sand.pipeline.config import load_config
+    from sand.pipeline.base.config import load_config
     from sand.pipeline.training.model_io import build_model_for, load_model_inputs
 
     inter, arts = _artifacts(tmp_path)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_training import COMMON, Kill, TinyMF, planted_data
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.training.trainer import train_model
 
 TINY = ["--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30", "--model", "bpr",

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from sand.models.base import Recommender
+from sand.pipeline.base.errors import ConfigError, SandError, StageError
 from sand.pipeline.dataset.split_data import SplitData
-from sand.pipeline.errors import ConfigError, SandError, StageError
 from sand.pipeline.training.checkpoints import load_weights, read_checkpoint
 from sand.pipeline.training.evaluation import evaluate_split
 from sand.pipeline.training.trainer import train_model

@@ -14,8 +14,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from sand.pipeline.devices import resolve_device as resolve_device  # re-exported: the train stage imports it from here
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.devices import (
+    resolve_device as resolve_device,  # re-exported: the train stage imports it from here
+)
+from sand.pipeline.base.errors import ConfigError
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from sand.pipeline.errors import ConfigError, StageError
-from sand.pipeline.files import write_json_atomic as write_json_atomic  # re-exported: callers import it from here
+from sand.pipeline.base.errors import ConfigError, StageError
+from sand.pipeline.base.files import write_json_atomic as write_json_atomic  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 
 REMOTE_SCHEMES = ("http", "https")
 _LOCAL_HOSTS = ("", "localhost")

@@ -16,9 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from sand.models import registry
-from sand.pipeline import formats
-from sand.pipeline.devices import DEVICE_CHOICES, validate_device_name
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base import formats
+from sand.pipeline.base.devices import DEVICE_CHOICES, validate_device_name
+from sand.pipeline.base.errors import ConfigError
 
 
 def _enum_of(names: Any) -> Any:
@@ -26,7 +26,7 @@ def _enum_of(names: Any) -> Any:
     return lambda schema: schema.update(enum=list(names()))
 
 
-#: A format of the format table (``pipeline/formats.py``), checked when validated, so the
+#: A format of the format table (``pipeline/base/formats.py``), checked when validated, so the
 #: table is the only list of formats.
 DatasetFormat = Annotated[
     str, AfterValidator(formats.check_format_name), Field(json_schema_extra=_enum_of(formats.format_names))

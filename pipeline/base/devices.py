@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from sand.pipeline.errors import ConfigError
+from sand.pipeline.base.errors import ConfigError
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 

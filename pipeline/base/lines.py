@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from sand.pipeline.errors import DataError
+from sand.pipeline.base.errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Default longest line (bytes, newline excluded). Real 2014-2023 dump lines are under 100 KB.

@@ -1,0 +1,133 @@
+"""SAND and the baselines trained to their early stop on a dataset of a real category's size.
+
+Why: the paper's claim is that SAND, trained as the paper trains it (lr 1e-4, up to 1,000
+epochs, early stop on valid Recall@20 with patience 20), beats the multimodal baselines.
+Only a run to convergence on Baby-size data shows whether this implementation reproduces
+that ordering, and what a full run costs on a CPU. Everything trains **through the
+product** (``sand grid``), so the numbers are what a user gets.
+
+Data: the real MMRec Baby graph and split (``--inter PATH/baby.inter``: 19,445 users, 7,050
+items, 160,792 interactions) with generated features, since no real Baby features may be
+redistributed here. Two feature sets, written as MMRec folders (``prepare``):
+
+- ``informative``: built from the SVD of the FULL user x item matrix (train + valid + test),
+  so, like real content features, they carry information about the held-out interactions
+  (what an item looks like and says predicts who buys it). Rank 32 + 2 x 16: the first 32
+  components are the *modal-generic* factor both modalities see, the next 16 go to the image
+  only and the 16 after them to the text only (the *modal-unique* parts SAND separates).
+  Each modality = its 48 factors (unit variance each) times a seeded Gaussian projection to
+  4,096-d (image) or 384-d (text), plus seeded Gaussian noise of standard deviation 1 per
+  dimension (``bench_scopes.collaborative_features``).
+- ``control``: the same recipe on the TRAIN split only: features that know nothing the
+  interaction graph does not already say. A multimodal model has no content advantage here.
+
+``run`` then trains, one ``sand grid`` per line of :data:`PLAN` (each grid resumable: finished
+runs come from the artifact store, an interrupted run resumes from its last epoch), and
+``table`` writes the per-model table (epochs to the stop, best epoch, wall time, s/epoch,
+peak RSS at epoch 10 and at the end, valid/test R@20 and N@20) and the valid-R@20 curves.
+
+Usage (hours on a 2-core CPU; not run by CI; results in docs/convergence.md):
+    python benchmarks/bench_convergence.py prepare --inter PATH/baby.inter --root ROOT
+    python benchmarks/bench_convergence.py run --root ROOT [--only paper-informative] [--sand PATH/sand]
+    python benchmarks/bench_convergence.py table --root ROOT [--png docs/convergence.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_baby_baselines import load_inter  # noqa: E402
+from bench_scopes import collaborative_features  # noqa: E402
+
+#: feature set -> the splits its SVD reads
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "informative": ("train", "valid", "test"),
+    "control": ("train",),
+}
+DIMS = {"image": 4096, "text": 384}
+DATASET_NAME = "baby"  # the folder's name: the early-stop patience follows the dataset name (Baby: 20)
+
+#: grid name -> (feature set, sand grid arguments). Order: what answers the issue soonest first.
+PLAN: dict[str, tuple[str, list[str]]] = {
+    "paper-informative": ("informative", ["--preset", "table2", "--axis", "train.seed=0"]),
+    "paper-informative-plugin": ("informative", ["--axis", "train.model=freedom-sand",
+                                                 "--axis", "train.plugin_fusion=scoring"]),
+    "paper-informative-seed1": ("informative", ["--axis", "train.model=freedom,sand", "--axis", "train.seed=1"]),
+}
+
+
+def dataset_folder(root: Path, features: str) -> Path:
+    return root / features / DATASET_NAME
+
+
+def prepare(inter: Path, root: Path, seed: int) -> None:
+    """Write one MMRec folder per feature set under ``root`` (skipped when already there)."""
+    data = load_inter(inter)
+    for name, splits in FEATURE_SETS.items():
+        folder = dataset_folder(root, name)
+        if (folder / "text_feat.npy").is_file():
+            print(f"{folder}: already prepared")
+            continue
+        t0 = time.perf_counter()
+        feats = collaborative_features(data, seed, DIMS, splits=splits)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy(inter, tmp / f"{DATASET_NAME}.inter")
+        for modality, arr in feats.items():
+            np.save(tmp / f"{modality}_feat.npy", arr)
+        tmp.rename(folder)  # a folder that exists is complete
+        print(f"{folder}: {data.n_items} items, features from the SVD of {'+'.join(splits)} "
+              f"in {time.perf_counter() - t0:.0f} s")
+
+
+def run(root: Path, sand: str, only: list[str] | None, extra: list[str]) -> None:
+    """Run the plan's grids in order, each logged to ``root/logs/<grid>.log``."""
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for grid, (features, args) in PLAN.items():
+        if only and grid not in only:
+            continue
+        cmd = [sand, "grid", *args, "--name", grid, "--dataset", str(dataset_folder(root, features)),
+               "--data-root", str(root / "store"), "--device", "cpu", *extra]
+        print(f"{time.strftime('%H:%M:%S')} {grid}: {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        with open(logs / f"{grid}.log", "a") as log:
+            status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        print(f"{time.strftime('%H:%M:%S')} {grid}: exit {status} after {time.perf_counter() - t0:.0f} s; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write the MMRec folders with generated features")
+    p.add_argument("--inter", type=Path, required=True, help="the MMRec Baby split, baby.inter")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0, help="feature generator seed")
+    r = sub.add_parser("run", help="train the plan's grids (resumable)")
+    r.add_argument("--root", type=Path, required=True)
+    r.add_argument("--sand", default=shutil.which("sand") or "sand", help="the sand command to run")
+    r.add_argument("--only", nargs="+", choices=list(PLAN), help="these grids only")
+    r.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sand grid options")
+    args = ap.parse_args()
+    if args.command == "prepare":
+        prepare(args.inter, args.root, args.seed)
+    elif args.command == "run":
+        run(args.root, args.sand, args.only, args.extra)
+    print(json.dumps({"done": args.command}))
+
+
+if __name__ == "__main__":
+    main()
