@@ -105,3 +105,18 @@ def test_device_enters_the_key_as_the_resolved_type():
     assert train_key_params(TrainConfig())["device"] == here
     assert train_key_params(TrainConfig(device="cuda:1"))["device"] == "cuda"
     assert train_key_params(TrainConfig(device="cpu"))["device"] == "cpu"
+
+
+def test_the_profile_is_part_of_the_train_key():
+    """A fast-profile run never serves (or resumes) a paper-protocol run, nor the other way round."""
+    default, fast = TrainConfig(), TrainConfig(profile="fast")
+    assert "profile" not in train_key_params(default)
+    assert train_key_params(fast)["profile"] == "fast"
+    assert (train_key_params(fast)["batch_size"], train_key_params(fast)["lr"]) == (8192, 4e-4)
+    assert train_key_params(fast) != train_key_params(TrainConfig(batch_size=8192, lr=4e-4))
+
+
+def test_default_training_keys_did_not_move_with_the_profiles():
+    """The default batch size is resolved into the key, so runs stored before profiles keep their keys."""
+    assert train_key_params(TrainConfig()) == train_key_params(TrainConfig(batch_size=2048))
+    assert train_key_params(TrainConfig())["batch_size"] == 2048 and train_key_params(TrainConfig())["lr"] is None

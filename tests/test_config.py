@@ -12,8 +12,22 @@ def test_defaults_are_the_papers():
     cfg = PipelineConfig()
     assert cfg.acquire.dataset == "sample"
     assert cfg.interactions.k_core == 5 and cfg.interactions.split == "mmrec"
-    assert cfg.graphs.k == 10 and cfg.train.batch_size == 2048
+    assert cfg.graphs.k == 10 and cfg.train.with_profile().batch_size == 2048
+    assert cfg.train.with_profile().lr is None  # the model's published lr (SAND 1e-4), resolved by the stage
     assert cfg.train.early_stop == "mmrec" and cfg.train.plugin_fusion == "auxiliary"
+
+
+@pytest.mark.parametrize(("model", "lr"), [("sand", 4e-4), ("freedom", 4e-3), ("bpr", 4e-3), ("freedom-sand", 4e-3)])
+def test_the_fast_profile_resolves_to_the_documented_values(model, lr):
+    """docs/convergence.md: train.profile=fast is batch 8192 and 4x the model's published lr."""
+    fast = load_config(None, {"train.model": model, "train.profile": "fast"}).train.with_profile()
+    assert fast.batch_size == 8192 and fast.lr == pytest.approx(lr)
+    assert fast.patience is None  # the paper's early stop (patience 20) is kept
+
+
+def test_explicit_training_settings_win_over_the_profile():
+    cfg = load_config(None, {"train.profile": "fast"}, ["train.batch_size=1024", "train.lr=0.01"])
+    assert (cfg.train.with_profile().batch_size, cfg.train.with_profile().lr) == (1024, 0.01)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +88,7 @@ def test_global_seed_reaches_every_stage():
     [
         ("train.model=nope", "bpr, lightgcn, vbpr, freedom, sand, vbpr-sand, freedom-sand"),
         ("acquire.format=amazon2099", "amazon2014, amazon2018, amazon2023, mmrec, sample"),
-        ("train.profile=mine", "default, authors"),
+        ("train.profile=mine", "default, fast, authors"),
     ],
 )
 def test_table_backed_fields_list_the_tables_choices(assignment, choices):
@@ -91,6 +105,6 @@ def test_schema_offers_the_tables_choices():
 
     defs = PipelineConfig.model_json_schema()["$defs"]
     assert defs["TrainConfig"]["properties"]["model"]["enum"] == list(MODELS)
-    assert defs["TrainConfig"]["properties"]["profile"]["enum"] == ["default", "authors"]
+    assert defs["TrainConfig"]["properties"]["profile"]["enum"] == ["default", "fast", "authors"]
     (fmt,) = [a for a in defs["AcquireConfig"]["properties"]["format"]["anyOf"] if a.get("type") == "string"]
     assert fmt["enum"] == list(FORMATS)

@@ -151,8 +151,8 @@ class TrainConfig(_Section):
     model: ModelName = "sand"
     variant: Variant = "a"
     epochs: int = Field(1000, ge=1)
-    batch_size: int = Field(2048, ge=1)
-    lr: float | None = Field(None, gt=0, description="default: the model's published value")
+    batch_size: int | None = Field(None, ge=1, description="default 2048 (train.profile=fast: 8192)")
+    lr: float | None = Field(None, gt=0, description="default: the model's published value (fast profile: x4)")
     weight_decay: float = Field(0.0, ge=0)
     patience: int | None = Field(
         None, ge=1, description="evaluations without improvement before stopping; default 20 (clothing: 30)"
@@ -171,7 +171,8 @@ class TrainConfig(_Section):
         "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
     )
     profile: ProfileName = Field(
-        "default", description="authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND)"
+        "default", description="fast: batch x4 and lr x4 for every model (docs/convergence.md); authors: the SAND "
+        "authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win"
     )
     embedding_dim: int = Field(64, ge=1)
     alpha: float | None = Field(None, ge=0, description="alignment weight (SAND default 0.012)")
@@ -220,6 +221,18 @@ class TrainConfig(_Section):
         }
         kwargs.update(self.extra)
         return kwargs
+
+    def with_profile(self) -> TrainConfig:
+        """This section with the profile's training settings where none was set, and the default batch.
+
+        Why here: the train stage, its artifact key and the trainer must all see one answer to
+        "which lr and batch size does this run use"; explicit settings win over the profile.
+        """
+        update = {k: v for k, v in registry.profile_training(self.model, self.profile).items()
+                  if getattr(self, k) is None}
+        if update.get("batch_size", self.batch_size) is None:
+            update["batch_size"] = registry.DEFAULT_BATCH_SIZE
+        return self.model_copy(update=update)
 
     def resolved_patience(self, dataset: str) -> int:
         """``patience``, or the authors' value for ``dataset`` (a preset name or a folder named so)."""

@@ -72,6 +72,7 @@ def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, 
     """Construct the model ``tcfg`` names (seeded) and the data it trains on."""
     import torch
 
+    tcfg = tcfg.with_profile()  # the CLUB estimators' lr follows the profile's training lr
     from sand.models.registry import build_model, default_lr
 
     data, features, graphs = load_model_inputs(inter, feature_arts)

@@ -17,6 +17,7 @@ from sand.models.registry import (
     accepted_hyperparameters,
     has_variants,
     profile_hyperparameters,
+    profile_training,
     recorded_variant,
     required_modalities,
 )
@@ -49,11 +50,12 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     features (the ID-only ones compute the same in either).
     """
 
+    tcfg = tcfg.with_profile()
     accepted = accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
     if not has_variants(tcfg.model):
         ignored.add("variant")
-    if not profile_hyperparameters(tcfg.model, tcfg.profile):
+    if not profile_hyperparameters(tcfg.model, tcfg.profile) and not profile_training(tcfg.model, tcfg.profile):
         ignored.add("profile")
     params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision"})
     precision = resolved_train_precision(tcfg)
@@ -98,7 +100,7 @@ def _interrupted_sibling(
 
 
 def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifact]) -> StageOutcome:
-    tcfg = ctx.cfg.train
+    tcfg = ctx.cfg.train.with_profile()
     ks = tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20}))
     # The train summary reports metrics at these ks, so they are part of what the artifact holds.
     params = {**train_key_params(tcfg), "eval_ks": list(ks)}
@@ -133,6 +135,7 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
             shutil.copy2(work / name, out / name)
         summary = {
             "model": tcfg.model, "variant": recorded_variant(tcfg.model, tcfg.variant), "lr": lr,
+            "batch_size": tcfg.batch_size,
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
             "best_valid": jsonable(result.best_valid), "test_at_best": jsonable(result.test_at_best),
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
