@@ -58,21 +58,40 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 DIMS = {"image": 4096, "text": 384}
 DATASET_NAME = "baby"  # the folder's name: the early-stop patience follows the dataset name (Baby: 20)
 
+_FAST = ["--set", "train.profile=fast"]
 #: grid name -> (feature set, sand grid arguments). Order: what answers the issue soonest first.
 PLAN: dict[str, tuple[str, list[str]]] = {
     "paper-informative": ("informative", ["--preset", "table2", "--axis", "train.seed=0"]),
     "paper-informative-plugin": ("informative", ["--axis", "train.model=freedom-sand",
                                                  "--axis", "train.plugin_fusion=scoring"]),
     "paper-informative-seed1": ("informative", ["--axis", "train.model=freedom,sand", "--axis", "train.seed=1"]),
+    "fast-informative": ("informative", ["--preset", "table2", "--axis", "train.seed=0", *_FAST]),
+    "fast-informative-plugin": ("informative", ["--axis", "train.model=freedom-sand",
+                                                "--axis", "train.plugin_fusion=scoring", *_FAST]),
+    "fast-informative-seed1": ("informative", ["--axis", "train.model=freedom,sand", "--axis", "train.seed=1",
+                                               *_FAST]),
+    "fast-control": ("control", ["--axis", "train.model=freedom,sand", *_FAST]),
 }
+#: table columns: (heading, row key, format)
+COLUMNS = [
+    ("features", "features", "{}"), ("profile", "profile", "{}"), ("model", "label", "{}"), ("seed", "seed", "{}"),
+    ("state", "state", "{}"), ("epochs", "epochs", "{}"), ("best epoch", "best_epoch", "{}"),
+    ("wall h", "wall_h", "{:.2f}"), ("s/epoch", "s_epoch", "{:.1f}"), ("RSS@10 GB", "rss10", "{:.2f}"),
+    ("RSS end GB", "rss_end", "{:.2f}"), ("valid R@20", "valid_recall@20", "{:.4f}"),
+    ("valid N@20", "valid_ndcg@20", "{:.4f}"), ("test R@20", "test_recall@20", "{:.4f}"),
+    ("test N@20", "test_ndcg@20", "{:.4f}"),
+]
 
 
 def dataset_folder(root: Path, features: str) -> Path:
     return root / features / DATASET_NAME
 
 
-def prepare(inter: Path, root: Path, seed: int) -> None:
-    """Write one MMRec folder per feature set under ``root`` (skipped when already there)."""
+def prepare(inter: Path, root: Path, seed: int, dims: dict[str, int] = DIMS, **ranks: int) -> None:
+    """Write one MMRec folder per feature set under ``root`` (skipped when already there).
+
+    ``dims`` and ``ranks`` (shared_rank, unique_rank) default to the documented recipe.
+    """
     data = load_inter(inter)
     for name, splits in FEATURE_SETS.items():
         folder = dataset_folder(root, name)
@@ -80,7 +99,7 @@ def prepare(inter: Path, root: Path, seed: int) -> None:
             print(f"{folder}: already prepared")
             continue
         t0 = time.perf_counter()
-        feats = collaborative_features(data, seed, DIMS, splits=splits)
+        feats = collaborative_features(data, seed, dims, splits=splits, **ranks)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -109,6 +128,118 @@ def run(root: Path, sand: str, only: list[str] | None, extra: list[str]) -> None
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def _feature_set(store: Path, interactions_key: str) -> str:
+    """Which prepared folder a run's interactions came from (read from the acquire manifest)."""
+    inter = json.loads((store / "artifacts" / "interactions" / interactions_key / "manifest.json").read_text())
+    acquire = (store / "artifacts" / "acquire" / inter["inputs"]["raw"]["key"] / "manifest.json").read_text()
+    return next((name for name in FEATURE_SETS if f"/{name}/{DATASET_NAME}" in acquire), "?")
+
+
+def _label(params: dict) -> str:
+    from sand.models.registry import has_variants, label
+
+    name = label(params["model"])
+    if has_variants(params["model"]) and params["model"] == "sand":
+        name += f"_{params.get('variant') or 'a'}"
+    if params["model"] == "freedom-sand":
+        name += f" ({params.get('plugin_fusion', 'auxiliary')})"
+    return name
+
+
+def run_rows(root: Path) -> list[dict]:
+    """One row per training run in the store: finished (artifacts/) and in progress (work/)."""
+    import pandas as pd
+
+    store = root / "store"
+    rows = []
+    for state, pattern in (("stopped", "artifacts/train/*/manifest.json"), ("running", "work/train/*/run.json")):
+        for path in sorted(store.glob(pattern)):
+            info = json.loads(path.read_text())
+            history = path.parent / "epochs.csv"
+            if not history.is_file():
+                continue
+            epochs = pd.read_csv(history)
+            inputs = info["inputs"]
+            inter_key = inputs["interactions"]["key"] if isinstance(inputs["interactions"], dict) else inputs[
+                "interactions"]
+            params = info["params"]
+            best = epochs.loc[epochs["valid_recall@20"].round(4).idxmax()]  # first best, as MMRec's rule keeps
+            rss = epochs["peak_memory_mb"] / 1024
+            rows.append({
+                "features": _feature_set(store, inter_key), "profile": params.get("profile", "default"),
+                "model": params["model"], "label": _label(params), "seed": params["seed"], "state": state,
+                "epochs": len(epochs), "best_epoch": int(best["epoch"]),
+                "wall_h": float((epochs["seconds"] + epochs["eval_seconds"]).sum()) / 3600,
+                "s_epoch": float((epochs["seconds"] + epochs["eval_seconds"]).median()),
+                "rss10": float(rss.iloc[min(9, len(rss) - 1)]), "rss_end": float(rss.iloc[-1]),
+                "curve": epochs[["epoch", "valid_recall@20"]].to_numpy(),
+                **{c: float(best[c]) for c in ("valid_recall@20", "valid_ndcg@20", "test_recall@20",
+                                               "test_ndcg@20")},
+            })
+    order = {"informative": 0, "control": 1}
+    rows.sort(key=lambda r: (order.get(r["features"], 2), r["profile"] != "default", r["label"], r["seed"]))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def comparison(rows: list[dict]) -> str:
+    """Paper protocol against the fast profile, per model and seed both finished: quality and time to the stop."""
+    paper = {(r["features"], r["label"], r["seed"]): r for r in rows if r["profile"] == "default"}
+    lines = ["| features | model | seed | valid R@20 paper / fast (change) | time to stop h paper / fast | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        p = paper.get((r["features"], r["label"], r["seed"]))
+        if r["profile"] != "fast" or p is None or "running" in (p["state"], r["state"]):
+            continue
+        change = (r["valid_recall@20"] - p["valid_recall@20"]) / p["valid_recall@20"]
+        lines.append(f"| {r['features']} | {r['label']} | {r['seed']} | {p['valid_recall@20']:.4f} / "
+                     f"{r['valid_recall@20']:.4f} ({change:+.1%}) | {p['wall_h']:.2f} / {r['wall_h']:.2f} | "
+                     f"{p['wall_h'] / r['wall_h']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, features in zip(axes, FEATURE_SETS, strict=True):
+        for r in (r for r in rows if r["features"] == features):
+            style = "-" if r["profile"] == "default" else "--"
+            ax.plot(r["curve"][:, 0], r["curve"][:, 1], style,
+                    label=f"{r['label']} s{r['seed']} {'paper' if r['profile'] == 'default' else r['profile']}")
+        ax.set_title(f"{features} features (MMRec Baby graph)")
+        ax.set_xlabel("epoch")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("valid Recall@20")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def table(root: Path, png: Path | None) -> None:
+    import platform
+
+    rows = run_rows(root)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; load average now {os.getloadavg()[0]:.1f}\n")
+    print(markdown_table(rows))
+    print("\n" + comparison(rows))
+    if png is not None and rows:
+        plot_curves(rows, png)
+        print(f"\ncurves: {png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -121,11 +252,16 @@ def main() -> None:
     r.add_argument("--sand", default=shutil.which("sand") or "sand", help="the sand command to run")
     r.add_argument("--only", nargs="+", choices=list(PLAN), help="these grids only")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sand grid options")
+    t = sub.add_parser("table", help="the per-run table (finished and running) and the valid R@20 curves")
+    t.add_argument("--root", type=Path, required=True)
+    t.add_argument("--png", type=Path, default=None)
     args = ap.parse_args()
     if args.command == "prepare":
         prepare(args.inter, args.root, args.seed)
     elif args.command == "run":
         run(args.root, args.sand, args.only, args.extra)
+    elif args.command == "table":
+        table(args.root, args.png)
     print(json.dumps({"done": args.command}))
 
 

@@ -71,3 +71,30 @@ def test_modalities_share_the_collaborative_factor(data):
 def test_a_rank_the_matrix_cannot_hold_is_refused(data):
     with pytest.raises(ValueError, match="SVD rank"):
         bench_scopes.collaborative_features(data, 0, DIMS, shared_rank=70, unique_rank=10)
+
+
+def test_the_informative_set_reads_the_held_out_splits(data):
+    """bench_convergence's informative features change with valid/test; the control set does not."""
+    rng = np.random.default_rng(2)
+    other_holdout = replace(data, valid=_edges(rng, 120, 80, 300), test=_edges(rng, 120, 80, 300))
+    every = ("train", "valid", "test")
+    first = bench_scopes.collaborative_features(data, 3, DIMS, **RANKS, splits=every)
+    moved = bench_scopes.collaborative_features(other_holdout, 3, DIMS, **RANKS, splits=every)
+    assert all(not np.allclose(first[m], moved[m]) for m in DIMS)
+
+
+def test_the_convergence_benchmark_writes_mmrec_folders_the_pipeline_reads(data, tmp_path):
+    import bench_convergence
+
+    from sand.pipeline.dataset.mmrec import read_mmrec_folder
+
+    inter = tmp_path / "toy.inter"
+    frames = [np.column_stack([e, np.full(len(e), code)]) for code, e in enumerate((data.train, data.valid,
+                                                                                   data.test))]
+    np.savetxt(inter, np.concatenate(frames), fmt="%d", delimiter="\t", header="userID\titemID\tx_label",
+               comments="")
+    bench_convergence.prepare(inter, tmp_path / "root", seed=0, dims=DIMS, **RANKS)
+    for features in bench_convergence.FEATURE_SETS:
+        folder = read_mmrec_folder(bench_convergence.dataset_folder(tmp_path / "root", features))
+        assert (folder.n_users, folder.n_items, len(folder.inter)) == (120, 80, 2_000)
+        assert np.load(folder.image_feat).shape == (80, 24)
