@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -240,6 +241,47 @@ def table(root: Path, png: Path | None) -> None:
         print(f"\ncurves: {png}")
 
 
+def epoch_cost(root: Path, models: list[str], batches: int, rounds: int) -> None:
+    """Seconds per epoch, paper batch (2048) against the fast profile's, timed in alternation.
+
+    Why alternate: on a shared machine a slow spell then hits both settings, so their ratio
+    (the fast profile's gain per epoch, before any change in the epochs to the stop) holds
+    even when the seconds do not. Each setting times ``batches`` trainer steps per round
+    (``bench_memory_model.time_batches``: CLUB fit, loss, backward, fused Adam) on the
+    informative folder's inputs; an epoch = median seconds per batch x batches per epoch.
+    """
+
+    import torch
+    from bench_memory_model import time_batches
+
+    from sand.models.graph import scipy_to_torch_sparse
+    from sand.models.registry import DEFAULT_BATCH_SIZE, FAST_BATCH_SCALE, build_model, required_modalities
+    from sand.pipeline.features.knn import knn_graph
+
+    folder = dataset_folder(root, "informative")
+    data = load_inter(folder / f"{DATASET_NAME}.inter")
+    feats = {m: np.load(folder / f"{m}_feat.npy") for m in DIMS}
+    graphs = {m: scipy_to_torch_sparse(knn_graph(x, 10)) for m, x in feats.items()}
+    sizes = {"paper": DEFAULT_BATCH_SIZE, "fast": DEFAULT_BATCH_SIZE * FAST_BATCH_SCALE}
+    print(f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
+    print("| model | s/epoch paper (2048) | s/epoch fast (8192) | per-epoch gain |\n|---|---|---|---|")
+    for name in models:
+        torch.manual_seed(0)
+        inputs = {"features": {m: torch.from_numpy(x) for m, x in feats.items()}, "item_graphs": graphs} \
+            if required_modalities(name) else {}
+        model = build_model(name, n_users=data.n_users, n_items=data.n_items,
+                            train_edges=torch.from_numpy(data.train), **inputs)
+        per_batch: dict[str, list[float]] = {k: [] for k in sizes}
+        for r in range(rounds):
+            for setting, batch in sizes.items():
+                per_batch[setting] += time_batches(model, data.train, data.csr("train"), data.n_items, batches,
+                                                   batch, seed=r)
+        epoch = {k: statistics.median(v) * -(-len(data.train) // sizes[k]) for k, v in per_batch.items()}
+        print(f"| {name} | {epoch['paper']:.1f} | {epoch['fast']:.1f} | {epoch['paper'] / epoch['fast']:.2f}x |",
+              flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -252,6 +294,11 @@ def main() -> None:
     r.add_argument("--sand", default=shutil.which("sand") or "sand", help="the sand command to run")
     r.add_argument("--only", nargs="+", choices=list(PLAN), help="these grids only")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sand grid options")
+    c = sub.add_parser("epoch-cost", help="s/epoch at the paper's batch and the fast profile's, alternating")
+    c.add_argument("--root", type=Path, required=True)
+    c.add_argument("--models", nargs="+", default=["bpr", "lightgcn", "vbpr", "freedom", "sand", "freedom-sand"])
+    c.add_argument("--batches", type=int, default=3, help="timed batches per setting and round")
+    c.add_argument("--rounds", type=int, default=3)
     t = sub.add_parser("table", help="the per-run table (finished and running) and the valid R@20 curves")
     t.add_argument("--root", type=Path, required=True)
     t.add_argument("--png", type=Path, default=None)
@@ -260,6 +307,8 @@ def main() -> None:
         prepare(args.inter, args.root, args.seed)
     elif args.command == "run":
         run(args.root, args.sand, args.only, args.extra)
+    elif args.command == "epoch-cost":
+        epoch_cost(args.root, args.models, args.batches, args.rounds)
     elif args.command == "table":
         table(args.root, args.png)
     print(json.dumps({"done": args.command}))
