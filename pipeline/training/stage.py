@@ -55,7 +55,8 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
         ignored.add("variant")
     if not profile_hyperparameters(tcfg.model, tcfg.profile):
         ignored.add("profile")
-    params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision"})
+    # memory_budget_gb only refuses a run before it starts: it never changes what a run computes.
+    params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision", "memory_budget_gb"})
     precision = resolved_train_precision(tcfg)
     if precision != "fp32" and required_modalities(tcfg.model):
         params["precision"] = precision
