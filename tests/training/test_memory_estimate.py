@@ -60,3 +60,18 @@ def test_the_fields_named_are_those_that_drive_the_size():
     with pytest.raises(ConfigError, match="more than the memory available on cpu"):
         check_fits(wide, available=16 * 2**30, where="cpu")
     check_fits(sand, available=16 * 2**30, where="cpu")  # fits: no error
+
+
+@pytest.mark.slow
+def test_the_command_refuses_an_oversized_model_in_one_error_line_exit_2(prefect_server, tmp_path):
+    from conftest import run_sand
+
+    args = ["run", "--model", "bpr", "--epochs", "1", "--data-root", str(tmp_path / "data"),
+            "--set", "acquire.sample_users=40", "--set", "acquire.sample_items=30",
+            "--set", "train.embedding_dim=3000000"]
+    out = run_sand(args, api_url=prefect_server, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], out.stderr[-3000:]
+    assert "train.embedding_dim" in errors[0] and "train.model=bpr needs about" in errors[0]
