@@ -184,6 +184,9 @@ def _check_prefect_server(required_by: str | None = None) -> None:
 
     url = Settings().api.url  # read afresh: the environment may have changed since import
     if not url and not required_by:
+        from sand.flows.server_lifetime import keep_children_with_this_process
+
+        keep_children_with_this_process()  # Prefect's temporary server: never outlives this process
         return
     start = "start one with `prefect server start`"
     if not url:

@@ -44,6 +44,12 @@ Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-di
 Seed = Annotated[int, Field(ge=0, lt=2**32, description="seed: 0 <= seed < 2**32")]
 #: A compute device, spelled as torch spells it; whether it exists here is checked before a run.
 Device = Annotated[str | None, AfterValidator(validate_device_name), Field(description=DEVICE_CHOICES)]
+#: A name, URL or path: an empty string names nothing, so it is refused when the config loads.
+Text = Annotated[str, Field(min_length=1)]
+#: A count or width of at least 1 (list elements: ``evaluate.ks``, ``train.head_dims``).
+Positive = Annotated[int, Field(ge=1)]
+#: ``host`` or ``host:port`` (IPv6 in brackets), as image URLs name them.
+HostPort = Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?$")]
 
 
 class _Section(BaseModel):
@@ -53,10 +59,10 @@ class _Section(BaseModel):
 
 
 class AcquireConfig(_Section):
-    dataset: str = Field("sample", description="sample | baby | sports | clothing | category name | PATH")
+    dataset: Text = Field("sample", description="sample | baby | sports | clothing | category name | PATH")
     format: DatasetFormat | None = Field(None, description="raw format; sniffed or implied by the preset")
-    reviews: str | None = Field(None, description="explicit reviews URL or path (overrides the preset)")
-    meta: str | None = Field(None, description="explicit metadata URL or path (overrides the preset)")
+    reviews: Text | None = Field(None, description="explicit reviews URL or path (overrides the preset)")
+    meta: Text | None = Field(None, description="explicit metadata URL or path (overrides the preset)")
     timeout: float = Field(60.0, gt=0, description="seconds per HTTP request")
     retries: int = Field(5, ge=0, le=20)
     sample_seed: Seed = Field(0, description="seed of the bundled sample generator")
@@ -76,7 +82,7 @@ class InteractionsConfig(_Section):
 
 
 class TextFeaturesConfig(_Section):
-    model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model name or local path")
+    model: Text = Field("all-MiniLM-L6-v2", description="sentence-transformers model name or local path")
     batch_size: int = Field(64, ge=1)
     device: Device = None
     shard_size: int = Field(
@@ -93,13 +99,13 @@ class ImageFeaturesConfig(_Section):
         "cnn", description="cnn: our CNN over the item images | amazon2014: the 4,096-d features the Amazon "
         "2014 release ships per category (the SAND paper's and MMRec's inputs)",
     )
-    amazon2014_url: str | None = Field(
+    amazon2014_url: Text | None = Field(
         None, description="URL or path of image_features_<Category>.b (default: derived from a 2014 dataset)"
     )
     backbone: Literal["resnet50", "resnet18", "vgg16"] | None = Field(
         None, description="CNN; default resnet50 (resnet18 for the bundled sample)"
     )
-    weights: str = Field("auto", description="imagenet | random | PATH | auto (sample: random, else imagenet)")
+    weights: Text = Field("auto", description="imagenet | random | PATH | auto (sample: random, else imagenet)")
     image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default 224 (64 for sample)")
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0, description="image decode threads per shard (0: decode in the shard thread)")
@@ -111,7 +117,7 @@ class ImageFeaturesConfig(_Section):
         40_000_000, ge=1024, description="largest image decoded (width x height, from its header); also the "
         "pixels decoded at once per process"
     )
-    allow_hosts: list[str] = Field(
+    allow_hosts: list[HostPort] = Field(
         default_factory=list, description="host or host:port that image URLs from downloaded metadata may "
         "reach although private (an internal mirror); local metadata may reach any host"
     )
@@ -139,7 +145,7 @@ class GraphsConfig(_Section):
         "float32", description="faiss: how the index stores the vectors (float16: half the memory, N x d x 2 "
         "bytes, e.g. 8 GB instead of 16 GB at 1M x 4096; recall is measured either way)",
     )
-    seed: int = 0
+    seed: Seed = 0
 
 
 #: Early-stopping patience per dataset where the SAND authors' logs differ from 20 (Clothing: 30).
@@ -192,11 +198,15 @@ class TrainConfig(_Section):
     plugin_fusion: Literal["auxiliary", "scoring"] = Field(
         "auxiliary", description="plug-ins: SAND terms on the auxiliary modal features, or fused into the scores"
     )
-    head_dims: list[int] | None = Field(None, min_length=1, description="plug-ins: projection head widths")
+    head_dims: list[Positive] | None = Field(None, min_length=1, description="plug-ins: projection head widths")
     club_fit_order: Literal["before", "after"] | None = Field(
         None, description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)"
     )
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="refuse a model whose estimated training memory exceeds this "
+        "(default: the memory available on the training device)",
+    )
 
     #: Named hyper-parameters: applied to the models that take them, ignored by the others (so one
     #: config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
@@ -242,14 +252,19 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
+    ks: list[Positive] = Field(
+        default_factory=lambda: [5, 10, 20, 50], min_length=1, description="cut-offs of Recall@k and NDCG@k"
+    )
     top_k: int = Field(20, ge=1, description="recommendations written per user")
     batch_users: int = Field(4096, ge=1)
 
 
 class ReportConfig(_Section):
     tsne_items: int = Field(500, ge=10, description="items drawn for the t-SNE figures (Figures 5-6)")
-    select_metric: str = Field("recall@20", description="validation metric that picks each table's run")
+    select_metric: str = Field(
+        "recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$",
+        description="validation metric that picks each table's run: recall@K or ndcg@K",
+    )
     seed: Seed = 0
 
 

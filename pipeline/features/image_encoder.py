@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError, one_line
 from sand.pipeline.base.files import atomic_path, sha256_file
+from sand.pipeline.base.torch_files import load_tensors
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
 
 # torchvision: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
@@ -130,7 +131,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"image weights file {path} does not exist; pass a .pt/.pth state_dict, 'imagenet' or 'random'"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as exc:  # torch raises many types for non-checkpoint files
         msg = f"image weights file {path} is not a readable state_dict: {one_line(exc)}"
         raise ConfigError(msg) from None

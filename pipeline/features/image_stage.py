@@ -108,7 +108,8 @@ def run_image_shard_job(args: tuple[Any, ...]) -> str:
 
 
 def _map_locally(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> list[Any]:
-    return [fn(job) for job in tqdm(jobs, desc="image shards", disable=len(jobs) < 2)]
+    # disable=None: tqdm draws the bar only when stderr is a terminal
+    return [fn(job) for job in tqdm(jobs, desc="image shards", disable=True if len(jobs) < 2 else None)]
 
 
 def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
@@ -139,7 +140,7 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
         encoder_kwargs = dict(
             backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
             batch_size=icfg.batch_size, num_workers=icfg.num_workers, device=icfg.device,
-            max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels,
+            max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, progress=ctx.progress,  # bars: a terminal only
         )
         jobs = []
         for i, rng in enumerate(shard_items(n_items, icfg.shard_size)):

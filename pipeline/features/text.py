@@ -161,7 +161,10 @@ def model_identity(model_dir: str) -> str:
 @functools.lru_cache(maxsize=2)
 def _load_model(model_dir: str, device: str | None) -> Any:
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    # transformers draws a "Loading weights" bar for this sub-second step, on a terminal or not
+    transformers_logging.disable_progress_bar()
     try:
         return SentenceTransformer(model_dir, device=device, local_files_only=True)
     except Exception as err:  # one line for the user, whatever the loader raised

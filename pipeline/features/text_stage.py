@@ -46,7 +46,8 @@ def run_text_shard_job(job: Any) -> str:
 
 
 def _map_text_locally(fn: Callable[..., Any], jobs: Sequence[Any]) -> list[Any]:
-    return [fn(job) for job in tqdm(jobs, desc="text shards", disable=len(jobs) < 2)]
+    # disable=None: tqdm draws the bar only when stderr is a terminal
+    return [fn(job) for job in tqdm(jobs, desc="text shards", disable=True if len(jobs) < 2 else None)]
 
 
 def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sand.pipeline.base.errors import StageError, one_line
+from sand.pipeline.base.torch_files import load_tensors
 
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
@@ -24,13 +25,12 @@ BEST_NAME, LAST_NAME = "best.pt", "last.pt"
 
 def read_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint's contents (tensors, numbers, strings, containers), mapped onto ``device``."""
-    import torch
 
     path = Path(path)
     if not path.is_file():
         raise StageError(f"checkpoint {path}: missing (train the model first)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_tensors(path, map_location=device)
     except Exception as exc:  # a truncated or foreign file: name it instead of a traceback
         raise StageError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {one_line(exc)})") from exc
 

@@ -25,6 +25,7 @@ from sand.pipeline.base.hardware import resolve_device, resolve_precision
 from sand.pipeline.base.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, jsonable, key_params
 from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
+from sand.pipeline.training.memory_estimate import check_training_memory
 from sand.pipeline.training.model_io import build_model_for, effective_model_kwargs, trained_embeddings
 from sand.pipeline.training.trainer import LAST_NAME, describe_changes, train_model
 
@@ -57,7 +58,8 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
         ignored.add("variant")
     if not profile_hyperparameters(tcfg.model, tcfg.profile) and not profile_training(tcfg.model, tcfg.profile):
         ignored.add("profile")
-    params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision"})
+    # memory_budget_gb only refuses a run before it starts: it never changes what a run computes.
+    params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision", "memory_budget_gb"})
     precision = resolved_train_precision(tcfg)
     if precision != "fp32" and required_modalities(tcfg.model):
         params["precision"] = precision
@@ -111,6 +113,7 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
     def build(out: Path) -> dict[str, Any]:
         from sand.models.registry import default_lr  # imports torch
 
+        memory = check_training_memory(tcfg, inter, feature_arts)  # refuses, in one line, what cannot fit
         model, data = build_model_for(tcfg, inter, feature_arts)
         # Keyed by every parameter and input: a rerun of the same settings resumes from the
         # last checkpoint; other settings get their own directory and start at epoch 1.
@@ -139,6 +142,7 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
             "best_valid": jsonable(result.best_valid), "test_at_best": jsonable(result.test_at_best),
             "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
+            "memory_estimate": memory,
             "model_kwargs": jsonable(effective_model_kwargs(tcfg)[1]),
             "plugin_fusion": getattr(model, "plugin_fusion", None), "profile": tcfg.profile,
             "resumed_from_epoch": result.resumed_from_epoch, "restarted": restarted,
