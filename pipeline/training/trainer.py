@@ -188,19 +188,6 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def _check_args(epochs: int, batch_size: int, patience: int, eval_every: int, valid_metric: str, ks) -> None:
-    for name, value in (
-        ("epochs", epochs),
-        ("batch_size", batch_size),
-        ("patience", patience),
-        ("eval_every", eval_every),
-    ):
-        if int(value) < 1:
-            raise ConfigError(f"training: {name} must be >= 1, got {value}")
-    if valid_metric not in metric_names(ks):
-        raise ConfigError(f"training: valid_metric {valid_metric!r} is not one of {metric_names(ks)}")
-
-
 @dataclass
 class _Run:
     """What stays fixed during one training run: the model, its optimiser, the data and the settings."""
@@ -524,7 +511,9 @@ def train_model(
     from tqdm.auto import tqdm
 
     ks = tuple(int(k) for k in ks)
-    _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
+    # epochs, batch_size, patience and eval_every are checked by TrainConfig; the metric is not a config field
+    if valid_metric not in metric_names(ks):
+        raise ConfigError(f"training: valid_metric {valid_metric!r} is not one of {metric_names(ks)}")
     if early_stop not in EARLY_STOP_RULES:
         raise ConfigError(f"training: early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {early_stop!r}")
     out_dir = Path(out_dir)
