@@ -19,6 +19,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field
+
 if TYPE_CHECKING:
     from sand.models.base import Recommender
 
@@ -53,29 +55,21 @@ def ablations() -> tuple[str, ...]:
     return (VARIANTS[0], *(v for v, terms in VARIANT_TERMS.items() if "none" in terms))
 
 
-@dataclass(frozen=True)
-class HyperParameter:
-    """A model's hyper-parameter as the config field ``train.<name>`` (pydantic validates it)."""
-
-    #: the value's type as pydantic reads it (``float``, ``Literal[...]``, ``list[int]``)
-    type: Any
-    description: str | None = None
-    #: None: unset, the model's constructor default applies (a value: set for every model)
-    default: Any = None
-    #: pydantic ``Field`` constraints (``ge``, ``gt``, ``le``, ``min_length``)
-    bounds: dict[str, Any] = field(default_factory=dict)
+#: A ``train.<name>`` config field as pydantic's ``create_model`` takes it: (type, ``Field(...)``).
+HyperParameter = tuple[Any, Any]
 
 
-def _hp(type_: Any, description: str | None = None, default: Any = None, **bounds: Any) -> HyperParameter:
-    return HyperParameter(type_, description, default, bounds)
+def _optional(type_: Any, **field_args: Any) -> HyperParameter:
+    """A field unset by default: the model's constructor default applies."""
+    return type_ | None, Field(None, **field_args)
 
 
 _Scope = Literal["auto", "all", "batch"]
 #: Hyper-parameters several model families take: embedding size, L2 weight, graph depth.
 COMMON_HYPERPARAMETERS: dict[str, HyperParameter] = {
-    "embedding_dim": _hp(int, default=64, ge=1),
-    "reg_weight": _hp(float, ge=0),
-    "n_layers": _hp(int, ge=0, le=8),
+    "embedding_dim": (int, Field(64, ge=1)),
+    "reg_weight": _optional(float, ge=0),
+    "n_layers": _optional(int, ge=0, le=8),
 }
 
 
@@ -99,12 +93,10 @@ class ModelSpec:
     backbone: str | None = None
     #: config field name -> constructor keyword where they differ
     renames: dict[str, str] = field(default_factory=dict)
-    #: fixed constructor keywords
-    fixed: dict[str, Any] = field(default_factory=dict)
     #: named hyper-parameter profiles (``train.profile``) -> constructor keywords they set
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: config fields ``train.<name>`` this entry adds (each declared once: another model taking
-    #: one uses it too; what a model takes is read from its constructor)
+    #: config fields ``train.<name>`` this entry adds (each declared once, here or in
+    #: :data:`COMMON_HYPERPARAMETERS`; which a model takes is read from its constructor)
     hyperparameters: dict[str, HyperParameter] = field(default_factory=dict)
     #: constructor keywords that default to the training lr (SAND's CLUB estimators, docs/model.md)
     follows_lr: tuple[str, ...] = ()
@@ -119,18 +111,20 @@ class ModelSpec:
 
 #: SAND's own hyper-parameters (the plug-ins take them too).
 _SAND_HYPERPARAMETERS = {
-    "alpha": _hp(float, "alignment weight (SAND default 0.012)", ge=0),
-    "beta": _hp(float, "distancing weight (SAND default 0.006)", ge=0),
-    "tau": _hp(float, "alignment temperature (SAND default 0.2)", gt=0),
-    "club_steps": _hp(int, ge=0),
-    "solosim_scope": _hp(_Scope, "items SoloSim runs over (auto: all up to 20,000 items, else the batch's)"),
-    "distance_scope": _hp(
-        _Scope, "items the distancing term and the CLUB fit run over (auto: all up to 1,000,000 items)"
+    "alpha": _optional(float, ge=0, description="alignment weight (SAND default 0.012)"),
+    "beta": _optional(float, ge=0, description="distancing weight (SAND default 0.006)"),
+    "tau": _optional(float, gt=0, description="alignment temperature (SAND default 0.2)"),
+    "club_steps": _optional(int, ge=0),
+    "solosim_scope": _optional(
+        _Scope, description="items SoloSim runs over (auto: all up to 20,000 items, else the batch's)"
     ),
-    "l2_form": _hp(Literal["neg-mse", "neg-log", "margin"]),
-    "club_fit_order": _hp(
+    "distance_scope": _optional(
+        _Scope, description="items the distancing term and the CLUB fit run over (auto: all up to 1,000,000 items)"
+    ),
+    "l2_form": _optional(Literal["neg-mse", "neg-log", "margin"]),
+    "club_fit_order": _optional(
         Literal["before", "after"],
-        "CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)",
+        description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)",
     ),
 }
 
@@ -142,7 +136,7 @@ MODELS: dict[str, ModelSpec] = {
     "vbpr": ModelSpec("VBPR", "sand.models.vbpr:VBPR", ("image", "text"), 1e-3, tables=("table2", "table3")),
     "freedom": ModelSpec("FREEDOM", "sand.models.freedom:FREEDOM", ("image", "text"), 1e-3,
                          tables=("table2", "table3"), renames={"n_layers": "n_ui_layers"},
-                         hyperparameters={"mm_image_weight": _hp(float, ge=0, le=1)}),
+                         hyperparameters={"mm_image_weight": _optional(float, ge=0, le=1)}),
     "sand": ModelSpec("SAND", "sand.models.sand:SAND", ("image", "text"), 1e-4,
                       tables=("table2", "table4", "figure3", "figures5-6"), has_variants=True,
                       renames={"n_layers": "n_ui_layers"}, hyperparameters=_SAND_HYPERPARAMETERS,
@@ -153,30 +147,30 @@ MODELS: dict[str, ModelSpec] = {
     "vbpr-sand": ModelSpec("VBPR+SAND", "sand.models.plugins:VBPRSand", ("image", "text"), 1e-3,
                            tables=("table3",), has_variants=True, backbone="vbpr", follows_lr=("club_lr",),
                            profiles={"authors": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0}},
-                           hyperparameters={"head_dims": _hp(list[int], "plug-ins: projection head widths",
-                                                             min_length=1)}),
+                           hyperparameters={"head_dims": _optional(
+                               list[int], min_length=1, description="plug-ins: projection head widths")}),
     "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
                               tables=("table3",), has_variants=True, backbone="freedom",
                               renames={"n_layers": "n_ui_layers"}, follows_lr=("club_lr",),
                               profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0,
                                                     "dropout": 0.8}},
-                              hyperparameters={"plugin_fusion": _hp(
-                                  Literal[FUSIONS], "plug-ins: SAND terms on the auxiliary modal features, "
-                                  "or fused into the scores", default=FUSIONS[0])}),
+                              hyperparameters={"plugin_fusion": (Literal[FUSIONS], Field(
+                                  FUSIONS[0], description="plug-ins: SAND terms on the auxiliary modal features, "
+                                  "or fused into the scores"))}),
 }
 
 
 def hyperparameters() -> dict[str, HyperParameter]:
     """Every ``train.<name>`` hyper-parameter field: the common ones, then each entry's, in order.
 
-    A name declared twice must be declared alike (else ValueError): one field serves every
-    model that takes it.
+    A name is declared once (else ValueError): one field serves every model that takes it.
     """
     fields = dict(COMMON_HYPERPARAMETERS)
     for name, s in MODELS.items():
-        for hp_name, hp in s.hyperparameters.items():
-            if fields.setdefault(hp_name, hp) != hp:
-                raise ValueError(f"model {name}: hyper-parameter {hp_name!r} is declared differently elsewhere")
+        twice = sorted(set(fields) & set(s.hyperparameters))
+        if twice:
+            raise ValueError(f"model {name}: hyper-parameter {twice[0]!r} is declared elsewhere already")
+        fields.update(s.hyperparameters)
     return fields
 
 
@@ -306,7 +300,6 @@ def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
         accepted |= set(inspect.signature(backbone.__init__).parameters)
     positional = {"n_users", "n_items", "train_edges", "features", "item_graphs"}
     hparams = {s.renames.get(k, k): v for k, v in kwargs.items() if k not in positional}
-    hparams.update(s.fixed)
     if s.has_variants:
         hparams["variant"] = variant
     unknown = sorted(k for k in hparams if k not in accepted)

@@ -182,19 +182,9 @@ class SAND(Recommender):
         self.modal_weight = nn.Parameter(torch.softmax(torch.randn(self.n_users, len(self.modalities)) * std, 1))
         align, distance = VARIANT_TERMS[variant]
         self.separation = self.separation_class(
-            dims,
-            align=align,
-            distance=distance,
-            alpha=alpha,
-            beta=beta,
-            tau=tau,
-            split_ratio=split_ratio,
-            club_steps=club_steps,
-            club_lr=lr,
-            l2_form=l2_form,
-            solosim_scope=solosim_scope,
-            distance_scope=distance_scope,
-            club_fit_order=club_fit_order,
+            dims, align=align, distance=distance, alpha=alpha, beta=beta, tau=tau, split_ratio=split_ratio,
+            club_steps=club_steps, club_lr=lr, l2_form=l2_form, solosim_scope=solosim_scope,
+            distance_scope=distance_scope, club_fit_order=club_fit_order,
         )
 
     # ----------------------------------------------------------------- forward

@@ -185,7 +185,7 @@ class _TrainSettings(_Section):
     NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = tuple(registry.hyperparameters())
     #: Named hyper-parameters with a value by default: a grid may set them for every model.
     ALWAYS_SET: ClassVar[tuple[str, ...]] = tuple(
-        name for name, hp in registry.hyperparameters().items() if hp.default is not None
+        name for name, (_, field) in registry.hyperparameters().items() if field.default is not None
     )
 
     def model_kwargs(self, accepted: set[str] | None = None) -> dict[str, Any]:
@@ -209,18 +209,9 @@ class _TrainSettings(_Section):
         return DATASET_PATIENCE.get(Path(str(dataset)).name.lower(), DEFAULT_PATIENCE)
 
 
-def _hyperparameter_field(hp: registry.HyperParameter) -> tuple[Any, Any]:
-    """(annotation, Field) of ``train.<name>``: optional unless the registry gives a default."""
-    annotation = hp.type if hp.default is not None else hp.type | None
-    return annotation, Field(hp.default, description=hp.description, **hp.bounds)
-
-
 #: The train section: the run settings plus one field per registry hyper-parameter (built from
 #: the registry, so a model's hyper-parameters are declared in its entry only).
-TrainConfig = create_model(
-    "TrainConfig", __base__=_TrainSettings, __module__=__name__,
-    **{name: _hyperparameter_field(hp) for name, hp in registry.hyperparameters().items()},
-)
+TrainConfig = create_model("TrainConfig", __base__=_TrainSettings, __module__=__name__, **registry.hyperparameters())
 
 
 class EvaluateConfig(_Section):

@@ -21,7 +21,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +140,12 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
         accepted = registry.constructor_kwargs(name)
     except ImportError as err:
         raise ConfigError(f"invalid config value train.model={name!r}: model not available ({err})") from None
-    for field_name, _ in cfg.train.model_kwargs().items():
+    for field_name, value in cfg.train.model_kwargs().items():
         kwarg = spec.renames.get(field_name, field_name)
         if kwarg not in accepted and field_name not in cfg.train.ALWAYS_SET:  # those: ignored where not taken
             where = f"train.extra.{field_name}" if field_name in cfg.train.extra else f"train.{field_name}"
             raise ConfigError(
-                f"invalid config value {where}={cfg.train.model_kwargs()[field_name]!r}: "
-                f"model {name!r} has no hyper-parameter {field_name!r}"
+                f"invalid config value {where}={value!r}: model {name!r} has no hyper-parameter {field_name!r}"
             )
 
 
@@ -203,39 +202,19 @@ class GridRun:
     seconds: float = 0.0
 
     def row(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "run": self.index,
-            **self.values,
-            "status": self.status,
-            "error": self.error,
-            "dataset": self.dataset,
+        return {
+            "run": self.index, **self.values, "status": self.status, "error": self.error, "dataset": self.dataset,
+            **{f"valid_{k}": v for k, v in self.valid.items()}, **{f"test_{k}": v for k, v in self.test.items()},
+            "seconds_per_epoch": self.seconds_per_epoch, "peak_memory_mb": self.peak_memory_mb,
+            "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3),
+            **{f"{stage}_key": key for stage, key in self.keys.items()},
+            "cached": all(self.cached.values()) if self.cached else None,
         }
-        out.update({f"valid_{k}": v for k, v in self.valid.items()})
-        out.update({f"test_{k}": v for k, v in self.test.items()})
-        out.update(
-            seconds_per_epoch=self.seconds_per_epoch,
-            peak_memory_mb=self.peak_memory_mb,
-            best_epoch=self.best_epoch,
-            seconds=round(self.seconds, 3),
-        )
-        out.update({f"{stage}_key": key for stage, key in self.keys.items()})
-        out["cached"] = all(self.cached.values()) if self.cached else None
-        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "run": self.index,
-            "values": self.values,
-            "status": self.status,
-            "error": self.error,
-            "dataset": self.dataset,
-            "valid": self.valid,
-            "test": self.test,
-            "seconds_per_epoch": self.seconds_per_epoch,
-            "peak_memory_mb": self.peak_memory_mb,
-            "best_epoch": self.best_epoch,
-            "keys": self.keys,
-        }
+        """``selected.json``'s run: every field but the cache flags and the wall time, ``index`` as ``run``."""
+        fields = asdict(self)
+        return {"run": fields.pop("index"), **{k: v for k, v in fields.items() if k not in ("cached", "seconds")}}
 
 
 @dataclass
@@ -379,16 +358,8 @@ def run_grid(
             run.status, run.error = "failed", one_line(err, with_type=True)
             log.error("grid %s: run %d/%d (%s) failed: %s", name, i, len(combos), shown, run.error)
         else:
-            log.info(
-                "grid %s: run %d/%d valid %s=%.6f test %s=%.6f",
-                name,
-                i,
-                len(combos),
-                select_metric,
-                run.valid[select_metric],
-                select_metric,
-                run.test.get(select_metric, float("nan")),
-            )
+            log.info("grid %s: run %d/%d valid %s=%.6f test %s=%.6f", name, i, len(combos), select_metric,
+                     run.valid[select_metric], select_metric, run.test.get(select_metric, float("nan")))
         run.seconds = time.perf_counter() - start
         result.runs.append(run)
         result.selected = select_best(result.runs, select_metric)
@@ -398,13 +369,6 @@ def run_grid(
     else:
         sel = result.selected
         shown = ", ".join(f"{k}={v}" for k, v in sel.values.items())
-        log.info(
-            "grid %s: selected run %d (%s) by valid %s=%.6f; test %s",
-            name,
-            sel.index,
-            shown,
-            select_metric,
-            sel.valid[select_metric],
-            {k: round(v, 6) for k, v in sel.test.items()},
-        )
+        log.info("grid %s: selected run %d (%s) by valid %s=%.6f; test %s", name, sel.index, shown, select_metric,
+                 sel.valid[select_metric], {k: round(v, 6) for k, v in sel.test.items()})
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from sand.models import registry
@@ -49,7 +50,7 @@ def _register() -> None:
     """The model's one registry entry, with its own hyper-parameter."""
     registry.MODELS[TOY] = registry.ModelSpec(
         "Toy-MF", f"{__name__}:ToyMF", (), 1e-2, tables=("table2",),
-        hyperparameters={"gamma": registry.HyperParameter(float, "item-embedding scale", bounds={"gt": 0})},
+        hyperparameters={"gamma": (float | None, Field(None, gt=0, description="item-embedding scale"))},
     )
 
 
