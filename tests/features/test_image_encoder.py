@@ -250,5 +250,5 @@ def test_assemble_rejects_gaps_overlaps_and_wrong_dims():
         assemble_features(5, [s1, s2, s1], dim=2)
     with pytest.raises(DataError, match="shape"):
         assemble_features(5, [s1, s2], dim=3)
-    with pytest.raises(ConfigError):
-        assemble_features(5, [s1, s2], dim=2, fill="median")
+    with pytest.raises(ConfigError, match="image_features.fill='median'"):  # the stage never sees it
+        load_config(None, None, ["image_features.fill=median"])
