@@ -34,12 +34,9 @@ from torch import Tensor
 
 from sand.models.base import Recommender
 from sand.models.freedom import FREEDOM
-from sand.models.sand import VARIANTS
+from sand.models.registry import FUSIONS, VARIANT_TERMS
 from sand.models.separation import ModalSeparation
 from sand.models.vbpr import VBPR
-
-#: How the SAND-processed modal representation is used (module docstring).
-FUSIONS = ("auxiliary", "scoring")
 
 
 class SeparationPlugin(Recommender):
@@ -76,14 +73,14 @@ class SeparationPlugin(Recommender):
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown SAND variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        if variant not in VARIANT_TERMS:
+            raise ValueError(f"unknown SAND variant {variant!r}: choose one of {', '.join(VARIANT_TERMS)}")
         if plugin_fusion not in FUSIONS:
             raise ValueError(f"plugin_fusion must be one of {', '.join(FUSIONS)}; got {plugin_fusion!r}")
         self.plugin_fusion = plugin_fusion
         backbone_kwargs.update(self._fusion_kwargs(plugin_fusion, backbone_kwargs))
         self.backbone = self.backbone_class(n_users, n_items, train_edges, features, item_graphs, **backbone_kwargs)
-        align, distance = VARIANTS[variant]
+        align, distance = VARIANT_TERMS[variant]
         with torch.no_grad():
             dims = {m: int(z.shape[1]) for m, z in self.backbone.modal_representations().items()}
         self.separation = ModalSeparation(

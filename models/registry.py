@@ -1,9 +1,11 @@
 """Every model of the package, one entry each: the single table the rest is derived from.
 
-Why one table: the config's allowed ``train.model`` names, the CLI help, the train
-stage (modalities, default lr, variants), the grid presets and the report's labels
-and table membership all ask "what is model X". Answering it here means adding a
-model is its file plus one :data:`MODELS` entry, and no other module lists models.
+Why one table: the config's allowed ``train.model`` names and ``train.<hyper-parameter>``
+fields, the CLI help, the train stage (modalities, default lr, variants), the grid presets
+and the report's labels and table membership all ask "what is model X". Answering it here
+means adding a model is its file plus one :data:`MODELS` entry, and no other module lists
+models, their hyper-parameters, SAND's variants (:data:`VARIANTS`) or the plug-in fusions
+(:data:`FUSIONS`).
 
 This module must stay cheap to import (``sand --help`` and config validation use
 it): model classes are named as ``"module:Class"`` strings and imported (with torch)
@@ -15,13 +17,60 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field
 
 if TYPE_CHECKING:
     from sand.models.base import Recommender
 
 #: Report tables and figures a model can appear in (its entry's ``tables``).
 TABLES = ("table2", "table3", "table4", "figure3", "figures5-6")
+
+#: SAND's variants (``train.variant``): name -> (alignment, distancing) term, "none" where the
+#: term is off. a-d are Table 4; the ablations (Figure 3) switch terms of a off.
+VARIANT_TERMS: dict[str, tuple[str, str]] = {
+    "a": ("solosim", "club"),
+    "b": ("solosim", "l2"),
+    "c": ("infonce", "club"),
+    "d": ("infonce", "l2"),
+    "no-align": ("none", "club"),
+    "no-distance": ("solosim", "none"),
+    "no-align-no-distance": ("none", "none"),
+}
+#: The variant names, in the paper's order; the first is the default.
+VARIANTS: tuple[str, ...] = tuple(VARIANT_TERMS)
+#: How a plug-in uses the SAND-processed modal representation (``train.plugin_fusion``, see
+#: ``models/plugins.py``); the first, the faithful plug-in, is the default.
+FUSIONS: tuple[str, ...] = ("auxiliary", "scoring")
+
+
+def table4_variants() -> tuple[str, ...]:
+    """Variants with both terms on (Table 4: SAND_a-d)."""
+    return tuple(v for v, terms in VARIANT_TERMS.items() if "none" not in terms)
+
+
+def ablations() -> tuple[str, ...]:
+    """The default variant, then those that switch a term of it off (Figure 3)."""
+    return (VARIANTS[0], *(v for v, terms in VARIANT_TERMS.items() if "none" in terms))
+
+
+#: A ``train.<name>`` config field as pydantic's ``create_model`` takes it: (type, ``Field(...)``).
+HyperParameter = tuple[Any, Any]
+
+
+def _optional(type_: Any, **field_args: Any) -> HyperParameter:
+    """A field unset by default: the model's constructor default applies."""
+    return type_ | None, Field(None, **field_args)
+
+
+_Scope = Literal["auto", "all", "batch"]
+#: Hyper-parameters several model families take: embedding size, L2 weight, graph depth.
+COMMON_HYPERPARAMETERS: dict[str, HyperParameter] = {
+    "embedding_dim": (int, Field(64, ge=1)),
+    "reg_weight": _optional(float, ge=0),
+    "n_layers": _optional(int, ge=0, le=8),
+}
 
 
 @dataclass(frozen=True)
@@ -44,11 +93,14 @@ class ModelSpec:
     backbone: str | None = None
     #: config field name -> constructor keyword where they differ
     renames: dict[str, str] = field(default_factory=dict)
-    #: fixed constructor keywords
-    fixed: dict[str, Any] = field(default_factory=dict)
     #: named profiles (``train.profile``) -> constructor keywords (and training settings,
     #: :data:`TRAINING_PROFILE_FIELDS`) they set; every model also has the "fast" profile
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: config fields ``train.<name>`` this entry adds (each declared once, here or in
+    #: :data:`COMMON_HYPERPARAMETERS`; which a model takes is read from its constructor)
+    hyperparameters: dict[str, HyperParameter] = field(default_factory=dict)
+    #: constructor keywords that default to the training lr (SAND's CLUB estimators, docs/model.md)
+    follows_lr: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tables if t not in TABLES]
@@ -58,6 +110,25 @@ class ModelSpec:
             raise ValueError(f"model {self.label}: target {self.target!r} is not 'module:Class'")
 
 
+#: SAND's own hyper-parameters (the plug-ins take them too).
+_SAND_HYPERPARAMETERS = {
+    "alpha": _optional(float, ge=0, description="alignment weight (SAND default 0.012)"),
+    "beta": _optional(float, ge=0, description="distancing weight (SAND default 0.006)"),
+    "tau": _optional(float, gt=0, description="alignment temperature (SAND default 0.2)"),
+    "club_steps": _optional(int, ge=0),
+    "solosim_scope": _optional(
+        _Scope, description="items SoloSim runs over (auto: all up to 20,000 items, else the batch's)"
+    ),
+    "distance_scope": _optional(
+        _Scope, description="items the distancing term and the CLUB fit run over (auto: all up to 1,000,000 items)"
+    ),
+    "l2_form": _optional(Literal["neg-mse", "neg-log", "margin"]),
+    "club_fit_order": _optional(
+        Literal["before", "after"],
+        description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)",
+    ),
+}
+
 MODELS: dict[str, ModelSpec] = {
     # MMRec's published settings: lr 1e-3 for the ID-only baselines, VBPR and FREEDOM; the SAND
     # authors' config uses lr 1e-4. Order is the paper's row order (baselines, SAND, plug-ins).
@@ -65,22 +136,44 @@ MODELS: dict[str, ModelSpec] = {
     "lightgcn": ModelSpec("LightGCN", "sand.models.lightgcn:LightGCN", (), 1e-3, tables=("table2",)),
     "vbpr": ModelSpec("VBPR", "sand.models.vbpr:VBPR", ("image", "text"), 1e-3, tables=("table2", "table3")),
     "freedom": ModelSpec("FREEDOM", "sand.models.freedom:FREEDOM", ("image", "text"), 1e-3,
-                         tables=("table2", "table3"), renames={"n_layers": "n_ui_layers"}),
+                         tables=("table2", "table3"), renames={"n_layers": "n_ui_layers"},
+                         hyperparameters={"mm_image_weight": _optional(float, ge=0, le=1)}),
     "sand": ModelSpec("SAND", "sand.models.sand:SAND", ("image", "text"), 1e-4,
                       tables=("table2", "table4", "figure3", "figures5-6"), has_variants=True,
-                      renames={"n_layers": "n_ui_layers"}),
+                      renames={"n_layers": "n_ui_layers"}, hyperparameters=_SAND_HYPERPARAMETERS,
+                      follows_lr=("lr",)),
     # The "authors" profile: the SAND authors' plug-in settings, read from their VBPR+SAND and
     # FREEDOM+SAND training logs (projection heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic
     # columns). Explicit settings win.
     "vbpr-sand": ModelSpec("VBPR+SAND", "sand.models.plugins:VBPRSand", ("image", "text"), 1e-3,
-                           tables=("table3",), has_variants=True, backbone="vbpr",
-                           profiles={"authors": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0}}),
+                           tables=("table3",), has_variants=True, backbone="vbpr", follows_lr=("club_lr",),
+                           profiles={"authors": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0}},
+                           hyperparameters={"head_dims": _optional(
+                               list[Annotated[int, Field(ge=1)]], min_length=1,
+                               description="plug-ins: projection head widths (each at least 1)")}),
     "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
                               tables=("table3",), has_variants=True, backbone="freedom",
-                              renames={"n_layers": "n_ui_layers"},
+                              renames={"n_layers": "n_ui_layers"}, follows_lr=("club_lr",),
                               profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0,
-                                                    "dropout": 0.8}}),
+                                                    "dropout": 0.8}},
+                              hyperparameters={"plugin_fusion": (Literal[FUSIONS], Field(
+                                  FUSIONS[0], description="plug-ins: SAND terms on the auxiliary modal features, "
+                                  "or fused into the scores"))}),
 }
+
+
+def hyperparameters() -> dict[str, HyperParameter]:
+    """Every ``train.<name>`` hyper-parameter field: the common ones, then each entry's, in order.
+
+    A name is declared once (else ValueError): one field serves every model that takes it.
+    """
+    fields = dict(COMMON_HYPERPARAMETERS)
+    for name, s in MODELS.items():
+        twice = sorted(set(fields) & set(s.hyperparameters))
+        if twice:
+            raise ValueError(f"model {name}: hyper-parameter {twice[0]!r} is declared elsewhere already")
+        fields.update(s.hyperparameters)
+    return fields
 
 
 def spec(name: str) -> ModelSpec:
@@ -237,7 +330,6 @@ def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
         accepted |= set(inspect.signature(backbone.__init__).parameters)
     positional = {"n_users", "n_items", "train_edges", "features", "item_graphs"}
     hparams = {s.renames.get(k, k): v for k, v in kwargs.items() if k not in positional}
-    hparams.update(s.fixed)
     if s.has_variants:
         hparams["variant"] = variant
     unknown = sorted(k for k in hparams if k not in accepted)

@@ -54,18 +54,8 @@ from sand.models.base import Recommender
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.losses import bpr_loss
 from sand.models.precision import LowPrecisionCopies, compute_dtype
+from sand.models.registry import VARIANT_TERMS
 from sand.models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
-
-#: variant -> (align, distance). a-d are Table 4; the ablations (Fig. 3) build on a.
-VARIANTS: dict[str, tuple[str, str]] = {
-    "a": ("solosim", "club"),
-    "b": ("solosim", "l2"),
-    "c": ("infonce", "club"),
-    "d": ("infonce", "l2"),
-    "no-align": ("none", "club"),
-    "no-distance": ("solosim", "none"),
-    "no-align-no-distance": ("none", "none"),
-}
 
 MODALITIES: tuple[str, ...] = ("image", "text")
 
@@ -106,7 +96,7 @@ def _as_coo(m: torch.Tensor, name: str, n_items: int) -> torch.Tensor:
 
 
 class SAND(Recommender):
-    """SAND and its variants/ablations (see :data:`VARIANTS`).
+    """SAND and its variants/ablations (:data:`models.registry.VARIANT_TERMS`).
 
     Args (besides the :class:`Recommender` inputs): ``variant`` ("a" default),
     ``embedding_dim`` (64), ``mm_image_weight`` (0.1: weight of the image kNN graph in
@@ -151,8 +141,8 @@ class SAND(Recommender):
         club_fit_order: str = "before",
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"SAND: unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        if variant not in VARIANT_TERMS:
+            raise ValueError(f"SAND: unknown variant {variant!r}; choose one of {', '.join(VARIANT_TERMS)}")
         features = features or {}
         item_graphs = item_graphs or {}
         for m in self.required_modalities:
@@ -190,21 +180,11 @@ class SAND(Recommender):
         # at init, then free parameters (the reference's weight_u).
         std = math.sqrt(2.0 / (self.n_users + len(self.modalities)))
         self.modal_weight = nn.Parameter(torch.softmax(torch.randn(self.n_users, len(self.modalities)) * std, 1))
-        align, distance = VARIANTS[variant]
+        align, distance = VARIANT_TERMS[variant]
         self.separation = self.separation_class(
-            dims,
-            align=align,
-            distance=distance,
-            alpha=alpha,
-            beta=beta,
-            tau=tau,
-            split_ratio=split_ratio,
-            club_steps=club_steps,
-            club_lr=lr,
-            l2_form=l2_form,
-            solosim_scope=solosim_scope,
-            distance_scope=distance_scope,
-            club_fit_order=club_fit_order,
+            dims, align=align, distance=distance, alpha=alpha, beta=beta, tau=tau, split_ratio=split_ratio,
+            club_steps=club_steps, club_lr=lr, l2_form=l2_form, solosim_scope=solosim_scope,
+            distance_scope=distance_scope, club_fit_order=club_fit_order,
         )
 
     # ----------------------------------------------------------------- forward

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sand.models import registry
 from sand.pipeline.base import formats
@@ -39,7 +40,8 @@ ModelName = Annotated[
 ProfileName = Annotated[
     str, AfterValidator(registry.check_profile_name), Field(json_schema_extra=_enum_of(registry.profile_choices))
 ]
-Variant = Literal["a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance"]
+#: A SAND variant of the registry (``registry.VARIANTS``).
+Variant = Literal[registry.VARIANTS]
 #: Every seed: numpy's SeedSequence and torch.manual_seed both take 0 <= seed < 2**32 everywhere.
 Seed = Annotated[int, Field(ge=0, lt=2**32, description="seed: 0 <= seed < 2**32")]
 #: A compute device, spelled as torch spells it; whether it exists here is checked before a run.
@@ -153,7 +155,9 @@ DATASET_PATIENCE = {"clothing": 30}
 DEFAULT_PATIENCE = 20
 
 
-class TrainConfig(_Section):
+class _TrainSettings(_Section):
+    """The train section's run settings; :data:`TrainConfig` adds the models' hyper-parameters."""
+
     model: ModelName = "sand"
     variant: Variant = "a"
     epochs: int = Field(1000, ge=1)
@@ -180,43 +184,20 @@ class TrainConfig(_Section):
         "default", description="fast: batch x4 and lr x4 for every model (docs/convergence.md); authors: the SAND "
         "authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win"
     )
-    embedding_dim: int = Field(64, ge=1)
-    alpha: float | None = Field(None, ge=0, description="alignment weight (SAND default 0.012)")
-    beta: float | None = Field(None, ge=0, description="distancing weight (SAND default 0.006)")
-    tau: float | None = Field(None, gt=0, description="alignment temperature (SAND default 0.2)")
-    club_steps: int | None = Field(None, ge=0)
-    mm_image_weight: float | None = Field(None, ge=0, le=1)
-    reg_weight: float | None = Field(None, ge=0)
-    n_layers: int | None = Field(None, ge=0, le=8)
-    solosim_scope: Literal["auto", "all", "batch"] | None = Field(
-        None, description="items SoloSim runs over (auto: all up to 20,000 items, else the batch's)"
-    )
-    distance_scope: Literal["auto", "all", "batch"] | None = Field(
-        None, description="items the distancing term and the CLUB fit run over (auto: all up to 1,000,000 items)"
-    )
-    l2_form: Literal["neg-mse", "neg-log", "margin"] | None = None
-    plugin_fusion: Literal["auxiliary", "scoring"] = Field(
-        "auxiliary", description="plug-ins: SAND terms on the auxiliary modal features, or fused into the scores"
-    )
-    head_dims: list[Positive] | None = Field(None, min_length=1, description="plug-ins: projection head widths")
-    club_fit_order: Literal["before", "after"] | None = Field(
-        None, description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)"
-    )
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="refuse a model whose estimated training memory exceeds this "
         "(default: the memory available on the training device)",
     )
 
-    #: Named hyper-parameters: applied to the models that take them, ignored by the others (so one
-    #: config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
-    NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = (
-        "embedding_dim", "alpha", "beta", "tau", "club_steps", "mm_image_weight", "reg_weight",
-        "n_layers", "solosim_scope", "distance_scope", "l2_form", "plugin_fusion", "head_dims",
-        "club_fit_order",
-    )
+    #: Named hyper-parameters (the registry's, one field each): applied to the models that take
+    #: them, ignored by the others (so one config serves a whole Table-2 grid). Keys of ``extra``
+    #: must be taken by the model.
+    NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = tuple(registry.hyperparameters())
     #: Named hyper-parameters with a value by default: a grid may set them for every model.
-    ALWAYS_SET: ClassVar[tuple[str, ...]] = ("plugin_fusion",)
+    ALWAYS_SET: ClassVar[tuple[str, ...]] = tuple(
+        name for name, (_, field) in registry.hyperparameters().items() if field.default is not None
+    )
 
     def model_kwargs(self, accepted: set[str] | None = None) -> dict[str, Any]:
         """Hyper-parameters the user set explicitly; the model's defaults fill the rest.
@@ -249,6 +230,11 @@ class TrainConfig(_Section):
         if self.patience is not None:
             return self.patience
         return DATASET_PATIENCE.get(Path(str(dataset)).name.lower(), DEFAULT_PATIENCE)
+
+
+#: The train section: the run settings plus one field per registry hyper-parameter (built from
+#: the registry, so a model's hyper-parameters are declared in its entry only).
+TrainConfig = create_model("TrainConfig", __base__=_TrainSettings, __module__=__name__, **registry.hyperparameters())
 
 
 class EvaluateConfig(_Section):
@@ -341,8 +327,6 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``section.field=value`` with the value parsed as YAML (numbers, bools, lists)."""
-    import yaml
-
     if "=" not in text:
         raise ConfigError(f"invalid --set {text!r}: expected section.field=value")
     key, raw = text.split("=", 1)
@@ -359,8 +343,6 @@ def load_config(
     """YAML file (optional) + dotted overrides (CLI options) + ``--set`` assignments, validated once."""
     data: dict[str, Any] = {}
     if path is not None:
-        import yaml
-
         try:
             text = Path(path).read_text()
         except OSError as err:

@@ -20,8 +20,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,52 +34,37 @@ from sand.pipeline.base.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-def _table3_models() -> list[str]:
-    """Table 3's models: each backbone then its SAND plug-in (from the registry)."""
-    return [model for pair in registry.plugins().items() for model in pair]
+
+def _table3_axes(**more: list[Any]) -> dict[str, list[Any]]:
+    """Table 3: each backbone then its SAND plug-in (from the registry), in every plug-in fusion.
+
+    The backbones and VBPR+SAND ignore the fusion, so their second runs come from the store.
+    """
+    models = [model for pair in registry.plugins().items() for model in pair]
+    return {"train.model": models, "train.plugin_fusion": list(registry.FUSIONS), **more}
 
 
-#: Named grids reproducing the paper's experiments: name -> its axes. Model axes come from the
-#: model registry when a preset is looked up, so a newly registered model joins its tables' presets.
-_PRESET_AXES: dict[str, Callable[[], dict[str, list[Any]]]] = {
+#: Named grids reproducing the paper's experiments: name -> a builder of its axes. Models and
+#: variants come from the registry when a preset is built, so a newly registered model joins
+#: its tables' presets.
+PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {
     # Figure 4: one hyper-parameter at a time around the reference value.
     "sensitivity-alpha": lambda: {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},
     "sensitivity-beta": lambda: {"train.beta": [0.001, 0.003, 0.006, 0.01, 0.05]},
     "sensitivity-tau": lambda: {"train.tau": [0.05, 0.1, 0.2, 0.5, 1.0]},
     # Figure 3: SAND_a and its ablations.
-    "ablations": lambda: {"train.variant": ["a", "no-align", "no-distance", "no-align-no-distance"]},
+    "ablations": lambda: {"train.variant": list(registry.ablations())},
     # Table 4: the four alignment x distancing combinations.
-    "variants": lambda: {"train.variant": ["a", "b", "c", "d"]},
+    "variants": lambda: {"train.variant": list(registry.table4_variants())},
     # Table 2: baselines vs SAND (the registry's Table 2 models).
     "table2": lambda: {"train.model": list(registry.models_in("table2"))},
-    # Table 3: backbones with and without the SAND plug-in, the plug-in in both fusions (the
-    # backbones and VBPR+SAND ignore the fusion, so their second runs come from the store).
-    "table3": lambda: {"train.model": _table3_models(), "train.plugin_fusion": ["auxiliary", "scoring"]},
+    # Table 3: backbones with and without the SAND plug-in, the plug-in in every fusion.
+    "table3": _table3_axes,
     # Table 3 with the SAND authors' plug-in hyper-parameters (train.profile=authors).
-    "table3-authors": lambda: {
-        "train.model": _table3_models(),
-        "train.plugin_fusion": ["auxiliary", "scoring"],
-        "train.profile": ["authors"],
-    },
+    "table3-authors": lambda: _table3_axes(**{"train.profile": ["authors"]}),
     # Tables 2 and 3 in one grid: every model of the package.
     "all-models": lambda: {"train.model": list(registry.model_names())},
 }
-
-
-class _Presets(Mapping[str, dict[str, list[Any]]]):
-    """The presets as a read-only mapping; each lookup builds the axes afresh (a copy, from the registry)."""
-
-    def __getitem__(self, name: str) -> dict[str, list[Any]]:
-        return _PRESET_AXES[name]()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_PRESET_AXES)
-
-    def __len__(self) -> int:
-        return len(_PRESET_AXES)
-
-
-PRESETS: Mapping[str, dict[str, list[Any]]] = _Presets()
 
 #: Presets that reproduce the paper's tables and figures: on an Amazon 2014 dataset they read the
 #: release's own image features (the paper's inputs) unless the user chose an image source.
@@ -96,10 +81,10 @@ RunOne = Callable[[PipelineConfig], dict[str, Any]]
 
 
 def preset(name: str) -> dict[str, list[Any]]:
-    """The axes of a named preset (a copy), or a ConfigError listing the names."""
+    """The axes of a named preset (built afresh), or a ConfigError listing the names."""
     if name not in PRESETS:
         raise ConfigError(f"unknown grid preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return PRESETS[name]()
 
 
 def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineConfig:
@@ -155,13 +140,12 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
         accepted = registry.constructor_kwargs(name)
     except ImportError as err:
         raise ConfigError(f"invalid config value train.model={name!r}: model not available ({err})") from None
-    for field_name, _ in cfg.train.model_kwargs().items():
+    for field_name, value in cfg.train.model_kwargs().items():
         kwarg = spec.renames.get(field_name, field_name)
         if kwarg not in accepted and field_name not in cfg.train.ALWAYS_SET:  # those: ignored where not taken
             where = f"train.extra.{field_name}" if field_name in cfg.train.extra else f"train.{field_name}"
             raise ConfigError(
-                f"invalid config value {where}={cfg.train.model_kwargs()[field_name]!r}: "
-                f"model {name!r} has no hyper-parameter {field_name!r}"
+                f"invalid config value {where}={value!r}: model {name!r} has no hyper-parameter {field_name!r}"
             )
 
 
@@ -218,39 +202,19 @@ class GridRun:
     seconds: float = 0.0
 
     def row(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "run": self.index,
-            **self.values,
-            "status": self.status,
-            "error": self.error,
-            "dataset": self.dataset,
+        return {
+            "run": self.index, **self.values, "status": self.status, "error": self.error, "dataset": self.dataset,
+            **{f"valid_{k}": v for k, v in self.valid.items()}, **{f"test_{k}": v for k, v in self.test.items()},
+            "seconds_per_epoch": self.seconds_per_epoch, "peak_memory_mb": self.peak_memory_mb,
+            "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3),
+            **{f"{stage}_key": key for stage, key in self.keys.items()},
+            "cached": all(self.cached.values()) if self.cached else None,
         }
-        out.update({f"valid_{k}": v for k, v in self.valid.items()})
-        out.update({f"test_{k}": v for k, v in self.test.items()})
-        out.update(
-            seconds_per_epoch=self.seconds_per_epoch,
-            peak_memory_mb=self.peak_memory_mb,
-            best_epoch=self.best_epoch,
-            seconds=round(self.seconds, 3),
-        )
-        out.update({f"{stage}_key": key for stage, key in self.keys.items()})
-        out["cached"] = all(self.cached.values()) if self.cached else None
-        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "run": self.index,
-            "values": self.values,
-            "status": self.status,
-            "error": self.error,
-            "dataset": self.dataset,
-            "valid": self.valid,
-            "test": self.test,
-            "seconds_per_epoch": self.seconds_per_epoch,
-            "peak_memory_mb": self.peak_memory_mb,
-            "best_epoch": self.best_epoch,
-            "keys": self.keys,
-        }
+        """``selected.json``'s run: every field but the cache flags and the wall time, ``index`` as ``run``."""
+        fields = asdict(self)
+        return {"run": fields.pop("index"), **{k: v for k, v in fields.items() if k not in ("cached", "seconds")}}
 
 
 @dataclass
@@ -341,7 +305,7 @@ def grid_dir(data_root: Path | str, name: str) -> Path:
 
 def write_grid_tables(result: GridResult) -> None:
     """``runs.csv`` (atomically replaced) and ``selected.json``."""
-    import pandas as pd
+    import pandas as pd  # lazy: about a second to import, and the CLI lists the presets in its help
 
     result.table_path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([r.row() for r in result.runs])
@@ -394,16 +358,8 @@ def run_grid(
             run.status, run.error = "failed", one_line(err, with_type=True)
             log.error("grid %s: run %d/%d (%s) failed: %s", name, i, len(combos), shown, run.error)
         else:
-            log.info(
-                "grid %s: run %d/%d valid %s=%.6f test %s=%.6f",
-                name,
-                i,
-                len(combos),
-                select_metric,
-                run.valid[select_metric],
-                select_metric,
-                run.test.get(select_metric, float("nan")),
-            )
+            log.info("grid %s: run %d/%d valid %s=%.6f test %s=%.6f", name, i, len(combos), select_metric,
+                     run.valid[select_metric], select_metric, run.test.get(select_metric, float("nan")))
         run.seconds = time.perf_counter() - start
         result.runs.append(run)
         result.selected = select_best(result.runs, select_metric)
@@ -413,13 +369,6 @@ def run_grid(
     else:
         sel = result.selected
         shown = ", ".join(f"{k}={v}" for k, v in sel.values.items())
-        log.info(
-            "grid %s: selected run %d (%s) by valid %s=%.6f; test %s",
-            name,
-            sel.index,
-            shown,
-            select_metric,
-            sel.valid[select_metric],
-            {k: round(v, 6) for k, v in sel.test.items()},
-        )
+        log.info("grid %s: selected run %d (%s) by valid %s=%.6f; test %s", name, sel.index, shown, select_metric,
+                 sel.valid[select_metric], {k: round(v, 6) for k, v in sel.test.items()})
     return result

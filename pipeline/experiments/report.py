@@ -31,11 +31,18 @@ from sand.models import registry
 from sand.pipeline.base.config import TrainConfig, build_config
 from sand.pipeline.base.errors import SandError, StageError
 from sand.pipeline.base.store import Artifact, ArtifactStore
+from sand.pipeline.experiments.figures import (
+    modal_representations,
+    plot_ablation,
+    plot_circle_density,
+    plot_sensitivity,
+    plot_training_curves,
+    plot_tsne_density,
+    tsne_2d,
+)
 from sand.pipeline.experiments.reference import REFERENCE
 from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
-
-# figures (matplotlib) and torch: imported inside the functions that draw, so importing this module stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +54,16 @@ VARIANT_LABELS = {
     "no-distance": "w/o Distancing",
     "no-align-no-distance": "w/o All",
 }
-VARIANT_PARTS = {
-    "a": ("SoloSim", "MI (CLUB)"),
-    "b": ("SoloSim", "negative l2"),
-    "c": ("InfoNCE", "MI (CLUB)"),
-    "d": ("InfoNCE", "negative l2"),
-}
-ABLATIONS = ("a", "no-align", "no-distance", "no-align-no-distance")
+#: The paper's names of the variants' terms (Table 4's Alignment and Distancing columns).
+TERM_LABELS = {"solosim": "SoloSim", "infonce": "InfoNCE", "club": "MI (CLUB)", "l2": "negative l2"}
+#: Table 4's variants (the registry's) -> (alignment, distancing) as the paper names them.
+VARIANT_PARTS = {v: tuple(TERM_LABELS[t] for t in registry.VARIANT_TERMS[v]) for v in registry.table4_variants()}
+ABLATIONS = registry.ablations()
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
 
 RunKey = tuple[str, str, str | None]  # (dataset, model id, variant); see StoredRun.model_id
 
-#: Plug-in fusions (``train.plugin_fusion``); the first is the faithful default.
-FUSIONS = ("auxiliary", "scoring")
+#: A caption note per plug-in fusion (``registry.FUSIONS``, the first the faithful default).
 FUSION_NOTES = {
     "auxiliary": "Plug-in fusion: auxiliary (the faithful plug-in): the SAND terms act on each backbone's "
     "projected modal features as they are. VBPR scores those features; FREEDOM does not: they enter only its "
@@ -94,7 +98,7 @@ class StoredRun:
     @property
     def model_id(self) -> str:
         """The model, with a non-default fusion appended (``freedom-sand@scoring``): selected separately."""
-        return self.model if self.fusion in (None, FUSIONS[0]) else f"{self.model}@{self.fusion}"
+        return self.model if self.fusion in (None, registry.FUSIONS[0]) else f"{self.model}@{self.fusion}"
 
     @property
     def key(self) -> RunKey:
@@ -198,7 +202,7 @@ def _fusion(model: str, train: Artifact | None) -> str | None:
     params = (train.manifest.get("params") or {}) if train else {}
     fusion = params.get("plugin_fusion")
     if fusion is None and model == "freedom-sand":  # trained before the setting existed: the faithful plug-in
-        fusion = FUSIONS[0]
+        fusion = registry.FUSIONS[0]
     return str(fusion) if fusion is not None else None
 
 
@@ -316,7 +320,7 @@ def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metri
 def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, fusion: str) -> StoredRun | None:
     """The +SAND run of ``backbone`` in ``fusion`` (a plug-in whose fusion is moot serves both)."""
     model = registry.plugins()[backbone]
-    if fusion != FUSIONS[0]:
+    if fusion != registry.FUSIONS[0]:
         run = selected.get((dataset, f"{model}@{fusion}", "a"))
         if run is not None:
             return run
@@ -325,7 +329,7 @@ def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, 
 
 
 def table_generalisation(
-    selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str, fusion: str = FUSIONS[0]
+    selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str, fusion: str = registry.FUSIONS[0]
 ) -> Table | None:
     """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement.
 
@@ -337,7 +341,7 @@ def table_generalisation(
         (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in backbones if (d, b, None) in selected
     }
     plugged = {k: v for k, v in plugged.items() if v is not None}
-    if not plugged or (fusion != FUSIONS[0] and not any(r.fusion == fusion for r in plugged.values())):
+    if not plugged or (fusion != registry.FUSIONS[0] and not any(r.fusion == fusion for r in plugged.values())):
         return None
     pairs = {b: [d for d in datasets if (d, b) in plugged] for b in backbones}
     pairs = {b: ds for b, ds in pairs.items() if ds}
@@ -363,7 +367,7 @@ def table_generalisation(
         f"{run.label} on {d}: profile {run.result.get('profile') or 'default'}"
         for (d, _), run in sorted(plugged.items())
     ]
-    suffix = "" if fusion == FUSIONS[0] else f"_{fusion}"
+    suffix = "" if fusion == registry.FUSIONS[0] else f"_{fusion}"
     return Table(
         f"table3_generalisation{suffix}",
         f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}",
@@ -456,8 +460,6 @@ def _safe_name(text: str) -> str:
 def _curves(
     selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, metric: str, notes: list[str]
 ) -> list[Path]:
-    from sand.pipeline.experiments.figures import plot_training_curves
-
     paths = []
     for d in datasets:
         curves: dict[str, pd.DataFrame] = {}
@@ -477,7 +479,7 @@ def _curves(
 
 
 def load_grid_tables(data_root: Path) -> list[tuple[str, dict[str, Any], pd.DataFrame]]:
-    """(grid name, selected.json, runs.csv) of every grid written by :mod:`pipeline.grid`."""
+    """(grid name, selected.json, runs.csv) of every grid written by :mod:`pipeline.experiments.grid`."""
     out = []
     base = Path(data_root) / "grids"
     if not base.is_dir():
@@ -519,8 +521,6 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
 
 def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
     """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
-
-    from sand.pipeline.experiments.figures import modal_representations, plot_circle_density, plot_tsne_density, tsne_2d
 
     train = run.train
     if train is None or not train.file("best.pt").is_file():
@@ -678,11 +678,18 @@ def _table_skip_reasons() -> dict[str, str]:
         "table3": "no dataset with both a backbone ("
         + "/".join(registry.label(b) for b in registry.plugins())
         + ") and its +SAND run",
-        "table3-scoring": "no FREEDOM+SAND run in the scoring fusion (train.plugin_fusion=scoring) next to its "
-        "backbone",
+        **{
+            _table3_name(f): f"no plug-in run in the {f} fusion (train.plugin_fusion={f}) next to its backbone"
+            for f in registry.FUSIONS[1:]
+        },
         "table4": "no dataset with at least two of the SAND variants a-d",
         "table5": "no train artifact with timing results",
     }
+
+
+def _table3_name(fusion: str) -> str:
+    """``table3`` for the default plug-in fusion, ``table3-<fusion>`` for the others."""
+    return "table3" if fusion == registry.FUSIONS[0] else f"table3-{fusion}"
 
 
 def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> dict[str, Table | None]:
@@ -693,8 +700,7 @@ def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], met
     """
     return {
         "table2": table_main(selected, datasets, metric),
-        "table3": table_generalisation(selected, datasets, metric),
-        "table3-scoring": table_generalisation(selected, datasets, metric, "scoring"),
+        **{_table3_name(f): table_generalisation(selected, datasets, metric, f) for f in registry.FUSIONS},
         "table4": table_variants(selected, datasets, metric),
         "table5": table_efficiency(selected, datasets),
     }
@@ -714,8 +720,6 @@ def _write_tables(tables: dict[str, Table | None], out_dir: Path, notes: list[st
 
 def _sensitivity_figure(data_root: Path, datasets: Sequence[str], out_dir: Path, notes: list[str]) -> list[Path]:
     """Figure 4 from the one-parameter grids (the grids' runs.csv, not the store: it needs the swept value)."""
-    from sand.pipeline.experiments.figures import plot_sensitivity
-
     series = sensitivity_series(data_root, datasets)
     if not series:
         notes.append(
@@ -730,8 +734,6 @@ def _ablation_figure(
     selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, notes: list[str]
 ) -> list[Path]:
     """Figure 3: SAND_a next to its ablations, per dataset with at least one ablation to compare."""
-    from sand.pipeline.experiments.figures import plot_ablation
-
     sand = _single_model("figure3")
     ablation = {
         d: {
@@ -797,8 +799,7 @@ def _index_markdown(
         f"{len(selected)} selected by validation {metric}. All runs: [runs.csv](runs.csv).",
         "",
     ]
-    for name in ("table2", "table3", "table3-scoring", "table4", "table5"):
-        table = tables.get(name)
+    for name, table in tables.items():
         if table is None or name not in written:
             continue
         md, csv = written[name]

@@ -50,11 +50,7 @@ class ShardResult:
 
 
 def shard_items(n_items: int, shard_size: int) -> list[range]:
-    """Consecutive item ranges of at most ``shard_size`` covering ``0..n_items-1``."""
-    if shard_size <= 0:
-        raise ConfigError(f"image shard_size must be a positive integer, got {shard_size}")
-    if n_items < 0:
-        raise ConfigError(f"n_items must be >= 0, got {n_items}")
+    """Consecutive item ranges of at most ``shard_size`` (>= 1, by the config) covering ``0..n_items-1``."""
     return [range(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
@@ -149,9 +145,8 @@ def assemble_features(
     Items without an image get the mean of the usable rows (MMRec's convention, so
     they sit in the middle of feature space rather than at an arbitrary corner) or
     zeros. Every item must appear in exactly one shard, as encoded or missing.
+    ``fill`` is ``image_features.fill``, checked by the config.
     """
-    if fill not in ("mean", "zeros"):
-        raise ConfigError(f"image feature fill must be 'mean' or 'zeros', got {fill!r}")
     feat = np.zeros((n_items, dim), dtype=np.float32)
     seen = np.zeros(n_items, dtype=bool)
     usable = np.zeros(n_items, dtype=bool)

@@ -428,10 +428,8 @@ def text_shard_ranges(n_unique: int, shard_size: int, batch_size: int) -> list[r
 
     ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries
     are group boundaries and every shard makes the calls a single process would make.
+    Both sizes are checked already (>= 1): by the config, and ``batch_size`` by :func:`plan_text_shards`.
     """
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ConfigError(f"text_features.shard_size: must be a positive integer, got {shard_size!r}")
-    _check_batch_size(batch_size)
     step = group_size(batch_size)
     size = -(-shard_size // step) * step
     return [range(lo, min(lo + size, n_unique)) for lo in range(0, n_unique, size)]

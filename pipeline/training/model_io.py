@@ -3,8 +3,6 @@
 Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's
 figures all rebuild the configured model from the same artifacts; one home keeps
 them identical and keeps the report from importing the stage table (no cycle).
-torch and ``sand.models`` (which imports torch) are imported inside functions
-(keeps ``sand --help`` fast).
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from sand.models import registry
 from sand.pipeline.base.config import TrainConfig
 from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.base.store import Artifact
@@ -22,8 +21,8 @@ from sand.pipeline.features.knn import load_graph
 from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.training.checkpoints import load_weights
 
-# torch (and our modules that need them): imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+# torch and the model modules (they import torch; the registry does not): imported inside the
+# functions that use them, so importing this module (and `sand --help`) stays fast.
 
 
 def load_feature_tensor(path: Path):
@@ -62,10 +61,8 @@ def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
 
 def effective_model_kwargs(tcfg: Any) -> tuple[set[str], dict[str, Any]]:
     """(accepted hyper-parameter names, keywords for the model): the profile, then explicit settings."""
-    from sand.models.registry import accepted_hyperparameters, profile_hyperparameters
-
-    accepted = accepted_hyperparameters(tcfg.model)
-    return accepted, {**profile_hyperparameters(tcfg.model, tcfg.profile), **tcfg.model_kwargs(accepted)}
+    accepted = registry.accepted_hyperparameters(tcfg.model)
+    return accepted, {**registry.profile_hyperparameters(tcfg.model, tcfg.profile), **tcfg.model_kwargs(accepted)}
 
 
 def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, Artifact]):
@@ -73,16 +70,13 @@ def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, 
     import torch
 
     tcfg = tcfg.with_profile()  # the CLUB estimators' lr follows the profile's training lr
-    from sand.models.registry import build_model, default_lr
-
     data, features, graphs = load_model_inputs(inter, feature_arts)
-    accepted, kwargs = effective_model_kwargs(tcfg)
-    for name in ("lr", "club_lr"):  # SAND's CLUB estimators use the training lr (docs/model.md, CLUB fit)
-        if name in accepted and name not in kwargs:
-            kwargs[name] = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
+    _, kwargs = effective_model_kwargs(tcfg)
+    for name in registry.spec(tcfg.model).follows_lr:  # e.g. SAND's CLUB estimators (docs/model.md, CLUB fit)
+        kwargs.setdefault(name, tcfg.lr if tcfg.lr is not None else registry.default_lr(tcfg.model))
     torch.manual_seed(tcfg.seed)
     try:
-        model = build_model(
+        model = registry.build_model(
             tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
             train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs, **kwargs,
         )

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError, SandError
@@ -188,17 +189,12 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def _check_args(epochs: int, batch_size: int, patience: int, eval_every: int, valid_metric: str, ks) -> None:
-    for name, value in (
-        ("epochs", epochs),
-        ("batch_size", batch_size),
-        ("patience", patience),
-        ("eval_every", eval_every),
-    ):
-        if int(value) < 1:
-            raise ConfigError(f"training: {name} must be >= 1, got {value}")
+def _check_rules(valid_metric: str, ks: tuple[int, ...], early_stop: str) -> None:
+    """The run's metric and stopping rule (the sizes are TrainConfig's to check; the metric is no config field)."""
     if valid_metric not in metric_names(ks):
         raise ConfigError(f"training: valid_metric {valid_metric!r} is not one of {metric_names(ks)}")
+    if early_stop not in EARLY_STOP_RULES:
+        raise ConfigError(f"training: early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {early_stop!r}")
 
 
 @dataclass
@@ -521,24 +517,14 @@ def train_model(
     ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the
     dtype of the models' big products while training; evaluation always runs in float32.
     """
-    from tqdm.auto import tqdm
-
     ks = tuple(int(k) for k in ks)
-    _check_args(epochs, batch_size, patience, eval_every, valid_metric, ks)
-    if early_stop not in EARLY_STOP_RULES:
-        raise ConfigError(f"training: early_stop must be one of {', '.join(EARLY_STOP_RULES)}, got {early_stop!r}")
+    _check_rules(valid_metric, ks, early_stop)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     config = {
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "eval_every": int(eval_every),
-        "valid_metric": valid_metric,
-        "ks": list(ks),
-        "signature": signature,
+        "seed": int(seed), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+        "eval_every": int(eval_every), "valid_metric": valid_metric, "ks": list(ks), "signature": signature,
         "precision": resolve_precision(precision, dev),
     }
     settings = {
@@ -554,15 +540,8 @@ def train_model(
         return _result(state, out_dir, resumed_from)
 
     _log_start(run, state["epoch"] + 1, config["precision"])
-    bar = tqdm(
-        range(state["epoch"] + 1, epochs + 1),
-        initial=state["epoch"],
-        total=epochs,
-        desc="train",
-        unit="epoch",
-        disable=not progress,
-        leave=False,
-    )
+    bar = tqdm(range(state["epoch"] + 1, epochs + 1), initial=state["epoch"], total=epochs, desc="train",
+               unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         row = _train_epoch(run, epoch)
         if epoch % run.eval_every == 0 or epoch == run.epochs:

@@ -128,10 +128,10 @@ def test_table3_preset_runs_both_fusions_and_trains_backbones_once(tmp_path):
 
 def test_sensitivity_presets_bracket_the_paper_values():
     for name, ref in (("sensitivity-alpha", 0.012), ("sensitivity-beta", 0.006), ("sensitivity-tau", 0.2)):
-        (values,) = PRESETS[name].values()
+        (values,) = preset(name).values()
         assert ref in values and min(values) < ref < max(values)
-    assert PRESETS["ablations"]["train.variant"] == ["a", "no-align", "no-distance", "no-align-no-distance"]
-    assert PRESETS["variants"]["train.variant"] == ["a", "b", "c", "d"]
+    assert preset("ablations")["train.variant"] == ["a", "no-align", "no-distance", "no-align-no-distance"]
+    assert preset("variants")["train.variant"] == ["a", "b", "c", "d"]
     with pytest.raises(ConfigError, match="unknown grid preset"):
         preset("table9")
 

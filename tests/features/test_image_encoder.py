@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from sand.pipeline.acquire.url_policy import UrlPolicy
+from sand.pipeline.base.config import load_config
 from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.features.image_encoder import build_cnn, encode_images
 from sand.pipeline.features.image_shards import (
@@ -161,8 +162,8 @@ def test_unobtainable_imagenet_weights_say_how_to_provide_them(tmp_path, monkeyp
 def test_shard_items_covers_everything_once():
     assert shard_items(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
     assert shard_items(0, 4) == []
-    with pytest.raises(ConfigError):
-        shard_items(10, 0)
+    with pytest.raises(ConfigError, match="image_features.shard_size=0"):  # the stage never sees 0
+        load_config(None, None, ["image_features.shard_size=0"])
 
 
 def test_process_shard_encodes_usable_and_lists_missing(images, tmp_path):
@@ -249,5 +250,5 @@ def test_assemble_rejects_gaps_overlaps_and_wrong_dims():
         assemble_features(5, [s1, s2, s1], dim=2)
     with pytest.raises(DataError, match="shape"):
         assemble_features(5, [s1, s2], dim=3)
-    with pytest.raises(ConfigError):
-        assemble_features(5, [s1, s2], dim=2, fill="median")
+    with pytest.raises(ConfigError, match="image_features.fill='median'"):  # the stage never sees it
+        load_config(None, None, ["image_features.fill=median"])

@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sand.pipeline.base.config import load_config
 from sand.pipeline.base.errors import ConfigError, DataError
-from sand.pipeline.features.text import encode_texts, encode_texts_with_stats, item_text, resolve_model
+from sand.pipeline.features.text import (
+    encode_texts,
+    encode_texts_with_stats,
+    item_text,
+    resolve_model,
+    text_shard_ranges,
+)
 
 
 def test_recipe_full_fields() -> None:
@@ -217,8 +224,6 @@ def test_text_shards_resume_byte_identical(tmp_path, encode_spy: list[int]) -> N
 
 
 def test_text_shard_size_must_be_positive() -> None:
-    from sand.pipeline.features.text import text_shard_ranges
-
-    with pytest.raises(ConfigError, match="shard_size"):
-        text_shard_ranges(10, 0, 4)
+    with pytest.raises(ConfigError, match="text_features.shard_size=0"):  # the stage never sees 0
+        load_config(None, None, ["text_features.shard_size=0"])
     assert text_shard_ranges(0, 5, 4) == []

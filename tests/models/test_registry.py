@@ -81,12 +81,12 @@ def test_registered_model_appears_in_report_labels_and_tables(dummy_model, tmp_p
 
 
 def test_grid_presets_follow_the_registry(dummy_model):
-    from sand.pipeline.experiments.grid import PRESETS
+    from sand.pipeline.experiments.grid import preset
 
-    assert PRESETS["table2"]["train.model"] == ["bpr", "lightgcn", "vbpr", "freedom", "sand", dummy_model]
-    assert PRESETS["all-models"]["train.model"] == list(registry.MODELS) and dummy_model in registry.MODELS
+    assert preset("table2")["train.model"] == ["bpr", "lightgcn", "vbpr", "freedom", "sand", dummy_model]
+    assert preset("all-models")["train.model"] == list(registry.MODELS) and dummy_model in registry.MODELS
     # Table 3: each backbone immediately followed by its plug-in
-    assert PRESETS["table3"]["train.model"] == ["vbpr", "vbpr-sand", "freedom", "freedom-sand"]
+    assert preset("table3")["train.model"] == ["vbpr", "vbpr-sand", "freedom", "freedom-sand"]
 
 
 def test_unknown_report_table_in_an_entry_is_refused():

@@ -14,7 +14,8 @@ from support import knn_graph
 
 from sand.models.graph import SparseMatmul
 from sand.models.losses import bpr_loss
-from sand.models.sand import SAND, VARIANTS
+from sand.models.registry import VARIANT_TERMS
+from sand.models.sand import SAND
 from sand.models.separation import LinearView, ModalSeparation, prefetch_reads, read_through
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -56,7 +57,7 @@ def build(data: dict, cls: type[SAND] = SAND, **kw) -> SAND:
     return cls(data["n_users"], data["n_items"], data["edges"], data["features"], data["graphs"], **kw)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VARIANT_TERMS))
 def test_every_variant_trains_with_exactly_its_terms(tiny: dict, variant: str) -> None:
     torch.manual_seed(0)
     model = build(tiny, variant=variant, club_steps=3)
@@ -65,7 +66,7 @@ def test_every_variant_trains_with_exactly_its_terms(tiny: dict, variant: str) -
     for _ in range(4):
         b = batch(tiny)
         aux = model.auxiliary_step(*b)
-        assert set(aux) == ({"club_ll_image", "club_ll_text"} if VARIANTS[variant][1] == "club" else set())
+        assert set(aux) == ({"club_ll_image", "club_ll_text"} if VARIANT_TERMS[variant][1] == "club" else set())
         opt.zero_grad(set_to_none=True)
         terms = model.loss_terms(*b)
         assert set(terms) == EXPECTED_TERMS[variant]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sand.models.base import Recommender
+from sand.pipeline.base.config import load_config
 from sand.pipeline.base.errors import ConfigError, SandError, StageError
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.training.checkpoints import load_weights, read_checkpoint
@@ -236,8 +237,8 @@ def test_bad_settings_and_missing_checkpoint(tmp_path):
     model = TinyMF(data.n_users, data.n_items)
     with pytest.raises(ConfigError, match="valid_metric"):
         train_model(model, data, out_dir=tmp_path, epochs=1, valid_metric="recall@50", **COMMON)
-    with pytest.raises(ConfigError, match="batch_size"):
-        train_model(model, data, out_dir=tmp_path, epochs=1, **{**COMMON, "batch_size": 0})
+    with pytest.raises(ConfigError, match="train.batch_size=0"):  # the config's to refuse: training never sees it
+        load_config(None, None, ["train.batch_size=0"])
     with pytest.raises(StageError, match="missing"):
         load_weights(model, tmp_path / "nothing" / "best.pt")
     (tmp_path / "bad").mkdir()
