@@ -28,7 +28,7 @@ from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.experiments.grid import run_grid
-from sand.pipeline.runner import PipelineResult, direct_upstream, planned_stages, resolve_upstream, run_stage
+from sand.pipeline.runner import PipelineResult, StageCaller, direct_upstream, resolve_upstream, run_pipeline, run_stage
 from sand.pipeline.stage_context import ShardMapper
 from sand.pipeline.stages import STAGE_NAMES, STAGE_TABLE, Context, Stage
 
@@ -150,24 +150,30 @@ def __getattr__(name: str) -> Flow[..., dict[str, Any]]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _in_stage_flows(config: PipelineConfig, options: RunOptions) -> StageCaller:
+    """The runner's ``call``: each stage in its ``sand-<stage>`` sub-flow, handed its upstream results."""
+
+    def call(name: str, done: Mapping[str, StageOutcome]) -> StageOutcome:
+        upstream = {source: outcome_ref(done[source]) for source in direct_upstream(config, name)}
+        return outcome_from_ref(STAGE_FLOWS[name](config=config, options=options, upstream=upstream))
+
+    return call
+
+
 @flow(name="sand-pipeline", log_prints=True)
 def pipeline_flow(
     config: PipelineConfig | None = None, options: RunOptions | None = None, until: str | None = None
 ) -> PipelineResult:
     """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow.
 
-    Each stage flow receives its upstream flows' results (small references), so no
-    stage resolves its inputs again; the summary is published to the UI.
+    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its
+    sub-flow: each stage flow receives its upstream flows' results (small references), so
+    no stage resolves its inputs again; the summary is published to the UI.
     """
     config = config or PipelineConfig()
     options = options or RunOptions()
-    resolved = config.resolved()
-    refs: dict[str, dict[str, Any]] = {}
-    result = PipelineResult()
-    for name in planned_stages(resolved, until):
-        upstream = {source: refs[source] for source in direct_upstream(resolved, name)}
-        refs[name] = STAGE_FLOWS[name](config=config, options=options, upstream=upstream)
-        result.outcomes[name] = outcome_from_ref(refs[name])
+    ctx = Context.create(config, options.refresh, progress=options.show_progress())
+    result = run_pipeline(ctx, until, call=_in_stage_flows(config, options))
     publish_summary(result.summary())
     return result
 

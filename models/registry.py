@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sand.models.base import Recommender
 
+#: SAND's variants (``train.variant``): the paper's a-d and the ablations.
+VARIANTS: tuple[str, ...] = ("a", "b", "c", "d", "no-align", "no-distance", "no-align-no-distance")
+
 #: Report tables and figures a model can appear in (its entry's ``tables``).
 TABLES = ("table2", "table3", "table4", "figure3", "figures5-6")
 
