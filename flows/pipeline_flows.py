@@ -12,7 +12,6 @@ store's: a stage whose key exists does no work and its flow run ends in a
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -21,47 +20,16 @@ from typing import Any
 from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sand.flows.task_runners import RUNNERS, make_task_runner
+from sand.flows.run_options import RunOptions
+from sand.flows.task_runners import make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.experiments.grid import run_grid
 from sand.pipeline.runner import PipelineResult, StageCaller, direct_upstream, resolve_upstream, run_pipeline, run_stage
 from sand.pipeline.stage_context import ShardMapper
-from sand.pipeline.stages import STAGE_NAMES, STAGE_TABLE, Context, Stage
-
-
-class RunOptions(BaseModel):
-    """How to run (not what to compute): never part of an artifact key."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    refresh: list[str] = Field(default_factory=list, description="stages to rebuild even if cached")
-    runner: str = Field("threads", description="task runner for image and text shards: threads | processes | dask")
-    dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
-    workers: int | None = Field(None, ge=1, description="shard workers (default: the runner's)")
-    progress: bool | None = Field(None, description="progress bars on stderr (default: when it is a terminal)")
-
-    def show_progress(self) -> bool:
-        """Bars only where someone watches: in a captured log they are noise around the one error line."""
-        return self.progress if self.progress is not None else sys.stderr.isatty()
-
-    @field_validator("refresh")
-    @classmethod
-    def _known_stages(cls, value: list[str]) -> list[str]:
-        unknown = [s for s in value if s not in STAGE_NAMES]
-        if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGE_NAMES)}")
-        return value
-
-    @field_validator("runner")
-    @classmethod
-    def _known_runner(cls, value: str) -> str:
-        if value not in RUNNERS:
-            raise ValueError(f"unknown runner {value!r}: choose from {', '.join(RUNNERS)}")
-        return value
+from sand.pipeline.stages import STAGE_TABLE, Context, Stage
 
 
 def outcome_ref(outcome: StageOutcome) -> dict[str, Any]:
