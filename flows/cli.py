@@ -168,7 +168,7 @@ def _prefect_api(required_by: str | None = None) -> None:
         raise ConfigError(f"{required_by} needs a Prefect server: {start} and set PREFECT_API_URL=http://HOST:4200/api")
     if not url:
         if settings.server.ephemeral.enabled:  # else Prefect itself says that it needs a server
-            from prefect.server.api.server import SubprocessASGIServer
+            from prefect.server.api.server import SubprocessASGIServer  # Prefect, as above
 
             _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
             _temporary_server.start()
@@ -269,7 +269,7 @@ class Recommend(Common):
     k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10
 
     def __call__(self) -> None:
-        from sand.pipeline.training.recommend import recommend_for_user  # torch
+        from sand.pipeline.training.recommend import recommend_for_user  # torch, pandas
 
         result = _run_flow(self, "train")
         table = recommend_for_user(self.pipeline_config().resolved().train, result.artifacts(), self.user, self.k)

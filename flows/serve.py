@@ -40,7 +40,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
     ``options`` (default: ``RunOptions()``, the threads runner) are the run options every
     run of these deployments gets unless the run overrides them.
     """
-    from prefect.deployments.runner import EntrypointType, RunnerDeployment
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment  # Prefect: see the module's imports
 
     from sand.flows.pipeline_flows import STAGE_FLOWS, pipeline_flow, stage_flow_entrypoint
 
@@ -65,7 +65,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
 
 
 def serve_deployments(config: PipelineConfig, cron: str | None = None) -> None:
-    from prefect import serve
+    from prefect import serve  # Prefect: see the module's imports
 
     serve(*build_deployments(config, cron))
 
@@ -83,7 +83,7 @@ def deploy_to_work_pool(
     Each deployment gets :class:`InstalledPackage` as its code storage (see there why).
     Raises ConfigError (one line) when the pool does not exist.
     """
-    from prefect import get_client
+    from prefect import get_client  # Prefect: see the module's imports
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
     from prefect.exceptions import ObjectNotFound
 
