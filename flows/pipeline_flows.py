@@ -1,5 +1,9 @@
 """Prefect flows: one per stage, and the end-to-end flow that nests them.
 
+The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call``
+that runs each stage in its flow; this module adds only what Prefect needs (flows,
+shard tasks over a task runner, UI artifacts, ``Cached`` states).
+
 Why this shape: every stage is its own flow (a deployment of its own, a node
 of its own in the UI), parameterised by the validated ``PipelineConfig`` so the
 UI shows a form. The flows are generated from the stage table
