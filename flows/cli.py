@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 import yaml
 from typer.core import TyperCommand
@@ -173,6 +172,8 @@ def _prefect_api(required_by: str | None = None) -> None:
             _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
             _temporary_server.start()
         return
+    import httpx  # only to check a configured server: a tenth of a second off `sand --help`
+
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
     except httpx.HTTPError as err:
