@@ -74,7 +74,7 @@ def _run_option_help(name: str) -> str:
 #: fields whose annotations typer reads: the table is their only declaration.
 _FieldOptions = dataclasses.make_dataclass(
     "_FieldOptions",
-    [(name, Annotated[spec.type | None, _shared(spec.help)], dataclasses.field(default=None))
+    [(name, Annotated[spec.type | None, _shared(spec.help_text())], dataclasses.field(default=None))
      for name, spec in CLI_FIELDS.items()],
     frozen=True,
     kw_only=True,

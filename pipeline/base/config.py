@@ -10,7 +10,7 @@ options and ``sand.run``'s keywords derive from one table here (``CLI_FIELDS``),
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -274,7 +274,11 @@ class FieldOption:
 
     field: str  #: the dotted config field it sets
     type: type  #: what the command line parses its value as: ``str``, ``int`` or ``Path``
-    help: str
+    #: the help, or a function that gives it from a table that can grow (formats, models)
+    help: str | Callable[[], str]
+
+    def help_text(self) -> str:
+        return self.help() if callable(self.help) else self.help
 
 
 #: The options every stage-running command and ``sand.run`` take that set one config field
@@ -283,10 +287,10 @@ class FieldOption:
 CLI_FIELDS: dict[str, FieldOption] = {
     "dataset": FieldOption("acquire.dataset", str, "sample | baby | sports | clothing | category name | PATH "
                            "(raw files or an MMRec folder)"),
-    "format": FieldOption("acquire.format", str, formats.format_help()),
+    "format": FieldOption("acquire.format", str, formats.format_help),
     "data_root": FieldOption("data_root", Path, "downloads, artifacts and caches (default: ./data)"),
     "seed": FieldOption("seed", int, "seed for every random choice"),
-    "model": FieldOption("train.model", str, registry.model_choices()),
+    "model": FieldOption("train.model", str, registry.model_choices),
     "variant": FieldOption("train.variant", str, f"SAND variant: {' | '.join(registry.VARIANTS)}"),
     "epochs": FieldOption("train.epochs", int, "maximum training epochs"),
     "device": FieldOption("train.device", str, f"training device: {DEVICE_CHOICES} (default: cuda when present)"),
