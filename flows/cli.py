@@ -2,19 +2,22 @@
 
 Why typer with lazy imports: ``sand --help`` must answer instantly, so torch,
 transformers and Prefect are imported inside the commands that need them.
-Every option maps to a config field (``pipeline.base.config.CLI_FIELDS``); any
-other field is reachable with ``--set section.field=value`` or ``--config``.
-Errors a user can fix are printed as one line and exit with status 2; values
-(devices, seeds, the data root) are checked before Prefect is imported, and
-tracebacks go to the run's log file, which the error line names.
+Each command that runs stages is a dataclass of its options (typer reads them from
+its fields) inheriting the shared ones, :class:`Common`: the config-field options
+come from the one table ``CLI_FIELDS`` (``pipeline/base/config.py``), from which
+``sand.run``'s keywords derive too; any other field is reachable with
+``--set section.field=value`` or ``--config``. Errors a user can fix are printed
+as one line and exit with status 2; values (devices, seeds, the data root) are
+checked before Prefect is imported, and tracebacks go to the run's log file, which
+the error line names.
 """
 
 import contextlib
-import functools
-import inspect
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -22,15 +25,25 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
+from typer.core import TyperCommand
 
-from sand.models.registry import model_choices
-from sand.pipeline.base.config import CLI_FIELDS
+from sand.flows import cli_logging
+from sand.flows.report_text import render_summary
+from sand.flows.run_options import RunOptions
+from sand.flows.server_lifetime import keep_children_with_this_process
+from sand.flows.settings import apply_prefect_defaults
+from sand.pipeline.base.config import CLI_FIELDS, PipelineConfig, field_overrides, load_config
+from sand.pipeline.base.devices import check_devices
 from sand.pipeline.base.errors import ConfigError, SandError, one_line
-from sand.pipeline.base.formats import format_help
-from sand.pipeline.stages import STAGE_NAMES, check_stage_names
+from sand.pipeline.base.store import ArtifactStore
+from sand.pipeline.experiments import grid as grids
+from sand.pipeline.runner import PipelineResult, from_store, planned_stages
+from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
 
-# Prefect (and our modules that need them): imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and pandas
+# (the stages' own modules): imported inside the functions that use them, so `sand --help`
+# and a fully cached run stay fast.
 
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
@@ -48,150 +61,121 @@ INTERRUPTED = "interrupted: rerun the same command to resume"
 TERMINATED = "terminated: rerun the same command to resume"
 
 
-@dataclass
-class Common:
-    """Options shared by every command that runs stages."""
+def _shared(help: str, *flags: str) -> Any:
+    """A shared option: listed in its own help panel, after the command's own options."""
+    return typer.Option(*flags, help=help, rich_help_panel="Shared options")
 
-    dataset: str | None
-    format: str | None
-    data_root: Path | None
-    config: Path | None
-    seed: int | None
-    model: str | None
-    variant: str | None
-    epochs: int | None
-    device: str | None
-    precision: str | None
-    image_weights: str | None
-    image_source: str | None
-    set: list[str]
-    refresh: list[str]
-    runner: str
-    dask_address: str | None
-    json: bool
-    quiet: bool
-    verbose: bool
 
-    def pipeline_config(self):
-        from sand.pipeline.base.config import load_config
+def _run_option_help(name: str) -> str:
+    """A run option's help: its :class:`RunOptions` field's description."""
+    return RunOptions.model_fields[name].description or name
 
-        overrides = {field: getattr(self, opt) for opt, field in CLI_FIELDS.items() if hasattr(self, opt)}
-        if overrides.get("data_root") is not None:
-            overrides["data_root"] = str(overrides["data_root"])
-        return load_config(self.config, overrides, self.set)
 
-    def run_options(self):
-        from sand.flows.pipeline_flows import RunOptions
+#: The options of :data:`~sand.pipeline.base.config.CLI_FIELDS` (one config field each), as dataclass
+#: fields whose annotations typer reads: the table is their only declaration.
+_FieldOptions = dataclasses.make_dataclass(
+    "_FieldOptions",
+    [(name, Annotated[spec.type | None, _shared(spec.help_text())], dataclasses.field(default=None))
+     for name, spec in CLI_FIELDS.items()],
+    frozen=True,
+    kw_only=True,
+)
 
+
+@dataclass(frozen=True, kw_only=True)
+class Common(_FieldOptions):
+    """The options shared by every command that runs stages, each declared once: the config-field
+    options of ``CLI_FIELDS`` and these. A command is a dataclass of its own options that
+    inherits these (see :class:`StageCommand`); typer reads the options from its fields."""
+
+    config: Annotated[Path | None, _shared("YAML file with config sections (see README)")] = None
+    set: Annotated[list[str] | None, _shared("any config field: --set train.lr=0.001 (repeatable)")] = None
+    refresh: Annotated[list[str] | None, _shared(_run_option_help("refresh") + " (repeatable)")] = None
+    runner: Annotated[str, _shared(_run_option_help("runner"))] = RunOptions.model_fields["runner"].default
+    dask_address: Annotated[str | None, _shared(_run_option_help("dask_address"))] = None
+    json: Annotated[bool, _shared("print one JSON object on stdout", "--json")] = False
+    quiet: Annotated[bool, _shared("warnings and errors only, no progress bars", "--quiet", "-q")] = False
+    verbose: Annotated[bool, _shared("also debug lines and Prefect's flow-run lines", "--verbose", "-v")] = False
+
+    @property
+    def stages_to_refresh(self) -> list[str]:
+        return list(self.refresh or [])
+
+    def pipeline_config(self) -> PipelineConfig:
+        fields = {name: getattr(self, name) for name in CLI_FIELDS}
+        return load_config(self.config, field_overrides(fields), self.set)
+
+    def run_options(self) -> RunOptions:
         try:
-            return RunOptions(refresh=self.refresh, runner=self.runner, dask_address=self.dask_address,
+            return RunOptions(refresh=self.stages_to_refresh, runner=self.runner, dask_address=self.dask_address,
                               progress=False if self.quiet else None)
-        except Exception as err:  # pydantic ValidationError -> one line
+        except ValueError as err:  # pydantic's ValidationError -> one line
             msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
             raise ConfigError(f"invalid option: {msg.removeprefix('Value error, ')}") from None
 
 
-_P = inspect.Parameter
-_COMMON_PARAMS = [
-    _P("dataset", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="sample | baby | sports | clothing | category name | PATH (raw files or an MMRec folder)")]),
-    _P("format", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        "--format", help=format_help())]),
-    _P("data_root", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, typer.Option(
-        help="downloads, artifacts and caches (default: ./data)")]),
-    _P("config", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Path | None, typer.Option(
-        help="YAML file with config sections (see README)")]),
-    _P("seed", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
-        help="seed for every random choice")]),
-    _P("model", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help=model_choices())]),
-    _P("variant", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="SAND variant: a | b | c | d | no-align | no-distance | no-align-no-distance")]),
-    _P("epochs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[int | None, typer.Option(
-        help="maximum training epochs")]),
-    _P("device", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="training device: cpu | cuda | cuda:N | mps (default: cuda when present)")]),
-    _P("precision", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="training compute precision: fp32 (default) | bf16 | auto (bf16 where the hardware has it)")]),
-    _P("image_weights", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="CNN weights: imagenet | random | PATH to a state dict (default: imagenet; sample: random)")]),
-    _P("image_source", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="image features: cnn (our CNN over the images; default) | amazon2014 (the 2014 release's "
-        "4,096-d features, the paper's inputs; default of paper grids on 2014 datasets)")]),
-    _P("set", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
-        "--set", help="any config field: --set train.lr=0.001 (repeatable)")]),
-    _P("refresh", _P.KEYWORD_ONLY, default=[], annotation=Annotated[list[str], typer.Option(
-        "--refresh", help="rebuild this stage even if cached (repeatable)")]),
-    _P("runner", _P.KEYWORD_ONLY, default="threads", annotation=Annotated[str, typer.Option(
-        help="task runner for image and text shards: threads | processes | dask")]),
-    _P("dask_address", _P.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, typer.Option(
-        help="tcp://host:port of an existing Dask scheduler (with --runner dask)")]),
-    _P("json", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
-        "--json", help="print one JSON object on stdout")]),
-    _P("quiet", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
-        "--quiet", "-q", help="warnings and errors only, no progress bars")]),
-    _P("verbose", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
-        "--verbose", "-v", help="also debug lines and Prefect's flow-run lines")]),
-]
-_COMMON_NAMES = [p.name for p in _COMMON_PARAMS]
+class StageCommand(TyperCommand):
+    """The click command of a :class:`Common` dataclass: typer builds the dataclass from the
+    parsed options, and this calls it (after setting the console's verbosity)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        command = super().invoke(ctx)  # the dataclass, built by typer from the options
+        _set_verbosity(command.quiet, command.verbose)
+        return command()
 
 
-def with_common_options(fn):
-    """Give a command the shared options; it receives them as ``common: Common``."""
-    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "common"]
+def stage_command(typer_app: typer.Typer, name: str, **settings: Any) -> Any:
+    """Register a :class:`Common` subclass (made a frozen dataclass) as command ``name`` of ``typer_app``."""
 
-    @functools.wraps(fn)
-    def wrapper(**kwargs: Any):
-        common = Common(**{name: kwargs.pop(name) for name in _COMMON_NAMES})
-        _set_verbosity(common.quiet, common.verbose)
-        return fn(common=common, **kwargs)
+    def register(cls: type[Common]) -> type[Common]:
+        typer_app.command(name, cls=StageCommand, **settings)(dataclass(frozen=True, kw_only=True)(cls))
+        return cls
 
-    wrapper.__signature__ = inspect.Signature(own + _COMMON_PARAMS)
-    return wrapper
-
-
-def _setup_logging() -> None:
-    from sand.flows.cli_logging import RUN_LOG
-
-    RUN_LOG.install()
+    return register
 
 
 def _set_verbosity(quiet: bool, verbose: bool) -> None:
-    from sand.flows.cli_logging import RUN_LOG, requested_level
-
-    RUN_LOG.set_level(requested_level(quiet, verbose))
+    cli_logging.RUN_LOG.set_level(cli_logging.requested_level(quiet, verbose))
 
 
-def _preflight(cfg) -> None:
+def _preflight(cfg: PipelineConfig) -> None:
     """Checks that need no stage: devices exist here, the data root can be written (or serves
     its cached artifacts read-only); then this run's log file opens under the data root."""
-    from sand.flows.cli_logging import RUN_LOG
-    from sand.pipeline.base.devices import check_devices
-    from sand.pipeline.base.store import ArtifactStore
-
     check_devices(cfg)
     writable = ArtifactStore(cfg.data_root).check_writable()
-    RUN_LOG.open(cfg.data_root, writable)
+    cli_logging.RUN_LOG.open(cfg.data_root, writable)
 
 
-def _check_prefect_server(required_by: str | None = None) -> None:
-    """Fail early, in one line, when a configured Prefect server cannot be reached.
+#: The temporary Prefect API server this process started (see :func:`_prefect_api`).
+_temporary_server: Any = None
 
-    ``required_by`` names a command that cannot use Prefect's temporary server (what it
-    registers must outlive it): for it, no configured server is an error too.
+
+def _prefect_api(required_by: str | None = None) -> None:
+    """Give this command's flow runs a Prefect API: the configured server, checked in one line, or
+    a temporary one started here, so this process holds it (Prefect stops it at exit;
+    :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM).
+
+    ``required_by`` names a command that cannot use a temporary server (what it registers
+    must outlive it): for it, no configured server is an error.
     """
-    from prefect.settings import Settings
+    global _temporary_server
+    from prefect.settings import Settings  # Prefect: only for commands with work to orchestrate
 
-    url = Settings().api.url  # read afresh: the environment may have changed since import
-    if not url and not required_by:
-        from sand.flows.server_lifetime import keep_children_with_this_process
-
-        keep_children_with_this_process()  # Prefect's temporary server: never outlives this process
-        return
+    settings = Settings()  # read afresh: the environment may have changed since import
+    url = settings.api.url
     start = "start one with `prefect server start`"
-    if not url:
+    if not url and required_by:
         raise ConfigError(f"{required_by} needs a Prefect server: {start} and set PREFECT_API_URL=http://HOST:4200/api")
-    import httpx
+    if not url:
+        if settings.server.ephemeral.enabled:  # else Prefect itself says that it needs a server
+            from prefect.server.api.server import SubprocessASGIServer  # Prefect, as above
+
+            keep_children_with_this_process()  # the temporary server never outlives this process (SIGKILL too)
+
+            _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
+            _temporary_server.start()
+        return
+    import httpx  # only to check a configured server: a tenth of a second off `sand --help`
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
@@ -200,170 +184,135 @@ def _check_prefect_server(required_by: str | None = None) -> None:
         raise SandError(f"Prefect server at {url} is unreachable ({type(err).__name__}): {start}{fallback}") from None
 
 
+def _stop_temporary_server() -> None:
+    """Stop the temporary Prefect API server this process started, if any (SIGTERM, then SIGKILL after 5 s)."""
+    global _temporary_server
+    server, _temporary_server = _temporary_server, None
+    if server is not None:
+        server.stop()
+
+
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
-        return
-    from sand.flows.report_text import render_summary
-
-    typer.echo(render_summary(summary))
+    else:
+        typer.echo(render_summary(summary))
 
 
-def _served_from_store(cfg: Any, until: str | None, stage: str | None, common: Common):
-    """The PipelineResult of a run whose every stage is already in the store, else None.
+def _run_flow(common: Common, until: str | None, stage: str | None = None) -> PipelineResult:
+    """Run the pipeline (up to ``until``) or one stage; returns its PipelineResult.
 
-    Why: a fully cached run has nothing to orchestrate, and starting Prefect's temporary
-    API server and one flow run per stage costs most of a warm run (about 45 s of 48 s
-    on a Baby-sized dataset). Stages are looked up in-process, in the same order and
-    with the same keys as the flows; the first one missing hands the run to Prefect.
-    No flow run is recorded for a run answered this way.
+    A run whose every stage is in the store is answered from it by the runner, without
+    Prefect (nothing to orchestrate, so no flow run is recorded); any other runs as
+    Prefect flows, which run the same runner loop. Stage names are checked first, from
+    the stage table alone: a typo answers before the config is read.
     """
-    import dataclasses
-
-    from sand.pipeline.runner import PipelineResult, resolve_upstream, run_pipeline, run_stage
-    from sand.pipeline.stage_context import NotCached
-    from sand.pipeline.stages import Context
-
-    if common.refresh:
-        return None
-    ctx = dataclasses.replace(Context.create(cfg, progress=False), cache_only=True)
-    try:
-        if stage is None:
-            result = run_pipeline(ctx, until=until)
-        else:
-            result = PipelineResult({stage: run_stage(ctx, stage, resolve_upstream(ctx, stage))})
-    except NotCached:
-        return None
-    logging.getLogger(__name__).info("every stage is in the store (%s): answered without a Prefect run",
-                                     ", ".join(result.outcomes))
-    return result
-
-
-def _run_flow(common: Common, until: str | None, stage: str | None = None):
-    """Run the pipeline (up to ``until``) or one stage as Prefect flows; returns the PipelineResult.
-
-    Stage names are checked first, from the stage table alone: a typo answers before
-    the config is read, and long before Prefect or torch is imported.
-    """
-    check_stage_names([until, stage, *common.refresh])
+    check_stage_names([until, stage, *common.stages_to_refresh])
     cfg = common.pipeline_config()
     options = common.run_options()
-    from sand.pipeline.features.amazon2014_stage import check_feature_source
-    from sand.pipeline.runner import PipelineResult, planned_stages
+    from sand.pipeline.features.amazon2014_stage import check_feature_source  # pandas
 
     check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
     _preflight(cfg)
-    cached = _served_from_store(cfg, until, stage, common)
-    if cached is not None:
-        return cached
-    _check_prefect_server()
-    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow
+    served = from_store(Context.create(cfg, options.refresh, progress=False), until, stage)
+    if served is not None:
+        log.info("every stage is in the store (%s): answered without a Prefect run", ", ".join(served.outcomes))
+        return served
+    _prefect_api()
+    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow  # Prefect
 
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
-    ref = STAGE_FLOWS[stage](config=cfg, options=options)
-    return PipelineResult({stage: outcome_from_ref(ref)})
+    return PipelineResult({stage: outcome_from_ref(STAGE_FLOWS[stage](config=cfg, options=options))})
 
 
-@app.command()
-@with_common_options
-def run(
-    common: Common,
-    until: Annotated[str | None, typer.Option(help=f"stop after this stage: {', '.join(STAGE_NAMES)}")] = None,
-) -> None:
+@stage_command(app, "run")
+class Run(Common):
     """Run the whole pipeline (default: the bundled sample, offline); cached stages are reused."""
-    _emit(_run_flow(common, until).summary(), common.json)
+
+    until: Annotated[str | None, typer.Option(help=f"stop after this stage: {', '.join(STAGE_NAMES)}")] = None
+
+    def __call__(self) -> None:
+        _emit(_run_flow(self, self.until).summary(), self.json)
 
 
-@app.command()
-@with_common_options
-def stage(
-    common: Common,
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGE_NAMES)}")],
-) -> None:
+@stage_command(app, "stage")
+class Stage(Common):
     """Run one stage (its inputs are reused from the store, or built first)."""
-    _emit(_run_flow(common, None, stage=name).summary(), common.json)
+
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGE_NAMES)}")]
+
+    def __call__(self) -> None:
+        _emit(_run_flow(self, None, stage=self.name).summary(), self.json)
 
 
-@export_app.command("mmrec")
-@with_common_options
-def export_mmrec(
-    common: Common,
-    out: Annotated[Path, typer.Option(help="folder to write")],
-    until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features",
-) -> None:
+@stage_command(export_app, "mmrec")
+class ExportMMRec(Common):
     """Write an MMRec dataset folder: <name>.inter, id maps, features, user_graph_dict.npy and <name>.yaml."""
-    from sand.pipeline.dataset.export import export_mmrec_folder
 
-    result = _run_flow(common, until)
-    manifest = export_mmrec_folder(result.artifacts(), out)
-    summary = result.summary()
-    for warning in manifest["warnings"]:
-        typer.echo(f"warning: {warning}", err=True)
-    summary["export"] = {"out": str(out), **manifest}
-    _emit(summary, common.json)
+    out: Annotated[Path, typer.Option(help="folder to write")]
+    until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features"
+
+    def __call__(self) -> None:
+        from sand.pipeline.dataset.export import export_mmrec_folder  # numpy, pandas
+
+        result = _run_flow(self, self.until)
+        manifest = export_mmrec_folder(result.artifacts(), self.out)
+        summary = result.summary()
+        for warning in manifest["warnings"]:
+            typer.echo(f"warning: {warning}", err=True)
+        summary["export"] = {"out": str(self.out), **manifest}
+        _emit(summary, self.json)
 
 
-@app.command()
-@with_common_options
-def recommend(
-    common: Common,
-    user: Annotated[str, typer.Option(help="user id (raw reviewerID or 0-based index)")],
-    k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10,
-) -> None:
+@stage_command(app, "recommend")
+class Recommend(Common):
     """Print a user's top-K items (training items excluded), with titles where known."""
-    from sand.pipeline.training.recommend import recommend_for_user
 
-    result = _run_flow(common, "train")
-    table = recommend_for_user(common.pipeline_config().resolved().train, result.artifacts(), user, k)
-    if common.json:
-        _emit({"user": user, "recommendations": table.to_dict(orient="records")}, True)
-    else:
-        typer.echo(table.to_string(index=False))
+    user: Annotated[str, typer.Option(help="user id (raw reviewerID or 0-based index)")]
+    k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10
+
+    def __call__(self) -> None:
+        from sand.pipeline.training.recommend import recommend_for_user  # torch, pandas
+
+        result = _run_flow(self, "train")
+        table = recommend_for_user(self.pipeline_config().resolved().train, result.artifacts(), self.user, self.k)
+        if self.json:
+            _emit({"user": self.user, "recommendations": table.to_dict(orient="records")}, True)
+        else:
+            typer.echo(table.to_string(index=False))
 
 
-@app.command()
-@with_common_options
-def grid(
-    common: Common,
-    preset: Annotated[str | None, typer.Option(help="table2 | table3 | table3-authors | all-models | variants | "
-                                               "ablations | sensitivity-alpha | sensitivity-beta | "
-                                               "sensitivity-tau")] = None,
-    axis: Annotated[list[str] | None, typer.Option(
-        "--axis", help="field=v1,v2,... (repeatable), e.g. train.alpha=0.001,0.012")] = None,
-    name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None,
-) -> None:
+@stage_command(app, "grid")
+class Grid(Common):
     """Run a grid of settings; select by validation Recall@20, report its test metrics, write the report."""
-    check_stage_names(common.refresh)
-    from sand.pipeline.experiments.grid import PRESETS
 
-    axes: dict[str, list[Any]] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown grid preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        axes.update(PRESETS[preset])
-    for text in axis or []:
-        axes.update(_parse_axis(text))
-    if not axes:
-        raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
-    from sand.pipeline.experiments.grid import with_paper_inputs
+    preset: Annotated[str | None, typer.Option(help=" | ".join(grids.PRESETS))] = None
+    axis: Annotated[list[str] | None, typer.Option(
+        help="field=v1,v2,... (repeatable), e.g. train.alpha=0.001,0.012")] = None
+    name: Annotated[str | None, typer.Option(help="grid name (folder under <data-root>/grids)")] = None
 
-    cfg = with_paper_inputs(common.pipeline_config(), preset)
-    options = common.run_options()
-    _preflight(cfg)
-    _check_prefect_server()
-    from sand.flows.pipeline_flows import grid_flow
+    def __call__(self) -> None:
+        check_stage_names(self.stages_to_refresh)
+        axes: dict[str, list[Any]] = grids.preset(self.preset) if self.preset is not None else {}
+        for text in self.axis or []:
+            axes.update(_parse_axis(text))
+        if not axes:
+            raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
+        cfg = grids.with_paper_inputs(self.pipeline_config(), self.preset)
+        options = self.run_options()
+        _preflight(cfg)
+        _prefect_api()
+        from sand.flows.pipeline_flows import grid_flow  # Prefect
 
-    summary = grid_flow(config=cfg, axes=axes, name=name or preset or "grid", options=options)
-    if common.json:
-        _emit(summary, True)
-    else:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        summary = grid_flow(config=cfg, axes=axes, name=self.name or self.preset or "grid", options=options)
+        if self.json:
+            _emit(summary, True)
+        else:
+            typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 def _parse_axis(text: str) -> dict[str, list[Any]]:
-    import yaml
-
     if "=" not in text:
         raise ConfigError(f"invalid --axis {text!r}: expected field=v1,v2,...")
     field, raw = text.split("=", 1)
@@ -373,23 +322,21 @@ def _parse_axis(text: str) -> dict[str, list[Any]]:
     return {field.strip(): values}
 
 
-@app.command()
-@with_common_options
-def report(
-    common: Common,
-    out: Annotated[Path | None, typer.Option(help="also copy the tables and figures here")] = None,
-) -> None:
+@stage_command(app, "report")
+class Report(Common):
     """Tables (paper layouts) and figures from every evaluated run in the data root."""
-    import shutil
 
-    summary = _run_flow(common, None, stage="report").summary()
-    if out is not None:
-        shutil.copytree(summary["report"], out, dirs_exist_ok=True)
-        summary["report"] = str(out)
-    if common.json:
-        _emit(summary, True)
-    else:
-        typer.echo(f"report written to {summary['report']}")
+    out: Annotated[Path | None, typer.Option(help="also copy the tables and figures here")] = None
+
+    def __call__(self) -> None:
+        summary = _run_flow(self, None, stage="report").summary()
+        if self.out is not None:
+            shutil.copytree(summary["report"], self.out, dirs_exist_ok=True)
+            summary["report"] = str(self.out)
+        if self.json:
+            _emit(summary, True)
+        else:
+            typer.echo(f"report written to {summary['report']}")
 
 
 @app.command()
@@ -402,26 +349,18 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also debug lines")] = False,
 ) -> None:
     """Register deployments (end-to-end and each stage) with a schedule and serve them."""
-    from sand.pipeline.base.config import load_config
-
     _set_verbosity(quiet, verbose)
-    overrides = {"acquire.dataset": dataset, "data_root": str(data_root) if data_root else None}
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, field_overrides({"dataset": dataset, "data_root": data_root}))
     _preflight(cfg)
-    _check_prefect_server()
-    from sand.flows.serve import serve_deployments
+    _prefect_api()
+    from sand.flows.serve import serve_deployments  # Prefect
 
     serve_deployments(cfg, cron)
 
 
-@app.command(help="Register the deployments of `sand serve` with a Prefect work pool, then exit; "
-             "the pool's workers run them.")
-@with_common_options
-def deploy(
-    common: Common,
-    work_pool: Annotated[str, typer.Option(help="existing Prefect work pool whose workers run the flows")],
-    cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None,
-) -> None:
+@stage_command(app, "deploy", help="Register the deployments of `sand serve` with a Prefect work pool, then "
+               "exit; the pool's workers run them.")
+class Deploy(Common):
     """Register the deployments of `sand serve` with a Prefect work pool, then exit.
 
     Why a command of its own and not `sand serve --work-pool`: serving runs the flows in
@@ -431,24 +370,35 @@ def deploy(
     deployments' default parameters; nothing is checked against this machine's devices or
     data root, because the flows run on the workers' machines.
     """
-    check_stage_names(common.refresh)
-    cfg = common.pipeline_config()
-    options = common.run_options()
-    _check_prefect_server(required_by="sand deploy")
-    from sand.flows.serve import deploy_to_work_pool
 
-    summary = deploy_to_work_pool(cfg, work_pool, cron, options)
-    if common.json:
-        _emit(summary, True)
-        return
-    typer.echo(f"registered {len(summary['deployments'])} deployments with work pool {work_pool!r} "
-               f"({summary['work_pool_type']}; runner {options.runner}"
-               + (f" at {options.dask_address}" if options.dask_address else "")
-               + f"; data root {summary['data_root']}):")
-    for deployment in summary["deployments"]:
-        typer.echo(f"  {deployment['name']}" + (f"  (cron {deployment['cron']})" if deployment["cron"] else ""))
+    work_pool: Annotated[str, typer.Option(help="existing Prefect work pool whose workers run the flows")]
+    cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None
+
+    def __call__(self) -> None:
+        check_stage_names(self.stages_to_refresh)
+        cfg = self.pipeline_config()
+        options = self.run_options()
+        _prefect_api(required_by="sand deploy")
+        from sand.flows.serve import deploy_to_work_pool  # Prefect
+
+        summary = deploy_to_work_pool(cfg, self.work_pool, self.cron, options)
+        if self.json:
+            _emit(summary, True)
+        else:
+            typer.echo(_deployed_text(summary, options))
+
+
+def _deployed_text(summary: dict[str, Any], options: RunOptions) -> str:
+    """What ``sand deploy`` registered, for a person."""
+    pool = summary["work_pool"]
+    lines = [f"registered {len(summary['deployments'])} deployments with work pool {pool!r} "
+             f"({summary['work_pool_type']}; runner {options.runner}"
+             + (f" at {options.dask_address}" if options.dask_address else "")
+             + f"; data root {summary['data_root']}):"]
+    lines += [f"  {d['name']}" + (f"  (cron {d['cron']})" if d["cron"] else "") for d in summary["deployments"]]
     if not summary["workers_online"]:
-        typer.echo(f"no worker polls {work_pool!r} yet: start one with `prefect worker start --pool {work_pool}`")
+        lines.append(f"no worker polls {pool!r} yet: start one with `prefect worker start --pool {pool}`")
+    return "\n".join(lines)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -469,28 +419,11 @@ OUT_OF_MEMORY_HINT = (
 
 def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) -> None:
     """Print exactly one line on stderr (naming the log file with the traceback) and exit."""
-    from sand.flows.cli_logging import RUN_LOG
-
+    run_log = cli_logging.RUN_LOG
     first = one_line(message, limit=None) or type(err).__name__
-    path = RUN_LOG.record_exception(err) if always_log or RUN_LOG.path is not None else None
+    path = run_log.record_exception(err) if always_log or run_log.path is not None else None
     typer.echo(f"error: {first}" + (f" (details: {path})" if path else ""), err=True)
     raise SystemExit(exit_code) from None
-
-
-def _stop_temporary_prefect_servers() -> None:
-    """Terminate the API servers Prefect started for this process (if Prefect was imported at all)."""
-    server_module = sys.modules.get("prefect.server.api.server")
-    if server_module is None:
-        return
-    servers = getattr(server_module.SubprocessASGIServer, "_instances", {}).values()
-    running = [p for p in (getattr(s, "server_process", None) for s in list(servers)) if p and p.poll() is None]
-    for process in running:
-        process.terminate()
-    for process in running:  # a few seconds to shut down cleanly, then no more
-        try:
-            process.wait(timeout=5)
-        except Exception:
-            process.kill()
 
 
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
@@ -513,7 +446,7 @@ def _exit_on_interrupt(signum: int, frame: Any) -> None:
     bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
     after_bar = "\n" if bars is not None and len(getattr(bars, "_instances", ())) else ""  # a bar ends mid-line
     os.write(stderr_fd, (after_bar + (INTERRUPTED if signum == signal.SIGINT else TERMINATED) + "\n").encode())
-    _stop_temporary_prefect_servers()
+    _stop_temporary_server()
     os._exit(128 + signum)
 
 
@@ -532,9 +465,7 @@ def main() -> None:
 
 
 def _main() -> None:
-    _setup_logging()
-    from sand.flows.settings import apply_prefect_defaults
-
+    cli_logging.RUN_LOG.install()
     apply_prefect_defaults()
     try:
         app()

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sand.pipeline.base.errors import ConfigError
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -75,8 +77,6 @@ class ProgressAwareHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
         except RecursionError:

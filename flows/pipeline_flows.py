@@ -1,5 +1,9 @@
 """Prefect flows: one per stage, and the end-to-end flow that nests them.
 
+The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call``
+that runs each stage in its flow; this module adds only what Prefect needs (flows,
+shard tasks over a task runner, UI artifacts, ``Cached`` states).
+
 Why this shape: every stage is its own flow (a deployment of its own, a node
 of its own in the UI), parameterised by the validated ``PipelineConfig`` so the
 UI shows a form. The flows are generated from the stage table
@@ -12,7 +16,6 @@ store's: a stage whose key exists does no work and its flow run ends in a
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -21,47 +24,16 @@ from typing import Any
 from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sand.flows.task_runners import RUNNERS, make_task_runner
+from sand.flows.run_options import RunOptions
+from sand.flows.task_runners import make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.experiments.grid import run_grid
-from sand.pipeline.runner import PipelineResult, direct_upstream, planned_stages, resolve_upstream, run_stage
+from sand.pipeline.runner import PipelineResult, StageCaller, direct_upstream, resolve_upstream, run_pipeline, run_stage
 from sand.pipeline.stage_context import ShardMapper
-from sand.pipeline.stages import STAGE_NAMES, STAGE_TABLE, Context, Stage
-
-
-class RunOptions(BaseModel):
-    """How to run (not what to compute): never part of an artifact key."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    refresh: list[str] = Field(default_factory=list, description="stages to rebuild even if cached")
-    runner: str = Field("threads", description="task runner for image and text shards: threads | processes | dask")
-    dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
-    workers: int | None = Field(None, ge=1, description="shard workers (default: the runner's)")
-    progress: bool | None = Field(None, description="progress bars on stderr (default: when it is a terminal)")
-
-    def show_progress(self) -> bool:
-        """Bars only where someone watches: in a captured log they are noise around the one error line."""
-        return self.progress if self.progress is not None else sys.stderr.isatty()
-
-    @field_validator("refresh")
-    @classmethod
-    def _known_stages(cls, value: list[str]) -> list[str]:
-        unknown = [s for s in value if s not in STAGE_NAMES]
-        if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGE_NAMES)}")
-        return value
-
-    @field_validator("runner")
-    @classmethod
-    def _known_runner(cls, value: str) -> str:
-        if value not in RUNNERS:
-            raise ValueError(f"unknown runner {value!r}: choose from {', '.join(RUNNERS)}")
-        return value
+from sand.pipeline.stages import STAGE_TABLE, Context, Stage
 
 
 def outcome_ref(outcome: StageOutcome) -> dict[str, Any]:
@@ -150,24 +122,30 @@ def __getattr__(name: str) -> Flow[..., dict[str, Any]]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _in_stage_flows(config: PipelineConfig, options: RunOptions) -> StageCaller:
+    """The runner's ``call``: each stage in its ``sand-<stage>`` sub-flow, handed its upstream results."""
+
+    def call(name: str, done: Mapping[str, StageOutcome]) -> StageOutcome:
+        upstream = {source: outcome_ref(done[source]) for source in direct_upstream(config, name)}
+        return outcome_from_ref(STAGE_FLOWS[name](config=config, options=options, upstream=upstream))
+
+    return call
+
+
 @flow(name="sand-pipeline", log_prints=True)
 def pipeline_flow(
     config: PipelineConfig | None = None, options: RunOptions | None = None, until: str | None = None
 ) -> PipelineResult:
     """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow.
 
-    Each stage flow receives its upstream flows' results (small references), so no
-    stage resolves its inputs again; the summary is published to the UI.
+    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its
+    sub-flow: each stage flow receives its upstream flows' results (small references), so
+    no stage resolves its inputs again; the summary is published to the UI.
     """
     config = config or PipelineConfig()
     options = options or RunOptions()
-    resolved = config.resolved()
-    refs: dict[str, dict[str, Any]] = {}
-    result = PipelineResult()
-    for name in planned_stages(resolved, until):
-        upstream = {source: refs[source] for source in direct_upstream(resolved, name)}
-        refs[name] = STAGE_FLOWS[name](config=config, options=options, upstream=upstream)
-        result.outcomes[name] = outcome_from_ref(refs[name])
+    ctx = Context.create(config, options.refresh, progress=options.show_progress())
+    result = run_pipeline(ctx, until, call=_in_stage_flows(config, options))
     publish_summary(result.summary())
     return result
 

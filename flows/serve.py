@@ -22,16 +22,14 @@ git source or image build is involved.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sand.flows.run_options import RunOptions
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.errors import ConfigError
 
-if TYPE_CHECKING:
-    from sand.flows.pipeline_flows import RunOptions
-
-# Prefect (and our modules that need them): imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+# Prefect (and sand.flows.pipeline_flows, which imports it): imported inside the functions that
+# use them, so importing this module (and `sand --help`) stays fast.
 
 DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
@@ -42,9 +40,9 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
     ``options`` (default: ``RunOptions()``, the threads runner) are the run options every
     run of these deployments gets unless the run overrides them.
     """
-    from prefect.deployments.runner import EntrypointType, RunnerDeployment
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment  # Prefect: see the module's imports
 
-    from sand.flows.pipeline_flows import STAGE_FLOWS, RunOptions, pipeline_flow, stage_flow_entrypoint
+    from sand.flows.pipeline_flows import STAGE_FLOWS, pipeline_flow, stage_flow_entrypoint
 
     options = options or RunOptions()
     params = {"config": config.model_dump(mode="json"), "options": options.model_dump(mode="json")}
@@ -67,7 +65,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
 
 
 def serve_deployments(config: PipelineConfig, cron: str | None = None) -> None:
-    from prefect import serve
+    from prefect import serve  # Prefect: see the module's imports
 
     serve(*build_deployments(config, cron))
 
@@ -85,11 +83,9 @@ def deploy_to_work_pool(
     Each deployment gets :class:`InstalledPackage` as its code storage (see there why).
     Raises ConfigError (one line) when the pool does not exist.
     """
-    from prefect import get_client
+    from prefect import get_client  # Prefect: see the module's imports
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
     from prefect.exceptions import ObjectNotFound
-
-    from sand.flows.pipeline_flows import RunOptions
 
     options = options or RunOptions()
 

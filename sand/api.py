@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sand.pipeline.base.config import CLI_FIELDS
-
-# the pipeline (torch, pandas): imported inside run(), so `import sand` and `from sand import run` stay fast.
+from sand.pipeline.base.config import CLI_FIELDS, field_overrides, load_config
+from sand.pipeline.runner import run_pipeline
+from sand.pipeline.stages import Context, check_stage_names
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,8 @@ class RunResult:
 
 
 def run(
-    dataset: str | None = None,
-    model: str | None = None,
     *,
-    epochs: int | None = None,
-    variant: str | None = None,
-    data_root: str | Path | None = None,
     until: str | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    precision: str | None = None,
     config: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     refresh: str | Sequence[str] = (),
@@ -80,31 +72,22 @@ def run(
 ) -> RunResult:
     """Run (or reuse from the artifact store) every stage up to ``until``; like ``sand run``.
 
-    The keyword arguments are the ``sand run`` options (``dataset``, ``model``, ``epochs``,
-    ``variant``, ``data_root``, ``seed``, ``device``, ``precision`` and, in ``options``,
-    ``format``, ``image_weights``, ``image_source``); ``config`` is a YAML file and
-    ``overrides`` any other config field as dotted keys, ``{"train.lr": 1e-3}`` (applied
-    last, as ``--set``); ``refresh`` names stages to rebuild even if cached. ``None`` keeps
-    the config's default (the bundled sample, ``./data`` or ``SAND_DATA_ROOT``). Bad values
-    raise :class:`~sand.pipeline.base.errors.ConfigError`, bad data :class:`~sand.pipeline.base.errors.DataError`.
+    ``options`` are the ``sand run`` options that set a config field, by name
+    (:data:`~sand.pipeline.base.config.CLI_FIELDS`: ``dataset``, ``model``, ``epochs``,
+    ``variant``, ``data_root``, ``seed``, ``device``, ``precision``, ``format``,
+    ``image_weights``, ``image_source``); ``config`` is a YAML file and ``overrides`` any
+    other config field as dotted keys, ``{"train.lr": 1e-3}`` (applied last, as ``--set``);
+    ``refresh`` names stages to rebuild even if cached. ``None`` keeps the config's default
+    (the bundled sample, ``./data`` or ``SAND_DATA_ROOT``). Bad values raise
+    :class:`~sand.pipeline.base.errors.ConfigError`, bad data :class:`~sand.pipeline.base.errors.DataError`.
     """
-    from sand.pipeline.base.config import load_config
-    from sand.pipeline.runner import run_pipeline
-    from sand.pipeline.stages import Context, check_stage_names
-
     unknown = sorted(set(options) - set(CLI_FIELDS))
     if unknown:
         raise TypeError(f"run() got unexpected keyword arguments {unknown}: set other fields with "
                         f"overrides={{'section.field': value}}")
-    named = {"dataset": dataset, "model": model, "epochs": epochs, "variant": variant, "seed": seed,
-             "device": device, "precision": precision, **options}
-    dotted = {CLI_FIELDS[name]: value for name, value in named.items()}
-    if data_root is not None:
-        dotted["data_root"] = str(data_root)
-    dotted.update(overrides or {})
     refresh = (refresh,) if isinstance(refresh, str) else tuple(refresh)
-    check_stage_names(refresh)
-    cfg = load_config(Path(config) if config is not None else None, dotted)
+    check_stage_names([until, *refresh])
+    cfg = load_config(Path(config) if config is not None else None, {**field_overrides(options), **(overrides or {})})
     ctx = Context.create(cfg, refresh=refresh, progress=progress)
     ctx.store.check_writable()  # one clear error for a root that can neither be written nor serve a run
     result = run_pipeline(ctx, until=until)

@@ -40,6 +40,8 @@ def test_an_unknown_name_is_an_attribute_error():
         ({"until": "nowhere"}, ConfigError, "nowhere"),
         ({"refresh": "nowhere"}, ConfigError, "nowhere"),
         ({"device": "foo"}, ConfigError, "foo"),
+        ({"variant": "z"}, ConfigError, "train.variant"),  # every option of CLI_FIELDS is a keyword
+        ({"image_source": "nope"}, ConfigError, "image_features.source"),
         ({"learning_rate": 0.1}, TypeError, "overrides="),
     ],
 )

@@ -2,14 +2,16 @@
 
 Why pydantic: the same models validate YAML files, CLI options and the Prefect
 UI's parameter forms, and a wrong value is rejected with the field's dotted
-name (``train.lr``) instead of failing deep inside a stage. Every CLI option is
-a field here (see ``CLI_FIELDS``), and ``--set section.field=value`` reaches
-any other field.
+name (``train.lr``) instead of failing deep inside a stage. The command's field
+options and ``sand.run``'s keywords derive from one table here (``CLI_FIELDS``), and
+``--set section.field=value`` reaches any other field.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -280,20 +282,45 @@ class PipelineConfig(_Section):
         return build_config(data)
 
 
-#: CLI option -> dotted config field (the CLI contract of ``sand run`` / ``sand stage``).
-CLI_FIELDS = {
-    "dataset": "acquire.dataset",
-    "format": "acquire.format",
-    "data_root": "data_root",
-    "seed": "seed",
-    "model": "train.model",
-    "variant": "train.variant",
-    "epochs": "train.epochs",
-    "device": "train.device",
-    "precision": "train.precision",
-    "image_weights": "image_features.weights",
-    "image_source": "image_features.source",
+@dataclass(frozen=True)
+class FieldOption:
+    """A ``sand`` option (``--data-root``) and :func:`sand.run` keyword (``data_root=``) setting one field."""
+
+    field: str  #: the dotted config field it sets
+    type: type  #: what the command line parses its value as: ``str``, ``int`` or ``Path``
+    #: the help, or a function that gives it from a table that can grow (formats, models)
+    help: str | Callable[[], str]
+
+    def help_text(self) -> str:
+        return self.help() if callable(self.help) else self.help
+
+
+#: The options every stage-running command and ``sand.run`` take that set one config field
+#: each, by name: the CLI contract. Any other field: ``--set section.field=value``
+#: (``overrides={"section.field": value}``).
+CLI_FIELDS: dict[str, FieldOption] = {
+    "dataset": FieldOption("acquire.dataset", str, "sample | baby | sports | clothing | category name | PATH "
+                           "(raw files or an MMRec folder)"),
+    "format": FieldOption("acquire.format", str, formats.format_help),
+    "data_root": FieldOption("data_root", Path, "downloads, artifacts and caches (default: ./data)"),
+    "seed": FieldOption("seed", int, "seed for every random choice"),
+    "model": FieldOption("train.model", str, registry.model_choices),
+    "variant": FieldOption("train.variant", str, f"SAND variant: {' | '.join(registry.VARIANTS)}"),
+    "epochs": FieldOption("train.epochs", int, "maximum training epochs"),
+    "device": FieldOption("train.device", str, f"training device: {DEVICE_CHOICES} (default: cuda when present)"),
+    "precision": FieldOption("train.precision", str, "training compute precision: fp32 (default) | bf16 | auto "
+                             "(bf16 where the hardware has it)"),
+    "image_weights": FieldOption("image_features.weights", str, "CNN weights: imagenet | random | PATH to a state "
+                                 "dict (default: imagenet; sample: random)"),
+    "image_source": FieldOption("image_features.source", str, "image features: cnn (our CNN over the images; "
+                                "default) | amazon2014 (the 2014 release's 4,096-d features, the paper's inputs; "
+                                "default of paper grids on 2014 datasets)"),
 }
+
+
+def field_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``CLI_FIELDS`` values by option name as the dotted overrides :func:`load_config` takes."""
+    return {CLI_FIELDS[name].field: value for name, value in values.items()}
 
 
 def _one_line(err: ValidationError) -> str:

@@ -228,3 +228,24 @@ def test_hostile_raw_input_is_one_error_line_and_exit_2(prefect_server, tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-2000:]
     assert needle in errors[0], result.stderr[-2000:]
+
+
+def test_options_and_choices_come_from_their_tables(monkeypatch):
+    """Every config-field option of the table is an option of every stage-running command (and a
+    keyword of ``sand.run``); the variant and grid preset lists are the registry's and grid's."""
+    from typer.testing import CliRunner
+
+    from sand.flows.cli import app
+    from sand.models.registry import VARIANTS
+    from sand.pipeline.base.config import CLI_FIELDS
+    from sand.pipeline.experiments.grid import PRESETS
+
+    monkeypatch.setenv("COLUMNS", "400")  # one option per line: names are never wrapped
+    helps = {cmd: CliRunner().invoke(app, [*cmd.split(), "--help"]).stdout
+             for cmd in ("run", "stage", "export mmrec", "recommend", "grid", "report", "deploy")}
+    for cmd, text in helps.items():
+        missing = [name for name in CLI_FIELDS if f"--{name.replace('_', '-')} " not in text]
+        assert not missing, (cmd, missing)
+        assert "--refresh" in text and "--runner" in text and "--json" in text
+    assert "SAND variant: " + " | ".join(VARIANTS) in helps["run"]
+    assert " | ".join(PRESETS) in helps["grid"]

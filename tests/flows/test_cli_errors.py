@@ -129,7 +129,7 @@ def _main_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: BaseExcep
     def boom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "_check_prefect_server", lambda: None)
+    monkeypatch.setattr(cli, "_prefect_api", lambda required_by=None: None)
     monkeypatch.setattr(flows, "pipeline_flow", boom)
     return invoke_sand(["run", "--data-root", str(tmp_path / "data")], cwd=tmp_path)
 

@@ -1,0 +1,46 @@
+"""How to run (not what to compute): the run options every stage flow and the CLI share.
+
+Why a module without Prefect: the CLI validates these before it knows whether the run
+needs Prefect at all (a fully cached run does not), and its ``--runner``,
+``--dask-address`` and ``--refresh`` help is these fields' descriptions.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sand.flows.task_runners import RUNNERS
+from sand.pipeline.stages import STAGE_NAMES
+
+
+class RunOptions(BaseModel):
+    """How to run (not what to compute): never part of an artifact key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    refresh: list[str] = Field(default_factory=list, description="stages to rebuild even if cached")
+    runner: str = Field("threads", description=f"task runner for image and text shards: {' | '.join(RUNNERS)}")
+    dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler (runner dask)")
+    workers: int | None = Field(None, ge=1, description="shard workers (default: the runner's)")
+    progress: bool | None = Field(None, description="progress bars on stderr (default: when it is a terminal)")
+
+    def show_progress(self) -> bool:
+        """Bars only where someone watches: in a captured log they are noise around the one error line."""
+        return self.progress if self.progress is not None else sys.stderr.isatty()
+
+    @field_validator("refresh")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGE_NAMES)}")
+        return value
+
+    @field_validator("runner")
+    @classmethod
+    def _known_runner(cls, value: str) -> str:
+        if value not in RUNNERS:
+            raise ValueError(f"unknown runner {value!r}: choose from {', '.join(RUNNERS)}")
+        return value
