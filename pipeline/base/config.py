@@ -307,6 +307,8 @@ CLI_FIELDS: dict[str, FieldOption] = {
     "model": FieldOption("train.model", str, registry.model_choices),
     "variant": FieldOption("train.variant", str, f"SAND variant: {' | '.join(registry.VARIANTS)}"),
     "epochs": FieldOption("train.epochs", int, "maximum training epochs"),
+    "profile": FieldOption("train.profile", str, lambda: f"training profile: {' | '.join(registry.profile_choices())} "
+                           "(fast: batch x4, lr x4; docs/convergence.md)"),
     "device": FieldOption("train.device", str, f"training device: {DEVICE_CHOICES} (default: cuda when present)"),
     "precision": FieldOption("train.precision", str, "training compute precision: fp32 (default) | bf16 | auto "
                              "(bf16 where the hardware has it)"),
