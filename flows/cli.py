@@ -40,6 +40,10 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+# -- scheduled retraining: `sand models ...` (flows/cli_models.py); `sand retrain` is below
+from sand.flows.cli_models import models_app  # noqa: E402 - typer only, like this module
+
+app.add_typer(models_app, name="models")
 
 log = logging.getLogger("sand")
 
@@ -305,18 +309,65 @@ def export_mmrec(
 @with_common_options
 def recommend(
     common: Common,
-    user: Annotated[str, typer.Option(help="user id (raw reviewerID or 0-based index)")],
+    user: Annotated[str | None, typer.Option(help="user id (raw reviewerID or 0-based index)")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10,
+    all_users: Annotated[bool, typer.Option("--all", help="every user's top-K, written to --out as Parquet "
+                                            "(user_id, rank, item_id, score)")] = False,
+    out: Annotated[Path | None, typer.Option(help="with --all: the Parquet file to write")] = None,
+    run_model: Annotated[bool, typer.Option("--run", help="use the run these options name, not the "
+                                            "registered champion of the dataset and model")] = False,
 ) -> None:
-    """Print a user's top-K items (training items excluded), with titles where known."""
+    """Print a user's top-K items (training items excluded), with titles where known; the champion by default."""
     from sand.pipeline.training.recommend import recommend_for_user
 
-    result = _run_flow(common, "train")
-    table = recommend_for_user(common.pipeline_config().resolved().train, result.artifacts(), user, k)
+    # -- scheduled retraining: --all --out, and the registered champion unless --run
+    if all_users:
+        from sand.flows.cli_models import write_all_recommendations
+
+        summary = write_all_recommendations(_run_flow(common, "train").artifacts(), common.pipeline_config(), k, out)
+        if common.json:
+            _emit(summary, True)
+        else:
+            typer.echo(f"wrote {summary['rows']} rows to {summary['out']}")
+        return
+    if user is None:
+        raise ConfigError("sand recommend needs --user ID, or --all --out FILE")
+    from sand.pipeline.serving.runs import champion_run
+
+    champion = None if run_model else champion_run(common.pipeline_config().resolved())
+    tcfg, artifacts = champion[1:] if champion else (common.pipeline_config().resolved().train,
+                                                     _run_flow(common, "train").artifacts())
+    table = recommend_for_user(tcfg, artifacts, user, k)
     if common.json:
-        _emit({"user": user, "recommendations": table.to_dict(orient="records")}, True)
+        _emit({"user": user, "model_key": champion[0] if champion else artifacts["train"].key,
+               "recommendations": table.to_dict(orient="records")}, True)
     else:
         typer.echo(table.to_string(index=False))
+
+
+@app.command()
+@with_common_options
+def retrain(common: Common) -> None:
+    """New data? Train a challenger, compare it with the champion, promote the better one, publish its top-K."""
+    # -- scheduled retraining (pipeline/serving/retrain.py; flows/retrain.py is the same as a Prefect flow)
+    check_stage_names(common.refresh)
+    cfg = common.pipeline_config()
+    options = common.run_options()
+    _preflight(cfg)
+    from sand.pipeline.serving.retrain import survey
+
+    report = None if common.refresh else survey(cfg).unchanged()  # nothing to do: no Prefect run to start
+    if report is not None:
+        summary = report.to_dict()
+    else:
+        _check_prefect_server()
+        from sand.flows.retrain import retrain_flow
+
+        summary = retrain_flow(config=cfg, options=options)
+    if common.json:
+        _emit(summary, True)
+    else:
+        typer.echo(summary["message"])
 
 
 @app.command()

@@ -47,12 +47,35 @@ class RetrainReport:
         return asdict(self)
 
 
-def check_sources(cfg: PipelineConfig, registry: ModelRegistry) -> tuple[str, ChangeReport]:
-    """(dataset name, what changed since the last finished retrain of this dataset and model)."""
+@dataclass(frozen=True)
+class Survey:
+    """Before a retrain: the dataset's name, what changed since the last one, the champion in use."""
+
+    cfg: PipelineConfig
+    registry: ModelRegistry
+    dataset: str
+    changes: ChangeReport
+    champion: ModelEntry | None
+
+    def unchanged(self) -> RetrainReport | None:
+        """The whole retrain's report when there is nothing to do: no new data and a champion in use."""
+        if self.changes.changed or self.champion is None:
+            return None
+        model = self.cfg.train.model
+        message = f"{self.changes.message()}; {model} champion {self.champion.key} stays in use"
+        return RetrainReport("no new data", message, self.dataset, model)
+
+
+def survey(cfg: PipelineConfig) -> Survey:
+    """Probe the sources against their states at the last finished retrain of this dataset and model."""
+    data_root = Path(cfg.data_root).expanduser().resolve()
+    cfg = cfg.model_copy(update={"data_root": data_root})
+    registry = ModelRegistry(data_root)
     acfg = cfg.acquire
     spec = resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta)
     previous = registry.source_states(spec.name, cfg.train.model)
-    return spec.name, detect_changes(source_locations(spec, acfg), previous, timeout=acfg.timeout)
+    changes = detect_changes(source_locations(spec, acfg), previous, timeout=acfg.timeout)
+    return Survey(cfg, registry, spec.name, changes, registry.champion(spec.name, cfg.train.model))
 
 
 def publish_model(data_root: Path, entry: ModelEntry, k: int) -> dict[str, Any]:
@@ -84,16 +107,13 @@ def challenge(store: ArtifactStore, challenger: ModelEntry, champion: ModelEntry
 
 def retrain_once(cfg: PipelineConfig, run: PipelineRunner) -> RetrainReport:
     """Steps 1 to 4 of a scheduled retrain (see the module doc); returns what happened."""
-    data_root = Path(cfg.data_root).expanduser().resolve()
-    cfg = cfg.model_copy(update={"data_root": data_root})
-    registry = ModelRegistry(data_root)
-    model = cfg.train.model
-    dataset, changes = check_sources(cfg, registry)
-    champion = registry.champion(dataset, model)
-    if not changes.changed and champion is not None:
-        message = f"{changes.message()}; {model} champion {champion.key} stays in use"
-        log.info("retrain: %s", message)
-        return RetrainReport("no new data", message, dataset, model)
+    found = survey(cfg)
+    cfg, registry, dataset, changes, champion = found.cfg, found.registry, found.dataset, found.changes, found.champion
+    model, data_root = cfg.train.model, cfg.data_root
+    early = found.unchanged()
+    if early is not None:
+        log.info("retrain: %s", early.message)
+        return early
     log.info("retrain: %s", changes.message() if changes.changed else f"no {model} champion yet")
     revision = remote_revision(changes.states)
     if revision is not None:

@@ -7,13 +7,14 @@ the artifacts its registry entry names; the entry itself is made from a run's ar
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sand.pipeline.acquire.sources import resolve_source
 from sand.pipeline.base.config import PipelineConfig, TrainConfig
 from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.store import Artifact, ArtifactStore
-from sand.pipeline.serving.registry import ModelEntry, now
+from sand.pipeline.serving.registry import ModelEntry, ModelRegistry, now
 from sand.pipeline.training.model_io import trained_embeddings
 
 #: Stages whose artifacts a registered model is rebuilt from (those the run had).
@@ -63,3 +64,12 @@ def run_embeddings(tcfg: TrainConfig, artifacts: Mapping[str, Artifact]) -> tupl
     """(SplitData, user embeddings, item embeddings) of a run's best checkpoint."""
     features = {s: artifacts[s] for s in FEATURE_STAGES if s in artifacts}
     return trained_embeddings(tcfg, artifacts["interactions"], artifacts["train"], features)
+
+
+def champion_run(cfg: PipelineConfig) -> tuple[str, TrainConfig, dict[str, Artifact]] | None:
+    """(key, train config, artifacts) of the registered champion of ``cfg``'s dataset and model, if any."""
+    root = Path(cfg.data_root).expanduser().resolve()
+    entry = ModelRegistry(root).champion(dataset_name(cfg), cfg.train.model)
+    if entry is None:
+        return None
+    return entry.key, entry_train_config(entry), entry_artifacts(ArtifactStore(root), entry)
