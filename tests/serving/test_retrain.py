@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import invoke_sand
 
 from sand.pipeline.acquire.bundled_sample import generate_sample
 from sand.pipeline.base.config import PipelineConfig, load_config
@@ -116,20 +117,96 @@ def test_retrain_registers_skips_unchanged_data_promotes_and_publishes(generated
         assert set(table["user_id"]) - first_users  # the new users are served
 
 
-def test_promote_rolls_back_and_republishes(generated, tmp_path):
+def cli_options(root: Path, raw: Path) -> list[str]:
+    """The CLI spelling of :func:`retrain_config`."""
+    return ["--data-root", str(root), "--dataset", str(raw), "--format", "amazon2014", "--model", "bpr",
+            "--epochs", "3", "--set", "train.batch_size=256"]
+
+
+def test_models_commands_roll_back_and_recommend_reads_the_champion(generated, tmp_path):
     root, raw = tmp_path / "data", tmp_path / "raw"
     write_snapshot(generated, raw, 0.7)
     cfg = retrain_config(root, raw)
     one = retrain_once(cfg, in_process)
     write_snapshot(generated, raw, 1.0)
-    three = retrain_once(cfg, in_process)
-    registry = ModelRegistry(root)
-    registry_champion = registry.champion(one.dataset, "bpr").key
-    older = one.challenger if registry_champion == three.challenger else three.challenger
+    three = retrain_once(cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"max_drop": 1.0})}),
+                         in_process)
+    assert three.decision["promoted"]  # max_drop 1: any challenger wins
+    options = cli_options(root, raw)
 
-    decision, manifest = promote_by_hand(root, older[:8], k=5)
-    assert decision.promoted and registry.champion(one.dataset, "bpr").key == older
-    table, on_disk = published(root, one.dataset)
-    assert on_disk == manifest and on_disk["model_key"] == older and on_disk["k"] == 5
+    listed = invoke_sand(["models", "list", "--json", "--data-root", root])
+    assert listed.exit_code == 0, listed.stderr
+    rows = json.loads(listed.stdout)["models"]
+    assert [(r["key"], r["champion"]) for r in rows] == [(one.challenger, False), (three.challenger, True)]
+
+    # unchanged sources: answered at once, without a Prefect run (no server is configured here)
+    again = invoke_sand(["retrain", "--json", *options], env={"PREFECT_API_URL": ""})
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["status"] == "no new data"
+
+    user = json.loads(invoke_sand(["recommend", "--user", "0", "-k", "3", "--json", *options]).stdout)
+    assert user["model_key"] == three.challenger and len(user["recommendations"]) == 3
+
+    rolled = invoke_sand(["models", "promote", one.challenger[:8], "-k", "5", "--data-root", root])
+    assert rolled.exit_code == 0, rolled.stderr
+    assert f"{one.challenger} is now the bpr champion" in rolled.stdout
+    table, manifest = published(root, one.dataset)
+    assert manifest["model_key"] == one.challenger and manifest["k"] == 5
     assert table.groupby("user_id")["rank"].max().max() == 5
-    assert registry.decisions()[-1].details["reason"].startswith("promoted by hand")
+    new_users = set(table["user_id"])
+    shown = json.loads(invoke_sand(["models", "show", one.challenger, "--data-root", root]).stdout)
+    assert shown["champion"] and shown["decisions"][-1]["details"]["reason"].startswith("promoted by hand")
+    user = json.loads(invoke_sand(["recommend", "--user", "0", "-k", "3", "--json", *options]).stdout)
+    assert user["model_key"] == one.challenger  # the champion, not the latest run
+
+    out = tmp_path / "all.parquet"
+    written = invoke_sand(["recommend", "--all", "--out", out, "-k", "4", "--json", *options])
+    assert written.exit_code == 0, written.stderr
+    everyone = pd.read_parquet(out)
+    assert list(everyone.columns) == ["user_id", "rank", "item_id", "score"]
+    assert set(everyone["user_id"]) > new_users  # the configured run: the newer snapshot's users too
+    assert json.loads(written.stdout)["model_key"] == three.challenger
+
+    unknown = invoke_sand(["models", "promote", "feedbeef", "--data-root", root])
+    assert unknown.exit_code == 2 and "no registered model with key 'feedbeef'" in unknown.stderr
+
+
+KILL_MID_PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+import pandas as pd
+from sand.pipeline.serving.registry import ModelRegistry
+from sand.pipeline.serving.retrain import publish_model
+
+original = pd.DataFrame.to_parquet
+
+def half_then_die(self, path, *args, **kwargs):
+    original(self, path, *args, **kwargs)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pd.DataFrame.to_parquet = half_then_die
+root = Path(sys.argv[1])
+publish_model(root, ModelRegistry(root).get(sys.argv[2]), 7)
+"""
+
+
+def test_a_publish_killed_halfway_leaves_the_previous_file(generated, tmp_path):
+    root, raw = tmp_path / "data", tmp_path / "raw"
+    write_snapshot(generated, raw, 0.7)
+    one = retrain_once(retrain_config(root, raw), in_process)
+    folder = root / "published" / one.dataset
+    before = {name: (folder / name).read_bytes() for name in (TABLE_NAME, MANIFEST_NAME)}
+
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_PUBLISH, str(root), one.challenger],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert list(folder.glob(f".{TABLE_NAME}.*"))  # the killed writer's half file, beside the intact one
+    table, manifest = published(root, one.dataset)
+    assert manifest["rows"] == len(table) and manifest["k"] == 20
+
+    decision, republished = promote_by_hand(root, one.challenger, k=7)  # the next publish clears it
+    assert not list(folder.glob(f".{TABLE_NAME}.*")) and republished["k"] == 7
