@@ -12,11 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import invoke_sand
+from support import background_processes, wait_until_final
 
 from sand.pipeline.acquire.bundled_sample import generate_sample
 from sand.pipeline.base.config import PipelineConfig, load_config
@@ -210,3 +212,45 @@ def test_a_publish_killed_halfway_leaves_the_previous_file(generated, tmp_path):
 
     decision, republished = promote_by_hand(root, one.challenger, k=7)  # the next publish clears it
     assert not list(folder.glob(f".{TABLE_NAME}.*")) and republished["k"] == 7
+
+
+@pytest.mark.slow
+def test_the_sand_retrain_deployment_through_a_prefect_server(generated, prefect_server, tmp_path):
+    """`sand serve` serves the sand-retrain deployment: a run trains and publishes, the next finds no new data."""
+    import yaml
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    root, raw = tmp_path / "data", tmp_path / "raw"
+    write_snapshot(generated, raw, 0.7)
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_root": str(root), "acquire": {"dataset": str(raw), "format": "amazon2014"},
+        "train": {"model": "bpr", "epochs": 3, "batch_size": 256},
+    }))
+    with background_processes(tmp_path / "logs") as start:
+        start("serve", "sand.flows.cli", "serve", "--config", str(config), "--cron", "0 3 * * 0",
+              env={"PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 180
+            while True:  # the deployment exists once `sand serve` registered it
+                try:
+                    deployment = client.read_deployment_by_name("sand-retrain/scheduled")
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, (tmp_path / "logs" / "serve.log").read_text()[-3000:]
+                    time.sleep(1)
+            assert deployment.schedules[0].schedule.cron == "0 3 * * 0"
+            assert deployment.parameters["config"]["train"]["model"] == "bpr"
+
+            first = wait_until_final(client, run_deployment("sand-retrain/scheduled", timeout=0).id, timeout=480)
+            assert first.state.is_completed(), (tmp_path / "logs" / "serve.log").read_text()[-3000:]
+            second = wait_until_final(client, run_deployment("sand-retrain/scheduled", timeout=0).id, timeout=240)
+            assert second.state.is_completed() and second.state.name == "No new data"
+            assert "no new data" in second.state.message
+            decision = client.read_artifacts()
+        assert any(a.key == "sand-retrain-decision" and "promoted" in str(a.data) for a in decision)
+    registry = ModelRegistry(root)
+    [model] = registry.models()
+    table, manifest = published(root, model.dataset)
+    assert manifest["model_key"] == model.key == registry.champion(model.dataset, "bpr").key and len(table)
