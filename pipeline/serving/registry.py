@@ -45,8 +45,15 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+class Record:
+    """A dataclass that reads back as plain JSON values (``--json`` output, Prefect results)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+
 @dataclass(frozen=True)
-class ModelEntry:
+class ModelEntry(Record):
     """One registered model: what it was trained on (snapshot = acquire key), how, and how well."""
 
     key: str
@@ -58,12 +65,9 @@ class ModelEntry:
     metrics: dict[str, Any]  # the evaluate stage's metrics: {"valid": {...}, "test": {...}}
     created_at: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class Decision:
+class Decision(Record):
     """A challenger against the champion: promoted or not, and the numbers that decided it."""
 
     dataset: str
@@ -73,9 +77,6 @@ class Decision:
     promoted: bool
     details: dict[str, Any]
     at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ModelRegistry:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from sand.pipeline.base.store import Artifact, ArtifactStore
 from sand.pipeline.serving.changes import ChangeReport, detect_changes, remote_revision, source_locations
 from sand.pipeline.serving.compare import compare_on_shared, promotion_verdict, shared_split
 from sand.pipeline.serving.publish import publish, published_dir, top_k_table
-from sand.pipeline.serving.registry import Decision, ModelEntry, ModelRegistry, now
+from sand.pipeline.serving.registry import Decision, ModelEntry, ModelRegistry, Record, now
 from sand.pipeline.serving.runs import entry_artifacts, entry_for_run, entry_train_config, run_embeddings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ PipelineRunner = Callable[[PipelineConfig], Mapping[str, Artifact]]
 
 
 @dataclass
-class RetrainReport:
+class RetrainReport(Record):
     """What one retrain did; ``status`` is ``no new data`` or ``retrained``."""
 
     status: str
@@ -42,9 +42,6 @@ class RetrainReport:
     registered: bool = False
     decision: dict[str, Any] | None = None
     published: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

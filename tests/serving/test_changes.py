@@ -101,3 +101,45 @@ def test_local_source_by_size_and_mtime_then_hash(tmp_path, monkeypatch):
 def test_bad_url_scheme_is_refused(tmp_path):
     with pytest.raises(DownloadError):
         detect_changes({"reviews": "ftp://example.invalid/x"}, None, client=httpx.Client())
+
+
+def test_a_new_remote_version_is_a_new_snapshot_in_its_own_download_folder(http_server, tmp_path):
+    """``acquire.revision`` (set by a retrain from the probed ETags) keys new remote bytes apart."""
+    from sand.pipeline.base.config import load_config
+    from sand.pipeline.runner import run_stage
+    from sand.pipeline.serving.retrain import survey
+    from sand.pipeline.stages import Context
+
+    current = {"etag": "v1", "modified": "Mon, 01 Jun 2026 00:00:00 GMT", "bytes": b"first"}
+    http_server.routes["/reviews.json.gz"] = versioned(current)
+    http_server.routes["/meta.json.gz"] = versioned({"etag": "m", "modified": current["modified"], "bytes": b"m"})
+
+    def acquired(revision: str | None):
+        sets = [f"acquire.revision={revision}"] if revision else []
+        cfg = load_config(None, {"data_root": str(tmp_path), "acquire.dataset": "shop", "acquire.format": "amazon2014",
+                                 "acquire.reviews": http_server.url("/reviews.json.gz"),
+                                 "acquire.meta": http_server.url("/meta.json.gz")}, sets)
+        art = run_stage(Context.create(cfg, progress=False), "acquire", {}).artifact
+        return cfg, art, (art.path / art.manifest["files"]["reviews"]).read_bytes()
+
+    cfg, plain, body = acquired(None)
+    found = survey(cfg)
+    assert set(source_locations_of(found)) == {"reviews", "meta"} and found.changes.changed
+    first_rev = remote_revision(found.changes.states)
+    _, one, body_one = acquired(first_rev)
+    current.update(etag="v2", bytes=b"second, longer")
+    second_rev = remote_revision(detect_changes(source_locations_of(found), found.changes.states).states)
+    _, two, body_two = acquired(second_rev)
+    assert len({plain.key, one.key, two.key}) == 3
+    assert (body, body_one, body_two) == (b"first", b"first", b"second, longer")
+    assert (tmp_path / "downloads" / second_rev).is_dir()
+    _, again, _ = acquired(first_rev)  # the older snapshot stays what it was
+    assert again.key == one.key and (again.path / again.manifest["files"]["reviews"]).read_bytes() == b"first"
+
+
+def source_locations_of(found) -> dict[str, str]:
+    from sand.pipeline.acquire.sources import resolve_source
+    from sand.pipeline.serving.changes import source_locations
+
+    acfg = found.cfg.acquire
+    return source_locations(resolve_source(acfg.dataset, acfg.format, acfg.reviews, acfg.meta), acfg)
