@@ -263,6 +263,10 @@ class RetrainConfig(_Section):
     max_drop: float = Field(0.05, ge=0, le=1, description="largest relative drop of the metric a challenger may "
                             "show against the champion and still be promoted")
     top_k: int = Field(20, ge=1, description="recommendations published per user")
+    warm_start: bool = Field(False, description="initialise the challenger from the champion for the users and "
+                             "items both know")
+    warm_start_from: str | None = Field(None, pattern=r"^[0-9a-f]{16}$", description="train artifact key the train "
+                                        "stage starts from; set by sand retrain when warm_start is on")
 
 
 class PipelineConfig(_Section):

@@ -20,6 +20,7 @@ import pandas as pd
 from sand.pipeline.base.store import Artifact
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.training.evaluation import evaluate_split
+from sand.pipeline.training.warm_start import id_maps, shared_indices
 
 
 @dataclass(frozen=True)
@@ -33,25 +34,16 @@ class SharedSplit:
     old_items: np.ndarray
 
 
-def _maps(inter: Artifact) -> tuple[pd.Series, pd.Series]:
-    users = pd.read_parquet(inter.file("user_map.parquet"), columns=["user_id", "user"])
-    items = pd.read_parquet(inter.file("item_map.parquet"), columns=["asin", "item"])
-    return (pd.Series(users["user"].to_numpy(np.int64), index=users["user_id"].astype(str)),
-            pd.Series(items["item"].to_numpy(np.int64), index=items["asin"].astype(str)))
-
-
 def _pair_codes(frame: pd.DataFrame, n_items: int) -> np.ndarray:
     return frame["user"].to_numpy(np.int64) * n_items + frame["item"].to_numpy(np.int64)
 
 
 def shared_split(new_inter: Artifact, old_inter: Artifact) -> SharedSplit:
     """The new snapshot's split restricted to users and items of both snapshots (see the module doc)."""
-    new_u, new_i = _maps(new_inter)
-    old_u, old_i = _maps(old_inter)
-    user_ids = new_u.index.intersection(old_u.index).sort_values()
-    item_ids = new_i.index.intersection(old_i.index).sort_values()
-    nu, ni = new_u[user_ids].to_numpy(), new_i[item_ids].to_numpy()
-    ou, oi = old_u[user_ids].to_numpy(), old_i[item_ids].to_numpy()
+    new_u, new_i = id_maps(new_inter)
+    old_u, old_i = id_maps(old_inter)
+    nu, ou = shared_indices(new_u, old_u)
+    ni, oi = shared_indices(new_i, old_i)
 
     new_frame = pd.read_parquet(new_inter.file("interactions.parquet"), columns=["user", "item", "split"])
     u_pos = pd.Series(np.arange(len(nu)), index=nu)

@@ -115,6 +115,8 @@ def retrain_once(cfg: PipelineConfig, run: PipelineRunner) -> RetrainReport:
     revision = remote_revision(changes.states)
     if revision is not None:
         cfg = cfg.model_copy(update={"acquire": cfg.acquire.model_copy(update={"revision": revision})})
+    if cfg.retrain.warm_start and champion is not None:
+        cfg = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"warm_start_from": champion.key})})
     entry = entry_for_run(cfg, run(cfg))
     registered = registry.register(entry)
     if champion is not None and champion.key == entry.key:

@@ -6,10 +6,8 @@ holds 70% of the users, the second every review, so it adds reviews and new user
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,36 +18,14 @@ import pytest
 from conftest import invoke_sand
 from support import background_processes, wait_until_final
 
-from sand.pipeline.acquire.bundled_sample import generate_sample
+from sand.pipeline.acquire.bundled_sample import REVIEWS_NAME as REVIEWS
+from sand.pipeline.acquire.bundled_sample import generate_sample, write_user_share
 from sand.pipeline.base.config import PipelineConfig, load_config
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.serving.publish import MANIFEST_NAME, TABLE_NAME
 from sand.pipeline.serving.registry import ModelRegistry
 from sand.pipeline.serving.retrain import promote_by_hand, retrain_once
 from sand.pipeline.stages import Context
-
-REVIEWS, META = "reviews_Sample_5.json.gz", "meta_Sample.json.gz"
-
-
-def write_snapshot(generated: Path, raw: Path, share: float) -> set[str]:
-    """Write the reviews of the first ``share`` of users (in file order) into ``raw``; returns their ids."""
-    lines = gzip.decompress((generated / REVIEWS).read_bytes()).decode().splitlines()
-    order: list[str] = []
-    for line in lines:
-        try:
-            user = json.loads(line)["reviewerID"]
-        except (ValueError, KeyError):
-            continue
-        if user not in order:
-            order.append(user)
-    keep = set(order[: int(len(order) * share)])
-    kept = [ln for ln in lines if any(f'"reviewerID": "{u}"' in ln for u in keep)] if share < 1 else lines
-    raw.mkdir(parents=True, exist_ok=True)
-    tmp = raw / f".{REVIEWS}.tmp"
-    tmp.write_bytes(gzip.compress(("\n".join(kept) + "\n").encode(), mtime=0))
-    os.replace(tmp, raw / REVIEWS)
-    shutil.copy2(generated / META, raw / META)
-    return keep
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +51,7 @@ def published(root: Path, dataset: str) -> tuple[pd.DataFrame, dict]:
 
 def test_retrain_registers_skips_unchanged_data_promotes_and_publishes(generated, tmp_path):
     root, raw = tmp_path / "data", tmp_path / "raw"
-    first_users = write_snapshot(generated, raw, 0.7)
+    first_users = write_user_share(generated, raw, 0.7)
     cfg = retrain_config(root, raw)
 
     one = retrain_once(cfg, in_process)
@@ -99,7 +75,7 @@ def test_retrain_registers_skips_unchanged_data_promotes_and_publishes(generated
     os.utime(raw / REVIEWS)  # touched, same bytes: the hash says nothing changed
     assert retrain_once(cfg, in_process).status == "no new data"
 
-    write_snapshot(generated, raw, 1.0)
+    write_user_share(generated, raw, 1.0)
     three = retrain_once(cfg, in_process)
     assert three.status == "retrained" and three.registered and three.challenger != one.challenger
     assert any("reviews" in reason or REVIEWS in reason for reason in three.changes)
@@ -127,10 +103,10 @@ def cli_options(root: Path, raw: Path) -> list[str]:
 
 def test_models_commands_roll_back_and_recommend_reads_the_champion(generated, tmp_path):
     root, raw = tmp_path / "data", tmp_path / "raw"
-    write_snapshot(generated, raw, 0.7)
+    write_user_share(generated, raw, 0.7)
     cfg = retrain_config(root, raw)
     one = retrain_once(cfg, in_process)
-    write_snapshot(generated, raw, 1.0)
+    write_user_share(generated, raw, 1.0)
     three = retrain_once(cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"max_drop": 1.0})}),
                          in_process)
     assert three.decision["promoted"]  # max_drop 1: any challenger wins
@@ -197,7 +173,7 @@ publish_model(root, ModelRegistry(root).get(sys.argv[2]), 7)
 
 def test_a_publish_killed_halfway_leaves_the_previous_file(generated, tmp_path):
     root, raw = tmp_path / "data", tmp_path / "raw"
-    write_snapshot(generated, raw, 0.7)
+    write_user_share(generated, raw, 0.7)
     one = retrain_once(retrain_config(root, raw), in_process)
     folder = root / "published" / one.dataset
     before = {name: (folder / name).read_bytes() for name in (TABLE_NAME, MANIFEST_NAME)}
@@ -222,7 +198,7 @@ def test_the_sand_retrain_deployment_through_a_prefect_server(generated, prefect
     from prefect.deployments import run_deployment
 
     root, raw = tmp_path / "data", tmp_path / "raw"
-    write_snapshot(generated, raw, 0.7)
+    write_user_share(generated, raw, 0.7)
     config = tmp_path / "retrain.yaml"
     config.write_text(yaml.safe_dump({
         "data_root": str(root), "acquire": {"dataset": str(raw), "format": "amazon2014"},
@@ -254,3 +230,42 @@ def test_the_sand_retrain_deployment_through_a_prefect_server(generated, prefect
     [model] = registry.models()
     table, manifest = published(root, model.dataset)
     assert manifest["model_key"] == model.key == registry.champion(model.dataset, "bpr").key and len(table)
+
+
+def test_warm_start_copies_the_champions_rows_for_shared_users_and_items(generated, tmp_path):
+    import torch
+
+    from sand.pipeline.training.checkpoints import read_checkpoint
+    from sand.pipeline.training.model_io import build_model_for
+    from sand.pipeline.training.warm_start import id_maps, warm_start
+
+    root, raw = tmp_path / "data", tmp_path / "raw"
+    write_user_share(generated, raw, 0.7)
+    cfg = retrain_config(root, raw, "retrain.warm_start=true")
+    one = retrain_once(cfg, in_process)
+    write_user_share(generated, raw, 1.0)
+    grown = run_pipeline(Context.create(cfg, progress=False), until="interactions").artifacts()
+    registry = ModelRegistry(root)
+    old_inter = Context.create(cfg).store.lookup("interactions", registry.get(one.challenger).artifacts["interactions"])
+
+    model, _ = build_model_for(cfg.train, grown["interactions"], {})
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = warm_start(model, grown["interactions"], Context.create(cfg).store, one.challenger)
+    old = read_checkpoint(root / "artifacts" / "train" / one.challenger / "best.pt")["model"]
+    (new_u, new_i), (old_u, old_i) = id_maps(grown["interactions"]), id_maps(old_inter)
+    shared = new_u.index.intersection(old_u.index)
+    new_only = new_u.index.difference(old_u.index)
+    assert copied["user_rows"] == len(shared) > 0 and copied["item_rows"] > 0 and len(new_only)
+    state = model.state_dict()
+    assert torch.equal(state["user_embedding.weight"][new_u[shared].to_numpy()],
+                       old["user_embedding.weight"][old_u[shared].to_numpy()])
+    assert torch.equal(state["user_embedding.weight"][new_u[new_only].to_numpy()],
+                       fresh["user_embedding.weight"][new_u[new_only].to_numpy()])  # new users start fresh
+    items = new_i.index.intersection(old_i.index)
+    assert torch.equal(state["item_embedding.weight"][new_i[items].to_numpy()],
+                       old["item_embedding.weight"][old_i[items].to_numpy()])
+
+    three = retrain_once(cfg, in_process)  # the retrain itself trains the challenger from the champion
+    train = Context.create(cfg).store.lookup("train", three.challenger)
+    assert train.manifest["params"]["warm_start_from"] == one.challenger
+    assert registry.get(three.challenger).config["retrain"]["warm_start_from"] == one.challenger
