@@ -257,13 +257,14 @@ def test_warm_start_copies_the_champions_rows_for_shared_users_and_items(generat
     new_only = new_u.index.difference(old_u.index)
     assert copied["user_rows"] == len(shared) > 0 and copied["item_rows"] > 0 and len(new_only)
     state = model.state_dict()
-    assert torch.equal(state["user_embedding.weight"][new_u[shared].to_numpy()],
-                       old["user_embedding.weight"][old_u[shared].to_numpy()])
-    assert torch.equal(state["user_embedding.weight"][new_u[new_only].to_numpy()],
-                       fresh["user_embedding.weight"][new_u[new_only].to_numpy()])  # new users start fresh
+    assert torch.equal(state["user_embedding.weight"][torch.tensor(new_u[shared].to_numpy())],
+                       old["user_embedding.weight"][torch.tensor(old_u[shared].to_numpy())])
+    # new users start fresh
+    assert torch.equal(state["user_embedding.weight"][torch.tensor(new_u[new_only].to_numpy())],
+                       fresh["user_embedding.weight"][torch.tensor(new_u[new_only].to_numpy())])
     items = new_i.index.intersection(old_i.index)
-    assert torch.equal(state["item_embedding.weight"][new_i[items].to_numpy()],
-                       old["item_embedding.weight"][old_i[items].to_numpy()])
+    assert torch.equal(state["item_embedding.weight"][torch.tensor(new_i[items].to_numpy())],
+                       old["item_embedding.weight"][torch.tensor(old_i[items].to_numpy())])
 
     three = retrain_once(cfg, in_process)  # the retrain itself trains the challenger from the champion
     train = Context.create(cfg).store.lookup("train", three.challenger)
