@@ -2,7 +2,8 @@
 
 Why: a scheduled retrain on a grown snapshot mostly sees users and items the champion
 has already learnt; starting their rows from the champion's weights instead of from
-random should reach the champion's quality in fewer epochs. Users and items are matched
+random may reach the champion's quality in fewer epochs (``benchmarks/bench_warm_start.py``
+measures it; on the bundled sample with BPR it did not: README, "Measured"). Users and items are matched
 by their raw ids (the two snapshots index them differently). A weight whose first
 dimension is the user count (item count) in both models has its shared rows copied; a
 weight with the same shape in both (a projection, a fusion layer) is copied whole; the
