@@ -29,6 +29,7 @@ import yaml
 from typer.core import TyperCommand
 
 from sand.flows import cli_logging
+from sand.flows.cli_models import models_app, write_all_recommendations
 from sand.flows.report_text import render_summary
 from sand.flows.run_options import RunOptions
 from sand.flows.server_lifetime import keep_children_with_this_process
@@ -53,6 +54,7 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+app.add_typer(models_app, name="models")
 
 log = logging.getLogger("sand")
 
@@ -267,20 +269,64 @@ class ExportMMRec(Common):
 
 @stage_command(app, "recommend")
 class Recommend(Common):
-    """Print a user's top-K items (training items excluded), with titles where known."""
+    """Print a user's top-K items (training items excluded), with titles where known; the champion by default."""
 
-    user: Annotated[str, typer.Option(help="user id (raw reviewerID or 0-based index)")]
+    user: Annotated[str | None, typer.Option(help="user id (raw reviewerID or 0-based index)")] = None
     k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10
+    all_users: Annotated[bool, typer.Option("--all", help="every user's top-K, written to --out as Parquet "
+                                            "(user_id, rank, item_id, score)")] = False
+    out: Annotated[Path | None, typer.Option(help="with --all: the Parquet file to write")] = None
+    run_model: Annotated[bool, typer.Option("--run", help="use the run these options name, not the "
+                                            "registered champion of the dataset and model")] = False
 
     def __call__(self) -> None:
+        if self.all_users:
+            summary = write_all_recommendations(_run_flow(self, "train").artifacts(), self.pipeline_config(),
+                                                self.k, self.out)
+            if self.json:
+                _emit(summary, True)
+            else:
+                typer.echo(f"wrote {summary['rows']} rows to {summary['out']}")
+            return
+        if self.user is None:
+            raise ConfigError("sand recommend needs --user ID, or --all --out FILE")
+        from sand.pipeline.serving.runs import champion_run  # torch, via the model registry's builders
         from sand.pipeline.training.recommend import recommend_for_user  # torch, pandas
 
-        result = _run_flow(self, "train")
-        table = recommend_for_user(self.pipeline_config().resolved().train, result.artifacts(), self.user, self.k)
+        champion = None if self.run_model else champion_run(self.pipeline_config().resolved())
+        tcfg, artifacts = champion[1:] if champion else (self.pipeline_config().resolved().train,
+                                                         _run_flow(self, "train").artifacts())
+        table = recommend_for_user(tcfg, artifacts, self.user, self.k)
         if self.json:
-            _emit({"user": self.user, "recommendations": table.to_dict(orient="records")}, True)
+            _emit({"user": self.user, "model_key": champion[0] if champion else artifacts["train"].key,
+                   "recommendations": table.to_dict(orient="records")}, True)
         else:
             typer.echo(table.to_string(index=False))
+
+
+@stage_command(app, "retrain")
+class Retrain(Common):
+    """New data? Train a challenger, compare it with the champion, promote the better one, publish its top-K."""
+
+    def __call__(self) -> None:
+        check_stage_names(self.stages_to_refresh)
+        cfg = self.pipeline_config()
+        options = self.run_options()
+        _preflight(cfg)
+        from sand.pipeline.serving.retrain import survey  # torch, via the train stage
+
+        report = None if self.stages_to_refresh else survey(cfg).unchanged()  # nothing new: no Prefect run
+        if report is not None:
+            summary = report.to_dict()
+        else:
+            _prefect_api()
+            from sand.flows.retrain import retrain_flow  # Prefect
+
+            summary = retrain_flow(config=cfg, options=options)
+        if self.json:
+            _emit(summary, True)
+        else:
+            typer.echo(summary["message"])
 
 
 @stage_command(app, "grid")

@@ -35,7 +35,7 @@ DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
 
 def build_deployments(config: PipelineConfig, cron: str | None = None, options: RunOptions | None = None) -> list[Any]:
-    """RunnerDeployments: ``sand-pipeline/retrain`` (scheduled) and ``sand-<stage>/on-demand``.
+    """Deployments: ``sand-pipeline/retrain``, ``sand-retrain/scheduled`` (on the cron), ``sand-<stage>/on-demand``.
 
     ``options`` (default: ``RunOptions()``, the threads runner) are the run options every
     run of these deployments gets unless the run overrides them.
@@ -53,6 +53,14 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
             description="End-to-end SAND pipeline: acquire to evaluate; cached stages are reused.",
         )
     ]
+    # -- scheduled retraining: new data? challenger, comparison, promotion, publication (flows/retrain.py)
+    from sand.flows.retrain import retrain_flow
+
+    deployments.append(retrain_flow.to_deployment(
+        name="scheduled", cron=cron or DEFAULT_CRON, tags=["sand", "retrain"], **common,
+        description="Retrain when the sources changed, promote the better of challenger and champion, "
+        "publish its top-K to <data-root>/published/<dataset>/.",
+    ))
     for stage in STAGE_FLOWS:
         # Stage flows are generated from the stage table: their module path is given, not derived.
         deployments.append(

@@ -39,6 +39,7 @@ Handler = Callable[["RequestInfo"], Reply]
 class RequestInfo:
     path: str
     headers: dict[str, str]
+    method: str = "GET"
 
 
 class LoopbackServer:
@@ -96,7 +97,7 @@ class LoopbackServer:
     def _serve(self, h: BaseHTTPRequestHandler, head: bool = False) -> None:
         import time
 
-        info = RequestInfo(path=h.path, headers={k: v for k, v in h.headers.items()})
+        info = RequestInfo(path=h.path, headers={k: v for k, v in h.headers.items()}, method=h.command)
         reply = self._next_reply(info)
         if reply.delay:
             time.sleep(reply.delay)

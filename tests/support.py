@@ -191,6 +191,19 @@ def start_dask_cluster(workdir: Path) -> Iterator[str]:
         yield address
 
 
+def wait_until_final(client, flow_run_id, timeout: float):
+    """The flow run once its state is final (a sync Prefect client); fails after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        assert time.monotonic() < deadline, f"flow run still {run.state_name} after {timeout:.0f} s"
+        time.sleep(1)
+
+
 # --------------------------------------------------------------------------- the sample in several shards
 #: The sample cut small, its feature stages in several shards each: what cluster tests drive.
 SMALL_SHARDED = [

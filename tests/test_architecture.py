@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("features", ("sand.pipeline.features",)),
     ("training", ("sand.pipeline.training",)),
     ("experiments", ("sand.pipeline.experiments",)),
+    ("serving", ("sand.pipeline.serving",)),
     ("stage table", ("sand.pipeline.stages",)),
     ("runner", ("sand.pipeline.runner",)),
     ("flows", ("sand.flows",)),

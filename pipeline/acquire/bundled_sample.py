@@ -434,6 +434,35 @@ def _write_gz(path: Path, lines: list[str]) -> None:
         gz.write(("\n".join(lines) + "\n").encode("utf-8"))
 
 
+def write_user_share(generated: Path, out_dir: Path, share: float) -> set[str]:
+    """A snapshot of a generated sample holding the reviews of its first ``share`` of users (in file order).
+
+    Why: a dataset that grows (more reviews, new users) is what scheduled retraining sees;
+    two shares of one sample are two snapshots of it, the larger holding the smaller. The
+    metadata is copied whole; the reviews file is replaced atomically. Returns the users kept.
+    """
+    if not 0 < share <= 1:
+        raise ConfigError(f"invalid share {share}: must be in (0, 1]")
+    lines = gzip.decompress((Path(generated) / REVIEWS_NAME).read_bytes()).decode().splitlines()
+    order: dict[str, None] = {}
+    owners = []
+    for line in lines:
+        try:
+            user = json.loads(line)["reviewerID"]
+        except (ValueError, KeyError, TypeError):
+            user = None  # a planted malformed line: kept with the full sample only
+        owners.append(user)
+        if user is not None:
+            order.setdefault(user)
+    keep = set(list(order)[: int(len(order) * share)])
+    kept = lines if share == 1 else [ln for ln, user in zip(lines, owners, strict=True) if user in keep]
+    out_dir = Path(out_dir)
+    _write_gz(out_dir / REVIEWS_NAME, kept)
+    with atomic_path(out_dir / META_NAME) as tmp:
+        tmp.write_bytes((Path(generated) / META_NAME).read_bytes())
+    return keep
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m sand.pipeline.acquire.bundled_sample OUT [--seed N]``: write the sample, print the planted dirt."""
     parser = argparse.ArgumentParser(prog="python -m sand.pipeline.acquire.bundled_sample", description=main.__doc__)
@@ -460,3 +489,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+

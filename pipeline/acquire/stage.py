@@ -1,7 +1,9 @@
 """The ``acquire`` stage: the raw dataset files (bundled sample, MMRec folder, or downloaded dumps).
 
 Why the key holds each local file's size and mtime: an edited local file must be
-acquired again; remote files are checked by the download itself (size, sha256).
+acquired again; remote files are checked by the download itself (size, sha256), and
+``acquire.revision`` (set by ``sand retrain`` when a remote source changed) keys a new
+remote version apart, in its own download folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def run_acquire(ctx: StageContext) -> StageOutcome:
             "mmrec": local_fingerprint(str(spec.mmrec_dir)) if spec.mmrec_dir else None,
         }
 
+    if acfg.revision is not None:  # new remote bytes (sand retrain): a new snapshot, old keys unchanged
+        params["revision"] = acfg.revision
+
     def build(out: Path) -> dict[str, Any]:
         files: dict[str, Any] = {}
         if spec.format == "sample":
@@ -61,6 +66,8 @@ def run_acquire(ctx: StageContext) -> StageOutcome:
                     files[src.name] = src.name
             return {"format": "mmrec", "name": spec.name, "files": files}
         downloads = ctx.store.data_root / "downloads"
+        if acfg.revision is not None:  # the sidecars there vouch for the previous revision's bytes
+            downloads = downloads / acfg.revision
         downloads.mkdir(parents=True, exist_ok=True)
         records = {}
         for role, source in (("reviews", spec.reviews), ("meta", spec.meta)):

@@ -72,6 +72,8 @@ class AcquireConfig(_Section):
     sample_seed: Seed = Field(0, description="seed of the bundled sample generator")
     sample_users: int = Field(1000, ge=20)
     sample_items: int = Field(500, ge=20)
+    revision: str | None = Field(None, pattern=r"^[0-9a-f]{16}$", description="remote sources' version, set by "
+                                 "sand retrain when they changed: part of the acquire key only when set")
 
 
 class InteractionsConfig(_Section):
@@ -256,6 +258,20 @@ class ReportConfig(_Section):
     seed: Seed = 0
 
 
+class RetrainConfig(_Section):
+    """Scheduled retraining (``sand retrain``, the ``sand-retrain`` deployment): promotion and publication."""
+
+    metric: str = Field("recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$",
+                        description="validation metric that decides promotion: recall@K | ndcg@K")
+    max_drop: float = Field(0.05, ge=0, le=1, description="largest relative drop of the metric a challenger may "
+                            "show against the champion and still be promoted")
+    top_k: int = Field(20, ge=1, description="recommendations published per user")
+    warm_start: bool = Field(False, description="initialise the challenger from the champion for the users and "
+                             "items both know")
+    warm_start_from: str | None = Field(None, pattern=r"^[0-9a-f]{16}$", description="train artifact key the train "
+                                        "stage starts from; set by sand retrain when warm_start is on")
+
+
 class PipelineConfig(_Section):
     data_root: Path = Field(
         default_factory=lambda: Path(os.environ.get("SAND_DATA_ROOT", "data")),
@@ -270,6 +286,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     def resolved(self) -> PipelineConfig:
         """A copy with the global seed pushed into every stage that draws random numbers."""

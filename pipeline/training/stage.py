@@ -106,6 +106,9 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
     ks = tuple(sorted(set(ctx.cfg.evaluate.ks) | {10, 20}))
     # The train summary reports metrics at these ks, so they are part of what the artifact holds.
     params = {**train_key_params(tcfg), "eval_ks": list(ks)}
+    warm_from = ctx.cfg.retrain.warm_start_from  # set by `sand retrain` with retrain.warm_start: the champion
+    if warm_from is not None:  # part of the key only when set: default keys unchanged
+        params["warm_start_from"] = warm_from
     inputs = _model_inputs(inter, feature_arts)
     input_keys = {k: a.key for k, a in inputs.items()}
     work_key = ctx.work_key("train", params, inputs)
@@ -115,6 +118,10 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
 
         memory = check_training_memory(tcfg, inter, feature_arts)  # refuses, in one line, what cannot fit
         model, data = build_model_for(tcfg, inter, feature_arts)
+        if warm_from is not None:
+            from sand.pipeline.training.warm_start import warm_start
+
+            log.info("train: warm start from %s (%s)", warm_from, warm_start(model, inter, ctx.store, warm_from))
         # Keyed by every parameter and input: a rerun of the same settings resumes from the
         # last checkpoint; other settings get their own directory and start at epoch 1.
         work = ctx.store.work_dir("train", work_key)

@@ -108,12 +108,13 @@ def test_deployments_registered_with_schedule(prefect_server, tmp_path):
     from sand.pipeline.stages import STAGE_TABLE
 
     deployments = build_deployments(tiny_config(tmp_path), cron="15 4 * * 1")
-    expected = {"sand-pipeline/retrain", *(f"{row.flow_name}/on-demand" for row in STAGE_TABLE)}
+    expected = {"sand-pipeline/retrain", "sand-retrain/scheduled",
+                *(f"{row.flow_name}/on-demand" for row in STAGE_TABLE)}
     assert {f"{d.flow_name}/{d.name}" for d in deployments} == expected
     # `sand serve` runs each deployment in a fresh process that imports its entrypoint: a module
     # path of the installed package, which must load the very flow the deployment was made for.
     for deployment in deployments:
-        assert deployment.entrypoint.startswith("sand.flows.pipeline_flows.")
+        assert deployment.entrypoint.startswith(("sand.flows.pipeline_flows.", "sand.flows.retrain."))
         assert load_flow_from_entrypoint(deployment.entrypoint).name == deployment.flow_name
     for deployment in deployments:
         deployment.apply()

@@ -15,12 +15,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import invoke_sand
-from support import SMALL_SHARDED, background_processes, free_port, small_sharded_config, start_dask_cluster
+from support import (
+    SMALL_SHARDED,
+    background_processes,
+    free_port,
+    small_sharded_config,
+    start_dask_cluster,
+    wait_until_final,
+)
 
 POOL = "sand-test-pool"
 
@@ -42,16 +48,6 @@ def test_deploy_to_an_unreachable_server(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/api"
     line = _one_error_line(invoke_sand(["deploy", "--work-pool", POOL], api_url=url, cwd=tmp_path))
     assert url in line and "unreachable" in line and "unset PREFECT_API_URL" not in line
-
-
-def _wait_until_final(client, flow_run_id, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        assert time.monotonic() < deadline, f"flow run still {run.state_name} after {timeout:.0f} s"
-        time.sleep(1)
 
 
 @pytest.mark.slow
@@ -95,7 +91,7 @@ def test_work_pool_runs_text_shards_on_dask_like_threads(prefect_server, tmp_pat
 
             flow_run = run_deployment("sand-text-features/on-demand", timeout=0)
             threads = text_features_flow(config=small_sharded_config(tmp_path / "threads"), options=RunOptions())
-            flow_run = _wait_until_final(client, flow_run.id, timeout=300)
+            flow_run = wait_until_final(client, flow_run.id, timeout=300)
         assert flow_run.state.is_completed(), flow_run.state
         assert flow_run.work_pool_name == POOL
 
