@@ -45,6 +45,8 @@ BAD_VALUES: dict[str, Any] = {
     "train.memory_budget_gb": 0,
     "evaluate.ks": [0], "evaluate.top_k": 0, "evaluate.batch_users": 0,
     "report.tsne_items": 1, "report.select_metric": "precision@20", "report.seed": -1,
+    "acquire.revision": "v2", "retrain.metric": "precision@20", "retrain.max_drop": 1.5, "retrain.top_k": 0,
+    "retrain.warm_start": "maybe", "retrain.warm_start_from": "../x",
 }
 #: Fields whose bad values are checked before any stage, but against this machine, not by the config.
 CHECKED_AT_PREFLIGHT = {"data_root"}
