@@ -7,7 +7,7 @@ fetch the same URL twice across runs. Every URL therefore gets an outcome
 on disk keyed by ``sha256(url)`` (never by URL text), and transient failures are
 left uncached so a later run retries them.
 
-URLs are data: a :class:`~pipeline.url_policy.UrlPolicy` (chosen by where the
+URLs are data: a :class:`~sand.pipeline.acquire.url_policy.UrlPolicy` (chosen by where the
 metadata came from) decides which ones may be read at all; only regular files are
 read, never more than ``max_bytes``; an image's pixel count is checked from its
 header before anything is decoded, and a process-wide pixel budget keeps several
