@@ -1,4 +1,4 @@
-"""Every dotted ``sand.`` / ``pipeline.`` / ``flows.`` / ``models.`` name the prose mentions exists.
+"""The docs tell the truth about the code: every dotted name and path they mention exists; the README stays short.
 
 Docstrings, comments, ``README.md`` and ``docs/*.md`` name modules and their functions
 (``sand.pipeline.base.config``, ``pipeline.runner.run_stage``) so a reader can find them.
@@ -154,3 +154,10 @@ def test_every_repository_path_in_the_docs_exists():
 def test_every_dotted_name_in_docs_and_comments_exists():
     stale = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in prose_files() for line, name in stale_names(path)]
     assert not stale, "names of modules or attributes that do not exist:\n" + "\n".join(stale)
+
+
+def test_the_readme_stays_what_a_user_does():
+    """At most 300 lines: measurements live in docs/benchmarks.md, details in docs/, linked from it."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail or measurements to docs/"
+    assert "](docs/benchmarks.md)" in "\n".join(lines)
