@@ -531,8 +531,10 @@ def main() -> None:
 def _main() -> None:
     _setup_logging()
     from sand.flows.settings import apply_prefect_defaults
+    from sand.pipeline.base.torch_env import apply_torch_env_defaults
 
     apply_prefect_defaults()
+    apply_torch_env_defaults()  # before any command imports torch
     try:
         app()
     except SandError as err:
