@@ -1,8 +1,9 @@
 """The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings.
 
 Training resumes: its work directory is keyed by every parameter and input, so a
-rerun of the same settings continues from the last checkpoint. ``sand.models``
-(which imports torch) is imported inside functions (keeps ``sand --help`` fast).
+rerun of the same settings continues from the last checkpoint. This module imports
+torch (through the trainer) at its top: the stage table imports it only when a stage
+runs, so ``sand --help`` never loads it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from sand.models.registry import (
     accepted_hyperparameters,
+    default_lr,
     has_variants,
     profile_hyperparameters,
     recorded_variant,
@@ -107,8 +109,6 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
     work_key = ctx.work_key("train", params, inputs)
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.models.registry import default_lr  # imports torch
-
         model, data = build_model_for(tcfg, inter, feature_arts)
         # Keyed by every parameter and input: a rerun of the same settings resumes from the
         # last checkpoint; other settings get their own directory and start at epoch 1.
