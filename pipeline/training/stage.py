@@ -1,9 +1,9 @@
 """The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings.
 
 Training resumes: its work directory is keyed by every parameter and input, so a
-rerun of the same settings continues from the last checkpoint. This module imports
-torch (through the trainer) at its top: the stage table imports it only when a stage
-runs, so ``sand --help`` never loads it.
+rerun of the same settings continues from the last checkpoint. Importing this module
+loads no torch: the trainer and ``model_io`` import it inside the functions that build and
+train models.
 """
 
 from __future__ import annotations
