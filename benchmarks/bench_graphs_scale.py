@@ -1,7 +1,7 @@
 """Benchmark: the item-item graph at a million items — faiss (measured) vs exact (extrapolated).
 
 Why: the exact blocked top-k costs N^2 d; at 1M x 384 that is 0.77 PFLOP, at 1M x 4,096
-about 8 PFLOP. This builds the faiss IVF graph of ``pipeline.ann`` on N synthetic items
+about 8 PFLOP. This builds the faiss IVF graph of ``sand.pipeline.features.ann`` on N synthetic items
 (topic centres plus noise, a stand-in for sentence / CNN embeddings: random isotropic
 vectors have no neighbourhoods to find), stored on disk as ``.npy`` and read
 memory-mapped (float16 halves the file), reports the recall@k faiss measured on its

@@ -26,7 +26,7 @@ for its peak RSS. A check subprocess compares, per SAND variant, the loss terms 
 fast and naive models (1e-4) and of the bf16 and fp32 ones on the same weights.
 
 Children run with ``OMP_WAIT_POLICY=PASSIVE`` and ``THP_MEM_ALLOC_ENABLE=1``, the
-settings the ``sand`` command applies (flows/settings.py).
+settings the ``sand`` command applies (:mod:`sand.pipeline.base.torch_env`).
 
 Usage: ``python benchmarks/bench_sand_speed.py [--batches 5] [--rounds 1] [--models sand-a sand-b vbpr-sand freedom]``
 """
@@ -59,6 +59,7 @@ from sand.models.registry import build_model  # noqa: E402
 from sand.models.sand import SAND  # noqa: E402
 from sand.models.separation import FOLDED_READS  # noqa: E402
 from sand.pipeline.base.hardware import cpu_bf16_support  # noqa: E402
+from sand.pipeline.base.torch_env import apply_torch_env_defaults  # noqa: E402
 
 N_USERS, N_ITEMS, N_INTER = 19_445, 7_050, 160_792
 D_IMAGE, D_TEXT, KNN_K, BATCH = 4096, 384, 10, 2048
@@ -331,11 +332,10 @@ def main() -> None:
             raise SystemExit(f"{spec} failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    # The settings the sand command applies (flows/settings.py): idle OpenMP threads sleep
-    # (spinning made the CLUB fit's small ops 10-20x slower here) and big tensors use huge pages.
+    # The settings the sand command applies: idle OpenMP threads sleep (spinning made the
+    # CLUB fit's small ops 10-20x slower here) and big tensors use huge pages.
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    apply_torch_env_defaults(env)
     print(f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(

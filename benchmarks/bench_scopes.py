@@ -56,9 +56,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# The sand command's settings (flows/settings.py), before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from sand.pipeline.base.torch_env import apply_torch_env_defaults
+
+apply_torch_env_defaults()  # the sand command's torch settings, before torch is imported
 
 import numpy as np  # noqa: E402
 from scipy.sparse.linalg import svds  # noqa: E402

@@ -4,7 +4,7 @@ What it runs (nothing is installed; only this project and its dependencies):
 - a one-batch check that the CUDA model computes what the CPU model computes (every
   loss term of SAND_a and SAND_b, fp32, same weights, same batch);
 - for SAND_a and SAND_b, in fp32 and in bf16: 3 training epochs through the product's
-  own trainer (``pipeline.training.train_model``: model placement, CSR graph products,
+  own trainer (``sand.pipeline.training.trainer.train_model``: model placement, CSR graph products,
   the CLUB fit, fused Adam, SoloSim, all on the device) and one full evaluation
   (valid Recall/NDCG@10/20 with the evaluator's top-k on the device) after epoch 3;
 - a table of seconds per epoch, evaluation seconds and peak GPU memory next to the

@@ -38,6 +38,7 @@ from sand.pipeline.base.config import CLI_FIELDS, PipelineConfig, field_override
 from sand.pipeline.base.devices import check_devices
 from sand.pipeline.base.errors import ConfigError, SandError, one_line
 from sand.pipeline.base.store import ArtifactStore
+from sand.pipeline.base.torch_env import apply_torch_env_defaults
 from sand.pipeline.experiments import grid as grids
 from sand.pipeline.runner import PipelineResult, from_store, planned_stages
 from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
@@ -513,6 +514,7 @@ def main() -> None:
 def _main() -> None:
     cli_logging.RUN_LOG.install()
     apply_prefect_defaults()
+    apply_torch_env_defaults()  # before any command imports torch
     try:
         app()
     except SandError as err:

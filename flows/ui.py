@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from sand.pipeline.base.store import StageOutcome
 
 # Prefect: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
@@ -61,8 +63,6 @@ def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
         result = manifest["result"]
         epochs = outcome.artifact.file("epochs.csv")
         if epochs.is_file():
-            import pandas as pd
-
             table = pd.read_csv(epochs).round(5).to_dict(orient="records")
             _safe(lambda: create_table_artifact(
                 key="sand-training-log", table=table,
@@ -114,7 +114,6 @@ def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None
 
 def publish_grid(result: Any) -> None:
     """The grid's runs table (one row per setting) and which one validation selected."""
-    import pandas as pd
     from prefect.artifacts import create_table_artifact
 
     if not Path(result.table_path).is_file():

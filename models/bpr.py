@@ -72,7 +72,7 @@ class MFBPR(Recommender):
     user/item tables (``embedding_dim``, xavier-normal as MMRec); loss = BPR +
     ``reg_weight`` * EmbLoss(user, pos, neg) over the batch rows. MMRec tunes
     reg_weight over {2.0, 1.0, 1e-1, ..., 1e-5}; 1e-1 was best on Baby on these
-    machines (measured on the real Baby graph, README), hence the default.
+    machines (measured on the real Baby graph, docs/benchmarks.md), hence the default.
     """
 
     required_modalities: tuple[str, ...] = ()

@@ -43,7 +43,7 @@ class LightGCN(Recommender):
     """LightGCN over the normalised training graph.
 
     Hyper-parameters: ``embedding_dim`` (64), ``n_layers`` (2; MMRec tunes
-    {1, 2, 3, 4}; 1 layer was best on Baby here, README), ``reg_weight``
+    {1, 2, 3, 4}; 1 layer was best on Baby here, docs/benchmarks.md), ``reg_weight``
     (1e-2; MMRec tunes {1e-2, ..., 1e-6}). Embeddings are xavier-uniform, as MMRec.
     With ``n_layers = 0`` the model is MF-BPR on its ego embeddings.
     """

@@ -16,8 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from sand.pipeline.base.torch_env import apply_torch_env_defaults
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported by any test module
+apply_torch_env_defaults()  # as the sand command does, before torch is imported by any test module
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

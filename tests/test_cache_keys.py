@@ -45,7 +45,6 @@ def test_performance_field_changes_no_byte(field, baseline, tmp_path):
     section, _, other = SAME_RESULT[field]
     base_root, first = baseline
     second = _image_artifact(tmp_path, *BASELINE, f"{section}.{field}={other}")
-    assert first.key == second.key
     assert first.manifest["shards"] > 1  # the parallel path, over several shards
     files = sorted(p.name for p in first.path.iterdir() if p.name != "manifest.json")
     assert files == sorted(p.name for p in second.path.iterdir() if p.name != "manifest.json")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.base.files import atomic_path
@@ -384,8 +385,6 @@ def _meta_record(
 
 def _draw_image(rng: np.random.Generator, attr: dict[str, Any], size: int) -> bytes:
     """A PNG: the item's colour and shape on a light noisy background, jittered in place and size."""
-    from PIL import Image, ImageDraw
-
     base = rng.integers(232, 250)
     pixels = np.clip(base + rng.integers(-6, 7, size=(size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels)  # H x W x 3 uint8 -> RGB

@@ -14,11 +14,13 @@ read-only data root still serves every artifact it holds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -123,9 +125,6 @@ class ArtifactStore:
         Why probe with a real file: permission bits do not tell the truth for root, for
         read-only mounts or for network file systems.
         """
-        import errno
-        import tempfile
-
         try:
             self.data_root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.data_root, prefix=".sand-write-probe-"):

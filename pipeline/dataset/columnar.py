@@ -1,6 +1,6 @@
 """Chunked, columnar reading of review dumps: tens of millions of reviews in bounded memory.
 
-Why: :func:`pipeline.readers.read_reviews` keeps two Python ``str`` objects per review
+Why: :func:`sand.pipeline.dataset.readers.read_reviews` keeps two Python ``str`` objects per review
 (about 130 bytes each with their list slots); at the 66M reviews of a 2023 category
 that is well over 10 GB before pandas copies anything. Here a review never becomes a
 Python object for longer than one chunk: each chunk of lines is parsed into Arrow
@@ -20,7 +20,7 @@ NaN/Infinity tokens or bare carriage returns (RapidJSON tolerates them, orjson d
 not), no line deep enough to hit orjson's nesting limit, every kept value present and
 plain (ids starting with a printable ASCII character, ratings within 1..5, timestamps
 in range). Any other chunk is re-read line by line through
-:func:`pipeline.readers.parse_lines` with the same converter as ``read_reviews``, so
+:func:`sand.pipeline.dataset.readers.parse_lines` with the same converter as ``read_reviews``, so
 every dirty line is skipped, counted and reported as before, under the same
 ``max_bad_lines`` budget, and lines are read through the same bounded line reader.
 
@@ -207,7 +207,7 @@ def read_review_columns(
 ) -> ReviewColumns:
     """Read a review dump chunk by chunk into :class:`ReviewColumns`.
 
-    Same records, same skips and same errors as :func:`pipeline.readers.read_reviews`
+    Same records, same skips and same errors as :func:`sand.pipeline.dataset.readers.read_reviews`
     (which stays as the reference implementation); ``progress`` is called with the
     number of lines of each finished chunk.
     """
@@ -255,7 +255,7 @@ def read_meta_for_items(
     chunk_lines: int = CHUNK_LINES // 4,
     max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[pd.DataFrame, SkipReport]:
-    """:func:`pipeline.readers.read_meta`, keeping only records whose asin is in ``asins``.
+    """:func:`sand.pipeline.dataset.readers.read_meta`, keeping only records whose asin is in ``asins``.
 
     Every line is still parsed and checked (the skip counts and errors are those of
     ``read_meta``), but a chunk's other records are dropped before the next chunk is

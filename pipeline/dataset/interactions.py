@@ -167,7 +167,7 @@ def index_reviews(
     """:func:`build_interactions` on reviews already coded by sorted raw id, without metadata.
 
     ``ucodes``/``icodes`` index ``raw_users``/``raw_items`` (sorted distinct raw ids);
-    this is the entry of the columnar reader (:mod:`pipeline.columnar`), which never
+    this is the entry of the columnar reader (:mod:`sand.pipeline.dataset.columnar`), which never
     holds a Python string per review. Join metadata with :func:`with_meta`.
     """
     _check_options(k_core, split_rule)

@@ -112,7 +112,7 @@ def parse_lines(
     """Append each line's converted values to ``columns``; count dirty lines in ``report``.
 
     The one place that decides what a dirty line is: the whole-file reader below and
-    the chunked columnar reader (:mod:`pipeline.columnar`, for chunks its fast path
+    the chunked columnar reader (:mod:`sand.pipeline.dataset.columnar`, for chunks its fast path
     cannot vouch for) both go through it, so both skip and count the same lines.
     A ``None`` line is one :func:`iter_lines` dropped for exceeding ``max_line_bytes``.
     Raises :class:`DataError` once more than ``max_bad_lines`` lines were skipped.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -58,6 +59,4 @@ class SplitData:
 
     @classmethod
     def from_parquet(cls, path: Path, n_users: int | None = None, n_items: int | None = None) -> SplitData:
-        import pandas as pd
-
         return cls.from_frame(pd.read_parquet(path, columns=["user", "item", "split"]), n_users, n_items)

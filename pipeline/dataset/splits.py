@@ -1,4 +1,4 @@
-"""Per-user train/valid/test split rules (codes 0/1/2 as in :mod:`pipeline.data`).
+"""Per-user train/valid/test split rules (codes 0/1/2 as in :mod:`sand.pipeline.dataset.split_data`).
 
 Why several rules: published numbers depend on the split. ``"mmrec"`` reproduces
 the split found in MMRec's released Baby data (valid = test = max(1, floor(n/10))

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.files import atomic_path
 
-# matplotlib, torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+# matplotlib, torch, scikit-learn, scipy.stats: imported inside the functions that use them,
+# so importing this module (and `sand --help`) stays fast (the last two take seconds each).
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -242,7 +243,6 @@ def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str]
 def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
     """Seeded 2-D t-SNE (Barnes-Hut, PCA init; perplexity capped for small samples)."""
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
 
     n = x.shape[0]
     if n < 5:

@@ -479,7 +479,7 @@ def _curves(
 
 
 def load_grid_tables(data_root: Path) -> list[tuple[str, dict[str, Any], pd.DataFrame]]:
-    """(grid name, selected.json, runs.csv) of every grid written by :mod:`pipeline.experiments.grid`."""
+    """(grid name, selected.json, runs.csv) of every grid written by :mod:`sand.pipeline.experiments.grid`."""
     out = []
     base = Path(data_root) / "grids"
     if not base.is_dir():

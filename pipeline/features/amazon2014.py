@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from sand.pipeline.base.errors import ConfigError, DataError
 
@@ -135,8 +136,6 @@ def read_item_features(
     recorded theirs. Raises :class:`DataError` for a file that is not a feature
     file, or when none of the dataset's items is in it (the wrong category).
     """
-    from tqdm.auto import tqdm
-
     if fill not in ("mean", "zeros"):
         raise ConfigError(f"invalid config value image_features.fill={fill!r}: expected 'mean' or 'zeros'")
     if chunk_records < 1:

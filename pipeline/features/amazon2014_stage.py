@@ -2,7 +2,7 @@
 
 Why a module of its own: the CNN path of ``image_stage.run_image_features`` fetches
 and encodes images in shards; this path downloads one category file and keeps
-the dataset's rows (:mod:`pipeline.amazon2014_features`). They share only the
+the dataset's rows (:mod:`sand.pipeline.features.amazon2014`). They share only the
 stage name and the output contract (``image_feat.npy`` in item order,
 ``missing_images.csv``), and their artifact keys never coincide (this one holds
 ``source: amazon2014`` and the file's URL or local fingerprint).

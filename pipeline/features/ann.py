@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.features.knn import query_rows
@@ -187,7 +188,6 @@ def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
     passes would be the N x d float32 copy this avoids.
     """
     from faiss.contrib.ivf_tools import add_preassigned
-    from tqdm.auto import tqdm
 
     n = features.shape[0]
     assign = np.empty(n, dtype=np.int64)
@@ -232,7 +232,6 @@ def faiss_neighbours(
     moves cosines by ~1e-4, and the recall is measured the same way).
     """
     import faiss
-    from tqdm.auto import tqdm
 
     n, d = features.shape
     if not 0 < target_recall <= 1:

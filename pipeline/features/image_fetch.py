@@ -7,7 +7,7 @@ fetch the same URL twice across runs. Every URL therefore gets an outcome
 on disk keyed by ``sha256(url)`` (never by URL text), and transient failures are
 left uncached so a later run retries them.
 
-URLs are data: a :class:`~pipeline.url_policy.UrlPolicy` (chosen by where the
+URLs are data: a :class:`~sand.pipeline.acquire.url_policy.UrlPolicy` (chosen by where the
 metadata came from) decides which ones may be read at all; only regular files are
 read, never more than ``max_bytes``; an image's pixel count is checked from its
 header before anything is decoded, and a process-wide pixel budget keeps several
@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from sand.pipeline.acquire.retry import backoff_delays, is_retryable_status
 from sand.pipeline.acquire.url_policy import REFUSED, UnresolvableHost, UrlPolicy, check_http_url, peer_allowed
@@ -391,8 +393,6 @@ async def _fetch_http(
     check_peer: bool,
 ) -> tuple[str | None, bytes | None]:
     """Bytes of ``url`` or a failure reason, retrying only what may succeed later."""
-    import httpx
-
     seed = int(hashlib.sha256(url.encode("utf-8")).hexdigest()[:8], 16)
     delays = backoff_delays(retries, base=backoff_base, seed=seed)
     while True:
@@ -548,9 +548,6 @@ async def _fetch_all(
     backoff_base: float,
     progress: bool,
 ) -> dict[str, ImageResult]:
-    import httpx
-    from tqdm.auto import tqdm
-
     sem = asyncio.Semaphore(concurrency)
     client_limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     verdicts = _HostVerdicts(limits.policy)

@@ -63,7 +63,7 @@ def process_shard(
 ) -> ShardResult:
     """Fetch, validate and encode the images of one shard (``urls[i]`` belongs to ``item_ids[i]``).
 
-    ``fetch_kwargs`` go to :func:`pipeline.images.fetch_images`; ``encoder_kwargs``
+    ``fetch_kwargs`` go to :func:`sand.pipeline.features.image_fetch.fetch_images`; ``encoder_kwargs``
     hold ``backbone``/``weights``/``seed`` for :func:`build_cnn` and the rest for
     :func:`encode_images`. Builds the CNN only when some image is usable.
     """

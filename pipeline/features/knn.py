@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError
@@ -119,7 +120,6 @@ def knn_neighbours(
     (len(rows) x k), e.g. the sample an approximate graph's recall is measured on.
     """
     import torch
-    from tqdm.auto import tqdm
 
     x = _validate(features, k, include_self, block_size)
     n = x.shape[0]

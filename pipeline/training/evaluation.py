@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from sand.pipeline.base.errors import ConfigError, DataError, SandError
@@ -33,7 +34,6 @@ from sand.pipeline.dataset.split_data import SplitData
 # torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 if TYPE_CHECKING:
-    import pandas as pd
     import torch
 
 SPLITS = ("valid", "test")
@@ -251,8 +251,6 @@ def evaluate_split(
 
 def recommendations_table(user_emb, item_emb, data: SplitData, k: int, users=None) -> pd.DataFrame:
     """Top-``k`` recommendations (training items excluded) as columns user, rank (1-based), item, score."""
-    import pandas as pd
-
     ue, ie = _as_tensor(user_emb), _as_tensor(item_emb)
     _check_embeddings(ue, ie, data.n_users, data.n_items)
     users = np.arange(data.n_users, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)

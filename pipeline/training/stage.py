@@ -1,8 +1,9 @@
 """The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings.
 
 Training resumes: its work directory is keyed by every parameter and input, so a
-rerun of the same settings continues from the last checkpoint. ``sand.models``
-(which imports torch) is imported inside functions (keeps ``sand --help`` fast).
+rerun of the same settings continues from the last checkpoint. Importing this module
+loads no torch: the trainer and ``model_io`` import it inside the functions that build and
+train models.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from sand.models.registry import (
     accepted_hyperparameters,
+    default_lr,
     has_variants,
     profile_hyperparameters,
     profile_training,
@@ -114,8 +116,6 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
     work_key = ctx.work_key("train", params, inputs)
 
     def build(out: Path) -> dict[str, Any]:
-        from sand.models.registry import default_lr  # imports torch
-
         memory = check_training_memory(tcfg, inter, feature_arts)  # refuses, in one line, what cannot fit
         model, data = build_model_for(tcfg, inter, feature_arts)
         if warm_from is not None:

@@ -1,4 +1,4 @@
-"""Tests for pipeline.download against a loopback HTTP server (the only thing faked)."""
+"""Tests for sand.pipeline.acquire.download against a loopback HTTP server (the only thing faked)."""
 
 from __future__ import annotations
 

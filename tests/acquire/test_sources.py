@@ -1,4 +1,4 @@
-"""Tests for pipeline.sources: presets, categories, explicit files, local folders, format sniffing."""
+"""Tests for sand.pipeline.acquire.sources: presets, categories, explicit files, local folders, format sniffing."""
 
 from __future__ import annotations
 

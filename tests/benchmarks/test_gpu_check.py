@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -28,12 +29,14 @@ def gpu_check():
 def test_dry_mode_trains_both_variants_in_both_precisions(gpu_check, capsys):
     assert gpu_check.main(["--device", "cpu", "--small", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    for variant, (paper_s, paper_gb) in gpu_check.PAPER_TABLE5.items():
+    for variant in gpu_check.PAPER_TABLE5:
         for precision in ("fp32", "bf16"):
             row = next(line for line in out.splitlines() if line.startswith(f"| SAND_{variant} | {precision} |"))
             cells = [c.strip() for c in row.strip("|").split("|")]
-            assert float(cells[2]) > 0 and float(cells[4]) > 0
-            assert cells[3] == str(paper_s) and cells[6] == str(paper_gb)
+            assert float(cells[2]) > 0 and float(cells[4]) > 0  # measured epoch and evaluation times
+            assert float(cells[5]) > 0  # measured peak memory
+            first, last = (float(loss) for loss in cells[7].split("->"))
+            assert math.isfinite(first) and math.isfinite(last)
             assert 0.0 <= float(cells[8]) <= 1.0
         assert f"SAND_{variant}: bf16 speed-up" in out
 

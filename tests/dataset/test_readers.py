@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 from pathlib import Path
@@ -266,14 +267,24 @@ def test_2023_ratings_out_of_range_are_dirty(tmp_path):
     assert df["user_id"].tolist() == ["B"] and report.counts == {"rating out of range 1..5": 1}
 
 
-def test_literal_guard_skips_pathological_meta_without_evaluating(tmp_path):
+def test_literal_guard_skips_pathological_meta_without_evaluating(tmp_path, monkeypatch):
+    """The dense lines are counted skips decided before ``literal_eval`` ever sees them."""
     good = repr({"asin": "B1", "title": "ok", "related": {"also_bought": [f"B{i:09d}" for i in range(300)]}})
     flat = "[" + "0," * 200_000 + "]"  # 400 KB that literal_eval would turn into ~200 MB of AST
     unary = "{'asin': " + "-" * 300_000 + "1}"
     path = write_lines(tmp_path / "meta.json", [good, flat, unary], compress=False)
+    evaluated: list[str] = []
+    real_literal_eval = ast.literal_eval
+
+    def spy(text: str):
+        evaluated.append(text)
+        return real_literal_eval(text)
+
+    monkeypatch.setattr(ast, "literal_eval", spy)
     df, report = read_meta(path, "amazon2014")
     assert df["asin"].tolist() == ["B1"]
     assert report.counts == {"Python literal too complex": 2}
+    assert evaluated == [good]  # only the real record reached literal_eval
 
 
 def _peak_rss_growth_mb(code: str) -> tuple[float, str]:
