@@ -68,8 +68,14 @@ class FeatureCache:
         Why separate from :meth:`load`: a sharded run indexes the cache once and sends each
         shard only the chunk names of its own keys, instead of every shard reading every chunk.
         """
+        if not keys:
+            return {}
+        return {k: c for k, c in self.index_all().items() if k in keys}
+
+    def index_all(self) -> dict[str, str]:
+        """key -> chunk file for every cached key (for a caller that learns its keys as it goes)."""
         found: dict[str, str] = {}
-        if not self.dir.is_dir() or not keys:
+        if not self.dir.is_dir():
             return found
         for chunk in sorted(self.dir.glob("chunk-*.npz")):
             try:
@@ -79,8 +85,7 @@ class FeatureCache:
                 self._drop(chunk, err)
                 continue
             for key in ckeys.tolist():
-                if key in keys and key not in found:
-                    found[key] = str(chunk)
+                found.setdefault(key, str(chunk))
         return found
 
     def load(self, index: Mapping[str, str]) -> dict[str, np.ndarray]:
