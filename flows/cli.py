@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sand.flows.cli_cache import cache_app
 from sand.models.registry import model_choices
 from sand.pipeline.base.config import CLI_FIELDS
 from sand.pipeline.base.errors import ConfigError, SandError, one_line
@@ -40,6 +41,7 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+app.add_typer(cache_app, name="cache")
 
 log = logging.getLogger("sand")
 
