@@ -15,8 +15,9 @@ import hashlib
 import io
 import json
 import logging
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,26 @@ def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str
             ahead = pool.submit(fetch_images, list(urls[nxt : nxt + group]), cache_dir, **fetch_kwargs) \
                 if nxt < len(urls) else None
             yield current.result()
+
+
+_ENCODERS: OrderedDict[str, Any] = OrderedDict()
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _encoder(identity: str, build: Callable[[], Any]) -> Any:
+    """The process's encoder for ``identity``, built once: shards in threads share one traced graph.
+
+    Why: tracing, freezing and the first (profiling) calls of a resnet50 graph cost seconds;
+    paying them once per process rather than once per shard keeps a small snapshot update
+    small. Two identities at most are kept (a benchmark comparing engines in one process).
+    """
+    with _ENCODERS_LOCK:
+        if identity not in _ENCODERS:
+            _ENCODERS[identity] = build()
+            while len(_ENCODERS) > 2:
+                _ENCODERS.popitem(last=False)
+        _ENCODERS.move_to_end(identity)
+        return _ENCODERS[identity]
 
 
 def _image_key(identity: str, path: Path, max_bytes: int) -> str:
@@ -190,8 +211,8 @@ def process_shard(
             n_cached += len(found)
             todo.update((k, p) for k, p in hits.items() if k not in found)  # a corrupted chunk: recompute
     if todo:
-        encoder = Encoder(model()[0], engine=engine, precision=precision, device=device, batch_size=batch_size,
-                          image_size=image_size, threads=threads)
+        encoder = _encoder(identity, lambda: Encoder(model()[0], engine=engine, precision=precision, device=device,
+                                                     batch_size=batch_size, image_size=image_size, threads=threads))
         keys = list(todo)
         rows = encode_stream((todo[k] for k in keys), encoder, image_size=image_size, num_workers=num_workers,
                              max_bytes=max_bytes, max_pixels=max_pixels)

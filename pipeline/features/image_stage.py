@@ -8,8 +8,10 @@ the function that builds the CNN (keeps ``sand --help`` fast).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from sand.pipeline.acquire.url_policy import UrlPolicy, host_and_port
 from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.files import write_bytes_atomic
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.amazon2014_stage import run_amazon2014_image_features
 from sand.pipeline.features.image_shards import assemble_features, load_shard, process_shard, save_shard, shard_items
@@ -97,17 +100,34 @@ def image_url_origin(inter: Artifact) -> str:
     return "network" if host_and_port(str(meta)) is not None else "local"
 
 
-def _stage_cnn(work: Path, backbone: str, weights: str, seed: int) -> tuple[Path, str]:
+def _stage_cnn(work: Path, shared: Path, backbone: str, weights: str, seed: int,
+               reuse: bool = True) -> tuple[Path, str]:
     """Build the stage's CNN once and save it where every shard (thread, process, Dask worker) loads it.
 
     Why: shards building their own random CNN would each draw from a racing RNG
     (different features per shard and per run); one file, loaded with
-    ``weights_only=True``, gives every shard the same bytes.
+    ``weights_only=True``, gives every shard the same bytes. Random and ImageNet CNNs
+    depend on nothing but (backbone, weights, seed), so they are kept in the data root's
+    ``shared`` folder for the next snapshot (``reuse=False``, a refresh: built again);
+    a weights file is rebuilt into ``work``.
     """
     from sand.pipeline.features.image_encoder import build_cnn, save_cnn
 
+    if weights in ("random", "imagenet"):
+        name = f"{backbone}-{weights}" + (f"-seed{seed}" if weights == "random" else "")
+        path, about = shared / f"{name}.pt", shared / f"{name}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if reuse and path.is_file():
+                description = json.loads(about.read_text())["description"]
+                os.utime(path)  # in use: not for `sand cache prune`
+                return path, description
+    else:
+        path, about = work / "cnn.pt", None
     model, _, description = build_cnn(backbone, weights, seed)
-    return save_cnn(model, work / "cnn.pt"), description
+    save_cnn(model, path)
+    if about is not None:
+        write_bytes_atomic(about, json.dumps({"description": description}).encode())
+    return path, description
 
 
 def _torch_threads() -> int:
@@ -152,7 +172,9 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
         if "image_features" in ctx.refresh:  # re-encode: finished shards of an earlier run are not reused
             for old in (*work.glob("shard-*.npz"), work / "cnn.pt"):
                 old.unlink(missing_ok=True)
-        cnn_file, weights_description = _stage_cnn(work, params["backbone"], params["weights"], icfg.seed)
+        cnn_file, weights_description = _stage_cnn(work, ctx.store.cache_dir("image_features") / "cnn",
+                                                   params["backbone"], params["weights"], icfg.seed,
+                                                   reuse="image_features" not in ctx.refresh)
         policy = UrlPolicy.for_origin(image_url_origin(inter), icfg.allow_hosts)
         fetch_kwargs = dict(
             concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries, max_bytes=icfg.max_bytes,
