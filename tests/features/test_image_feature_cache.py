@@ -64,14 +64,14 @@ def snapshots(tmp_path_factory):
         server.stop()
 
 
-def _run(root: Path, name: str, raw: tuple[Path, Path], *extra: str, refresh=()):
+def _run(root: Path, name: str, raw: tuple[Path, Path], *extra: str, refresh=(), map_shards=None):
     cfg = load_config(None, {"data_root": str(root), "acquire.dataset": name, "acquire.format": "amazon2014",
                              "acquire.reviews": str(raw[0]), "acquire.meta": str(raw[1]),
                              "image_features.weights": "random", "image_features.backbone": "resnet18"},
                       [*SETTINGS, *extra])
     ctx = Context.create(cfg, refresh=refresh, progress=False)
     inter = run_interactions(ctx, run_acquire(ctx).artifact).artifact
-    outcome = run_image_features(ctx, inter)
+    outcome = run_image_features(ctx, inter, map_shards)
     items = pd.read_parquet(inter.file("items.parquet")).sort_values("item")
     feats = np.load(outcome.artifact.file("image_feat.npy"))
     missing = set(pd.read_csv(outcome.artifact.file("missing_images.csv"))["item"])
@@ -97,6 +97,30 @@ def test_second_snapshot_encodes_only_its_new_images_and_refresh_encodes_all(sna
 
     refreshed, rows3 = _run(tmp_path, "snap2", snapshots["second"], refresh=("image_features",))
     assert refreshed["cache"] == {"hits": 0, "misses": len(rows2), "read": False}
+    assert rows3 == rows2
+
+
+def _on_dask(fn, jobs):
+    """Shards on Dask worker processes that read and write the data root themselves."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        return client.gather(client.map(fn, jobs, pure=False))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_dask_workers_reuse_and_fill_the_same_cache(snapshots, tmp_path):
+    first, rows1 = _run(tmp_path, "snap1", snapshots["first"])
+    second, rows2 = _run(tmp_path, "snap2", snapshots["second"], map_shards=_on_dask)
+    assert second["shards"] > 1
+    assert second["cache"] == {"hits": len(rows1), "misses": len(rows2) - len(rows1), "read": True}
+    assert all(rows2[a] == rows1[a] for a in rows1)
+    _, fresh = _run(tmp_path / "alone", "snap2", snapshots["second"])
+    assert fresh == rows2
+    again, rows3 = _run(tmp_path, "snap3", snapshots["second"])  # the workers' new entries, read locally
+    assert again["cache"] == {"hits": len(rows2), "misses": 0, "read": True}
     assert rows3 == rows2
 
 
@@ -146,6 +170,7 @@ def _fill(args: tuple[list[str], str, str]) -> bytes:
     return _shard(urls, Path(root), Path(cache)).features.tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_filling_the_cache_at_once_agree(tmp_path):
     urls = _images(tmp_path / "img", 10)
@@ -158,3 +183,20 @@ def test_two_processes_filling_the_cache_at_once_agree(tmp_path):
     assert (reread.n_cached, reread.n_encoded) == (10, 0)
     assert reread.features.tobytes() == a
     assert not list(cache.rglob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_eager_float32_keeps_the_key_it_had_and_other_settings_name_theirs(tmp_path, monkeypatch):
+    from sand.pipeline.base import hardware
+    from sand.pipeline.features.image_stage import image_settings
+
+    def params(*settings):
+        cfg = load_config(None, {"data_root": str(tmp_path)}, ["image_features.device=cpu", *settings])
+        return image_settings(Context.create(cfg, progress=False), None)
+
+    before = {"backbone", "weights", "image_size", "batch_size", "max_bytes", "max_pixels", "timeout", "retries",
+              "allow_hosts", "min_side", "fill", "shard_size", "seed", "device"}  # the key's fields until now
+    assert set(params("image_features.engine=eager")) == before
+    assert params("image_features.engine=fast")["precision"] == "fp32"  # no native bf16 on this CPU
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: True)  # an AMX CPU
+    assert params("image_features.engine=eager")["precision"] == "bf16"  # auto: bf16 where native
+    assert params("image_features.precision=fp32", "image_features.engine=eager").keys() == before
