@@ -119,7 +119,8 @@ def _stage_cnn(work: Path, shared: Path, backbone: str, weights: str, seed: int,
         with contextlib.suppress(OSError, ValueError, KeyError):
             if reuse and path.is_file():
                 description = json.loads(about.read_text())["description"]
-                os.utime(path)  # in use: not for `sand cache prune`
+                for used in (path, about):  # in use: not for `sand cache prune`
+                    os.utime(used)
                 return path, description
     else:
         path, about = work / "cnn.pt", None

@@ -59,8 +59,13 @@ class FeatureCache:
             write_bytes_atomic(path, json.dumps(dict(what), indent=1, sort_keys=True).encode())
 
     def _drop(self, chunk: Path | str, err: BaseException) -> None:
+        """A chunk that cannot be read is skipped; one whose content is damaged is also deleted."""
+        if isinstance(err, OSError):  # e.g. permissions: the file may be fine
+            log.warning("%s: unreadable feature cache chunk skipped, its vectors are recomputed (%s)", chunk, err)
+            return
         log.warning("%s: corrupted feature cache chunk deleted, its vectors are recomputed (%s)", chunk, err)
-        Path(chunk).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache: skipping it is enough
+            Path(chunk).unlink(missing_ok=True)
 
     def index(self, keys: set[str]) -> dict[str, str]:
         """key -> chunk file for those of ``keys`` that are cached, reading only the chunks' key lists.
