@@ -200,3 +200,24 @@ def test_eager_float32_keeps_the_key_it_had_and_other_settings_name_theirs(tmp_p
     monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: True)  # an AMX CPU
     assert params("image_features.engine=eager")["precision"] == "bf16"  # auto: bf16 where native
     assert params("image_features.precision=fp32", "image_features.engine=eager").keys() == before
+
+
+@pytest.mark.parametrize("engine, precision, min_cosine", [("fast", "fp32", 0.99999), ("eager", "bf16", 0.999),
+                                                           ("fast", "bf16", 0.999)])
+def test_engines_and_precisions_stay_close_to_eager_float32(engine, precision, min_cosine):
+    import torch
+
+    from sand.pipeline.features.image_encoder import Encoder, build_cnn
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def features(engine, precision):
+        model, _, _ = build_cnn("resnet18", "random", 0)
+        return Encoder(model, engine=engine, precision=precision, device=torch.device("cpu"), batch_size=4,
+                       image_size=32)(x)
+
+    ref, got = features("eager", "fp32"), features(engine, precision)
+    assert got.dtype == np.float32 and got.shape == ref.shape == (4, 512)
+    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() > min_cosine
+    assert not np.array_equal(got, ref), "another engine or precision: other bytes, hence its own key"
