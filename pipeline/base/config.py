@@ -102,7 +102,10 @@ class ImageFeaturesConfig(_Section):
     weights: str = Field("auto", description="imagenet | random | PATH | auto (sample: random, else imagenet)")
     image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default 224 (64 for sample)")
     batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0, description="image decode threads per shard (0: decode in the shard thread)")
+    num_workers: int | None = Field(
+        None, ge=0, description="image decode threads per shard (0: decode in the shard thread; default: the "
+        "machine's cores, decoding ahead of the forward pass)",
+    )
     concurrency: int = Field(16, ge=1, le=256)
     timeout: float = Field(10.0, gt=0)
     retries: int = Field(3, ge=0, le=10)

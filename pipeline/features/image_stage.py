@@ -184,7 +184,8 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
         precision = encoder_precision(icfg.precision, icfg.device)
         encoder_kwargs = dict(
             backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
-            batch_size=icfg.batch_size, num_workers=icfg.num_workers, device=icfg.device,
+            batch_size=icfg.batch_size, device=icfg.device,
+            num_workers=(os.cpu_count() or 1) if icfg.num_workers is None else icfg.num_workers,
             max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, engine=icfg.engine, precision=precision,
             threads=_torch_threads(),
         )
