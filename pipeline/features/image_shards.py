@@ -6,7 +6,9 @@ workers. A shard is self-contained (it loads the CNN file the stage saved once,
 reads only URLs and the shared image cache) and its result is a small ``.npz``
 file, so nothing big travels through the orchestrator. Its features do not depend
 on which shard an item landed in: same CNN bytes everywhere, no global RNG, and a
-fixed batch shape in the encoder.
+fixed batch shape in the encoder. That is also why a per-item vector cache is safe: a
+row computed in any shard, batch or earlier snapshot has the same bytes, so a shard
+encodes only images (by content) its encoder has not seen in this data root.
 """
 
 from __future__ import annotations
