@@ -29,6 +29,7 @@ import yaml
 from typer.core import TyperCommand
 
 from sand.flows import cli_logging
+from sand.flows.cli_cache import cache_app
 from sand.flows.cli_models import models_app, write_all_recommendations
 from sand.flows.report_text import render_summary
 from sand.flows.run_options import RunOptions
@@ -56,6 +57,7 @@ app = typer.Typer(
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 app.add_typer(models_app, name="models")
+app.add_typer(cache_app, name="cache")
 
 log = logging.getLogger("sand")
 

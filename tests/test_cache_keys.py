@@ -61,6 +61,8 @@ def test_performance_field_changes_no_byte(field, baseline, tmp_path):
         ("evaluate.batch_users", 7),
         ("graphs.block_size", 5),
         ("image_features.batch_size", 4),
+        ("image_features.engine", "eager"),
+        ("image_features.precision", "bf16"),
         ("text_features.batch_size", 8),
         ("evaluate.ks", [5, 100]),  # train reports metrics at these ks
     ],

@@ -31,7 +31,7 @@ BAD_VALUES: dict[str, Any] = {
     "image_features.retries": 99, "image_features.max_bytes": 1, "image_features.max_pixels": 1,
     "image_features.allow_hosts": ["http://mirror.lan/x"], "image_features.min_side": 0,
     "image_features.fill": "noise", "image_features.shard_size": 0, "image_features.seed": -1,
-    "image_features.device": "gpu",
+    "image_features.device": "gpu", "image_features.engine": "jit", "image_features.precision": "fp8",
     "graphs.k": 0, "graphs.include_self": "maybe", "graphs.block_size": 0, "graphs.method": "annoy",
     "graphs.auto_threshold": 0, "graphs.nlist": 0, "graphs.nprobe": 0, "graphs.target_recall": 1.5,
     "graphs.recall_sample": 1, "graphs.faiss_storage": "int8", "graphs.seed": -1,

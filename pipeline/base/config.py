@@ -114,7 +114,10 @@ class ImageFeaturesConfig(_Section):
     weights: Text = Field("auto", description="imagenet | random | PATH | auto (sample: random, else imagenet)")
     image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default 224 (64 for sample)")
     batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0, description="image decode threads per shard (0: decode in the shard thread)")
+    num_workers: int | None = Field(
+        None, ge=0, description="image decode threads per shard (0: decode in the shard thread; default: the "
+        "machine's cores, decoding ahead of the forward pass)",
+    )
     concurrency: int = Field(16, ge=1, le=256)
     timeout: float = Field(10.0, gt=0)
     retries: int = Field(3, ge=0, le=10)
@@ -132,6 +135,14 @@ class ImageFeaturesConfig(_Section):
     shard_size: int = Field(1024, ge=1)
     seed: Seed = 0
     device: Device = None
+    engine: Literal["eager", "fast"] = Field(
+        "fast", description="fast: channels-last, batch norms folded into a frozen graph (~2x on a CPU; "
+        "features within 1e-4 of eager) | eager: the module as torchvision defines it",
+    )
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "auto", description="CNN compute precision; auto: bf16 where the hardware multiplies it natively "
+        "(AMX/AVX512-BF16 CPUs, CUDA GPUs with bf16), else fp32",
+    )
 
 
 class GraphsConfig(_Section):

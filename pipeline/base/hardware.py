@@ -58,18 +58,18 @@ def cuda_bf16_support(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: torch.device, setting: str = "train.precision") -> str:
     """``"fp32"`` or ``"bf16"`` for ``requested`` (fp32 | bf16 | auto) on ``device``.
 
     ``auto``: bf16 on a CUDA device with bf16 support and on a CPU reporting AMX-BF16 or
     AVX512-BF16; fp32 everywhere else. An explicit choice is kept (bf16 without native
-    support is slow, not wrong: a warning says so).
+    support is slow, not wrong: a warning says so). ``setting`` names the option in messages.
     """
     if requested not in PRECISION_CHOICES:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISION_CHOICES)}; got {requested!r}")
+        raise ConfigError(f"{setting} must be one of {', '.join(PRECISION_CHOICES)}; got {requested!r}")
     native = cuda_bf16_support(device) if device.type == "cuda" else device.type == "cpu" and cpu_bf16_support()
     if requested == "auto":
         return "bf16" if native else "fp32"
     if requested == "bf16" and not native:
-        log.warning("train.precision=bf16 on %s without native bfloat16 support: expect it to be slower", device)
+        log.warning("%s=bf16 on %s without native bfloat16 support: expect it to be slower", setting, device)
     return requested

@@ -17,10 +17,12 @@ sees the same batch shape, so a row's features do not depend on its batch-mates.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,12 +36,18 @@ from sand.pipeline.base.errors import ConfigError, DataError, one_line
 from sand.pipeline.base.files import atomic_path, sha256_file
 from sand.pipeline.base.torch_files import load_tensors
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
+from sand.pipeline.features.text import torch_threads
 
 # torchvision: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "resnet18", "vgg16")
+#: How the CNN runs (see :class:`Encoder`).
+ENGINES = ("eager", "fast")
+#: Bumped whenever decoding or preprocessing changes what a pixel tensor holds: part of
+#: the per-item cache identity, so cached vectors of the old recipe are never served.
+PREPROCESS_VERSION = 1
 OUT_DIMS = {"resnet50": 2048, "resnet18": 512, "vgg16": 4096}
 #: Pretrained weights per backbone (the torchvision enum member names).
 IMAGENET_WEIGHTS = {
@@ -238,7 +246,10 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.paths[i]
+        return self.decode(self.paths[i])
+
+    def decode(self, path: Path) -> torch.Tensor:
+        """One image file as a normalised ``(3, size, size)`` tensor, or a one-line :class:`DataError`."""
         reason, data = read_regular_file(path, self.max_bytes)
         if reason is not None or data is None:
             raise DataError(f"{path}: image cannot be read ({reason}); delete it to refetch")
@@ -250,25 +261,27 @@ class ImageFileDataset(Dataset):
             raise DataError(msg) from None
 
 
-def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
-    """Decoded batches in order, always ``batch_size`` rows (the last one padded with zeros).
+def _stack(rows: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """One batch of exactly ``batch_size`` rows: the last one of a run is padded with zeros."""
+    batch = torch.stack(rows)
+    if len(rows) < batch_size:
+        batch = torch.cat([batch, batch.new_zeros((batch_size - len(rows), *batch.shape[1:]))])
+    return batch
+
+
+def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(real rows, batch)`` in order, every batch ``batch_size`` rows (the last one padded with zeros).
 
     ``num_workers`` threads decode ahead (Pillow and the resize release the GIL), at
     most two batches ahead so memory stays bounded; 0 decodes in this thread. Threads,
     not forked workers: forking a process that runs other threads (shards, HTTP) can
     copy a held lock into the child and hang it forever.
     """
-
-    def stack(rows: list[torch.Tensor]) -> torch.Tensor:
-        batch = torch.stack(rows)
-        if len(rows) < batch_size:
-            batch = torch.cat([batch, batch.new_zeros((batch_size - len(rows), *batch.shape[1:]))])
-        return batch
-
     n = len(dataset)
     if num_workers <= 0:
         for start in range(0, n, batch_size):
-            yield stack([dataset[i] for i in range(start, min(start + batch_size, n))])
+            rows = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            yield len(rows), _stack(rows, batch_size)
         return
     with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="decode") as pool:
         pending: deque[Future[torch.Tensor]] = deque()
@@ -278,7 +291,99 @@ def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> It
             while next_index < min(n, end + batch_size):
                 pending.append(pool.submit(dataset.__getitem__, next_index))
                 next_index += 1
-            yield stack([pending.popleft().result() for _ in range(end - start)])
+            yield end - start, _stack([pending.popleft().result() for _ in range(end - start)], batch_size)
+
+
+class Encoder:
+    """A CNN ready for inference: which engine and precision, on which device, for which batch shape.
+
+    ``engine="eager"`` runs the module as torchvision defines it (NCHW, float32 unless
+    ``precision="bf16"``): the reference. ``engine="fast"`` converts it to channels-last,
+    traces it at the stage's fixed batch shape and freezes the graph, which folds each
+    batch norm into its convolution; on a CPU ``optimize_for_inference`` then lays the
+    weights out for oneDNN. Measured on a 2-core AVX2 EPYC (resnet50, 224 px): 6.5
+    images/s eager, 13.5 fast, features equal within 1e-4 (cosine 0.9999999). Its bytes
+    differ from eager's, so the engine is part of the stage key and the cache identity.
+    The graph is traced for one batch shape, which :func:`encode_stream` always uses.
+    """
+
+    def __init__(self, model: nn.Module, *, engine: str, precision: str, device: torch.device,
+                 batch_size: int, image_size: int, threads: int | None = None) -> None:
+        if engine not in ENGINES:
+            raise ConfigError(f"image_features.engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"image encoder precision must be fp32 or bf16 (resolved), got {precision!r}")
+        self.engine, self.precision, self.device, self.batch_size = engine, precision, device, batch_size
+        self.threads = threads  # torch intra-op threads per forward (None: as torch is); see torch_threads
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.memory_format = torch.channels_last if engine == "fast" else torch.contiguous_format
+        model = model.to(device=device, dtype=self.dtype).eval()
+        if engine == "fast":
+            model = model.to(memory_format=torch.channels_last)
+            # Traced with one image: the recorded ops do not depend on the batch size (resnet and
+            # vgg flatten from dim 1), and tracing runs an eager forward, 1/batch_size the cost.
+            example = self._prepare(torch.zeros(1, 3, image_size, image_size))
+            with torch.no_grad(), warnings.catch_warnings():
+                # optimize_for_inference is marked deprecated in favour of torch.compile, which
+                # measured no faster here and adds ~45 s of compilation per process.
+                warnings.simplefilter("ignore", FutureWarning)
+                graph = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False).eval())
+                if device.type == "cpu":
+                    graph = torch.jit.optimize_for_inference(graph)
+            self.forward: Callable[[torch.Tensor], torch.Tensor] = graph
+        else:
+            self.forward = model
+
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
+        return batch.contiguous(memory_format=self.memory_format)
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """float32 features of one full batch (``batch_size`` rows)."""
+        with torch.inference_mode():
+            x = self._prepare(batch)
+            if self.device.type == "cpu":
+                with _CPU_FORWARD_GATE, torch_threads(self.threads):
+                    out = self.forward(x)
+            else:
+                out = self.forward(x)
+            return out.reshape(out.shape[0], -1).float().cpu().numpy()
+
+
+def encode_stream(
+    paths: Iterable[Path], encoder: Encoder, *, image_size: int, num_workers: int,
+    max_bytes: int = 10_000_000, max_pixels: int = MAX_PIXELS,
+) -> Iterator[np.ndarray]:
+    """Features of ``paths`` as they arrive, one array of real rows per full batch.
+
+    Why a stream: the shard's fetcher yields images while earlier ones are encoded, and
+    ``num_workers`` threads decode up to two batches ahead of the forward pass (Pillow
+    and the resize release the GIL). Every forward sees ``encoder.batch_size`` rows (the
+    last batch padded with zeros), so a row's bytes never depend on its batch-mates.
+    """
+    dataset = ImageFileDataset([], image_size, max_bytes=max_bytes, max_pixels=max_pixels)
+    size = encoder.batch_size
+    workers = max(1, num_workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future[torch.Tensor]] = deque()
+        for path in paths:
+            if num_workers > 0:
+                pending.append(pool.submit(dataset.decode, Path(path)))
+            else:
+                pending.append(_done(dataset.decode(Path(path))))
+            if len(pending) >= 2 * size:
+                yield encoder(_stack([pending.popleft().result() for _ in range(size)], size))
+        while pending:
+            rows = [pending.popleft().result() for _ in range(min(size, len(pending)))]
+            yield encoder(_stack(rows, size))[: len(rows)]
+
+
+def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+    fut: Future[torch.Tensor] = Future()
+    fut.set_result(value)
+    return fut
 
 
 def encode_images(
@@ -292,37 +397,44 @@ def encode_images(
     progress: bool = True,
     max_bytes: int = 10_000_000,
     max_pixels: int = MAX_PIXELS,
+    engine: str = "eager",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Features of ``paths`` (rows in the same order) as a float32 array.
 
     ``num_workers`` decode threads (``None``: 0 on CPU, where decoding would compete
     with the CNN for the same cores, and 2 on CUDA, where it overlaps GPU work). Every
     CNN call sees a full ``batch_size`` batch, so a row's bytes do not depend on which
-    other images share its batch (how items were sharded). The model is moved to
-    ``device`` in place.
+    other images share its batch (how items were sharded). ``engine`` and ``precision``
+    (resolved: fp32 | bf16) as in :class:`Encoder`. The model is moved to ``device``.
     """
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
-    model = model.to(dev).eval()
     if num_workers is None:
         num_workers = 2 if dev.type == "cuda" else 0
+    encoder = Encoder(model, engine=engine, precision=precision, device=dev, batch_size=batch_size,
+                      image_size=image_size)
     if len(paths) == 0:
-        with torch.inference_mode():
-            dim = model(torch.zeros(1, 3, image_size, image_size, device=dev)).reshape(1, -1).shape[1]
-        return np.zeros((0, dim), dtype=np.float32)
+        return np.zeros((0, encoder(torch.zeros(batch_size, 3, image_size, image_size)).shape[1]), np.float32)
     dataset = ImageFileDataset(paths, image_size, max_bytes=max_bytes, max_pixels=max_pixels)
     chunks: list[np.ndarray] = []
+    batches = _batches(dataset, batch_size, num_workers)
     n_batches = -(-len(dataset) // batch_size)
-    with torch.inference_mode():
-        batches = _batches(dataset, batch_size, num_workers)
-        for batch in tqdm(batches, total=n_batches, desc="encode images", unit="batch", disable=not progress):
-            if dev.type == "cuda":
-                batch = batch.pin_memory()
-            if dev.type == "cpu":
-                with _CPU_FORWARD_GATE:
-                    out = model(batch)
-            else:
-                out = model(batch.to(dev, non_blocking=True))
-            chunks.append(out.reshape(out.shape[0], -1).float().cpu().numpy())
-    return np.concatenate(chunks, axis=0)[: len(dataset)].astype(np.float32, copy=False)
+    for n, batch in tqdm(batches, total=n_batches, desc="encode images", unit="batch", disable=not progress):
+        chunks.append(encoder(batch)[:n])
+    return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes, bytes): the weights' part of a cache identity.
+
+    Why not the file's hash: the same weights saved twice need not give the same file
+    bytes, and a per-item cache must be shared by every snapshot that uses them.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -6,16 +6,21 @@ workers. A shard is self-contained (it loads the CNN file the stage saved once,
 reads only URLs and the shared image cache) and its result is a small ``.npz``
 file, so nothing big travels through the orchestrator. Its features do not depend
 on which shard an item landed in: same CNN bytes everywhere, no global RNG, and a
-fixed batch shape in the encoder.
+fixed batch shape in the encoder. That is also why a per-item vector cache is safe: a
+row computed in any shard, batch or earlier snapshot has the same bytes, so a shard
+encodes only images (by content) its encoder has not seen in this data root.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ import pandas as pd
 
 from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.base.files import write_bytes_atomic
+from sand.pipeline.features.image_fetch import MAX_PIXELS
+from sand.pipeline.features.vector_cache import FeatureCache, content_key
 
 # the modules that pull in torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: Keys of ``encoder_kwargs`` that choose the CNN; the others go to ``encode_images``.
 _BUILD_KEYS = ("backbone", "weights", "seed")
+#: Encoded rows per feature-cache chunk: one file per ~256 images keeps the index small and
+#: an interrupted shard loses at most that much work.
+_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -43,6 +53,8 @@ class ShardResult:
     features: np.ndarray  # (k, dim) float32, rows aligned with item_ids
     missing: list[tuple[int, str, str]] = field(default_factory=list)  # (item, url, reason)
     weights: str = ""  # description of the CNN weights, for provenance
+    n_cached: int = 0  # distinct images read from the per-item feature cache
+    n_encoded: int = 0  # distinct images encoded by this shard
 
     @property
     def dim(self) -> int:
@@ -54,21 +66,88 @@ def shard_items(n_items: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
+def image_identity(backbone: str, weights_sha256: str, image_size: int, precision: str, engine: str,
+                   batch_size: int, device: str, threads: int | None) -> dict[str, Any]:
+    """What decides a cached image vector's bits, besides the image bytes.
+
+    Batch size, device type and thread count are in it because the eager engine's bits
+    depend on them (measured: 1 and 2 threads differ in the last bits); a shard pins the
+    thread count the stage chose, so a Dask worker fills the same cache as a local run.
+    """
+    from sand.pipeline.features.image_encoder import PREPROCESS_VERSION
+
+    return {"kind": "image", "backbone": backbone, "weights_sha256": weights_sha256, "image_size": int(image_size),
+            "precision": precision, "engine": engine, "preprocess_version": PREPROCESS_VERSION,
+            "batch_size": int(batch_size), "device": device, "threads": threads}
+
+
+def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str, Any], group: int) -> Iterator[list]:
+    """The fetch results of ``urls`` group by group, the next group fetched while the caller works on this one."""
+    from sand.pipeline.features.image_fetch import fetch_images
+
+    starts = range(0, len(urls), group)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as pool:
+        ahead = None
+        for start in starts:
+            current = ahead or pool.submit(fetch_images, list(urls[start : start + group]), cache_dir, **fetch_kwargs)
+            nxt = start + group
+            ahead = pool.submit(fetch_images, list(urls[nxt : nxt + group]), cache_dir, **fetch_kwargs) \
+                if nxt < len(urls) else None
+            yield current.result()
+
+
+_ENCODERS: OrderedDict[str, Any] = OrderedDict()
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _encoder(identity: str, build: Callable[[], Any]) -> Any:
+    """The process's encoder for ``identity``, built once: shards in threads share one traced graph.
+
+    Why: tracing, freezing and the first (profiling) calls of a resnet50 graph cost seconds;
+    paying them once per process rather than once per shard keeps a small snapshot update
+    small. Two identities at most are kept (a benchmark comparing engines in one process).
+    """
+    with _ENCODERS_LOCK:
+        if identity not in _ENCODERS:
+            _ENCODERS[identity] = build()
+            while len(_ENCODERS) > 2:
+                _ENCODERS.popitem(last=False)
+        _ENCODERS.move_to_end(identity)
+        return _ENCODERS[identity]
+
+
+def _image_key(identity: str, path: Path, max_bytes: int) -> str:
+    """Cache key of one fetched image: sha256 of the encoder identity and of the image's bytes."""
+    from sand.pipeline.features.image_fetch import read_regular_file
+
+    reason, data = read_regular_file(Path(path), max_bytes)
+    if reason is not None or data is None:
+        raise DataError(f"{path}: image cannot be read ({reason}); delete it to refetch")
+    return content_key(identity, hashlib.sha256(data).hexdigest())
+
+
 def process_shard(
     item_ids: Sequence[int],
     urls: Sequence[str],
     cache_dir: Path,
     fetch_kwargs: Mapping[str, Any] | None = None,
     encoder_kwargs: Mapping[str, Any] | None = None,
+    feature_cache: Path | None = None,
+    read_cache: bool = True,
 ) -> ShardResult:
     """Fetch, validate and encode the images of one shard (``urls[i]`` belongs to ``item_ids[i]``).
 
-    ``fetch_kwargs`` go to :func:`sand.pipeline.features.image_fetch.fetch_images`; ``encoder_kwargs``
-    hold ``backbone``/``weights``/``seed`` for :func:`build_cnn` and the rest for
-    :func:`encode_images`. Builds the CNN only when some image is usable.
+    ``fetch_kwargs`` go to :func:`sand.pipeline.features.image_fetch.fetch_images`; ``encoder_kwargs`` hold
+    ``backbone``/``weights``/``seed`` for :func:`build_cnn` and the encoder's settings
+    (``engine``, ``precision`` resolved, ``threads``, ``batch_size``, ``image_size``,
+    ``num_workers``, ``device``, byte and pixel limits). With ``feature_cache`` (a
+    directory shared by every dataset and snapshot of a data root), images whose bytes
+    were encoded before with the same encoder identity are read from it, only the others
+    are encoded and then added; ``read_cache=False`` (a refresh) encodes everything. The
+    fetch of the next group of URLs and the decoding overlap the forward pass.
     """
-    from sand.pipeline.features.image_encoder import OUT_DIMS, build_cnn, encode_images
-    from sand.pipeline.features.image_fetch import fetch_images
+    from sand.pipeline.base.devices import resolve_device
+    from sand.pipeline.features.image_encoder import OUT_DIMS, Encoder, build_cnn, encode_stream, weights_digest
 
     if len(item_ids) != len(urls):
         raise ConfigError(f"process_shard got {len(item_ids)} item ids but {len(urls)} URLs")
@@ -76,26 +155,88 @@ def process_shard(
     build = {k: enc.pop(k) for k in _BUILD_KEYS if k in enc}
     build.setdefault("backbone", "resnet50")
     build.setdefault("weights", "imagenet")
-    results = fetch_images(list(urls), Path(cache_dir), **dict(fetch_kwargs or {}))
-    ok = [(int(i), r.path) for i, r in zip(item_ids, results, strict=True) if r.ok]
-    missing = [
-        (int(i), str(u or ""), str(r.reason)) for i, u, r in zip(item_ids, urls, results, strict=True) if not r.ok
-    ]
-    if ok:
-        model, dim, description = build_cnn(**build)
-        feats = encode_images([p for _, p in ok], model, **enc)
-    else:
-        if build["backbone"] not in OUT_DIMS:
-            build_cnn(**build)  # raises the ConfigError for the bad backbone name
-        dim, description = OUT_DIMS[build["backbone"]], ""
-        feats = np.zeros((0, dim), dtype=np.float32)
+    if build["backbone"] not in OUT_DIMS:
+        build_cnn(**build)  # raises the ConfigError for the bad backbone name
+    engine, precision = enc.get("engine", "eager"), enc.get("precision", "fp32")
+    batch_size, image_size = int(enc.get("batch_size", 32)), int(enc.get("image_size", 224))
+    threads, device = enc.get("threads"), resolve_device(enc.get("device"))
+    max_bytes, max_pixels = int(enc.get("max_bytes", 10_000_000)), int(enc.get("max_pixels", MAX_PIXELS))
+    num_workers = enc.get("num_workers")
+    num_workers = (2 if device.type == "cuda" else 0) if num_workers is None else int(num_workers)
+
+    state: dict[str, Any] = {}
+
+    def model() -> tuple[Any, str]:  # built once, only when some image is usable
+        if "model" not in state:
+            state["model"], _, state["description"] = build_cnn(**build)
+        return state["model"], state["description"]
+
+    cache: FeatureCache | None = None
+    known: dict[str, str] = {}
+    identity = ""
+    vectors: dict[str, np.ndarray] = {}
+    todo: dict[str, Path] = {}  # keys to encode, in first-seen order
+    ok: list[tuple[int, str]] = []
+    missing: list[tuple[int, str, str]] = []
+    n_cached = 0
+    group = max(4 * batch_size, 64)
+    for start, results in zip(range(0, len(urls), group),
+                              _fetch_ahead(urls, Path(cache_dir), dict(fetch_kwargs or {}), group), strict=True):
+        hits: dict[str, Path] = {}
+        for item, url, r in zip(item_ids[start : start + group], urls[start : start + group], results, strict=True):
+            if not r.ok:
+                missing.append((int(item), str(url or ""), str(r.reason)))
+                continue
+            if not identity:
+                ident = image_identity(build["backbone"], weights_digest(model()[0]), image_size, precision, engine,
+                                       batch_size, device.type, threads)
+                identity = content_key("", json.dumps(ident, sort_keys=True))
+                if feature_cache is not None:
+                    cache = FeatureCache(Path(feature_cache), identity)
+                    cache.describe(ident)
+                    known = cache.index_all() if read_cache else {}
+            key = _image_key(identity, r.path, max_bytes)
+            ok.append((int(item), key))
+            if key in vectors or key in todo or key in hits:
+                continue
+            if key in known:
+                hits[key] = r.path
+            else:
+                todo[key] = r.path
+        if hits and cache is not None:  # one read per chunk for the group's hits
+            found = cache.load({k: known[k] for k in hits})
+            vectors.update(found)
+            n_cached += len(found)
+            todo.update((k, p) for k, p in hits.items() if k not in found)  # a corrupted chunk: recompute
+    if todo:
+        encoder = _encoder(identity, lambda: Encoder(model()[0], engine=engine, precision=precision, device=device,
+                                                     batch_size=batch_size, image_size=image_size, threads=threads))
+        keys = list(todo)
+        rows = encode_stream((todo[k] for k in keys), encoder, image_size=image_size, num_workers=num_workers,
+                             max_bytes=max_bytes, max_pixels=max_pixels)
+        done = 0
+        pending: list[np.ndarray] = []
+        for batch in rows:
+            pending.append(batch)
+            n = sum(len(b) for b in pending)
+            if n >= _CHUNK_ROWS or done + n == len(keys):
+                chunk_keys, feats = keys[done : done + n], np.concatenate(pending).astype(np.float32, copy=False)
+                vectors.update(zip(chunk_keys, feats, strict=True))
+                if cache is not None:
+                    cache.append(chunk_keys, feats)
+                done, pending = done + n, []
+    dim = OUT_DIMS[build["backbone"]]
+    feats = np.stack([vectors[k] for _, k in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
     counts = Counter(reason for _, _, reason in missing)
-    log.debug("image shard: %d items, %d encoded, missing %s", len(item_ids), len(ok), dict(counts))
+    log.debug("image shard: %d items, %d cached, %d encoded, missing %s", len(item_ids), n_cached, len(todo),
+              dict(counts))
     return ShardResult(
         item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
         features=np.ascontiguousarray(feats, dtype=np.float32),
         missing=missing,
-        weights=description,
+        weights=state.get("description", ""),
+        n_cached=n_cached,
+        n_encoded=len(todo),
     )
 
 
@@ -110,7 +251,8 @@ def save_shard(result: ShardResult, path: Path) -> None:
         missing_items=np.asarray([m[0] for m in result.missing], dtype=np.int64),
         missing_urls=np.asarray([m[1] for m in result.missing], dtype=np.str_),
         missing_reasons=np.asarray([m[2] for m in result.missing], dtype=np.str_),
-        meta=np.asarray(json.dumps({"weights": result.weights})),
+        meta=np.asarray(json.dumps({"weights": result.weights, "n_cached": result.n_cached,
+                                    "n_encoded": result.n_encoded})),
     )
     write_bytes_atomic(path, buf.getvalue())
 
@@ -127,11 +269,14 @@ def load_shard(path: Path) -> ShardResult:
                     strict=True,
                 )
             )
+            meta = json.loads(str(z["meta"]))
             return ShardResult(
                 item_ids=z["item_ids"].astype(np.int64),
                 features=z["features"].astype(np.float32),
                 missing=missing,
-                weights=json.loads(str(z["meta"]))["weights"],
+                weights=meta["weights"],
+                n_cached=int(meta.get("n_cached", 0)),
+                n_encoded=int(meta.get("n_encoded", 0)),
             )
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image feature shard ({exc})") from None

@@ -8,8 +8,10 @@ the function that builds the CNN (keeps ``sand --help`` fast).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from sand.pipeline.acquire.url_policy import UrlPolicy, host_and_port
 from sand.pipeline.base.errors import StageError
+from sand.pipeline.base.files import write_bytes_atomic
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.amazon2014_stage import run_amazon2014_image_features
 from sand.pipeline.features.image_shards import assemble_features, load_shard, process_shard, save_shard, shard_items
@@ -52,7 +55,8 @@ def image_settings(ctx: StageContext, inter: Artifact) -> dict[str, Any]:
     weights = icfg.weights
     if weights == "auto":
         weights = "random" if is_sample else "imagenet"
-    params = key_params(icfg, PERFORMANCE_FIELDS | {"source", "amazon2014_url"})  # amazon2014-only fields
+    # amazon2014-only fields; engine and precision enter below, resolved
+    params = key_params(icfg, PERFORMANCE_FIELDS | {"source", "amazon2014_url", "engine", "precision"})
     params.update(
         backbone=icfg.backbone or ("resnet18" if is_sample else "resnet50"),
         weights=weights,
@@ -60,7 +64,20 @@ def image_settings(ctx: StageContext, inter: Artifact) -> dict[str, Any]:
     )
     if weights not in ("random", "imagenet"):
         params["weights_fingerprint"] = local_fingerprint(weights)
+    precision = encoder_precision(icfg.precision, icfg.device)
+    if icfg.engine != "eager" or precision != "fp32":
+        # Why conditional: eager float32 is what the stage computed before these settings
+        # existed, and its artifacts keep their keys; any other choice changes the bytes.
+        params.update(engine=icfg.engine, precision=precision)
     return params
+
+
+def encoder_precision(requested: str, device: str | None) -> str:
+    """``image_features.precision`` resolved on the stage's device (auto: bf16 only where it is native)."""
+    from sand.pipeline.base.devices import resolve_device
+    from sand.pipeline.base.hardware import resolve_precision
+
+    return resolve_precision(requested, resolve_device(device), setting="image_features.precision")
 
 
 def image_url_origin(inter: Artifact) -> str:
@@ -83,26 +100,52 @@ def image_url_origin(inter: Artifact) -> str:
     return "network" if host_and_port(str(meta)) is not None else "local"
 
 
-def _stage_cnn(work: Path, backbone: str, weights: str, seed: int) -> tuple[Path, str]:
+def _stage_cnn(work: Path, shared: Path, backbone: str, weights: str, seed: int,
+               reuse: bool = True) -> tuple[Path, str]:
     """Build the stage's CNN once and save it where every shard (thread, process, Dask worker) loads it.
 
     Why: shards building their own random CNN would each draw from a racing RNG
     (different features per shard and per run); one file, loaded with
-    ``weights_only=True``, gives every shard the same bytes.
+    ``weights_only=True``, gives every shard the same bytes. Random and ImageNet CNNs
+    depend on nothing but (backbone, weights, seed), so they are kept in the data root's
+    ``shared`` folder for the next snapshot (``reuse=False``, a refresh: built again);
+    a weights file is rebuilt into ``work``.
     """
     from sand.pipeline.features.image_encoder import build_cnn, save_cnn
 
+    if weights in ("random", "imagenet"):
+        name = f"{backbone}-{weights}" + (f"-seed{seed}" if weights == "random" else "")
+        path, about = shared / f"{name}.pt", shared / f"{name}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if reuse and path.is_file():
+                description = json.loads(about.read_text())["description"]
+                for used in (path, about):  # in use: not for `sand cache prune`
+                    os.utime(used)
+                return path, description
+    else:
+        path, about = work / "cnn.pt", None
     model, _, description = build_cnn(backbone, weights, seed)
-    return save_cnn(model, work / "cnn.pt"), description
+    save_cnn(model, path)
+    if about is not None:
+        write_bytes_atomic(about, json.dumps({"description": description}).encode())
+    return path, description
+
+
+def _torch_threads() -> int:
+    """The intra-op thread count every shard pins: torch's own default here (the machine's cores)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_image_shard_job(args: tuple[Any, ...]) -> str:
     """One picklable shard job (runs in a thread, a process or on a Dask worker)."""
-    item_ids, urls, cache_dir, fetch_kwargs, encoder_kwargs, out_path = args
+    item_ids, urls, cache_dir, fetch_kwargs, encoder_kwargs, features_cache, read_cache, out_path = args
     out_path = Path(out_path)
     if out_path.exists():  # finished by an earlier, interrupted run
         return str(out_path)
-    result = process_shard(item_ids, urls, Path(cache_dir), fetch_kwargs, encoder_kwargs)
+    result = process_shard(item_ids, urls, Path(cache_dir), fetch_kwargs, encoder_kwargs,
+                           feature_cache=Path(features_cache), read_cache=read_cache)
     save_shard(result, out_path)
     return str(out_path)
 
@@ -131,22 +174,31 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
         if "image_features" in ctx.refresh:  # re-encode: finished shards of an earlier run are not reused
             for old in (*work.glob("shard-*.npz"), work / "cnn.pt"):
                 old.unlink(missing_ok=True)
-        cnn_file, weights_description = _stage_cnn(work, params["backbone"], params["weights"], icfg.seed)
+        cnn_file, weights_description = _stage_cnn(work, ctx.store.cache_dir("image_features") / "cnn",
+                                                   params["backbone"], params["weights"], icfg.seed,
+                                                   reuse="image_features" not in ctx.refresh)
         policy = UrlPolicy.for_origin(image_url_origin(inter), icfg.allow_hosts)
         fetch_kwargs = dict(
             concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries, max_bytes=icfg.max_bytes,
             min_side=icfg.min_side, max_pixels=icfg.max_pixels, policy=policy, progress=False,
         )
+        precision = encoder_precision(icfg.precision, icfg.device)
         encoder_kwargs = dict(
             backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
-            batch_size=icfg.batch_size, num_workers=icfg.num_workers, device=icfg.device,
-            max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, progress=ctx.progress,  # bars: a terminal only
+            batch_size=icfg.batch_size, device=icfg.device,
+            num_workers=(os.cpu_count() or 1) if icfg.num_workers is None else icfg.num_workers,
+            max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, engine=icfg.engine, precision=precision,
+            threads=_torch_threads(),
         )
+        # Shared by every dataset and snapshot of this data root: a shard encodes only images
+        # whose bytes this encoder has not seen (a refresh reads none of it, but refills it).
+        features_cache = str(ctx.store.cache_dir("image_features"))
+        read_cache = "image_features" not in ctx.refresh
         jobs = []
         for i, rng in enumerate(shard_items(n_items, icfg.shard_size)):
             ids = list(rng)
             jobs.append((ids, [urls[j] for j in ids], str(ctx.store.cache_dir("images")), fetch_kwargs,
-                         encoder_kwargs, str(work / f"shard-{i:05d}.npz")))
+                         encoder_kwargs, features_cache, read_cache, str(work / f"shard-{i:05d}.npz")))
         resumed = sum(Path(job[-1]).exists() for job in jobs)
         log.info("image_features: %d shards, %d finished by an earlier run", len(jobs), resumed)
         paths = (map_shards or _map_locally)(run_image_shard_job, jobs)
@@ -163,6 +215,10 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
                 "shape": list(feats.shape), "missing": int(len(missing)), "missing_reasons": jsonable(reasons),
                 "fill": icfg.fill, "shards": len(jobs), "shards_encoded": len(jobs) - resumed,
                 "shards_resumed": resumed, "weights_description": weights_description,
-                "url_policy": policy.describe()}
+                "url_policy": policy.describe(), "engine": icfg.engine, "precision": precision,
+                "threads": encoder_kwargs["threads"],
+                # distinct images (by bytes) read from the per-item cache / encoded, in this run's shards
+                "cache": {"hits": sum(s.n_cached for s in shards), "misses": sum(s.n_encoded for s in shards),
+                          "read": read_cache}}
 
     return ctx.run("image_features", params, {"interactions": inter}, build)

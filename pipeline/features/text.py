@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ import numpy as np
 
 from sand.pipeline.base.errors import ConfigError, DataError, one_line
 from sand.pipeline.base.files import atomic_path
+from sand.pipeline.features.vector_cache import FeatureCache, content_key
 
 # sentence-transformers, torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.
@@ -172,7 +173,7 @@ def _load_model(model_dir: str, device: str | None) -> Any:
 
 
 def _text_key(identity: str, text: str) -> str:
-    return hashlib.sha256(f"{identity}\n{text}".encode()).hexdigest()
+    return content_key(identity, text)
 
 
 @dataclass(frozen=True)
@@ -185,67 +186,6 @@ class EncodeStats:
     n_encoded: int
     model_dir: str
     model_identity: str
-
-
-class FeatureCache:
-    """Append-only per-item vector cache: ``<root>/<model-hash>/chunk-*.npz`` (keys + vectors)."""
-
-    def __init__(self, root: Path, identity: str) -> None:
-        self.dir = Path(root) / identity[:32]
-
-    def index(self, keys: set[str]) -> dict[str, str]:
-        """key -> chunk file for those of ``keys`` that are cached, reading only the chunks' key lists.
-
-        Why separate from :meth:`load`: a sharded run indexes the cache once and sends each
-        shard only the chunk names of its own keys, instead of every shard reading every chunk.
-        """
-        found: dict[str, str] = {}
-        if not self.dir.is_dir() or not keys:
-            return found
-        for chunk in sorted(self.dir.glob("chunk-*.npz")):
-            try:
-                with np.load(chunk, allow_pickle=False) as z:
-                    ckeys = z["keys"]
-            except (OSError, ValueError, KeyError, EOFError) as err:
-                log.warning("%s: unreadable text-feature cache chunk skipped (%s)", chunk, err)
-                continue
-            for key in ckeys.tolist():
-                if key in keys and key not in found:
-                    found[key] = str(chunk)
-        return found
-
-    @staticmethod
-    def load(index: Mapping[str, str]) -> dict[str, np.ndarray]:
-        """The vectors named by an :meth:`index` (chunks that became unreadable are skipped)."""
-        by_chunk: dict[str, set[str]] = {}
-        for key, chunk in index.items():
-            by_chunk.setdefault(chunk, set()).add(key)
-        found: dict[str, np.ndarray] = {}
-        for chunk, wanted in sorted(by_chunk.items()):
-            try:
-                with np.load(chunk, allow_pickle=False) as z:
-                    ckeys, vecs = z["keys"], z["vectors"]
-                if vecs.ndim != 2 or len(ckeys) != len(vecs):
-                    raise ValueError(f"keys {ckeys.shape} vs vectors {vecs.shape}")
-            except (OSError, ValueError, KeyError, EOFError) as err:
-                log.warning("%s: unreadable text-feature cache chunk skipped (%s)", chunk, err)
-                continue
-            for i, key in enumerate(ckeys.tolist()):
-                if key in wanted and key not in found:
-                    found[key] = vecs[i]
-        return found
-
-    def lookup(self, keys: set[str]) -> dict[str, np.ndarray]:
-        """Vectors for those of ``keys`` that are cached; unreadable chunks are skipped with a warning."""
-        return self.load(self.index(keys))
-
-    def append(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
-        """Write one chunk atomically (temp file + rename): a crash never leaves half a chunk."""
-        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
-        final = self.dir / f"chunk-{name}.npz"
-        with atomic_path(final) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, keys=np.asarray(list(keys), dtype="<U64"), vectors=vectors.astype(np.float32))
-        return final
 
 
 _THREADS_LOCK = threading.Lock()
