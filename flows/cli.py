@@ -43,6 +43,7 @@ from sand.pipeline.base.torch_env import apply_torch_env_defaults
 from sand.pipeline.experiments import grid as grids
 from sand.pipeline.runner import PipelineResult, from_store, planned_stages
 from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
+from sand.pipeline.training.model_io import check_extra_hyperparameters
 
 # Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and pandas
 # (the stages' own modules): imported inside the functions that use them, so `sand --help`
@@ -147,6 +148,7 @@ def _preflight(cfg: PipelineConfig) -> None:
     """Checks that need no stage: devices exist here, the data root can be written (or serves
     its cached artifacts read-only); then this run's log file opens under the data root."""
     check_devices(cfg)
+    check_extra_hyperparameters(cfg.train)
     writable = ArtifactStore(cfg.data_root).check_writable()
     cli_logging.RUN_LOG.open(cfg.data_root, writable)
 

@@ -59,6 +59,21 @@ def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
     return data, features, graphs
 
 
+def check_extra_hyperparameters(tcfg: TrainConfig) -> None:
+    """Refuse a ``train.extra`` key the model does not take, before any stage runs.
+
+    Why here and not in the config: which keywords a model takes is read from its constructor,
+    which imports torch; a config load must stay light, a run about to train need not.
+    """
+    if not tcfg.extra:
+        return
+    accepted = registry.accepted_hyperparameters(tcfg.model)
+    unknown = sorted(k for k in tcfg.extra if k not in accepted)
+    if unknown:
+        raise ConfigError(f"invalid config value train.extra.{unknown[0]}={tcfg.extra[unknown[0]]!r}: "
+                          f"model {tcfg.model!r} has no hyper-parameter {unknown[0]!r}")
+
+
 def effective_model_kwargs(tcfg: Any) -> tuple[set[str], dict[str, Any]]:
     """(accepted hyper-parameter names, keywords for the model): the profile, then explicit settings."""
     accepted = registry.accepted_hyperparameters(tcfg.model)
