@@ -182,3 +182,38 @@ def test_the_pipeline_root_reads_bottom_up():
     assert len(root_modules) <= 6, f"pipeline/ root holds {len(root_modules)} modules: {root_modules}"
     base = {p.stem for p in (ROOT / "pipeline" / "base").glob("*.py")}
     assert {"errors", "config", "store", "files"} <= base
+
+
+#: The codebase's rule for product code: a function longer than this is split into named helpers.
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``file:line name (n lines)`` for each function or method in ``path`` (nested ones too) over ``limit`` lines."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                found.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{node.lineno} "
+                             f"{node.name} ({lines} lines)")
+    return found
+
+
+def test_the_length_check_counts_from_def_to_last_line(tmp_path):
+    """The walker the rule trusts: def..last line inclusive, methods and nested and async functions included."""
+    path = tmp_path / "mod.py"
+    path.write_text(
+        "def short():\n" + "    x = 1\n" * 79  # lines 1-80: exactly at the limit, allowed
+        + "class C:\n    async def long(self):\n" + "        x = 1\n" * 80  # lines 82-162: 81 lines
+    )
+    assert long_functions(path) == [f"{path}:82 long (81 lines)"]
+    assert long_functions(path, limit=81) == []
+
+
+def test_no_product_function_is_over_80_lines():
+    """Long functions hide several jobs in one; the product folders keep each under the limit."""
+    too_long = [hit for folder in PACKAGE_DIRS for path in sorted((ROOT / folder).rglob("*.py"))
+                for hit in long_functions(path)]
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named helpers):\n" + \
+        "\n".join(too_long)

@@ -120,35 +120,18 @@ def _readinto_full(fh: Any, view: memoryview) -> int:
     return got
 
 
-def read_item_features(
-    path: Path | str,
-    asins: Sequence[str],
-    *,
-    fill: str = "mean",
-    chunk_records: int = CHUNK_RECORDS,
-    hash_file: bool = False,
-    progress: bool = False,
-) -> ItemFeatures:
-    """Stream ``path`` once and return the rows of ``asins`` (``asins[i]`` is item ``i``).
-
-    ``hash_file`` computes the file's sha256 on the way (no second read), for
-    files that did not come through the download machinery, which already
-    recorded theirs. Raises :class:`DataError` for a file that is not a feature
-    file, or when none of the dataset's items is in it (the wrong category).
-    """
-    if fill not in ("mean", "zeros"):
-        raise ConfigError(f"invalid config value image_features.fill={fill!r}: expected 'mean' or 'zeros'")
-    if chunk_records < 1:
-        raise ConfigError(f"chunk_records must be >= 1, got {chunk_records}")
-    path = Path(path)
-    n_items = len(asins)
+def _wanted_asins(asins: Sequence[str]) -> tuple[dict[bytes, int], np.ndarray]:
+    """Each well-formed ASIN's first item, and the sorted keys ``np.isin`` matches a chunk's records against."""
     wanted: dict[bytes, int] = {}
     for item, asin in enumerate(asins):
         key = str(asin).encode("ascii", "replace")
         if _ASIN.match(key):  # anything else cannot be in the file and stays absent
             wanted.setdefault(key, item)
-    wanted_keys = np.array(sorted(wanted), dtype=f"S{ASIN_BYTES}")
+    return wanted, np.array(sorted(wanted), dtype=f"S{ASIN_BYTES}")
 
+
+def _file_stats(path: Path) -> tuple[FeatureFileStats, int]:
+    """Size the file into whole records and a truncated tail, refusing one too short to hold a single record."""
     stats = FeatureFileStats()
     try:
         stats.file_bytes = size = path.stat().st_size
@@ -160,11 +143,45 @@ def read_item_features(
             f"{path}: not an Amazon 2014 image feature file: {size} bytes, less than one record of "
             f"{RECORD_BYTES} bytes (a 10-byte ASIN + {FEATURE_DIM} float32)"
         )
+    return stats, n_records
 
-    features = np.zeros((n_items, FEATURE_DIM), dtype=np.float32)
-    found = np.zeros(n_items, dtype=bool)
-    nonfinite = np.zeros(n_items, dtype=bool)
-    total = np.zeros(FEATURE_DIM, dtype=np.float64)
+
+@dataclass
+class _KeptRows:
+    """The dataset's rows found so far, filled in place chunk by chunk so memory stays bounded by the output."""
+
+    features: np.ndarray  # (n_items, FEATURE_DIM) float32
+    found: np.ndarray  # (n_items,) bool
+    nonfinite: np.ndarray  # (n_items,) bool: only non-finite records seen
+    total: np.ndarray  # (FEATURE_DIM,) float64 sum of the found rows, for the mean fill
+
+    @classmethod
+    def empty(cls, n_items: int) -> _KeptRows:
+        return cls(np.zeros((n_items, FEATURE_DIM), dtype=np.float32), np.zeros(n_items, dtype=bool),
+                   np.zeros(n_items, dtype=bool), np.zeros(FEATURE_DIM, dtype=np.float64))
+
+    def keep(self, records: np.ndarray, hits: np.ndarray, wanted: dict[bytes, int], stats: FeatureFileStats) -> None:
+        """Keep each hit's first finite record; count repeats and non-finite records as skips."""
+        for row in hits:
+            item = wanted[bytes(records["asin"][row])]
+            if self.found[item] or self.nonfinite[item]:
+                stats.duplicate_records += 1
+                continue
+            vec = records["feat"][row]
+            if not np.isfinite(vec).all():
+                self.nonfinite[item] = True
+                stats.nonfinite_records += 1
+                continue
+            self.features[item] = vec
+            self.found[item] = True
+            self.total += vec
+
+
+def _stream_records(path: Path, n_records: int, chunk_records: int, wanted: dict[bytes, int],
+                    wanted_keys: np.ndarray, kept: _KeptRows, stats: FeatureFileStats, *, hash_file: bool,
+                    progress: bool) -> None:
+    """Read the file once in chunks of whole records, keeping the wanted rows and hashing it on the way if asked."""
+    size = stats.file_bytes
     digest = hashlib.sha256() if hash_file else None
     buf = bytearray(min(chunk_records, n_records) * RECORD_BYTES)
     view = memoryview(buf)
@@ -189,20 +206,7 @@ def read_item_features(
                     raise _layout_error(path, size, bad, raw[bad, :ASIN_BYTES].tobytes())
             stats.unreadable_records += int((~ok).sum())
             records = np.frombuffer(buf, dtype=RECORD_DTYPE, count=count)
-            hits = np.flatnonzero(ok & np.isin(records["asin"], wanted_keys))
-            for row in hits:
-                item = wanted[bytes(records["asin"][row])]
-                if found[item] or nonfinite[item]:
-                    stats.duplicate_records += 1
-                    continue
-                vec = records["feat"][row]
-                if not np.isfinite(vec).all():
-                    nonfinite[item] = True
-                    stats.nonfinite_records += 1
-                    continue
-                features[item] = vec
-                found[item] = True
-                total += vec
+            kept.keep(records, np.flatnonzero(ok & np.isin(records["asin"], wanted_keys)), wanted, stats)
             stats.records += count
             first += count
             if got < want:
@@ -210,9 +214,14 @@ def read_item_features(
         if digest is not None:  # the truncated tail is part of the file the user gave
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-    stats.records_kept = int(found.sum())
     if digest is not None:
         stats.sha256 = digest.hexdigest()
+
+
+def _finish(path: Path, asins: Sequence[str], kept: _KeptRows, stats: FeatureFileStats, fill: str) -> ItemFeatures:
+    """Log the skips, refuse a file that matched no item, fill the absent rows and list them with their reason."""
+    n_items, found = len(asins), kept.found
+    stats.records_kept = int(found.sum())
     if stats.truncated_tail_bytes:
         log.warning("%s: ignored a truncated final record (%d bytes; records are %d bytes)",
                     path, stats.truncated_tail_bytes, RECORD_BYTES)
@@ -225,14 +234,43 @@ def read_item_features(
             "records; is it the feature file of this dataset's category?"
         )
     if fill == "mean" and (~found).any():
-        features[~found] = (total / max(int(found.sum()), 1)).astype(np.float32)
+        kept.features[~found] = (kept.total / max(int(found.sum()), 1)).astype(np.float32)
     absent = np.flatnonzero(~found)
     missing = pd.DataFrame({
         "item": absent.astype(np.int64),
         "asin": [str(asins[i]) for i in absent],
-        "reason": [NONFINITE if nonfinite[i] else ABSENT for i in absent],
+        "reason": [NONFINITE if kept.nonfinite[i] else ABSENT for i in absent],
     })
-    return ItemFeatures(features=features, found=found, missing=missing, stats=stats)
+    return ItemFeatures(features=kept.features, found=found, missing=missing, stats=stats)
+
+
+def read_item_features(
+    path: Path | str,
+    asins: Sequence[str],
+    *,
+    fill: str = "mean",
+    chunk_records: int = CHUNK_RECORDS,
+    hash_file: bool = False,
+    progress: bool = False,
+) -> ItemFeatures:
+    """Stream ``path`` once and return the rows of ``asins`` (``asins[i]`` is item ``i``).
+
+    ``hash_file`` computes the file's sha256 on the way (no second read), for
+    files that did not come through the download machinery, which already
+    recorded theirs. Raises :class:`DataError` for a file that is not a feature
+    file, or when none of the dataset's items is in it (the wrong category).
+    """
+    if fill not in ("mean", "zeros"):
+        raise ConfigError(f"invalid config value image_features.fill={fill!r}: expected 'mean' or 'zeros'")
+    if chunk_records < 1:
+        raise ConfigError(f"chunk_records must be >= 1, got {chunk_records}")
+    path = Path(path)
+    wanted, wanted_keys = _wanted_asins(asins)
+    stats, n_records = _file_stats(path)
+    kept = _KeptRows.empty(len(asins))
+    _stream_records(path, n_records, chunk_records, wanted, wanted_keys, kept, stats, hash_file=hash_file,
+                    progress=progress)
+    return _finish(path, asins, kept, stats, fill)
 
 
 def write_feature_file(path: Path | str, rows: Sequence[tuple[str | bytes, np.ndarray]]) -> None:

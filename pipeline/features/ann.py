@@ -204,6 +204,59 @@ def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
         add_preassigned(index, _normalised(features[start : start + _ROW_BLOCK]), assign[start : start + _ROW_BLOCK])
 
 
+def _build_index(faiss: Any, features: np.ndarray, nl: int, storage: str, rng: np.random.Generator, seed: int,
+                 progress: bool, seconds: dict[str, float]) -> Any:
+    """Train the IVF clustering on a seeded row sample, then add every row: the one index all searches share."""
+    n, d = features.shape
+    t0 = time.perf_counter()
+    train_rows = np.sort(rng.choice(n, size=min(n, nl * _TRAIN_PER_CLUSTER), replace=False))
+    index = _ivf_index(faiss, d, nl, storage)
+    index.cp.seed = int(seed)
+    index.cp.niter = _KMEANS_ITERS
+    index.train(_normalised(features[train_rows]))
+    seconds["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _add_reserved(index, features, progress)
+    seconds["add"] = time.perf_counter() - t0
+    return index
+
+
+def _tune_nprobe(index: Any, features: np.ndarray, rows: np.ndarray, exact: np.ndarray, k: int, include_self: bool,
+                 nprobe: int | None, nl: int, target_recall: float) -> tuple[int, list[dict[str, float]]]:
+    """Double ``nprobe`` from 8 on the tuning rows until their recall meets the target (or use the one given).
+
+    Leaves the chosen value set on ``index``; returns it with the recall measured at each step.
+    """
+    tuning: list[dict[str, float]] = []
+    probe = int(nprobe) if nprobe else min(8, nl)
+    while True:
+        index.nprobe = probe
+        got = _search_rows(index, features, rows, k, include_self)
+        rec = recall_at_k(got, exact, rows)
+        tuning.append({"nprobe": probe, "recall": round(rec, 4)})
+        if nprobe or rec >= target_recall or probe >= nl:
+            break
+        probe = min(2 * probe, nl)
+    return probe, tuning
+
+
+def _search_all(index: Any, features: np.ndarray, queries: np.ndarray, k: int, include_self: bool,
+                progress: bool) -> tuple[np.ndarray, int]:
+    """Search the query rows block by block (bounded copies); rows the index cannot fill are computed exactly.
+
+    Returns the (unsorted) neighbour rows and how many rows fell back to the exact search.
+    """
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in tqdm(range(0, len(queries), _ROW_BLOCK), desc="faiss search", disable=not progress, unit="block"):
+        out[start : start + _ROW_BLOCK] = _search_rows(index, features, queries[start : start + _ROW_BLOCK], k,
+                                                       include_self)
+    short = np.flatnonzero((out < 0).any(axis=1))
+    if len(short):
+        out[short] = exact_rows(features, queries[short], k, include_self)
+    return out, int(len(short))
+
+
 def faiss_neighbours(
     features: np.ndarray,
     k: int = 10,
@@ -233,7 +286,7 @@ def faiss_neighbours(
     """
     import faiss
 
-    n, d = features.shape
+    n, _ = features.shape
     if not 0 < target_recall <= 1:
         raise ConfigError(f"graphs.target_recall: must be in (0, 1], got {target_recall}")
     if storage not in _STORAGE:
@@ -244,18 +297,7 @@ def faiss_neighbours(
     queries = query_rows(rows, n)
     rng = np.random.default_rng(seed)
     seconds: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    train_rows = np.sort(rng.choice(n, size=min(n, nl * _TRAIN_PER_CLUSTER), replace=False))
-    index = _ivf_index(faiss, d, nl, storage)
-    index.cp.seed = int(seed)
-    index.cp.niter = _KMEANS_ITERS
-    index.train(_normalised(features[train_rows]))
-    seconds["train"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    _add_reserved(index, features, progress)
-    seconds["add"] = time.perf_counter() - t0
+    index = _build_index(faiss, features, nl, storage, rng, seed, progress, seconds)
 
     t0 = time.perf_counter()
     sample = np.sort(rng.choice(n, size=min(n, max(2, recall_sample)), replace=False))
@@ -264,36 +306,22 @@ def faiss_neighbours(
     seconds["exact_sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tuning: list[dict[str, float]] = []
-    probe = int(nprobe) if nprobe else min(8, nl)
-    while True:
-        index.nprobe = probe
-        got = _search_rows(index, features, sample[tune], k, include_self)
-        rec = recall_at_k(got, exact[tune], sample[tune])
-        tuning.append({"nprobe": probe, "recall": round(rec, 4)})
-        if nprobe or rec >= target_recall or probe >= nl:
-            break
-        probe = min(2 * probe, nl)
+    probe, tuning = _tune_nprobe(index, features, sample[tune], exact[tune], k, include_self, nprobe, nl,
+                                 target_recall)
     seconds["tune"] = time.perf_counter() - t0
     held_recall = recall_at_k(
         _search_rows(index, features, sample[held], k, include_self), exact[held], sample[held]
     )
 
     t0 = time.perf_counter()
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for start in tqdm(range(0, len(queries), _ROW_BLOCK), desc="faiss search", disable=not progress, unit="block"):
-        out[start : start + _ROW_BLOCK] = _search_rows(index, features, queries[start : start + _ROW_BLOCK], k,
-                                                       include_self)
-    short = np.flatnonzero((out < 0).any(axis=1))
-    if len(short):
-        out[short] = exact_rows(features, queries[short], k, include_self)
+    out, n_short = _search_all(index, features, queries, k, include_self, progress)
     seconds["search"] = time.perf_counter() - t0
     out.sort(axis=1)
 
     report = AnnReport(
         method=f"faiss.{_STORAGE[storage]}(inner product, L2-normalised rows)", nlist=nl, nprobe=probe,
         recall_at_k=round(held_recall, 4), recall_rows=int(len(held)), target_recall=target_recall, tuning=tuning,
-        exact_fallback_rows=int(len(short)), seconds={k_: round(v, 3) for k_, v in seconds.items()},
+        exact_fallback_rows=n_short, seconds={k_: round(v, 3) for k_, v in seconds.items()},
     )
     level = logging.WARNING if held_recall < target_recall else logging.INFO
     log.log(level, "faiss kNN graph: %d items, nlist %d, nprobe %d, recall@%d %.4f on %d held-out rows "

@@ -126,6 +126,150 @@ def _image_key(identity: str, path: Path, max_bytes: int) -> str:
     return content_key(identity, hashlib.sha256(data).hexdigest())
 
 
+@dataclass(frozen=True)
+class _EncodeSettings:
+    """The encoder's settings of ``encoder_kwargs`` with their defaults, resolved once per shard."""
+
+    engine: str
+    precision: str
+    batch_size: int
+    image_size: int
+    threads: int | None
+    device: Any  # torch.device
+    max_bytes: int
+    max_pixels: int
+    num_workers: int
+
+
+def _split_encoder_kwargs(encoder_kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], _EncodeSettings]:
+    """Split ``encoder_kwargs`` into :func:`build_cnn`'s arguments and the encoder's settings; refuse a bad backbone."""
+    from sand.pipeline.base.devices import resolve_device
+    from sand.pipeline.features.image_encoder import OUT_DIMS, build_cnn
+
+    enc = dict(encoder_kwargs or {})
+    build = {k: enc.pop(k) for k in _BUILD_KEYS if k in enc}
+    build.setdefault("backbone", "resnet50")
+    build.setdefault("weights", "imagenet")
+    if build["backbone"] not in OUT_DIMS:
+        build_cnn(**build)  # raises the ConfigError for the bad backbone name
+    device = resolve_device(enc.get("device"))
+    num_workers = enc.get("num_workers")
+    return build, _EncodeSettings(
+        engine=enc.get("engine", "eager"), precision=enc.get("precision", "fp32"),
+        batch_size=int(enc.get("batch_size", 32)), image_size=int(enc.get("image_size", 224)),
+        threads=enc.get("threads"), device=device,
+        max_bytes=int(enc.get("max_bytes", 10_000_000)), max_pixels=int(enc.get("max_pixels", MAX_PIXELS)),
+        num_workers=(2 if device.type == "cuda" else 0) if num_workers is None else int(num_workers),
+    )
+
+
+@dataclass
+class _ShardRun:
+    """One shard's progress: usable images, vectors known so far, and the images still to encode."""
+
+    build: dict[str, Any]
+    settings: _EncodeSettings
+    feature_cache: Path | None
+    read_cache: bool
+    built: dict[str, Any] = field(default_factory=dict)
+    cache: FeatureCache | None = None
+    known: dict[str, str] = field(default_factory=dict)
+    identity: str = ""
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    todo: dict[str, Path] = field(default_factory=dict)  # keys to encode, in first-seen order
+    ok: list[tuple[int, str]] = field(default_factory=list)
+    missing: list[tuple[int, str, str]] = field(default_factory=list)
+    n_cached: int = 0
+
+    def model(self) -> Any:
+        """The CNN, built once and only when some image is usable (a shard of dead URLs loads no weights)."""
+        from sand.pipeline.features.image_encoder import build_cnn
+
+        if "model" not in self.built:
+            self.built["model"], _, self.built["description"] = build_cnn(**self.build)
+        return self.built["model"]
+
+    def _open_identity(self) -> None:
+        """Fix the encoder identity at the first usable image, and open the shared feature cache under it."""
+        from sand.pipeline.features.image_encoder import weights_digest
+
+        st = self.settings
+        ident = image_identity(self.build["backbone"], weights_digest(self.model()), st.image_size, st.precision,
+                               st.engine, st.batch_size, st.device.type, st.threads)
+        self.identity = content_key("", json.dumps(ident, sort_keys=True))
+        if self.feature_cache is not None:
+            self.cache = FeatureCache(Path(self.feature_cache), self.identity)
+            self.cache.describe(ident)
+            self.known = self.cache.index_all() if self.read_cache else {}
+
+    def add_group(self, item_ids: Sequence[int], urls: Sequence[str], results: Sequence[Any]) -> None:
+        """Sort one fetched group: note failures, queue unseen keys, and read the group's cache hits in one go."""
+        hits: dict[str, Path] = {}
+        for item, url, r in zip(item_ids, urls, results, strict=True):
+            if not r.ok:
+                self.missing.append((int(item), str(url or ""), str(r.reason)))
+                continue
+            if not self.identity:
+                self._open_identity()
+            key = _image_key(self.identity, r.path, self.settings.max_bytes)
+            self.ok.append((int(item), key))
+            if key in self.vectors or key in self.todo or key in hits:
+                continue
+            if key in self.known:
+                hits[key] = r.path
+            else:
+                self.todo[key] = r.path
+        if hits and self.cache is not None:  # one read per chunk for the group's hits
+            found = self.cache.load({k: self.known[k] for k in hits})
+            self.vectors.update(found)
+            self.n_cached += len(found)
+            self.todo.update((k, p) for k, p in hits.items() if k not in found)  # a corrupted chunk: recompute
+
+    def encode_todo(self) -> None:
+        """Encode the images no cache held, adding each chunk of vectors to the feature cache as it completes."""
+        from sand.pipeline.features.image_encoder import Encoder, encode_stream
+
+        if not self.todo:
+            return
+        st = self.settings
+        encoder = _encoder(self.identity, lambda: Encoder(self.model(), engine=st.engine, precision=st.precision,
+                                                          device=st.device, batch_size=st.batch_size,
+                                                          image_size=st.image_size, threads=st.threads))
+        keys = list(self.todo)
+        rows = encode_stream((self.todo[k] for k in keys), encoder, image_size=st.image_size,
+                             num_workers=st.num_workers, max_bytes=st.max_bytes, max_pixels=st.max_pixels)
+        done = 0
+        pending: list[np.ndarray] = []
+        for batch in rows:
+            pending.append(batch)
+            n = sum(len(b) for b in pending)
+            if n >= _CHUNK_ROWS or done + n == len(keys):
+                chunk_keys, feats = keys[done : done + n], np.concatenate(pending).astype(np.float32, copy=False)
+                self.vectors.update(zip(chunk_keys, feats, strict=True))
+                if self.cache is not None:
+                    self.cache.append(chunk_keys, feats)
+                done, pending = done + n, []
+
+    def result(self, n_items: int) -> ShardResult:
+        """Assemble the usable items' rows in shard order, logging what was cached, encoded and missing."""
+        from sand.pipeline.features.image_encoder import OUT_DIMS
+
+        ok = self.ok
+        dim = OUT_DIMS[self.build["backbone"]]
+        feats = np.stack([self.vectors[k] for _, k in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
+        counts = Counter(reason for _, _, reason in self.missing)
+        log.debug("image shard: %d items, %d cached, %d encoded, missing %s", n_items, self.n_cached, len(self.todo),
+                  dict(counts))
+        return ShardResult(
+            item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
+            features=np.ascontiguousarray(feats, dtype=np.float32),
+            missing=self.missing,
+            weights=self.built.get("description", ""),
+            n_cached=self.n_cached,
+            n_encoded=len(self.todo),
+        )
+
+
 def process_shard(
     item_ids: Sequence[int],
     urls: Sequence[str],
@@ -146,98 +290,16 @@ def process_shard(
     are encoded and then added; ``read_cache=False`` (a refresh) encodes everything. The
     fetch of the next group of URLs and the decoding overlap the forward pass.
     """
-    from sand.pipeline.base.devices import resolve_device
-    from sand.pipeline.features.image_encoder import OUT_DIMS, Encoder, build_cnn, encode_stream, weights_digest
-
     if len(item_ids) != len(urls):
         raise ConfigError(f"process_shard got {len(item_ids)} item ids but {len(urls)} URLs")
-    enc = dict(encoder_kwargs or {})
-    build = {k: enc.pop(k) for k in _BUILD_KEYS if k in enc}
-    build.setdefault("backbone", "resnet50")
-    build.setdefault("weights", "imagenet")
-    if build["backbone"] not in OUT_DIMS:
-        build_cnn(**build)  # raises the ConfigError for the bad backbone name
-    engine, precision = enc.get("engine", "eager"), enc.get("precision", "fp32")
-    batch_size, image_size = int(enc.get("batch_size", 32)), int(enc.get("image_size", 224))
-    threads, device = enc.get("threads"), resolve_device(enc.get("device"))
-    max_bytes, max_pixels = int(enc.get("max_bytes", 10_000_000)), int(enc.get("max_pixels", MAX_PIXELS))
-    num_workers = enc.get("num_workers")
-    num_workers = (2 if device.type == "cuda" else 0) if num_workers is None else int(num_workers)
-
-    state: dict[str, Any] = {}
-
-    def model() -> tuple[Any, str]:  # built once, only when some image is usable
-        if "model" not in state:
-            state["model"], _, state["description"] = build_cnn(**build)
-        return state["model"], state["description"]
-
-    cache: FeatureCache | None = None
-    known: dict[str, str] = {}
-    identity = ""
-    vectors: dict[str, np.ndarray] = {}
-    todo: dict[str, Path] = {}  # keys to encode, in first-seen order
-    ok: list[tuple[int, str]] = []
-    missing: list[tuple[int, str, str]] = []
-    n_cached = 0
-    group = max(4 * batch_size, 64)
+    build, settings = _split_encoder_kwargs(encoder_kwargs)
+    run = _ShardRun(build, settings, feature_cache, read_cache)
+    group = max(4 * settings.batch_size, 64)
     for start, results in zip(range(0, len(urls), group),
                               _fetch_ahead(urls, Path(cache_dir), dict(fetch_kwargs or {}), group), strict=True):
-        hits: dict[str, Path] = {}
-        for item, url, r in zip(item_ids[start : start + group], urls[start : start + group], results, strict=True):
-            if not r.ok:
-                missing.append((int(item), str(url or ""), str(r.reason)))
-                continue
-            if not identity:
-                ident = image_identity(build["backbone"], weights_digest(model()[0]), image_size, precision, engine,
-                                       batch_size, device.type, threads)
-                identity = content_key("", json.dumps(ident, sort_keys=True))
-                if feature_cache is not None:
-                    cache = FeatureCache(Path(feature_cache), identity)
-                    cache.describe(ident)
-                    known = cache.index_all() if read_cache else {}
-            key = _image_key(identity, r.path, max_bytes)
-            ok.append((int(item), key))
-            if key in vectors or key in todo or key in hits:
-                continue
-            if key in known:
-                hits[key] = r.path
-            else:
-                todo[key] = r.path
-        if hits and cache is not None:  # one read per chunk for the group's hits
-            found = cache.load({k: known[k] for k in hits})
-            vectors.update(found)
-            n_cached += len(found)
-            todo.update((k, p) for k, p in hits.items() if k not in found)  # a corrupted chunk: recompute
-    if todo:
-        encoder = _encoder(identity, lambda: Encoder(model()[0], engine=engine, precision=precision, device=device,
-                                                     batch_size=batch_size, image_size=image_size, threads=threads))
-        keys = list(todo)
-        rows = encode_stream((todo[k] for k in keys), encoder, image_size=image_size, num_workers=num_workers,
-                             max_bytes=max_bytes, max_pixels=max_pixels)
-        done = 0
-        pending: list[np.ndarray] = []
-        for batch in rows:
-            pending.append(batch)
-            n = sum(len(b) for b in pending)
-            if n >= _CHUNK_ROWS or done + n == len(keys):
-                chunk_keys, feats = keys[done : done + n], np.concatenate(pending).astype(np.float32, copy=False)
-                vectors.update(zip(chunk_keys, feats, strict=True))
-                if cache is not None:
-                    cache.append(chunk_keys, feats)
-                done, pending = done + n, []
-    dim = OUT_DIMS[build["backbone"]]
-    feats = np.stack([vectors[k] for _, k in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
-    counts = Counter(reason for _, _, reason in missing)
-    log.debug("image shard: %d items, %d cached, %d encoded, missing %s", len(item_ids), n_cached, len(todo),
-              dict(counts))
-    return ShardResult(
-        item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
-        features=np.ascontiguousarray(feats, dtype=np.float32),
-        missing=missing,
-        weights=state.get("description", ""),
-        n_cached=n_cached,
-        n_encoded=len(todo),
-    )
+        run.add_group(item_ids[start : start + group], urls[start : start + group], results)
+    run.encode_todo()
+    return run.result(len(item_ids))
 
 
 def save_shard(result: ShardResult, path: Path) -> None:
