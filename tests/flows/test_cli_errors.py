@@ -48,6 +48,7 @@ def _cuda_available() -> bool:
         (["--seed", "-1"], "seed=-1"),
         (["--set", "train.seed=4294967296"], "train.seed=4294967296"),
         (["--set", "acquire.sample_seed=-3"], "acquire.sample_seed=-3"),
+        (["--model", "bpr", "--set", "train.extra={gamma: 2}"], "train.extra.gamma=2: model 'bpr' has no"),
     ],
 )
 def test_bad_device_or_seed_is_one_line_before_any_stage(args, needle, tmp_path):
