@@ -209,13 +209,15 @@ def test_the_sand_retrain_deployment_through_a_prefect_server(generated, prefect
               env={"PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 180
-            while True:  # the deployment exists once `sand serve` registered it
+            while True:  # registered by this `sand serve` (the session's server may hold an older one)
                 try:
                     deployment = client.read_deployment_by_name("sand-retrain/scheduled")
-                    break
+                    if deployment.parameters["config"]["data_root"] == str(root):
+                        break
                 except Exception:
-                    assert time.monotonic() < deadline, (tmp_path / "logs" / "serve.log").read_text()[-3000:]
-                    time.sleep(1)
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "logs" / "serve.log").read_text()[-3000:]
+                time.sleep(1)
             assert deployment.schedules[0].schedule.cron == "0 3 * * 0"
             assert deployment.parameters["config"]["train"]["model"] == "bpr"
 
