@@ -217,3 +217,12 @@ def test_no_product_function_is_over_80_lines():
                 for hit in long_functions(path)]
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named helpers):\n" + \
         "\n".join(too_long)
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml lists packages by hand (package-dir mapping): a new sub-package must join the list."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module for module, path in module_files().items() if path.name == "__init__.py"}
+    assert packages - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
