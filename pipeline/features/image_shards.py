@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,9 +203,10 @@ class _ShardRun:
             self.cache.describe(ident)
             self.known = self.cache.index_all() if self.read_cache else {}
 
-    def add_group(self, item_ids: Sequence[int], urls: Sequence[str], results: Sequence[Any]) -> None:
-        """Sort one fetched group: note failures, queue unseen keys, and read the group's cache hits in one go."""
+    def add_group(self, item_ids: Sequence[int], urls: Sequence[str], results: Sequence[Any]) -> list[str]:
+        """Sort one fetched group: note failures, read its cache hits in one go; return the keys it queued to encode."""
         hits: dict[str, Path] = {}
+        queued: list[str] = []
         for item, url, r in zip(item_ids, urls, results, strict=True):
             if not r.ok:
                 self.missing.append((int(item), str(url or ""), str(r.reason)))
@@ -219,36 +221,58 @@ class _ShardRun:
                 hits[key] = r.path
             else:
                 self.todo[key] = r.path
+                queued.append(key)
         if hits and self.cache is not None:  # one read per chunk for the group's hits
             found = self.cache.load({k: self.known[k] for k in hits})
             self.vectors.update(found)
             self.n_cached += len(found)
-            self.todo.update((k, p) for k, p in hits.items() if k not in found)  # a corrupted chunk: recompute
+            again = [k for k in hits if k not in found]  # a corrupted chunk: recompute
+            self.todo.update((k, hits[k]) for k in again)
+            queued += again
+        return queued
 
-    def encode_todo(self) -> None:
-        """Encode the images no cache held, adding each chunk of vectors to the feature cache as it completes."""
+    def encode(self, queued: Iterable[str]) -> None:
+        """Encode the queued images as ``queued`` yields them, adding each chunk of vectors to the cache.
+
+        Why a stream: ``queued`` fetches the next group of URLs while this group is
+        decoded and encoded, so the download and validation hide behind the forward pass
+        instead of preceding it. A shard whose images were all cached builds no encoder.
+        """
         from sand.pipeline.features.image_encoder import Encoder, encode_stream
 
-        if not self.todo:
+        stream = iter(queued)
+        first = next(stream, None)
+        if first is None:
             return
         st = self.settings
         encoder = _encoder(self.identity, lambda: Encoder(self.model(), engine=st.engine, precision=st.precision,
                                                           device=st.device, batch_size=st.batch_size,
                                                           image_size=st.image_size, threads=st.threads))
-        keys = list(self.todo)
-        rows = encode_stream((self.todo[k] for k in keys), encoder, image_size=st.image_size,
-                             num_workers=st.num_workers, max_bytes=st.max_bytes, max_pixels=st.max_pixels)
-        done = 0
-        pending: list[np.ndarray] = []
-        for batch in rows:
+        order: list[str] = []  # keys in the order their images entered the encoder
+
+        def paths() -> Iterator[Path]:
+            for key in itertools.chain([first], stream):
+                order.append(key)
+                yield self.todo[key]
+
+        done, pending = 0, []
+        for batch in encode_stream(paths(), encoder, image_size=st.image_size, num_workers=st.num_workers,
+                                   max_bytes=st.max_bytes, max_pixels=st.max_pixels):
             pending.append(batch)
-            n = sum(len(b) for b in pending)
-            if n >= _CHUNK_ROWS or done + n == len(keys):
-                chunk_keys, feats = keys[done : done + n], np.concatenate(pending).astype(np.float32, copy=False)
-                self.vectors.update(zip(chunk_keys, feats, strict=True))
-                if self.cache is not None:
-                    self.cache.append(chunk_keys, feats)
-                done, pending = done + n, []
+            if sum(len(b) for b in pending) >= _CHUNK_ROWS:
+                done = self._keep(order, done, pending)
+                pending = []
+        if pending:
+            self._keep(order, done, pending)
+
+    def _keep(self, order: list[str], done: int, rows: list[np.ndarray]) -> int:
+        """Hold one chunk of encoded rows (the keys ``order[done:]``) and append it to the cache."""
+        feats = np.concatenate(rows).astype(np.float32, copy=False)
+        keys = order[done : done + len(feats)]
+        self.vectors.update(zip(keys, feats, strict=True))
+        if self.cache is not None:
+            self.cache.append(keys, feats)
+        return done + len(feats)
 
     def result(self, n_items: int) -> ShardResult:
         """Assemble the usable items' rows in shard order, logging what was cached, encoded and missing."""
@@ -295,10 +319,13 @@ def process_shard(
     build, settings = _split_encoder_kwargs(encoder_kwargs)
     run = _ShardRun(build, settings, feature_cache, read_cache)
     group = max(4 * settings.batch_size, 64)
-    for start, results in zip(range(0, len(urls), group),
-                              _fetch_ahead(urls, Path(cache_dir), dict(fetch_kwargs or {}), group), strict=True):
-        run.add_group(item_ids[start : start + group], urls[start : start + group], results)
-    run.encode_todo()
+
+    def queued() -> Iterator[str]:
+        for start, results in zip(range(0, len(urls), group),
+                                  _fetch_ahead(urls, Path(cache_dir), dict(fetch_kwargs or {}), group), strict=True):
+            yield from run.add_group(item_ids[start : start + group], urls[start : start + group], results)
+
+    run.encode(queued())
     return run.result(len(item_ids))
 
 

@@ -137,7 +137,7 @@ def _images(folder: Path, n: int) -> list[str]:
     return urls
 
 
-def _shard(urls: list[str], root: Path, cache: Path):
+def _shard(urls: list[str], root: Path, cache: Path | None):
     from sand.pipeline.acquire.url_policy import UrlPolicy
 
     fetch = {"policy": UrlPolicy.for_origin("local", []), "progress": False}
@@ -163,6 +163,30 @@ def test_a_corrupted_cache_entry_is_recomputed_not_served(tmp_path, caplog):
     third = _shard(urls, tmp_path, cache)  # the rewritten entry serves again
     assert (third.n_cached, third.n_encoded) == (6, 0)
     assert third.features.tobytes() == first.features.tobytes()
+
+
+def test_the_forward_pass_starts_before_the_last_group_is_fetched(tmp_path, monkeypatch):
+    """Fetching overlaps encoding: the first batch is encoded while later URL groups are still to fetch."""
+    from sand.pipeline.features import image_encoder, image_fetch
+
+    events: list[str] = []
+    fetch, call = image_fetch.fetch_images, image_encoder.Encoder.__call__
+
+    def fetch_logged(urls, *args, **kwargs):
+        events.append("fetch")
+        return fetch(urls, *args, **kwargs)
+
+    def call_logged(self, batch):
+        events.append("encode")
+        return call(self, batch)
+
+    monkeypatch.setattr(image_fetch, "fetch_images", fetch_logged)
+    monkeypatch.setattr(image_encoder.Encoder, "__call__", call_logged)
+    urls = _images(tmp_path / "img", 200)  # groups of 64 URLs: 4 fetches, batches of 4 images
+    shard = _shard(urls, tmp_path, None)
+    assert (shard.n_encoded, len(shard.item_ids)) == (200, 200)
+    assert events.count("fetch") == 4 and events.count("encode") == 50
+    assert events.index("encode") < len(events) - 1 - events[::-1].index("fetch"), events
 
 
 def _fill(args: tuple[list[str], str, str]) -> bytes:
