@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 
 from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.hardware import resolve_device
+from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.training.evaluation import MAX_SCORE_ELEMENTS
+from sand.pipeline.training.model_io import effective_model_kwargs
 
 FLOAT = 4  # bytes of a float32
 #: Value, gradient and Adam's two moments: every trainable float, four times.
@@ -215,10 +218,6 @@ def check_training_memory(tcfg: Any, inter: Any, feature_arts: Mapping[str, Any]
     """The train stage's check, before the model is built: estimate, refuse if it cannot fit,
     return the estimate for the manifest (``estimated_peak_memory_mb`` is comparable with the
     trainer's ``peak_memory_mb``: this process's resident memory plus the estimate on a CPU)."""
-    from sand.pipeline.base.hardware import resolve_device
-    from sand.pipeline.stage_context import dataset_counts
-    from sand.pipeline.training.model_io import effective_model_kwargs
-
     n_users, n_items = dataset_counts(inter)
     stats = inter.manifest.get("stats", {})
     n_train = int(stats.get("train", stats.get("interactions", 0)))

@@ -30,6 +30,7 @@ from sand.pipeline.training.evaluation import evaluate_split, recommendations_ta
 from sand.pipeline.training.memory_estimate import check_training_memory
 from sand.pipeline.training.model_io import build_model_for, effective_model_kwargs, trained_embeddings
 from sand.pipeline.training.trainer import LAST_NAME, describe_changes, train_model
+from sand.pipeline.training.warm_start import warm_start
 
 # the modules that pull in torch: imported inside the functions that use them,
 # so importing this module (and `sand --help`) stays fast.
@@ -119,8 +120,6 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
         memory = check_training_memory(tcfg, inter, feature_arts)  # refuses, in one line, what cannot fit
         model, data = build_model_for(tcfg, inter, feature_arts)
         if warm_from is not None:
-            from sand.pipeline.training.warm_start import warm_start
-
             log.info("train: warm start from %s (%s)", warm_from, warm_start(model, inter, ctx.store, warm_from))
         # Keyed by every parameter and input: a rerun of the same settings resumes from the
         # last checkpoint; other settings get their own directory and start at epoch 1.

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from sand.pipeline.base.devices import resolve_device
@@ -99,8 +100,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
-    import pandas as pd
-
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
