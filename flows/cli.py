@@ -1,16 +1,12 @@
 """The ``sand`` command.
 
-Why typer with lazy imports: ``sand --help`` must answer instantly, so torch,
-transformers and Prefect are imported inside the commands that need them.
-Each command that runs stages is a dataclass of its options (typer reads them from
-its fields) inheriting the shared ones, :class:`Common`: the config-field options
-come from the one table ``CLI_FIELDS`` (``pipeline/base/config.py``), from which
-``sand.run``'s keywords derive too; any other field is reachable with
-``--set section.field=value`` or ``--config``. Errors a user can fix are printed
-as one line and exit with status 2; values (devices, seeds, the data root) are
-checked before Prefect is imported, and tracebacks go to the run's log file, which
-the error line names.
-"""
+Why typer with lazy imports: ``sand --help`` must answer instantly, so torch, transformers and Prefect are imported
+inside the commands that need them. Each command that runs stages is a dataclass of its options (typer reads them from
+its fields) inheriting the shared ones, :class:`Common`: the config-field options come from the one table ``CLI_FIELDS``
+(``pipeline/base/config.py``), from which ``sand.run``'s keywords derive too; any other field is reachable with ``--set
+section.field=value`` or ``--config``. Errors a user can fix are printed as one line and exit with status 2; values
+(devices, seeds, the data root) are checked before Prefect is imported, and tracebacks go to the run's log file, which
+the error line names."""
 
 import contextlib
 import dataclasses
@@ -90,9 +86,9 @@ _FieldOptions = dataclasses.make_dataclass(
 
 @dataclass(frozen=True, kw_only=True)
 class Common(_FieldOptions):
-    """The options shared by every command that runs stages, each declared once: the config-field
-    options of ``CLI_FIELDS`` and these. A command is a dataclass of its own options that
-    inherits these (see :class:`StageCommand`); typer reads the options from its fields."""
+    """The options shared by every command that runs stages, each declared once: the config-field options of
+    ``CLI_FIELDS`` and these. A command is a dataclass of its own options that inherits these (see
+    :class:`StageCommand`); typer reads the options from its fields."""
 
     config: Annotated[Path | None, _shared("YAML file with config sections (see README)")] = None
     set: Annotated[list[str] | None, _shared("any config field: --set train.lr=0.001 (repeatable)")] = None
@@ -121,8 +117,8 @@ class Common(_FieldOptions):
 
 
 class StageCommand(TyperCommand):
-    """The click command of a :class:`Common` dataclass: typer builds the dataclass from the
-    parsed options, and this calls it (after setting the console's verbosity)."""
+    """The click command of a :class:`Common` dataclass: typer builds the dataclass from the parsed options, and this
+    calls it (after setting the console's verbosity)."""
 
     def invoke(self, ctx: typer.Context) -> Any:
         command = super().invoke(ctx)  # the dataclass, built by typer from the options
@@ -145,8 +141,8 @@ def _set_verbosity(quiet: bool, verbose: bool) -> None:
 
 
 def _preflight(cfg: PipelineConfig) -> None:
-    """Checks that need no stage: devices exist here, the data root can be written (or serves
-    its cached artifacts read-only); then this run's log file opens under the data root."""
+    """Checks that need no stage: devices exist here, the data root can be written (or serves its cached artifacts
+    read-only); then this run's log file opens under the data root."""
     check_devices(cfg)
     check_extra_hyperparameters(cfg.train)
     writable = ArtifactStore(cfg.data_root).check_writable()
@@ -158,13 +154,11 @@ _temporary_server: Any = None
 
 
 def _prefect_api(required_by: str | None = None) -> None:
-    """Give this command's flow runs a Prefect API: the configured server, checked in one line, or
-    a temporary one started here, so this process holds it (Prefect stops it at exit;
-    :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM).
+    """Give this command's flow runs a Prefect API: the configured server, checked in one line, or a temporary one
+    started here, so this process holds it (Prefect stops it at exit; :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM).
 
-    ``required_by`` names a command that cannot use a temporary server (what it registers
-    must outlive it): for it, no configured server is an error.
-    """
+    ``required_by`` names a command that cannot use a temporary server (what it registers must outlive it): for it, no
+    configured server is an error."""
     global _temporary_server
     from prefect.settings import Settings  # Prefect: only for commands with work to orchestrate
 
@@ -209,11 +203,9 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
 def _run_flow(common: Common, until: str | None, stage: str | None = None) -> PipelineResult:
     """Run the pipeline (up to ``until``) or one stage; returns its PipelineResult.
 
-    A run whose every stage is in the store is answered from it by the runner, without
-    Prefect (nothing to orchestrate, so no flow run is recorded); any other runs as
-    Prefect flows, which run the same runner loop. Stage names are checked first, from
-    the stage table alone: a typo answers before the config is read.
-    """
+    A run whose every stage is in the store is answered from it by the runner, without Prefect (nothing to orchestrate,
+    so no flow run is recorded); any other runs as Prefect flows, which run the same runner loop. Stage names are
+    checked first, from the stage table alone: a typo answers before the config is read."""
     check_stage_names([until, stage, *common.stages_to_refresh])
     cfg = common.pipeline_config()
     options = common.run_options()
@@ -414,13 +406,11 @@ def serve(
 class Deploy(Common):
     """Register the deployments of `sand serve` with a Prefect work pool, then exit.
 
-    Why a command of its own and not `sand serve --work-pool`: serving runs the flows in
-    that process until stopped, deploying only registers them and returns, and a
-    flag that turned a long-running command into one that exits at once would surprise.
-    Every run option (--runner, --dask-address, --refresh) and config option becomes the
-    deployments' default parameters; nothing is checked against this machine's devices or
-    data root, because the flows run on the workers' machines.
-    """
+    Why a command of its own and not `sand serve --work-pool`: serving runs the flows in that process until stopped,
+    deploying only registers them and returns, and a flag that turned a long-running command into one that exits at once
+    would surprise. Every run option (--runner, --dask-address, --refresh) and config option becomes the deployments'
+    default parameters; nothing is checked against this machine's devices or data root, because the flows run on the
+    workers' machines."""
 
     work_pool: Annotated[str, typer.Option(help="existing Prefect work pool whose workers run the flows")]
     cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None
@@ -480,13 +470,11 @@ def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) ->
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
     """Ctrl-C (or SIGTERM): one line, stop Prefect's temporary server, exit 130 (143) at once.
 
-    Why not let ``KeyboardInterrupt`` unwind: shard work runs in worker threads that
-    the interpreter joins at exit (minutes for an image shard), and a terminal's
-    Ctrl-C also reaches Prefect's temporary API server (same process group), so every
-    state update made while unwinding fails with a connection error. Leaving now is
-    safe: artifacts, shards and checkpoints are written atomically (temp file, then
-    rename), and the OS releases the store's locks, so a rerun resumes.
-    """
+    Why not let ``KeyboardInterrupt`` unwind: shard work runs in worker threads that the interpreter joins at exit
+    (minutes for an image shard), and a terminal's Ctrl-C also reaches Prefect's temporary API server (same process
+    group), so every state update made while unwinding fails with a connection error. Leaving now is safe: artifacts,
+    shards and checkpoints are written atomically (temp file, then rename), and the OS releases the store's locks, so a
+    rerun resumes."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # e.g. the signal arrived while this thread was writing to it
             stream.flush()

@@ -1,10 +1,8 @@
 """``sand cache``: how big the data root's per-item caches are, and pruning them.
 
-Why a command: the caches (downloaded images, text and image feature vectors) are shared
-by every dataset and snapshot of a data root and only grow; a user needs to see what
-they hold and drop what no recent run used. Every cache is content-addressed, so a
-pruned file is fetched or recomputed when a run asks for it again.
-"""
+Why a command: the caches (downloaded images, text and image feature vectors) are shared by every dataset and snapshot
+of a data root and only grow; a user needs to see what they hold and drop what no recent run used. Every cache is
+content-addressed, so a pruned file is fetched or recomputed when a run asks for it again."""
 
 from __future__ import annotations
 

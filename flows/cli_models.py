@@ -1,9 +1,8 @@
 """``sand models``: the model registry of a data root (list, show, promote).
 
-Why a sub-app of its own: the registry is read and changed by hand (a rollback after a
-bad retrain is ``sand models promote OLDKEY``), apart from any pipeline run, so these
-commands need only the data root; no Prefect, and torch only to republish.
-"""
+Why a sub-app of its own: the registry is read and changed by hand (a rollback after a bad retrain is ``sand models
+promote OLDKEY``), apart from any pipeline run, so these commands need only the data root; no Prefect, and torch only to
+republish."""
 
 from __future__ import annotations
 

@@ -1,18 +1,13 @@
 """Prefect flows: one per stage, and the end-to-end flow that nests them.
 
-The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call``
-that runs each stage in its flow; this module adds only what Prefect needs (flows,
-shard tasks over a task runner, UI artifacts, ``Cached`` states).
+The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call`` that runs each stage in its flow;
+this module adds only what Prefect needs (flows, shard tasks over a task runner, UI artifacts, ``Cached`` states).
 
-Why this shape: every stage is its own flow (a deployment of its own, a node
-of its own in the UI), parameterised by the validated ``PipelineConfig`` so the
-UI shows a form. The flows are generated from the stage table
-(``pipeline/stages.py``): adding a stage adds its flow. Flows pass small
-references to artifacts (paths, keys, manifests), never arrays: the end-to-end
-flow hands each stage flow its upstream results. Caching is the artifact
-store's: a stage whose key exists does no work and its flow run ends in a
-``Cached`` completed state.
-"""
+Why this shape: every stage is its own flow (a deployment of its own, a node of its own in the UI), parameterised by the
+validated ``PipelineConfig`` so the UI shows a form. The flows are generated from the stage table
+(``pipeline/stages.py``): adding a stage adds its flow. Flows pass small references to artifacts (paths, keys,
+manifests), never arrays: the end-to-end flow hands each stage flow its upstream results. Caching is the artifact
+store's: a stage whose key exists does no work and its flow run ends in a ``Cached`` completed state."""
 
 from __future__ import annotations
 
@@ -138,10 +133,9 @@ def pipeline_flow(
 ) -> PipelineResult:
     """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow.
 
-    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its
-    sub-flow: each stage flow receives its upstream flows' results (small references), so
-    no stage resolves its inputs again; the summary is published to the UI.
-    """
+    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its sub-flow: each stage flow
+    receives its upstream flows' results (small references), so no stage resolves its inputs again; the summary is
+    published to the UI."""
     config = config or PipelineConfig()
     options = options or RunOptions()
     ctx = Context.create(config, options.refresh, progress=options.show_progress())

@@ -1,13 +1,10 @@
 """The ``sand-retrain`` flow: a scheduled retrain that decides which model is in use and publishes it.
 
-Why a flow of its own (and not the ``sand-pipeline`` deployment): that one recomputes or
-reuses artifacts, but nothing there notices that no data arrived, compares the new model
-with the one in use, or publishes recommendations. The steps live in
-``pipeline/serving/retrain.py`` (no Prefect); this flow supplies the pipeline run (the
-``sand-pipeline`` flow, nested, each stage a sub-flow) and shows the decision on the
-flow run's page. With no new data it ends within seconds in a Completed state named
-``No new data``, registering nothing.
-"""
+Why a flow of its own (and not the ``sand-pipeline`` deployment): that one recomputes or reuses artifacts, but nothing
+there notices that no data arrived, compares the new model with the one in use, or publishes recommendations. The steps
+live in ``pipeline/serving/retrain.py`` (no Prefect); this flow supplies the pipeline run (the ``sand-pipeline`` flow,
+nested, each stage a sub-flow) and shows the decision on the flow run's page. With no new data it ends within seconds in
+a Completed state named ``No new data``, registering nothing."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """How to run (not what to compute): the run options every stage flow and the CLI share.
 
-Why a module without Prefect: the CLI validates these before it knows whether the run
-needs Prefect at all (a fully cached run does not), and its ``--runner``,
-``--dask-address`` and ``--refresh`` help is these fields' descriptions.
-"""
+Why a module without Prefect: the CLI validates these before it knows whether the run needs Prefect at all (a fully
+cached run does not), and its ``--runner``, ``--dask-address`` and ``--refresh`` help is these fields' descriptions."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Task-runner choice for the image shards: threads, processes or a Dask cluster.
 
-Why a separate module: it is the only place that knows Prefect's runner
-classes and ``prefect-dask``; the CLI and deployments pass plain strings.
-"""
+Why a separate module: it is the only place that knows Prefect's runner classes and ``prefect-dask``; the CLI and
+deployments pass plain strings."""
 
 from __future__ import annotations
 

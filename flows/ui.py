@@ -1,9 +1,7 @@
 """What the Prefect UI shows about a run: table and markdown artifacts.
 
-Why: "how did last night's retraining do" should be answered on the flow
-run's page: dataset statistics, metrics per split and K, training curves and
-the report's figures, without opening the data root.
-"""
+Why: "how did last night's retraining do" should be answered on the flow run's page: dataset statistics, metrics per
+split and K, training curves and the report's figures, without opening the data root."""
 
 from __future__ import annotations
 

@@ -19,13 +19,10 @@ Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
   {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused by
   its FREEDOM and is not offered.
 
-Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality
-to the item ID embeddings before both propagations, so the modal features reach the
-scoring embeddings. It exists for the SAND plug-in's ``scoring`` fusion (see
-``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary
-BPR terms, so anything a plug-in does to them cannot change a score when
-``reg_weight = 0``.
-"""
+Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality to the item ID embeddings before
+both propagations, so the modal features reach the scoring embeddings. It exists for the SAND plug-in's ``scoring``
+fusion (see ``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary BPR terms, so
+anything a plug-in does to them cannot change a score when ``reg_weight = 0``."""
 
 from __future__ import annotations
 
@@ -54,10 +51,8 @@ def degree_edge_weights(n_users: int, n_items: int, edges: np.ndarray) -> torch.
 def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """k distinct indices drawn one after another with probability proportional to ``weights``.
 
-    ``torch.multinomial`` (MMRec's call) accepts at most 2**24 categories; beyond that
-    the same distribution comes from the top-k of ``log(u) / w`` keys (Efraimidis &
-    Spirakis). Indices are returned on the CPU.
-    """
+    ``torch.multinomial`` (MMRec's call) accepts at most 2**24 categories; beyond that the same distribution comes from
+    the top-k of ``log(u) / w`` keys (Efraimidis & Spirakis). Indices are returned on the CPU."""
     w = weights.to(generator.device)
     if len(w) <= 2**24:
         return torch.multinomial(w, k, replacement=False, generator=generator).cpu()
@@ -68,10 +63,8 @@ def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torc
 class FREEDOM(Recommender):
     """FREEDOM with named projected modal features (for the SAND plug-in).
 
-    Inspection points (used by the tests): ``full_adj`` (inference graph),
-    ``train_adj`` (the current epoch's pruned graph), ``kept_edges`` ((K, 2) edges
-    kept this epoch), ``train_edges`` ((E, 2) deduplicated training edges).
-    """
+    Inspection points (used by the tests): ``full_adj`` (inference graph), ``train_adj`` (the current epoch's pruned
+    graph), ``kept_edges`` ((K, 2) edges kept this epoch), ``train_edges`` ((E, 2) deduplicated training edges)."""
 
     required_modalities: tuple[str, ...] = MODALITIES
     #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
@@ -168,9 +161,8 @@ class FREEDOM(Recommender):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(users, items) over user-item graph ``adj``, plus the item-item propagation of the items.
 
-        The items entering both propagations are the ID embeddings, plus the sum of the
-        projected features ``modal`` when ``modal_in_scores`` (computed here if not given).
-        """
+        The items entering both propagations are the ID embeddings, plus the sum of the projected features ``modal``
+        when ``modal_in_scores`` (computed here if not given)."""
         items = self.item_embedding
         if self.modal_in_scores:
             modal = self.modal_representations() if modal is None else modal

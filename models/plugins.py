@@ -1,13 +1,11 @@
 """SAND as a plug-in (Table 3): the split/align/distance component on another backbone.
 
-Why a wrapper: the component needs only each item's modal representations, which
-a backbone names through ``modal_representations() -> {modality: (N, d) tensor}``.
-The wrapper adds the alignment and distancing losses on the column halves of
-those tensors (generic | unique) and delegates everything else (BPR terms,
-scoring, FREEDOM's per-epoch edge pruning) to the backbone.
+Why a wrapper: the component needs only each item's modal representations, which a backbone names through
+``modal_representations() -> {modality: (N, d) tensor}``. The wrapper adds the alignment and distancing losses on the
+column halves of those tensors (generic | unique) and delegates everything else (BPR terms, scoring, FREEDOM's per-epoch
+edge pruning) to the backbone.
 
-``plugin_fusion`` says whether the SAND-processed representation reaches the scores
-(``docs/model.md``, "Plug-ins"):
+``plugin_fusion`` says whether the SAND-processed representation reaches the scores (``docs/model.md``, "Plug-ins"):
 
 - ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For
   FREEDOM this means the SAND terms act only on the projected features, which enter
@@ -19,10 +17,8 @@ scoring, FREEDOM's per-epoch edge pruning) to the backbone.
   and item-item propagations (``FREEDOM(modal_in_scores=True)``), so the SAND terms
   shape what is scored.
 
-VBPR's projected features are part of its item representation already, so for VBPR
-both fusions are the same model (:attr:`SeparationPlugin.fusion_matters` is False and
-the registry does not pass the setting on).
-"""
+VBPR's projected features are part of its item representation already, so for VBPR both fusions are the same model
+(:attr:`SeparationPlugin.fusion_matters` is False and the registry does not pass the setting on)."""
 
 from __future__ import annotations
 
@@ -140,8 +136,7 @@ class VBPRSand(SeparationPlugin):
 class FREEDOMSand(SeparationPlugin):
     """FREEDOM + SAND: the component on FREEDOM's projected image/text features.
 
-    ``plugin_fusion="scoring"`` builds the backbone with ``modal_in_scores=True``.
-    """
+    ``plugin_fusion="scoring"`` builds the backbone with ``modal_in_scores=True``."""
 
     backbone_class = FREEDOM
 

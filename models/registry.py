@@ -1,16 +1,12 @@
 """Every model of the package, one entry each: the single table the rest is derived from.
 
-Why one table: the config's allowed ``train.model`` names and ``train.<hyper-parameter>``
-fields, the CLI help, the train stage (modalities, default lr, variants), the grid presets
-and the report's labels and table membership all ask "what is model X". Answering it here
-means adding a model is its file plus one :data:`MODELS` entry, and no other module lists
-models, their hyper-parameters, SAND's variants (:data:`VARIANTS`) or the plug-in fusions
-(:data:`FUSIONS`).
+Why one table: the config's allowed ``train.model`` names and ``train.<hyper-parameter>`` fields, the CLI help, the
+train stage (modalities, default lr, variants), the grid presets and the report's labels and table membership all ask
+"what is model X". Answering it here means adding a model is its file plus one :data:`MODELS` entry, and no other module
+lists models, their hyper-parameters, SAND's variants (:data:`VARIANTS`) or the plug-in fusions (:data:`FUSIONS`).
 
-This module must stay cheap to import (``sand --help`` and config validation use
-it): model classes are named as ``"module:Class"`` strings and imported (with torch)
-only when a model is built or introspected.
-"""
+This module must stay cheap to import (``sand --help`` and config validation use it): model classes are named as
+``"module:Class"`` strings and imported (with torch) only when a model is built or introspected."""
 
 from __future__ import annotations
 
@@ -165,8 +161,7 @@ MODELS: dict[str, ModelSpec] = {
 def hyperparameters() -> dict[str, HyperParameter]:
     """Every ``train.<name>`` hyper-parameter field: the common ones, then each entry's, in order.
 
-    A name is declared once (else ValueError): one field serves every model that takes it.
-    """
+    A name is declared once (else ValueError): one field serves every model that takes it."""
     fields = dict(COMMON_HYPERPARAMETERS)
     for name, s in MODELS.items():
         twice = sorted(set(fields) & set(s.hyperparameters))
@@ -319,9 +314,8 @@ def accepted_hyperparameters(name: str) -> set[str]:
 def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
     """Build ``name`` with its constructor's own defaults for everything not given.
 
-    Unknown hyper-parameters raise ValueError naming them, so a typo in a config or a
-    grid never silently trains the default model.
-    """
+    Unknown hyper-parameters raise ValueError naming them, so a typo in a config or a grid never silently trains the
+    default model."""
     s = spec(name)
     cls = model_class(name)
     accepted = set(inspect.signature(cls.__init__).parameters)

@@ -1,29 +1,22 @@
 """SAND's reusable split / align / distance component (docs/model.md).
 
-Any backbone that turns item modal features into a per-modality representation
-``z_m`` (rows = items) can attach :class:`ModalSeparation`: it splits ``z_m`` by
-columns into a modal-generic part ``G_m`` (first ``split_ratio`` of the columns)
-and a modal-unique part ``Q_m`` (the rest), aligns the generic parts across
-modalities (SoloSim or InfoNCE on projection heads) and pushes each generic part
-away from its unique part (CLUB mutual-information bound or negative l2). SAND
-uses it on its full-width modal transform; VBPR and FREEDOM on their projected
-modal features.
+Any backbone that turns item modal features into a per-modality representation ``z_m`` (rows = items) can attach
+:class:`ModalSeparation`: it splits ``z_m`` by columns into a modal-generic part ``G_m`` (first ``split_ratio`` of the
+columns) and a modal-unique part ``Q_m`` (the rest), aligns the generic parts across modalities (SoloSim or InfoNCE on
+projection heads) and pushes each generic part away from its unique part (CLUB mutual-information bound or negative l2).
+SAND uses it on its full-width modal transform; VBPR and FREEDOM on their projected modal features.
 
-Fast path (docs/model.md, departure 11). Every consumer of ``z_m`` here (the first layer of the
-projection head, ``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When
-``z_m = X_m W^T + b`` comes from a linear map, a consumer ``C`` computes
-``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first
-costs ``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone passes
-such a ``z_m`` unevaluated as a :class:`LinearView`; plain tensors work too (what the
-plug-ins pass). Both give the same function, to float rounding.
+Fast path (docs/model.md, departure 11). Every consumer of ``z_m`` here (the first layer of the projection head,
+``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When ``z_m = X_m W^T + b`` comes from a linear map, a
+consumer ``C`` computes ``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first costs
+``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone passes such a ``z_m`` unevaluated as a
+:class:`LinearView`; plain tensors work too (what the plug-ins pass). Both give the same function, to float rounding.
 
-Differences from the authors' code (docs/model.md lists them all; the paper's equations are
-partly garbled): the CLUB estimators are fitted on (E1_m, E2_m) pairs of the SAME
-modality (the code fits one estimator on text/image pairs, which is not the bound
-it then evaluates), one estimator and one Adam optimiser per modality; the main
-loss never trains the estimator (its parameters enter the bound detached);
-SoloSim can run over the batch items instead of all N items (needed for large N).
-"""
+Differences from the authors' code (docs/model.md lists them all; the paper's equations are partly garbled): the CLUB
+estimators are fitted on (E1_m, E2_m) pairs of the SAME modality (the code fits one estimator on text/image pairs, which
+is not the bound it then evaluates), one estimator and one Adam optimiser per modality; the main loss never trains the
+estimator (its parameters enter the bound detached); SoloSim can run over the batch items instead of all N items (needed
+for large N)."""
 
 from __future__ import annotations
 
@@ -69,18 +62,15 @@ _FAST_ADAM: dict[str, Any] = {"fused": True}
 class LinearView:
     """``z = x @ weight.T + bias``, kept unevaluated so linear consumers can fold the weights.
 
-    ``x``: (n, d_in) inputs (usually frozen raw features); ``weight``: (d, d_in);
-    ``bias``: (d,) or None. Slicing columns of ``z`` slices rows of ``weight``, slicing
-    rows of ``z`` slices rows of ``x``: neither needs ``z`` itself. ``fold``: None picks
-    the evaluation order with fewer multiply-adds (see :meth:`folds`); True/False force it.
-    ``start``: column offset of this view in the view it was sliced from (keys ``reads``).
-    ``reads``: outputs of consumers computed ahead for all rows (:func:`prefetch_reads`),
-    keyed by ``(id(consumer), first column, last column + 1)``; dropped by row slicing.
-    ``x_low``: a low-precision (bfloat16) copy of a fixed ``x``; when given, every product
-    with ``x`` and the folding of the weights run in its dtype (float32 accumulation,
-    float32 results, see :mod:`models.precision`). ``x`` itself then gets no gradient.
-    ``weight_low``: ``weight`` in that dtype (cast on use when not given).
-    """
+    ``x``: (n, d_in) inputs (usually frozen raw features); ``weight``: (d, d_in); ``bias``: (d,) or None. Slicing
+    columns of ``z`` slices rows of ``weight``, slicing rows of ``z`` slices rows of ``x``: neither needs ``z`` itself.
+    ``fold``: None picks the evaluation order with fewer multiply-adds (see :meth:`folds`); True/False force it.
+    ``start``: column offset of this view in the view it was sliced from (keys ``reads``). ``reads``: outputs of
+    consumers computed ahead for all rows (:func:`prefetch_reads`), keyed by ``(id(consumer), first column, last column
+    + 1)``; dropped by row slicing. ``x_low``: a low-precision (bfloat16) copy of a fixed ``x``; when given, every
+    product with ``x`` and the folding of the weights run in its dtype (float32 accumulation, float32 results, see
+    :mod:`models.precision`). ``x`` itself then gets no gradient. ``weight_low``: ``weight`` in that dtype (cast on use
+    when not given)."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -111,10 +101,8 @@ class LinearView:
     def folds(self, n_out: int) -> bool:
         """Whether consumers with ``n_out`` outputs in all read ``x`` through folded weights.
 
-        Folded: ``d_in*d*n_out + n*d_in*n_out`` multiply-adds; forming ``z`` first:
-        ``n*d_in*d + n*d*n_out``. Folding wins when there are more rows than outputs
-        (all items of a catalogue); forming ``z`` wins for a few rows.
-        """
+        Folded: ``d_in*d*n_out + n*d_in*n_out`` multiply-adds; forming ``z`` first: ``n*d_in*d + n*d*n_out``. Folding
+        wins when there are more rows than outputs (all items of a catalogue); forming ``z`` wins for a few rows."""
         if self.fold is not None:
             return self.fold
         n, d_in = self.x.shape
@@ -147,9 +135,8 @@ def _columns(z: ModalInput, start: int, stop: int) -> ModalInput:
 def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """``[c(z) for c in consumers]``, computed without forming ``z`` when that is cheaper.
 
-    For a :class:`LinearView` the folded product ``x @ (W^T [C_1^T ... C_k^T])`` is one
-    matrix product, unless :meth:`LinearView.folds` says forming ``z`` is cheaper.
-    """
+    For a :class:`LinearView` the folded product ``x @ (W^T [C_1^T ... C_k^T])`` is one matrix product, unless
+    :meth:`LinearView.folds` says forming ``z`` is cheaper."""
     if not isinstance(z, LinearView):
         return [c(z) for c in consumers]
     stop = z.start + z.weight.shape[0]
@@ -165,14 +152,11 @@ def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Te
 class _FoldedReads(torch.autograd.Function):
     """``x @ cat_k(C_k W[s_k:e_k])^T + cat_k(C_k b[s_k:e_k] + c_k)``: all consumers, one read of ``x``.
 
-    Why a Function: through autograd, every consumer of a column slice of ``W`` reads
-    ``x`` once forward and once backward (skinny products, slower per multiply-add than
-    one wide product), and each slice's backward fills a zero ``W``-sized gradient
-    and adds it. Here forward is one product with ``x`` and backward one ``dH^T x``,
-    with each consumer's share of ``dW`` accumulated in place.
-    ``ranges``: ``(s_k, e_k)`` per consumer; ``params``: ``C_1, c_1, C_2, c_2, ...``
-    (a bias may be None).
-    """
+    Why a Function: through autograd, every consumer of a column slice of ``W`` reads ``x`` once forward and once
+    backward (skinny products, slower per multiply-add than one wide product), and each slice's backward fills a zero
+    ``W``-sized gradient and adds it. Here forward is one product with ``x`` and backward one ``dH^T x``, with each
+    consumer's share of ``dW`` accumulated in place. ``ranges``: ``(s_k, e_k)`` per consumer; ``params``: ``C_1, c_1,
+    C_2, c_2, ...`` (a bias may be None)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ranges, *params):
@@ -245,17 +229,14 @@ def _folded_bias(bias: torch.Tensor | None, ranges, cw, cb) -> torch.Tensor:
 class _LowFoldedReads(torch.autograd.Function):
     """:class:`_FoldedReads` with the big products in a low precision (bfloat16).
 
-    ``x_low`` and ``weight_low`` are low-precision copies of the fixed inputs and of ``W``
-    (made by the caller, so one cast of ``W`` serves every read of a batch); ``weight``
-    is the float32 parameter that receives the gradient. Why another layout: the
-    consumers' weights are stacked into one block matrix ``P`` (``d x sum out``, ``C_k^T``
-    at rows ``s_k:e_k``, zeros elsewhere), so folding, ``dW = P dF`` and the consumer
-    gradients ``W dF^T`` are one product each (about 20% more multiply-adds than one per
-    consumer, but each low-precision result is converted to float32 once, and on a CPU
-    these conversions and fresh allocations cost as much as the products).
-    Products accumulate in float32 (oneDNN / cuBLAS); results are rounded to the low
-    dtype once, then converted; biases, outputs and every gradient are float32.
-    """
+    ``x_low`` and ``weight_low`` are low-precision copies of the fixed inputs and of ``W`` (made by the caller, so one
+    cast of ``W`` serves every read of a batch); ``weight`` is the float32 parameter that receives the gradient. Why
+    another layout: the consumers' weights are stacked into one block matrix ``P`` (``d x sum out``, ``C_k^T`` at rows
+    ``s_k:e_k``, zeros elsewhere), so folding, ``dW = P dF`` and the consumer gradients ``W dF^T`` are one product each
+    (about 20% more multiply-adds than one per consumer, but each low-precision result is converted to float32 once, and
+    on a CPU these conversions and fresh allocations cost as much as the products). Products accumulate in float32
+    (oneDNN / cuBLAS); results are rounded to the low dtype once, then converted; biases, outputs and every gradient are
+    float32."""
 
     @staticmethod
     def forward(ctx: Any, x_low, weight, weight_low, bias, ranges, *params):
@@ -307,11 +288,10 @@ class _LowFoldedReads(torch.autograd.Function):
 def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -> ModalInput:
     """``z`` carrying ``c(z[:, s:e])`` for every ``(s, e, c)`` in ``parts``, computed in one read of ``x``.
 
-    :func:`read_through` on the view (or on its column slices) then returns those outputs,
-    so several consumers (SAND's GCN input MLP, the projection head, E1, E2) share one
-    product with ``x`` forward and one backward (:class:`_FoldedReads`). A plain tensor,
-    or a view that :meth:`LinearView.folds` would not fold, is returned unchanged.
-    """
+    :func:`read_through` on the view (or on its column slices) then returns those outputs, so several consumers (SAND's
+    GCN input MLP, the projection head, E1, E2) share one product with ``x`` forward and one backward
+    (:class:`_FoldedReads`). A plain tensor, or a view that :meth:`LinearView.folds` would not fold, is returned
+    unchanged."""
     if not isinstance(z, LinearView) or not parts or not z.folds(sum(c.out_features for _, _, c in parts)):
         return z
     pieces = _folded_read(z, parts)
@@ -373,8 +353,7 @@ class ModalSeparation(nn.Module):
         bound uses the estimators as fitted so far, and the pairs it was evaluated on are
         fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
 
-    Random permutations for the CLUB bound come from the global torch RNG.
-    """
+    Random permutations for the CLUB bound come from the global torch RNG."""
 
     def __init__(
         self,
@@ -459,9 +438,8 @@ class ModalSeparation(nn.Module):
     def full_row_consumers(self, modality: str, n_items: int) -> list[tuple[int, int, nn.Linear]]:
         """``(first column, last column + 1, layer)`` of the linear layers that read ``z_m`` on all rows.
 
-        What :meth:`loss_terms` will read for ``n_items`` items: a backbone can compute them
-        ahead together with its own consumers (:func:`prefetch_reads`).
-        """
+        What :meth:`loss_terms` will read for ``n_items`` items: a backbone can compute them ahead together with its own
+        consumers (:func:`prefetch_reads`)."""
         g = self.split_at[modality]
         out: list[tuple[int, int, nn.Linear]] = []
         if self.align == "solosim" and self._resolve(self.solosim_scope, n_items) == "all":
@@ -525,9 +503,8 @@ class ModalSeparation(nn.Module):
     def loss_terms(self, z: Mapping[str, ModalInput], batch_items: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"align": alpha * L_align, "distance": beta * mean_m L_m}``; disabled terms are absent.
 
-        ``z[m]``: (N, dims[m]) representation of ALL items (tensor or LinearView);
-        ``batch_items``: item indices of the current batch (duplicates allowed).
-        """
+        ``z[m]``: (N, dims[m]) representation of ALL items (tensor or LinearView); ``batch_items``: item indices of the
+        current batch (duplicates allowed)."""
         missing = [m for m in self.modalities if m not in z]
         if missing:
             raise ValueError(f"ModalSeparation: missing modal representation {missing[0]!r}")
@@ -576,13 +553,11 @@ class ModalSeparation(nn.Module):
     def auxiliary_step(self, z_detached: Mapping[str, ModalInput], batch_items: torch.Tensor) -> dict[str, float]:
         """Fit the CLUB estimators: ``club_steps`` Adam steps maximising ``log q(E2_m | E1_m)``.
 
-        Pairs are the detached (E1_m, E2_m) of the same modality over the distancing
-        scope. Returns the mean log-likelihood per modality before the last step.
-        The gradients are computed in closed form (:mod:`models.club_fit`; the same
-        arithmetic as autograd and ``torch.optim.Adam``, which the tests check).
-        Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also
-        holds these parameters never moves them.
-        """
+        Pairs are the detached (E1_m, E2_m) of the same modality over the distancing scope. Returns the mean
+        log-likelihood per modality before the last step. The gradients are computed in closed form
+        (:mod:`models.club_fit`; the same arithmetic as autograd and ``torch.optim.Adam``, which the tests check).
+        Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also holds these parameters never moves
+        them."""
         if self.distance != "club" or self.club_steps <= 0:
             return {}
         if self.club_fit_order == "after":

@@ -1,10 +1,9 @@
 """The bundled offline sample: a small synthetic dataset in the raw Amazon 2014 format.
 
-Why: ``sand run`` with no argument must work offline, in seconds, and still show
-the point of the method (content beats IDs when IDs are data-starved). So the
-generator writes exactly what a real 2014 download looks like (JSON-lines reviews,
-Python-literal metadata, images behind URLs), including the kinds of dirt real
-files have, and plants structure that only content features can exploit:
+Why: ``sand run`` with no argument must work offline, in seconds, and still show the point of the method (content beats
+IDs when IDs are data-starved). So the generator writes exactly what a real 2014 download looks like (JSON-lines
+reviews, Python-literal metadata, images behind URLs), including the kinds of dirt real files have, and plants structure
+that only content features can exploit:
 
 * every item has latent attributes: ``colour`` (image fill colour; for some colours
   also named in the text, i.e. shared by both modalities), ``shape`` (image only),
@@ -13,14 +12,11 @@ files have, and plants structure that only content features can exploit:
   their items from a softmax over (number of liked values an item has) plus a mild
   item popularity; the rest are uniform random.
 
-With ~500 items seen ~20 times each an ID-only model is starved, while an item's
-attributes are visible in its image and text, so unseen co-attribute items
-generalise. Everything is drawn from one ``numpy`` generator seeded by ``seed``
-in a fixed order, and the gzip headers carry no time or name, so the same seed
-and output directory give byte-identical files. (Image URLs are absolute
-``file://`` URLs, so files written to a different directory differ only in that
-path prefix.)
-"""
+With ~500 items seen ~20 times each an ID-only model is starved, while an item's attributes are visible in its image and
+text, so unseen co-attribute items generalise. Everything is drawn from one ``numpy`` generator seeded by ``seed`` in a
+fixed order, and the gzip headers carry no time or name, so the same seed and output directory give byte-identical
+files. (Image URLs are absolute ``file://`` URLs, so files written to a different directory differ only in that path
+prefix.)"""
 
 from __future__ import annotations
 
@@ -153,12 +149,10 @@ def generate_sample(
 ) -> SampleFiles:
     """Write the sample into ``out_dir`` and return its paths and planted facts.
 
-    ``interactions_per_user`` is an inclusive range of distinct items per user.
-    ``truth`` holds: ``malformed_review_lines`` (1-based line numbers),
-    ``duplicate_reviews``, ``items_without_meta``, ``missing_image_files``,
-    ``empty_imurl``, ``corrupt_images`` (ASIN lists), ``item_attributes``,
-    ``user_tastes``, ``named_colours`` and counts.
-    """
+    ``interactions_per_user`` is an inclusive range of distinct items per user. ``truth`` holds:
+    ``malformed_review_lines`` (1-based line numbers), ``duplicate_reviews``, ``items_without_meta``,
+    ``missing_image_files``, ``empty_imurl``, ``corrupt_images`` (ASIN lists), ``item_attributes``, ``user_tastes``,
+    ``named_colours`` and counts."""
     _check_args(n_users, n_items, interactions_per_user, image_size)
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir).resolve()
@@ -436,10 +430,9 @@ def _write_gz(path: Path, lines: list[str]) -> None:
 def write_user_share(generated: Path, out_dir: Path, share: float) -> set[str]:
     """A snapshot of a generated sample holding the reviews of its first ``share`` of users (in file order).
 
-    Why: a dataset that grows (more reviews, new users) is what scheduled retraining sees;
-    two shares of one sample are two snapshots of it, the larger holding the smaller. The
-    metadata is copied whole; the reviews file is replaced atomically. Returns the users kept.
-    """
+    Why: a dataset that grows (more reviews, new users) is what scheduled retraining sees; two shares of one sample are
+    two snapshots of it, the larger holding the smaller. The metadata is copied whole; the reviews file is replaced
+    atomically. Returns the users kept."""
     if not 0 < share <= 1:
         raise ConfigError(f"invalid share {share}: must be in (0, 1]")
     lines = gzip.decompress((Path(generated) / REVIEWS_NAME).read_bytes()).decode().splitlines()

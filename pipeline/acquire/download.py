@@ -1,16 +1,13 @@
 """Fetch one raw file (http(s) URL, ``file://`` URL or local path) into a directory.
 
-Why this module exists: the Amazon dumps are hundreds of MB to GB on slow
-academic mirrors. A dropped connection must not cost the bytes already
-received, a half-written file must never be read as complete, and a second run
-must do no network work at all. So a download is written to ``<name>.part``,
-resumed with ``Range`` requests, checked against the size the server announced,
-renamed into place only when complete, and described by a sidecar
-``<name>.sha256.json`` that later runs trust instead of the network.
+Why this module exists: the Amazon dumps are hundreds of MB to GB on slow academic mirrors. A dropped connection must
+not cost the bytes already received, a half-written file must never be read as complete, and a second run must do no
+network work at all. So a download is written to ``<name>.part``, resumed with ``Range`` requests, checked against the
+size the server announced, renamed into place only when complete, and described by a sidecar ``<name>.sha256.json`` that
+later runs trust instead of the network.
 
-Local sources take the same path (copy in chunks, hash on the way) so that the
-stages downstream see one kind of record whatever the user pointed at.
-"""
+Local sources take the same path (copy in chunks, hash on the way) so that the stages downstream see one kind of record
+whatever the user pointed at."""
 
 from __future__ import annotations
 
@@ -73,11 +70,9 @@ class _Retryable(Exception):
 def safe_name(source: str) -> str:
     """File name for ``source``: the sanitised basename of its path, never raw URL text.
 
-    Only ``[A-Za-z0-9._-]`` survive, leading dots are dropped (no hidden files,
-    no ``..``), long names are capped with a hash to stay unique, and a source
-    without a usable basename falls back to a sha1 of the whole source. Names
-    that would collide with our own ``.part``/sidecar files get a ``_`` appended.
-    """
+    Only ``[A-Za-z0-9._-]`` survive, leading dots are dropped (no hidden files, no ``..``), long names are capped with a
+    hash to stay unique, and a source without a usable basename falls back to a sha1 of the whole source. Names that
+    would collide with our own ``.part``/sidecar files get a ``_`` appended."""
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()
     path = unquote(urlsplit(source).path) if url_scheme(source) else source
     base = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
@@ -107,11 +102,9 @@ def fetch_file(
 ) -> FileRecord:
     """Fetch ``source`` into ``dest_dir`` and return its :class:`FileRecord`.
 
-    A complete file whose sidecar names the same source and size is returned
-    without any network or copy work. ``retries`` counts further attempts after
-    the first; only timeouts, connection errors, short bodies, 5xx and 429 are
-    retried, any other 4xx fails at once with a one-line :class:`DownloadError`.
-    """
+    A complete file whose sidecar names the same source and size is returned without any network or copy work.
+    ``retries`` counts further attempts after the first; only timeouts, connection errors, short bodies, 5xx and 429 are
+    retried, any other 4xx fails at once with a one-line :class:`DownloadError`."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     name = safe_name(source)
@@ -213,10 +206,8 @@ def _bar(name: str, total: int | None, initial: int, enabled: bool) -> tqdm:
 class _PartState:
     """The ``.part`` file plus a running sha256 of exactly the bytes it holds.
 
-    Keeping the hash in step with the file avoids re-reading a multi-GB dump
-    after it finishes; when the two disagree (a ``.part`` left by an earlier
-    process) the prefix is hashed once from disk.
-    """
+    Keeping the hash in step with the file avoids re-reading a multi-GB dump after it finishes; when the two disagree (a
+    ``.part`` left by an earlier process) the prefix is hashed once from disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

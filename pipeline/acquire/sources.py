@@ -1,19 +1,15 @@
 """Turn what the user names (a preset, a category, URLs, a folder, a file) into concrete sources.
 
-Why: the acquire stage should not care whether the user typed ``baby``,
-``Baby_Products --format amazon2023``, a folder of dumps they already have, or
-an MMRec folder. Everything resolves here into one :class:`SourceSpec` (which
-files, which format), and every mistake becomes one :class:`ConfigError` line
-naming the value and the valid choices, before any download starts.
+Why: the acquire stage should not care whether the user typed ``baby``, ``Baby_Products --format amazon2023``, a folder
+of dumps they already have, or an MMRec folder. Everything resolves here into one :class:`SourceSpec` (which files,
+which format), and every mistake becomes one :class:`ConfigError` line naming the value and the valid choices, before
+any download starts.
 
-Formats are told apart by content, not by file name, because people rename
-dumps: 2014 metadata lines are Python literals (single quotes), 2018 reviews are
-JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
-``parent_asin`` (reviews also ``user_id``). The sniffer reads lines as the
-readers do (bounded length, guarded ``literal_eval``) and votes over the first
-few good records, so a dirty first line does not condemn a file the readers
-would accept within their dirty-line budget.
-"""
+Formats are told apart by content, not by file name, because people rename dumps: 2014 metadata lines are Python
+literals (single quotes), 2018 reviews are JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
+``parent_asin`` (reviews also ``user_id``). The sniffer reads lines as the readers do (bounded length, guarded
+``literal_eval``) and votes over the first few good records, so a dirty first line does not condemn a file the readers
+would accept within their dirty-line budget."""
 
 from __future__ import annotations
 
@@ -112,9 +108,8 @@ def category_urls(fmt: str, category: str) -> tuple[str, str]:
 def amazon2014_category(spec: SourceSpec) -> str | None:
     """The 2014 category of a resolved dataset, or None when it is not a 2014 category.
 
-    Known for the presets (also when read from local dumps, which resolve to the
-    preset's name) and for category names, whose reviews URL is the published one.
-    """
+    Known for the presets (also when read from local dumps, which resolve to the preset's name) and for category names,
+    whose reviews URL is the published one."""
     if spec.format != "amazon2014":
         return None
     preset = PRESETS.get(spec.name)
@@ -135,11 +130,9 @@ def resolve_source(
 ) -> SourceSpec:
     """Resolve ``dataset`` (+ optional format and explicit reviews/meta) into a :class:`SourceSpec`.
 
-    Order: ``sample``; a preset name; an existing path (MMRec folder, folder of
-    dumps, single reviews file); a category name when ``fmt`` is a raw format;
-    otherwise a free dataset name, which needs explicit ``reviews``. Explicit
-    ``reviews``/``meta`` replace what the preset or folder would give.
-    """
+    Order: ``sample``; a preset name; an existing path (MMRec folder, folder of dumps, single reviews file); a category
+    name when ``fmt`` is a raw format; otherwise a free dataset name, which needs explicit ``reviews``. Explicit
+    ``reviews``/``meta`` replace what the preset or folder would give."""
     fmt = _check_format(fmt)
     key = dataset.strip()
     if not key:
@@ -339,9 +332,8 @@ def _matching_meta(review: Path, metas: list[Path], folder: Path) -> Path | None
 def _agree(reviews: Path, meta: Path | None) -> str:
     """Format of a reviews file, confirmed (or decided) by its meta file.
 
-    2014 and 2018 reviews share their keys almost entirely; the 2014 meta file
-    (Python literals) settles it when the reviews alone are ambiguous.
-    """
+    2014 and 2018 reviews share their keys almost entirely; the 2014 meta file (Python literals) settles it when the
+    reviews alone are ambiguous."""
     rev_fmt, rev_kind = _sniff_file(reviews)
     if rev_kind == "meta":
         raise ConfigError(f"{reviews} looks like a metadata file, not reviews")
@@ -363,10 +355,8 @@ def _agree(reviews: Path, meta: Path | None) -> str:
 def detect_format(path: Path | str) -> str:
     """Format of a raw Amazon file (gzip or plain) from its first good records (dirty lines tolerated).
 
-    A folder is resolved as :func:`resolve_source` would (``mmrec`` when it
-    holds a ``.inter`` file). Raises :class:`DataError` naming the file and line
-    when the content matches no known release.
-    """
+    A folder is resolved as :func:`resolve_source` would (``mmrec`` when it holds a ``.inter`` file). Raises
+    :class:`DataError` naming the file and line when the content matches no known release."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"path does not exist: {path}")
@@ -380,10 +370,8 @@ def detect_format(path: Path | str) -> str:
 def _sniff_file(path: Path) -> tuple[str, str]:
     """(format, kind) most of the first ``SNIFF_RECORDS`` good records agree on.
 
-    Dirty lines before them (malformed, over-long, foreign records) are tolerated up
-    to ``SNIFF_BAD_LINES``; when no good record is found the first line's problem is
-    the error, as it names what is wrong with the file.
-    """
+    Dirty lines before them (malformed, over-long, foreign records) are tolerated up to ``SNIFF_BAD_LINES``; when no
+    good record is found the first line's problem is the error, as it names what is wrong with the file."""
     votes: Counter[tuple[str, str]] = Counter()
     first_error: DataError | None = None
     bad = 0

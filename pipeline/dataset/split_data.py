@@ -1,9 +1,8 @@
 """The in-memory form of a split dataset that training and evaluation share.
 
-Why: the interactions artifact (``interactions.parquet``) and an MMRec folder
-must end up as the same object, so trainers and evaluators never care where the
-data came from. Split codes follow MMRec's ``x_label``: 0 train, 1 valid, 2 test.
-"""
+Why: the interactions artifact (``interactions.parquet``) and an MMRec folder must end up as the same object, so
+trainers and evaluators never care where the data came from. Split codes follow MMRec's ``x_label``: 0 train, 1 valid, 2
+test."""
 
 from __future__ import annotations
 

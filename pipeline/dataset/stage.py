@@ -1,9 +1,7 @@
 """The ``interactions`` stage: raw files to the k-core filtered, split interactions and item table.
 
-Why one stage for reading, filtering and splitting: the split is defined on the
-filtered graph, and its artifact (interactions, items, id maps) is what every later
-stage and every export reads.
-"""
+Why one stage for reading, filtering and splitting: the split is defined on the filtered graph, and its artifact
+(interactions, items, id maps) is what every later stage and every export reads."""
 
 from __future__ import annotations
 

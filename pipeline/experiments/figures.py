@@ -1,19 +1,15 @@
 """The report's PNG figures: training curves, sensitivity, ablation, and Figures 5-6.
 
-Why matplotlib's object API (``Figure``) instead of ``pyplot``: no global figure
-state and no backend switch, so a report written from a notebook, a Prefect
-worker thread or a test renders the same Agg PNGs without touching the user's
-interactive backend. Every plotting function takes plain data (frames, arrays)
-and a path, so the report module decides *what* to plot and this module only *how*.
+Why matplotlib's object API (``Figure``) instead of ``pyplot``: no global figure state and no backend switch, so a
+report written from a notebook, a Prefect worker thread or a test renders the same Agg PNGs without touching the user's
+interactive backend. Every plotting function takes plain data (frames, arrays) and a path, so the report module decides
+*what* to plot and this module only *how*.
 
-Figures 5-6 (the paper's generic/unique visualisation) take a trained SAND
-model: its modal transform ``Z_m = L_m(X_m)`` is split by columns into the
-modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model
-splits it (``model.separation.split``); a seeded t-SNE maps a random sample of
-items of each of the four sets to 2-D, and Gaussian KDEs show (Fig. 5) the
-density of the t-SNE points and (Fig. 6) the density of the centred, L2-normalised points
-on the unit circle and of their angles -- the "uniformity" view the paper uses.
-"""
+Figures 5-6 (the paper's generic/unique visualisation) take a trained SAND model: its modal transform ``Z_m = L_m(X_m)``
+is split by columns into the modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model splits it
+(``model.separation.split``); a seeded t-SNE maps a random sample of items of each of the four sets to 2-D, and Gaussian
+KDEs show (Fig. 5) the density of the t-SNE points and (Fig. 6) the density of the centred, L2-normalised points on the
+unit circle and of their angles -- the "uniformity" view the paper uses."""
 
 from __future__ import annotations
 
@@ -78,9 +74,8 @@ def plot_training_curves(
 ) -> Path:
     """Validation ``metric`` (left) and mean training loss (right) per epoch, one line per run.
 
-    ``curves``: run label -> the run's ``epochs.csv`` (columns ``epoch``, ``loss``,
-    ``valid_<metric>``; epochs without an evaluation have NaN there and are skipped).
-    """
+    ``curves``: run label -> the run's ``epochs.csv`` (columns ``epoch``, ``loss``, ``valid_<metric>``; epochs without
+    an evaluation have NaN there and are skipped)."""
     fig, axes = _figure(1, 2, 12, 4.5)
     ax_m, ax_l = axes[0]
     column = f"valid_{metric}"
@@ -124,9 +119,8 @@ def plot_sensitivity(
 ) -> Path:
     """One panel per (hyper-parameter, metric): test (solid) and validation (dashed) vs value.
 
-    ``series``: dotted parameter (``train.alpha``) -> dataset -> frame with a ``value`` column
-    and ``valid_<metric>`` / ``test_<metric>`` columns, sorted by value. The reference value
-    (the paper's) is marked by a dotted vertical line.
+    ``series``: dotted parameter (``train.alpha``) -> dataset -> frame with a ``value`` column and ``valid_<metric>`` /
+    ``test_<metric>`` columns, sorted by value. The reference value (the paper's) is marked by a dotted vertical line.
     """
     params = list(series)
     fig, axes = _figure(len(params), len(metrics), 5.5 * len(metrics), 3.8 * len(params))
@@ -173,8 +167,7 @@ def plot_ablation(
 ) -> Path:
     """Grouped bars: per dataset one panel per metric, one bar per variant (test values).
 
-    ``results``: dataset -> variant label -> {metric: value}.
-    """
+    ``results``: dataset -> variant label -> {metric: value}."""
     datasets = list(results)
     fig, axes = _figure(len(datasets), len(metrics), 5.0 * len(metrics), 3.8 * len(datasets))
     for r, dataset in enumerate(datasets):
@@ -205,11 +198,9 @@ def plot_ablation(
 def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
     """modality -> (generic, unique) blocks over ALL items (tensors or unevaluated LinearViews).
 
-    Uses the model's own ``modal_parts()`` where it has one (the SAND plug-ins do); SAND
-    itself has no such accessor, so for it this composes its public pieces:
-    ``model.modal_inputs()`` gives ``Z_m`` and ``model.separation.split(m, Z_m)`` its
-    generic/unique column blocks -- the same split the alignment and distancing losses see.
-    """
+    Uses the model's own ``modal_parts()`` where it has one (the SAND plug-ins do); SAND itself has no such accessor, so
+    for it this composes its public pieces: ``model.modal_inputs()`` gives ``Z_m`` and ``model.separation.split(m,
+    Z_m)`` its generic/unique column blocks -- the same split the alignment and distancing losses see."""
     if hasattr(model, "modal_parts"):
         return dict(model.modal_parts())
     if hasattr(model, "modal_inputs") and hasattr(model, "separation"):
@@ -221,8 +212,7 @@ def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
 def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     """(modality, "generic" | "unique") -> (len(items), d) array for the given items (eval mode).
 
-    Only the sampled rows are materialised (a LinearView is sliced before it is evaluated).
-    """
+    Only the sampled rows are materialised (a LinearView is sliced before it is evaluated)."""
     import torch
 
     index = torch.as_tensor(np.asarray(items, dtype=np.int64))
@@ -299,8 +289,8 @@ def circle_points(points: np.ndarray) -> np.ndarray:
 
 
 def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the
-    density is periodic; the bandwidth is Scott's rule on the angles themselves."""
+    """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the density is periodic; the
+    bandwidth is Scott's rule on the angles themselves."""
     kde = _kde(np.asarray(angles, dtype=float)[None, :])
     if kde is None:
         return None
@@ -308,8 +298,8 @@ def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
 
 
 def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
-    """Figure 6: density of the centred, L2-normalised t-SNE points on the unit circle (top, 2-D
-    KDE) and of their angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
+    """Figure 6: density of the centred, L2-normalised t-SNE points on the unit circle (top, 2-D KDE) and of their
+    angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
     keys = [k for k in REPRESENTATIONS if k in points]
     fig, axes = _figure(2, len(keys), 4.0 * len(keys), 7.6)
     theta = np.linspace(-np.pi, np.pi, 361)

@@ -1,16 +1,13 @@
 """Grids of pipeline runs: expand, validate, run, select by validation, tabulate.
 
-Why a module of its own: the paper's tables and figures (Table 2-4, Figures 3-4)
-are grids over one or two config fields. Every combination is validated before
-the first one runs, so a typo in the tenth value fails in a second, not after
-nine hours of training. Runs are ordinary pipeline runs, so the artifact store
-caches them: re-running a grid (or a grid that shares runs with another) only
-trains what is new. Selection is by the VALIDATION metric, never by test; the
+Why a module of its own: the paper's tables and figures (Table 2-4, Figures 3-4) are grids over one or two config
+fields. Every combination is validated before the first one runs, so a typo in the tenth value fails in a second, not
+after nine hours of training. Runs are ordinary pipeline runs, so the artifact store caches them: re-running a grid (or
+a grid that shares runs with another) only trains what is new. Selection is by the VALIDATION metric, never by test; the
 selected setting's test metrics are what a table reports.
 
-Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and
-``selected.json`` (the validation-selected run and its test metrics).
-"""
+Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and ``selected.json`` (the validation-selected
+run and its test metrics)."""
 
 from __future__ import annotations
 
@@ -38,8 +35,7 @@ log = logging.getLogger(__name__)
 def _table3_axes(**more: list[Any]) -> dict[str, list[Any]]:
     """Table 3: each backbone then its SAND plug-in (from the registry), in every plug-in fusion.
 
-    The backbones and VBPR+SAND ignore the fusion, so their second runs come from the store.
-    """
+    The backbones and VBPR+SAND ignore the fusion, so their second runs come from the store."""
     models = [model for pair in registry.plugins().items() for model in pair]
     return {"train.model": models, "train.plugin_fusion": list(registry.FUSIONS), **more}
 
@@ -90,9 +86,8 @@ def preset(name: str) -> dict[str, list[Any]]:
 def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineConfig:
     """``cfg`` with ``image_features.source=amazon2014`` for a paper preset on an Amazon 2014 dataset.
 
-    An explicit ``image_features.source`` (``--image-source``, ``--set``, a config file) is kept,
-    as is everything for other presets and datasets (the bundled sample keeps its CNN).
-    """
+    An explicit ``image_features.source`` (``--image-source``, ``--set``, a config file) is kept, as is everything for
+    other presets and datasets (the bundled sample keeps its CNN)."""
     if preset_name not in PAPER_PRESETS or "source" in cfg.image_features.model_fields_set:
         return cfg
     acfg = cfg.acquire
@@ -152,10 +147,9 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
 def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list[tuple[dict, PipelineConfig]]:
     """Every combination of the axes' values applied to ``base``, each validated.
 
-    ``axes`` maps dotted config fields to value lists, e.g. ``{"train.alpha": [0.001, 0.012]}``.
-    Order: the first axis varies slowest (``itertools.product``). An unknown field, an empty
-    value list, a value out of range, an unknown model/variant, or a hyper-parameter the
-    model does not take raises :class:`ConfigError` naming the field and value.
+    ``axes`` maps dotted config fields to value lists, e.g. ``{"train.alpha": [0.001, 0.012]}``. Order: the first axis
+    varies slowest (``itertools.product``). An unknown field, an empty value list, a value out of range, an unknown
+    model/variant, or a hyper-parameter the model does not take raises :class:`ConfigError` naming the field and value.
     """
     base_data = base.model_dump(mode="python")
     names = list(axes)
@@ -326,11 +320,10 @@ def run_grid(
 
     ``run_one(cfg) -> summary`` runs one combination (the caller decides how: in process with
     :func:`pipeline.runner.run_grid_locally`, or as nested Prefect flows) and returns a dict like
-    :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}},
-    ``train`` (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths,
-    cached flags). A run that raises is recorded as failed with its one-line error and the
-    grid goes on; tables are rewritten after every run so a killed grid leaves what it did.
-    """
+    :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}}, ``train``
+    (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths, cached flags). A run that raises is
+    recorded as failed with its one-line error and the grid goes on; tables are rewritten after every run so a killed
+    grid leaves what it did."""
     if not _NAME.match(name):
         raise ConfigError(f"grid name {name!r}: use letters, digits, '.', '_' or '-' (a directory name)")
     combos = expand_grid(base, axes)  # validates everything before the first run

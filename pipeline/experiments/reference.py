@@ -1,9 +1,7 @@
 """The paper's reference values, in one place for the grids and the report.
 
-Why one module: the sensitivity grids sweep around these values and the report's
-sensitivity figure marks them; before, the report imported them from the grid
-module, tying the report to the grid runner.
-"""
+Why one module: the sensitivity grids sweep around these values and the report's sensitivity figure marks them; before,
+the report imported them from the grid module, tying the report to the grid runner."""
 
 from __future__ import annotations
 

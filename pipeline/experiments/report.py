@@ -1,16 +1,13 @@
 """The paper-layout report: Tables 2-5 and Figures 3-6 from the runs in the artifact store.
 
-Why it reads the store rather than a results file: every evaluated run is an
-``evaluate`` artifact whose manifest points at its ``train`` artifact and, through
-it, at the dataset and features it used. The report is therefore a pure function
-of what was actually run, and it can never show a number nobody computed: a
-table with no runs to fill it is skipped with a note, never padded.
+Why it reads the store rather than a results file: every evaluated run is an ``evaluate`` artifact whose manifest points
+at its ``train`` artifact and, through it, at the dataset and features it used. The report is therefore a pure function
+of what was actually run, and it can never show a number nobody computed: a table with no runs to fill it is skipped
+with a note, never padded.
 
-When several runs exist for one (dataset, model, variant) -- a grid over alpha,
-say -- the cell shows the TEST metrics of the run with the best VALIDATION
-``select_metric`` (recall@20 by default), the paper's protocol. ``runs.csv`` lists
-every run and marks the selected ones.
-"""
+When several runs exist for one (dataset, model, variant) -- a grid over alpha, say -- the cell shows the TEST metrics
+of the run with the best VALIDATION ``select_metric`` (recall@20 by default), the paper's protocol. ``runs.csv`` lists
+every run and marks the selected ones."""
 
 from __future__ import annotations
 
@@ -122,9 +119,8 @@ def _single_model(table: str) -> str:
 def run_label(model: str, variant: str | None) -> str:
     """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, FREEDOM+SAND (scoring), ...
 
-    Labels come from the model registry; variant "a" is named only for the model whose
-    variants the paper compares (SAND_a), the plug-ins' default variant is not.
-    """
+    Labels come from the model registry; variant "a" is named only for the model whose variants the paper compares
+    (SAND_a), the plug-ins' default variant is not."""
     model, _, fusion = model.partition("@")
     if fusion:
         return f"{run_label(model, variant)} ({fusion})"
@@ -160,9 +156,8 @@ def _floats(d: dict[str, Any] | None) -> dict[str, float]:
 def collect_runs(store: ArtifactStore) -> list[StoredRun]:
     """Every complete evaluate artifact with its train artifact and dataset name.
 
-    The dataset is the interactions manifest's ``name``; two different interactions
-    artifacts with one name (e.g. another k-core) are told apart by a key suffix.
-    """
+    The dataset is the interactions manifest's ``name``; two different interactions artifacts with one name (e.g.
+    another k-core) are told apart by a key suffix."""
     evaluated = store.list("evaluate")
     names: dict[str, str] = {}  # interactions key -> dataset name
     raw: list[tuple[Artifact, str]] = []
@@ -209,8 +204,7 @@ def _fusion(model: str, train: Artifact | None) -> str | None:
 def select_runs(runs: Iterable[StoredRun], metric: str = "recall@20") -> dict[RunKey, StoredRun]:
     """Per (dataset, model, variant) the run with the best VALIDATION ``metric`` (never test).
 
-    Ties (and runs without the metric) go to the lexicographically first artifact key,
-    so the choice is deterministic.
+    Ties (and runs without the metric) go to the lexicographically first artifact key, so the choice is deterministic.
     """
     best: dict[RunKey, StoredRun] = {}
     for run in sorted(runs, key=lambda r: r.evaluate.key):
@@ -333,9 +327,8 @@ def table_generalisation(
 ) -> Table | None:
     """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement.
 
-    One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table
-    in the scoring fusion is written only when a run in that fusion exists.
-    """
+    One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table in the scoring fusion is
+    written only when a run in that fusion exists."""
     backbones = registry.plugins()  # backbone -> its plug-in
     plugged = {
         (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in backbones if (d, b, None) in selected
@@ -611,11 +604,9 @@ def write_report(
 ) -> dict[str, list[Path]]:
     """Write Tables 2-5 (Markdown + CSV), the figures and ``report.md`` into ``out_dir``.
 
-    Returns name -> files: ``runs``, ``table2``..``table5``, ``curves``, ``sensitivity``,
-    ``ablation``, ``tsne`` (Figures 5-6), ``index``; only what could be filled is present
-    (skips are logged and listed in ``report.md``). No evaluated runs at all, or a named
-    dataset without runs, is a :class:`StageError`.
-    """
+    Returns name -> files: ``runs``, ``table2``..``table5``, ``curves``, ``sensitivity``, ``ablation``, ``tsne``
+    (Figures 5-6), ``index``; only what could be filled is present (skips are logged and listed in ``report.md``). No
+    evaluated runs at all, or a named dataset without runs, is a :class:`StageError`."""
     data_root, out_dir = Path(data_root), Path(out_dir)
     store = ArtifactStore(data_root)
     runs, chosen = _report_runs(store, datasets)
@@ -643,9 +634,8 @@ def write_report(
 def _report_runs(store: ArtifactStore, datasets: Sequence[str] | None) -> tuple[list[StoredRun], list[str]]:
     """(runs on the reported datasets, those datasets in paper order).
 
-    Why it fails rather than skips: a report of nothing, or of a dataset the user named
-    but never ran, would be an empty page that looks like a result.
-    """
+    Why it fails rather than skips: a report of nothing, or of a dataset the user named but never ran, would be an empty
+    page that looks like a result."""
     runs = collect_runs(store)
     if not runs:
         raise StageError(f"report: no evaluated runs in {store.root / 'evaluate'} (run the pipeline first)")
@@ -695,9 +685,8 @@ def _table3_name(fusion: str) -> str:
 def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> dict[str, Table | None]:
     """Tables 2-5 (None where no run fills one), in the order ``report.md`` shows them.
 
-    Why one mapping: the index page and the file writer walk the same tables, so a
-    table added here is both written and linked.
-    """
+    Why one mapping: the index page and the file writer walk the same tables, so a table added here is both written and
+    linked."""
     return {
         "table2": table_main(selected, datasets, metric),
         **{_table3_name(f): table_generalisation(selected, datasets, metric, f) for f in registry.FUSIONS},

@@ -1,9 +1,7 @@
 """The ``graphs`` stage: item-item kNN graphs over the text and image features.
 
-Exact blocked cosine kNN for small catalogues, faiss IVF above ``graphs.auto_threshold``
-items (or when asked). torch (only to ask whether CUDA is present) is imported inside
-the function that asks (keeps ``sand --help`` fast).
-"""
+Exact blocked cosine kNN for small catalogues, faiss IVF above ``graphs.auto_threshold`` items (or when asked). torch
+(only to ask whether CUDA is present) is imported inside the function that asks (keeps ``sand --help`` fast)."""
 
 from __future__ import annotations
 

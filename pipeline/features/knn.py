@@ -1,22 +1,18 @@
 """Item-item kNN graphs from modality features, built block by block.
 
-Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity
-matrix, which needs 40 GB for 100,000 items. Here rows are processed in blocks
-(``block x N`` similarities at a time) and only the top-k of each row is kept,
+Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity matrix, which needs 40 GB for 100,000
+items. Here rows are processed in blocks (``block x N`` similarities at a time) and only the top-k of each row is kept,
 so memory is O(N*k + block*N) while the result is the same graph.
 
-Graph definition (as MMRec / SAND): cosine similarity of the raw features
-(rows L2-normalised; an all-zero row has similarity 0 with everything), the
-top-k entries of each row kept with weight 1, then symmetric normalisation
-with degrees taken from the ROW sums: value(i, j) = d_i^-1/2 * d_j^-1/2.
-Every row has exactly k entries, so every stored value is 1/k.
+Graph definition (as MMRec / SAND): cosine similarity of the raw features (rows L2-normalised; an all-zero row has
+similarity 0 with everything), the top-k entries of each row kept with weight 1, then symmetric normalisation with
+degrees taken from the ROW sums: value(i, j) = d_i^-1/2 * d_j^-1/2. Every row has exactly k entries, so every stored
+value is 1/k.
 
-Tie rule (deterministic): the item itself is forced in (``include_self=True``)
-or out (``include_self=False``); among the remaining items, higher similarity
-wins and equal similarities are broken by the lower item index. Similarities
-are float32 matrix products, so items whose similarities differ only in the
-last bits may be ordered differently by a different block size or BLAS.
-"""
+Tie rule (deterministic): the item itself is forced in (``include_self=True``) or out (``include_self=False``); among
+the remaining items, higher similarity wins and equal similarities are broken by the lower item index. Similarities are
+float32 matrix products, so items whose similarities differ only in the last bits may be ordered differently by a
+different block size or BLAS."""
 
 from __future__ import annotations
 
@@ -115,10 +111,9 @@ def knn_neighbours(
 ) -> np.ndarray:
     """(N x k) int64 column indices of each row's top-k cosine neighbours (tie rule in module doc).
 
-    Rows of the result are sorted by item index, so the output is a set per row.
-    ``device`` None uses CUDA when available, else CPU. ``rows``: only these items' rows
-    (len(rows) x k), e.g. the sample an approximate graph's recall is measured on.
-    """
+    Rows of the result are sorted by item index, so the output is a set per row. ``device`` None uses CUDA when
+    available, else CPU. ``rows``: only these items' rows (len(rows) x k), e.g. the sample an approximate graph's recall
+    is measured on."""
     import torch
 
     x = _validate(features, k, include_self, block_size)

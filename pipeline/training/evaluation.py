@@ -1,23 +1,17 @@
 """Full-ranking top-K evaluation with MMRec's protocol (docs/model.md).
 
-Why this shape: scores are dot products of user and item embeddings, so users are
-ranked in blocks (memory ~ users per block x n_items floats, capped at
-``MAX_SCORE_ELEMENTS``; only the top K of each block is kept) on whatever device the
-embeddings live on. Only each user's *training* items are masked: validation items
-stay rankable when the test split is evaluated, as MMRec does, so numbers compare
-with published ones.
+Why this shape: scores are dot products of user and item embeddings, so users are ranked in blocks (memory ~ users per
+block x n_items floats, capped at ``MAX_SCORE_ELEMENTS``; only the top K of each block is kept) on whatever device the
+embeddings live on. Only each user's *training* items are masked: validation items stay rankable when the test split is
+evaluated, as MMRec does, so numbers compare with published ones.
 
-Tie rule (documented because ``torch.topk`` is not stable): equal scores rank the
-lower item index first. ``torch.topk`` only supplies the K-th largest score; every
-item scoring above it is in the top K, and the remaining slots go to the
-lowest-indexed items scoring exactly that value. The K chosen items are then
-ordered by (score descending, item index ascending) with a stable sort. Rows
-without ties (the usual case for float scores) skip that extra work.
+Tie rule (documented because ``torch.topk`` is not stable): equal scores rank the lower item index first. ``torch.topk``
+only supplies the K-th largest score; every item scoring above it is in the top K, and the remaining slots go to the
+lowest-indexed items scoring exactly that value. The K chosen items are then ordered by (score descending, item index
+ascending) with a stable sort. Rows without ties (the usual case for float scores) skip that extra work.
 
-Slots that cannot hold a rankable item (K above the number of items the user has
-not trained on, or K above the catalogue, which caps K) hold item id ``-1`` and
-never count as hits.
-"""
+Slots that cannot hold a rankable item (K above the number of items the user has not trained on, or K above the
+catalogue, which caps K) hold item id ``-1`` and never count as hits."""
 
 from __future__ import annotations
 
@@ -71,11 +65,9 @@ def _check_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, n_users: i
 def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (indices, scores) per row with ties broken by lower index; -inf slots kept.
 
-    Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k
-    *set* is unambiguous and only its order needs the tie rule (a sort of k entries).
-    Rows with a tie across the boundary (rare for float scores, always for users with
-    fewer than k rankable items, whose boundary is -inf) take the exact full-row path.
-    """
+    Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k *set* is unambiguous and only its
+    order needs the tie rule (a sort of k entries). Rows with a tie across the boundary (rare for float scores, always
+    for users with fewer than k rankable items, whose boundary is -inf) take the exact full-row path."""
     import torch
 
     n_cols = scores.shape[1]
@@ -169,8 +161,7 @@ def rank_topk(
 ) -> np.ndarray:
     """Top-``k`` item ids (len(users) x min(k, n_items)) with training items masked.
 
-    Ties: lower item index first. Slots with no rankable item left hold -1.
-    """
+    Ties: lower item index first. Slots with no rankable item left hold -1."""
     users = np.asarray(users, dtype=np.int64)
     n_items = int(_as_tensor(item_emb).shape[0])
     out = np.full((len(users), min(k, n_items)), -1, dtype=np.int64)
@@ -243,9 +234,8 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Recall@K and NDCG@K (MMRec protocol) averaged over users with >= 1 item in ``split``.
 
-    Recall@K = hits in the top K / the user's items in the split; NDCG@K uses binary
-    gains and IDCG over min(|items|, K) positions. Keys: ``recall@K`` then ``ndcg@K``.
-    """
+    Recall@K = hits in the top K / the user's items in the split; NDCG@K uses binary gains and IDCG over min(|items|, K)
+    positions. Keys: ``recall@K`` then ``ndcg@K``."""
     return SplitEvaluator(data, split, ks, batch_users)(user_emb, item_emb)
 
 

@@ -1,9 +1,8 @@
 """Models built from stage artifacts: the interactions split, feature matrices and item graphs.
 
-Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's
-figures all rebuild the configured model from the same artifacts; one home keeps
-them identical and keeps the report from importing the stage table (no cycle).
-"""
+Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's figures all rebuild the configured
+model from the same artifacts; one home keeps them identical and keeps the report from importing the stage table (no
+cycle)."""
 
 from __future__ import annotations
 
@@ -28,12 +27,10 @@ from sand.pipeline.training.checkpoints import load_weights
 def load_feature_tensor(path: Path):
     """A feature matrix as a float32 tensor over a memory map of the ``.npy`` file, not a copy.
 
-    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on
-    demand and the models that keep raw features as a frozen buffer (SAND, VBPR) hold no
-    second copy on CPU (on a GPU, the one device copy). Copy-on-write (``mmap_mode="c"``):
-    a model that writes into its features changes private pages, never the artifact.
-    Other dtypes (an imported float16 file) are converted once, to one float32 copy.
-    """
+    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on demand and the models that
+    keep raw features as a frozen buffer (SAND, VBPR) hold no second copy on CPU (on a GPU, the one device copy).
+    Copy-on-write (``mmap_mode="c"``): a model that writes into its features changes private pages, never the artifact.
+    Other dtypes (an imported float16 file) are converted once, to one float32 copy."""
     import torch
 
     arr = np.load(path, mmap_mode="c", allow_pickle=False)
@@ -62,9 +59,8 @@ def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
 def check_extra_hyperparameters(tcfg: TrainConfig) -> None:
     """Refuse a ``train.extra`` key the model does not take, before any stage runs.
 
-    Why here and not in the config: which keywords a model takes is read from its constructor,
-    which imports torch; a config load must stay light, a run about to train need not.
-    """
+    Why here and not in the config: which keywords a model takes is read from its constructor, which imports torch; a
+    config load must stay light, a run about to train need not."""
     if not tcfg.extra:
         return
     accepted = registry.accepted_hyperparameters(tcfg.model)
@@ -103,9 +99,8 @@ def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, 
 def trained_embeddings(tcfg: TrainConfig, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]):
     """(data, user_emb, item_emb) of a trained run: its best checkpoint, a fresh eval-mode forward pass.
 
-    Why fresh: the reference scores with embeddings cached during the last training batch;
-    evaluation and ``sand recommend`` both rebuild them from the checkpoint instead.
-    """
+    Why fresh: the reference scores with embeddings cached during the last training batch; evaluation and ``sand
+    recommend`` both rebuild them from the checkpoint instead."""
     import torch
 
     model, data = build_model_for(tcfg, inter, feature_arts)

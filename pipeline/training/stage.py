@@ -1,10 +1,8 @@
 """The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings.
 
-Training resumes: its work directory is keyed by every parameter and input, so a
-rerun of the same settings continues from the last checkpoint. Importing this module
-loads no torch: the trainer and ``model_io`` import it inside the functions that build and
-train models.
-"""
+Training resumes: its work directory is keyed by every parameter and input, so a rerun of the same settings continues
+from the last checkpoint. Importing this module loads no torch: the trainer and ``model_io`` import it inside the
+functions that build and train models."""
 
 from __future__ import annotations
 
@@ -48,11 +46,9 @@ def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[st
 def train_key_params(tcfg: Any) -> dict[str, Any]:
     """Train parameters that reach the model: fields it ignores do not change the artifact key.
 
-    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and
-    fp32 on another, and bf16 changes the results), only when it is not fp32 (artifacts
-    trained before the field existed keep their keys) and only for models that read
-    features (the ID-only ones compute the same in either).
-    """
+    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and fp32 on another, and bf16
+    changes the results), only when it is not fp32 (artifacts trained before the field existed keep their keys) and only
+    for models that read features (the ID-only ones compute the same in either)."""
 
     tcfg = tcfg.with_profile()
     accepted = accepted_hyperparameters(tcfg.model)
@@ -79,10 +75,8 @@ def _interrupted_sibling(
 ) -> tuple[Path, str] | None:
     """The latest interrupted training run of the same model under other parameters or inputs.
 
-    Work directories are keyed by every parameter, so such a run is never continued (its
-    checkpoints would mix two settings): this only lets the log and the manifest say that
-    training restarted, and what changed.
-    """
+    Work directories are keyed by every parameter, so such a run is never continued (its checkpoints would mix two
+    settings): this only lets the log and the manifest say that training restarted, and what changed."""
     latest: tuple[float, Path, dict[str, Any]] | None = None
     for other in work.parent.iterdir():
         last = other / LAST_NAME

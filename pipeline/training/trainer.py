@@ -1,22 +1,17 @@
 """BPR training loop with early stopping, exact resume and per-epoch logs.
 
-Why resume is exact: every source of randomness is re-derived from ``(seed, epoch)``
-at the start of each epoch -- the numpy sampler, the generator handed to
-``model.on_epoch_start`` and torch's global RNG (dropout, permutations inside loss
-terms) -- and ``last.pt`` holds everything else that evolves (parameters, Adam state,
-the model's own optimisers, early-stopping counters, the log so far). A run killed
-after epoch e and resumed therefore replays epochs e+1.. exactly as an uninterrupted
-run would (bit-for-bit on CPU).
+Why resume is exact: every source of randomness is re-derived from ``(seed, epoch)`` at the start of each epoch -- the
+numpy sampler, the generator handed to ``model.on_epoch_start`` and torch's global RNG (dropout, permutations inside
+loss terms) -- and ``last.pt`` holds everything else that evolves (parameters, Adam state, the model's own optimisers,
+early-stopping counters, the log so far). A run killed after epoch e and resumed therefore replays epochs e+1.. exactly
+as an uninterrupted run would (bit-for-bit on CPU).
 
-Conventions: epochs and batches are numbered from 1. Early stopping counts
-*evaluations* without a better validation metric. ``early_stop="mmrec"`` (default) is
-MMRec's rule: the metric is compared after rounding to 4 decimals (MMRec's evaluator
-rounds every metric so) and training stops once MORE than ``patience`` evaluations
-passed without improvement. ``"strict"`` compares the unrounded metric and stops after
-``patience`` of them. The last epoch is always evaluated, so a run has a best checkpoint even when
-``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
-strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them.
-"""
+Conventions: epochs and batches are numbered from 1. Early stopping counts *evaluations* without a better validation
+metric. ``early_stop="mmrec"`` (default) is MMRec's rule: the metric is compared after rounding to 4 decimals (MMRec's
+evaluator rounds every metric so) and training stops once MORE than ``patience`` evaluations passed without improvement.
+``"strict"`` compares the unrounded metric and stops after ``patience`` of them. The last epoch is always evaluated, so
+a run has a best checkpoint even when ``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
+strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them."""
 
 from __future__ import annotations
 
@@ -110,9 +105,8 @@ def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
 def _reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak-memory window, so each epoch (and each run of a grid) reports its own peak.
 
-    On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark
-    (VmHWM); elsewhere the process-lifetime ``ru_maxrss`` is used.
-    """
+    On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark (VmHWM); elsewhere the
+    process-lifetime ``ru_maxrss`` is used."""
     import torch
 
     if device.type == "cuda":
@@ -252,10 +246,8 @@ def _fresh_state(config: dict[str, Any]) -> dict[str, Any]:
 def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str, Any], int | None, str | None]:
     """(state, epoch resumed from, why it restarted): ``last.pt`` restored into the run, or a clean start.
 
-    A checkpoint written with other settings is an error, or with ``restart_on_change``
-    discarded; starting over removes the previous run's files so none of them is mistaken
-    for this run's.
-    """
+    A checkpoint written with other settings is an error, or with ``restart_on_change`` discarded; starting over removes
+    the previous run's files so none of them is mistaken for this run's."""
     state = _fresh_state(run.config)
     restarted = None
     saved = read_checkpoint(run.last_path, run.dev) if resume and run.last_path.exists() else None
@@ -294,9 +286,8 @@ def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str,
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """One epoch of BPR batches; the epoch's log row (mean loss terms, seconds).
 
-    Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes
-    a resumed run replay the epochs an uninterrupted one would have run.
-    """
+    Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes a resumed run replay the epochs
+    an uninterrupted one would have run."""
     import torch
 
     model, dev, batch_size, n_batches = run.model, run.dev, run.batch_size, run.n_batches
@@ -345,8 +336,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
 def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, float]) -> None:
     """Validate in float32; on a better metric also test and write ``best.pt``; update early stopping.
 
-    Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place.
-    """
+    Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place."""
     import torch
 
     from sand.models.precision import precision_scope
@@ -503,19 +493,16 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
 
-    Writes ``best.pt``, ``last.pt`` and ``epochs.csv`` into ``out_dir``. With ``resume``
-    and an existing ``last.pt`` the run continues where it stopped (or returns the stored
-    result if it had finished). ``on_epoch_end(epoch, row)`` runs after the epoch's
-    checkpoint is written; an exception there stops training with everything saved.
+    Writes ``best.pt``, ``last.pt`` and ``epochs.csv`` into ``out_dir``. With ``resume`` and an existing ``last.pt`` the
+    run continues where it stopped (or returns the stored result if it had finished). ``on_epoch_end(epoch, row)`` runs
+    after the epoch's checkpoint is written; an exception there stops training with everything saved.
 
-    ``signature`` (e.g. the model's hyper-parameters and input keys) is stored with the
-    checkpoints and must match, like the run settings, for a resume. A checkpoint written
-    with other settings is never continued: it is an error, or with ``restart_on_change``
-    it is discarded and training starts over, ``TrainResult.restarted`` saying why.
+    ``signature`` (e.g. the model's hyper-parameters and input keys) is stored with the checkpoints and must match, like
+    the run settings, for a resume. A checkpoint written with other settings is never continued: it is an error, or with
+    ``restart_on_change`` it is discarded and training starts over, ``TrainResult.restarted`` saying why.
 
-    ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the
-    dtype of the models' big products while training; evaluation always runs in float32.
-    """
+    ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the dtype of the models' big
+    products while training; evaluation always runs in float32."""
     ks = tuple(int(k) for k in ks)
     _check_rules(valid_metric, ks, early_stop)
     out_dir = Path(out_dir)
