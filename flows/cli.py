@@ -41,9 +41,8 @@ from sand.pipeline.runner import PipelineResult, from_store, planned_stages
 from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
 from sand.pipeline.training.model_io import check_extra_hyperparameters
 
-# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and pandas
-# (the stages' own modules): imported inside the functions that use them, so `sand --help`
-# and a fully cached run stay fast.
+# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and pandas (the stages' own
+# modules): imported inside the functions that use them, so `sand --help` and a fully cached run stay fast.
 
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",

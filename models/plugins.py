@@ -40,8 +40,7 @@ class SeparationPlugin(Recommender):
 
     backbone_class: type[Recommender]
     required_modalities = ("image", "text")
-    #: Whether ``plugin_fusion`` changes the model (False: the backbone scores its modal
-    #: representations anyway).
+    #: Whether ``plugin_fusion`` changes the model (False: the backbone scores its modal representations anyway).
     fusion_matters: bool = True
 
     def __init__(

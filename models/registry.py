@@ -138,9 +138,8 @@ MODELS: dict[str, ModelSpec] = {
                       tables=("table2", "table4", "figure3", "figures5-6"), has_variants=True,
                       renames={"n_layers": "n_ui_layers"}, hyperparameters=_SAND_HYPERPARAMETERS,
                       follows_lr=("lr",)),
-    # The "authors" profile: the SAND authors' plug-in settings, read from their VBPR+SAND and
-    # FREEDOM+SAND training logs (projection heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic
-    # columns). Explicit settings win.
+    # The "authors" profile: the SAND authors' plug-in settings, read from their VBPR+SAND and FREEDOM+SAND training
+    # logs (projection heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic columns). Explicit settings win.
     "vbpr-sand": ModelSpec("VBPR+SAND", "sand.models.plugins:VBPRSand", ("image", "text"), 1e-3,
                            tables=("table3",), has_variants=True, backbone="vbpr", follows_lr=("club_lr",),
                            profiles={"authors": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0}},
@@ -232,11 +231,10 @@ def default_lr(name: str) -> float:
     return spec(name).lr
 
 
-#: ``train.profile=fast``: the batch this many times larger and the lr scaled with it (the linear
-#: scaling rule), for every model. Why it is faster: every model here recomputes whole-catalogue
-#: (or whole-graph) products once per batch, whatever the batch's size (SAND's folded feature
-#: reads, SoloSim and CLUB fit over all items; LightGCN's and FREEDOM's propagation), so an epoch
-#: of fewer, larger batches costs about that many times less, and the scaled lr keeps the
+#: ``train.profile=fast``: the batch this many times larger and the lr scaled with it (the linear scaling rule), for
+#: every model. Why it is faster: every model here recomputes whole-catalogue (or whole-graph) products once per batch,
+#: whatever the batch's size (SAND's folded feature reads, SoloSim and CLUB fit over all items; LightGCN's and FREEDOM's
+#: propagation), so an epoch of fewer, larger batches costs about that many times less, and the scaled lr keeps the
 #: distance Adam moves per epoch. Measured against the paper protocol in docs/convergence.md.
 FAST_BATCH_SCALE = 4
 #: The trainer's batch size when no profile sets one (the paper's and MMRec's).

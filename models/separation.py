@@ -44,10 +44,9 @@ FIT_ORDERS = ("before", "after")
 #: items: SoloSim over all items costs N x N logits per batch (N^2 (d + 1) multiply-adds three times
 #: over; the literal form holds 4 N^2 bytes per copy, 2.1 GB at Clothing's 23,033 items).
 AUTO_SCOPE_MAX_ITEMS = 20_000
-#: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing
-#: term and the CLUB fit are linear in N: about 1.5 KB per item and modality at their peak
-#: (E1, E2 and the estimator's N x 32 intermediates in float32), 70 MB for both modalities
-#: at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
+#: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing term and the CLUB fit are
+#: linear in N: about 1.5 KB per item and modality at their peak (E1, E2 and the estimator's N x 32 intermediates in
+#: float32), 70 MB for both modalities at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
 AUTO_DISTANCE_MAX_ITEMS = 1_000_000
 
 #: Profiler label of the folded reads of the raw features, forward and backward

@@ -24,10 +24,9 @@ from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.locations import local_path
 from sand.pipeline.base.store import Artifact, ArtifactStore, StageOutcome, artifact_key
 
-#: Fields that change speed, not results: left out of artifact keys. Only fields with a test
-#: showing the same artifact bytes under a changed value belong here (tests/test_cache_keys.py):
-#: batch sizes, block sizes and devices change float bits (BLAS and conv kernels pick their
-#: algorithm by shape and device), so they are part of every key that sees them.
+#: Fields that change speed, not results: left out of artifact keys. Only fields with a test showing the same artifact
+#: bytes under a changed value belong here (tests/test_cache_keys.py): batch sizes, block sizes and devices change float
+#: bits (BLAS and conv kernels pick their algorithm by shape and device), so they are part of every key that sees them.
 PERFORMANCE_FIELDS = {"num_workers", "concurrency"}
 
 #: A function that runs picklable shard jobs, e.g. over a Prefect task runner.

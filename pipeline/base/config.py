@@ -203,9 +203,8 @@ class _TrainSettings(_Section):
         "(default: the memory available on the training device)",
     )
 
-    #: Named hyper-parameters (the registry's, one field each): applied to the models that take
-    #: them, ignored by the others (so one config serves a whole Table-2 grid). Keys of ``extra``
-    #: must be taken by the model.
+    #: Named hyper-parameters (the registry's, one field each): applied to the models that take them, ignored by the
+    #: others (so one config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
     NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = tuple(registry.hyperparameters())
     #: Named hyper-parameters with a value by default: a grid may set them for every model.
     ALWAYS_SET: ClassVar[tuple[str, ...]] = tuple(
@@ -319,9 +318,8 @@ class FieldOption:
         return self.help() if callable(self.help) else self.help
 
 
-#: The options every stage-running command and ``sand.run`` take that set one config field
-#: each, by name: the CLI contract. Any other field: ``--set section.field=value``
-#: (``overrides={"section.field": value}``).
+#: The options every stage-running command and ``sand.run`` take that set one config field each, by name: the CLI
+#: contract. Any other field: ``--set section.field=value`` (``overrides={"section.field": value}``).
 CLI_FIELDS: dict[str, FieldOption] = {
     "dataset": FieldOption("acquire.dataset", str, "sample | baby | sports | clothing | category name | PATH "
                            "(raw files or an MMRec folder)"),

@@ -40,9 +40,8 @@ def _table3_axes(**more: list[Any]) -> dict[str, list[Any]]:
     return {"train.model": models, "train.plugin_fusion": list(registry.FUSIONS), **more}
 
 
-#: Named grids reproducing the paper's experiments: name -> a builder of its axes. Models and
-#: variants come from the registry when a preset is built, so a newly registered model joins
-#: its tables' presets.
+#: Named grids reproducing the paper's experiments: name -> a builder of its axes. Models and variants come from the
+#: registry when a preset is built, so a newly registered model joins its tables' presets.
 PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {
     # Figure 4: one hyper-parameter at a time around the reference value.
     "sensitivity-alpha": lambda: {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},

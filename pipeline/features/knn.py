@@ -31,9 +31,8 @@ from sand.pipeline.base.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-#: Similarity entries (block rows x N) held at once when ``block_size`` is None:
-#: 96M float32 = 384 MB (about 1,000 rows at N = 100,000, peak RSS ~1.4 GB there),
-#: small enough for a laptop, big enough that BLAS runs at full speed.
+#: Similarity entries (block rows x N) held at once when ``block_size`` is None: 96M float32 = 384 MB (about 1,000 rows
+#: at N = 100,000, peak RSS ~1.4 GB there), small enough for a laptop, big enough that BLAS runs at full speed.
 _DEFAULT_BLOCK_ELEMENTS = 96 * 1024 * 1024
 
 
