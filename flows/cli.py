@@ -36,13 +36,16 @@ from sand.pipeline.base.devices import check_devices
 from sand.pipeline.base.errors import ConfigError, SandError, one_line
 from sand.pipeline.base.store import ArtifactStore
 from sand.pipeline.base.torch_env import apply_torch_env_defaults
+from sand.pipeline.dataset.export import export_mmrec_folder
 from sand.pipeline.experiments import grid as grids
 from sand.pipeline.runner import PipelineResult, from_store, planned_stages
+from sand.pipeline.serving.runs import champion_run
 from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
 from sand.pipeline.training.model_io import check_extra_hyperparameters
+from sand.pipeline.training.recommend import recommend_for_user
 
-# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and pandas (the stages' own
-# modules): imported inside the functions that use them, so `sand --help` and a fully cached run stay fast.
+# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and httpx: imported inside the
+# functions that use them, so `sand --help` and a fully cached run stay fast.
 
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
@@ -192,11 +195,12 @@ def _stop_temporary_server() -> None:
         server.stop()
 
 
-def _emit(summary: dict[str, Any], as_json: bool) -> None:
+def _emit(summary: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """``summary`` as one JSON line, or for a person: ``text``, by default the rendered run summary."""
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:
-        typer.echo(render_summary(summary))
+        typer.echo(render_summary(summary) if text is None else text)
 
 
 def _run_flow(common: Common, until: str | None, stage: str | None = None) -> PipelineResult:
@@ -208,7 +212,7 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> Pi
     check_stage_names([until, stage, *common.stages_to_refresh])
     cfg = common.pipeline_config()
     options = common.run_options()
-    from sand.pipeline.features.amazon2014_stage import check_feature_source  # pandas
+    from sand.pipeline.features.amazon2014_stage import check_feature_source  # lazy: httpx, via its downloader
 
     check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
     _preflight(cfg)
@@ -252,8 +256,6 @@ class ExportMMRec(Common):
     until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features"
 
     def __call__(self) -> None:
-        from sand.pipeline.dataset.export import export_mmrec_folder  # numpy, pandas
-
         result = _run_flow(self, self.until)
         manifest = export_mmrec_folder(result.artifacts(), self.out)
         summary = result.summary()
@@ -279,16 +281,10 @@ class Recommend(Common):
         if self.all_users:
             summary = write_all_recommendations(_run_flow(self, "train").artifacts(), self.pipeline_config(),
                                                 self.k, self.out)
-            if self.json:
-                _emit(summary, True)
-            else:
-                typer.echo(f"wrote {summary['rows']} rows to {summary['out']}")
+            _emit(summary, self.json, f"wrote {summary['rows']} rows to {summary['out']}")
             return
         if self.user is None:
             raise ConfigError("sand recommend needs --user ID, or --all --out FILE")
-        from sand.pipeline.serving.runs import champion_run  # torch, via the model registry's builders
-        from sand.pipeline.training.recommend import recommend_for_user  # torch, pandas
-
         champion = None if self.run_model else champion_run(self.pipeline_config().resolved())
         tcfg, artifacts = champion[1:] if champion else (self.pipeline_config().resolved().train,
                                                          _run_flow(self, "train").artifacts())
@@ -309,7 +305,7 @@ class Retrain(Common):
         cfg = self.pipeline_config()
         options = self.run_options()
         _preflight(cfg)
-        from sand.pipeline.serving.retrain import survey  # torch, via the train stage
+        from sand.pipeline.serving.retrain import survey  # lazy: httpx, via change detection
 
         report = None if self.stages_to_refresh else survey(cfg).unchanged()  # nothing new: no Prefect run
         if report is not None:
@@ -319,10 +315,7 @@ class Retrain(Common):
             from sand.flows.retrain import retrain_flow  # Prefect
 
             summary = retrain_flow(config=cfg, options=options)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(summary["message"])
+        _emit(summary, self.json, summary["message"])
 
 
 @stage_command(app, "grid")
@@ -348,10 +341,7 @@ class Grid(Common):
         from sand.flows.pipeline_flows import grid_flow  # Prefect
 
         summary = grid_flow(config=cfg, axes=axes, name=self.name or self.preset or "grid", options=options)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(json.dumps(summary, indent=2, default=str))
+        _emit(summary, self.json, json.dumps(summary, indent=2, default=str))
 
 
 def _parse_axis(text: str) -> dict[str, list[Any]]:
@@ -375,10 +365,7 @@ class Report(Common):
         if self.out is not None:
             shutil.copytree(summary["report"], self.out, dirs_exist_ok=True)
             summary["report"] = str(self.out)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(f"report written to {summary['report']}")
+        _emit(summary, self.json, f"report written to {summary['report']}")
 
 
 @app.command()
@@ -422,10 +409,7 @@ class Deploy(Common):
         from sand.flows.serve import deploy_to_work_pool  # Prefect
 
         summary = deploy_to_work_pool(cfg, self.work_pool, self.cron, options)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(_deployed_text(summary, options))
+        _emit(summary, self.json, _deployed_text(summary, options))
 
 
 def _deployed_text(summary: dict[str, Any], options: RunOptions) -> str:
