@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -165,20 +166,10 @@ def knn_neighbours(
     return out
 
 
-def knn_graph(
-    features: np.ndarray,
-    k: int = 10,
-    *,
-    include_self: bool = True,
-    block_size: int | None = None,
-    progress: bool = False,
-    device: str | None = None,
-) -> sp.csr_matrix:
-    """Symmetric-normalised binary top-k cosine graph (N x N, float32 CSR); see module doc."""
-    nbrs = knn_neighbours(
-        features, k, include_self=include_self, block_size=block_size, progress=progress, device=device
-    )
-    return graph_from_neighbours(nbrs)
+def knn_graph(features: np.ndarray, k: int = 10, **options: Any) -> sp.csr_matrix:
+    """Symmetric-normalised binary top-k cosine graph (N x N, float32 CSR) over all rows; ``options``: those of
+    :func:`knn_neighbours`; see module doc."""
+    return graph_from_neighbours(knn_neighbours(features, k, **options))
 
 
 def graph_from_neighbours(nbrs: np.ndarray) -> sp.csr_matrix:

