@@ -285,30 +285,32 @@ def _selection_note(metric: str) -> str:
     )
 
 
+def _metric_table(
+    name: str, title: str, selected: dict[RunKey, StoredRun], datasets: Sequence[str],
+    rows: list[tuple[dict[str, str], str, str | None]], notes: list[str],
+) -> Table:
+    """Label columns, then each dataset's test METRICS of the (model, variant) of each row; best per column in bold."""
+    cols = _metric_columns(datasets)
+    records = [
+        {**labels, **{col: run.test.get(m, math.nan) if (run := selected.get((d, model, variant))) else math.nan
+                      for d, m, col in cols}}
+        for labels, model, variant in rows
+    ]
+    frame = pd.DataFrame(records, columns=[*rows[0][0], *(c for _, _, c in cols)])
+    return Table(name, title, frame, _bold_max(frame, [c for _, _, c in cols]), notes=notes)
+
+
 def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
     """Table 2: models x (dataset, R@10 R@20 N@10 N@20), best per column in bold."""
-    cols = _metric_columns(datasets)
     rows = []
     for model in registry.models_in("table2"):
         variant = "a" if registry.has_variants(model) else None
-        found = [selected.get((d, model, variant)) for d in datasets]
-        if not any(found):
-            continue
-        row: dict[str, Any] = {"Model": registry.label(model)}
-        for d, m, col in cols:
-            run = selected.get((d, model, variant))
-            row[col] = run.test.get(m, math.nan) if run else math.nan
-        rows.append(row)
+        if any((d, model, variant) in selected for d in datasets):
+            rows.append(({"Model": registry.label(model)}, model, variant))
     if not rows:
         return None
-    frame = pd.DataFrame(rows, columns=["Model"] + [c for _, _, c in cols])
-    return Table(
-        "table2_main",
-        "Table 2: overall performance (test)",
-        frame,
-        _bold_max(frame, [c for _, _, c in cols]),
-        notes=[_selection_note(metric) + " SAND is variant a (SoloSim + MI)."],
-    )
+    return _metric_table("table2_main", "Table 2: overall performance (test)", selected, datasets, rows,
+                         [_selection_note(metric) + " SAND is variant a (SoloSim + MI)."])
 
 
 def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, fusion: str) -> StoredRun | None:
@@ -363,10 +365,7 @@ def table_generalisation(
     suffix = "" if fusion == registry.FUSIONS[0] else f"_{fusion}"
     return Table(
         f"table3_generalisation{suffix}",
-        f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}",
-        frame,
-        bold,
-        formats,
+        f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}", frame, bold, formats,
         notes=[
             _selection_note(metric) + " Improv. = relative change of +SAND over the "
             "backbone, in percent; +SAND is variant a.",
@@ -377,33 +376,18 @@ def table_generalisation(
 
 
 def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
-    """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics)."""
+    """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics), on the datasets with two of a-d to compare."""
     sand = _single_model("table4")
-    # only datasets where variants can be compared (at least two of a-d)
     datasets = [d for d in datasets if sum((d, sand, v) in selected for v in VARIANT_PARTS) >= 2]
     if not datasets:
         return None
-    present = [v for v in VARIANT_PARTS if any((d, sand, v) in selected for d in datasets)]
-    cols = _metric_columns(datasets)
-    rows = []
-    for v in present:
-        row: dict[str, Any] = {
-            "Variant": run_label(sand, v),
-            "Alignment": VARIANT_PARTS[v][0],
-            "Distancing": VARIANT_PARTS[v][1],
-        }
-        for d, m, col in cols:
-            run = selected.get((d, sand, v))
-            row[col] = run.test.get(m, math.nan) if run else math.nan
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=["Variant", "Alignment", "Distancing"] + [c for _, _, c in cols])
-    return Table(
-        "table4_variants",
-        "Table 4: SAND variants (test)",
-        frame,
-        _bold_max(frame, [c for _, _, c in cols]),
-        notes=[_selection_note(metric)],
-    )
+    rows = [
+        ({"Variant": run_label(sand, v), "Alignment": VARIANT_PARTS[v][0], "Distancing": VARIANT_PARTS[v][1]}, sand, v)
+        for v in VARIANT_PARTS
+        if any((d, sand, v) in selected for d in datasets)
+    ]
+    return _metric_table("table4_variants", "Table 4: SAND variants (test)", selected, datasets, rows,
+                         [_selection_note(metric)])
 
 
 def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str]) -> Table | None:
@@ -419,20 +403,15 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
         row: dict[str, Any] = {"Model": label}
         for d in datasets:
             res = selected[(d, model, variant)].result if (d, model, variant) in selected else {}
-            row[f"{d} s/epoch"] = (
-                float(res["seconds_per_epoch"]) if res.get("seconds_per_epoch") is not None else math.nan
-            )
-            row[f"{d} peak MB"] = float(res["peak_memory_mb"]) if res.get("peak_memory_mb") is not None else math.nan
+            for col, key in ((f"{d} s/epoch", "seconds_per_epoch"), (f"{d} peak MB", "peak_memory_mb")):
+                row[col] = float(res[key]) if res.get(key) is not None else math.nan
         rows.append(row)
     frame = pd.DataFrame(rows)
     formats = {
         c: (lambda v: f"{v:.2f}") if c.endswith("s/epoch") else (lambda v: f"{v:.0f}") for c in frame.columns[1:]
     }
     return Table(
-        "table5_efficiency",
-        "Table 5: training cost",
-        frame,
-        formats=formats,
+        "table5_efficiency", "Table 5: training cost", frame, formats=formats,
         notes=[
             "Median seconds per training epoch (evaluation excluded) and peak memory of the "
             "validation-selected run, as the trainer recorded them: on CUDA the peak allocated GPU memory, "
@@ -613,7 +592,9 @@ def write_report(
     selected = select_runs(runs, select_metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    written: dict[str, list[Path]] = {"runs": _write_runs_csv(runs, selected, out_dir)}
+    # runs.csv: every run, the selected ones marked, so any table cell can be traced to its run
+    _runs_frame(runs, selected).to_csv(out_dir / "runs.csv", index=False)
+    written: dict[str, list[Path]] = {"runs": [out_dir / "runs.csv"]}
     tables = paper_tables(selected, chosen, select_metric)
     written.update(_write_tables(tables, out_dir, notes))
     figures = {
@@ -651,13 +632,6 @@ def _report_runs(store: ArtifactStore, datasets: Sequence[str] | None) -> tuple[
     else:
         chosen = found
     return [r for r in runs if r.dataset in chosen], chosen
-
-
-def _write_runs_csv(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun], out_dir: Path) -> list[Path]:
-    """``runs.csv``: every run, the selected ones marked, so any table cell can be traced to its run."""
-    path = out_dir / "runs.csv"
-    _runs_frame(runs, selected).to_csv(path, index=False)
-    return [path]
 
 
 def _table_skip_reasons() -> dict[str, str]:
