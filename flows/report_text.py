@@ -9,9 +9,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines = []
     if "dataset" in summary:
         d = summary["dataset"]
-        lines.append(
-            f"dataset: {d.get('users')} users, {d.get('items')} items, {d.get('interactions')} interactions"
-        )
+        lines.append(f"dataset: {d.get('users')} users, {d.get('items')} items, {d.get('interactions')} interactions")
     lines.append(f"{'stage':<16}{'cached':<8}{'seconds':>9}  artifact")
     for stage, info in summary.get("stages", {}).items():
         lines.append(f"{stage:<16}{str(info['cached']):<8}{info['seconds']:>9.1f}  {info['artifact']}")

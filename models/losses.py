@@ -96,11 +96,7 @@ class _MeanRowLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         grad_a, grad_b = ctx.saved_tensors
-        return (
-            None if grad_a is None else grad_a * grad,
-            None if grad_b is None else grad_b * grad,
-            None,
-        )
+        return (None if grad_a is None else grad_a * grad, None if grad_b is None else grad_b * grad, None)
 
 
 def mean_row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 128) -> torch.Tensor:

@@ -149,8 +149,7 @@ MODELS: dict[str, ModelSpec] = {
     "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
                               tables=("table3",), has_variants=True, backbone="freedom",
                               renames={"n_layers": "n_ui_layers"}, follows_lr=("club_lr",),
-                              profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0,
-                                                    "dropout": 0.8}},
+                              profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0, "dropout": 0.8}},
                               hyperparameters={"plugin_fusion": (Literal[FUSIONS], Field(
                                   FUSIONS[0], description="plug-ins: SAND terms on the auxiliary modal features, "
                                   "or fused into the scores"))}),

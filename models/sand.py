@@ -154,9 +154,7 @@ class SAND(Recommender):
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
         self.register_buffer("adj", to_csr(adj), persistent=False)
-        s = mix_item_graphs(
-            {m: _as_coo(item_graphs[m], m, self.n_items) for m in ("image", "text")}, mm_image_weight
-        )
+        s = mix_item_graphs({m: _as_coo(item_graphs[m], m, self.n_items) for m in ("image", "text")}, mm_image_weight)
         self.register_buffer("item_graph", to_csr(s), persistent=False)
         self.register_buffer("item_graph_t", to_csr(s.t()), persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}

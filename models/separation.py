@@ -93,9 +93,7 @@ class LinearView:
     def columns(self, start: int, stop: int) -> LinearView:
         bias = None if self.bias is None else self.bias[start:stop]
         weight_low = None if self.weight_low is None else self.weight_low[start:stop]
-        return replace(
-            self, weight=self.weight[start:stop], bias=bias, start=self.start + start, weight_low=weight_low
-        )
+        return replace(self, weight=self.weight[start:stop], bias=bias, start=self.start + start, weight_low=weight_low)
 
     def folds(self, n_out: int) -> bool:
         """Whether consumers with ``n_out`` outputs in all read ``x`` through folded weights.

@@ -468,13 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reviews: {files.reviews} ({t['n_review_lines']} lines, {t['n_interactions']} interactions)")
     print(f"meta:    {files.meta}")
     print(f"images:  {files.images_dir}")
-    for key in (
-        "malformed_review_lines",
-        "items_without_meta",
-        "missing_image_files",
-        "empty_imurl",
-        "corrupt_images",
-    ):
+    for key in ("malformed_review_lines", "items_without_meta", "missing_image_files", "empty_imurl", "corrupt_images"):
         print(f"{key}: {t[key]}")
     print(f"duplicate_reviews: {[(d['reviewerID'], d['asin']) for d in t['duplicate_reviews']]}")
 

@@ -179,9 +179,7 @@ def _from_preset(name: str, fmt: str | None) -> SourceSpec:
         return SourceSpec("sample", "sample")
     fmt = fmt or preset.default_format
     if fmt not in preset.categories:
-        raise ConfigError(
-            f"preset '{name}' has no {fmt} files (available: {', '.join(preset.categories)})"
-        )
+        raise ConfigError(f"preset '{name}' has no {fmt} files (available: {', '.join(preset.categories)})")
     rev_url, meta_url = category_urls(fmt, preset.categories[fmt])
     return SourceSpec(name, fmt, rev_url, meta_url)
 
@@ -214,9 +212,7 @@ def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str 
             continue
         scheme = url_scheme(value)
         if scheme and scheme not in (*REMOTE_SCHEMES, "file"):
-            raise ConfigError(
-                f"{field}: unsupported URL scheme '{scheme}' in {value} (valid: http, https, file)"
-            )
+            raise ConfigError(f"{field}: unsupported URL scheme '{scheme}' in {value} (valid: http, https, file)")
         local = local_path(value)
         if local is not None and not local.is_file():
             raise ConfigError(f"{field} file does not exist: {value}")
@@ -344,9 +340,7 @@ def _agree(reviews: Path, meta: Path | None) -> str:
         return rev_fmt
     if {meta_fmt, rev_fmt} == {"amazon2014", "amazon2018"}:
         return "amazon2014" if meta_fmt == "amazon2014" and rev_fmt == "amazon2018" else rev_fmt
-    raise ConfigError(
-        f"reviews {reviews.name} look like {rev_fmt} but meta {meta.name} looks like {meta_fmt}"
-    )
+    raise ConfigError(f"reviews {reviews.name} look like {rev_fmt} but meta {meta.name} looks like {meta_fmt}")
 
 
 # ---------------------------------------------------------------------------- content sniffing
@@ -420,7 +414,5 @@ def _classify(line: bytes, path: Path, lineno: int) -> tuple[str, str]:
     claimed = formats.classify_keys(set(record), strict_json)
     if claimed is None:
         found = ", ".join(sorted(map(str, record))[:8])
-        raise DataError(
-            f"{path} line {lineno}: unknown record (no 'asin' or 'parent_asin' field; found {found})"
-        )
+        raise DataError(f"{path} line {lineno}: unknown record (no 'asin' or 'parent_asin' field; found {found})")
     return claimed

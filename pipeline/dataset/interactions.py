@@ -30,17 +30,7 @@ log = logging.getLogger(__name__)
 
 REVIEW_COLUMNS = ("user_id", "asin", "rating", "timestamp")
 ITEM_TEXT_COLUMNS = ("title", "brand", "description", "features", "image_url")
-ITEM_COLUMNS = (
-    "item",
-    "asin",
-    "title",
-    "brand",
-    "categories",
-    "description",
-    "features",
-    "image_url",
-    "has_meta",
-)
+ITEM_COLUMNS = ("item", "asin", "title", "brand", "categories", "description", "features", "image_url", "has_meta")
 
 
 @dataclass(frozen=True)

@@ -245,12 +245,7 @@ def review_converter(fmt: str) -> Callable[[dict], tuple]:
             and MIN_RATING <= rating <= MAX_RATING
         ):
             return user, item, float(rating), stamp // divisor
-        return (
-            _ident(obj, ukey),
-            _ident(obj, ikey),
-            _rating(obj, rkey),
-            _timestamp(obj, tkey, divisor),
-        )
+        return (_ident(obj, ukey), _ident(obj, ikey), _rating(obj, rkey), _timestamp(obj, tkey, divisor))
 
     return convert
 
@@ -264,9 +259,7 @@ def read_reviews(
     so the three releases look alike downstream."""
     path = Path(path)
     convert = review_converter(fmt)
-    (users, items, ratings, times), report = _read_records(
-        path, _parse_json, convert, 4, max_bad_lines, max_line_bytes
-    )
+    (users, items, ratings, times), report = _read_records(path, _parse_json, convert, 4, max_bad_lines, max_line_bytes)
     df = pd.DataFrame(
         {
             "user_id": pd.array(users, dtype="str"),

@@ -34,9 +34,7 @@ class SplitData:
     def csr(self, split: int | str) -> sp.csr_matrix:
         """User x item binary matrix of one split."""
         e = self.edges(split)
-        m = sp.csr_matrix(
-            (np.ones(len(e), dtype=np.float32), (e[:, 0], e[:, 1])), shape=(self.n_users, self.n_items)
-        )
+        m = sp.csr_matrix((np.ones(len(e), dtype=np.float32), (e[:, 0], e[:, 1])), shape=(self.n_users, self.n_items))
         m.sum_duplicates()
         m.data[:] = 1.0
         return m

@@ -37,12 +37,7 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 #: metric key -> axis label
-METRIC_LABELS = {
-    "recall@10": "Recall@10",
-    "recall@20": "Recall@20",
-    "ndcg@10": "NDCG@10",
-    "ndcg@20": "NDCG@20",
-}
+METRIC_LABELS = {"recall@10": "Recall@10", "recall@20": "Recall@20", "ndcg@10": "NDCG@10", "ndcg@20": "NDCG@20"}
 PARAM_LABELS = {
     "train.alpha": "alpha (alignment weight)",
     "train.beta": "beta (distancing weight)",
@@ -82,12 +77,7 @@ def plot_training_curves(
     for label, frame in curves.items():
         if column in frame:
             evaluated = frame[["epoch", column]].dropna()
-            ax_m.plot(
-                evaluated["epoch"],
-                evaluated[column],
-                marker="." if len(evaluated) < 30 else None,
-                label=label,
-            )
+            ax_m.plot(evaluated["epoch"], evaluated[column], marker="." if len(evaluated) < 30 else None, label=label)
         if "loss" in frame:
             ax_l.plot(frame["epoch"], frame["loss"], label=label)
     ax_m.set(

@@ -46,11 +46,7 @@ log = logging.getLogger(__name__)
 #: (metric key, column label) of the paper's tables
 METRICS = (("recall@10", "R@10"), ("recall@20", "R@20"), ("ndcg@10", "N@10"), ("ndcg@20", "N@20"))
 PAPER_DATASETS = ("baby", "sports", "clothing")
-VARIANT_LABELS = {
-    "no-align": "w/o Alignment",
-    "no-distance": "w/o Distancing",
-    "no-align-no-distance": "w/o All",
-}
+VARIANT_LABELS = {"no-align": "w/o Alignment", "no-distance": "w/o Distancing", "no-align-no-distance": "w/o All"}
 #: The paper's names of the variants' terms (Table 4's Alignment and Distancing columns).
 TERM_LABELS = {"solosim": "SoloSim", "infonce": "InfoNCE", "club": "MI (CLUB)", "l2": "negative l2"}
 #: Table 4's variants (the registry's) -> (alignment, distancing) as the paper names them.

@@ -292,12 +292,9 @@ def faiss_neighbours(
     seconds["exact_sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    probe, tuning = _tune_nprobe(index, features, sample[tune], exact[tune], k, include_self, nprobe, nl,
-                                 target_recall)
+    probe, tuning = _tune_nprobe(index, features, sample[tune], exact[tune], k, include_self, nprobe, nl, target_recall)
     seconds["tune"] = time.perf_counter() - t0
-    held_recall = recall_at_k(
-        _search_rows(index, features, sample[held], k, include_self), exact[held], sample[held]
-    )
+    held_recall = recall_at_k(_search_rows(index, features, sample[held], k, include_self), exact[held], sample[held])
 
     t0 = time.perf_counter()
     out, n_short = _search_all(index, features, queries, k, include_self, progress)

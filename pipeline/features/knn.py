@@ -79,9 +79,7 @@ def _check_finite(x: np.ndarray) -> None:
                 first = (start + int(r), int(c))
     if first is not None:
         r, c = first
-        raise DataError(
-            f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)"
-        )
+        raise DataError(f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)")
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:

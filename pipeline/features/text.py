@@ -405,8 +405,7 @@ def plan_text_shards(
             model_dir=model_dir, identity=identity, batch_size=batch_size, device=device, threads=threads,
             cache_dir=str(cache_dir), out_path=str(Path(work_dir) / f"shard-{rng.start:010d}-{rng.stop:010d}.npy"),
         ))
-    stats = EncodeStats(len(uniq.inverse), len(uniq.keys), len(index), len(uniq.keys) - len(index), model_dir,
-                        identity)
+    stats = EncodeStats(len(uniq.inverse), len(uniq.keys), len(index), len(uniq.keys) - len(index), model_dir, identity)
     return uniq, jobs, stats
 
 

@@ -74,9 +74,7 @@ def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMappe
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
             raise StageError(missing_feature_message(ctx, inter, "text", "item text"))
         items = items.sort_values("item")
-        texts = [
-            item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
-        ]
+        texts = [item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)]
         threads = params["threads"]
         bits = {**params, "batch_size": tcfg.batch_size, "device": tcfg.device}
         work = ctx.store.work_dir("text_features", ctx.work_key("text_features", bits, {"interactions": inter}))

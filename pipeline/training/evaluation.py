@@ -119,16 +119,12 @@ def _iter_topk(
         finite = torch.isfinite(emb).all(dim=1)
         if not bool(finite.all()):
             row = int(torch.nonzero(~finite)[0, 0])
-            raise SandError(
-                f"evaluation: non-finite {name} embedding for {name} {row} (the model produced NaN/inf)"
-            )
+            raise SandError(f"evaluation: non-finite {name} embedding for {name} {row} (the model produced NaN/inf)")
     n_items = ie.shape[0]
     k_eff = min(k, n_items)
     m = sp.csr_matrix(train_csr)
     if m.shape[1] != n_items:
-        raise SandError(
-            f"training matrix has {m.shape[1]} item columns but the item embeddings {n_items} rows"
-        )
+        raise SandError(f"training matrix has {m.shape[1]} item columns but the item embeddings {n_items} rows")
     users = np.asarray(users, dtype=np.int64)
     if len(users) and (users.min() < 0 or users.max() >= min(ue.shape[0], m.shape[0])):
         bad = int(users[(users < 0) | (users >= min(ue.shape[0], m.shape[0]))][0])
@@ -156,9 +152,7 @@ def _iter_topk(
         yield bu, idx, top
 
 
-def rank_topk(
-    user_emb, item_emb, users, train_csr: sp.spmatrix, k: int, batch_users: int = 4096
-) -> np.ndarray:
+def rank_topk(user_emb, item_emb, users, train_csr: sp.spmatrix, k: int, batch_users: int = 4096) -> np.ndarray:
     """Top-``k`` item ids (len(users) x min(k, n_items)) with training items masked.
 
     Ties: lower item index first. Slots with no rankable item left hold -1."""

@@ -41,9 +41,7 @@ def _is_member(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     return keys[pos] == query
 
 
-def _complement_draw(
-    users: np.ndarray, m: sp.csr_matrix, n_items: int, rng: np.random.Generator
-) -> np.ndarray:
+def _complement_draw(users: np.ndarray, m: sp.csr_matrix, n_items: int, rng: np.random.Generator) -> np.ndarray:
     """Exact uniform draw among each user's non-training items (no rejection).
 
     With the user's sorted training items s_0 < s_1 < ..., t_j = s_j - j counts the non-items below s_j; the r-th

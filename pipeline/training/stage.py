@@ -70,9 +70,7 @@ def resolved_train_precision(tcfg: Any) -> str:
     return resolve_precision(tcfg.precision, resolve_device(tcfg.device))
 
 
-def _interrupted_sibling(
-    work: Path, params: dict[str, Any], input_keys: dict[str, str]
-) -> tuple[Path, str] | None:
+def _interrupted_sibling(work: Path, params: dict[str, Any], input_keys: dict[str, str]) -> tuple[Path, str] | None:
     """The latest interrupted training run of the same model under other parameters or inputs.
 
     Work directories are keyed by every parameter, so such a run is never continued (its checkpoints would mix two
