@@ -5,11 +5,10 @@ Two ways to run them, one set of deployments (:func:`build_deployments`):
 * ``sand serve`` (:func:`serve_deployments`): ``prefect.serve`` in a long-running
   process that picks up scheduled and UI-triggered runs itself. It needs no work
   pool or infrastructure block: the simplest setup, on the machine that runs the flows.
-* ``sand deploy --work-pool NAME`` (:func:`deploy_to_work_pool`): registers the same
-  deployments with an existing work pool and returns; the pool's workers
-  (``prefect worker start --pool NAME``, on the GPU node of a cluster) run the flows.
-  Deploying and running are then separate: deploy once from anywhere, restart or add
-  workers without touching the deployments.
+* ``sand deploy --work-pool NAME`` (:func:`deploy_to_work_pool`): registers the same deployments with an existing work
+  pool and returns; the pool's workers (``prefect worker start --pool NAME``, on the GPU node of a cluster) run the
+  flows. Deploying and running are then separate: deploy once from anywhere, restart or add workers without touching the
+  deployments.
 
 Each deployment's parameters default to the config (and run options: task runner, Dask scheduler) given at deploy time,
 editable per run in the UI form. Entrypoints are module paths (``sand.flows.pipeline_flows.pipeline_flow``), not file

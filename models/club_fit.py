@@ -8,20 +8,17 @@ was most of what made SAND_a slower than SAND_b. Measured on Baby-sized pairs
 (7,050 x 32, two estimators, 50 steps, 2 cores) it went from ~0.56 s to ~0.09 s per
 batch by:
 
-- gradients in closed form (no autograd graph), with the two heads' first layers
-  fused into one product;
+- gradients in closed form (no autograd graph), with the two heads' first layers fused into one product;
 - a transposed layout (features x items): every product then has its long
   dimension contiguous, which MKL runs 3-5x faster for these skinny shapes;
-- ``tanh`` written as ``2 sigmoid(2p) - 1`` and ``exp`` as ``exp2`` (both several
-  times faster in ATen on CPU), with the constant factors folded into one scale of
-  the gradient vector;
+- ``tanh`` written as ``2 sigmoid(2p) - 1`` and ``exp`` as ``exp2`` (both several times faster in ATen on CPU), with the
+  constant factors folded into one scale of the gradient vector;
 - all parameters, gradients and Adam moments in single flat buffers, so the Adam
   update is five operations for the whole estimator;
-- one intra-op thread per estimator, the estimators fitted side by side in Python
-  threads (:func:`fit_clubs`): with idle OpenMP threads sleeping (our
-  ``OMP_WAIT_POLICY=PASSIVE``), waking them costs more than these operations, and
-  the operations release the GIL. Each fit is single-threaded either way, so the
-  result does not depend on how many run at once.
+- one intra-op thread per estimator, the estimators fitted side by side in Python threads (:func:`fit_clubs`): with idle
+  OpenMP threads sleeping (our ``OMP_WAIT_POLICY=PASSIVE``), waking them costs more than these operations, and the
+  operations release the GIL. Each fit is single-threaded either way, so the result does not depend on how many run at
+  once.
 
 The arithmetic is that of ``torch.optim.Adam`` on ``-log_likelihood`` (tests compare both over many steps), and the
 moments live in the estimator's own ``torch.optim.Adam`` state, so checkpoints, resumption and the autograd reference

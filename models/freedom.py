@@ -1,23 +1,19 @@
 """FREEDOM (Zhou & Shen 2023, "A Tale of Two Graphs"), following MMRec's implementation.
 
 Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
-- Item-item graph S = w * S_image + (1 - w) * S_text, w = ``mm_image_weight`` (0.1),
-  frozen. Here it comes from ``item_graphs`` (the graph stage's artifact) and is
-  never recomputed. It propagates the free item ID embeddings ``n_mm_layers``
-  (1) times; the result is added to the LightGCN item output.
-- Degree-sensitive edge pruning: before every epoch, keep
-  ``int(E * (1 - dropout))`` training edges sampled without replacement with
-  probability proportional to 1 / sqrt(d_u d_i), and re-normalise the kept graph
-  symmetrically. ``dropout`` is 0.8 or 0.9 in MMRec's grid (default 0.8 here).
-  Training propagates over the pruned graph; inference over the FULL training graph.
+- Item-item graph S = w * S_image + (1 - w) * S_text, w = ``mm_image_weight`` (0.1), frozen. Here it comes from
+  ``item_graphs`` (the graph stage's artifact) and is never recomputed. It propagates the free item ID embeddings
+  ``n_mm_layers`` (1) times; the result is added to the LightGCN item output.
+- Degree-sensitive edge pruning: before every epoch, keep ``int(E * (1 - dropout))`` training edges sampled without
+  replacement with probability proportional to 1 / sqrt(d_u d_i), and re-normalise the kept graph symmetrically.
+  ``dropout`` is 0.8 or 0.9 in MMRec's grid (default 0.8 here). Training propagates over the pruned graph; inference
+  over the FULL training graph.
 - LightGCN-style mean over ``n_ui_layers`` (2) layers of the user-item graph.
-- Raw features are *trainable* (MMRec loads them with ``Embedding.from_pretrained(
-  freeze=False)``; ``train_features=False`` freezes them) and are projected to
-  ``feat_embed_dim`` (64) by ``Linear`` layers. The projected features enter only
-  through extra BPR terms of the propagated user against them:
-  loss = BPR + reg_weight * (BPR_text + BPR_image); reg_weight grid
-  {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused by
-  its FREEDOM and is not offered.
+- Raw features are *trainable* (MMRec loads them with ``Embedding.from_pretrained(freeze=False)``;
+  ``train_features=False`` freezes them) and are projected to ``feat_embed_dim`` (64) by ``Linear`` layers. The
+  projected features enter only through extra BPR terms of the propagated user against them: loss = BPR + reg_weight *
+  (BPR_text + BPR_image); reg_weight grid {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused
+  by its FREEDOM and is not offered.
 
 Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality to the item ID embeddings before
 both propagations, so the modal features reach the scoring embeddings. It exists for the SAND plug-in's ``scoring``

@@ -135,13 +135,11 @@ def l2_distance_loss(
     """Distancing by l2 (Eq. 14) between generic (``e1``) and unique (``e2``) projections.
 
     Forms (``mse = mean((e1 - e2) ** 2)``):
-      - ``"neg-mse"``: ``-mse``, the paper's Eq. 14. Unbounded below: minimising it lets
-        the projections grow without limit (the reference survives only because its
-        weight is tiny). Kept for fidelity.
-      - ``"neg-log"`` (default for SAND_b/d): ``-log(eps + mse)``. Still decreasing in the
-        distance, but its gradient shrinks like ``1 / mse``, so the push weakens as the
-        parts separate and the term grows only logarithmically: it stays finite over any
-        realistic training and never dominates BPR. Bounded above by ``-log(eps)``.
+      - ``"neg-mse"``: ``-mse``, the paper's Eq. 14. Unbounded below: minimising it lets the projections grow without
+        limit (the reference survives only because its weight is tiny). Kept for fidelity.
+      - ``"neg-log"`` (default for SAND_b/d): ``-log(eps + mse)``. Still decreasing in the distance, but its gradient
+        shrinks like ``1 / mse``, so the push weakens as the parts separate and the term grows only logarithmically: it
+        stays finite over any realistic training and never dominates BPR. Bounded above by ``-log(eps)``.
       - ``"margin"``: ``relu(margin - mse)``, strictly bounded in ``[0, margin]``; stops
         pushing once the parts are ``margin`` apart (a hyper-parameter to choose)."""
     mse = (e1 - e2).pow(2).mean()

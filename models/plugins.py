@@ -7,15 +7,13 @@ edge pruning) to the backbone.
 
 ``plugin_fusion`` says whether the SAND-processed representation reaches the scores (``docs/model.md``, "Plug-ins"):
 
-- ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For
-  FREEDOM this means the SAND terms act only on the projected features, which enter
-  FREEDOM's auxiliary modal BPR term (weight ``reg_weight``) and never its scores: with
-  ``reg_weight = 0`` (the authors' FREEDOM+SAND setting) its scores are bit-identical
-  to FREEDOM's whatever ``alpha`` and ``beta``.
-- ``"scoring"``: FREEDOM adds the projected features (generic and unique parts, i.e.
-  all their columns) of both modalities to the item embeddings before its user-item
-  and item-item propagations (``FREEDOM(modal_in_scores=True)``), so the SAND terms
-  shape what is scored.
+- ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For FREEDOM this means the SAND terms act
+  only on the projected features, which enter FREEDOM's auxiliary modal BPR term (weight ``reg_weight``) and never its
+  scores: with ``reg_weight = 0`` (the authors' FREEDOM+SAND setting) its scores are bit-identical to FREEDOM's whatever
+  ``alpha`` and ``beta``.
+- ``"scoring"``: FREEDOM adds the projected features (generic and unique parts, i.e. all their columns) of both
+  modalities to the item embeddings before its user-item and item-item propagations (``FREEDOM(modal_in_scores=True)``),
+  so the SAND terms shape what is scored.
 
 VBPR's projected features are part of its item representation already, so for VBPR both fusions are the same model
 (:attr:`SeparationPlugin.fusion_matters` is False and the registry does not pass the setting on)."""

@@ -5,9 +5,8 @@ where that reading differs from the paper's (partly garbled) equations, the code
 
 1. per modality a full-width linear transform ``Z_m = L_m(X_m)``, split by columns
    into generic/unique parts (:class:`models.separation.ModalSeparation`);
-2. per modality a user-item GCN over the training graph (2 layers, output = sum of
-   the input and every layer) whose item input is ``MLP_1(leaky_relu(MLP(Z_m)))``
-   and whose user input is a free preference matrix;
+2. per modality a user-item GCN over the training graph (2 layers, output = sum of the input and every layer) whose item
+   input is ``MLP_1(leaky_relu(MLP(Z_m)))`` and whose user input is a free preference matrix;
 3. a frozen item-item graph ``S = w S_image + (1 - w) S_text`` (built by the graph
    stage, never here) propagating the concatenated item embeddings once;
 4. users: per-modality embeddings weighted by a learnable per-user modality weight;

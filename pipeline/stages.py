@@ -8,9 +8,8 @@ checks, and the tests.
 
 Adding a stage takes two steps:
 
-1. write its run function ``run_<stage>(ctx, <inputs>...) -> StageOutcome`` in
-   the sub-package it belongs to (``acquire/``, ``dataset/``, ``features/``,
-   ``training/``, ``experiments/``), building its artifact with
+1. write its run function ``run_<stage>(ctx, <inputs>...) -> StageOutcome`` in the sub-package it belongs to
+   (``acquire/``, ``dataset/``, ``features/``, ``training/``, ``experiments/``), building its artifact with
    ``ctx.run("<stage>", params, inputs, build)``;
 2. add one :class:`Stage` row below, in pipeline order.
 

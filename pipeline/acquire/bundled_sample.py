@@ -5,12 +5,10 @@ IDs when IDs are data-starved). So the generator writes exactly what a real 2014
 reviews, Python-literal metadata, images behind URLs), including the kinds of dirt real files have, and plants structure
 that only content features can exploit:
 
-* every item has latent attributes: ``colour`` (image fill colour; for some colours
-  also named in the text, i.e. shared by both modalities), ``shape`` (image only),
-  ``material`` and ``type`` (text only: title, description, category path);
-* every user likes two attribute values of two different kinds, and picks most of
-  their items from a softmax over (number of liked values an item has) plus a mild
-  item popularity; the rest are uniform random.
+* every item has latent attributes: ``colour`` (image fill colour; for some colours also named in the text, i.e. shared
+  by both modalities), ``shape`` (image only), ``material`` and ``type`` (text only: title, description, category path);
+* every user likes two attribute values of two different kinds, and picks most of their items from a softmax over
+  (number of liked values an item has) plus a mild item popularity; the rest are uniform random.
 
 With ~500 items seen ~20 times each an ID-only model is starved, while an item's attributes are visible in its image and
 text, so unseen co-attribute items generalise. Everything is drawn from one ``numpy`` generator seeded by ``seed`` in a

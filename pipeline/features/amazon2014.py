@@ -13,9 +13,8 @@ What can go wrong, and what happens:
   ignored (``truncated_tail_bytes``), the whole records before it are used;
 * a record whose ASIN bytes are not printable ASCII in the middle of the file:
   counted (``unreadable_records``) and skipped;
-* a file of another layout (records of another width, or not a feature file):
-  the first records already fail the ASIN check, and that is one
-  :class:`DataError` naming the file and the expected record size;
+* a file of another layout (records of another width, or not a feature file): the first records already fail the ASIN
+  check, and that is one :class:`DataError` naming the file and the expected record size;
 * an ASIN listed twice: the first record is kept, the repeats counted;
 * a dataset item with no record (or only non-finite values): filled (mean of
   the found rows, MMRec's convention, or zeros) and listed with its reason."""
