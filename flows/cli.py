@@ -48,10 +48,8 @@ from sand.pipeline.training.recommend import recommend_for_user
 # functions that use them, so `sand --help` and a fully cached run stay fast.
 
 app = typer.Typer(
-    help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    no_args_is_help=True,
+    help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.", add_completion=False,
+    pretty_exceptions_enable=False, no_args_is_help=True,
 )
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")

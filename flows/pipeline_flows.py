@@ -85,8 +85,7 @@ def _stage_flow(row: Stage) -> Flow[..., dict[str, Any]]:
     """The Prefect flow of one table row, named ``sand-<stage>``."""
 
     def run_stage_flow(
-        config: PipelineConfig | None = None,
-        options: RunOptions | None = None,
+        config: PipelineConfig | None = None, options: RunOptions | None = None,
         upstream: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         return _stage_body(row, config or PipelineConfig(), options or RunOptions(), upstream)
@@ -146,11 +145,8 @@ def pipeline_flow(
 
 @flow(name="sand-grid", log_prints=True)
 def grid_flow(
-    config: PipelineConfig | None = None,
-    axes: dict[str, list[Any]] | None = None,
-    name: str = "grid",
-    options: RunOptions | None = None,
-    select_metric: str = "recall@20",
+    config: PipelineConfig | None = None, axes: dict[str, list[Any]] | None = None, name: str = "grid",
+    options: RunOptions | None = None, select_metric: str = "recall@20",
 ) -> dict[str, Any]:
     """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
     config = config or PipelineConfig()

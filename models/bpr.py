@@ -31,13 +31,8 @@ def dot_scores(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[t
 
 
 def check_modalities(
-    model_name: str,
-    required: tuple[str, ...],
-    features: Mapping[str, torch.Tensor] | None,
-    item_graphs: Mapping[str, torch.Tensor] | None = None,
-    n_items: int | None = None,
-    *,
-    need_graphs: bool = False,
+    model_name: str, required: tuple[str, ...], features: Mapping[str, torch.Tensor] | None,
+    item_graphs: Mapping[str, torch.Tensor] | None = None, n_items: int | None = None, *, need_graphs: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the first missing (or mis-shaped) modality input.
 
@@ -71,15 +66,9 @@ class MFBPR(Recommender):
     required_modalities: tuple[str, ...] = ()
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        reg_weight: float = 1e-1,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, reg_weight: float = 1e-1,
     ) -> None:
         super().__init__()
         self.n_users, self.n_items = int(n_users), int(n_items)

@@ -127,10 +127,7 @@ class _FlatState:
 
 
 def fit_club(
-    est: ClubEstimator,
-    optimiser: torch.optim.Adam,
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
+    est: ClubEstimator, optimiser: torch.optim.Adam, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
 ) -> list[float]:
     """``steps`` Adam steps on ``-sum_k mean_i log q(y_ki | x_ki)`` over the (x, y) ``pairs``.
 
@@ -203,8 +200,7 @@ def fit_club(
 
 
 def fit_clubs(
-    jobs: Sequence[tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]],
-    steps: int,
+    jobs: Sequence[tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]], steps: int,
 ) -> list[list[float]]:
     """:func:`fit_club` for several independent estimators, side by side on a CPU.
 

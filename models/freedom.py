@@ -67,21 +67,10 @@ class FREEDOM(Recommender):
     precision: str = "fp32"
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        feat_embed_dim: int = 64,
-        n_ui_layers: int = 2,
-        n_mm_layers: int = 1,
-        mm_image_weight: float = 0.1,
-        dropout: float = 0.8,
-        reg_weight: float = 1e-3,
-        train_features: bool = True,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, feat_embed_dim: int = 64, n_ui_layers: int = 2, n_mm_layers: int = 1,
+        mm_image_weight: float = 0.1, dropout: float = 0.8, reg_weight: float = 1e-3, train_features: bool = True,
         modal_in_scores: bool = False,
     ) -> None:
         super().__init__()

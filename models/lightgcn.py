@@ -46,16 +46,9 @@ class LightGCN(Recommender):
     required_modalities: tuple[str, ...] = ()
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        n_layers: int = 2,
-        reg_weight: float = 1e-2,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, n_layers: int = 2, reg_weight: float = 1e-2,
     ) -> None:
         super().__init__()
         if n_layers < 0:

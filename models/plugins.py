@@ -42,27 +42,11 @@ class SeparationPlugin(Recommender):
     fusion_matters: bool = True
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: Tensor,
-        features: Mapping[str, Tensor],
-        item_graphs: Mapping[str, Tensor],
-        *,
-        variant: str = "a",
-        alpha: float = 0.012,
-        beta: float = 0.006,
-        tau: float = 0.2,
-        split_ratio: float = 0.5,
-        club_steps: int = 50,
-        club_lr: float = 1e-4,
-        l2_form: str = "neg-log",
-        solosim_scope: str = "auto",
-        distance_scope: str = "auto",
-        share_club: bool = False,
-        head_dims: Sequence[int] = (64, 64, 32),
-        club_fit_order: str = "before",
-        plugin_fusion: str = "auxiliary",
+        self, n_users: int, n_items: int, train_edges: Tensor, features: Mapping[str, Tensor],
+        item_graphs: Mapping[str, Tensor], *, variant: str = "a", alpha: float = 0.012, beta: float = 0.006,
+        tau: float = 0.2, split_ratio: float = 0.5, club_steps: int = 50, club_lr: float = 1e-4,
+        l2_form: str = "neg-log", solosim_scope: str = "auto", distance_scope: str = "auto", share_club: bool = False,
+        head_dims: Sequence[int] = (64, 64, 32), club_fit_order: str = "before", plugin_fusion: str = "auxiliary",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()

@@ -104,28 +104,11 @@ class SAND(Recommender):
     separation_class: type[ModalSeparation] = ModalSeparation
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor,
-        features: Mapping[str, torch.Tensor],
-        item_graphs: Mapping[str, torch.Tensor],
-        *,
-        variant: str = "a",
-        embedding_dim: int = 64,
-        mm_image_weight: float = 0.1,
-        n_mm_layers: int = 1,
-        n_ui_layers: int = 2,
-        alpha: float = 0.012,
-        beta: float = 0.006,
-        tau: float = 0.2,
-        club_steps: int = 50,
-        lr: float = 1e-4,
-        solosim_scope: str = "auto",
-        distance_scope: str = "auto",
-        l2_form: str = "neg-log",
-        split_ratio: float = 0.5,
-        reg_weight: float = 0.0,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor, features: Mapping[str, torch.Tensor],
+        item_graphs: Mapping[str, torch.Tensor], *, variant: str = "a", embedding_dim: int = 64,
+        mm_image_weight: float = 0.1, n_mm_layers: int = 1, n_ui_layers: int = 2, alpha: float = 0.012,
+        beta: float = 0.006, tau: float = 0.2, club_steps: int = 50, lr: float = 1e-4, solosim_scope: str = "auto",
+        distance_scope: str = "auto", l2_form: str = "neg-log", split_ratio: float = 0.5, reg_weight: float = 0.0,
         club_fit_order: str = "before",
     ) -> None:
         super().__init__()

@@ -353,24 +353,10 @@ class ModalSeparation(nn.Module):
     Random permutations for the CLUB bound come from the global torch RNG."""
 
     def __init__(
-        self,
-        dims: Mapping[str, int],
-        *,
-        align: str = "solosim",
-        distance: str = "club",
-        alpha: float = 0.012,
-        beta: float = 0.006,
-        tau: float = 0.2,
-        split_ratio: float = 0.5,
-        head_dims: Sequence[int] = (64, 64, 32),
-        proj_dim: int = 32,
-        club_steps: int = 50,
-        club_lr: float = 1e-4,
-        club_hidden: int = 8,
-        l2_form: str = "neg-log",
-        solosim_scope: str = "auto",
-        distance_scope: str = "auto",
-        share_club: bool = False,
+        self, dims: Mapping[str, int], *, align: str = "solosim", distance: str = "club", alpha: float = 0.012,
+        beta: float = 0.006, tau: float = 0.2, split_ratio: float = 0.5, head_dims: Sequence[int] = (64, 64, 32),
+        proj_dim: int = 32, club_steps: int = 50, club_lr: float = 1e-4, club_hidden: int = 8, l2_form: str = "neg-log",
+        solosim_scope: str = "auto", distance_scope: str = "auto", share_club: bool = False,
         club_fit_order: str = "before",
     ) -> None:
         super().__init__()
@@ -469,13 +455,8 @@ class ModalSeparation(nn.Module):
         return torch.unique(batch_items)
 
     def _projections(
-        self,
-        modality: str,
-        z: ModalInput,
-        head_rows: torch.Tensor | None,
-        dist_rows: torch.Tensor | None,
-        want_head: bool,
-        want_dist: bool,
+        self, modality: str, z: ModalInput, head_rows: torch.Tensor | None, dist_rows: torch.Tensor | None,
+        want_head: bool, want_dist: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(head output, E1, E2) for one modality; linear first layers share one read of G."""
         g, q = self.split(modality, z)

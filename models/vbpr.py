@@ -34,16 +34,9 @@ class VBPR(Recommender):
     precision: str = "fp32"
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        reg_weight: float = 1e-2,
-        modal_fusion: str = "sum",
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, reg_weight: float = 1e-2, modal_fusion: str = "sum",
     ) -> None:
         super().__init__()
         check_modalities("VBPR", self.required_modalities, features, n_items=n_items)

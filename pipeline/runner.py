@@ -109,9 +109,7 @@ def run_stage(
 
 
 def run_stages(
-    ctx: StageContext,
-    names: Sequence[str],
-    call: StageCaller | None = None,
+    ctx: StageContext, names: Sequence[str], call: StageCaller | None = None,
     done: Mapping[str, StageOutcome] | None = None,
 ) -> PipelineResult:
     """The loop: run (or reuse) ``names`` in order, each given ``done`` and the outcomes before it.

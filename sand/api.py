@@ -60,13 +60,8 @@ class RunResult:
 
 
 def run(
-    *,
-    until: str | None = None,
-    config: str | Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    refresh: str | Sequence[str] = (),
-    progress: bool = True,
-    **options: Any,
+    *, until: str | None = None, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+    refresh: str | Sequence[str] = (), progress: bool = True, **options: Any,
 ) -> RunResult:
     """Run (or reuse from the artifact store) every stage up to ``until``; like ``sand run``.
 

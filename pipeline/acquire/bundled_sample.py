@@ -137,13 +137,8 @@ class SampleFiles:
 
 
 def generate_sample(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    n_users: int = 1000,
-    n_items: int = 500,
-    interactions_per_user: tuple[int, int] = (6, 16),
-    image_size: int = 64,
+    out_dir: Path, *, seed: int = 0, n_users: int = 1000, n_items: int = 500,
+    interactions_per_user: tuple[int, int] = (6, 16), image_size: int = 64,
 ) -> SampleFiles:
     """Write the sample into ``out_dir`` and return its paths and planted facts.
 
@@ -253,10 +248,7 @@ def _user_tastes(rng: np.random.Generator, n_users: int) -> list[list[tuple[str,
 
 
 def _sample_interactions(
-    rng: np.random.Generator,
-    attrs: list[dict[str, Any]],
-    popularity: np.ndarray,
-    tastes: list[list[tuple[str, str]]],
+    rng: np.random.Generator, attrs: list[dict[str, Any]], popularity: np.ndarray, tastes: list[list[tuple[str, str]]],
     per_user: tuple[int, int],
 ) -> list[np.ndarray]:
     """Distinct item indices per user from TASTE_SHARE * softmax(affinity) + rest * uniform."""
@@ -275,12 +267,8 @@ def _sample_interactions(
 
 
 def _review_records(
-    rng: np.random.Generator,
-    users: list[str],
-    asins: list[str],
-    attrs: list[dict[str, Any]],
-    tastes: list[list[tuple[str, str]]],
-    picks: list[np.ndarray],
+    rng: np.random.Generator, users: list[str], asins: list[str], attrs: list[dict[str, Any]],
+    tastes: list[list[tuple[str, str]]], picks: list[np.ndarray],
 ) -> list[dict[str, Any]]:
     """One review dict per (user, item) pick; ratings lean higher for liked items."""
     records = []

@@ -56,10 +56,7 @@ class FileRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileRecord:
         return cls(
-            path=Path(data["path"]),
-            source=str(data["source"]),
-            size=int(data["size"]),
-            sha256=str(data["sha256"]),
+            path=Path(data["path"]), source=str(data["source"]), size=int(data["size"]), sha256=str(data["sha256"]),
         )
 
 
@@ -90,15 +87,8 @@ def safe_name(source: str) -> str:
 
 
 def fetch_file(
-    source: str,
-    dest_dir: Path,
-    *,
-    timeout: float = 60,
-    retries: int = 5,
-    backoff_base: float = 0.5,
-    chunk_size: int = 1 << 20,
-    progress: bool = True,
-    client: httpx.Client | None = None,
+    source: str, dest_dir: Path, *, timeout: float = 60, retries: int = 5, backoff_base: float = 0.5,
+    chunk_size: int = 1 << 20, progress: bool = True, client: httpx.Client | None = None,
 ) -> FileRecord:
     """Fetch ``source`` into ``dest_dir`` and return its :class:`FileRecord`.
 
@@ -238,14 +228,7 @@ class _PartState:
 
 
 def _fetch_http(
-    url: str,
-    final: Path,
-    *,
-    timeout: float,
-    retries: int,
-    backoff_base: float,
-    chunk_size: int,
-    progress: bool,
+    url: str, final: Path, *, timeout: float, retries: int, backoff_base: float, chunk_size: int, progress: bool,
     client: httpx.Client | None,
 ) -> FileRecord:
     part = _PartState(final.with_name(final.name + PART_SUFFIX))
@@ -267,8 +250,7 @@ def _fetch_http(
             if attempt < retries:
                 delay = next(delays)
                 log.warning(
-                    "download of %s failed (%s); retry %d/%d in %.2f s",
-                    url, last_reason, attempt + 1, retries, delay,
+                    "download of %s failed (%s); retry %d/%d in %.2f s", url, last_reason, attempt + 1, retries, delay,
                 )
                 time.sleep(delay)
         else:

@@ -63,8 +63,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
         {"amazon2014": "Baby", "amazon2023": "Baby_Products"},
     ),
     "sports": Preset(
-        "Amazon Sports and Outdoors 5-core", "amazon2014",
-        {f: "Sports_and_Outdoors" for f in RAW_FORMATS},
+        "Amazon Sports and Outdoors 5-core", "amazon2014", {f: "Sports_and_Outdoors" for f in RAW_FORMATS},
     ),
     "clothing": Preset(
         "Amazon Clothing, Shoes and Jewelry 5-core", "amazon2014",

@@ -180,13 +180,8 @@ class ArtifactStore:
             shutil.rmtree(trash, ignore_errors=True)
 
     def run(
-        self,
-        stage: str,
-        version: str,
-        params: dict[str, Any],
-        inputs: dict[str, Artifact],
-        build: Callable[[Path], dict[str, Any] | None],
-        refresh: bool = False,
+        self, stage: str, version: str, params: dict[str, Any], inputs: dict[str, Artifact],
+        build: Callable[[Path], dict[str, Any] | None], refresh: bool = False,
     ) -> StageOutcome:
         """Reuse the stage's artifact or build it with ``build(staging_dir) -> manifest extras``."""
         input_keys = {name: art.key for name, art in inputs.items()}

@@ -155,10 +155,7 @@ def _fast_chunk(
 
 
 def _slow_chunk(
-    batch: list[tuple[int, bytes]],
-    convert: Callable[[dict], tuple],
-    report: SkipReport,
-    max_bad_lines: int,
+    batch: list[tuple[int, bytes]], convert: Callable[[dict], tuple], report: SkipReport, max_bad_lines: int,
     max_line_bytes: int,
 ) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
     """The per-line rules of ``read_reviews`` on one chunk (dirty lines counted in ``report``)."""
@@ -190,12 +187,8 @@ def _sorted_codes(chunks: list[pa.DictionaryArray]) -> tuple[np.ndarray, pa.Arra
 
 
 def read_review_columns(
-    path: str | Path,
-    fmt: str,
-    max_bad_lines: int = 100,
-    chunk_lines: int = CHUNK_LINES,
-    progress: Callable[[int], None] | None = None,
-    max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
+    path: str | Path, fmt: str, max_bad_lines: int = 100, chunk_lines: int = CHUNK_LINES,
+    progress: Callable[[int], None] | None = None, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> ReviewColumns:
     """Read a review dump chunk by chunk into :class:`ReviewColumns`.
 
@@ -238,12 +231,8 @@ def read_review_columns(
 
 
 def read_meta_for_items(
-    path: str | Path,
-    fmt: str,
-    asins: pa.Array | pd.Series | np.ndarray,
-    max_bad_lines: int = 100,
-    chunk_lines: int = CHUNK_LINES // 4,
-    max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
+    path: str | Path, fmt: str, asins: pa.Array | pd.Series | np.ndarray, max_bad_lines: int = 100,
+    chunk_lines: int = CHUNK_LINES // 4, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[pd.DataFrame, SkipReport]:
     """:func:`sand.pipeline.dataset.readers.read_meta`, keeping only records whose asin is in ``asins``.
 
@@ -273,17 +262,9 @@ def read_meta_for_items(
 
 
 def interactions_from_dumps(
-    reviews: str | Path,
-    meta: str | Path | None,
-    fmt: str,
-    *,
-    k_core: int = 5,
-    split_rule: str = "mmrec",
-    seed: int = 0,
-    max_bad_lines: int = 100,
-    chunk_lines: int = CHUNK_LINES,
-    progress: Callable[[int], None] | None = None,
-    max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
+    reviews: str | Path, meta: str | Path | None, fmt: str, *, k_core: int = 5, split_rule: str = "mmrec",
+    seed: int = 0, max_bad_lines: int = 100, chunk_lines: int = CHUNK_LINES,
+    progress: Callable[[int], None] | None = None, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[InteractionsResult, dict[str, SkipReport]]:
     """Raw dump files -> the interactions tables, equal to ``build_interactions(read_reviews(reviews),
     read_meta(meta))`` but in bounded memory.
@@ -292,15 +273,8 @@ def interactions_from_dumps(
     cols = read_review_columns(reviews, fmt, max_bad_lines, chunk_lines, progress, max_line_bytes)
     reports = {"reviews": cols.report}
     result = index_reviews(
-        cols.user_codes,
-        cols.item_codes,
-        cols.users,
-        cols.items,
-        cols.rating,
-        cols.timestamp,
-        k_core=k_core,
-        split_rule=split_rule,
-        seed=seed,
+        cols.user_codes, cols.item_codes, cols.users, cols.items, cols.rating, cols.timestamp, k_core=k_core,
+        split_rule=split_rule, seed=seed,
     )
     del cols
     table = None

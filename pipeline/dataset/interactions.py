@@ -109,11 +109,7 @@ def _check_options(k_core: int, split_rule: str) -> None:
 
 
 def build_interactions(
-    reviews: pd.DataFrame,
-    meta: pd.DataFrame | None = None,
-    *,
-    k_core: int = 5,
-    split_rule: str = "mmrec",
+    reviews: pd.DataFrame, meta: pd.DataFrame | None = None, *, k_core: int = 5, split_rule: str = "mmrec",
     seed: int = 0,
 ) -> InteractionsResult:
     """Deduplicate, k-core filter, re-index (sorted raw ids -> 0..N-1) and split reviews."""
@@ -126,30 +122,15 @@ def build_interactions(
     ucodes, raw_users = _codes(reviews["user_id"], "user_id")
     icodes, raw_items = _codes(reviews["asin"], "asin")
     result = index_reviews(
-        ucodes,
-        icodes,
-        raw_users,
-        raw_items,
-        reviews["rating"].to_numpy(np.float32),
-        reviews["timestamp"].to_numpy(np.int64),
-        k_core=k_core,
-        split_rule=split_rule,
-        seed=seed,
+        ucodes, icodes, raw_users, raw_items, reviews["rating"].to_numpy(np.float32),
+        reviews["timestamp"].to_numpy(np.int64), k_core=k_core, split_rule=split_rule, seed=seed,
     )
     return with_meta(result, meta)
 
 
 def index_reviews(
-    ucodes: np.ndarray,
-    icodes: np.ndarray,
-    raw_users: pa.Array,
-    raw_items: pa.Array,
-    ratings: np.ndarray,
-    timestamps: np.ndarray,
-    *,
-    k_core: int = 5,
-    split_rule: str = "mmrec",
-    seed: int = 0,
+    ucodes: np.ndarray, icodes: np.ndarray, raw_users: pa.Array, raw_items: pa.Array, ratings: np.ndarray,
+    timestamps: np.ndarray, *, k_core: int = 5, split_rule: str = "mmrec", seed: int = 0,
 ) -> InteractionsResult:
     """:func:`build_interactions` on reviews already coded by sorted raw id, without metadata.
 
@@ -208,13 +189,8 @@ def index_reviews(
         **_split_stats(split),
     }
     log.info(
-        "interactions: %d reviews -> %d users, %d items, %d interactions (%d duplicates, %d k-core rounds)",
-        n_raw,
-        stats["users"],
-        stats["items"],
-        stats["interactions"],
-        n_dups,
-        core.rounds,
+        "interactions: %d reviews -> %d users, %d items, %d interactions (%d duplicates, %d k-core rounds)", n_raw,
+        stats["users"], stats["items"], stats["interactions"], n_dups, core.rounds,
     )
     return with_meta(InteractionsResult(interactions, pd.DataFrame(), user_map, item_map, stats), None)
 

@@ -151,28 +151,14 @@ def read_mmrec_folder(path: str | Path) -> MMRecDataset:
         if (folder / name).is_file()
     }
     return MMRecDataset(
-        path=folder,
-        name=inter_path.stem,
-        inter=inter,
-        n_users=n_users,
-        n_items=n_items,
-        user_map=user_map,
-        item_map=item_map,
-        item_images=item_images,
-        image_feat=feats.get("image"),
-        text_feat=feats.get("text"),
+        path=folder, name=inter_path.stem, inter=inter, n_users=n_users, n_items=n_items, user_map=user_map,
+        item_map=item_map, item_images=item_images, image_feat=feats.get("image"), text_feat=feats.get("text"),
     )
 
 
 def write_mmrec_folder(
-    out_dir: str | Path,
-    name: str,
-    interactions: pd.DataFrame,
-    user_map: pd.DataFrame | None = None,
-    item_map: pd.DataFrame | None = None,
-    *,
-    image_feat: np.ndarray | None = None,
-    text_feat: np.ndarray | None = None,
+    out_dir: str | Path, name: str, interactions: pd.DataFrame, user_map: pd.DataFrame | None = None,
+    item_map: pd.DataFrame | None = None, *, image_feat: np.ndarray | None = None, text_feat: np.ndarray | None = None,
 ) -> Path:
     """Write ``<name>.inter`` (+ id maps, + feature arrays if given) in MMRec's tab-separated layout.
 

@@ -48,10 +48,8 @@ class SplitData:
         pairs = np.stack([users, items], axis=1)
         return cls(
             n_users=int(n_users if n_users is not None else users.max() + 1),
-            n_items=int(n_items if n_items is not None else items.max() + 1),
-            train=pairs[split == TRAIN],
-            valid=pairs[split == VALID],
-            test=pairs[split == TEST],
+            n_items=int(n_items if n_items is not None else items.max() + 1), train=pairs[split == TRAIN],
+            valid=pairs[split == VALID], test=pairs[split == TEST],
         )
 
     @classmethod

@@ -71,11 +71,7 @@ def _shuffled_order(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarr
 
 
 def split_interactions(
-    users: np.ndarray,
-    items: np.ndarray,
-    timestamps: np.ndarray | None = None,
-    rule: str = "mmrec",
-    seed: int = 0,
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None, rule: str = "mmrec", seed: int = 0,
 ) -> np.ndarray:
     """Split code (int8: 0 train, 1 valid, 2 test) for every row.
 

@@ -81,8 +81,7 @@ def plot_training_curves(
         if "loss" in frame:
             ax_l.plot(frame["epoch"], frame["loss"], label=label)
     ax_m.set(
-        title=f"Validation {METRIC_LABELS.get(metric, metric)}",
-        xlabel="epoch",
+        title=f"Validation {METRIC_LABELS.get(metric, metric)}", xlabel="epoch",
         ylabel=METRIC_LABELS.get(metric, metric),
     )
     ax_l.set(title="Training loss (mean over batches)", xlabel="epoch", ylabel="loss")
@@ -101,10 +100,7 @@ def plot_training_curves(
 # sensitivity (Figure 4)
 # ---------------------------------------------------------------------------------------------
 def plot_sensitivity(
-    series: Mapping[str, Mapping[str, pd.DataFrame]],
-    path: Path,
-    *,
-    metrics: Sequence[str] = ("recall@20", "ndcg@20"),
+    series: Mapping[str, Mapping[str, pd.DataFrame]], path: Path, *, metrics: Sequence[str] = ("recall@20", "ndcg@20"),
     reference: Mapping[str, float] | None = None,
 ) -> Path:
     """One panel per (hyper-parameter, metric): test (solid) and validation (dashed) vs value.
@@ -123,11 +119,7 @@ def plot_sensitivity(
                     ax.plot(frame["value"], frame[f"test_{metric}"], "-o", color=color, label=f"{dataset} test")
                 if f"valid_{metric}" in frame:
                     ax.plot(
-                        frame["value"],
-                        frame[f"valid_{metric}"],
-                        "--x",
-                        color=color,
-                        alpha=0.7,
+                        frame["value"], frame[f"valid_{metric}"], "--x", color=color, alpha=0.7,
                         label=f"{dataset} valid",
                     )
             values = np.concatenate([f["value"].to_numpy(float) for f in series[param].values()])
@@ -137,8 +129,7 @@ def plot_sensitivity(
                 ax.axvline(reference[param], color="grey", linestyle=":", label="paper's value")
             ax.set(
                 title=f"{METRIC_LABELS.get(metric, metric)} vs {param.split('.')[-1]}",
-                xlabel=PARAM_LABELS.get(param, param),
-                ylabel=METRIC_LABELS.get(metric, metric),
+                xlabel=PARAM_LABELS.get(param, param), ylabel=METRIC_LABELS.get(metric, metric),
             )
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -150,9 +141,7 @@ def plot_sensitivity(
 # ablation (Figure 3)
 # ---------------------------------------------------------------------------------------------
 def plot_ablation(
-    results: Mapping[str, Mapping[str, Mapping[str, float]]],
-    path: Path,
-    *,
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, *,
     metrics: Sequence[str] = ("recall@20", "ndcg@20"),
 ) -> Path:
     """Grouped bars: per dataset one panel per metric, one bar per variant (test values).
@@ -174,8 +163,7 @@ def plot_ablation(
                 pad = max((hi - lo) * 0.5, hi * 0.02, 1e-6)
                 ax.set_ylim(max(0.0, lo - pad), hi + pad)
             ax.set(
-                title=f"{dataset}: test {METRIC_LABELS.get(metric, metric)}",
-                ylabel=METRIC_LABELS.get(metric, metric),
+                title=f"{dataset}: test {METRIC_LABELS.get(metric, metric)}", ylabel=METRIC_LABELS.get(metric, metric),
             )
             ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Ablation of alignment and distancing (Figure 3)")
@@ -317,10 +305,7 @@ def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path
             ax_a.plot(theta, dens, color="C0", label="KDE")
         ax_a.axhline(1 / (2 * np.pi), color="grey", linestyle=":", label="uniform")
         ax_a.set(
-            title=f"{_title(key)}: angles",
-            xlabel="angle arctan2(y, x) (rad)",
-            ylabel="density",
-            xlim=(-np.pi, np.pi),
+            title=f"{_title(key)}: angles", xlabel="angle arctan2(y, x) (rad)", ylabel="density", xlim=(-np.pi, np.pi),
         )
         ax_a.legend(fontsize="x-small")
     fig.suptitle(title)

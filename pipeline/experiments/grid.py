@@ -308,11 +308,7 @@ def write_grid_tables(result: GridResult) -> None:
 
 
 def run_grid(
-    base: PipelineConfig,
-    axes: Mapping[str, Sequence[Any]],
-    *,
-    name: str,
-    run_one: RunOne,
+    base: PipelineConfig, axes: Mapping[str, Sequence[Any]], *, name: str, run_one: RunOne,
     select_metric: str = "recall@20",
 ) -> GridResult:
     """Run every combination, record each outcome, select by validation ``select_metric``.
@@ -330,13 +326,8 @@ def run_grid(
         _check_metric(select_metric, cfg)
     out = grid_dir(base.data_root, name)
     result = GridResult(
-        name=name,
-        axes={k: list(v) for k, v in axes.items()},
-        select_metric=select_metric,
-        runs=[],
-        selected=None,
-        table_path=out / "runs.csv",
-        selected_path=out / "selected.json",
+        name=name, axes={k: list(v) for k, v in axes.items()}, select_metric=select_metric, runs=[], selected=None,
+        table_path=out / "runs.csv", selected_path=out / "selected.json",
     )
     log.info("grid %s: %d runs over %s", name, len(combos), ", ".join(axes) or "(no axes)")
     for i, (values, cfg) in enumerate(combos, start=1):

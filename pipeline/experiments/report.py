@@ -517,13 +517,11 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
     what = f"{run.label} on {run.dataset}, {len(items)} random items (seed {seed})"
     return [
         plot_tsne_density(
-            points,
-            out_dir / f"fig5_tsne_{stem}.png",
+            points, out_dir / f"fig5_tsne_{stem}.png",
             title=f"Figure 5: t-SNE of modal-generic / modal-unique representations, {what}",
         ),
         plot_circle_density(
-            points,
-            out_dir / f"fig6_circle_{stem}.png",
+            points, out_dir / f"fig6_circle_{stem}.png",
             title=f"Figure 6: density of centred, L2-normalised t-SNE points and their angles, {what}",
         ),
     ]
@@ -557,10 +555,8 @@ def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) ->
         row.update({f"test_{k}": v for k, v in r.test.items()})
         res = r.result
         row.update(
-            best_epoch=res.get("best_epoch"),
-            seconds_per_epoch=res.get("seconds_per_epoch"),
-            peak_memory_mb=res.get("peak_memory_mb"),
-            evaluate_key=r.evaluate.key,
+            best_epoch=res.get("best_epoch"), seconds_per_epoch=res.get("seconds_per_epoch"),
+            peak_memory_mb=res.get("peak_memory_mb"), evaluate_key=r.evaluate.key,
             train_key=r.train.key if r.train else None,
             params=json.dumps((r.train.manifest.get("params") if r.train else None) or {}, sort_keys=True),
         )
@@ -569,12 +565,7 @@ def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) ->
 
 
 def write_report(
-    data_root: Path,
-    out_dir: Path,
-    *,
-    datasets: Sequence[str] | None = None,
-    tsne_items: int = 500,
-    seed: int = 0,
+    data_root: Path, out_dir: Path, *, datasets: Sequence[str] | None = None, tsne_items: int = 500, seed: int = 0,
     select_metric: str = "recall@20",
 ) -> dict[str, list[Path]]:
     """Write Tables 2-5 (Markdown + CSV), the figures and ``report.md`` into ``out_dir``.
@@ -710,13 +701,8 @@ def _ablation_figure(
 
 
 def _tsne_section(
-    store: ArtifactStore,
-    selected: dict[RunKey, StoredRun],
-    datasets: Sequence[str],
-    out_dir: Path,
-    n_items: int,
-    seed: int,
-    notes: list[str],
+    store: ArtifactStore, selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, n_items: int,
+    seed: int, notes: list[str],
 ) -> list[Path]:
     """Figures 5-6 per dataset; a dataset whose run cannot be rebuilt is a note, not a failed report."""
     paths: list[Path] = []
@@ -740,14 +726,8 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def _index_markdown(
-    data_root: Path,
-    datasets: Sequence[str],
-    runs: Sequence[StoredRun],
-    selected: dict[RunKey, StoredRun],
-    tables: dict[str, Table | None],
-    written: dict[str, list[Path]],
-    notes: Sequence[str],
-    metric: str,
+    data_root: Path, datasets: Sequence[str], runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun],
+    tables: dict[str, Table | None], written: dict[str, list[Path]], notes: Sequence[str], metric: str,
 ) -> str:
     out_dir = written["runs"][0].parent
     lines = [

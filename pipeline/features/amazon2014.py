@@ -240,13 +240,8 @@ def _finish(path: Path, asins: Sequence[str], kept: _KeptRows, stats: FeatureFil
 
 
 def read_item_features(
-    path: Path | str,
-    asins: Sequence[str],
-    *,
-    fill: str = "mean",
-    chunk_records: int = CHUNK_RECORDS,
-    hash_file: bool = False,
-    progress: bool = False,
+    path: Path | str, asins: Sequence[str], *, fill: str = "mean", chunk_records: int = CHUNK_RECORDS,
+    hash_file: bool = False, progress: bool = False,
 ) -> ItemFeatures:
     """Stream ``path`` once and return the rows of ``asins`` (``asins[i]`` is item ``i``).
 

@@ -247,18 +247,9 @@ def _search_all(index: Any, features: np.ndarray, queries: np.ndarray, k: int, i
 
 
 def faiss_neighbours(
-    features: np.ndarray,
-    k: int = 10,
-    *,
-    include_self: bool = True,
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    target_recall: float = 0.95,
-    recall_sample: int = 1000,
-    seed: int = 0,
-    progress: bool = False,
-    rows: np.ndarray | None = None,
-    storage: str = "float32",
+    features: np.ndarray, k: int = 10, *, include_self: bool = True, nlist: int | None = None,
+    nprobe: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000, seed: int = 0,
+    progress: bool = False, rows: np.ndarray | None = None, storage: str = "float32",
 ) -> tuple[np.ndarray, AnnReport]:
     """(N x k) approximate top-k cosine neighbours (rows sorted by item index) and their report.
 

@@ -98,14 +98,8 @@ def query_rows(rows: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def knn_neighbours(
-    features: np.ndarray,
-    k: int = 10,
-    *,
-    include_self: bool = True,
-    block_size: int | None = None,
-    progress: bool = False,
-    device: str | None = None,
-    rows: np.ndarray | None = None,
+    features: np.ndarray, k: int = 10, *, include_self: bool = True, block_size: int | None = None,
+    progress: bool = False, device: str | None = None, rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N x k) int64 column indices of each row's top-k cosine neighbours (tie rule in module doc).
 

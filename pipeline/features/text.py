@@ -267,16 +267,8 @@ def _prepare(texts: Sequence[str], model_name: str, batch_size: int) -> tuple[st
 
 
 def _encode_groups(
-    keys: Sequence[str],
-    texts: Sequence[str],
-    vectors: dict[str, np.ndarray],
-    *,
-    model_dir: str,
-    batch_size: int,
-    device: str | None,
-    threads: int | None,
-    cache: FeatureCache | None,
-    progress: bool,
+    keys: Sequence[str], texts: Sequence[str], vectors: dict[str, np.ndarray], *, model_dir: str, batch_size: int,
+    device: str | None, threads: int | None, cache: FeatureCache | None, progress: bool,
 ) -> int:
     """Encode the texts missing from ``vectors`` group by group (adds them); returns the dimension.
 
@@ -298,10 +290,7 @@ def _encode_groups(
             chunk_keys = [keys[i] for i in todo]
             with torch_threads(threads):
                 emb = model.encode(
-                    [texts[i] for i in todo],
-                    batch_size=batch_size,
-                    show_progress_bar=False,
-                    convert_to_numpy=True,
+                    [texts[i] for i in todo], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
                     normalize_embeddings=False,
                 )
             emb = np.asarray(emb, dtype=np.float32)
@@ -313,15 +302,8 @@ def _encode_groups(
 
 
 def encode_texts_with_stats(
-    texts: Sequence[str],
-    model_name: str = DEFAULT_MODEL,
-    *,
-    batch_size: int = 64,
-    device: str | None = None,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    normalize: bool = False,
-    threads: int | None = None,
+    texts: Sequence[str], model_name: str = DEFAULT_MODEL, *, batch_size: int = 64, device: str | None = None,
+    cache_dir: Path | None = None, progress: bool = True, normalize: bool = False, threads: int | None = None,
 ) -> tuple[np.ndarray, EncodeStats]:
     """Like :func:`encode_texts`, also returning what was cached and what was encoded."""
     model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
@@ -380,15 +362,8 @@ class TextShardJob:
 
 
 def plan_text_shards(
-    texts: Sequence[str],
-    model_name: str,
-    *,
-    batch_size: int,
-    device: str | None,
-    threads: int | None,
-    cache_dir: Path,
-    shard_size: int,
-    work_dir: Path,
+    texts: Sequence[str], model_name: str, *, batch_size: int, device: str | None, threads: int | None, cache_dir: Path,
+    shard_size: int, work_dir: Path,
 ) -> tuple[UniqueTexts, list[TextShardJob], EncodeStats]:
     """Deduplicate, index the cache once, and cut the unique texts into shard jobs.
 

@@ -99,12 +99,7 @@ def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _iter_topk(
-    user_emb,
-    item_emb,
-    users: np.ndarray,
-    train_csr: sp.csr_matrix,
-    k: int,
-    batch_users: int,
+    user_emb, item_emb, users: np.ndarray, train_csr: sp.csr_matrix, k: int, batch_users: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (users, item ids, scores) per batch; masked / missing slots have item -1."""
     import torch
@@ -219,12 +214,7 @@ class SplitEvaluator:
 
 
 def evaluate_split(
-    user_emb,
-    item_emb,
-    data: SplitData,
-    split: str,
-    ks: Sequence[int] = (10, 20),
-    batch_users: int = 4096,
+    user_emb, item_emb, data: SplitData, split: str, ks: Sequence[int] = (10, 20), batch_users: int = 4096,
 ) -> dict[str, float]:
     """Recall@K and NDCG@K (MMRec protocol) averaged over users with >= 1 item in ``split``.
 

@@ -58,10 +58,7 @@ def _complement_draw(users: np.ndarray, m: sp.csr_matrix, n_items: int, rng: np.
 
 
 def sample_bpr_epoch(
-    train_edges: np.ndarray,
-    train_csr: sp.spmatrix,
-    n_items: int,
-    rng: np.random.Generator,
+    train_edges: np.ndarray, train_csr: sp.spmatrix, n_items: int, rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One epoch of BPR triples ``(users, pos, neg)``, each an int64 array of length E.
 

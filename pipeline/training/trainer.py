@@ -136,19 +136,13 @@ def _result(
     secs = [h["seconds"] for h in history if "seconds" in h]
     mem = [h["peak_memory_mb"] for h in history if "peak_memory_mb" in h]
     return TrainResult(
-        best_epoch=int(state["best_epoch"]),
-        best_valid=dict(state["best_valid"]),
-        test_at_best=dict(state["test_at_best"]),
-        epochs_run=int(state["epoch"]),
-        stopped_early=bool(state["stopped_early"]),
-        history_path=out_dir / HISTORY_NAME,
-        best_checkpoint=out_dir / BEST_NAME,
-        last_checkpoint=out_dir / LAST_NAME,
+        best_epoch=int(state["best_epoch"]), best_valid=dict(state["best_valid"]),
+        test_at_best=dict(state["test_at_best"]), epochs_run=int(state["epoch"]),
+        stopped_early=bool(state["stopped_early"]), history_path=out_dir / HISTORY_NAME,
+        best_checkpoint=out_dir / BEST_NAME, last_checkpoint=out_dir / LAST_NAME,
         seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
         peak_memory_mb=float(max(mem)) if mem else float("nan"),
-        precision=str(state["config"].get("precision", "fp32")),
-        history=history,
-        resumed_from_epoch=resumed_from,
+        precision=str(state["config"].get("precision", "fp32")), history=history, resumed_from_epoch=resumed_from,
         restarted=restarted,
     )
 
@@ -273,12 +267,8 @@ def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str,
     state = {k: saved[k] for k in state}
     state["history"] = [dict(h) for h in state["history"]]
     log.info(
-        "resuming from %s after epoch %d (best %s=%.6f at epoch %d)",
-        run.last_path,
-        state["epoch"],
-        run.valid_metric,
-        state["best_value"],
-        state["best_epoch"],
+        "resuming from %s after epoch %d (best %s=%.6f at epoch %d)", run.last_path, state["epoch"], run.valid_metric,
+        state["best_value"], state["best_epoch"],
     )
     return state, int(state["epoch"]), restarted
 
@@ -358,10 +348,7 @@ def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: d
                 run.best_path,
             )
             log.debug(
-                "epoch %d: %s improved to %.6f (test %s)",
-                epoch,
-                run.valid_metric,
-                valid[run.valid_metric],
+                "epoch %d: %s improved to %.6f (test %s)", epoch, run.valid_metric, valid[run.valid_metric],
                 {k: round(v, 6) for k, v in test.items()},
             )
         else:
@@ -393,37 +380,22 @@ def _save_epoch(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, flo
 def _log_start(run: _Run, first_epoch: int, precision: str) -> None:
     log.info(
         "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
-        type(run.model).__name__,
-        run.dev,
-        precision,
-        run.data.n_users,
-        run.data.n_items,
-        len(run.train_edges),
-        run.n_batches,
-        first_epoch,
-        run.epochs,
+        type(run.model).__name__, run.dev, precision, run.data.n_users, run.data.n_items, len(run.train_edges),
+        run.n_batches, first_epoch, run.epochs,
     )
 
 
 def _log_early_stop(run: _Run, state: dict[str, Any], epoch: int) -> None:
     log.info(
-        "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)",
-        epoch,
-        run.early_stop,
-        run.valid_metric,
-        state["bad_evals"],
-        state["best_value"],
-        state["best_epoch"],
+        "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)", epoch,
+        run.early_stop, run.valid_metric, state["bad_evals"], state["best_value"], state["best_epoch"],
     )
 
 
 def _log_finish(state: dict[str, Any]) -> None:
     log.info(
-        "finished after epoch %d; best epoch %d, valid %s, test %s",
-        state["epoch"],
-        state["best_epoch"],
-        state["best_valid"],
-        state["test_at_best"],
+        "finished after epoch %d; best epoch %d, valid %s, test %s", state["epoch"], state["best_epoch"],
+        state["best_valid"], state["test_at_best"],
     )
 
 
@@ -435,12 +407,7 @@ def _progress_postfix(row: dict[str, float], valid_metric: str) -> dict[str, str
 
 
 def _prepare(
-    model: Recommender,
-    data: SplitData,
-    *,
-    out_dir: Path,
-    dev: torch.device,
-    config: dict[str, Any],
+    model: Recommender, data: SplitData, *, out_dir: Path, dev: torch.device, config: dict[str, Any],
     settings: dict[str, Any],
 ) -> _Run:
     """The run's fixed parts: the model on its device and precision, Adam, the evaluators, the edges."""
@@ -469,27 +436,11 @@ def _prepare(
 
 
 def train_model(
-    model: Recommender,
-    data: SplitData,
-    *,
-    out_dir: Path,
-    epochs: int = 1000,
-    batch_size: int = 2048,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    patience: int = 20,
-    early_stop: str = "mmrec",
-    eval_every: int = 1,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    valid_metric: str = "recall@20",
-    ks: Sequence[int] = (10, 20),
-    progress: bool = True,
-    resume: bool = True,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    signature: dict[str, Any] | None = None,
-    restart_on_change: bool = False,
-    precision: str = "fp32",
+    model: Recommender, data: SplitData, *, out_dir: Path, epochs: int = 1000, batch_size: int = 2048, lr: float = 1e-3,
+    weight_decay: float = 0.0, patience: int = 20, early_stop: str = "mmrec", eval_every: int = 1, seed: int = 0,
+    device: str | torch.device | None = None, valid_metric: str = "recall@20", ks: Sequence[int] = (10, 20),
+    progress: bool = True, resume: bool = True, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    signature: dict[str, Any] | None = None, restart_on_change: bool = False, precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
 
