@@ -44,9 +44,6 @@ from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
 from sand.pipeline.training.model_io import check_extra_hyperparameters
 from sand.pipeline.training.recommend import recommend_for_user
 
-# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and httpx: imported inside the
-# functions that use them, so `sand --help` and a fully cached run stay fast.
-
 app = typer.Typer(
     help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.", add_completion=False,
     pretty_exceptions_enable=False, no_args_is_help=True,

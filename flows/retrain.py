@@ -46,7 +46,7 @@ def retrain_markdown(report: RetrainReport) -> str:
 @flow(name="sand-retrain", log_prints=True)
 def retrain_flow(config: PipelineConfig | None = None, options: RunOptions | None = None) -> Any:
     """New data? Train a challenger, compare it with the champion, promote the better, publish its top-K."""
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
 
     config = config or PipelineConfig()
     options = options or RunOptions()

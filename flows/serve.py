@@ -24,9 +24,6 @@ from sand.flows.run_options import RunOptions
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.errors import ConfigError
 
-# Prefect (and sand.flows.pipeline_flows, which imports it): imported inside the functions that
-# use them, so importing this module (and `sand --help`) stays fast.
-
 DEFAULT_CRON = "0 3 * * 0"  # weekly, Sunday 03:00: retrain on the week's data
 
 
@@ -37,7 +34,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
     unless the run overrides them."""
     from prefect.deployments.runner import EntrypointType, RunnerDeployment  # Prefect: see the module's imports
 
-    from sand.flows.pipeline_flows import STAGE_FLOWS, pipeline_flow, stage_flow_entrypoint
+    from sand.flows.pipeline_flows import STAGE_FLOWS, pipeline_flow, stage_flow_entrypoint  # lazy: imports Prefect
 
     options = options or RunOptions()
     params = {"config": config.model_dump(mode="json"), "options": options.model_dump(mode="json")}
@@ -49,7 +46,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
         )
     ]
     # -- scheduled retraining: new data? challenger, comparison, promotion, publication (flows/retrain.py)
-    from sand.flows.retrain import retrain_flow
+    from sand.flows.retrain import retrain_flow  # lazy: imports Prefect
 
     deployments.append(retrain_flow.to_deployment(
         name="scheduled", cron=cron or DEFAULT_CRON, tags=["sand", "retrain"], **common,
@@ -85,8 +82,8 @@ def deploy_to_work_pool(
     :class:`InstalledPackage` as its code storage (see there why). Raises ConfigError (one line) when the pool does not
     exist."""
     from prefect import get_client  # Prefect: see the module's imports
-    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
-    from prefect.exceptions import ObjectNotFound
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus  # lazy: Prefect is slow to import
+    from prefect.exceptions import ObjectNotFound  # lazy: Prefect is slow to import
 
     options = options or RunOptions()
 

@@ -9,24 +9,21 @@ from typing import Any
 
 from sand.pipeline.base.errors import ConfigError
 
-# Prefect, prefect-dask: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
-
 RUNNERS = ("threads", "processes", "dask")
 
 
 def make_task_runner(name: str = "threads", dask_address: str | None = None, workers: int | None = None) -> Any:
     """A Prefect task runner; ``dask`` with no address starts a local cluster."""
     if name == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
+        from prefect.task_runners import ThreadPoolTaskRunner  # lazy: Prefect is slow to import
 
         return ThreadPoolTaskRunner(max_workers=workers)
     if name == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
+        from prefect.task_runners import ProcessPoolTaskRunner  # lazy: Prefect is slow to import
 
         return ProcessPoolTaskRunner(max_workers=workers)
     if name == "dask":
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask import DaskTaskRunner  # lazy: optional, and imports Dask
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)

@@ -14,8 +14,6 @@ import pandas as pd
 
 from sand.pipeline.base.store import StageOutcome
 
-# Prefect: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +47,7 @@ def image_coverage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact  # lazy: Prefect is slow to import
 
     manifest = outcome.artifact.manifest
     if stage == "interactions" and "stats" in manifest:
@@ -87,7 +85,7 @@ def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
 
 
 def publish_summary(summary: dict[str, Any]) -> None:
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
 
     lines = ["# SAND pipeline run", "", "| stage | cached | seconds |", "|---|---|---|"]
     for stage, info in summary.get("stages", {}).items():
@@ -101,7 +99,7 @@ def publish_summary(summary: dict[str, Any]) -> None:
 
 def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None:
     """Report figures inline (data URIs), since the UI cannot read the data root."""
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
 
     parts = ["# Report figures", ""]
     for path in paths:
@@ -112,7 +110,7 @@ def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None
 
 def publish_grid(result: Any) -> None:
     """The grid's runs table (one row per setting) and which one validation selected."""
-    from prefect.artifacts import create_table_artifact
+    from prefect.artifacts import create_table_artifact  # lazy: Prefect is slow to import
 
     if not Path(result.table_path).is_file():
         return

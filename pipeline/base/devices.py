@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 
 from sand.pipeline.base.errors import ConfigError
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 if TYPE_CHECKING:
     import torch
 
@@ -38,7 +36,7 @@ def check_available(value: str | None, field: str) -> None:
     Imports torch only when a GPU is asked for, so a CPU run's checks stay instant."""
     if value is None or value == "cpu":
         return
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -62,7 +60,7 @@ def resolve_device(device: str | torch.device | None, allow_mps: bool = False) -
 
     The one place that decides what "no device given" means, for training, the image encoder, the k-NN graphs and the
     artifact keys alike."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if device is not None:
         return torch.device(device)

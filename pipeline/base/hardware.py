@@ -17,8 +17,6 @@ from sand.pipeline.base.devices import (
 )
 from sand.pipeline.base.errors import ConfigError
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +30,7 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 def cpu_bf16_support() -> bool:
     """Whether this CPU reports AMX-BF16 or AVX512-BF16 (torch's own probe, else /proc/cpuinfo)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with contextlib.suppress(AttributeError, RuntimeError):
         caps = torch.cpu.get_capabilities()
@@ -48,7 +46,7 @@ def cpu_bf16_support() -> bool:
 
 def cuda_bf16_support(device: torch.device) -> bool:
     """Whether the CUDA device multiplies bfloat16 natively (compute capability >= 8.0)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if not torch.cuda.is_available():
         return False

@@ -12,14 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# torch: imported inside the function that uses it, so importing this module stays fast.
-
 log = logging.getLogger(__name__)
 
 
 def load_tensors(path: Path | str, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``; any warning torch emits is logged at DEBUG instead."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

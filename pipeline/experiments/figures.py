@@ -25,9 +25,6 @@ from threadpoolctl import threadpool_limits
 from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.files import atomic_path
 
-# matplotlib, torch, scikit-learn, scipy.stats: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast (the last two take seconds each).
-
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -48,7 +45,7 @@ REPRESENTATIONS = (("image", "generic"), ("text", "generic"), ("image", "unique"
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: only the figures need matplotlib
 
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False))
@@ -85,7 +82,7 @@ def plot_training_curves(
         ylabel=METRIC_LABELS.get(metric, metric),
     )
     ax_l.set(title="Training loss (mean over batches)", xlabel="epoch", ylabel="loss")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: only the figures need matplotlib
 
     for ax in (ax_m, ax_l):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -191,7 +188,7 @@ def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str]
     """(modality, "generic" | "unique") -> (len(items), d) array for the given items (eval mode).
 
     Only the sampled rows are materialised (a LinearView is sliced before it is evaluated)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     index = torch.as_tensor(np.asarray(items, dtype=np.int64))
     was_training = model.training
@@ -210,7 +207,7 @@ def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str]
 
 def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
     """Seeded 2-D t-SNE (Barnes-Hut, PCA init; perplexity capped for small samples)."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # lazy: seconds to import, only for the figures
 
     n = x.shape[0]
     if n < 5:
@@ -225,7 +222,7 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
 
 def _kde(points: np.ndarray):
     """scipy's Gaussian KDE, or None when the sample is degenerate (all points on a line)."""
-    from scipy.stats import gaussian_kde
+    from scipy.stats import gaussian_kde  # lazy: seconds to import, only for the figures
 
     try:
         return gaussian_kde(points)

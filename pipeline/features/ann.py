@@ -25,8 +25,6 @@ from tqdm.auto import tqdm
 from sand.pipeline.base.errors import ConfigError
 from sand.pipeline.features.knn import query_rows
 
-# faiss: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "faiss", "auto")
@@ -178,7 +176,7 @@ def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
     keeps its capacity) and the rows are added with their assignment (``add_preassigned``). Same index, same output.
     Each block is read and normalised twice: keeping the normalised rows between the passes would be the N x d float32
     copy this avoids."""
-    from faiss.contrib.ivf_tools import add_preassigned
+    from faiss.contrib.ivf_tools import add_preassigned  # lazy: optional and heavy
 
     n = features.shape[0]
     assign = np.empty(n, dtype=np.int64)
@@ -261,7 +259,7 @@ def faiss_neighbours(
     (``IndexIVFScalarQuantizer`` with half-precision codes, N x d x 2 bytes: what lets 1M x 4,096 fit a 24 GB machine;
     rounding the stored vectors to 11 significant bits moves cosines by ~1e-4, and the recall is measured the same way).
     """
-    import faiss
+    import faiss  # lazy: optional and heavy
 
     n, _ = features.shape
     if not 0 < target_recall <= 1:

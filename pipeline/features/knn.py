@@ -28,8 +28,6 @@ from tqdm.auto import tqdm
 from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
 #: Similarity entries (block rows x N) held at once when ``block_size`` is None: 96M float32 = 384 MB (about 1,000 rows
@@ -106,7 +104,7 @@ def knn_neighbours(
     Rows of the result are sorted by item index, so the output is a set per row. ``device`` None uses CUDA when
     available, else CPU. ``rows``: only these items' rows (len(rows) x k), e.g. the sample an approximate graph's recall
     is measured on."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     x = _validate(features, k, include_self, block_size)
     n = x.shape[0]

@@ -33,9 +33,6 @@ from sand.pipeline.base.errors import ConfigError, DataError, one_line
 from sand.pipeline.base.files import atomic_path
 from sand.pipeline.features.vector_cache import FeatureCache, content_key
 
-# sentence-transformers, torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -156,8 +153,8 @@ def model_identity(model_dir: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load_model(model_dir: str, device: str | None) -> Any:
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as transformers_logging
+    from sentence_transformers import SentenceTransformer  # lazy: seconds to import (torch)
+    from transformers.utils import logging as transformers_logging  # lazy: seconds to import (torch)
 
     # transformers draws a "Loading weights" bar for this sub-second step, on a terminal or not
     transformers_logging.disable_progress_bar()
@@ -197,7 +194,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with _THREADS_LOCK:
         before = torch.get_num_threads()

@@ -31,8 +31,6 @@ from sand.pipeline.stage_context import (
     key_params,
 )
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
 #: Text settings that change speed, or only the last float bits (documented): not in the key.
@@ -59,7 +57,7 @@ def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMappe
     if imported:
         params: dict[str, Any] = {"imported": str(imported)}
     else:
-        import torch
+        import torch  # lazy: torch takes seconds to import
 
         # sentence-transformers picks MPS by itself where present; the thread count changes the
         # vectors' last bits, so the count the shards will pin is part of the key

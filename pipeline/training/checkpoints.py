@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 from sand.pipeline.base.errors import StageError, one_line
 from sand.pipeline.base.torch_files import load_tensors
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 if TYPE_CHECKING:
     import torch
 
@@ -47,7 +45,7 @@ def load_weights(model: torch.nn.Module, path: Path | str, device: str | torch.d
     Accepts the trainer's checkpoints (``best.pt``: ``{"model": state_dict, "epoch", "valid", "test", "config"}``;
     ``last.pt`` adds the optimiser and counters) and a bare state_dict (then the returned metadata is empty). ``device``
     None maps the tensors to the device the model's parameters are on."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -25,8 +25,6 @@ import scipy.sparse as sp
 from sand.pipeline.base.errors import ConfigError, DataError, SandError
 from sand.pipeline.dataset.split_data import SplitData
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 if TYPE_CHECKING:
     import torch
 
@@ -42,7 +40,7 @@ def users_per_block(batch_users: int, n_items: int) -> int:
 
 
 def _as_tensor(x) -> torch.Tensor:
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     t = (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).detach()
     # half precision would rank with fewer distinct scores (more ties) than the model's float32 scores
@@ -68,7 +66,7 @@ def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k *set* is unambiguous and only its
     order needs the tie rule (a sort of k entries). Rows with a tie across the boundary (rare for float scores, always
     for users with fewer than k rankable items, whose boundary is -inf) take the exact full-row path."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     n_cols = scores.shape[1]
     kk = min(k + 1, n_cols)
@@ -102,7 +100,7 @@ def _iter_topk(
     user_emb, item_emb, users: np.ndarray, train_csr: sp.csr_matrix, k: int, batch_users: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (users, item ids, scores) per batch; masked / missing slots have item -1."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if batch_users < 1:
         raise ConfigError(f"batch_users must be >= 1, got {batch_users}")

@@ -153,7 +153,7 @@ def available_memory(device: Any) -> float | None:
     """Bytes this process may still use on ``device``: free GPU memory, or MemAvailable under any cgroup limit on a CPU;
     None where it cannot be known."""
     if getattr(device, "type", str(device)) == "cuda":
-        import torch
+        import torch  # lazy: torch takes seconds to import
 
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)

@@ -30,9 +30,6 @@ from sand.pipeline.training.model_io import build_model_for, effective_model_kwa
 from sand.pipeline.training.trainer import LAST_NAME, describe_changes, train_model
 from sand.pipeline.training.warm_start import warm_start
 
-# the modules that pull in torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
 #: What a training work directory was started with (params and input keys), for restart messages.

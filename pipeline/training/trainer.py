@@ -39,9 +39,6 @@ from sand.pipeline.training.checkpoints import BEST_NAME, LAST_NAME, load_model_
 from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
 from sand.pipeline.training.negative_sampling import sample_bpr_epoch
 
-# torch (and our modules that need them): imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
-
 if TYPE_CHECKING:
     import torch
 
@@ -88,7 +85,7 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -107,7 +104,7 @@ def _reset_peak_memory(device: torch.device) -> None:
 
     On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark (VmHWM); elsewhere the
     process-lifetime ``ru_maxrss`` is used."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,7 +115,7 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -278,7 +275,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
 
     Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes a resumed run replay the epochs
     an uninterrupted one would have run."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     model, dev, batch_size, n_batches = run.model, run.dev, run.batch_size, run.n_batches
     rng, gen_seed, global_seed = epoch_seeds(run.seed, epoch)
@@ -327,9 +324,9 @@ def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: d
     """Validate in float32; on a better metric also test and write ``best.pt``; update early stopping.
 
     Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
-    from sand.models.precision import precision_scope
+    from sand.models.precision import precision_scope  # lazy: imports torch
 
     model = run.model
     t1 = time.perf_counter()
@@ -411,9 +408,9 @@ def _prepare(
     settings: dict[str, Any],
 ) -> _Run:
     """The run's fixed parts: the model on its device and precision, Adam, the evaluators, the edges."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
-    from sand.models.precision import set_precision
+    from sand.models.precision import set_precision  # lazy: imports torch
 
     model.to(dev)
     set_precision(model, config["precision"])

@@ -41,7 +41,7 @@ def warm_state(new_state: dict[str, Any], old_state: dict[str, Any], rows: dict[
 
     ``rows``: ``"user"``/``"item"`` -> (count in new, count in old, new indices, old indices). A weight whose first
     dimension matches both kinds is read by its name (``user``/``item`` in it)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     out = dict(new_state)
     copied = {"whole": 0, "user_rows": 0, "item_rows": 0}
