@@ -155,10 +155,8 @@ def fit_club(
     mu_scale, lv_scale = 1.0 / n, -2.0 / n
     scale = torch.cat(
         [
-            torch.full((w1_mu.numel(),), mu_scale),
-            torch.full((w1_lv.numel(),), lv_scale),
-            torch.full((hidden,), mu_scale),
-            torch.full((hidden,), lv_scale),
+            torch.full((w1_mu.numel(),), mu_scale), torch.full((w1_lv.numel(),), lv_scale),
+            torch.full((hidden,), mu_scale), torch.full((hidden,), lv_scale),
             torch.full((w2_mu.numel() + b2_mu.numel(),), mu_scale),
             torch.full((w2_lv.numel() + b2_lv.numel(),), lv_scale),
         ]

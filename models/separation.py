@@ -361,11 +361,8 @@ class ModalSeparation(nn.Module):
     ) -> None:
         super().__init__()
         for name, value, allowed in (
-            ("align", align, ALIGNS),
-            ("distance", distance, DISTANCES),
-            ("solosim_scope", solosim_scope, SCOPES),
-            ("distance_scope", distance_scope, SCOPES),
-            ("l2_form", l2_form, L2_FORMS),
+            ("align", align, ALIGNS), ("distance", distance, DISTANCES), ("solosim_scope", solosim_scope, SCOPES),
+            ("distance_scope", distance_scope, SCOPES), ("l2_form", l2_form, L2_FORMS),
             ("club_fit_order", club_fit_order, FIT_ORDERS),
         ):
             if value not in allowed:

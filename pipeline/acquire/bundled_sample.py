@@ -75,19 +75,12 @@ BRANDS = (
     "Snugglebug", "Acorn Kids", "Hushaby", "Bumble Baby", "Wiggle Works", "Dandelion",
 )  # fmt: skip
 DESC_EXTRA = (
-    "Easy to clean and built to last.",
-    "A thoughtful gift for new parents.",
-    "Designed with busy families in mind.",
-    "Free of BPA, phthalates and lead.",
-    "Lightweight enough to take anywhere.",
-    "Tested to meet safety standards.",
+    "Easy to clean and built to last.", "A thoughtful gift for new parents.", "Designed with busy families in mind.",
+    "Free of BPA, phthalates and lead.", "Lightweight enough to take anywhere.", "Tested to meet safety standards.",
 )
 REVIEW_OPENERS = (
-    "My little one loves this {noun}.",
-    "We bought this {noun} for our daughter.",
-    "Got this {noun} as a shower gift.",
-    "Second {noun} we have bought from this brand.",
-    "This {noun} arrived quickly.",
+    "My little one loves this {noun}.", "We bought this {noun} for our daughter.", "Got this {noun} as a shower gift.",
+    "Second {noun} we have bought from this brand.", "This {noun} arrived quickly.",
 )
 REVIEW_BY_RATING = {
     1: ("Broke within a week.", "Would not buy again."),
@@ -406,8 +399,7 @@ def _corrupt_bytes(rng: np.random.Generator) -> bytes:
 def _write_gz(path: Path, lines: list[str]) -> None:
     """Gzip with no name or time in the header, written beside and renamed, so reruns are byte-identical."""
     with (
-        atomic_path(path) as tmp,
-        open(tmp, "wb") as raw,
+        atomic_path(path) as tmp, open(tmp, "wb") as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
     ):
         gz.write(("\n".join(lines) + "\n").encode("utf-8"))

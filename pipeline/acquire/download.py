@@ -170,9 +170,7 @@ def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) ->
     digest = hashlib.sha256()
     size = 0
     with (
-        atomic_path(final) as part,
-        open(src, "rb") as fin,
-        open(part, "wb") as fout,
+        atomic_path(final) as part, open(src, "rb") as fin, open(part, "wb") as fout,
         _bar(final.name, src.stat().st_size, 0, progress) as bar,
     ):
         for chunk in iter(lambda: fin.read(chunk_size), b""):
@@ -320,7 +318,6 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
         return None, None, None
     first, last, total = match.groups()
     return (
-        int(first) if first is not None else None,
-        int(last) if last is not None else None,
+        int(first) if first is not None else None, int(last) if last is not None else None,
         int(total) if total not in (None, "*") else None,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -84,13 +84,7 @@ class SourceSpec:
     mmrec_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "format": self.format,
-            "reviews": self.reviews,
-            "meta": self.meta,
-            "mmrec_dir": str(self.mmrec_dir) if self.mmrec_dir is not None else None,
-        }
+        return {**asdict(self), "mmrec_dir": str(self.mmrec_dir) if self.mmrec_dir is not None else None}
 
 
 def category_urls(fmt: str, category: str) -> tuple[str, str]:

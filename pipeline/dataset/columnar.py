@@ -163,9 +163,7 @@ def _slow_chunk(
     parse_lines(batch, readers._parse_json, convert, columns, report, max_bad_lines, max_line_bytes)
     users, items, ratings, stamps = columns
     return (
-        pa.array(users, pa.string()),
-        pa.array(items, pa.string()),
-        np.asarray(ratings, dtype=np.float32),
+        pa.array(users, pa.string()), pa.array(items, pa.string()), np.asarray(ratings, dtype=np.float32),
         np.asarray(stamps, dtype=np.int64),
     )
 

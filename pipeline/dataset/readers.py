@@ -320,13 +320,8 @@ def meta_record_2014(obj: dict) -> tuple:
     cats = obj.get("categories")
     first = cats[0] if isinstance(cats, list | tuple) and cats and isinstance(cats[0], list | tuple) else []
     return (
-        _ident(obj, "asin"),
-        _text(obj.get("title")),
-        _text(obj.get("brand")),
-        _str_list(first),
-        _text(obj.get("description")),
-        "",
-        _first_url(obj.get("imUrl")),
+        _ident(obj, "asin"), _text(obj.get("title")), _text(obj.get("brand")), _str_list(first),
+        _text(obj.get("description")), "", _first_url(obj.get("imUrl")),
     )
 
 
@@ -334,26 +329,16 @@ def meta_record_2018(obj: dict) -> tuple:
     """One 2018 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     image = _first_url(obj.get("imageURLHighRes")) or _first_url(obj.get("imageURL"))
     return (
-        _ident(obj, "asin"),
-        _text(obj.get("title")),
-        _text(obj.get("brand")),
-        _str_list(obj.get("category")),
-        _text(obj.get("description")),
-        _text(obj.get("feature")),
-        image,
+        _ident(obj, "asin"), _text(obj.get("title")), _text(obj.get("brand")), _str_list(obj.get("category")),
+        _text(obj.get("description")), _text(obj.get("feature")), image,
     )
 
 
 def meta_record_2023(obj: dict) -> tuple:
     """One 2023 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     return (
-        _ident(obj, "parent_asin"),
-        _text(obj.get("title")),
-        _text(obj.get("store")),
-        _str_list(obj.get("categories")),
-        _text(obj.get("description")),
-        _text(obj.get("features")),
-        _image_2023(obj.get("images")),
+        _ident(obj, "parent_asin"), _text(obj.get("title")), _text(obj.get("store")), _str_list(obj.get("categories")),
+        _text(obj.get("description")), _text(obj.get("features")), _image_2023(obj.get("images")),
     )
 
 

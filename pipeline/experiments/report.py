@@ -136,8 +136,7 @@ def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
     full, model = model, model.partition("@")[0]
     return (
         models.index(model) if model in models else len(models),
-        variants.index(variant) if variant in variants else len(variants),
-        f"{full}/{variant}",
+        variants.index(variant) if variant in variants else len(variants), f"{full}/{variant}",
     )
 
 
@@ -744,9 +743,7 @@ def _index_markdown(
         md, csv = written[name]
         lines += [f"## {table.title}", "", table.markdown(), ""]
         lines += [n for n in table.notes] + [
-            "",
-            f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})",
-            "",
+            "", f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})", "",
         ]
     captions = {
         "curves": "Training curves: validation metric and mean training loss per epoch of each selected run.",
