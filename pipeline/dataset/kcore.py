@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +47,6 @@ def dedup_mask(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> 
     last[:-1] = sub_key[1:] != sub_key[:-1]
     keep[sub[last]] = True
     return keep
-
-
-def deduplicate(
-    df: pd.DataFrame, user_col: str = "user_id", item_col: str = "asin", time_col: str = "timestamp"
-) -> tuple[pd.DataFrame, int]:
-    """Keep each (user, item) pair once: the latest review wins (ties: the last occurrence).
-
-    Why the latest: a user who reviewed an item twice interacted with it once; the most recent review is the one a
-    chronological split should see. Rows keep their original relative order."""
-    if len(df) == 0:
-        return df.copy(), 0
-    ucodes, _ = pd.factorize(df[user_col])
-    icodes, _ = pd.factorize(df[item_col])
-    keep = dedup_mask(ucodes, icodes, df[time_col].to_numpy())
-    return df[keep], int(len(df) - keep.sum())
 
 
 @dataclass(frozen=True)
@@ -105,9 +89,3 @@ def kcore(users: np.ndarray, items: np.ndarray, k: int) -> KCoreResult:
     mask[idx] = True
     return KCoreResult(mask, rounds)
 
-
-def iterative_kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the rows in the k-core (see :func:`kcore` for the round count)."""
-    result = kcore(users, items, k)
-    log.debug("%d-core: kept %d of %d rows after %d rounds", k, result.mask.sum(), len(users), result.rounds)
-    return result.mask

@@ -260,13 +260,3 @@ def read_item_features(
                     progress=progress)
     return _finish(path, asins, kept, stats, fill)
 
-
-def write_feature_file(path: Path | str, rows: Sequence[tuple[str | bytes, np.ndarray]]) -> None:
-    """Write ``(asin, 4096 floats)`` records in the release's layout (tests and benchmarks make files with it)."""
-    with open(path, "wb") as fh:
-        for asin, vec in rows:
-            key = asin.encode("ascii") if isinstance(asin, str) else bytes(asin)
-            if len(key) != ASIN_BYTES:
-                raise ValueError(f"ASIN {asin!r} is not {ASIN_BYTES} bytes")
-            fh.write(key)
-            fh.write(np.asarray(vec, dtype="<f4").reshape(FEATURE_DIM).tobytes())
