@@ -12,11 +12,9 @@ consumer ``C`` computes ``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying th
 ``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone passes such a ``z_m`` unevaluated as a
 :class:`LinearView`; plain tensors work too (what the plug-ins pass). Both give the same function, to float rounding.
 
-Differences from the authors' code (docs/model.md lists them all; the paper's equations are partly garbled): the CLUB
-estimators are fitted on (E1_m, E2_m) pairs of the SAME modality (the code fits one estimator on text/image pairs, which
-is not the bound it then evaluates), one estimator and one Adam optimiser per modality; the main loss never trains the
-estimator (its parameters enter the bound detached); SoloSim can run over the batch items instead of all N items (needed
-for large N)."""
+Departures from the authors' code (docs/model.md, departures 1, 4, 6, 7): one CLUB estimator per modality, fitted on
+that modality's (E1_m, E2_m) pairs (by default before the bound that uses them) and never trained by the main loss;
+SoloSim and the distancing term may run over the batch's items for large N."""
 
 from __future__ import annotations
 
