@@ -322,9 +322,8 @@ class ModalSeparation(nn.Module):
     """Split each modal representation into generic/unique parts; align and distance them.
 
     Args:
-      dims: modality -> width of the representation ``z_m`` it will receive. Alignment
-        needs exactly two modalities; SoloSim's direction is text -> image ("text"
-        is the anchor when present, else the first listed).
+      dims: modality -> width of the representation ``z_m`` it will receive. Alignment needs exactly two modalities;
+        SoloSim's direction is text -> image ("text" is the anchor when present, else the first listed).
       align: "solosim" (Eq. 10, default), "infonce" (symmetric, in-batch) or "none".
       distance: "club" (MI upper bound, Eq. 11-13), "l2" (Eq. 14, see ``l2_form``) or "none".
       alpha, beta: weights: ``align = alpha * L_align``, ``distance = beta * mean_m L_m``.
@@ -334,19 +333,15 @@ class ModalSeparation(nn.Module):
       proj_dim: width of E1_m / E2_m (32).
       club_steps, club_lr, club_hidden: maximum-likelihood Adam steps per batch, their
         learning rate, and the hidden width of the estimator heads.
-      l2_form: "neg-log" (default), "neg-mse" (the paper) or "margin"; see
-        :func:`models.losses.l2_distance_loss`.
-      solosim_scope: items SoloSim runs over: "all" (the reference: N x N logits),
-        "batch" (the batch's items), "auto" (all when N <= 20,000, else batch).
-        InfoNCE always runs in-batch.
-      distance_scope: the same choice for the distancing term and the CLUB fit
-        (the reference uses all items); "auto" keeps all items up to 1,000,000 (the
-        cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
+      l2_form: "neg-log" (default), "neg-mse" (the paper) or "margin"; see :func:`models.losses.l2_distance_loss`.
+      solosim_scope: items SoloSim runs over: "all" (the reference: N x N logits), "batch" (the batch's items), "auto"
+        (all when N <= 20,000, else batch). InfoNCE always runs in-batch.
+      distance_scope: the same choice for the distancing term and the CLUB fit (the reference uses all items); "auto"
+        keeps all items up to 1,000,000 (the cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
       share_club: one estimator (and optimiser) for all modalities.
-      club_fit_order: "before" (default): each batch's estimators are fitted on that
-        batch's pairs before its bound is evaluated. "after" (the authors' order): the
-        bound uses the estimators as fitted so far, and the pairs it was evaluated on are
-        fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
+      club_fit_order: "before" (default): each batch's estimators are fitted on that batch's pairs before its bound is
+        evaluated. "after" (the authors' order): the bound uses the estimators as fitted so far, and the pairs it was
+        evaluated on are fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
 
     Random permutations for the CLUB bound come from the global torch RNG."""
 
