@@ -58,9 +58,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# training curves
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- training curves
 def plot_training_curves(
     curves: Mapping[str, pd.DataFrame], path: Path, *, title: str, metric: str = "recall@20"
 ) -> Path:
@@ -93,9 +91,7 @@ def plot_training_curves(
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# sensitivity (Figure 4)
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ sensitivity (Figure 4)
 def plot_sensitivity(
     series: Mapping[str, Mapping[str, pd.DataFrame]], path: Path, *, metrics: Sequence[str] = ("recall@20", "ndcg@20"),
     reference: Mapping[str, float] | None = None,
@@ -134,9 +130,7 @@ def plot_sensitivity(
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# ablation (Figure 3)
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- ablation (Figure 3)
 def plot_ablation(
     results: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, *,
     metrics: Sequence[str] = ("recall@20", "ndcg@20"),
@@ -167,9 +161,7 @@ def plot_ablation(
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures 5-6: generic / unique representations
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------- Figures 5-6: generic / unique representations
 def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
     """modality -> (generic, unique) blocks over ALL items (tensors or unevaluated LinearViews).
 

@@ -103,9 +103,7 @@ def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineC
     return cfg.model_copy(update={"image_features": images})
 
 
-# ---------------------------------------------------------------------------------------------
-# expansion and validation
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- expansion and validation
 def _field_exists(data: dict[str, Any], dotted: str) -> bool:
     """Whether ``dotted`` names a field of the config (``train.extra.X`` may add a key)."""
     node: Any = data
@@ -173,9 +171,7 @@ def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list
     return combos
 
 
-# ---------------------------------------------------------------------------------------------
-# running
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------- running
 @dataclass
 class GridRun:
     """One combination's outcome (a row of ``runs.csv``)."""

@@ -328,9 +328,7 @@ def encode_texts_with_stats(
     return out, stats
 
 
-# ---------------------------------------------------------------------------------------------
-# Sharded encoding: the same groups as encode_texts_with_stats, spread over a task runner
-# ---------------------------------------------------------------------------------------------
+# ------------- Sharded encoding: the same groups as encode_texts_with_stats, spread over a task runner
 def text_shard_ranges(n_unique: int, shard_size: int, batch_size: int) -> list[range]:
     """Ranges of unique texts per shard, each a whole number of encoding groups.
 
