@@ -32,10 +32,10 @@ class UnresolvableHost(Exception):
 class UrlPolicy:
     """What image URLs may point at. Picklable: it travels with shard jobs to processes and Dask workers.
 
-    ``local_files``: ``file://`` URLs and plain paths may be read (regular files only). ``private_hosts``: http(s) hosts
-    may resolve to loopback/private/link-local addresses. ``allowed_hosts``: ``host`` or ``host:port`` entries trusted
-    even when private (an internal mirror named in downloaded metadata); the hosts a redirect leads to are judged on
-    their own."""
+    ``local_files``: ``file://`` URLs and plain paths may be read (regular files only).
+    ``private_hosts``: http(s) hosts may resolve to loopback/private/link-local addresses.
+    ``allowed_hosts``: ``host`` or ``host:port`` entries trusted even when private (an internal mirror named in
+    downloaded metadata); the hosts a redirect leads to are judged on their own."""
 
     local_files: bool = False
     private_hosts: bool = False

@@ -37,9 +37,9 @@ ITEM_COLUMNS = ("item", "asin", "title", "brand", "categories", "description", "
 class InteractionsResult:
     """Output of the interactions stage (each table becomes one parquet file).
 
-    interactions: user int64, item int64, rating float32, timestamp int64, split int8 items: item, asin, title, brand,
-    categories (list[str]), description, features, image_url, has_meta user_map: user_id (raw str), user;  item_map:
-    asin (raw str), item"""
+    interactions: user int64, item int64, rating float32, timestamp int64, split int8
+    items: item, asin, title, brand, categories (list[str]), description, features, image_url, has_meta
+    user_map: user_id (raw str), user;  item_map: asin (raw str), item"""
 
     interactions: pd.DataFrame
     items: pd.DataFrame

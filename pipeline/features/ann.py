@@ -252,13 +252,14 @@ def faiss_neighbours(
     """(N x k) approximate top-k cosine neighbours (rows sorted by item index) and their report.
 
     ``features`` may be memory-mapped and of any float dtype: rows are normalised block by block, so the only full copy
-    is the index's own storage (N x d x 4 or 2 bytes, ``storage``). ``nprobe`` None: tuned on half of the recall sample
-    (doubling from 8) until ``target_recall``; a row the index cannot fill (a tiny cluster) is computed exactly.
+    is the index's own storage (N x d x 4 or 2 bytes, ``storage``).
+    ``nprobe`` None: tuned on half of the recall sample (doubling from 8) until ``target_recall``; a row the index
+    cannot fill (a tiny cluster) is computed exactly.
     ``rows``: search only these items (len(rows) x k; the index still holds every item), e.g. to time the search on a
-    sample where searching all rows takes hours. ``storage``: "float32" (``IndexIVFFlat``, N x d x 4 bytes) or "float16"
-    (``IndexIVFScalarQuantizer`` with half-precision codes, N x d x 2 bytes: what lets 1M x 4,096 fit a 24 GB machine;
-    rounding the stored vectors to 11 significant bits moves cosines by ~1e-4, and the recall is measured the same way).
-    """
+    sample where searching all rows takes hours.
+    ``storage``: "float32" (``IndexIVFFlat``, N x d x 4 bytes) or "float16" (``IndexIVFScalarQuantizer`` with
+    half-precision codes, N x d x 2 bytes: what lets 1M x 4,096 fit a 24 GB machine; rounding the stored vectors to 11
+    significant bits moves cosines by ~1e-4, and the recall is measured the same way)."""
     import faiss  # lazy: optional and heavy
 
     n, _ = features.shape
