@@ -54,8 +54,7 @@ class UrlPolicy:
 
     def describe(self) -> dict[str, object]:
         return {
-            "local_files": self.local_files,
-            "private_hosts": self.private_hosts,
+            "local_files": self.local_files, "private_hosts": self.private_hosts,
             "allowed_hosts": sorted(self.allowed_hosts),
         }
 

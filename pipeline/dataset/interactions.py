@@ -218,11 +218,8 @@ def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
     split = inter["split"].to_numpy(np.int8)
     interactions = pd.DataFrame(
         {
-            "user": inter["user"].to_numpy(np.int64),
-            "item": inter["item"].to_numpy(np.int64),
-            "rating": rating,
-            "timestamp": timestamp,
-            "split": split,
+            "user": inter["user"].to_numpy(np.int64), "item": inter["item"].to_numpy(np.int64), "rating": rating,
+            "timestamp": timestamp, "split": split,
         }
     )
     user_ids = np.array([str(u) for u in range(ds.n_users)], dtype=object)

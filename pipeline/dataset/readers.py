@@ -65,12 +65,8 @@ class SkipReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for the stage manifest."""
         return {
-            "file": self.file,
-            "lines_read": self.lines_read,
-            "records": self.records,
-            "total": self.total,
-            "counts": dict(self.counts),
-            "examples": list(self.examples),
+            "file": self.file, "lines_read": self.lines_read, "records": self.records, "total": self.total,
+            "counts": dict(self.counts), "examples": list(self.examples),
         }
 
     def summary(self) -> str:
@@ -253,10 +249,8 @@ def read_reviews(
     (users, items, ratings, times), report = _read_records(path, _parse_json, convert, 4, max_bad_lines, max_line_bytes)
     df = pd.DataFrame(
         {
-            "user_id": pd.array(users, dtype="str"),
-            "asin": pd.array(items, dtype="str"),
-            "rating": np.asarray(ratings, dtype=np.float32),
-            "timestamp": np.asarray(times, dtype=np.int64),
+            "user_id": pd.array(users, dtype="str"), "asin": pd.array(items, dtype="str"),
+            "rating": np.asarray(ratings, dtype=np.float32), "timestamp": np.asarray(times, dtype=np.int64),
         }
     )
     return df, report

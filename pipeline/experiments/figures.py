@@ -36,8 +36,7 @@ DPI = 120
 #: metric key -> axis label
 METRIC_LABELS = {"recall@10": "Recall@10", "recall@20": "Recall@20", "ndcg@10": "NDCG@10", "ndcg@20": "NDCG@20"}
 PARAM_LABELS = {
-    "train.alpha": "alpha (alignment weight)",
-    "train.beta": "beta (distancing weight)",
+    "train.alpha": "alpha (alignment weight)", "train.beta": "beta (distancing weight)",
     "train.tau": "tau (temperature)",
 }
 #: order of the four representation sets in Figures 5-6

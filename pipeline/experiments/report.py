@@ -535,11 +535,7 @@ def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) ->
     rows = []
     for r in sorted(runs, key=lambda r: (_dataset_order(r.dataset), r.model, str(r.variant), r.evaluate.key)):
         row: dict[str, Any] = {
-            "dataset": r.dataset,
-            "model": r.model,
-            "variant": r.variant,
-            "fusion": r.fusion,
-            "label": r.label,
+            "dataset": r.dataset, "model": r.model, "variant": r.variant, "fusion": r.fusion, "label": r.label,
             "selected": r.evaluate.key in chosen,
         }
         row.update({f"valid_{k}": v for k, v in r.valid.items()})

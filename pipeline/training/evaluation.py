@@ -235,9 +235,7 @@ def recommendations_table(user_emb, item_emb, data: SplitData, k: int, users=Non
         frames.append(
             pd.DataFrame(
                 {
-                    "user": bu[r],
-                    "rank": (c + 1).astype(np.int64),
-                    "item": idx[r, c],
+                    "user": bu[r], "rank": (c + 1).astype(np.int64), "item": idx[r, c],
                     "score": top[r, c].astype(np.float32),
                 }
             )
@@ -245,9 +243,7 @@ def recommendations_table(user_emb, item_emb, data: SplitData, k: int, users=Non
     if not frames:
         return pd.DataFrame(
             {
-                "user": np.empty(0, np.int64),
-                "rank": np.empty(0, np.int64),
-                "item": np.empty(0, np.int64),
+                "user": np.empty(0, np.int64), "rank": np.empty(0, np.int64), "item": np.empty(0, np.int64),
                 "score": np.empty(0, np.float32),
             }
         )

@@ -222,15 +222,8 @@ class _Run:
 def _fresh_state(config: dict[str, Any]) -> dict[str, Any]:
     """What evolves during a run besides the weights: counters, the best epoch, the log so far."""
     return {
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_valid": {},
-        "test_at_best": {},
-        "best_value": float("-inf"),
-        "bad_evals": 0,
-        "stopped_early": False,
-        "history": [],
-        "config": config,
+        "epoch": 0, "best_epoch": 0, "best_valid": {}, "test_at_best": {}, "best_value": float("-inf"), "bad_evals": 0,
+        "stopped_early": False, "history": [], "config": config,
     }
 
 
