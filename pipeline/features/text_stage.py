@@ -17,19 +17,8 @@ from tqdm import tqdm
 from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.imported import copy_imported, imported_feature, missing_feature_message
-from sand.pipeline.features.text import (
-    assemble_text_features,
-    item_text,
-    plan_text_shards,
-    run_text_shard,
-)
-from sand.pipeline.stage_context import (
-    PERFORMANCE_FIELDS,
-    ShardMapper,
-    StageContext,
-    dataset_counts,
-    key_params,
-)
+from sand.pipeline.features.text import assemble_text_features, item_text, plan_text_shards, run_text_shard
+from sand.pipeline.stage_context import PERFORMANCE_FIELDS, ShardMapper, StageContext, dataset_counts, key_params
 
 log = logging.getLogger(__name__)
 
