@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sand.pipeline.base.errors import ConfigError
-from sand.pipeline.features.knn import query_rows
+from sand.pipeline.features.knn import l2_normalise, query_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,8 @@ class AnnReport:
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+    """:func:`pipeline.features.knn.l2_normalise`, C-contiguous as faiss wants it."""
+    return np.ascontiguousarray(l2_normalise(x))
 
 
 def exact_rows(features: np.ndarray, rows: np.ndarray, k: int, include_self: bool) -> np.ndarray:

@@ -80,7 +80,7 @@ def _check_finite(x: np.ndarray) -> None:
         raise DataError(f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)")
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
+def l2_normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; all-zero rows stay zero (similarity 0 to everything)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -111,7 +111,7 @@ def knn_neighbours(
     queries = query_rows(rows, n)
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
     dev = resolve_device(device)
-    xn = _l2_normalise(x)
+    xn = l2_normalise(x)
     # One more than k: if the (k+1)-th best equals the k-th, the row has a tie at the boundary.
     kk = min(k + 1, n)
     diag_value = math.inf if include_self else -math.inf
