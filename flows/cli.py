@@ -27,7 +27,6 @@ from typer.core import TyperCommand
 from sand.flows import cli_logging
 from sand.flows.cli_cache import cache_app
 from sand.flows.cli_models import models_app, write_all_recommendations
-from sand.flows.report_text import render_summary
 from sand.flows.run_options import RunOptions
 from sand.flows.server_lifetime import keep_children_with_this_process
 from sand.flows.settings import apply_prefect_defaults
@@ -188,6 +187,30 @@ def _stop_temporary_server() -> None:
     server, _temporary_server = _temporary_server, None
     if server is not None:
         server.stop()
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """A run summary for a person (the non-``--json`` output)."""
+    lines = []
+    if "dataset" in summary:
+        d = summary["dataset"]
+        lines.append(f"dataset: {d.get('users')} users, {d.get('items')} items, {d.get('interactions')} interactions")
+    lines.append(f"{'stage':<16}{'cached':<8}{'seconds':>9}  artifact")
+    for stage, info in summary.get("stages", {}).items():
+        lines.append(f"{stage:<16}{str(info['cached']):<8}{info['seconds']:>9.1f}  {info['artifact']}")
+    train = summary.get("train") or {}
+    if train.get("model"):
+        lines.append(
+            f"train: {train['model']} in {train.get('precision', 'fp32')}, "
+            f"{float(train.get('seconds_per_epoch') or float('nan')):.1f} s/epoch, best epoch {train.get('best_epoch')}"
+        )
+    if "metrics" in summary:
+        for split, values in summary["metrics"].items():
+            shown = "  ".join(f"{k}={float(v):.4f}" for k, v in values.items())
+            lines.append(f"{split:<6} {shown}")
+    if "export" in summary:
+        lines.append(f"exported to {summary['export']['out']}: {', '.join(summary['export']['files'])}")
+    return "\n".join(lines)
 
 
 def _emit(summary: dict[str, Any], as_json: bool, text: str | None = None) -> None:
