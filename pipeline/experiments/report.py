@@ -37,7 +37,6 @@ from sand.pipeline.experiments.figures import (
     plot_tsne_density,
     tsne_2d,
 )
-from sand.pipeline.experiments.reference import REFERENCE
 from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
 
@@ -53,6 +52,8 @@ TERM_LABELS = {"solosim": "SoloSim", "infonce": "InfoNCE", "club": "MI (CLUB)", 
 VARIANT_PARTS = {v: tuple(TERM_LABELS[t] for t in registry.VARIANT_TERMS[v]) for v in registry.table4_variants()}
 ABLATIONS = registry.ablations()
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
+#: The paper's values of SAND's loss weights and temperature (docs/model.md), marked in the sensitivity figure.
+REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
 
 RunKey = tuple[str, str, str | None]  # (dataset, model id, variant); see StoredRun.model_id
 
