@@ -20,8 +20,7 @@ from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
 
-from sand.flows.run_options import RunOptions
-from sand.flows.task_runners import make_task_runner
+from sand.flows.run_options import RunOptions, make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.store import Artifact, StageOutcome
