@@ -440,9 +440,7 @@ class ModalSeparation(nn.Module):
         self, scope: str, n_items: int, batch_items: torch.Tensor, limit: int = AUTO_SCOPE_MAX_ITEMS
     ) -> torch.Tensor | None:
         """Row index for a scope: None = all items, else the sorted unique batch items."""
-        if self._resolve(scope, n_items, limit) == "all":
-            return None
-        return torch.unique(batch_items)
+        return None if self._resolve(scope, n_items, limit) == "all" else torch.unique(batch_items)
 
     def _projections(
         self, modality: str, z: ModalInput, head_rows: torch.Tensor | None, dist_rows: torch.Tensor | None,

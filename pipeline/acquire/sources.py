@@ -147,9 +147,7 @@ def resolve_source(
             f"unknown dataset '{key}' (valid: presets {', '.join(PRESETS)}, an existing path, "
             f"a category name with a format of {', '.join(formats.raw_formats())}, or explicit reviews{hint})"
         )
-    if reviews is None and meta is None:
-        return spec
-    return _override(spec, fmt, reviews, meta)
+    return spec if reviews is None and meta is None else _override(spec, fmt, reviews, meta)
 
 
 # ---------------------------------------------------------------------------- presets and names
@@ -349,9 +347,7 @@ def detect_format(path: Path | str) -> str:
         raise ConfigError(f"path does not exist: {path}")
     if path.is_dir():
         return _from_dir(path.resolve(), None).format
-    if path.suffix == ".inter":
-        return "mmrec"
-    return _sniff_file(path)[0]
+    return "mmrec" if path.suffix == ".inter" else _sniff_file(path)[0]
 
 
 def _sniff_file(path: Path) -> tuple[str, str]:

@@ -103,9 +103,7 @@ async def check_http_url(url: str, policy: UrlPolicy) -> str | None:
     except (socket.gaierror, UnicodeError, OSError) as exc:
         raise UnresolvableHost(f"{host}: {exc}") from None
     addresses = {info[4][0] for info in infos}
-    if not addresses or not all(is_public_address(a) for a in addresses):
-        return REFUSED
-    return None
+    return REFUSED if not addresses or not all(is_public_address(a) for a in addresses) else None
 
 
 def peer_allowed(url: str, peer: object, policy: UrlPolicy) -> bool:

@@ -66,9 +66,7 @@ def resolve_device(device: str | torch.device | None, allow_mps: bool = False) -
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if allow_mps and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps") if allow_mps and torch.backends.mps.is_available() else torch.device("cpu")
 
 
 def device_type(value: str | None, allow_mps: bool = False) -> str:
@@ -77,6 +75,4 @@ def device_type(value: str | None, allow_mps: bool = False) -> str:
     ``None`` resolves the way the stage itself does (CUDA when present; MPS too where the library picks it, as
     sentence-transformers does). The CUDA index is left out: it selects one of several identical accelerators, not a
     different computation."""
-    if value is not None:
-        return value.split(":")[0]
-    return resolve_device(None, allow_mps).type
+    return value.split(":")[0] if value is not None else resolve_device(None, allow_mps).type

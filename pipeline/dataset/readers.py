@@ -267,15 +267,11 @@ def _text(value: Any) -> str:
         return value.strip()
     if isinstance(value, list | tuple):
         return " ".join(s.strip() for s in (_text(v) for v in value) if s)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return ""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else ""
 
 
 def _str_list(value: Any) -> list[str]:
-    if not isinstance(value, list | tuple):
-        return []
-    return [v.strip() for v in value if isinstance(v, str) and v.strip()]
+    return [] if not isinstance(value, list | tuple) else [v.strip() for v in value if isinstance(v, str) and v.strip()]
 
 
 def _first_url(value: Any) -> str:

@@ -258,9 +258,7 @@ def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
     """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the density is periodic; the
     bandwidth is Scott's rule on the angles themselves."""
     kde = _kde(np.asarray(angles, dtype=float)[None, :])
-    if kde is None:
-        return None
-    return sum(kde(grid[None, :] + shift) for shift in (-2 * np.pi, 0.0, 2 * np.pi))
+    return None if kde is None else sum(kde(grid[None, :] + shift) for shift in (-2 * np.pi, 0.0, 2 * np.pi))
 
 
 def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:

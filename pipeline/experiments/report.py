@@ -124,9 +124,7 @@ def run_label(model: str, variant: str | None) -> str:
         return base
     if variant in VARIANT_LABELS:
         return f"{base} {VARIANT_LABELS[variant]}"
-    if variant == "a" and model not in registry.models_in("table4"):
-        return base
-    return f"{base}_{variant}"
+    return base if variant == "a" and model not in registry.models_in("table4") else f"{base}_{variant}"
 
 
 def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:

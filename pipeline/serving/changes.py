@@ -150,6 +150,4 @@ def remote_revision(states: Mapping[str, State]) -> str | None:
 
     Part of the acquire key (``acquire.revision``): new remote bytes are a new snapshot."""
     remote = {name: {k: s.get(k) for k in VALIDATORS} for name, s in states.items() if s.get("kind") == "remote"}
-    if not remote:
-        return None
-    return hashlib.sha256(canonical_json(remote).encode()).hexdigest()[:16]
+    return None if not remote else hashlib.sha256(canonical_json(remote).encode()).hexdigest()[:16]
