@@ -11,6 +11,7 @@ whatever the user pointed at."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -230,11 +231,10 @@ def _fetch_http(
     client: httpx.Client | None,
 ) -> FileRecord:
     part = _PartState(final.with_name(final.name + PART_SUFFIX))
-    own_client = client is None
-    http = client if client is not None else httpx.Client(follow_redirects=True, timeout=timeout)
+    session = httpx.Client(follow_redirects=True, timeout=timeout) if client is None else contextlib.nullcontext(client)
     delays = backoff_delays(retries, base=backoff_base)
     last_reason = "no attempt made"
-    try:
+    with session as http:
         for attempt in range(retries + 1):
             try:
                 _http_attempt(url, part, http, timeout=timeout, chunk_size=chunk_size, progress=progress)
@@ -253,9 +253,6 @@ def _fetch_http(
                 time.sleep(delay)
         else:
             raise DownloadError(f"cannot download {url} after {retries + 1} attempts: {last_reason}")
-    finally:
-        if own_client:
-            http.close()
     os.replace(part.path, final)
     return FileRecord(path=final, source=url, size=part.size, sha256=part.digest.hexdigest())
 

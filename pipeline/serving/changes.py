@@ -13,6 +13,7 @@ replacing the old one under the same key."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,9 +122,7 @@ def detect_changes(
     previous = previous or {}
     states: dict[str, State] = {}
     reasons = [f"{name}: no longer a source" for name in sorted(set(previous) - set(locations))]
-    own = client is None
-    http = client if client is not None else httpx.Client(timeout=timeout)
-    try:
+    with contextlib.nullcontext(client) if client is not None else httpx.Client(timeout=timeout) as http:
         for name, source in locations.items():
             before = previous.get(name)
             if source.startswith("sample:"):
@@ -139,9 +138,6 @@ def detect_changes(
             states[name] = state
             if reason:
                 reasons.append(reason)
-    finally:
-        if own:
-            http.close()
     return ChangeReport(states, reasons)
 
 
