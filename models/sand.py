@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sand.models.base import Recommender
+from sand.models.bpr import check_modalities
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.losses import bpr_loss
 from sand.models.precision import LowPrecisionCopies, compute_dtype
@@ -76,9 +77,7 @@ class ModalGCN(nn.Module):
         return out
 
 
-def _as_coo(m: torch.Tensor, name: str, n_items: int) -> torch.Tensor:
-    if tuple(m.shape) != (n_items, n_items):
-        raise ValueError(f"SAND: item_graphs['{name}'] must be ({n_items}, {n_items}); got {tuple(m.shape)}")
+def _as_coo(m: torch.Tensor) -> torch.Tensor:
     m = m.detach().float()
     m = m.to_sparse_coo() if m.layout != torch.strided else m.to_sparse()
     return m.coalesce()
@@ -112,15 +111,7 @@ class SAND(Recommender):
         super().__init__()
         if variant not in VARIANT_TERMS:
             raise ValueError(f"SAND: unknown variant {variant!r}; choose one of {', '.join(VARIANT_TERMS)}")
-        features = features or {}
-        item_graphs = item_graphs or {}
-        for m in self.required_modalities:
-            if m not in features:
-                raise ValueError(f"SAND needs the '{m}' modality in features; got {sorted(features)}")
-            if features[m].dim() != 2 or features[m].shape[0] != n_items:
-                raise ValueError(f"SAND: '{m}' features must be ({n_items}, d); got {tuple(features[m].shape)}")
-            if m not in item_graphs:
-                raise ValueError(f"SAND needs the '{m}' item-item graph in item_graphs; got {sorted(item_graphs)}")
+        check_modalities("SAND", self.required_modalities, features, item_graphs, n_items, need_graphs=True)
         if not 0.0 <= mm_image_weight <= 1.0:
             raise ValueError(f"SAND: mm_image_weight must be in [0, 1]; got {mm_image_weight}")
         self.n_users, self.n_items = int(n_users), int(n_items)
@@ -134,7 +125,7 @@ class SAND(Recommender):
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
         self.register_buffer("adj", to_csr(adj), persistent=False)
-        s = mix_item_graphs({m: _as_coo(item_graphs[m], m, self.n_items) for m in ("image", "text")}, mm_image_weight)
+        s = mix_item_graphs({m: _as_coo(item_graphs[m]) for m in ("image", "text")}, mm_image_weight)
         self.register_buffer("item_graph", to_csr(s), persistent=False)
         self.register_buffer("item_graph_t", to_csr(s.t()), persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}
