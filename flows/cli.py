@@ -156,7 +156,7 @@ def _prefect_api(required_by: str | None = None) -> None:
     ``required_by`` names a command that cannot use a temporary server (what it registers must outlive it): for it, no
     configured server is an error."""
     global _temporary_server
-    from prefect.settings import Settings  # Prefect: only for commands with work to orchestrate
+    from prefect.settings import Settings  # lazy: only commands with work to orchestrate need Prefect
 
     settings = Settings()  # read afresh: the environment may have changed since import
     url = settings.api.url
@@ -165,7 +165,7 @@ def _prefect_api(required_by: str | None = None) -> None:
         raise ConfigError(f"{required_by} needs a Prefect server: {start} and set PREFECT_API_URL=http://HOST:4200/api")
     if not url:
         if settings.server.ephemeral.enabled:  # else Prefect itself says that it needs a server
-            from prefect.server.api.server import SubprocessASGIServer  # Prefect, as above
+            from prefect.server.api.server import SubprocessASGIServer  # lazy: Prefect, as above
 
             keep_children_with_this_process()  # the temporary server never outlives this process (SIGKILL too)
 
@@ -239,7 +239,7 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> Pi
         log.info("every stage is in the store (%s): answered without a Prefect run", ", ".join(served.outcomes))
         return served
     _prefect_api()
-    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow  # Prefect
+    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow  # lazy: imports Prefect
 
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
@@ -330,7 +330,7 @@ class Retrain(Common):
             summary = report.to_dict()
         else:
             _prefect_api()
-            from sand.flows.retrain import retrain_flow  # Prefect
+            from sand.flows.retrain import retrain_flow  # lazy: imports Prefect
 
             summary = retrain_flow(config=cfg, options=options)
         _emit(summary, self.json, summary["message"])
@@ -356,7 +356,7 @@ class Grid(Common):
         options = self.run_options()
         _preflight(cfg)
         _prefect_api()
-        from sand.flows.pipeline_flows import grid_flow  # Prefect
+        from sand.flows.pipeline_flows import grid_flow  # lazy: imports Prefect
 
         summary = grid_flow(config=cfg, axes=axes, name=self.name or self.preset or "grid", options=options)
         _emit(summary, self.json, json.dumps(summary, indent=2, default=str))
@@ -400,7 +400,7 @@ def serve(
     cfg = load_config(config, field_overrides({"dataset": dataset, "data_root": data_root}))
     _preflight(cfg)
     _prefect_api()
-    from sand.flows.serve import serve_deployments  # Prefect
+    from sand.flows.serve import serve_deployments  # lazy: imports Prefect
 
     serve_deployments(cfg, cron)
 
@@ -424,7 +424,7 @@ class Deploy(Common):
         cfg = self.pipeline_config()
         options = self.run_options()
         _prefect_api(required_by="sand deploy")
-        from sand.flows.serve import deploy_to_work_pool  # Prefect
+        from sand.flows.serve import deploy_to_work_pool  # lazy: imports Prefect
 
         summary = deploy_to_work_pool(cfg, self.work_pool, self.cron, options)
         _emit(summary, self.json, _deployed_text(summary, options))

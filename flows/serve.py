@@ -32,7 +32,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
 
     ``options`` (default: ``RunOptions()``, the threads runner) are the run options every run of these deployments gets
     unless the run overrides them."""
-    from prefect.deployments.runner import EntrypointType, RunnerDeployment  # Prefect: see the module's imports
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment  # lazy: Prefect is slow to import
 
     from sand.flows.pipeline_flows import STAGE_FLOWS, pipeline_flow, stage_flow_entrypoint  # lazy: imports Prefect
 
@@ -65,7 +65,7 @@ def build_deployments(config: PipelineConfig, cron: str | None = None, options: 
 
 
 def serve_deployments(config: PipelineConfig, cron: str | None = None) -> None:
-    from prefect import serve  # Prefect: see the module's imports
+    from prefect import serve  # lazy: Prefect is slow to import
 
     serve(*build_deployments(config, cron))
 
@@ -81,7 +81,7 @@ def deploy_to_work_pool(
     temporary working directory, where ``./data`` would be a fresh, lost folder. Each deployment gets
     :class:`InstalledPackage` as its code storage (see there why). Raises ConfigError (one line) when the pool does not
     exist."""
-    from prefect import get_client  # Prefect: see the module's imports
+    from prefect import get_client  # lazy: Prefect is slow to import
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus  # lazy: Prefect is slow to import
     from prefect.exceptions import ObjectNotFound  # lazy: Prefect is slow to import
 
