@@ -172,7 +172,7 @@ def _prefect_api(required_by: str | None = None) -> None:
             _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
             _temporary_server.start()
         return
-    import httpx  # only to check a configured server: a tenth of a second off `sand --help`
+    import httpx  # lazy: only to check a configured server; a tenth of a second off `sand --help`
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()

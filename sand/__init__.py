@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from sand import api  # on first use: it loads torch, pandas and the pipeline (see above)
+        from sand import api  # lazy: it loads pandas and the pipeline (see the module doc)
 
         return getattr(api, name)
     raise AttributeError(f"module 'sand' has no attribute {name!r}")

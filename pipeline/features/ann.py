@@ -34,7 +34,7 @@ _ROW_BLOCK = 16384
 
 def faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  # lazy: an optional dependency, only probed here
     except ImportError:
         return False
     return True

@@ -79,7 +79,7 @@ def compare_on_shared(
     if len(shared.data.valid) == 0:
         out.update(challenger_value=None, champion_value=None)
         return out
-    import torch  # the embeddings are tensors; indexing them keeps them on their device
+    import torch  # lazy: torch is slow to import; indexing the tensors keeps them on their device
 
     for name, (ue, ie), users, items in (
         ("challenger", challenger, shared.new_users, shared.new_items),
