@@ -1,16 +1,12 @@
 """The ``sand`` command.
 
-Why typer with lazy imports: ``sand --help`` must answer instantly, so torch,
-transformers and Prefect are imported inside the commands that need them.
-Each command that runs stages is a dataclass of its options (typer reads them from
-its fields) inheriting the shared ones, :class:`Common`: the config-field options
-come from the one table ``CLI_FIELDS`` (``pipeline/base/config.py``), from which
-``sand.run``'s keywords derive too; any other field is reachable with
-``--set section.field=value`` or ``--config``. Errors a user can fix are printed
-as one line and exit with status 2; values (devices, seeds, the data root) are
-checked before Prefect is imported, and tracebacks go to the run's log file, which
-the error line names.
-"""
+Why typer with lazy imports: ``sand --help`` must answer instantly, so torch, transformers and Prefect are imported
+inside the commands that need them. Each command that runs stages is a dataclass of its options (typer reads them from
+its fields) inheriting the shared ones, :class:`Common`: the config-field options come from the one table ``CLI_FIELDS``
+(``pipeline/base/config.py``), from which ``sand.run``'s keywords derive too; any other field is reachable with ``--set
+section.field=value`` or ``--config``. Errors a user can fix are printed as one line and exit with status 2; values
+(devices, seeds, the data root) are checked before Prefect is imported, and tracebacks go to the run's log file, which
+the error line names."""
 
 import contextlib
 import dataclasses
@@ -31,7 +27,6 @@ from typer.core import TyperCommand
 from sand.flows import cli_logging
 from sand.flows.cli_cache import cache_app
 from sand.flows.cli_models import models_app, write_all_recommendations
-from sand.flows.report_text import render_summary
 from sand.flows.run_options import RunOptions
 from sand.flows.server_lifetime import keep_children_with_this_process
 from sand.flows.settings import apply_prefect_defaults
@@ -40,20 +35,17 @@ from sand.pipeline.base.devices import check_devices
 from sand.pipeline.base.errors import ConfigError, SandError, one_line
 from sand.pipeline.base.store import ArtifactStore
 from sand.pipeline.base.torch_env import apply_torch_env_defaults
+from sand.pipeline.dataset.export import export_mmrec_folder
 from sand.pipeline.experiments import grid as grids
 from sand.pipeline.runner import PipelineResult, from_store, planned_stages
+from sand.pipeline.serving.runs import champion_run
 from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
 from sand.pipeline.training.model_io import check_extra_hyperparameters
-
-# Prefect (and sand.flows.pipeline_flows and sand.flows.serve, which import it), torch and pandas
-# (the stages' own modules): imported inside the functions that use them, so `sand --help`
-# and a fully cached run stay fast.
+from sand.pipeline.training.recommend import recommend_for_user
 
 app = typer.Typer(
-    help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    no_args_is_help=True,
+    help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.", add_completion=False,
+    pretty_exceptions_enable=False, no_args_is_help=True,
 )
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -90,9 +82,9 @@ _FieldOptions = dataclasses.make_dataclass(
 
 @dataclass(frozen=True, kw_only=True)
 class Common(_FieldOptions):
-    """The options shared by every command that runs stages, each declared once: the config-field
-    options of ``CLI_FIELDS`` and these. A command is a dataclass of its own options that
-    inherits these (see :class:`StageCommand`); typer reads the options from its fields."""
+    """The options shared by every command that runs stages, each declared once: the config-field options of
+    ``CLI_FIELDS`` and these. A command is a dataclass of its own options that inherits these (see
+    :class:`StageCommand`); typer reads the options from its fields."""
 
     config: Annotated[Path | None, _shared("YAML file with config sections (see README)")] = None
     set: Annotated[list[str] | None, _shared("any config field: --set train.lr=0.001 (repeatable)")] = None
@@ -121,8 +113,8 @@ class Common(_FieldOptions):
 
 
 class StageCommand(TyperCommand):
-    """The click command of a :class:`Common` dataclass: typer builds the dataclass from the
-    parsed options, and this calls it (after setting the console's verbosity)."""
+    """The click command of a :class:`Common` dataclass: typer builds the dataclass from the parsed options, and this
+    calls it (after setting the console's verbosity)."""
 
     def invoke(self, ctx: typer.Context) -> Any:
         command = super().invoke(ctx)  # the dataclass, built by typer from the options
@@ -145,8 +137,8 @@ def _set_verbosity(quiet: bool, verbose: bool) -> None:
 
 
 def _preflight(cfg: PipelineConfig) -> None:
-    """Checks that need no stage: devices exist here, the data root can be written (or serves
-    its cached artifacts read-only); then this run's log file opens under the data root."""
+    """Checks that need no stage: devices exist here, the data root can be written (or serves its cached artifacts
+    read-only); then this run's log file opens under the data root."""
     check_devices(cfg)
     check_extra_hyperparameters(cfg.train)
     writable = ArtifactStore(cfg.data_root).check_writable()
@@ -158,15 +150,13 @@ _temporary_server: Any = None
 
 
 def _prefect_api(required_by: str | None = None) -> None:
-    """Give this command's flow runs a Prefect API: the configured server, checked in one line, or
-    a temporary one started here, so this process holds it (Prefect stops it at exit;
-    :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM).
+    """Give this command's flow runs a Prefect API: the configured server, checked in one line, or a temporary one
+    started here, so this process holds it (Prefect stops it at exit; :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM).
 
-    ``required_by`` names a command that cannot use a temporary server (what it registers
-    must outlive it): for it, no configured server is an error.
-    """
+    ``required_by`` names a command that cannot use a temporary server (what it registers must outlive it): for it, no
+    configured server is an error."""
     global _temporary_server
-    from prefect.settings import Settings  # Prefect: only for commands with work to orchestrate
+    from prefect.settings import Settings  # lazy: only commands with work to orchestrate need Prefect
 
     settings = Settings()  # read afresh: the environment may have changed since import
     url = settings.api.url
@@ -175,14 +165,14 @@ def _prefect_api(required_by: str | None = None) -> None:
         raise ConfigError(f"{required_by} needs a Prefect server: {start} and set PREFECT_API_URL=http://HOST:4200/api")
     if not url:
         if settings.server.ephemeral.enabled:  # else Prefect itself says that it needs a server
-            from prefect.server.api.server import SubprocessASGIServer  # Prefect, as above
+            from prefect.server.api.server import SubprocessASGIServer  # lazy: Prefect, as above
 
             keep_children_with_this_process()  # the temporary server never outlives this process (SIGKILL too)
 
             _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
             _temporary_server.start()
         return
-    import httpx  # only to check a configured server: a tenth of a second off `sand --help`
+    import httpx  # lazy: only to check a configured server; a tenth of a second off `sand --help`
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
@@ -199,25 +189,48 @@ def _stop_temporary_server() -> None:
         server.stop()
 
 
-def _emit(summary: dict[str, Any], as_json: bool) -> None:
+def render_summary(summary: dict[str, Any]) -> str:
+    """A run summary for a person (the non-``--json`` output)."""
+    lines = []
+    if "dataset" in summary:
+        d = summary["dataset"]
+        lines.append(f"dataset: {d.get('users')} users, {d.get('items')} items, {d.get('interactions')} interactions")
+    lines.append(f"{'stage':<16}{'cached':<8}{'seconds':>9}  artifact")
+    for stage, info in summary.get("stages", {}).items():
+        lines.append(f"{stage:<16}{str(info['cached']):<8}{info['seconds']:>9.1f}  {info['artifact']}")
+    train = summary.get("train") or {}
+    if train.get("model"):
+        lines.append(
+            f"train: {train['model']} in {train.get('precision', 'fp32')}, "
+            f"{float(train.get('seconds_per_epoch') or float('nan')):.1f} s/epoch, best epoch {train.get('best_epoch')}"
+        )
+    if "metrics" in summary:
+        for split, values in summary["metrics"].items():
+            shown = "  ".join(f"{k}={float(v):.4f}" for k, v in values.items())
+            lines.append(f"{split:<6} {shown}")
+    if "export" in summary:
+        lines.append(f"exported to {summary['export']['out']}: {', '.join(summary['export']['files'])}")
+    return "\n".join(lines)
+
+
+def _emit(summary: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """``summary`` as one JSON line, or for a person: ``text``, by default the rendered run summary."""
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:
-        typer.echo(render_summary(summary))
+        typer.echo(render_summary(summary) if text is None else text)
 
 
 def _run_flow(common: Common, until: str | None, stage: str | None = None) -> PipelineResult:
     """Run the pipeline (up to ``until``) or one stage; returns its PipelineResult.
 
-    A run whose every stage is in the store is answered from it by the runner, without
-    Prefect (nothing to orchestrate, so no flow run is recorded); any other runs as
-    Prefect flows, which run the same runner loop. Stage names are checked first, from
-    the stage table alone: a typo answers before the config is read.
-    """
+    A run whose every stage is in the store is answered from it by the runner, without Prefect (nothing to orchestrate,
+    so no flow run is recorded); any other runs as Prefect flows, which run the same runner loop. Stage names are
+    checked first, from the stage table alone: a typo answers before the config is read."""
     check_stage_names([until, stage, *common.stages_to_refresh])
     cfg = common.pipeline_config()
     options = common.run_options()
-    from sand.pipeline.features.amazon2014_stage import check_feature_source  # pandas
+    from sand.pipeline.features.amazon2014_stage import check_feature_source  # lazy: httpx, via its downloader
 
     check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
     _preflight(cfg)
@@ -226,7 +239,7 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> Pi
         log.info("every stage is in the store (%s): answered without a Prefect run", ", ".join(served.outcomes))
         return served
     _prefect_api()
-    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow  # Prefect
+    from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow  # lazy: imports Prefect
 
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
@@ -261,8 +274,6 @@ class ExportMMRec(Common):
     until: Annotated[str, typer.Option(help="last stage to run before exporting")] = "image_features"
 
     def __call__(self) -> None:
-        from sand.pipeline.dataset.export import export_mmrec_folder  # numpy, pandas
-
         result = _run_flow(self, self.until)
         manifest = export_mmrec_folder(result.artifacts(), self.out)
         summary = result.summary()
@@ -288,16 +299,10 @@ class Recommend(Common):
         if self.all_users:
             summary = write_all_recommendations(_run_flow(self, "train").artifacts(), self.pipeline_config(),
                                                 self.k, self.out)
-            if self.json:
-                _emit(summary, True)
-            else:
-                typer.echo(f"wrote {summary['rows']} rows to {summary['out']}")
+            _emit(summary, self.json, f"wrote {summary['rows']} rows to {summary['out']}")
             return
         if self.user is None:
             raise ConfigError("sand recommend needs --user ID, or --all --out FILE")
-        from sand.pipeline.serving.runs import champion_run  # torch, via the model registry's builders
-        from sand.pipeline.training.recommend import recommend_for_user  # torch, pandas
-
         champion = None if self.run_model else champion_run(self.pipeline_config().resolved())
         tcfg, artifacts = champion[1:] if champion else (self.pipeline_config().resolved().train,
                                                          _run_flow(self, "train").artifacts())
@@ -318,20 +323,17 @@ class Retrain(Common):
         cfg = self.pipeline_config()
         options = self.run_options()
         _preflight(cfg)
-        from sand.pipeline.serving.retrain import survey  # torch, via the train stage
+        from sand.pipeline.serving.retrain import survey  # lazy: httpx, via change detection
 
         report = None if self.stages_to_refresh else survey(cfg).unchanged()  # nothing new: no Prefect run
         if report is not None:
             summary = report.to_dict()
         else:
             _prefect_api()
-            from sand.flows.retrain import retrain_flow  # Prefect
+            from sand.flows.retrain import retrain_flow  # lazy: imports Prefect
 
             summary = retrain_flow(config=cfg, options=options)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(summary["message"])
+        _emit(summary, self.json, summary["message"])
 
 
 @stage_command(app, "grid")
@@ -354,13 +356,10 @@ class Grid(Common):
         options = self.run_options()
         _preflight(cfg)
         _prefect_api()
-        from sand.flows.pipeline_flows import grid_flow  # Prefect
+        from sand.flows.pipeline_flows import grid_flow  # lazy: imports Prefect
 
         summary = grid_flow(config=cfg, axes=axes, name=self.name or self.preset or "grid", options=options)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(json.dumps(summary, indent=2, default=str))
+        _emit(summary, self.json, json.dumps(summary, indent=2, default=str))
 
 
 def _parse_axis(text: str) -> dict[str, list[Any]]:
@@ -384,10 +383,7 @@ class Report(Common):
         if self.out is not None:
             shutil.copytree(summary["report"], self.out, dirs_exist_ok=True)
             summary["report"] = str(self.out)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(f"report written to {summary['report']}")
+        _emit(summary, self.json, f"report written to {summary['report']}")
 
 
 @app.command()
@@ -404,7 +400,7 @@ def serve(
     cfg = load_config(config, field_overrides({"dataset": dataset, "data_root": data_root}))
     _preflight(cfg)
     _prefect_api()
-    from sand.flows.serve import serve_deployments  # Prefect
+    from sand.flows.serve import serve_deployments  # lazy: imports Prefect
 
     serve_deployments(cfg, cron)
 
@@ -414,13 +410,11 @@ def serve(
 class Deploy(Common):
     """Register the deployments of `sand serve` with a Prefect work pool, then exit.
 
-    Why a command of its own and not `sand serve --work-pool`: serving runs the flows in
-    that process until stopped, deploying only registers them and returns, and a
-    flag that turned a long-running command into one that exits at once would surprise.
-    Every run option (--runner, --dask-address, --refresh) and config option becomes the
-    deployments' default parameters; nothing is checked against this machine's devices or
-    data root, because the flows run on the workers' machines.
-    """
+    Why a command of its own and not `sand serve --work-pool`: serving runs the flows in that process until stopped,
+    deploying only registers them and returns, and a flag that turned a long-running command into one that exits at once
+    would surprise. Every run option (--runner, --dask-address, --refresh) and config option becomes the deployments'
+    default parameters; nothing is checked against this machine's devices or data root, because the flows run on the
+    workers' machines."""
 
     work_pool: Annotated[str, typer.Option(help="existing Prefect work pool whose workers run the flows")]
     cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None
@@ -430,13 +424,10 @@ class Deploy(Common):
         cfg = self.pipeline_config()
         options = self.run_options()
         _prefect_api(required_by="sand deploy")
-        from sand.flows.serve import deploy_to_work_pool  # Prefect
+        from sand.flows.serve import deploy_to_work_pool  # lazy: imports Prefect
 
         summary = deploy_to_work_pool(cfg, self.work_pool, self.cron, options)
-        if self.json:
-            _emit(summary, True)
-        else:
-            typer.echo(_deployed_text(summary, options))
+        _emit(summary, self.json, _deployed_text(summary, options))
 
 
 def _deployed_text(summary: dict[str, Any], options: RunOptions) -> str:
@@ -480,13 +471,11 @@ def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) ->
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
     """Ctrl-C (or SIGTERM): one line, stop Prefect's temporary server, exit 130 (143) at once.
 
-    Why not let ``KeyboardInterrupt`` unwind: shard work runs in worker threads that
-    the interpreter joins at exit (minutes for an image shard), and a terminal's
-    Ctrl-C also reaches Prefect's temporary API server (same process group), so every
-    state update made while unwinding fails with a connection error. Leaving now is
-    safe: artifacts, shards and checkpoints are written atomically (temp file, then
-    rename), and the OS releases the store's locks, so a rerun resumes.
-    """
+    Why not let ``KeyboardInterrupt`` unwind: shard work runs in worker threads that the interpreter joins at exit
+    (minutes for an image shard), and a terminal's Ctrl-C also reaches Prefect's temporary API server (same process
+    group), so every state update made while unwinding fails with a connection error. Leaving now is safe: artifacts,
+    shards and checkpoints are written atomically (temp file, then rename), and the OS releases the store's locks, so a
+    rerun resumes."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # e.g. the signal arrived while this thread was writing to it
             stream.flush()

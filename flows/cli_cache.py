@@ -1,23 +1,24 @@
 """``sand cache``: how big the data root's per-item caches are, and pruning them.
 
-Why a command: the caches (downloaded images, text and image feature vectors) are shared
-by every dataset and snapshot of a data root and only grow; a user needs to see what
-they hold and drop what no recent run used. Every cache is content-addressed, so a
-pruned file is fetched or recomputed when a run asks for it again. Only the standard
-library and typer are imported here, so ``sand --help`` stays fast.
-"""
+Why a command: the caches (downloaded images, text and image feature vectors) are shared by every dataset and snapshot
+of a data root and only grow; a user needs to see what they hold and drop what no recent run used. Every cache is
+content-addressed, so a pruned file is fetched or recomputed when a run asks for it again."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from sand.pipeline.base.config import load_config
 from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.features.vector_cache import prune as prune_cache
+from sand.pipeline.features.vector_cache import usage
 
 cache_app = typer.Typer(help="Size report and pruning of the data root's per-item caches.", no_args_is_help=True)
 
@@ -34,8 +35,6 @@ def parse_duration(text: str) -> float:
 
 
 def _cache_root(data_root: Path | None, config: Path | None) -> Path:
-    from sand.pipeline.base.config import load_config
-
     overrides = {"data_root": str(data_root)} if data_root is not None else {}
     return Path(load_config(config, overrides).data_root) / "cache"
 
@@ -63,10 +62,6 @@ Config = Annotated[Path | None, typer.Option(help="YAML config file naming the d
 def info(data_root: DataRoot = None, config: Config = None,
          as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
     """Files, size and age of each cache (images, text, image_features) and of each encoder in it."""
-    from dataclasses import asdict
-
-    from sand.pipeline.features.vector_cache import usage
-
     root = _cache_root(data_root, config)
     rows = usage(root)
     if as_json:
@@ -96,8 +91,6 @@ def prune(
     config: Config = None,
 ) -> None:
     """Delete cache files older than a duration; a later run refetches or recomputes what it needs."""
-    from sand.pipeline.features.vector_cache import prune as prune_cache
-
     seconds = parse_duration(older_than)  # errors: one line and exit 2, from the entry point
     root = _cache_root(data_root, config)
     known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -1,21 +1,16 @@
 """Where the ``sand`` command's messages go: a one-line console, a complete log file.
 
-Why: a user who made a fixable mistake should read one line, not tracebacks. Prefect
-logs every failed flow and task run with its traceback, once per nesting level, and
-sends the records through the root logger (Prefect keeps its own console handler off
-the root when one is already configured). So the console handler drops Prefect's
-exception records and prints every other record without its traceback; the log file
-under ``<data-root>/logs`` receives everything, tracebacks included, and the CLI's
-``error:`` line names it. Records logged before the data root is known are held in
-memory and written to the file once it opens.
+Why: a user who made a fixable mistake should read one line, not tracebacks. Prefect logs every failed flow and task run
+with its traceback, once per nesting level, and sends the records through the root logger (Prefect keeps its own console
+handler off the root when one is already configured). So the console handler drops Prefect's exception records and
+prints every other record without its traceback; the log file under ``<data-root>/logs`` receives everything, tracebacks
+included, and the CLI's ``error:`` line names it. Records logged before the data root is known are held in memory and
+written to the file once it opens.
 
-Progress: tqdm draws the bars (every stage already uses it), and the console handler
-writes each record with ``tqdm.write``, which lifts the bars, prints the line and
-redraws them, so a log line never lands in the middle of a bar. How much reaches the
-console is one choice (``--quiet``: warnings and errors, no bars; default: what a user
-acts on; ``--verbose``: the pipeline's DEBUG lines and Prefect's run lines); the log
-file always holds INFO and up.
-"""
+Progress: tqdm draws the bars (every stage already uses it), and the console handler writes each record with
+``tqdm.write``, which lifts the bars, prints the line and redraws them, so a log line never lands in the middle of a
+bar. How much reaches the console is one choice (``--quiet``: warnings and errors, no bars; default: what a user acts
+on; ``--verbose``: the pipeline's DEBUG lines and Prefect's run lines); the log file always holds INFO and up."""
 
 from __future__ import annotations
 
@@ -50,11 +45,9 @@ def requested_level(quiet: bool, verbose: bool) -> int | None:
 def prefect_console_level(level: int) -> int:
     """Prefect's own lines on the console: WARNING and up, INFO with --verbose.
 
-    Why: Prefect logs two INFO lines per stage sub-flow ("Beginning subflow run ...",
-    "Finished in state Completed()") that repeat what the stage's own line says; they
-    stay in the log file and the Prefect UI. Prefect's DEBUG (every API call) is never
-    wanted on the console: PREFECT_LOGGING_LEVEL is the knob for that.
-    """
+    Why: Prefect logs two INFO lines per stage sub-flow ("Beginning subflow run ...", "Finished in state Completed()")
+    that repeat what the stage's own line says; they stay in the log file and the Prefect UI. Prefect's DEBUG (every API
+    call) is never wanted on the console: PREFECT_LOGGING_LEVEL is the knob for that."""
     return logging.INFO if level <= VERBOSE else max(level, logging.WARNING)
 
 
@@ -72,8 +65,8 @@ class _ConsoleFilter(logging.Filter):
 
 
 class ProgressAwareHandler(logging.StreamHandler):
-    """A stream handler that writes through ``tqdm.write``: bars are cleared, the line printed,
-    the bars redrawn (under tqdm's lock, so threads' records and bars do not interleave)."""
+    """A stream handler that writes through ``tqdm.write``: bars are cleared, the line printed, the bars redrawn (under
+    tqdm's lock, so threads' records and bars do not interleave)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -130,8 +123,8 @@ class RunLog:
         self.set_level(_console_level())
 
     def set_level(self, level: int | None) -> None:
-        """Console verbosity (``None``: keep SAND_LOG_LEVEL's). DEBUG applies to sand's own loggers
-        only: other libraries' DEBUG (PIL, matplotlib, asyncio) is noise even when debugging sand."""
+        """Console verbosity (``None``: keep SAND_LOG_LEVEL's). DEBUG applies to sand's own loggers only: other
+        libraries' DEBUG (PIL, matplotlib, asyncio) is noise even when debugging sand."""
         if not self.installed or level is None:
             return
         self._console.setLevel(level)

@@ -1,9 +1,8 @@
 """``sand models``: the model registry of a data root (list, show, promote).
 
-Why a sub-app of its own: the registry is read and changed by hand (a rollback after a
-bad retrain is ``sand models promote OLDKEY``), apart from any pipeline run, so these
-commands need only the data root; no Prefect, and torch only to republish.
-"""
+Why a sub-app of its own: the registry is read and changed by hand (a rollback after a bad retrain is ``sand models
+promote OLDKEY``), apart from any pipeline run, so these commands need only the data root; no Prefect, and torch only to
+republish."""
 
 from __future__ import annotations
 
@@ -13,6 +12,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.serving.publish import top_k_table, write_table
+from sand.pipeline.serving.registry import ModelRegistry
+from sand.pipeline.serving.runs import run_embeddings
 
 models_app = typer.Typer(help="The model registry: retrained models, the champion in use, promotions.",
                          no_args_is_help=True)
@@ -34,8 +38,6 @@ def _metric(metrics: dict, split: str = "valid", name: str = "recall@20") -> str
 @models_app.command("list")
 def list_models(data_root: DataRoot = None, as_json: AsJson = False) -> None:
     """Every registered model, oldest first; the champion of each dataset and model is marked."""
-    from sand.pipeline.serving.registry import ModelRegistry
-
     registry = ModelRegistry(_root(data_root))
     champions = set(registry.champions().values())
     rows = [{"key": m.key, "dataset": m.dataset, "model": m.model, "snapshot": m.snapshot,
@@ -57,8 +59,6 @@ def list_models(data_root: DataRoot = None, as_json: AsJson = False) -> None:
 def show_model(key: Annotated[str, typer.Argument(help="model key (a unique prefix will do)")],
                data_root: DataRoot = None) -> None:
     """One model as JSON: snapshot, artifacts, config, metrics, champion or not, the decisions about it."""
-    from sand.pipeline.serving.registry import ModelRegistry
-
     registry = ModelRegistry(_root(data_root))
     entry = registry.get(key)
     out = {**entry.to_dict(), "champion": registry.champions().get((entry.dataset, entry.model)) == entry.key,
@@ -73,8 +73,7 @@ def promote_model(key: Annotated[str, typer.Argument(help="model key (a unique p
                                                         "(default: the model's retrain.top_k)")] = None,
                   as_json: AsJson = False) -> None:
     """Make a registered model the champion of its dataset and model (e.g. roll back), then republish."""
-    from sand.pipeline.serving.registry import ModelRegistry
-    from sand.pipeline.serving.retrain import promote_by_hand
+    from sand.pipeline.serving.retrain import promote_by_hand  # lazy: httpx, via change detection
 
     root = _root(data_root)
     entry = ModelRegistry(root).get(key)
@@ -89,10 +88,6 @@ def promote_model(key: Annotated[str, typer.Argument(help="model key (a unique p
 
 def write_all_recommendations(artifacts: dict, cfg, k: int, out: Path | None) -> dict:
     """``sand recommend --all --out FILE``: every user's top-``k`` of a run, in the published columns."""
-    from sand.pipeline.base.errors import ConfigError
-    from sand.pipeline.serving.publish import top_k_table, write_table
-    from sand.pipeline.serving.runs import run_embeddings
-
     if out is None:
         raise ConfigError("sand recommend --all needs --out FILE (a Parquet file to write)")
     data, user_emb, item_emb = run_embeddings(cfg.resolved().train, artifacts)

@@ -1,18 +1,13 @@
 """Prefect flows: one per stage, and the end-to-end flow that nests them.
 
-The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call``
-that runs each stage in its flow; this module adds only what Prefect needs (flows,
-shard tasks over a task runner, UI artifacts, ``Cached`` states).
+The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call`` that runs each stage in its flow;
+this module adds only what Prefect needs (flows, shard tasks over a task runner, UI artifacts, ``Cached`` states).
 
-Why this shape: every stage is its own flow (a deployment of its own, a node
-of its own in the UI), parameterised by the validated ``PipelineConfig`` so the
-UI shows a form. The flows are generated from the stage table
-(``pipeline/stages.py``): adding a stage adds its flow. Flows pass small
-references to artifacts (paths, keys, manifests), never arrays: the end-to-end
-flow hands each stage flow its upstream results. Caching is the artifact
-store's: a stage whose key exists does no work and its flow run ends in a
-``Cached`` completed state.
-"""
+Why this shape: every stage is its own flow (a deployment of its own, a node of its own in the UI), parameterised by the
+validated ``PipelineConfig`` so the UI shows a form. The flows are generated from the stage table
+(``pipeline/stages.py``): adding a stage adds its flow. Flows pass small references to artifacts (paths, keys,
+manifests), never arrays: the end-to-end flow hands each stage flow its upstream results. Caching is the artifact
+store's: a stage whose key exists does no work and its flow run ends in a ``Cached`` completed state."""
 
 from __future__ import annotations
 
@@ -25,8 +20,7 @@ from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.states import Completed
 
-from sand.flows.run_options import RunOptions
-from sand.flows.task_runners import make_task_runner
+from sand.flows.run_options import RunOptions, make_task_runner
 from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.store import Artifact, StageOutcome
@@ -90,8 +84,7 @@ def _stage_flow(row: Stage) -> Flow[..., dict[str, Any]]:
     """The Prefect flow of one table row, named ``sand-<stage>``."""
 
     def run_stage_flow(
-        config: PipelineConfig | None = None,
-        options: RunOptions | None = None,
+        config: PipelineConfig | None = None, options: RunOptions | None = None,
         upstream: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         return _stage_body(row, config or PipelineConfig(), options or RunOptions(), upstream)
@@ -138,10 +131,9 @@ def pipeline_flow(
 ) -> PipelineResult:
     """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow.
 
-    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its
-    sub-flow: each stage flow receives its upstream flows' results (small references), so
-    no stage resolves its inputs again; the summary is published to the UI.
-    """
+    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its sub-flow: each stage flow
+    receives its upstream flows' results (small references), so no stage resolves its inputs again; the summary is
+    published to the UI."""
     config = config or PipelineConfig()
     options = options or RunOptions()
     ctx = Context.create(config, options.refresh, progress=options.show_progress())
@@ -152,11 +144,8 @@ def pipeline_flow(
 
 @flow(name="sand-grid", log_prints=True)
 def grid_flow(
-    config: PipelineConfig | None = None,
-    axes: dict[str, list[Any]] | None = None,
-    name: str = "grid",
-    options: RunOptions | None = None,
-    select_metric: str = "recall@20",
+    config: PipelineConfig | None = None, axes: dict[str, list[Any]] | None = None, name: str = "grid",
+    options: RunOptions | None = None, select_metric: str = "recall@20",
 ) -> dict[str, Any]:
     """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
     config = config or PipelineConfig()

@@ -1,13 +1,10 @@
 """The ``sand-retrain`` flow: a scheduled retrain that decides which model is in use and publishes it.
 
-Why a flow of its own (and not the ``sand-pipeline`` deployment): that one recomputes or
-reuses artifacts, but nothing there notices that no data arrived, compares the new model
-with the one in use, or publishes recommendations. The steps live in
-``pipeline/serving/retrain.py`` (no Prefect); this flow supplies the pipeline run (the
-``sand-pipeline`` flow, nested, each stage a sub-flow) and shows the decision on the
-flow run's page. With no new data it ends within seconds in a Completed state named
-``No new data``, registering nothing.
-"""
+Why a flow of its own (and not the ``sand-pipeline`` deployment): that one recomputes or reuses artifacts, but nothing
+there notices that no data arrived, compares the new model with the one in use, or publishes recommendations. The steps
+live in ``pipeline/serving/retrain.py`` (no Prefect); this flow supplies the pipeline run (the ``sand-pipeline`` flow,
+nested, each stage a sub-flow) and shows the decision on the flow run's page. With no new data it ends within seconds in
+a Completed state named ``No new data``, registering nothing."""
 
 from __future__ import annotations
 
@@ -49,7 +46,7 @@ def retrain_markdown(report: RetrainReport) -> str:
 @flow(name="sand-retrain", log_prints=True)
 def retrain_flow(config: PipelineConfig | None = None, options: RunOptions | None = None) -> Any:
     """New data? Train a challenger, compare it with the champion, promote the better, publish its top-K."""
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
 
     config = config or PipelineConfig()
     options = options or RunOptions()

@@ -1,18 +1,15 @@
 """Prefect's temporary API server ends with the ``sand`` process that started it, however that ends.
 
-Why: without ``PREFECT_API_URL``, Prefect starts an ephemeral API server as a child process
-(``python -m uvicorn ...``) and stops it at exit or on our Ctrl-C/SIGTERM handler. SIGKILL
-and the kernel's OOM killer skip both, and the server ran on, orphaned. A parent-death
-signal would have to be set in the child, and Prefect creates it with ``subprocess.Popen``
-itself, offering no hook; a process group does not help either (a SIGKILL reaches one
-process, not its group). What Prefect does allow: the child inherits our environment. So we
-mark the environment with a token, and a small guard process, in a session of its own,
-waits on a pipe that only we hold. The pipe closes when we exit, whatever killed us; the
-guard then terminates every process of this user whose environment carries the token (the
-server, and anything else this run started that outlived it), and exits.
+Why: without ``PREFECT_API_URL``, Prefect starts an ephemeral API server as a child process (``python -m uvicorn ...``)
+and stops it at exit or on our Ctrl-C/SIGTERM handler. SIGKILL and the kernel's OOM killer skip both, and the server ran
+on, orphaned. A parent-death signal would have to be set in the child, and Prefect creates it with ``subprocess.Popen``
+itself, offering no hook; a process group does not help either (a SIGKILL reaches one process, not its group). What
+Prefect does allow: the child inherits our environment. So we mark the environment with a token, and a small guard
+process, in a session of its own, waits on a pipe that only we hold. The pipe closes when we exit, whatever killed us;
+the guard then terminates every process of this user whose environment carries the token (the server, and anything else
+this run started that outlived it), and exits.
 
-Linux only (``/proc``); elsewhere nothing is started and Prefect's own cleanup is all there is.
-"""
+Linux only (``/proc``); elsewhere nothing is started and Prefect's own cleanup is all there is."""
 
 from __future__ import annotations
 

@@ -2,12 +2,9 @@
 
 Applied by the CLI before Prefect is imported (Prefect reads its settings when it starts).
 
-Why: on a busy 2-core machine the ephemeral API server (Prefect's no-server
-mode) can need more than its default 20 s to start, and an offline machine
-should not try to send telemetry. Users' explicit environment settings win.
-The torch settings the command also applies live in
-:mod:`sand.pipeline.base.torch_env`.
-"""
+Why: on a busy 2-core machine the ephemeral API server (Prefect's no-server mode) can need more than its default 20 s to
+start, and an offline machine should not try to send telemetry. Users' explicit environment settings win. The torch
+settings the command also applies live in :mod:`sand.pipeline.base.torch_env`."""
 
 from __future__ import annotations
 

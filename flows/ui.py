@@ -1,9 +1,7 @@
 """What the Prefect UI shows about a run: table and markdown artifacts.
 
-Why: "how did last night's retraining do" should be answered on the flow
-run's page: dataset statistics, metrics per split and K, training curves and
-the report's figures, without opening the data root.
-"""
+Why: "how did last night's retraining do" should be answered on the flow run's page: dataset statistics, metrics per
+split and K, training curves and the report's figures, without opening the data root."""
 
 from __future__ import annotations
 
@@ -15,8 +13,6 @@ from typing import Any
 import pandas as pd
 
 from sand.pipeline.base.store import StageOutcome
-
-# Prefect: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ def image_coverage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact  # lazy: Prefect is slow to import
 
     manifest = outcome.artifact.manifest
     if stage == "interactions" and "stats" in manifest:
@@ -89,7 +85,7 @@ def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
 
 
 def publish_summary(summary: dict[str, Any]) -> None:
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
 
     lines = ["# SAND pipeline run", "", "| stage | cached | seconds |", "|---|---|---|"]
     for stage, info in summary.get("stages", {}).items():
@@ -103,7 +99,7 @@ def publish_summary(summary: dict[str, Any]) -> None:
 
 def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None:
     """Report figures inline (data URIs), since the UI cannot read the data root."""
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
 
     parts = ["# Report figures", ""]
     for path in paths:
@@ -114,7 +110,7 @@ def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None
 
 def publish_grid(result: Any) -> None:
     """The grid's runs table (one row per setting) and which one validation selected."""
-    from prefect.artifacts import create_table_artifact
+    from prefect.artifacts import create_table_artifact  # lazy: Prefect is slow to import
 
     if not Path(result.table_path).is_file():
         return

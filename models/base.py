@@ -1,10 +1,8 @@
 """The one interface every recommender in ``models/`` implements.
 
-Why a small interface: the trainer, the evaluator, the grid runner and the
-plug-in component must treat MF-BPR, LightGCN, VBPR, FREEDOM and SAND alike.
-Models get tensors (never files) and score users against items by a dot product
-of the embeddings they return, which lets the evaluator rank in user batches.
-"""
+Why a small interface: the trainer, the evaluator, the grid runner and the plug-in component must treat MF-BPR,
+LightGCN, VBPR, FREEDOM and SAND alike. Models get tensors (never files) and score users against items by a dot product
+of the embeddings they return, which lets the evaluator rank in user batches."""
 
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ class Recommender(nn.Module, ABC):
       train_edges: LongTensor (E, 2) of (user, item) training interactions;
       features: dict modality -> FloatTensor (n_items, d_m) ("image", "text"), may be empty;
       item_graphs: dict modality -> torch sparse COO (n_items, n_items), normalised kNN graphs;
-      hyper-parameters as keyword arguments.
-    """
+      hyper-parameters as keyword arguments."""
 
     #: modalities the model needs; the pipeline reports a missing feature file by name.
     required_modalities: tuple[str, ...] = ()
@@ -33,15 +30,13 @@ class Recommender(nn.Module, ABC):
     def loss_terms(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted scalar loss terms for one batch; the trainer minimises their sum.
 
-        Keys name the terms ("bpr", "reg", "align", "distance", ...) so the per-epoch
-        log shows each one and a NaN can be traced to its term.
-        """
+        Keys name the terms ("bpr", "reg", "align", "distance", ...) so the per-epoch log shows each one and a NaN can
+        be traced to its term."""
 
     def auxiliary_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
         """Work done before ``loss_terms`` on each batch with the model's own optimisers.
 
-        SAND fits its CLUB estimators here. Default: nothing.
-        """
+        SAND fits its CLUB estimators here. Default: nothing."""
         return {}
 
     def auxiliary_state_dict(self) -> dict[str, Any]:
@@ -58,5 +53,4 @@ class Recommender(nn.Module, ABC):
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(user_emb (U, d), item_emb (N, d)) for scoring; called under eval mode + no_grad.
 
-        score(u, i) = <user_emb[u], item_emb[i]>.
-        """
+        score(u, i) = <user_emb[u], item_emb[i]>."""

@@ -1,9 +1,7 @@
 """MF-BPR (Rendle et al. 2009) and the BPR/regularisation terms every baseline shares.
 
-Why the shared helpers live here: MF-BPR is the simplest model using them, and
-LightGCN, VBPR and FREEDOM import them from here so all baselines compute the
-same BPR loss and the same regulariser (MMRec's ``BPRLoss`` / ``EmbLoss``).
-"""
+Why the shared helpers live here: MF-BPR is the simplest model using them, and LightGCN, VBPR and FREEDOM import them
+from here so all baselines compute the same BPR loss and the same regulariser (MMRec's ``BPRLoss`` / ``EmbLoss``)."""
 
 from __future__ import annotations
 
@@ -19,10 +17,8 @@ from sand.models.losses import bpr_loss
 def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:
     """MMRec's ``EmbLoss``: sum of the Frobenius norms (NOT squared) over the batch size.
 
-    The batch size is the row count of the last tensor, as MMRec does. Because the
-    norms are not squared, the useful ``reg_weight`` range differs from a weight
-    decay: MMRec tunes it over {1e-5 ... 2.0}.
-    """
+    The batch size is the row count of the last tensor, as MMRec does. Because the norms are not squared, the useful
+    ``reg_weight`` range differs from a weight decay: MMRec tunes it over {1e-5 ... 2.0}."""
     total = embeddings[-1].new_zeros(())
     for e in embeddings:
         total = total + torch.linalg.vector_norm(e)
@@ -35,19 +31,13 @@ def dot_scores(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[t
 
 
 def check_modalities(
-    model_name: str,
-    required: tuple[str, ...],
-    features: Mapping[str, torch.Tensor] | None,
-    item_graphs: Mapping[str, torch.Tensor] | None = None,
-    n_items: int | None = None,
-    *,
-    need_graphs: bool = False,
+    model_name: str, required: tuple[str, ...], features: Mapping[str, torch.Tensor] | None,
+    item_graphs: Mapping[str, torch.Tensor] | None = None, n_items: int | None = None, *, need_graphs: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the first missing (or mis-shaped) modality input.
 
-    ``models/`` may not import ``pipeline.base.errors``; the pipeline turns this
-    ValueError into its user-facing error (it knows which file was missing).
-    """
+    ``models/`` may not import ``pipeline.base.errors``; the pipeline turns this ValueError into its user-facing error
+    (it knows which file was missing)."""
     features = features or {}
     item_graphs = item_graphs or {}
     for m in required:
@@ -69,24 +59,16 @@ def check_modalities(
 class MFBPR(Recommender):
     """Matrix factorisation trained with BPR, as MMRec's ``BPR`` model.
 
-    user/item tables (``embedding_dim``, xavier-normal as MMRec); loss = BPR +
-    ``reg_weight`` * EmbLoss(user, pos, neg) over the batch rows. MMRec tunes
-    reg_weight over {2.0, 1.0, 1e-1, ..., 1e-5}; 1e-1 was best on Baby on these
-    machines (measured on the real Baby graph, docs/benchmarks.md), hence the default.
-    """
+    user/item tables (``embedding_dim``, xavier-normal as MMRec); loss = BPR + ``reg_weight`` * EmbLoss(user, pos, neg)
+    over the batch rows. MMRec tunes reg_weight over {2.0, 1.0, 1e-1, ..., 1e-5}; 1e-1 was best on Baby on these
+    machines (measured on the real Baby graph, docs/benchmarks.md), hence the default."""
 
     required_modalities: tuple[str, ...] = ()
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        reg_weight: float = 1e-1,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, reg_weight: float = 1e-1,
     ) -> None:
         super().__init__()
         self.n_users, self.n_items = int(n_users), int(n_items)

@@ -8,26 +8,21 @@ was most of what made SAND_a slower than SAND_b. Measured on Baby-sized pairs
 (7,050 x 32, two estimators, 50 steps, 2 cores) it went from ~0.56 s to ~0.09 s per
 batch by:
 
-- gradients in closed form (no autograd graph), with the two heads' first layers
-  fused into one product;
+- gradients in closed form (no autograd graph), with the two heads' first layers fused into one product;
 - a transposed layout (features x items): every product then has its long
   dimension contiguous, which MKL runs 3-5x faster for these skinny shapes;
-- ``tanh`` written as ``2 sigmoid(2p) - 1`` and ``exp`` as ``exp2`` (both several
-  times faster in ATen on CPU), with the constant factors folded into one scale of
-  the gradient vector;
+- ``tanh`` written as ``2 sigmoid(2p) - 1`` and ``exp`` as ``exp2`` (both several times faster in ATen on CPU), with the
+  constant factors folded into one scale of the gradient vector;
 - all parameters, gradients and Adam moments in single flat buffers, so the Adam
   update is five operations for the whole estimator;
-- one intra-op thread per estimator, the estimators fitted side by side in Python
-  threads (:func:`fit_clubs`): with idle OpenMP threads sleeping (our
-  ``OMP_WAIT_POLICY=PASSIVE``), waking them costs more than these operations, and
-  the operations release the GIL. Each fit is single-threaded either way, so the
-  result does not depend on how many run at once.
+- one intra-op thread per estimator, the estimators fitted side by side in Python threads (:func:`fit_clubs`): with idle
+  OpenMP threads sleeping (our ``OMP_WAIT_POLICY=PASSIVE``), waking them costs more than these operations, and the
+  operations release the GIL. Each fit is single-threaded either way, so the result does not depend on how many run at
+  once.
 
-The arithmetic is that of ``torch.optim.Adam`` on ``-log_likelihood`` (tests compare
-both over many steps), and the moments live in the estimator's own
-``torch.optim.Adam`` state, so checkpoints, resumption and the autograd reference
-path all share one format.
-"""
+The arithmetic is that of ``torch.optim.Adam`` on ``-log_likelihood`` (tests compare both over many steps), and the
+moments live in the estimator's own ``torch.optim.Adam`` state, so checkpoints, resumption and the autograd reference
+path all share one format."""
 
 from __future__ import annotations
 
@@ -50,10 +45,8 @@ CLUB_FIT = "sand::club_fit"
 def single_intra_op_thread(device: torch.device) -> Iterator[None]:
     """Run torch CPU operations on one thread inside the block, then restore the setting.
 
-    Why: the fit's operations take 10-100 microseconds each; waking a sleeping OpenMP
-    worker for each of them costs about as much. The setting is process-wide, so the
-    previous value is restored even when the block raises.
-    """
+    Why: the fit's operations take 10-100 microseconds each; waking a sleeping OpenMP worker for each of them costs
+    about as much. The setting is process-wide, so the previous value is restored even when the block raises."""
     if device.type != "cpu":
         yield
         return
@@ -71,9 +64,8 @@ def single_intra_op_thread(device: torch.device) -> Iterator[None]:
 def _layout(est: ClubEstimator) -> list[nn.Parameter]:
     """The estimator's parameters in flat-buffer order: both first layers' rows adjacent.
 
-    So ``[mu1.weight; logvar1.weight]`` is one contiguous (2h x in) matrix and the two
-    heads' first layers are a single product.
-    """
+    So ``[mu1.weight; logvar1.weight]`` is one contiguous (2h x in) matrix and the two heads' first layers are a single
+    product."""
     mu1, mu2, lv1, lv2 = est.mu[0], est.mu[2], est.logvar[0], est.logvar[2]
     return [mu1.weight, lv1.weight, mu1.bias, lv1.bias, mu2.weight, mu2.bias, lv2.weight, lv2.bias]
 
@@ -135,20 +127,15 @@ class _FlatState:
 
 
 def fit_club(
-    est: ClubEstimator,
-    optimiser: torch.optim.Adam,
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
+    est: ClubEstimator, optimiser: torch.optim.Adam, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
 ) -> list[float]:
     """``steps`` Adam steps on ``-sum_k mean_i log q(y_ki | x_ki)`` over the (x, y) ``pairs``.
 
-    One pair per modality normally; a shared estimator gets every modality's pairs (all
-    with the same number of rows), whose likelihood gradients add up, as they would
-    through autograd. ``optimiser`` must be a plain ``torch.optim.Adam`` over exactly
-    ``est``'s parameters; its state is read before and written after the fit. Returns
-    the mean log-likelihood of each pair at the last step, before that step's update
-    (what the reference path reports); none without steps.
-    """
+    One pair per modality normally; a shared estimator gets every modality's pairs (all with the same number of rows),
+    whose likelihood gradients add up, as they would through autograd. ``optimiser`` must be a plain
+    ``torch.optim.Adam`` over exactly ``est``'s parameters; its state is read before and written after the fit. Returns
+    the mean log-likelihood of each pair at the last step, before that step's update (what the reference path reports);
+    none without steps."""
     if steps <= 0:
         return []
     n = int(pairs[0][0].shape[0])
@@ -168,10 +155,8 @@ def fit_club(
     mu_scale, lv_scale = 1.0 / n, -2.0 / n
     scale = torch.cat(
         [
-            torch.full((w1_mu.numel(),), mu_scale),
-            torch.full((w1_lv.numel(),), lv_scale),
-            torch.full((hidden,), mu_scale),
-            torch.full((hidden,), lv_scale),
+            torch.full((w1_mu.numel(),), mu_scale), torch.full((w1_lv.numel(),), lv_scale),
+            torch.full((hidden,), mu_scale), torch.full((hidden,), lv_scale),
             torch.full((w2_mu.numel() + b2_mu.numel(),), mu_scale),
             torch.full((w2_lv.numel() + b2_lv.numel(),), lv_scale),
         ]
@@ -213,15 +198,13 @@ def fit_club(
 
 
 def fit_clubs(
-    jobs: Sequence[tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]],
-    steps: int,
+    jobs: Sequence[tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]], steps: int,
 ) -> list[list[float]]:
     """:func:`fit_club` for several independent estimators, side by side on a CPU.
 
-    Each job is ``(estimator, its optimiser, its pairs)``; results come back in job
-    order. On a CPU every fit runs on one intra-op thread (restored afterwards) and the
-    fits share the cores through a thread pool; elsewhere they run one after another.
-    """
+    Each job is ``(estimator, its optimiser, its pairs)``; results come back in job order. On a CPU every fit runs on
+    one intra-op thread (restored afterwards) and the fits share the cores through a thread pool; elsewhere they run one
+    after another."""
     if not jobs:
         return []
     device = next(jobs[0][0].parameters()).device

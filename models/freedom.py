@@ -1,31 +1,24 @@
 """FREEDOM (Zhou & Shen 2023, "A Tale of Two Graphs"), following MMRec's implementation.
 
 Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
-- Item-item graph S = w * S_image + (1 - w) * S_text, w = ``mm_image_weight`` (0.1),
-  frozen. Here it comes from ``item_graphs`` (the graph stage's artifact) and is
-  never recomputed. It propagates the free item ID embeddings ``n_mm_layers``
-  (1) times; the result is added to the LightGCN item output.
-- Degree-sensitive edge pruning: before every epoch, keep
-  ``int(E * (1 - dropout))`` training edges sampled without replacement with
-  probability proportional to 1 / sqrt(d_u d_i), and re-normalise the kept graph
-  symmetrically. ``dropout`` is 0.8 or 0.9 in MMRec's grid (default 0.8 here).
-  Training propagates over the pruned graph; inference over the FULL training graph.
+- Item-item graph S = w * S_image + (1 - w) * S_text, w = ``mm_image_weight`` (0.1), frozen. Here it comes from
+  ``item_graphs`` (the graph stage's artifact) and is never recomputed. It propagates the free item ID embeddings
+  ``n_mm_layers`` (1) times; the result is added to the LightGCN item output.
+- Degree-sensitive edge pruning: before every epoch, keep ``int(E * (1 - dropout))`` training edges sampled without
+  replacement with probability proportional to 1 / sqrt(d_u d_i), and re-normalise the kept graph symmetrically.
+  ``dropout`` is 0.8 or 0.9 in MMRec's grid (default 0.8 here). Training propagates over the pruned graph; inference
+  over the FULL training graph.
 - LightGCN-style mean over ``n_ui_layers`` (2) layers of the user-item graph.
-- Raw features are *trainable* (MMRec loads them with ``Embedding.from_pretrained(
-  freeze=False)``; ``train_features=False`` freezes them) and are projected to
-  ``feat_embed_dim`` (64) by ``Linear`` layers. The projected features enter only
-  through extra BPR terms of the propagated user against them:
-  loss = BPR + reg_weight * (BPR_text + BPR_image); reg_weight grid
-  {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused by
-  its FREEDOM and is not offered.
+- Raw features are *trainable* (MMRec loads them with ``Embedding.from_pretrained(freeze=False)``;
+  ``train_features=False`` freezes them) and are projected to ``feat_embed_dim`` (64) by ``Linear`` layers. The
+  projected features enter only through extra BPR terms of the propagated user against them: loss = BPR + reg_weight *
+  (BPR_text + BPR_image); reg_weight grid {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused
+  by its FREEDOM and is not offered.
 
-Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality
-to the item ID embeddings before both propagations, so the modal features reach the
-scoring embeddings. It exists for the SAND plug-in's ``scoring`` fusion (see
-``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary
-BPR terms, so anything a plug-in does to them cannot change a score when
-``reg_weight = 0``.
-"""
+Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality to the item ID embeddings before
+both propagations, so the modal features reach the scoring embeddings. It exists for the SAND plug-in's ``scoring``
+fusion (see ``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary BPR terms, so
+anything a plug-in does to them cannot change a score when ``reg_weight = 0``."""
 
 from __future__ import annotations
 
@@ -54,10 +47,8 @@ def degree_edge_weights(n_users: int, n_items: int, edges: np.ndarray) -> torch.
 def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """k distinct indices drawn one after another with probability proportional to ``weights``.
 
-    ``torch.multinomial`` (MMRec's call) accepts at most 2**24 categories; beyond that
-    the same distribution comes from the top-k of ``log(u) / w`` keys (Efraimidis &
-    Spirakis). Indices are returned on the CPU.
-    """
+    ``torch.multinomial`` (MMRec's call) accepts at most 2**24 categories; beyond that the same distribution comes from
+    the top-k of ``log(u) / w`` keys (Efraimidis & Spirakis). Indices are returned on the CPU."""
     w = weights.to(generator.device)
     if len(w) <= 2**24:
         return torch.multinomial(w, k, replacement=False, generator=generator).cpu()
@@ -68,31 +59,18 @@ def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torc
 class FREEDOM(Recommender):
     """FREEDOM with named projected modal features (for the SAND plug-in).
 
-    Inspection points (used by the tests): ``full_adj`` (inference graph),
-    ``train_adj`` (the current epoch's pruned graph), ``kept_edges`` ((K, 2) edges
-    kept this epoch), ``train_edges`` ((E, 2) deduplicated training edges).
-    """
+    Inspection points (used by the tests): ``full_adj`` (inference graph), ``train_adj`` (the current epoch's pruned
+    graph), ``kept_edges`` ((K, 2) edges kept this epoch), ``train_edges`` ((E, 2) deduplicated training edges)."""
 
     required_modalities: tuple[str, ...] = MODALITIES
     #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
     precision: str = "fp32"
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        feat_embed_dim: int = 64,
-        n_ui_layers: int = 2,
-        n_mm_layers: int = 1,
-        mm_image_weight: float = 0.1,
-        dropout: float = 0.8,
-        reg_weight: float = 1e-3,
-        train_features: bool = True,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, feat_embed_dim: int = 64, n_ui_layers: int = 2, n_mm_layers: int = 1,
+        mm_image_weight: float = 0.1, dropout: float = 0.8, reg_weight: float = 1e-3, train_features: bool = True,
         modal_in_scores: bool = False,
     ) -> None:
         super().__init__()
@@ -168,9 +146,8 @@ class FREEDOM(Recommender):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(users, items) over user-item graph ``adj``, plus the item-item propagation of the items.
 
-        The items entering both propagations are the ID embeddings, plus the sum of the
-        projected features ``modal`` when ``modal_in_scores`` (computed here if not given).
-        """
+        The items entering both propagations are the ID embeddings, plus the sum of the projected features ``modal``
+        when ``modal_in_scores`` (computed here if not given)."""
         items = self.item_embedding
         if self.modal_in_scores:
             modal = self.modal_representations() if modal is None else modal

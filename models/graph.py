@@ -1,9 +1,7 @@
 """Sparse graph helpers shared by the graph-based models (LightGCN, FREEDOM, SAND).
 
-Why here: every graph model needs the same symmetric-normalised user-item
-adjacency over the *training* interactions; one implementation keeps them
-consistent (no self loops, D^-1/2 A D^-1/2, zero-degree rows left at zero).
-"""
+Why here: every graph model needs the same symmetric-normalised user-item adjacency over the *training* interactions;
+one implementation keeps them consistent (no self loops, D^-1/2 A D^-1/2, zero-degree rows left at zero)."""
 
 from __future__ import annotations
 
@@ -69,10 +67,9 @@ GRAPH_PRODUCTS = "sand::graph_products"
 class SparseMatmul(torch.autograd.Function):
     """``a @ x`` for a constant CSR matrix ``a`` whose transpose ``a_t`` is given (also CSR).
 
-    Why not ``torch.sparse.mm``: its backward transposes and re-sorts the sparse matrix on
-    every call; the graphs are frozen, so the transpose is built once (and is ``a`` itself
-    for the symmetric user-item adjacency). About 3x less CPU per propagation on Baby.
-    """
+    Why not ``torch.sparse.mm``: its backward transposes and re-sorts the sparse matrix on every call; the graphs are
+    frozen, so the transpose is built once (and is ``a`` itself for the symmetric user-item adjacency). About 3x less
+    CPU per propagation on Baby."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +91,8 @@ def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = N
 def mix_item_graphs(item_graphs: Mapping[str, torch.Tensor], image_weight: float) -> torch.Tensor:
     """S = w * S_image + (1 - w) * S_text as one coalesced float32 COO tensor.
 
-    The frozen kNN graphs come from the graphs stage; the mix weight is a model
-    hyper-parameter (``mm_image_weight``), so it is applied here, at model time.
-    """
+    The frozen kNN graphs come from the graphs stage; the mix weight is a model hyper-parameter (``mm_image_weight``),
+    so it is applied here, at model time."""
 
     def coo(g: torch.Tensor) -> torch.Tensor:
         g = g if g.layout == torch.sparse_coo else g.to_sparse_coo()

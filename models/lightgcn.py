@@ -1,11 +1,8 @@
 """LightGCN (He et al. 2020), following MMRec's implementation.
 
-Why: the ID-only graph baseline of the SAND paper (Baby R@20 0.0754). Ego
-embeddings are propagated over the symmetric-normalised *training* graph; the
-output is the mean of the ego embeddings and every layer's output. The
-regulariser acts on the ego embeddings of the batch (MMRec's convention), not on
-the propagated ones.
-"""
+Why: the ID-only graph baseline of the SAND paper (Baby R@20 0.0754). Ego embeddings are propagated over the
+symmetric-normalised *training* graph; the output is the mean of the ego embeddings and every layer's output. The
+regulariser acts on the ego embeddings of the batch (MMRec's convention), not on the propagated ones."""
 
 from __future__ import annotations
 
@@ -42,25 +39,16 @@ def layer_mean(adj: Tensor, ego: Tensor, n_layers: int) -> Tensor:
 class LightGCN(Recommender):
     """LightGCN over the normalised training graph.
 
-    Hyper-parameters: ``embedding_dim`` (64), ``n_layers`` (2; MMRec tunes
-    {1, 2, 3, 4}; 1 layer was best on Baby here, docs/benchmarks.md), ``reg_weight``
-    (1e-2; MMRec tunes {1e-2, ..., 1e-6}). Embeddings are xavier-uniform, as MMRec.
-    With ``n_layers = 0`` the model is MF-BPR on its ego embeddings.
-    """
+    Hyper-parameters: ``embedding_dim`` (64), ``n_layers`` (2; MMRec tunes {1, 2, 3, 4}; 1 layer was best on Baby here,
+    docs/benchmarks.md), ``reg_weight`` (1e-2; MMRec tunes {1e-2, ..., 1e-6}). Embeddings are xavier-uniform, as MMRec.
+    With ``n_layers = 0`` the model is MF-BPR on its ego embeddings."""
 
     required_modalities: tuple[str, ...] = ()
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        n_layers: int = 2,
-        reg_weight: float = 1e-2,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, n_layers: int = 2, reg_weight: float = 1e-2,
     ) -> None:
         super().__init__()
         if n_layers < 0:

@@ -1,10 +1,8 @@
 """Loss functions of SAND and its baselines, as pure functions of tensors.
 
-Why pure functions: the same terms serve SAND, its plug-in component on VBPR and
-FREEDOM, and the tests, which check each term on hand-computable inputs. Only the
-CLUB estimator carries parameters (it is a small network fitted by maximum
-likelihood), so it is an ``nn.Module``.
-"""
+Why pure functions: the same terms serve SAND, its plug-in component on VBPR and FREEDOM, and the tests, which check
+each term on hand-computable inputs. Only the CLUB estimator carries parameters (it is a small network fitted by maximum
+likelihood), so it is an ``nn.Module``."""
 
 from __future__ import annotations
 
@@ -30,23 +28,19 @@ L2_FORMS = ("neg-mse", "neg-log", "margin")
 def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
     """Bayesian personalised ranking loss ``-mean(ln sigmoid(pos - neg))``.
 
-    Natural log. The SAND reference code uses ``log2``, which equals this value times
-    ``1 / ln 2`` (about 1.4427): the same optimum, a 1.44x larger effective weight of
-    BPR against the alignment/distancing terms. ``logsigmoid`` keeps it finite when
-    ``neg >> pos`` (``log(sigmoid(x))`` underflows to ``-inf`` there).
-    """
+    Natural log. The SAND reference code uses ``log2``, which equals this value times ``1 / ln 2`` (about 1.4427): the
+    same optimum, a 1.44x larger effective weight of BPR against the alignment/distancing terms. ``logsigmoid`` keeps it
+    finite when ``neg >> pos`` (``log(sigmoid(x))`` underflows to ``-inf`` there)."""
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 
 class _MeanRowLogSumExp(torch.autograd.Function):
     """``mean_i log sum_j exp(a_i . b_j)`` without holding the n x m logits.
 
-    Rows are processed in blocks of ``block`` rows (128 measured fastest for 7,050 items,
-    2 cores), in one reused buffer. Because the output is a mean, its gradient is known
-    up to the incoming scalar while the forward pass has each block's softmax at hand,
-    so the gradients are accumulated there (one block product forward and two for the
-    gradients) and ``backward`` only rescales them: no second pass over the n x m logits.
-    """
+    Rows are processed in blocks of ``block`` rows (128 measured fastest for 7,050 items, 2 cores), in one reused
+    buffer. Because the output is a mean, its gradient is known up to the incoming scalar while the forward pass has
+    each block's softmax at hand, so the gradients are accumulated there (one block product forward and two for the
+    gradients) and ``backward`` only rescales them: no second pass over the n x m logits."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
@@ -102,33 +96,27 @@ class _MeanRowLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         grad_a, grad_b = ctx.saved_tensors
-        return (
-            None if grad_a is None else grad_a * grad,
-            None if grad_b is None else grad_b * grad,
-            None,
-        )
+        return (None if grad_a is None else grad_a * grad, None if grad_b is None else grad_b * grad, None)
 
 
 def mean_row_logsumexp(a: torch.Tensor, b: torch.Tensor, block: int = 128) -> torch.Tensor:
     """``torch.logsumexp(a @ b.T, dim=1).mean()`` in O(block * m) memory, cache-friendly.
 
-    Why: SoloSim over all N items needs N x N logits (7050^2 on Baby, 49.7M floats per
-    pass); materialised, the subtraction, the exponential and their gradients each
-    stream 200 MB through memory and were a third of a training step.
-    """
+    Why: SoloSim over all N items needs N x N logits (7050^2 on Baby, 49.7M floats per pass); materialised, the
+    subtraction, the exponential and their gradients each stream 200 MB through memory and were a third of a training
+    step."""
     return _MeanRowLogSumExp.apply(a, b, block)
 
 
 def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float) -> torch.Tensor:
     """SoloSim (Eq. 10), text -> image direction only, as the reference computes it.
 
-    ``S = T I^T / tau``; loss ``= -mean(diag(log_softmax(S, dim=1)))``: item i's text view
-    must pick item i's image view among all image views in the set. Inputs are rows of
-    already L2-normalised projections (n x d), row i of both belonging to the same item.
+    ``S = T I^T / tau``; loss ``= -mean(diag(log_softmax(S, dim=1)))``: item i's text view must pick item i's image view
+    among all image views in the set. Inputs are rows of already L2-normalised projections (n x d), row i of both
+    belonging to the same item.
 
-    Computed as ``mean_i(logsumexp_j S_ij - S_ii)`` (the same value) with ``1/tau``
-    applied to the n x d input and the n x n logits never held (:func:`mean_row_logsumexp`).
-    """
+    Computed as ``mean_i(logsumexp_j S_ij - S_ii)`` (the same value) with ``1/tau`` applied to the n x d input and the n
+    x n logits never held (:func:`mean_row_logsumexp`)."""
     scaled = text_h / tau
     return mean_row_logsumexp(scaled, image_h) - (scaled * image_h).sum(dim=1).mean()
 
@@ -136,9 +124,8 @@ def solosim_loss(text_h: torch.Tensor, image_h: torch.Tensor, tau: float) -> tor
 def infonce_loss(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     """Symmetric InfoNCE (docs/model.md, Table 4): the a -> b and b -> a SoloSim terms averaged.
 
-    Why symmetric: the alternative the paper compares against treats both modalities
-    alike, unlike SoloSim which only asks text to find image.
-    """
+    Why symmetric: the alternative the paper compares against treats both modalities alike, unlike SoloSim which only
+    asks text to find image."""
     return 0.5 * (solosim_loss(a, b, tau) + solosim_loss(b, a, tau))
 
 
@@ -148,16 +135,13 @@ def l2_distance_loss(
     """Distancing by l2 (Eq. 14) between generic (``e1``) and unique (``e2``) projections.
 
     Forms (``mse = mean((e1 - e2) ** 2)``):
-      - ``"neg-mse"``: ``-mse``, the paper's Eq. 14. Unbounded below: minimising it lets
-        the projections grow without limit (the reference survives only because its
-        weight is tiny). Kept for fidelity.
-      - ``"neg-log"`` (default for SAND_b/d): ``-log(eps + mse)``. Still decreasing in the
-        distance, but its gradient shrinks like ``1 / mse``, so the push weakens as the
-        parts separate and the term grows only logarithmically: it stays finite over any
-        realistic training and never dominates BPR. Bounded above by ``-log(eps)``.
+      - ``"neg-mse"``: ``-mse``, the paper's Eq. 14. Unbounded below: minimising it lets the projections grow without
+        limit (the reference survives only because its weight is tiny). Kept for fidelity.
+      - ``"neg-log"`` (default for SAND_b/d): ``-log(eps + mse)``. Still decreasing in the distance, but its gradient
+        shrinks like ``1 / mse``, so the push weakens as the parts separate and the term grows only logarithmically: it
+        stays finite over any realistic training and never dominates BPR. Bounded above by ``-log(eps)``.
       - ``"margin"``: ``relu(margin - mse)``, strictly bounded in ``[0, margin]``; stops
-        pushing once the parts are ``margin`` apart (a hyper-parameter to choose).
-    """
+        pushing once the parts are ``margin`` apart (a hyper-parameter to choose)."""
     mse = (e1 - e2).pow(2).mean()
     if form == "neg-mse":
         return -mse
@@ -171,11 +155,9 @@ def l2_distance_loss(
 class ClubEstimator(nn.Module):
     """Variational net ``q(y | x) = N(mu(x), exp(logvar(x)))`` for the CLUB bound (Eq. 11-13).
 
-    Mean and log-variance heads are ``Linear(x_dim -> hidden) -> ReLU -> Linear(hidden ->
-    y_dim)``; the log-variance head ends in ``tanh`` (variance within [1/e, e]), as the
-    reference's ``CLUBSample`` with ``hidden_size=16``. The constant ``-0.5 log 2 pi`` is
-    dropped: it cancels in the bound and does not change the ML fit.
-    """
+    Mean and log-variance heads are ``Linear(x_dim -> hidden) -> ReLU -> Linear(hidden -> y_dim)``; the log-variance
+    head ends in ``tanh`` (variance within [1/e, e]), as the reference's ``CLUBSample`` with ``hidden_size=16``. The
+    constant ``-0.5 log 2 pi`` is dropped: it cancels in the bound and does not change the ML fit."""
 
     def __init__(self, x_dim: int = 32, y_dim: int = 32, hidden: int = 8) -> None:
         super().__init__()
@@ -185,9 +167,8 @@ class ClubEstimator(nn.Module):
     def _log_q(self, mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-row ``log q(y | x)`` (up to the constant), summed over dimensions.
 
-        ``-((mu - y)^2 / exp(logvar) + logvar) / 2`` written with few elementwise passes:
-        the estimator is fitted 50 times per batch, so each pass counts.
-        """
+        ``-((mu - y)^2 / exp(logvar) + logvar) / 2`` written with few elementwise passes: the estimator is fitted 50
+        times per batch, so each pass counts."""
         return -0.5 * ((mu - y).square() * torch.exp(-logvar) + logvar).sum(dim=1)
 
     def log_likelihood(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -201,10 +182,9 @@ class ClubEstimator(nn.Module):
     def mi_upper_bound(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """CLUB-sample bound ``max(0, mean_i[log q(y_i|x_i) - log q(y_perm(i)|x_i)] / 2)``.
 
-        The halving and the clamp at 0 follow the reference (a poorly fitted estimator can
-        give a negative estimate, which would reward *increasing* dependence).
-        ``perm`` is a permutation of the rows (the caller draws it, so runs are seeded).
-        """
+        The halving and the clamp at 0 follow the reference (a poorly fitted estimator can give a negative estimate,
+        which would reward *increasing* dependence). ``perm`` is a permutation of the rows (the caller draws it, so runs
+        are seeded)."""
         mu, logvar = self.mu(x), self.logvar(x)
         positive = self._log_q(mu, logvar, y)
         negative = self._log_q(mu, logvar, y[perm])

@@ -1,28 +1,22 @@
 """SAND as a plug-in (Table 3): the split/align/distance component on another backbone.
 
-Why a wrapper: the component needs only each item's modal representations, which
-a backbone names through ``modal_representations() -> {modality: (N, d) tensor}``.
-The wrapper adds the alignment and distancing losses on the column halves of
-those tensors (generic | unique) and delegates everything else (BPR terms,
-scoring, FREEDOM's per-epoch edge pruning) to the backbone.
+Why a wrapper: the component needs only each item's modal representations, which a backbone names through
+``modal_representations() -> {modality: (N, d) tensor}``. The wrapper adds the alignment and distancing losses on the
+column halves of those tensors (generic | unique) and delegates everything else (BPR terms, scoring, FREEDOM's per-epoch
+edge pruning) to the backbone.
 
-``plugin_fusion`` says whether the SAND-processed representation reaches the scores
-(``docs/model.md``, "Plug-ins"):
+``plugin_fusion`` says whether the SAND-processed representation reaches the scores (``docs/model.md``, "Plug-ins"):
 
-- ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For
-  FREEDOM this means the SAND terms act only on the projected features, which enter
-  FREEDOM's auxiliary modal BPR term (weight ``reg_weight``) and never its scores: with
-  ``reg_weight = 0`` (the authors' FREEDOM+SAND setting) its scores are bit-identical
-  to FREEDOM's whatever ``alpha`` and ``beta``.
-- ``"scoring"``: FREEDOM adds the projected features (generic and unique parts, i.e.
-  all their columns) of both modalities to the item embeddings before its user-item
-  and item-item propagations (``FREEDOM(modal_in_scores=True)``), so the SAND terms
-  shape what is scored.
+- ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For FREEDOM this means the SAND terms act
+  only on the projected features, which enter FREEDOM's auxiliary modal BPR term (weight ``reg_weight``) and never its
+  scores: with ``reg_weight = 0`` (the authors' FREEDOM+SAND setting) its scores are bit-identical to FREEDOM's whatever
+  ``alpha`` and ``beta``.
+- ``"scoring"``: FREEDOM adds the projected features (generic and unique parts, i.e. all their columns) of both
+  modalities to the item embeddings before its user-item and item-item propagations (``FREEDOM(modal_in_scores=True)``),
+  so the SAND terms shape what is scored.
 
-VBPR's projected features are part of its item representation already, so for VBPR
-both fusions are the same model (:attr:`SeparationPlugin.fusion_matters` is False and
-the registry does not pass the setting on).
-"""
+VBPR's projected features are part of its item representation already, so for VBPR both fusions are the same model
+(:attr:`SeparationPlugin.fusion_matters` is False and the registry does not pass the setting on)."""
 
 from __future__ import annotations
 
@@ -44,32 +38,15 @@ class SeparationPlugin(Recommender):
 
     backbone_class: type[Recommender]
     required_modalities = ("image", "text")
-    #: Whether ``plugin_fusion`` changes the model (False: the backbone scores its modal
-    #: representations anyway).
+    #: Whether ``plugin_fusion`` changes the model (False: the backbone scores its modal representations anyway).
     fusion_matters: bool = True
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: Tensor,
-        features: Mapping[str, Tensor],
-        item_graphs: Mapping[str, Tensor],
-        *,
-        variant: str = "a",
-        alpha: float = 0.012,
-        beta: float = 0.006,
-        tau: float = 0.2,
-        split_ratio: float = 0.5,
-        club_steps: int = 50,
-        club_lr: float = 1e-4,
-        l2_form: str = "neg-log",
-        solosim_scope: str = "auto",
-        distance_scope: str = "auto",
-        share_club: bool = False,
-        head_dims: Sequence[int] = (64, 64, 32),
-        club_fit_order: str = "before",
-        plugin_fusion: str = "auxiliary",
+        self, n_users: int, n_items: int, train_edges: Tensor, features: Mapping[str, Tensor],
+        item_graphs: Mapping[str, Tensor], *, variant: str = "a", alpha: float = 0.012, beta: float = 0.006,
+        tau: float = 0.2, split_ratio: float = 0.5, club_steps: int = 50, club_lr: float = 1e-4,
+        l2_form: str = "neg-log", solosim_scope: str = "auto", distance_scope: str = "auto", share_club: bool = False,
+        head_dims: Sequence[int] = (64, 64, 32), club_fit_order: str = "before", plugin_fusion: str = "auxiliary",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -140,8 +117,7 @@ class VBPRSand(SeparationPlugin):
 class FREEDOMSand(SeparationPlugin):
     """FREEDOM + SAND: the component on FREEDOM's projected image/text features.
 
-    ``plugin_fusion="scoring"`` builds the backbone with ``modal_in_scores=True``.
-    """
+    ``plugin_fusion="scoring"`` builds the backbone with ``modal_in_scores=True``."""
 
     backbone_class = FREEDOM
 

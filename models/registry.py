@@ -1,16 +1,12 @@
 """Every model of the package, one entry each: the single table the rest is derived from.
 
-Why one table: the config's allowed ``train.model`` names and ``train.<hyper-parameter>``
-fields, the CLI help, the train stage (modalities, default lr, variants), the grid presets
-and the report's labels and table membership all ask "what is model X". Answering it here
-means adding a model is its file plus one :data:`MODELS` entry, and no other module lists
-models, their hyper-parameters, SAND's variants (:data:`VARIANTS`) or the plug-in fusions
-(:data:`FUSIONS`).
+Why one table: the config's allowed ``train.model`` names and ``train.<hyper-parameter>`` fields, the CLI help, the
+train stage (modalities, default lr, variants), the grid presets and the report's labels and table membership all ask
+"what is model X". Answering it here means adding a model is its file plus one :data:`MODELS` entry, and no other module
+lists models, their hyper-parameters, SAND's variants (:data:`VARIANTS`) or the plug-in fusions (:data:`FUSIONS`).
 
-This module must stay cheap to import (``sand --help`` and config validation use
-it): model classes are named as ``"module:Class"`` strings and imported (with torch)
-only when a model is built or introspected.
-"""
+This module must stay cheap to import (``sand --help`` and config validation use it): model classes are named as
+``"module:Class"`` strings and imported (with torch) only when a model is built or introspected."""
 
 from __future__ import annotations
 
@@ -142,9 +138,8 @@ MODELS: dict[str, ModelSpec] = {
                       tables=("table2", "table4", "figure3", "figures5-6"), has_variants=True,
                       renames={"n_layers": "n_ui_layers"}, hyperparameters=_SAND_HYPERPARAMETERS,
                       follows_lr=("lr",)),
-    # The "authors" profile: the SAND authors' plug-in settings, read from their VBPR+SAND and
-    # FREEDOM+SAND training logs (projection heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic
-    # columns). Explicit settings win.
+    # The "authors" profile: the SAND authors' plug-in settings, read from their VBPR+SAND and FREEDOM+SAND training
+    # logs (projection heads 32 -> 33 -> 33 -> 63 on FREEDOM's 32 generic columns). Explicit settings win.
     "vbpr-sand": ModelSpec("VBPR+SAND", "sand.models.plugins:VBPRSand", ("image", "text"), 1e-3,
                            tables=("table3",), has_variants=True, backbone="vbpr", follows_lr=("club_lr",),
                            profiles={"authors": {"alpha": 0.1, "tau": 0.1, "reg_weight": 2.0}},
@@ -154,8 +149,7 @@ MODELS: dict[str, ModelSpec] = {
     "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
                               tables=("table3",), has_variants=True, backbone="freedom",
                               renames={"n_layers": "n_ui_layers"}, follows_lr=("club_lr",),
-                              profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0,
-                                                    "dropout": 0.8}},
+                              profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0, "dropout": 0.8}},
                               hyperparameters={"plugin_fusion": (Literal[FUSIONS], Field(
                                   FUSIONS[0], description="plug-ins: SAND terms on the auxiliary modal features, "
                                   "or fused into the scores"))}),
@@ -165,8 +159,7 @@ MODELS: dict[str, ModelSpec] = {
 def hyperparameters() -> dict[str, HyperParameter]:
     """Every ``train.<name>`` hyper-parameter field: the common ones, then each entry's, in order.
 
-    A name is declared once (else ValueError): one field serves every model that takes it.
-    """
+    A name is declared once (else ValueError): one field serves every model that takes it."""
     fields = dict(COMMON_HYPERPARAMETERS)
     for name, s in MODELS.items():
         twice = sorted(set(fields) & set(s.hyperparameters))
@@ -237,11 +230,10 @@ def default_lr(name: str) -> float:
     return spec(name).lr
 
 
-#: ``train.profile=fast``: the batch this many times larger and the lr scaled with it (the linear
-#: scaling rule), for every model. Why it is faster: every model here recomputes whole-catalogue
-#: (or whole-graph) products once per batch, whatever the batch's size (SAND's folded feature
-#: reads, SoloSim and CLUB fit over all items; LightGCN's and FREEDOM's propagation), so an epoch
-#: of fewer, larger batches costs about that many times less, and the scaled lr keeps the
+#: ``train.profile=fast``: the batch this many times larger and the lr scaled with it (the linear scaling rule), for
+#: every model. Why it is faster: every model here recomputes whole-catalogue (or whole-graph) products once per batch,
+#: whatever the batch's size (SAND's folded feature reads, SoloSim and CLUB fit over all items; LightGCN's and FREEDOM's
+#: propagation), so an epoch of fewer, larger batches costs about that many times less, and the scaled lr keeps the
 #: distance Adam moves per epoch. Measured against the paper protocol in docs/convergence.md.
 FAST_BATCH_SCALE = 4
 #: The trainer's batch size when no profile sets one (the paper's and MMRec's).
@@ -319,9 +311,8 @@ def accepted_hyperparameters(name: str) -> set[str]:
 def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
     """Build ``name`` with its constructor's own defaults for everything not given.
 
-    Unknown hyper-parameters raise ValueError naming them, so a typo in a config or a
-    grid never silently trains the default model.
-    """
+    Unknown hyper-parameters raise ValueError naming them, so a typo in a config or a grid never silently trains the
+    default model."""
     s = spec(name)
     cls = model_class(name)
     accepted = set(inspect.signature(cls.__init__).parameters)

@@ -1,14 +1,12 @@
 """SAND (arXiv 2406.08270; v2 "SEA"): separate generic and unique modal awareness.
 
-Architecture as defined in ``docs/model.md``, i.e. the authors' code (built on
-MMRec's DRAGON) with its defects fixed; where that reading differs from the
-paper's (partly garbled) equations, the code's reading wins:
+Architecture as defined in ``docs/model.md``, i.e. the authors' code (built on MMRec's DRAGON) with its defects fixed;
+where that reading differs from the paper's (partly garbled) equations, the code's reading wins:
 
 1. per modality a full-width linear transform ``Z_m = L_m(X_m)``, split by columns
    into generic/unique parts (:class:`models.separation.ModalSeparation`);
-2. per modality a user-item GCN over the training graph (2 layers, output = sum of
-   the input and every layer) whose item input is ``MLP_1(leaky_relu(MLP(Z_m)))``
-   and whose user input is a free preference matrix;
+2. per modality a user-item GCN over the training graph (2 layers, output = sum of the input and every layer) whose item
+   input is ``MLP_1(leaky_relu(MLP(Z_m)))`` and whose user input is a free preference matrix;
 3. a frozen item-item graph ``S = w S_image + (1 - w) S_text`` (built by the graph
    stage, never here) propagating the concatenated item embeddings once;
 4. users: per-modality embeddings weighted by a learnable per-user modality weight;
@@ -16,28 +14,20 @@ paper's (partly garbled) equations, the code's reading wins:
 
 Loss: BPR (natural log) + ``alpha * align`` + ``beta * distance``.
 
-Speed (docs/model.md, departure 11): the model never forms ``Z_m``; every consumer of ``Z_m`` is
-linear, so each reads ``X_m`` through the folded product of the small weight
-matrices (:class:`models.separation.LinearView`), all of them in one product with
-``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items streams
-its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients and a
-flat Adam, the estimators side by side (:mod:`models.club_fit`); the frozen graphs are
-multiplied in CSR form. The naive reference that evaluates every formula literally
-(``L_m`` at full width over all items every batch, the N x N log-softmax, autograd and
-``torch.optim.Adam`` for the CLUB fit, COO graph products) is not shipped: it lives beside
-the tests and benchmarks that check every shortcut against it (``benchmarks/naive_sand.py``,
-the same function to 1e-4). It overrides the hooks ``modal_inputs``, ``_prefetch``,
-``_product`` and ``separation_class``.
+Speed (docs/model.md, departure 11): the model never forms ``Z_m``; every consumer of ``Z_m`` is linear, so each reads
+``X_m`` through the folded product of the small weight matrices (:class:`models.separation.LinearView`), all of them in
+one product with ``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items
+streams its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients and a flat Adam, the estimators
+side by side (:mod:`models.club_fit`); the frozen graphs are multiplied in CSR form. The naive reference that evaluates
+every formula literally (``L_m`` at full width over all items every batch, the N x N log-softmax, autograd and
+``torch.optim.Adam`` for the CLUB fit, COO graph products) is not shipped: it lives beside the tests and benchmarks that
+check every shortcut against it (``benchmarks/naive_sand.py``, the same function to 1e-4). It overrides the hooks
+``modal_inputs``, ``_prefetch``, ``_product`` and ``separation_class``.
 
-Precision: with ``precision = "bf16"`` (set by the trainer, :mod:`models.precision`) the
-folded reads run in bfloat16 on a bfloat16 copy of ``X_m`` (float32 accumulation and
-results, float32 gradients); everything else stays float32.
+Precision: with ``precision = "bf16"`` (set by the trainer, :mod:`models.precision`) the folded reads run in bfloat16 on
+a bfloat16 copy of ``X_m`` (float32 accumulation and results, float32 gradients); everything else stays float32.
 
-Fixed defects of the reference: the CLUB estimators are fitted on pairs of the same
-modality and never trained by the main loss; scoring uses a fresh forward pass
-(``embeddings``), not embeddings cached in the last training batch; no dead
-per-epoch user-graph work.
-"""
+Fixed defects of the reference: docs/model.md, departures 1, 3 and 10."""
 
 from __future__ import annotations
 
@@ -51,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sand.models.base import Recommender
+from sand.models.bpr import check_modalities
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.losses import bpr_loss
 from sand.models.precision import LowPrecisionCopies, compute_dtype
@@ -74,9 +65,8 @@ class ModalGCN(nn.Module):
     ) -> torch.Tensor:
         """(U + N, dim): ``x + A x + A^2 x + ...`` with ``x`` the row-normalised inputs.
 
-        ``adj``: the symmetric normalised bipartite adjacency (CSR); ``product(adj, h)``
-        multiplies by it (:func:`models.graph.sparse_matmul`).
-        """
+        ``adj``: the symmetric normalised bipartite adjacency (CSR); ``product(adj, h)`` multiplies by it
+        (:func:`models.graph.sparse_matmul`)."""
         (hidden,) = read_through(z, [self.mlp])
         items = self.mlp1(F.leaky_relu(hidden))
         x = F.normalize(torch.cat([self.preference, items], dim=0), dim=1)
@@ -87,9 +77,7 @@ class ModalGCN(nn.Module):
         return out
 
 
-def _as_coo(m: torch.Tensor, name: str, n_items: int) -> torch.Tensor:
-    if tuple(m.shape) != (n_items, n_items):
-        raise ValueError(f"SAND: item_graphs['{name}'] must be ({n_items}, {n_items}); got {tuple(m.shape)}")
+def _as_coo(m: torch.Tensor) -> torch.Tensor:
     m = m.detach().float()
     m = m.to_sparse_coo() if m.layout != torch.strided else m.to_sparse()
     return m.coalesce()
@@ -98,16 +86,13 @@ def _as_coo(m: torch.Tensor, name: str, n_items: int) -> torch.Tensor:
 class SAND(Recommender):
     """SAND and its variants/ablations (:data:`models.registry.VARIANT_TERMS`).
 
-    Args (besides the :class:`Recommender` inputs): ``variant`` ("a" default),
-    ``embedding_dim`` (64), ``mm_image_weight`` (0.1: weight of the image kNN graph in
-    S), ``n_mm_layers`` (1), ``n_ui_layers`` (2), ``alpha`` (0.012), ``beta`` (0.006),
-    ``tau`` (0.2), ``club_steps`` (50), ``lr`` (1e-4: the CLUB optimisers' learning rate;
-    the trainer's lr is separate), ``solosim_scope`` / ``distance_scope`` ("auto"),
-    ``l2_form`` ("neg-log"), ``split_ratio`` (0.5), ``reg_weight``
-    (0.0; when > 0 adds ``reg = reg_weight * mean over the batch of
-    (|u|^2 + |i+|^2 + |i-|^2) / 2``, absent otherwise — the reference defines but never
-    uses one), ``club_fit_order`` ("before"; "after" is the authors' order, docs/model.md).
-    """
+    Args (besides the :class:`Recommender` inputs): ``variant`` ("a" default), ``embedding_dim`` (64),
+    ``mm_image_weight`` (0.1: weight of the image kNN graph in S), ``n_mm_layers`` (1), ``n_ui_layers`` (2), ``alpha``
+    (0.012), ``beta`` (0.006), ``tau`` (0.2), ``club_steps`` (50), ``lr`` (1e-4: the CLUB optimisers' learning rate; the
+    trainer's lr is separate), ``solosim_scope`` / ``distance_scope`` ("auto"), ``l2_form`` ("neg-log"), ``split_ratio``
+    (0.5), ``reg_weight`` (0.0; when > 0 adds ``reg = reg_weight * mean over the batch of (|u|^2 + |i+|^2 + |i-|^2) /
+    2``, absent otherwise — the reference defines but never uses one), ``club_fit_order`` ("before"; "after" is the
+    authors' order, docs/model.md)."""
 
     required_modalities: tuple[str, ...] = MODALITIES
     #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
@@ -116,42 +101,17 @@ class SAND(Recommender):
     separation_class: type[ModalSeparation] = ModalSeparation
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor,
-        features: Mapping[str, torch.Tensor],
-        item_graphs: Mapping[str, torch.Tensor],
-        *,
-        variant: str = "a",
-        embedding_dim: int = 64,
-        mm_image_weight: float = 0.1,
-        n_mm_layers: int = 1,
-        n_ui_layers: int = 2,
-        alpha: float = 0.012,
-        beta: float = 0.006,
-        tau: float = 0.2,
-        club_steps: int = 50,
-        lr: float = 1e-4,
-        solosim_scope: str = "auto",
-        distance_scope: str = "auto",
-        l2_form: str = "neg-log",
-        split_ratio: float = 0.5,
-        reg_weight: float = 0.0,
+        self, n_users: int, n_items: int, train_edges: torch.Tensor, features: Mapping[str, torch.Tensor],
+        item_graphs: Mapping[str, torch.Tensor], *, variant: str = "a", embedding_dim: int = 64,
+        mm_image_weight: float = 0.1, n_mm_layers: int = 1, n_ui_layers: int = 2, alpha: float = 0.012,
+        beta: float = 0.006, tau: float = 0.2, club_steps: int = 50, lr: float = 1e-4, solosim_scope: str = "auto",
+        distance_scope: str = "auto", l2_form: str = "neg-log", split_ratio: float = 0.5, reg_weight: float = 0.0,
         club_fit_order: str = "before",
     ) -> None:
         super().__init__()
         if variant not in VARIANT_TERMS:
             raise ValueError(f"SAND: unknown variant {variant!r}; choose one of {', '.join(VARIANT_TERMS)}")
-        features = features or {}
-        item_graphs = item_graphs or {}
-        for m in self.required_modalities:
-            if m not in features:
-                raise ValueError(f"SAND needs the '{m}' modality in features; got {sorted(features)}")
-            if features[m].dim() != 2 or features[m].shape[0] != n_items:
-                raise ValueError(f"SAND: '{m}' features must be ({n_items}, d); got {tuple(features[m].shape)}")
-            if m not in item_graphs:
-                raise ValueError(f"SAND needs the '{m}' item-item graph in item_graphs; got {sorted(item_graphs)}")
+        check_modalities("SAND", self.required_modalities, features, item_graphs, n_items, need_graphs=True)
         if not 0.0 <= mm_image_weight <= 1.0:
             raise ValueError(f"SAND: mm_image_weight must be in [0, 1]; got {mm_image_weight}")
         self.n_users, self.n_items = int(n_users), int(n_items)
@@ -165,9 +125,7 @@ class SAND(Recommender):
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
         self.register_buffer("adj", to_csr(adj), persistent=False)
-        s = mix_item_graphs(
-            {m: _as_coo(item_graphs[m], m, self.n_items) for m in ("image", "text")}, mm_image_weight
-        )
+        s = mix_item_graphs({m: _as_coo(item_graphs[m]) for m in ("image", "text")}, mm_image_weight)
         self.register_buffer("item_graph", to_csr(s), persistent=False)
         self.register_buffer("item_graph_t", to_csr(s.t()), persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}
@@ -191,9 +149,8 @@ class SAND(Recommender):
     def _transform_view(self, modality: str) -> LinearView:
         """``Z_m = L_m(X_m)`` unevaluated; under bf16 with bfloat16 copies of ``X_m`` and ``L_m``'s weight.
 
-        The copy of the fixed ``X_m`` is made once per run; the weight, which the optimiser
-        changes every batch, is cast on every call.
-        """
+        The copy of the fixed ``X_m`` is made once per run; the weight, which the optimiser changes every batch, is cast
+        on every call."""
         lin = self.transforms[modality]
         x = getattr(self, f"feat_{modality}")
         if self.precision == "fp32":
@@ -215,8 +172,7 @@ class SAND(Recommender):
     def _prefetch(self, z: dict[str, ModalInput]) -> dict[str, ModalInput]:
         """Every linear reader of ``Z_m`` over all items (GCN input MLP, head, E1, E2) in one product.
 
-        One product with ``X_m`` forward and one backward instead of one per reader.
-        """
+        One product with ``X_m`` forward and one backward instead of one per reader."""
         for m in self.modalities:
             parts = [(0, z[m].shape[1], self.gcns[m].mlp)]
             parts += self.separation.full_row_consumers(m, self.n_items)
@@ -250,9 +206,8 @@ class SAND(Recommender):
     def auxiliary_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
         """Fit the CLUB estimators on this batch's detached projections (MI variants only).
 
-        Reads ``Z_m`` through the folded linear maps (also in the naive reference): no
-        gradient flows here and the values are the same.
-        """
+        Reads ``Z_m`` through the folded linear maps (also in the naive reference): no gradient flows here and the
+        values are the same."""
         if self.separation.distance != "club":
             return {}
         z: dict[str, ModalInput] = {}

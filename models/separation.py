@@ -1,29 +1,20 @@
 """SAND's reusable split / align / distance component (docs/model.md).
 
-Any backbone that turns item modal features into a per-modality representation
-``z_m`` (rows = items) can attach :class:`ModalSeparation`: it splits ``z_m`` by
-columns into a modal-generic part ``G_m`` (first ``split_ratio`` of the columns)
-and a modal-unique part ``Q_m`` (the rest), aligns the generic parts across
-modalities (SoloSim or InfoNCE on projection heads) and pushes each generic part
-away from its unique part (CLUB mutual-information bound or negative l2). SAND
-uses it on its full-width modal transform; VBPR and FREEDOM on their projected
-modal features.
+Any backbone that turns item modal features into a per-modality representation ``z_m`` (rows = items) can attach
+:class:`ModalSeparation`: it splits ``z_m`` by columns into a modal-generic part ``G_m`` (first ``split_ratio`` of the
+columns) and a modal-unique part ``Q_m`` (the rest), aligns the generic parts across modalities (SoloSim or InfoNCE on
+projection heads) and pushes each generic part away from its unique part (CLUB mutual-information bound or negative l2).
+SAND uses it on its full-width modal transform; VBPR and FREEDOM on their projected modal features.
 
-Fast path (docs/model.md, departure 11). Every consumer of ``z_m`` here (the first layer of the
-projection head, ``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When
-``z_m = X_m W^T + b`` comes from a linear map, a consumer ``C`` computes
-``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first
-costs ``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone passes
-such a ``z_m`` unevaluated as a :class:`LinearView`; plain tensors work too (what the
-plug-ins pass). Both give the same function, to float rounding.
+Fast path (docs/model.md, departure 11). Every consumer of ``z_m`` here (the first layer of the projection head,
+``E1_m``, ``E2_m``) is linear, and so is SAND's GCN input MLP. When ``z_m = X_m W^T + b`` comes from a linear map, a
+consumer ``C`` computes ``C(z_m) = X_m (W^T C^T) + (b C^T + c)``: multiplying the small weight matrices first costs
+``d_in*d*out + N*d_in*out`` instead of ``N*d_in*d + N*d*out``. A backbone passes such a ``z_m`` unevaluated as a
+:class:`LinearView`; plain tensors work too (what the plug-ins pass). Both give the same function, to float rounding.
 
-Differences from the authors' code (docs/model.md lists them all; the paper's equations are
-partly garbled): the CLUB estimators are fitted on (E1_m, E2_m) pairs of the SAME
-modality (the code fits one estimator on text/image pairs, which is not the bound
-it then evaluates), one estimator and one Adam optimiser per modality; the main
-loss never trains the estimator (its parameters enter the bound detached);
-SoloSim can run over the batch items instead of all N items (needed for large N).
-"""
+Departures from the authors' code (docs/model.md, departures 1, 4, 6, 7): one CLUB estimator per modality, fitted on
+that modality's (E1_m, E2_m) pairs (by default before the bound that uses them) and never trained by the main loss;
+SoloSim and the distancing term may run over the batch's items for large N."""
 
 from __future__ import annotations
 
@@ -51,10 +42,9 @@ FIT_ORDERS = ("before", "after")
 #: items: SoloSim over all items costs N x N logits per batch (N^2 (d + 1) multiply-adds three times
 #: over; the literal form holds 4 N^2 bytes per copy, 2.1 GB at Clothing's 23,033 items).
 AUTO_SCOPE_MAX_ITEMS = 20_000
-#: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing
-#: term and the CLUB fit are linear in N: about 1.5 KB per item and modality at their peak
-#: (E1, E2 and the estimator's N x 32 intermediates in float32), 70 MB for both modalities
-#: at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
+#: ``distance_scope="auto"`` computes over all items up to this catalogue size. The distancing term and the CLUB fit are
+#: linear in N: about 1.5 KB per item and modality at their peak (E1, E2 and the estimator's N x 32 intermediates in
+#: float32), 70 MB for both modalities at Clothing's 23,033 items, 3 GB at 1,000,000 (docs/model.md, "Scopes").
 AUTO_DISTANCE_MAX_ITEMS = 1_000_000
 
 #: Profiler label of the folded reads of the raw features, forward and backward
@@ -69,18 +59,15 @@ _FAST_ADAM: dict[str, Any] = {"fused": True}
 class LinearView:
     """``z = x @ weight.T + bias``, kept unevaluated so linear consumers can fold the weights.
 
-    ``x``: (n, d_in) inputs (usually frozen raw features); ``weight``: (d, d_in);
-    ``bias``: (d,) or None. Slicing columns of ``z`` slices rows of ``weight``, slicing
-    rows of ``z`` slices rows of ``x``: neither needs ``z`` itself. ``fold``: None picks
-    the evaluation order with fewer multiply-adds (see :meth:`folds`); True/False force it.
-    ``start``: column offset of this view in the view it was sliced from (keys ``reads``).
-    ``reads``: outputs of consumers computed ahead for all rows (:func:`prefetch_reads`),
-    keyed by ``(id(consumer), first column, last column + 1)``; dropped by row slicing.
-    ``x_low``: a low-precision (bfloat16) copy of a fixed ``x``; when given, every product
-    with ``x`` and the folding of the weights run in its dtype (float32 accumulation,
-    float32 results, see :mod:`models.precision`). ``x`` itself then gets no gradient.
-    ``weight_low``: ``weight`` in that dtype (cast on use when not given).
-    """
+    ``x``: (n, d_in) inputs (usually frozen raw features); ``weight``: (d, d_in); ``bias``: (d,) or None. Slicing
+    columns of ``z`` slices rows of ``weight``, slicing rows of ``z`` slices rows of ``x``: neither needs ``z`` itself.
+    ``fold``: None picks the evaluation order with fewer multiply-adds (see :meth:`folds`); True/False force it.
+    ``start``: column offset of this view in the view it was sliced from (keys ``reads``). ``reads``: outputs of
+    consumers computed ahead for all rows (:func:`prefetch_reads`), keyed by ``(id(consumer), first column, last column
+    + 1)``; dropped by row slicing. ``x_low``: a low-precision (bfloat16) copy of a fixed ``x``; when given, every
+    product with ``x`` and the folding of the weights run in its dtype (float32 accumulation, float32 results, see
+    :mod:`models.precision`). ``x`` itself then gets no gradient. ``weight_low``: ``weight`` in that dtype (cast on use
+    when not given)."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -104,17 +91,13 @@ class LinearView:
     def columns(self, start: int, stop: int) -> LinearView:
         bias = None if self.bias is None else self.bias[start:stop]
         weight_low = None if self.weight_low is None else self.weight_low[start:stop]
-        return replace(
-            self, weight=self.weight[start:stop], bias=bias, start=self.start + start, weight_low=weight_low
-        )
+        return replace(self, weight=self.weight[start:stop], bias=bias, start=self.start + start, weight_low=weight_low)
 
     def folds(self, n_out: int) -> bool:
         """Whether consumers with ``n_out`` outputs in all read ``x`` through folded weights.
 
-        Folded: ``d_in*d*n_out + n*d_in*n_out`` multiply-adds; forming ``z`` first:
-        ``n*d_in*d + n*d*n_out``. Folding wins when there are more rows than outputs
-        (all items of a catalogue); forming ``z`` wins for a few rows.
-        """
+        Folded: ``d_in*d*n_out + n*d_in*n_out`` multiply-adds; forming ``z`` first: ``n*d_in*d + n*d*n_out``. Folding
+        wins when there are more rows than outputs (all items of a catalogue); forming ``z`` wins for a few rows."""
         if self.fold is not None:
             return self.fold
         n, d_in = self.x.shape
@@ -147,9 +130,8 @@ def _columns(z: ModalInput, start: int, stop: int) -> ModalInput:
 def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """``[c(z) for c in consumers]``, computed without forming ``z`` when that is cheaper.
 
-    For a :class:`LinearView` the folded product ``x @ (W^T [C_1^T ... C_k^T])`` is one
-    matrix product, unless :meth:`LinearView.folds` says forming ``z`` is cheaper.
-    """
+    For a :class:`LinearView` the folded product ``x @ (W^T [C_1^T ... C_k^T])`` is one matrix product, unless
+    :meth:`LinearView.folds` says forming ``z`` is cheaper."""
     if not isinstance(z, LinearView):
         return [c(z) for c in consumers]
     stop = z.start + z.weight.shape[0]
@@ -165,14 +147,11 @@ def read_through(z: ModalInput, consumers: Sequence[nn.Linear]) -> list[torch.Te
 class _FoldedReads(torch.autograd.Function):
     """``x @ cat_k(C_k W[s_k:e_k])^T + cat_k(C_k b[s_k:e_k] + c_k)``: all consumers, one read of ``x``.
 
-    Why a Function: through autograd, every consumer of a column slice of ``W`` reads
-    ``x`` once forward and once backward (skinny products, slower per multiply-add than
-    one wide product), and each slice's backward fills a zero ``W``-sized gradient
-    and adds it. Here forward is one product with ``x`` and backward one ``dH^T x``,
-    with each consumer's share of ``dW`` accumulated in place.
-    ``ranges``: ``(s_k, e_k)`` per consumer; ``params``: ``C_1, c_1, C_2, c_2, ...``
-    (a bias may be None).
-    """
+    Why a Function: through autograd, every consumer of a column slice of ``W`` reads ``x`` once forward and once
+    backward (skinny products, slower per multiply-add than one wide product), and each slice's backward fills a zero
+    ``W``-sized gradient and adds it. Here forward is one product with ``x`` and backward one ``dH^T x``, with each
+    consumer's share of ``dW`` accumulated in place. ``ranges``: ``(s_k, e_k)`` per consumer; ``params``: ``C_1, c_1,
+    C_2, c_2, ...`` (a bias may be None)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ranges, *params):
@@ -245,17 +224,14 @@ def _folded_bias(bias: torch.Tensor | None, ranges, cw, cb) -> torch.Tensor:
 class _LowFoldedReads(torch.autograd.Function):
     """:class:`_FoldedReads` with the big products in a low precision (bfloat16).
 
-    ``x_low`` and ``weight_low`` are low-precision copies of the fixed inputs and of ``W``
-    (made by the caller, so one cast of ``W`` serves every read of a batch); ``weight``
-    is the float32 parameter that receives the gradient. Why another layout: the
-    consumers' weights are stacked into one block matrix ``P`` (``d x sum out``, ``C_k^T``
-    at rows ``s_k:e_k``, zeros elsewhere), so folding, ``dW = P dF`` and the consumer
-    gradients ``W dF^T`` are one product each (about 20% more multiply-adds than one per
-    consumer, but each low-precision result is converted to float32 once, and on a CPU
-    these conversions and fresh allocations cost as much as the products).
-    Products accumulate in float32 (oneDNN / cuBLAS); results are rounded to the low
-    dtype once, then converted; biases, outputs and every gradient are float32.
-    """
+    ``x_low`` and ``weight_low`` are low-precision copies of the fixed inputs and of ``W`` (made by the caller, so one
+    cast of ``W`` serves every read of a batch); ``weight`` is the float32 parameter that receives the gradient. Why
+    another layout: the consumers' weights are stacked into one block matrix ``P`` (``d x sum out``, ``C_k^T`` at rows
+    ``s_k:e_k``, zeros elsewhere), so folding, ``dW = P dF`` and the consumer gradients ``W dF^T`` are one product each
+    (about 20% more multiply-adds than one per consumer, but each low-precision result is converted to float32 once, and
+    on a CPU these conversions and fresh allocations cost as much as the products). Products accumulate in float32
+    (oneDNN / cuBLAS); results are rounded to the low dtype once, then converted; biases, outputs and every gradient are
+    float32."""
 
     @staticmethod
     def forward(ctx: Any, x_low, weight, weight_low, bias, ranges, *params):
@@ -307,11 +283,10 @@ class _LowFoldedReads(torch.autograd.Function):
 def prefetch_reads(z: ModalInput, parts: Sequence[tuple[int, int, nn.Linear]]) -> ModalInput:
     """``z`` carrying ``c(z[:, s:e])`` for every ``(s, e, c)`` in ``parts``, computed in one read of ``x``.
 
-    :func:`read_through` on the view (or on its column slices) then returns those outputs,
-    so several consumers (SAND's GCN input MLP, the projection head, E1, E2) share one
-    product with ``x`` forward and one backward (:class:`_FoldedReads`). A plain tensor,
-    or a view that :meth:`LinearView.folds` would not fold, is returned unchanged.
-    """
+    :func:`read_through` on the view (or on its column slices) then returns those outputs, so several consumers (SAND's
+    GCN input MLP, the projection head, E1, E2) share one product with ``x`` forward and one backward
+    (:class:`_FoldedReads`). A plain tensor, or a view that :meth:`LinearView.folds` would not fold, is returned
+    unchanged."""
     if not isinstance(z, LinearView) or not parts or not z.folds(sum(c.out_features for _, _, c in parts)):
         return z
     pieces = _folded_read(z, parts)
@@ -347,9 +322,8 @@ class ModalSeparation(nn.Module):
     """Split each modal representation into generic/unique parts; align and distance them.
 
     Args:
-      dims: modality -> width of the representation ``z_m`` it will receive. Alignment
-        needs exactly two modalities; SoloSim's direction is text -> image ("text"
-        is the anchor when present, else the first listed).
+      dims: modality -> width of the representation ``z_m`` it will receive. Alignment needs exactly two modalities;
+        SoloSim's direction is text -> image ("text" is the anchor when present, else the first listed).
       align: "solosim" (Eq. 10, default), "infonce" (symmetric, in-batch) or "none".
       distance: "club" (MI upper bound, Eq. 11-13), "l2" (Eq. 14, see ``l2_form``) or "none".
       alpha, beta: weights: ``align = alpha * L_align``, ``distance = beta * mean_m L_m``.
@@ -359,51 +333,29 @@ class ModalSeparation(nn.Module):
       proj_dim: width of E1_m / E2_m (32).
       club_steps, club_lr, club_hidden: maximum-likelihood Adam steps per batch, their
         learning rate, and the hidden width of the estimator heads.
-      l2_form: "neg-log" (default), "neg-mse" (the paper) or "margin"; see
-        :func:`models.losses.l2_distance_loss`.
-      solosim_scope: items SoloSim runs over: "all" (the reference: N x N logits),
-        "batch" (the batch's items), "auto" (all when N <= 20,000, else batch).
-        InfoNCE always runs in-batch.
-      distance_scope: the same choice for the distancing term and the CLUB fit
-        (the reference uses all items); "auto" keeps all items up to 1,000,000 (the
-        cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
+      l2_form: "neg-log" (default), "neg-mse" (the paper) or "margin"; see :func:`models.losses.l2_distance_loss`.
+      solosim_scope: items SoloSim runs over: "all" (the reference: N x N logits), "batch" (the batch's items), "auto"
+        (all when N <= 20,000, else batch). InfoNCE always runs in-batch.
+      distance_scope: the same choice for the distancing term and the CLUB fit (the reference uses all items); "auto"
+        keeps all items up to 1,000,000 (the cost is linear in N, :data:`AUTO_DISTANCE_MAX_ITEMS`).
       share_club: one estimator (and optimiser) for all modalities.
-      club_fit_order: "before" (default): each batch's estimators are fitted on that
-        batch's pairs before its bound is evaluated. "after" (the authors' order): the
-        bound uses the estimators as fitted so far, and the pairs it was evaluated on are
-        fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
+      club_fit_order: "before" (default): each batch's estimators are fitted on that batch's pairs before its bound is
+        evaluated. "after" (the authors' order): the bound uses the estimators as fitted so far, and the pairs it was
+        evaluated on are fitted at the next :meth:`auxiliary_step` (i.e. after the main step).
 
-    Random permutations for the CLUB bound come from the global torch RNG.
-    """
+    Random permutations for the CLUB bound come from the global torch RNG."""
 
     def __init__(
-        self,
-        dims: Mapping[str, int],
-        *,
-        align: str = "solosim",
-        distance: str = "club",
-        alpha: float = 0.012,
-        beta: float = 0.006,
-        tau: float = 0.2,
-        split_ratio: float = 0.5,
-        head_dims: Sequence[int] = (64, 64, 32),
-        proj_dim: int = 32,
-        club_steps: int = 50,
-        club_lr: float = 1e-4,
-        club_hidden: int = 8,
-        l2_form: str = "neg-log",
-        solosim_scope: str = "auto",
-        distance_scope: str = "auto",
-        share_club: bool = False,
+        self, dims: Mapping[str, int], *, align: str = "solosim", distance: str = "club", alpha: float = 0.012,
+        beta: float = 0.006, tau: float = 0.2, split_ratio: float = 0.5, head_dims: Sequence[int] = (64, 64, 32),
+        proj_dim: int = 32, club_steps: int = 50, club_lr: float = 1e-4, club_hidden: int = 8, l2_form: str = "neg-log",
+        solosim_scope: str = "auto", distance_scope: str = "auto", share_club: bool = False,
         club_fit_order: str = "before",
     ) -> None:
         super().__init__()
         for name, value, allowed in (
-            ("align", align, ALIGNS),
-            ("distance", distance, DISTANCES),
-            ("solosim_scope", solosim_scope, SCOPES),
-            ("distance_scope", distance_scope, SCOPES),
-            ("l2_form", l2_form, L2_FORMS),
+            ("align", align, ALIGNS), ("distance", distance, DISTANCES), ("solosim_scope", solosim_scope, SCOPES),
+            ("distance_scope", distance_scope, SCOPES), ("l2_form", l2_form, L2_FORMS),
             ("club_fit_order", club_fit_order, FIT_ORDERS),
         ):
             if value not in allowed:
@@ -459,9 +411,8 @@ class ModalSeparation(nn.Module):
     def full_row_consumers(self, modality: str, n_items: int) -> list[tuple[int, int, nn.Linear]]:
         """``(first column, last column + 1, layer)`` of the linear layers that read ``z_m`` on all rows.
 
-        What :meth:`loss_terms` will read for ``n_items`` items: a backbone can compute them
-        ahead together with its own consumers (:func:`prefetch_reads`).
-        """
+        What :meth:`loss_terms` will read for ``n_items`` items: a backbone can compute them ahead together with its own
+        consumers (:func:`prefetch_reads`)."""
         g = self.split_at[modality]
         out: list[tuple[int, int, nn.Linear]] = []
         if self.align == "solosim" and self._resolve(self.solosim_scope, n_items) == "all":
@@ -489,18 +440,11 @@ class ModalSeparation(nn.Module):
         self, scope: str, n_items: int, batch_items: torch.Tensor, limit: int = AUTO_SCOPE_MAX_ITEMS
     ) -> torch.Tensor | None:
         """Row index for a scope: None = all items, else the sorted unique batch items."""
-        if self._resolve(scope, n_items, limit) == "all":
-            return None
-        return torch.unique(batch_items)
+        return None if self._resolve(scope, n_items, limit) == "all" else torch.unique(batch_items)
 
     def _projections(
-        self,
-        modality: str,
-        z: ModalInput,
-        head_rows: torch.Tensor | None,
-        dist_rows: torch.Tensor | None,
-        want_head: bool,
-        want_dist: bool,
+        self, modality: str, z: ModalInput, head_rows: torch.Tensor | None, dist_rows: torch.Tensor | None,
+        want_head: bool, want_dist: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(head output, E1, E2) for one modality; linear first layers share one read of G."""
         g, q = self.split(modality, z)
@@ -525,9 +469,8 @@ class ModalSeparation(nn.Module):
     def loss_terms(self, z: Mapping[str, ModalInput], batch_items: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"align": alpha * L_align, "distance": beta * mean_m L_m}``; disabled terms are absent.
 
-        ``z[m]``: (N, dims[m]) representation of ALL items (tensor or LinearView);
-        ``batch_items``: item indices of the current batch (duplicates allowed).
-        """
+        ``z[m]``: (N, dims[m]) representation of ALL items (tensor or LinearView); ``batch_items``: item indices of the
+        current batch (duplicates allowed)."""
         missing = [m for m in self.modalities if m not in z]
         if missing:
             raise ValueError(f"ModalSeparation: missing modal representation {missing[0]!r}")
@@ -576,13 +519,11 @@ class ModalSeparation(nn.Module):
     def auxiliary_step(self, z_detached: Mapping[str, ModalInput], batch_items: torch.Tensor) -> dict[str, float]:
         """Fit the CLUB estimators: ``club_steps`` Adam steps maximising ``log q(E2_m | E1_m)``.
 
-        Pairs are the detached (E1_m, E2_m) of the same modality over the distancing
-        scope. Returns the mean log-likelihood per modality before the last step.
-        The gradients are computed in closed form (:mod:`models.club_fit`; the same
-        arithmetic as autograd and ``torch.optim.Adam``, which the tests check).
-        Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also
-        holds these parameters never moves them.
-        """
+        Pairs are the detached (E1_m, E2_m) of the same modality over the distancing scope. Returns the mean
+        log-likelihood per modality before the last step. The gradients are computed in closed form
+        (:mod:`models.club_fit`; the same arithmetic as autograd and ``torch.optim.Adam``, which the tests check).
+        Leaves the estimators' ``.grad`` at None so a trainer's optimiser that also holds these parameters never moves
+        them."""
         if self.distance != "club" or self.club_steps <= 0:
             return {}
         if self.club_fit_order == "after":

@@ -1,17 +1,13 @@
 """VBPR (He & McAuley 2016) in MMRec's "recommended version".
 
-MMRec: item = concat(ID embedding (64), Linear(concat(text, image)) (64)), user =
-one free 128-d embedding, BPR + reg_weight * EmbLoss(user, pos, neg) on those
-full rows. Why the projection is written per modality here: a Linear layer on a
-concatenation IS a sum of per-modality Linear layers, ``W [x_t; x_v] + b =
-W_t x_t + W_v x_v + b``, so ``modal_fusion="sum"`` (default) is MMRec's model
-exactly, and the per-modality terms ``W_m x_m`` are available by name to a
-plug-in (SAND's separation component) without touching this backbone. The weight
-is initialised as one xavier-normal matrix over the concatenated width and then
-sliced, so the initial distribution is MMRec's too. ``modal_fusion="concat"``
-is the "per-modality projections" variant: item = concat(ID, W_v x_v, W_t x_t),
-user width grows accordingly.
-"""
+MMRec: item = concat(ID embedding (64), Linear(concat(text, image)) (64)), user = one free 128-d embedding, BPR +
+reg_weight * EmbLoss(user, pos, neg) on those full rows. Why the projection is written per modality here: a Linear layer
+on a concatenation IS a sum of per-modality Linear layers, ``W [x_t; x_v] + b = W_t x_t + W_v x_v + b``, so
+``modal_fusion="sum"`` (default) is MMRec's model exactly, and the per-modality terms ``W_m x_m`` are available by name
+to a plug-in (SAND's separation component) without touching this backbone. The weight is initialised as one
+xavier-normal matrix over the concatenated width and then sliced, so the initial distribution is MMRec's too.
+``modal_fusion="concat"`` is the "per-modality projections" variant: item = concat(ID, W_v x_v, W_t x_t), user width
+grows accordingly."""
 
 from __future__ import annotations
 
@@ -30,26 +26,17 @@ MODALITIES: tuple[str, ...] = ("image", "text")
 class VBPR(Recommender):
     """VBPR with named per-modality projections.
 
-    Hyper-parameters: ``embedding_dim`` (64), ``reg_weight`` (MMRec tunes
-    {2.0, 1.0, 1e-1, ..., 1e-5}; default 1e-2), ``modal_fusion`` ("sum" = MMRec,
-    or "concat").
-    """
+    Hyper-parameters: ``embedding_dim`` (64), ``reg_weight`` (MMRec tunes {2.0, 1.0, 1e-1, ..., 1e-5}; default 1e-2),
+    ``modal_fusion`` ("sum" = MMRec, or "concat")."""
 
     required_modalities: tuple[str, ...] = MODALITIES
     #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
     precision: str = "fp32"
 
     def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        train_edges: torch.Tensor | None = None,
-        features: Mapping[str, torch.Tensor] | None = None,
-        item_graphs: Mapping[str, torch.Tensor] | None = None,
-        *,
-        embedding_dim: int = 64,
-        reg_weight: float = 1e-2,
-        modal_fusion: str = "sum",
+        self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
+        features: Mapping[str, torch.Tensor] | None = None, item_graphs: Mapping[str, torch.Tensor] | None = None, *,
+        embedding_dim: int = 64, reg_weight: float = 1e-2, modal_fusion: str = "sum",
     ) -> None:
         super().__init__()
         check_modalities("VBPR", self.required_modalities, features, n_items=n_items)
@@ -80,9 +67,8 @@ class VBPR(Recommender):
     def modal_representations(self) -> dict[str, torch.Tensor]:
         """modality -> (N, embedding_dim) projected features ``W_m x_m``, with gradient.
 
-        These are exactly the tensors :meth:`item_representation` is built from
-        (summed, or concatenated, plus a bias), so a plug-in may add losses on them.
-        """
+        These are exactly the tensors :meth:`item_representation` is built from (summed, or concatenated, plus a bias),
+        so a plug-in may add losses on them."""
         if self.precision == "fp32":
             return {m: getattr(self, f"feat_{m}") @ self.projections[m].T for m in self.modalities}
         dtype = compute_dtype(self.precision)  # the fixed features' copy is made once per run

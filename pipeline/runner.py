@@ -1,12 +1,9 @@
 """The one loop over the stage table: which stages, in which order, with which inputs.
 
-Why one loop: ``sand run`` (through Prefect), a fully cached ``sand run`` (answered from
-the store), a single stage, a grid of training runs and ``sand.run`` in a notebook all
-need the same answer, and :func:`run_stages` gives it from the table in
-``pipeline/stages.py``. The Prefect layer (``flows/pipeline_flows.py``) only supplies
-``call``, which runs each stage in its own sub-flow (with a task runner spreading the
-image and text shards); everything else is this module's.
-"""
+Why one loop: ``sand run`` (through Prefect), a fully cached ``sand run`` (answered from the store), a single stage, a
+grid of training runs and ``sand.run`` in a notebook all need the same answer, and :func:`run_stages` gives it from the
+table in ``pipeline/stages.py``. The Prefect layer (``flows/pipeline_flows.py``) only supplies ``call``, which runs each
+stage in its own sub-flow (with a task runner spreading the image and text shards); everything else is this module's."""
 
 from __future__ import annotations
 
@@ -112,16 +109,13 @@ def run_stage(
 
 
 def run_stages(
-    ctx: StageContext,
-    names: Sequence[str],
-    call: StageCaller | None = None,
+    ctx: StageContext, names: Sequence[str], call: StageCaller | None = None,
     done: Mapping[str, StageOutcome] | None = None,
 ) -> PipelineResult:
     """The loop: run (or reuse) ``names`` in order, each given ``done`` and the outcomes before it.
 
-    The result holds the outcomes of ``names`` only; ``call`` decides how one stage runs
-    (default: here, :func:`run_stage`; the Prefect flow: in the stage's sub-flow).
-    """
+    The result holds the outcomes of ``names`` only; ``call`` decides how one stage runs (default: here,
+    :func:`run_stage`; the Prefect flow: in the stage's sub-flow)."""
     call = call or functools.partial(run_stage, ctx)
     seen = dict(done or {})
     result = PipelineResult()
@@ -138,9 +132,8 @@ def run_pipeline(ctx: StageContext, until: str | None = None, call: StageCaller 
 def resolve_upstream(ctx: StageContext, stage_name: str) -> dict[str, StageOutcome]:
     """Outcomes of every stage ``stage_name`` depends on, built if missing but never refreshed.
 
-    A single-stage run (``sand stage train``) uses this so that ``--refresh`` applies to
-    the named stage only, and an upstream stage run moments ago is simply found again.
-    """
+    A single-stage run (``sand stage train``) uses this so that ``--refresh`` applies to the named stage only, and an
+    upstream stage run moments ago is simply found again."""
     calm = dataclasses.replace(ctx, refresh=frozenset())
     return run_stages(calm, upstream_stages(ctx.cfg, stage_name)).outcomes
 
@@ -151,13 +144,12 @@ def run_one_stage(ctx: StageContext, stage_name: str) -> PipelineResult:
 
 
 def from_store(ctx: StageContext, until: str | None = None, stage_name: str | None = None) -> PipelineResult | None:
-    """The result of the run (the pipeline up to ``until``, or one stage) when every stage it
-    needs is in the store; ``None`` when one must be built (or ``ctx.refresh`` asks for work).
+    """The result of the run (the pipeline up to ``until``, or one stage) when every stage it needs is in the store;
+    ``None`` when one must be built (or ``ctx.refresh`` asks for work).
 
-    Why: a fully cached run has nothing to orchestrate, and starting Prefect's API server
-    and one flow run per stage cost most of a warm run (about 45 s of 48 s on a Baby-sized
-    dataset); the caller starts Prefect only when this returns ``None``.
-    """
+    Why: a fully cached run has nothing to orchestrate, and starting Prefect's API server and one flow run per stage
+    cost most of a warm run (about 45 s of 48 s on a Baby-sized dataset); the caller starts Prefect only when this
+    returns ``None``."""
     if ctx.refresh:
         return None
     lookup = dataclasses.replace(ctx, cache_only=True)

@@ -1,15 +1,12 @@
 """What every stage's run function shares: its context, key parameters and artifact helpers.
 
-Why a module below the stage packages: ``acquire/``, ``dataset/``, ``features/``,
-``training/`` and ``experiments/`` each hold their stage's run function, and all of
-them need the same :class:`StageContext` and helpers. Keeping those here (not in
-``pipeline/stages.py``, the table that lists the run functions) means no stage
-package ever imports the table or the runner, so the import graph has no cycles.
+Why a module below the stage packages: ``acquire/``, ``dataset/``, ``features/``, ``training/`` and ``experiments/``
+each hold their stage's run function, and all of them need the same :class:`StageContext` and helpers. Keeping those
+here (not in ``pipeline/stages.py``, the table that lists the run functions) means no stage package ever imports the
+table or the runner, so the import graph has no cycles.
 
-Stage versions live in the table; a context carries them (``versions``), so
-:meth:`StageContext.run` is the one place that turns (stage, params, inputs,
-build) into a cached artifact.
-"""
+Stage versions live in the table; a context carries them (``versions``), so :meth:`StageContext.run` is the one place
+that turns (stage, params, inputs, build) into a cached artifact."""
 
 from __future__ import annotations
 
@@ -27,10 +24,9 @@ from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.locations import local_path
 from sand.pipeline.base.store import Artifact, ArtifactStore, StageOutcome, artifact_key
 
-#: Fields that change speed, not results: left out of artifact keys. Only fields with a test
-#: showing the same artifact bytes under a changed value belong here (tests/test_cache_keys.py):
-#: batch sizes, block sizes and devices change float bits (BLAS and conv kernels pick their
-#: algorithm by shape and device), so they are part of every key that sees them.
+#: Fields that change speed, not results: left out of artifact keys. Only fields with a test showing the same artifact
+#: bytes under a changed value belong here (tests/test_cache_keys.py): batch sizes, block sizes and devices change float
+#: bits (BLAS and conv kernels pick their algorithm by shape and device), so they are part of every key that sees them.
 PERFORMANCE_FIELDS = {"num_workers", "concurrency"}
 
 #: A function that runs picklable shard jobs, e.g. over a Prefect task runner.
@@ -45,9 +41,8 @@ class NotCached(Exception):
 class StageContext:
     """Everything a stage needs besides its inputs: config, store, what to rebuild, stage versions.
 
-    ``cache_only``: serve artifacts from the store and raise :class:`NotCached` instead of
-    building one, so a caller can answer a fully cached run without starting Prefect.
-    """
+    ``cache_only``: serve artifacts from the store and raise :class:`NotCached` instead of building one, so a caller can
+    answer a fully cached run without starting Prefect."""
 
     cfg: PipelineConfig
     store: ArtifactStore
@@ -91,10 +86,8 @@ class StageContext:
 def key_params(section: Any, drop: set[str] = PERFORMANCE_FIELDS, allow_mps: bool = False) -> dict[str, Any]:
     """A config section as artifact-key parameters, without speed-only knobs.
 
-    A ``device`` field enters the key as the device type the stage will compute on
-    (``None`` resolved here, as the stage resolves it), so a GPU-built artifact is
-    not served as a CPU run's result.
-    """
+    A ``device`` field enters the key as the device type the stage will compute on (``None`` resolved here, as the stage
+    resolves it), so a GPU-built artifact is not served as a CPU run's result."""
     params = {k: v for k, v in section.model_dump(mode="json").items() if k not in drop}
     if "device" in params:
         params["device"] = device_type(params["device"], allow_mps=allow_mps)

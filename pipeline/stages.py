@@ -1,25 +1,15 @@
 """The pipeline's stages, as one table.
 
-Each row names a stage, the function that runs it, its version, the config
-section that configures it, and the upstream stages whose artifacts it reads.
-Everything that needs the stage list reads it from here: the in-process runner
-(``pipeline/runner.py``: which stages run, in which order, with which inputs), the
-Prefect flows (``flows/pipeline_flows.py`` generates one flow per row), the CLI's
-``--until`` / ``--refresh`` / ``sand stage NAME`` checks, and the tests.
+Each row names a stage, the function that runs it, its version, the config section that configures it, and the upstream
+stages whose artifacts it reads. Everything that needs the stage list reads it from here: the in-process runner
+(``pipeline/runner.py``: which stages run, in which order, with which inputs), the Prefect flows
+(``flows/pipeline_flows.py`` generates one flow per row), the CLI's ``--until`` / ``--refresh`` / ``sand stage NAME``
+checks, and the tests. Adding a stage is a run function ``run_<stage>(ctx, <inputs>...) -> StageOutcome`` in its
+sub-package plus one :class:`Stage` row below, in pipeline order (docs/architecture.md, *Where a new thing goes*).
 
-Adding a stage takes two steps:
-
-1. write its run function ``run_<stage>(ctx, <inputs>...) -> StageOutcome`` in
-   the sub-package it belongs to (``acquire/``, ``dataset/``, ``features/``,
-   ``training/``, ``experiments/``), building its artifact with
-   ``ctx.run("<stage>", params, inputs, build)``;
-2. add one :class:`Stage` row below, in pipeline order.
-
-Run functions are named as ``"module:function"`` and imported when the stage runs,
-so reading the table (``sand --help``, a bad ``--until``) imports no stage code,
-and the stage packages never import this module (no cycles; see
-``tests/test_architecture.py``).
-"""
+Run functions are named as ``"module:function"`` and imported when the stage runs, so reading the table (``sand
+--help``, a bad ``--until``) imports no stage code, and the stage packages never import this module (no cycles; see
+``tests/test_architecture.py``)."""
 
 from __future__ import annotations
 

@@ -1,26 +1,20 @@
 """The bundled offline sample: a small synthetic dataset in the raw Amazon 2014 format.
 
-Why: ``sand run`` with no argument must work offline, in seconds, and still show
-the point of the method (content beats IDs when IDs are data-starved). So the
-generator writes exactly what a real 2014 download looks like (JSON-lines reviews,
-Python-literal metadata, images behind URLs), including the kinds of dirt real
-files have, and plants structure that only content features can exploit:
+Why: ``sand run`` with no argument must work offline, in seconds, and still show the point of the method (content beats
+IDs when IDs are data-starved). So the generator writes exactly what a real 2014 download looks like (JSON-lines
+reviews, Python-literal metadata, images behind URLs), including the kinds of dirt real files have, and plants structure
+that only content features can exploit:
 
-* every item has latent attributes: ``colour`` (image fill colour; for some colours
-  also named in the text, i.e. shared by both modalities), ``shape`` (image only),
-  ``material`` and ``type`` (text only: title, description, category path);
-* every user likes two attribute values of two different kinds, and picks most of
-  their items from a softmax over (number of liked values an item has) plus a mild
-  item popularity; the rest are uniform random.
+* every item has latent attributes: ``colour`` (image fill colour; for some colours also named in the text, i.e. shared
+  by both modalities), ``shape`` (image only), ``material`` and ``type`` (text only: title, description, category path);
+* every user likes two attribute values of two different kinds, and picks most of their items from a softmax over
+  (number of liked values an item has) plus a mild item popularity; the rest are uniform random.
 
-With ~500 items seen ~20 times each an ID-only model is starved, while an item's
-attributes are visible in its image and text, so unseen co-attribute items
-generalise. Everything is drawn from one ``numpy`` generator seeded by ``seed``
-in a fixed order, and the gzip headers carry no time or name, so the same seed
-and output directory give byte-identical files. (Image URLs are absolute
-``file://`` URLs, so files written to a different directory differ only in that
-path prefix.)
-"""
+With ~500 items seen ~20 times each an ID-only model is starved, while an item's attributes are visible in its image and
+text, so unseen co-attribute items generalise. Everything is drawn from one ``numpy`` generator seeded by ``seed`` in a
+fixed order, and the gzip headers carry no time or name, so the same seed and output directory give byte-identical
+files. (Image URLs are absolute ``file://`` URLs, so files written to a different directory differ only in that path
+prefix.)"""
 
 from __future__ import annotations
 
@@ -81,19 +75,12 @@ BRANDS = (
     "Snugglebug", "Acorn Kids", "Hushaby", "Bumble Baby", "Wiggle Works", "Dandelion",
 )  # fmt: skip
 DESC_EXTRA = (
-    "Easy to clean and built to last.",
-    "A thoughtful gift for new parents.",
-    "Designed with busy families in mind.",
-    "Free of BPA, phthalates and lead.",
-    "Lightweight enough to take anywhere.",
-    "Tested to meet safety standards.",
+    "Easy to clean and built to last.", "A thoughtful gift for new parents.", "Designed with busy families in mind.",
+    "Free of BPA, phthalates and lead.", "Lightweight enough to take anywhere.", "Tested to meet safety standards.",
 )
 REVIEW_OPENERS = (
-    "My little one loves this {noun}.",
-    "We bought this {noun} for our daughter.",
-    "Got this {noun} as a shower gift.",
-    "Second {noun} we have bought from this brand.",
-    "This {noun} arrived quickly.",
+    "My little one loves this {noun}.", "We bought this {noun} for our daughter.", "Got this {noun} as a shower gift.",
+    "Second {noun} we have bought from this brand.", "This {noun} arrived quickly.",
 )
 REVIEW_BY_RATING = {
     1: ("Broke within a week.", "Would not buy again."),
@@ -143,22 +130,15 @@ class SampleFiles:
 
 
 def generate_sample(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    n_users: int = 1000,
-    n_items: int = 500,
-    interactions_per_user: tuple[int, int] = (6, 16),
-    image_size: int = 64,
+    out_dir: Path, *, seed: int = 0, n_users: int = 1000, n_items: int = 500,
+    interactions_per_user: tuple[int, int] = (6, 16), image_size: int = 64,
 ) -> SampleFiles:
     """Write the sample into ``out_dir`` and return its paths and planted facts.
 
-    ``interactions_per_user`` is an inclusive range of distinct items per user.
-    ``truth`` holds: ``malformed_review_lines`` (1-based line numbers),
-    ``duplicate_reviews``, ``items_without_meta``, ``missing_image_files``,
-    ``empty_imurl``, ``corrupt_images`` (ASIN lists), ``item_attributes``,
-    ``user_tastes``, ``named_colours`` and counts.
-    """
+    ``interactions_per_user`` is an inclusive range of distinct items per user. ``truth`` holds:
+    ``malformed_review_lines`` (1-based line numbers), ``duplicate_reviews``, ``items_without_meta``,
+    ``missing_image_files``, ``empty_imurl``, ``corrupt_images`` (ASIN lists), ``item_attributes``, ``user_tastes``,
+    ``named_colours`` and counts."""
     _check_args(n_users, n_items, interactions_per_user, image_size)
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir).resolve()
@@ -261,10 +241,7 @@ def _user_tastes(rng: np.random.Generator, n_users: int) -> list[list[tuple[str,
 
 
 def _sample_interactions(
-    rng: np.random.Generator,
-    attrs: list[dict[str, Any]],
-    popularity: np.ndarray,
-    tastes: list[list[tuple[str, str]]],
+    rng: np.random.Generator, attrs: list[dict[str, Any]], popularity: np.ndarray, tastes: list[list[tuple[str, str]]],
     per_user: tuple[int, int],
 ) -> list[np.ndarray]:
     """Distinct item indices per user from TASTE_SHARE * softmax(affinity) + rest * uniform."""
@@ -283,12 +260,8 @@ def _sample_interactions(
 
 
 def _review_records(
-    rng: np.random.Generator,
-    users: list[str],
-    asins: list[str],
-    attrs: list[dict[str, Any]],
-    tastes: list[list[tuple[str, str]]],
-    picks: list[np.ndarray],
+    rng: np.random.Generator, users: list[str], asins: list[str], attrs: list[dict[str, Any]],
+    tastes: list[list[tuple[str, str]]], picks: list[np.ndarray],
 ) -> list[dict[str, Any]]:
     """One review dict per (user, item) pick; ratings lean higher for liked items."""
     records = []
@@ -426,8 +399,7 @@ def _corrupt_bytes(rng: np.random.Generator) -> bytes:
 def _write_gz(path: Path, lines: list[str]) -> None:
     """Gzip with no name or time in the header, written beside and renamed, so reruns are byte-identical."""
     with (
-        atomic_path(path) as tmp,
-        open(tmp, "wb") as raw,
+        atomic_path(path) as tmp, open(tmp, "wb") as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
     ):
         gz.write(("\n".join(lines) + "\n").encode("utf-8"))
@@ -436,10 +408,9 @@ def _write_gz(path: Path, lines: list[str]) -> None:
 def write_user_share(generated: Path, out_dir: Path, share: float) -> set[str]:
     """A snapshot of a generated sample holding the reviews of its first ``share`` of users (in file order).
 
-    Why: a dataset that grows (more reviews, new users) is what scheduled retraining sees;
-    two shares of one sample are two snapshots of it, the larger holding the smaller. The
-    metadata is copied whole; the reviews file is replaced atomically. Returns the users kept.
-    """
+    Why: a dataset that grows (more reviews, new users) is what scheduled retraining sees; two shares of one sample are
+    two snapshots of it, the larger holding the smaller. The metadata is copied whole; the reviews file is replaced
+    atomically. Returns the users kept."""
     if not 0 < share <= 1:
         raise ConfigError(f"invalid share {share}: must be in (0, 1]")
     lines = gzip.decompress((Path(generated) / REVIEWS_NAME).read_bytes()).decode().splitlines()
@@ -475,13 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reviews: {files.reviews} ({t['n_review_lines']} lines, {t['n_interactions']} interactions)")
     print(f"meta:    {files.meta}")
     print(f"images:  {files.images_dir}")
-    for key in (
-        "malformed_review_lines",
-        "items_without_meta",
-        "missing_image_files",
-        "empty_imurl",
-        "corrupt_images",
-    ):
+    for key in ("malformed_review_lines", "items_without_meta", "missing_image_files", "empty_imurl", "corrupt_images"):
         print(f"{key}: {t[key]}")
     print(f"duplicate_reviews: {[(d['reviewerID'], d['asin']) for d in t['duplicate_reviews']]}")
 

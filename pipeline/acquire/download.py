@@ -1,19 +1,17 @@
 """Fetch one raw file (http(s) URL, ``file://`` URL or local path) into a directory.
 
-Why this module exists: the Amazon dumps are hundreds of MB to GB on slow
-academic mirrors. A dropped connection must not cost the bytes already
-received, a half-written file must never be read as complete, and a second run
-must do no network work at all. So a download is written to ``<name>.part``,
-resumed with ``Range`` requests, checked against the size the server announced,
-renamed into place only when complete, and described by a sidecar
-``<name>.sha256.json`` that later runs trust instead of the network.
+Why this module exists: the Amazon dumps are hundreds of MB to GB on slow academic mirrors. A dropped connection must
+not cost the bytes already received, a half-written file must never be read as complete, and a second run must do no
+network work at all. So a download is written to ``<name>.part``, resumed with ``Range`` requests, checked against the
+size the server announced, renamed into place only when complete, and described by a sidecar ``<name>.sha256.json`` that
+later runs trust instead of the network.
 
-Local sources take the same path (copy in chunks, hash on the way) so that the
-stages downstream see one kind of record whatever the user pointed at.
-"""
+Local sources take the same path (copy in chunks, hash on the way) so that the stages downstream see one kind of record
+whatever the user pointed at."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,10 +57,7 @@ class FileRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileRecord:
         return cls(
-            path=Path(data["path"]),
-            source=str(data["source"]),
-            size=int(data["size"]),
-            sha256=str(data["sha256"]),
+            path=Path(data["path"]), source=str(data["source"]), size=int(data["size"]), sha256=str(data["sha256"]),
         )
 
 
@@ -73,11 +68,9 @@ class _Retryable(Exception):
 def safe_name(source: str) -> str:
     """File name for ``source``: the sanitised basename of its path, never raw URL text.
 
-    Only ``[A-Za-z0-9._-]`` survive, leading dots are dropped (no hidden files,
-    no ``..``), long names are capped with a hash to stay unique, and a source
-    without a usable basename falls back to a sha1 of the whole source. Names
-    that would collide with our own ``.part``/sidecar files get a ``_`` appended.
-    """
+    Only ``[A-Za-z0-9._-]`` survive, leading dots are dropped (no hidden files, no ``..``), long names are capped with a
+    hash to stay unique, and a source without a usable basename falls back to a sha1 of the whole source. Names that
+    would collide with our own ``.part``/sidecar files get a ``_`` appended."""
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()
     path = unquote(urlsplit(source).path) if url_scheme(source) else source
     base = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
@@ -95,23 +88,14 @@ def safe_name(source: str) -> str:
 
 
 def fetch_file(
-    source: str,
-    dest_dir: Path,
-    *,
-    timeout: float = 60,
-    retries: int = 5,
-    backoff_base: float = 0.5,
-    chunk_size: int = 1 << 20,
-    progress: bool = True,
-    client: httpx.Client | None = None,
+    source: str, dest_dir: Path, *, timeout: float = 60, retries: int = 5, backoff_base: float = 0.5,
+    chunk_size: int = 1 << 20, progress: bool = True, client: httpx.Client | None = None,
 ) -> FileRecord:
     """Fetch ``source`` into ``dest_dir`` and return its :class:`FileRecord`.
 
-    A complete file whose sidecar names the same source and size is returned
-    without any network or copy work. ``retries`` counts further attempts after
-    the first; only timeouts, connection errors, short bodies, 5xx and 429 are
-    retried, any other 4xx fails at once with a one-line :class:`DownloadError`.
-    """
+    A complete file whose sidecar names the same source and size is returned without any network or copy work.
+    ``retries`` counts further attempts after the first; only timeouts, connection errors, short bodies, 5xx and 429 are
+    retried, any other 4xx fails at once with a one-line :class:`DownloadError`."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     name = safe_name(source)
@@ -187,9 +171,7 @@ def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) ->
     digest = hashlib.sha256()
     size = 0
     with (
-        atomic_path(final) as part,
-        open(src, "rb") as fin,
-        open(part, "wb") as fout,
+        atomic_path(final) as part, open(src, "rb") as fin, open(part, "wb") as fout,
         _bar(final.name, src.stat().st_size, 0, progress) as bar,
     ):
         for chunk in iter(lambda: fin.read(chunk_size), b""):
@@ -213,10 +195,8 @@ def _bar(name: str, total: int | None, initial: int, enabled: bool) -> tqdm:
 class _PartState:
     """The ``.part`` file plus a running sha256 of exactly the bytes it holds.
 
-    Keeping the hash in step with the file avoids re-reading a multi-GB dump
-    after it finishes; when the two disagree (a ``.part`` left by an earlier
-    process) the prefix is hashed once from disk.
-    """
+    Keeping the hash in step with the file avoids re-reading a multi-GB dump after it finishes; when the two disagree (a
+    ``.part`` left by an earlier process) the prefix is hashed once from disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -247,22 +227,14 @@ class _PartState:
 
 
 def _fetch_http(
-    url: str,
-    final: Path,
-    *,
-    timeout: float,
-    retries: int,
-    backoff_base: float,
-    chunk_size: int,
-    progress: bool,
+    url: str, final: Path, *, timeout: float, retries: int, backoff_base: float, chunk_size: int, progress: bool,
     client: httpx.Client | None,
 ) -> FileRecord:
     part = _PartState(final.with_name(final.name + PART_SUFFIX))
-    own_client = client is None
-    http = client if client is not None else httpx.Client(follow_redirects=True, timeout=timeout)
+    session = httpx.Client(follow_redirects=True, timeout=timeout) if client is None else contextlib.nullcontext(client)
     delays = backoff_delays(retries, base=backoff_base)
     last_reason = "no attempt made"
-    try:
+    with session as http:
         for attempt in range(retries + 1):
             try:
                 _http_attempt(url, part, http, timeout=timeout, chunk_size=chunk_size, progress=progress)
@@ -276,15 +248,11 @@ def _fetch_http(
             if attempt < retries:
                 delay = next(delays)
                 log.warning(
-                    "download of %s failed (%s); retry %d/%d in %.2f s",
-                    url, last_reason, attempt + 1, retries, delay,
+                    "download of %s failed (%s); retry %d/%d in %.2f s", url, last_reason, attempt + 1, retries, delay,
                 )
                 time.sleep(delay)
         else:
             raise DownloadError(f"cannot download {url} after {retries + 1} attempts: {last_reason}")
-    finally:
-        if own_client:
-            http.close()
     os.replace(part.path, final)
     return FileRecord(path=final, source=url, size=part.size, sha256=part.digest.hexdigest())
 
@@ -347,7 +315,6 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
         return None, None, None
     first, last, total = match.groups()
     return (
-        int(first) if first is not None else None,
-        int(last) if last is not None else None,
+        int(first) if first is not None else None, int(last) if last is not None else None,
         int(total) if total not in (None, "*") else None,
     )

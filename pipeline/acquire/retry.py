@@ -1,13 +1,11 @@
 """One retry policy for every network fetch (raw files and item images).
 
-Why shared: downloads and image fetches must agree on what is worth retrying
-(timeouts, connection resets, 5xx, 429) and what is final (404 and other 4xx),
-otherwise a dead image URL is hammered or a flaky mirror gives up too early.
+Why shared: downloads and image fetches must agree on what is worth retrying (timeouts, connection resets, 5xx, 429) and
+what is final (404 and other 4xx), otherwise a dead image URL is hammered or a flaky mirror gives up too early.
 
-Why not a library: httpx's transports retry only failed connects (not statuses or bodies cut
-mid-read), and tenacity's and stamina's jitter draws from the unseeded global ``random``, while
-runs here must repeat exactly (seeded jitter); the callers' loops keep the resume and the reason.
-"""
+Why not a library: httpx's transports retry only failed connects (not statuses or bodies cut mid-read), and tenacity's
+and stamina's jitter draws from the unseeded global ``random``, while runs here must repeat exactly (seeded jitter); the
+callers' loops keep the resume and the reason."""
 
 from __future__ import annotations
 
@@ -27,8 +25,7 @@ def backoff_delays(
 ) -> Iterator[float]:
     """Exponential back-off delays (seconds) for ``retries`` further attempts.
 
-    A small seeded jitter avoids many concurrent workers retrying in lock-step.
-    """
+    A small seeded jitter avoids many concurrent workers retrying in lock-step."""
     rng = random.Random(seed)
     for attempt in range(retries):
         delay = min(cap, base * (2**attempt))

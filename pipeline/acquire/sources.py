@@ -1,26 +1,22 @@
 """Turn what the user names (a preset, a category, URLs, a folder, a file) into concrete sources.
 
-Why: the acquire stage should not care whether the user typed ``baby``,
-``Baby_Products --format amazon2023``, a folder of dumps they already have, or
-an MMRec folder. Everything resolves here into one :class:`SourceSpec` (which
-files, which format), and every mistake becomes one :class:`ConfigError` line
-naming the value and the valid choices, before any download starts.
+Why: the acquire stage should not care whether the user typed ``baby``, ``Baby_Products --format amazon2023``, a folder
+of dumps they already have, or an MMRec folder. Everything resolves here into one :class:`SourceSpec` (which files,
+which format), and every mistake becomes one :class:`ConfigError` line naming the value and the valid choices, before
+any download starts.
 
-Formats are told apart by content, not by file name, because people rename
-dumps: 2014 metadata lines are Python literals (single quotes), 2018 reviews are
-JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
-``parent_asin`` (reviews also ``user_id``). The sniffer reads lines as the
-readers do (bounded length, guarded ``literal_eval``) and votes over the first
-few good records, so a dirty first line does not condemn a file the readers
-would accept within their dirty-line budget.
-"""
+Formats are told apart by content, not by file name, because people rename dumps: 2014 metadata lines are Python
+literals (single quotes), 2018 reviews are JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
+``parent_asin`` (reviews also ``user_id``). The sniffer reads lines as the readers do (bounded length, guarded
+``literal_eval``) and votes over the first few good records, so a dirty first line does not condemn a file the readers
+would accept within their dirty-line budget."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -67,8 +63,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
         {"amazon2014": "Baby", "amazon2023": "Baby_Products"},
     ),
     "sports": Preset(
-        "Amazon Sports and Outdoors 5-core", "amazon2014",
-        {f: "Sports_and_Outdoors" for f in RAW_FORMATS},
+        "Amazon Sports and Outdoors 5-core", "amazon2014", {f: "Sports_and_Outdoors" for f in RAW_FORMATS},
     ),
     "clothing": Preset(
         "Amazon Clothing, Shoes and Jewelry 5-core", "amazon2014",
@@ -89,13 +84,7 @@ class SourceSpec:
     mmrec_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "format": self.format,
-            "reviews": self.reviews,
-            "meta": self.meta,
-            "mmrec_dir": str(self.mmrec_dir) if self.mmrec_dir is not None else None,
-        }
+        return {**asdict(self), "mmrec_dir": str(self.mmrec_dir) if self.mmrec_dir is not None else None}
 
 
 def category_urls(fmt: str, category: str) -> tuple[str, str]:
@@ -112,9 +101,8 @@ def category_urls(fmt: str, category: str) -> tuple[str, str]:
 def amazon2014_category(spec: SourceSpec) -> str | None:
     """The 2014 category of a resolved dataset, or None when it is not a 2014 category.
 
-    Known for the presets (also when read from local dumps, which resolve to the
-    preset's name) and for category names, whose reviews URL is the published one.
-    """
+    Known for the presets (also when read from local dumps, which resolve to the preset's name) and for category names,
+    whose reviews URL is the published one."""
     if spec.format != "amazon2014":
         return None
     preset = PRESETS.get(spec.name)
@@ -135,11 +123,9 @@ def resolve_source(
 ) -> SourceSpec:
     """Resolve ``dataset`` (+ optional format and explicit reviews/meta) into a :class:`SourceSpec`.
 
-    Order: ``sample``; a preset name; an existing path (MMRec folder, folder of
-    dumps, single reviews file); a category name when ``fmt`` is a raw format;
-    otherwise a free dataset name, which needs explicit ``reviews``. Explicit
-    ``reviews``/``meta`` replace what the preset or folder would give.
-    """
+    Order: ``sample``; a preset name; an existing path (MMRec folder, folder of dumps, single reviews file); a category
+    name when ``fmt`` is a raw format; otherwise a free dataset name, which needs explicit ``reviews``. Explicit
+    ``reviews``/``meta`` replace what the preset or folder would give."""
     fmt = _check_format(fmt)
     key = dataset.strip()
     if not key:
@@ -161,9 +147,7 @@ def resolve_source(
             f"unknown dataset '{key}' (valid: presets {', '.join(PRESETS)}, an existing path, "
             f"a category name with a format of {', '.join(formats.raw_formats())}, or explicit reviews{hint})"
         )
-    if reviews is None and meta is None:
-        return spec
-    return _override(spec, fmt, reviews, meta)
+    return spec if reviews is None and meta is None else _override(spec, fmt, reviews, meta)
 
 
 # ---------------------------------------------------------------------------- presets and names
@@ -186,9 +170,7 @@ def _from_preset(name: str, fmt: str | None) -> SourceSpec:
         return SourceSpec("sample", "sample")
     fmt = fmt or preset.default_format
     if fmt not in preset.categories:
-        raise ConfigError(
-            f"preset '{name}' has no {fmt} files (available: {', '.join(preset.categories)})"
-        )
+        raise ConfigError(f"preset '{name}' has no {fmt} files (available: {', '.join(preset.categories)})")
     rev_url, meta_url = category_urls(fmt, preset.categories[fmt])
     return SourceSpec(name, fmt, rev_url, meta_url)
 
@@ -221,9 +203,7 @@ def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str 
             continue
         scheme = url_scheme(value)
         if scheme and scheme not in (*REMOTE_SCHEMES, "file"):
-            raise ConfigError(
-                f"{field}: unsupported URL scheme '{scheme}' in {value} (valid: http, https, file)"
-            )
+            raise ConfigError(f"{field}: unsupported URL scheme '{scheme}' in {value} (valid: http, https, file)")
         local = local_path(value)
         if local is not None and not local.is_file():
             raise ConfigError(f"{field} file does not exist: {value}")
@@ -339,9 +319,8 @@ def _matching_meta(review: Path, metas: list[Path], folder: Path) -> Path | None
 def _agree(reviews: Path, meta: Path | None) -> str:
     """Format of a reviews file, confirmed (or decided) by its meta file.
 
-    2014 and 2018 reviews share their keys almost entirely; the 2014 meta file
-    (Python literals) settles it when the reviews alone are ambiguous.
-    """
+    2014 and 2018 reviews share their keys almost entirely; the 2014 meta file (Python literals) settles it when the
+    reviews alone are ambiguous."""
     rev_fmt, rev_kind = _sniff_file(reviews)
     if rev_kind == "meta":
         raise ConfigError(f"{reviews} looks like a metadata file, not reviews")
@@ -352,9 +331,7 @@ def _agree(reviews: Path, meta: Path | None) -> str:
         return rev_fmt
     if {meta_fmt, rev_fmt} == {"amazon2014", "amazon2018"}:
         return "amazon2014" if meta_fmt == "amazon2014" and rev_fmt == "amazon2018" else rev_fmt
-    raise ConfigError(
-        f"reviews {reviews.name} look like {rev_fmt} but meta {meta.name} looks like {meta_fmt}"
-    )
+    raise ConfigError(f"reviews {reviews.name} look like {rev_fmt} but meta {meta.name} looks like {meta_fmt}")
 
 
 # ---------------------------------------------------------------------------- content sniffing
@@ -363,27 +340,21 @@ def _agree(reviews: Path, meta: Path | None) -> str:
 def detect_format(path: Path | str) -> str:
     """Format of a raw Amazon file (gzip or plain) from its first good records (dirty lines tolerated).
 
-    A folder is resolved as :func:`resolve_source` would (``mmrec`` when it
-    holds a ``.inter`` file). Raises :class:`DataError` naming the file and line
-    when the content matches no known release.
-    """
+    A folder is resolved as :func:`resolve_source` would (``mmrec`` when it holds a ``.inter`` file). Raises
+    :class:`DataError` naming the file and line when the content matches no known release."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"path does not exist: {path}")
     if path.is_dir():
         return _from_dir(path.resolve(), None).format
-    if path.suffix == ".inter":
-        return "mmrec"
-    return _sniff_file(path)[0]
+    return "mmrec" if path.suffix == ".inter" else _sniff_file(path)[0]
 
 
 def _sniff_file(path: Path) -> tuple[str, str]:
     """(format, kind) most of the first ``SNIFF_RECORDS`` good records agree on.
 
-    Dirty lines before them (malformed, over-long, foreign records) are tolerated up
-    to ``SNIFF_BAD_LINES``; when no good record is found the first line's problem is
-    the error, as it names what is wrong with the file.
-    """
+    Dirty lines before them (malformed, over-long, foreign records) are tolerated up to ``SNIFF_BAD_LINES``; when no
+    good record is found the first line's problem is the error, as it names what is wrong with the file."""
     votes: Counter[tuple[str, str]] = Counter()
     first_error: DataError | None = None
     bad = 0
@@ -432,7 +403,5 @@ def _classify(line: bytes, path: Path, lineno: int) -> tuple[str, str]:
     claimed = formats.classify_keys(set(record), strict_json)
     if claimed is None:
         found = ", ".join(sorted(map(str, record))[:8])
-        raise DataError(
-            f"{path} line {lineno}: unknown record (no 'asin' or 'parent_asin' field; found {found})"
-        )
+        raise DataError(f"{path} line {lineno}: unknown record (no 'asin' or 'parent_asin' field; found {found})")
     return claimed

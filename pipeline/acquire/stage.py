@@ -1,10 +1,8 @@
 """The ``acquire`` stage: the raw dataset files (bundled sample, MMRec folder, or downloaded dumps).
 
-Why the key holds each local file's size and mtime: an edited local file must be
-acquired again; remote files are checked by the download itself (size, sha256), and
-``acquire.revision`` (set by ``sand retrain`` when a remote source changed) keys a new
-remote version apart, in its own download folder.
-"""
+Why the key holds each local file's size and mtime: an edited local file must be acquired again; remote files are
+checked by the download itself (size, sha256), and ``acquire.revision`` (set by ``sand retrain`` when a remote source
+changed) keys a new remote version apart, in its own download folder."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """Which image URLs the image stage may read: trust follows where the metadata came from.
 
-Why: image URLs are data. Metadata downloaded from the internet is untrusted, so a
-URL inside it must not make this machine read its own files (``file:///etc/passwd``,
-``/dev/zero``, a FIFO) or call services on its own network (``http://127.0.0.1``,
-``10.x``, cloud metadata at ``169.254.169.254``), directly or through a redirect.
-Metadata the user handed over as local files (their own dump, an MMRec folder, the
-bundled sample) is theirs: it may name local files and private hosts, so a private
-image mirror keeps working. Hosts are judged by the addresses they resolve to,
-not by their names, and every redirect hop is judged again.
-"""
+Why: image URLs are data. Metadata downloaded from the internet is untrusted, so a URL inside it must not make this
+machine read its own files (``file:///etc/passwd``, ``/dev/zero``, a FIFO) or call services on its own network
+(``http://127.0.0.1``, ``10.x``, cloud metadata at ``169.254.169.254``), directly or through a redirect. Metadata the
+user handed over as local files (their own dump, an MMRec folder, the bundled sample) is theirs: it may name local files
+and private hosts, so a private image mirror keeps working. Hosts are judged by the addresses they resolve to, not by
+their names, and every redirect hop is judged again."""
 
 from __future__ import annotations
 
@@ -37,10 +34,8 @@ class UrlPolicy:
 
     ``local_files``: ``file://`` URLs and plain paths may be read (regular files only).
     ``private_hosts``: http(s) hosts may resolve to loopback/private/link-local addresses.
-    ``allowed_hosts``: ``host`` or ``host:port`` entries trusted even when private (an
-    internal mirror named in downloaded metadata); the hosts a redirect leads to are
-    judged on their own.
-    """
+    ``allowed_hosts``: ``host`` or ``host:port`` entries trusted even when private (an internal mirror named in
+    downloaded metadata); the hosts a redirect leads to are judged on their own."""
 
     local_files: bool = False
     private_hosts: bool = False
@@ -59,8 +54,7 @@ class UrlPolicy:
 
     def describe(self) -> dict[str, object]:
         return {
-            "local_files": self.local_files,
-            "private_hosts": self.private_hosts,
+            "local_files": self.local_files, "private_hosts": self.private_hosts,
             "allowed_hosts": sorted(self.allowed_hosts),
         }
 
@@ -95,10 +89,8 @@ def host_and_port(url: str) -> tuple[str, int] | None:
 async def check_http_url(url: str, policy: UrlPolicy) -> str | None:
     """``None`` if ``url`` may be requested, else the reason (``refused``, ``unsupported-scheme``).
 
-    Resolves the host (all its addresses must be public): a name that points at
-    127.0.0.1 is refused just like the literal address. Raises
-    :class:`UnresolvableHost` when the name does not resolve now.
-    """
+    Resolves the host (all its addresses must be public): a name that points at 127.0.0.1 is refused just like the
+    literal address. Raises :class:`UnresolvableHost` when the name does not resolve now."""
     target = host_and_port(url)
     if target is None:
         return "unsupported-scheme" if urlsplit(url).scheme.lower() not in ("http", "https") else "bad-url"
@@ -111,14 +103,12 @@ async def check_http_url(url: str, policy: UrlPolicy) -> str | None:
     except (socket.gaierror, UnicodeError, OSError) as exc:
         raise UnresolvableHost(f"{host}: {exc}") from None
     addresses = {info[4][0] for info in infos}
-    if not addresses or not all(is_public_address(a) for a in addresses):
-        return REFUSED
-    return None
+    return REFUSED if not addresses or not all(is_public_address(a) for a in addresses) else None
 
 
 def peer_allowed(url: str, peer: object, policy: UrlPolicy) -> bool:
-    """Is the address a connection actually reached allowed? Closes the gap of a name re-resolving
-    to a private address between the check and the connect (DNS rebinding)."""
+    """Is the address a connection actually reached allowed? Closes the gap of a name re-resolving to a private address
+    between the check and the connect (DNS rebinding)."""
     target = host_and_port(url)
     if target is None:
         return False

@@ -1,11 +1,9 @@
 """Validated configuration: one pydantic model per stage and one for the pipeline.
 
-Why pydantic: the same models validate YAML files, CLI options and the Prefect
-UI's parameter forms, and a wrong value is rejected with the field's dotted
-name (``train.lr``) instead of failing deep inside a stage. The command's field
-options and ``sand.run``'s keywords derive from one table here (``CLI_FIELDS``), and
-``--set section.field=value`` reaches any other field.
-"""
+Why pydantic: the same models validate YAML files, CLI options and the Prefect UI's parameter forms, and a wrong value
+is rejected with the field's dotted name (``train.lr``) instead of failing deep inside a stage. The command's field
+options and ``sand.run``'s keywords derive from one table here (``CLI_FIELDS``), and ``--set section.field=value``
+reaches any other field."""
 
 from __future__ import annotations
 
@@ -205,9 +203,8 @@ class _TrainSettings(_Section):
         "(default: the memory available on the training device)",
     )
 
-    #: Named hyper-parameters (the registry's, one field each): applied to the models that take
-    #: them, ignored by the others (so one config serves a whole Table-2 grid). Keys of ``extra``
-    #: must be taken by the model.
+    #: Named hyper-parameters (the registry's, one field each): applied to the models that take them, ignored by the
+    #: others (so one config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
     NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = tuple(registry.hyperparameters())
     #: Named hyper-parameters with a value by default: a grid may set them for every model.
     ALWAYS_SET: ClassVar[tuple[str, ...]] = tuple(
@@ -217,9 +214,8 @@ class _TrainSettings(_Section):
     def model_kwargs(self, accepted: set[str] | None = None) -> dict[str, Any]:
         """Hyper-parameters the user set explicitly; the model's defaults fill the rest.
 
-        With ``accepted`` (the model's hyper-parameter names), named fields the model does
-        not take are left out; ``extra`` always passes through, so a typo there is an error.
-        """
+        With ``accepted`` (the model's hyper-parameter names), named fields the model does not take are left out;
+        ``extra`` always passes through, so a typo there is an error."""
         kwargs = {
             name: getattr(self, name)
             for name in self.NAMED_HYPERPARAMETERS
@@ -231,9 +227,8 @@ class _TrainSettings(_Section):
     def with_profile(self) -> TrainConfig:
         """This section with the profile's training settings where none was set, and the default batch.
 
-        Why here: the train stage, its artifact key and the trainer must all see one answer to
-        "which lr and batch size does this run use"; explicit settings win over the profile.
-        """
+        Why here: the train stage, its artifact key and the trainer must all see one answer to "which lr and batch size
+        does this run use"; explicit settings win over the profile."""
         update = {k: v for k, v in registry.profile_training(self.model, self.profile).items()
                   if getattr(self, k) is None}
         if update.get("batch_size", self.batch_size) is None:
@@ -323,9 +318,8 @@ class FieldOption:
         return self.help() if callable(self.help) else self.help
 
 
-#: The options every stage-running command and ``sand.run`` take that set one config field
-#: each, by name: the CLI contract. Any other field: ``--set section.field=value``
-#: (``overrides={"section.field": value}``).
+#: The options every stage-running command and ``sand.run`` take that set one config field each, by name: the CLI
+#: contract. Any other field: ``--set section.field=value`` (``overrides={"section.field": value}``).
 CLI_FIELDS: dict[str, FieldOption] = {
     "dataset": FieldOption("acquire.dataset", str, "sample | baby | sports | clothing | category name | PATH "
                            "(raw files or an MMRec folder)"),

@@ -1,14 +1,12 @@
 """Atomic file writes and streaming sha256: the one home for both.
 
-Why atomic: a stage, a cache or a sidecar that a killed process left half-written
-must never be read as complete. Every write here goes to a temporary file in the
-*same directory* (so the final ``os.replace`` is a rename on one file system, atomic
-on POSIX and Windows), is flushed and fsynced, then replaces the target; on any
-failure the temporary file is removed and the old target is left as it was.
+Why atomic: a stage, a cache or a sidecar that a killed process left half-written must never be read as complete. Every
+write here goes to a temporary file in the *same directory* (so the final ``os.replace`` is a rename on one file system,
+atomic on POSIX and Windows), is flushed and fsynced, then replaces the target; on any failure the temporary file is
+removed and the old target is left as it was.
 
-Why streaming: inputs are multi-GB dumps and model weights; hashing reads them in
-chunks so memory stays flat whatever the file size.
-"""
+Why streaming: inputs are multi-GB dumps and model weights; hashing reads them in chunks so memory stays flat whatever
+the file size."""
 
 from __future__ import annotations
 
@@ -38,12 +36,10 @@ def _fsync(path: str) -> None:
 def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error it replaces ``path``.
 
-    For writers that want a file name (``np.save``, ``torch.save``, ``DataFrame.to_csv``):
-    ``with atomic_path(out) as tmp: np.save(tmp, a)``. ``suffix`` keeps the extension a
-    writer may insist on (``np.save`` appends ``.npy`` to a name without it). The parent
-    directory is created. On an exception the temporary file is deleted and ``path`` is
-    untouched.
-    """
+    For writers that want a file name (``np.save``, ``torch.save``, ``DataFrame.to_csv``): ``with atomic_path(out) as
+    tmp: np.save(tmp, a)``. ``suffix`` keeps the extension a writer may insist on (``np.save`` appends ``.npy`` to a
+    name without it). The parent directory is created. On an exception the temporary file is deleted and ``path`` is
+    untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -77,8 +73,7 @@ def write_json_atomic(path: Path | str, obj: Any, *, indent: int = 2, sort_keys:
 def file_digest(path: Path | str, chunk_size: int = HASH_CHUNK) -> hashlib._Hash:
     """The sha256 object of a file's bytes, read ``chunk_size`` bytes at a time.
 
-    Returned unfinished so a caller can keep feeding it (a resumed download appends).
-    """
+    Returned unfinished so a caller can keep feeding it (a resumed download appends)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(chunk_size), b""):

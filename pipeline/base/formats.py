@@ -1,17 +1,13 @@
 """Every dataset format the pipeline reads, one row each: the table the rest is derived from.
 
-Why one table: the config's allowed ``acquire.format`` values, the CLI's ``--format``
-help, the sources' published URLs, the content sniffer and the raw-dump readers all
-ask "what is format X". Answering it here means adding a raw-dump format is its
-metadata record converter plus one :data:`FORMATS` row (review fields, line syntax,
-URLs, sniffer). The two non-dump formats, ``mmrec`` (a folder read by
-``pipeline/dataset/mmrec.py``) and ``sample`` (generated), are rows too, so they are
-valid names everywhere, but the acquire and interactions stages dispatch on them.
+Why one table: the config's allowed ``acquire.format`` values, the CLI's ``--format`` help, the sources' published URLs,
+the content sniffer and the raw-dump readers all ask "what is format X". Answering it here means adding a raw-dump
+format is its metadata record converter plus one :data:`FORMATS` row (review fields, line syntax, URLs, sniffer). The
+two non-dump formats, ``mmrec`` (a folder read by ``pipeline/dataset/mmrec.py``) and ``sample`` (generated), are rows
+too, so they are valid names everywhere, but the acquire and interactions stages dispatch on them.
 
-This module must stay cheap to import (config validation and ``sand --help`` use
-it): readers are named as ``"module:function"`` strings and imported only when a
-file is read.
-"""
+This module must stay cheap to import (config validation and ``sand --help`` use it): readers are named as
+``"module:function"`` strings and imported only when a file is read."""
 
 from __future__ import annotations
 

@@ -1,12 +1,10 @@
 """Which device and which compute precision a training run uses.
 
-Why a module: ``train.precision = auto`` must resolve the same way in the trainer,
-in the train stage's artifact key and in the run's manifest, and the answer depends
-on the machine: bfloat16 pays where the hardware multiplies it natively (CUDA GPUs
-with bf16 support; CPUs with AMX-BF16 or AVX512-BF16, where oneDNN runs bfloat16
-products ~4x faster than float32) and costs elsewhere (emulated bfloat16 is slower
-than float32). The models only ever see the resolved "fp32" or "bf16".
-"""
+Why a module: ``train.precision = auto`` must resolve the same way in the trainer, in the train stage's artifact key and
+in the run's manifest, and the answer depends on the machine: bfloat16 pays where the hardware multiplies it natively
+(CUDA GPUs with bf16 support; CPUs with AMX-BF16 or AVX512-BF16, where oneDNN runs bfloat16 products ~4x faster than
+float32) and costs elsewhere (emulated bfloat16 is slower than float32). The models only ever see the resolved "fp32" or
+"bf16"."""
 
 from __future__ import annotations
 
@@ -18,8 +16,6 @@ from sand.pipeline.base.devices import (
     resolve_device as resolve_device,  # re-exported: the train stage imports it from here
 )
 from sand.pipeline.base.errors import ConfigError
-
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +30,7 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 def cpu_bf16_support() -> bool:
     """Whether this CPU reports AMX-BF16 or AVX512-BF16 (torch's own probe, else /proc/cpuinfo)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with contextlib.suppress(AttributeError, RuntimeError):
         caps = torch.cpu.get_capabilities()
@@ -50,7 +46,7 @@ def cpu_bf16_support() -> bool:
 
 def cuda_bf16_support(device: torch.device) -> bool:
     """Whether the CUDA device multiplies bfloat16 natively (compute capability >= 8.0)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if not torch.cuda.is_available():
         return False
@@ -61,10 +57,9 @@ def cuda_bf16_support(device: torch.device) -> bool:
 def resolve_precision(requested: str, device: torch.device, setting: str = "train.precision") -> str:
     """``"fp32"`` or ``"bf16"`` for ``requested`` (fp32 | bf16 | auto) on ``device``.
 
-    ``auto``: bf16 on a CUDA device with bf16 support and on a CPU reporting AMX-BF16 or
-    AVX512-BF16; fp32 everywhere else. An explicit choice is kept (bf16 without native
-    support is slow, not wrong: a warning says so). ``setting`` names the option in messages.
-    """
+    ``auto``: bf16 on a CUDA device with bf16 support and on a CPU reporting AMX-BF16 or AVX512-BF16; fp32 everywhere
+    else. An explicit choice is kept (bf16 without native support is slow, not wrong: a warning says so). ``setting``
+    names the option in messages."""
     if requested not in PRECISION_CHOICES:
         raise ConfigError(f"{setting} must be one of {', '.join(PRECISION_CHOICES)}; got {requested!r}")
     native = cuda_bf16_support(device) if device.type == "cuda" else device.type == "cpu" and cpu_bf16_support()

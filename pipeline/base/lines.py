@@ -1,17 +1,13 @@
 """Bounded reading of untrusted line files: gzip or plain, one line at a time, never one line whole.
 
-Why a base-layer module: resolving a source (``acquire``) sniffs a file's first
-lines and the dataset readers (``dataset``) read all of them; both need the same
-guarded iteration and the same safe parse of 2014's Python-literal lines, and
-neither should depend on the other for it.
+Why a base-layer module: resolving a source (``acquire``) sniffs a file's first lines and the dataset readers
+(``dataset``) read all of them; both need the same guarded iteration and the same safe parse of 2014's Python-literal
+lines, and neither should depend on the other for it.
 
-Memory is bounded whatever the input: a line longer than ``max_line_bytes`` is
-read and dropped in chunks (yielded as ``None``, never held whole);
-``literal_eval`` (whose syntax tree costs ~500 bytes per byte of a dense literal)
-only sees lines with a bounded number of tokens; and a gzip stream that inflates
-far beyond any real dump (a "gzip bomb" of blank lines or one endless line) is
-refused in one line once it has inflated past a floor.
-"""
+Memory is bounded whatever the input: a line longer than ``max_line_bytes`` is read and dropped in chunks (yielded as
+``None``, never held whole); ``literal_eval`` (whose syntax tree costs ~500 bytes per byte of a dense literal) only sees
+lines with a bounded number of tokens; and a gzip stream that inflates far beyond any real dump (a "gzip bomb" of blank
+lines or one endless line) is refused in one line once it has inflated past a floor."""
 
 from __future__ import annotations
 
@@ -52,13 +48,11 @@ class DirtyLine(Exception):
 def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
     """Yield (1-based line number, raw line) from a gzip or plain file, detected by magic bytes.
 
-    A line longer than ``max_line_bytes`` (newline excluded) is yielded as ``None``
-    after its bytes were read and dropped in chunks, so no line is ever held whole
-    past the limit. A gzip stream that inflates more than ``_MAX_INFLATION`` times
-    its compressed size (checked once past ``_INFLATION_FLOOR``) is a one-line
-    :class:`DataError`: nothing real compresses like that, and without the check a
-    few MB of blank lines could keep a reader busy for hours.
-    """
+    A line longer than ``max_line_bytes`` (newline excluded) is yielded as ``None`` after its bytes were read and
+    dropped in chunks, so no line is ever held whole past the limit. A gzip stream that inflates more than
+    ``_MAX_INFLATION`` times its compressed size (checked once past ``_INFLATION_FLOOR``) is a one-line
+    :class:`DataError`: nothing real compresses like that, and without the check a few MB of blank lines could keep a
+    reader busy for hours."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -134,10 +128,8 @@ class _InflationGuard:
 def parse_literal_line(line: bytes) -> Any:
     """2014 metadata: Python literals. Try JSON first (fast path), then ast.literal_eval (never eval).
 
-    A cheap token count comes first: ``literal_eval`` builds a full syntax tree, about
-    1 KB per element, so a dense 1 MB literal would cost ~500 MB. Too many tokens is a
-    counted skip, decided without parsing.
-    """
+    A cheap token count comes first: ``literal_eval`` builds a full syntax tree, about 1 KB per element, so a dense 1 MB
+    literal would cost ~500 MB. Too many tokens is a counted skip, decided without parsing."""
     with contextlib.suppress(orjson.JSONDecodeError):
         return orjson.loads(line)
     tokens = sum(line.count(t) for t in _LITERAL_TOKENS)

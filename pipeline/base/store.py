@@ -1,16 +1,12 @@
 """Content-addressed artifact store: ``<root>/artifacts/<stage>/<key>/``.
 
-Why this shape: a stage's key hashes its name, code version, parameters and
-the keys of its inputs, so "same inputs, same parameters" means "same
-directory" and any upstream change yields new keys downstream — caching falls
-out of naming. An artifact is built in a temporary sibling directory and
-renamed into place only when complete, with ``manifest.json`` written last
-inside it, so a crash never leaves a directory that looks finished. A
-per-artifact file lock lets two runs on one data root share work safely: the
-second waits, then finds the artifact the first one built. A complete artifact
-is never modified, so reading one takes no lock and writes nothing: a
-read-only data root still serves every artifact it holds.
-"""
+Why this shape: a stage's key hashes its name, code version, parameters and the keys of its inputs, so "same inputs,
+same parameters" means "same directory" and any upstream change yields new keys downstream — caching falls out of
+naming. An artifact is built in a temporary sibling directory and renamed into place only when complete, with
+``manifest.json`` written last inside it, so a crash never leaves a directory that looks finished. A per-artifact file
+lock lets two runs on one data root share work safely: the second waits, then finds the artifact the first one built. A
+complete artifact is never modified, so reading one takes no lock and writes nothing: a read-only data root still serves
+every artifact it holds."""
 
 from __future__ import annotations
 
@@ -120,11 +116,9 @@ class ArtifactStore:
     def check_writable(self) -> bool:
         """True when runs can write here; False for a read-only root that holds artifacts to serve.
 
-        Raises a one-line ConfigError naming the path when the root can neither be written
-        nor serve anything (missing parent, a file in the way, no permission, no artifacts).
-        Why probe with a real file: permission bits do not tell the truth for root, for
-        read-only mounts or for network file systems.
-        """
+        Raises a one-line ConfigError naming the path when the root can neither be written nor serve anything (missing
+        parent, a file in the way, no permission, no artifacts). Why probe with a real file: permission bits do not tell
+        the truth for root, for read-only mounts or for network file systems."""
         try:
             self.data_root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.data_root, prefix=".sand-write-probe-"):
@@ -186,13 +180,8 @@ class ArtifactStore:
             shutil.rmtree(trash, ignore_errors=True)
 
     def run(
-        self,
-        stage: str,
-        version: str,
-        params: dict[str, Any],
-        inputs: dict[str, Artifact],
-        build: Callable[[Path], dict[str, Any] | None],
-        refresh: bool = False,
+        self, stage: str, version: str, params: dict[str, Any], inputs: dict[str, Artifact],
+        build: Callable[[Path], dict[str, Any] | None], refresh: bool = False,
     ) -> StageOutcome:
         """Reuse the stage's artifact or build it with ``build(staging_dir) -> manifest extras``."""
         input_keys = {name: art.key for name, art in inputs.items()}

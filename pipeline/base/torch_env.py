@@ -1,10 +1,9 @@
 """Environment settings that torch and its OpenMP runtime read once, at start-up.
 
-Why a module of its own: the ``sand`` command, the test suite and the benchmarks all want
-these, and they only take effect when set before torch is imported (OpenMP reads its
-settings once; torch reads the allocator's at its first allocation). So this module imports
-nothing heavy, and callers apply it first thing. Users' explicit environment settings win.
-"""
+Why a module of its own: the ``sand`` command, the test suite and the benchmarks all want these, and they only take
+effect when set before torch is imported (OpenMP reads its settings once; torch reads the allocator's at its first
+allocation). So this module imports nothing heavy, and callers apply it first thing. Users' explicit environment
+settings win."""
 
 from __future__ import annotations
 

@@ -1,33 +1,26 @@
 """Chunked, columnar reading of review dumps: tens of millions of reviews in bounded memory.
 
-Why: :func:`sand.pipeline.dataset.readers.read_reviews` keeps two Python ``str`` objects per review
-(about 130 bytes each with their list slots); at the 66M reviews of a 2023 category
-that is well over 10 GB before pandas copies anything. Here a review never becomes a
-Python object for longer than one chunk: each chunk of lines is parsed into Arrow
-columns, its user and item ids are dictionary-encoded at once, and only int32 codes,
-the float32 rating and the int64 timestamp (20 bytes a review) are kept. The distinct
-ids are sorted once at the end, so the codes follow the sorted raw ids exactly as
-``pd.factorize(sort=True)`` numbers them in the per-line path.
+Why: :func:`sand.pipeline.dataset.readers.read_reviews` keeps two Python ``str`` objects per review (about 130 bytes
+each with their list slots); at the 66M reviews of a 2023 category that is well over 10 GB before pandas copies
+anything. Here a review never becomes a Python object for longer than one chunk: each chunk of lines is parsed into
+Arrow columns, its user and item ids are dictionary-encoded at once, and only int32 codes, the float32 rating and the
+int64 timestamp (20 bytes a review) are kept. The distinct ids are sorted once at the end, so the codes follow the
+sorted raw ids exactly as ``pd.factorize(sort=True)`` numbers them in the per-line path.
 
-Why pyarrow (not polars or duckdb): it is already a dependency (parquet), its JSON
-reader parses only the columns named in an explicit schema with RapidJSON on all
-cores, and its compute kernels (dictionary_encode, unique, sort, index_in) are all
-this needs; a second dataframe engine would add weight, not capability.
+Why pyarrow (not polars or duckdb): it is already a dependency (parquet), its JSON reader parses only the columns named
+in an explicit schema with RapidJSON on all cores, and its compute kernels (dictionary_encode, unique, sort, index_in)
+are all this needs; a second dataframe engine would add weight, not capability.
 
-Dirty lines keep the per-line contract exactly. The fast path only accepts a chunk it
-can vouch for: valid UTF-8, one JSON object per non-blank line, no
-NaN/Infinity tokens or bare carriage returns (RapidJSON tolerates them, orjson does
-not), no line deep enough to hit orjson's nesting limit, every kept value present and
-plain (ids starting with a printable ASCII character, ratings within 1..5, timestamps
-in range). Any other chunk is re-read line by line through
-:func:`sand.pipeline.dataset.readers.parse_lines` with the same converter as ``read_reviews``, so
-every dirty line is skipped, counted and reported as before, under the same
-``max_bad_lines`` budget, and lines are read through the same bounded line reader.
+Dirty lines keep the per-line contract exactly. The fast path only accepts a chunk it can vouch for: valid UTF-8, one
+JSON object per non-blank line, no NaN/Infinity tokens or bare carriage returns (RapidJSON tolerates them, orjson does
+not), no line deep enough to hit orjson's nesting limit, every kept value present and plain (ids starting with a
+printable ASCII character, ratings within 1..5, timestamps in range). Any other chunk is re-read line by line through
+:func:`sand.pipeline.dataset.readers.parse_lines` with the same converter as ``read_reviews``, so every dirty line is
+skipped, counted and reported as before, under the same ``max_bad_lines`` budget, and lines are read through the same
+bounded line reader.
 
-Metadata (item-level, 2014's is Python literals) stays per line, but in chunks that
-keep only the items that survived the k-core: its memory follows the final catalogue,
-not the raw dump.
-"""
+Metadata (item-level, 2014's is Python literals) stays per line, but in chunks that keep only the items that survived
+the k-core: its memory follows the final catalogue, not the raw dump."""
 
 from __future__ import annotations
 
@@ -108,9 +101,8 @@ def _plain_json(buf: bytes, lines: list[bytes]) -> bool:
 def _has_nan_or_inf_token(buf: bytes) -> bool:
     """True if NaN/Inf[inity] may stand as a JSON value (plain ``bytes.find``: a regex is 5x slower).
 
-    Conservative: the same letters inside a string after ``:``/``,``/``[`` also count,
-    which only sends that chunk down the per-line path.
-    """
+    Conservative: the same letters inside a string after ``:``/``,``/``[`` also count, which only sends that chunk down
+    the per-line path."""
     for token in (b"NaN", b"Inf"):
         at = buf.find(token)
         while at >= 0:
@@ -163,10 +155,7 @@ def _fast_chunk(
 
 
 def _slow_chunk(
-    batch: list[tuple[int, bytes]],
-    convert: Callable[[dict], tuple],
-    report: SkipReport,
-    max_bad_lines: int,
+    batch: list[tuple[int, bytes]], convert: Callable[[dict], tuple], report: SkipReport, max_bad_lines: int,
     max_line_bytes: int,
 ) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
     """The per-line rules of ``read_reviews`` on one chunk (dirty lines counted in ``report``)."""
@@ -174,9 +163,7 @@ def _slow_chunk(
     parse_lines(batch, readers._parse_json, convert, columns, report, max_bad_lines, max_line_bytes)
     users, items, ratings, stamps = columns
     return (
-        pa.array(users, pa.string()),
-        pa.array(items, pa.string()),
-        np.asarray(ratings, dtype=np.float32),
+        pa.array(users, pa.string()), pa.array(items, pa.string()), np.asarray(ratings, dtype=np.float32),
         np.asarray(stamps, dtype=np.int64),
     )
 
@@ -198,19 +185,13 @@ def _sorted_codes(chunks: list[pa.DictionaryArray]) -> tuple[np.ndarray, pa.Arra
 
 
 def read_review_columns(
-    path: str | Path,
-    fmt: str,
-    max_bad_lines: int = 100,
-    chunk_lines: int = CHUNK_LINES,
-    progress: Callable[[int], None] | None = None,
-    max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
+    path: str | Path, fmt: str, max_bad_lines: int = 100, chunk_lines: int = CHUNK_LINES,
+    progress: Callable[[int], None] | None = None, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> ReviewColumns:
     """Read a review dump chunk by chunk into :class:`ReviewColumns`.
 
-    Same records, same skips and same errors as :func:`sand.pipeline.dataset.readers.read_reviews`
-    (which stays as the reference implementation); ``progress`` is called with the
-    number of lines of each finished chunk.
-    """
+    Same records, same skips and same errors as :func:`sand.pipeline.dataset.readers.read_reviews` (which stays as the
+    reference implementation); ``progress`` is called with the number of lines of each finished chunk."""
     path = Path(path)
     convert = review_converter(fmt)
     ukey, ikey, rkey, tkey, divisor = readers.review_fields(fmt)
@@ -248,20 +229,14 @@ def read_review_columns(
 
 
 def read_meta_for_items(
-    path: str | Path,
-    fmt: str,
-    asins: pa.Array | pd.Series | np.ndarray,
-    max_bad_lines: int = 100,
-    chunk_lines: int = CHUNK_LINES // 4,
-    max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
+    path: str | Path, fmt: str, asins: pa.Array | pd.Series | np.ndarray, max_bad_lines: int = 100,
+    chunk_lines: int = CHUNK_LINES // 4, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[pd.DataFrame, SkipReport]:
     """:func:`sand.pipeline.dataset.readers.read_meta`, keeping only records whose asin is in ``asins``.
 
-    Every line is still parsed and checked (the skip counts and errors are those of
-    ``read_meta``), but a chunk's other records are dropped before the next chunk is
-    read, so memory follows the catalogue that survived the k-core. Record order (and
-    so "first record of a duplicated asin wins") is unchanged.
-    """
+    Every line is still parsed and checked (the skip counts and errors are those of ``read_meta``), but a chunk's other
+    records are dropped before the next chunk is read, so memory follows the catalogue that survived the k-core. Record
+    order (and so "first record of a duplicated asin wins") is unchanged."""
     path = Path(path)
     parse, convert = readers.meta_parser(fmt)
     wanted = asins if isinstance(asins, pa.Array) else pa.array(np.asarray(asins, dtype=object), pa.string())
@@ -285,35 +260,19 @@ def read_meta_for_items(
 
 
 def interactions_from_dumps(
-    reviews: str | Path,
-    meta: str | Path | None,
-    fmt: str,
-    *,
-    k_core: int = 5,
-    split_rule: str = "mmrec",
-    seed: int = 0,
-    max_bad_lines: int = 100,
-    chunk_lines: int = CHUNK_LINES,
-    progress: Callable[[int], None] | None = None,
-    max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
+    reviews: str | Path, meta: str | Path | None, fmt: str, *, k_core: int = 5, split_rule: str = "mmrec",
+    seed: int = 0, max_bad_lines: int = 100, chunk_lines: int = CHUNK_LINES,
+    progress: Callable[[int], None] | None = None, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[InteractionsResult, dict[str, SkipReport]]:
-    """Raw dump files -> the interactions tables, equal to
-    ``build_interactions(read_reviews(reviews), read_meta(meta))`` but in bounded memory.
+    """Raw dump files -> the interactions tables, equal to ``build_interactions(read_reviews(reviews),
+    read_meta(meta))`` but in bounded memory.
 
-    Returns the result and the skip report of each file read (``"reviews"``, ``"meta"``).
-    """
+    Returns the result and the skip report of each file read (``"reviews"``, ``"meta"``)."""
     cols = read_review_columns(reviews, fmt, max_bad_lines, chunk_lines, progress, max_line_bytes)
     reports = {"reviews": cols.report}
     result = index_reviews(
-        cols.user_codes,
-        cols.item_codes,
-        cols.users,
-        cols.items,
-        cols.rating,
-        cols.timestamp,
-        k_core=k_core,
-        split_rule=split_rule,
-        seed=seed,
+        cols.user_codes, cols.item_codes, cols.users, cols.items, cols.rating, cols.timestamp, k_core=k_core,
+        split_rule=split_rule, seed=seed,
     )
     del cols
     table = None

@@ -1,14 +1,11 @@
 """Export a pipeline run as an MMRec dataset folder that MMRec-family code runs as is.
 
-Why: MMRec ships 20+ baselines, and DualGNN, DRAGON and the SAND authors' code are
-built on it. Writing its format (``<name>.inter``, id maps, ``image_feat.npy`` /
-``text_feat.npy`` aligned with the exported item ids) lets users run all of them on
-data this pipeline filtered, split and encoded. Beside those files MMRec-family code
-expects two things that a folder alone does not give: the co-interaction user graph
-``user_graph_dict.npy`` (DualGNN's preprocessing builds it by hand) and a dataset
-config ``<name>.yaml`` for ``src/configs/dataset/``. The export writes both, and a
-``sand_export.json`` manifest saying where the folder came from.
-"""
+Why: MMRec ships 20+ baselines, and DualGNN, DRAGON and the SAND authors' code are built on it. Writing its format
+(``<name>.inter``, id maps, ``image_feat.npy`` / ``text_feat.npy`` aligned with the exported item ids) lets users run
+all of them on data this pipeline filtered, split and encoded. Beside those files MMRec-family code expects two things
+that a folder alone does not give: the co-interaction user graph ``user_graph_dict.npy`` (DualGNN's preprocessing builds
+it by hand) and a dataset config ``<name>.yaml`` for ``src/configs/dataset/``. The export writes both, and a
+``sand_export.json`` manifest saying where the folder came from."""
 
 from __future__ import annotations
 
@@ -39,13 +36,11 @@ def co_interaction_user_graph(
 ) -> dict[int, list[list[Any]]]:
     """Per user, the other users sharing training items with it, most shared first.
 
-    MMRec's format: ``{user: [[neighbour ids], [shared-item counts as floats]]}`` for every
-    user ``0..n_users-1`` (empty lists for a user who shares nothing), at most
-    ``max_neighbours`` neighbours. Ties in the count are broken by the smaller user id, so
-    the file is deterministic (MMRec's own ``torch.topk`` leaves tie order unspecified).
-    The product ``A A^T`` is computed sparse in row blocks, so memory follows the number
-    of co-interacting pairs in one block, never ``n_users^2``.
-    """
+    MMRec's format: ``{user: [[neighbour ids], [shared-item counts as floats]]}`` for every user ``0..n_users-1`` (empty
+    lists for a user who shares nothing), at most ``max_neighbours`` neighbours. Ties in the count are broken by the
+    smaller user id, so the file is deterministic (MMRec's own ``torch.topk`` leaves tie order unspecified). The product
+    ``A A^T`` is computed sparse in row blocks, so memory follows the number of co-interacting pairs in one block, never
+    ``n_users^2``."""
     n_items = int(items.max()) + 1 if len(items) else 0
     adjacency = sp.csr_matrix(
         (np.ones(len(users), np.int64), (users.astype(np.int64), items.astype(np.int64))), shape=(n_users, n_items)
@@ -98,9 +93,8 @@ def image_width_warning(image_dim: int | None) -> str | None:
 def export_mmrec_folder(artifacts: Mapping[str, Artifact], out: Path) -> dict[str, Any]:
     """Write the folder from a run's artifacts (stage name -> artifact, as the runner returns them).
 
-    Returns the export's manifest (also written as ``sand_export.json``): the files,
-    the feature widths and any warnings, which the caller shows the user.
-    """
+    Returns the export's manifest (also written as ``sand_export.json``): the files, the feature widths and any
+    warnings, which the caller shows the user."""
     if "interactions" not in artifacts:
         raise StageError("export mmrec needs the interactions stage: use --until interactions or later")
     inter = artifacts["interactions"]

@@ -1,16 +1,14 @@
 """The ``interactions`` transform: raw reviews (+ metadata) -> indexed, filtered, split tables.
 
-Pure: tables in, tables out; reading files and writing the artifact happen at the
-edges (the stage), so the same code serves the CLI, a flow and a notebook.
+Pure: tables in, tables out; reading files and writing the artifact happen at the edges (the stage), so the same code
+serves the CLI, a flow and a notebook.
 
-Steps: factorise raw ids (sorted, so indices follow the raw ids' order and are the
-same on every run) -> drop duplicate (user, item) pairs (latest review wins) ->
-iterative k-core -> re-index the survivors from 0 -> per-user split -> join metadata.
+Steps: factorise raw ids (sorted, so indices follow the raw ids' order and are the same on every run) -> drop duplicate
+(user, item) pairs (latest review wins) -> iterative k-core -> re-index the survivors from 0 -> per-user split -> join
+metadata.
 
-The ``items`` table keeps ``categories`` as a list of str (one category path, e.g.
-``["Baby", "Nursery", "Bedding"]``); parquet stores it as ``list<string>``, and the text
-recipe joins it however it likes (MMRec joins with spaces).
-"""
+The ``items`` table keeps ``categories`` as a list of str (one category path, e.g. ``["Baby", "Nursery", "Bedding"]``);
+parquet stores it as ``list<string>``, and the text recipe joins it however it likes (MMRec joins with spaces)."""
 
 from __future__ import annotations
 
@@ -32,17 +30,7 @@ log = logging.getLogger(__name__)
 
 REVIEW_COLUMNS = ("user_id", "asin", "rating", "timestamp")
 ITEM_TEXT_COLUMNS = ("title", "brand", "description", "features", "image_url")
-ITEM_COLUMNS = (
-    "item",
-    "asin",
-    "title",
-    "brand",
-    "categories",
-    "description",
-    "features",
-    "image_url",
-    "has_meta",
-)
+ITEM_COLUMNS = ("item", "asin", "title", "brand", "categories", "description", "features", "image_url", "has_meta")
 
 
 @dataclass(frozen=True)
@@ -51,8 +39,7 @@ class InteractionsResult:
 
     interactions: user int64, item int64, rating float32, timestamp int64, split int8
     items: item, asin, title, brand, categories (list[str]), description, features, image_url, has_meta
-    user_map: user_id (raw str), user;  item_map: asin (raw str), item
-    """
+    user_map: user_id (raw str), user;  item_map: asin (raw str), item"""
 
     interactions: pd.DataFrame
     items: pd.DataFrame
@@ -122,11 +109,7 @@ def _check_options(k_core: int, split_rule: str) -> None:
 
 
 def build_interactions(
-    reviews: pd.DataFrame,
-    meta: pd.DataFrame | None = None,
-    *,
-    k_core: int = 5,
-    split_rule: str = "mmrec",
+    reviews: pd.DataFrame, meta: pd.DataFrame | None = None, *, k_core: int = 5, split_rule: str = "mmrec",
     seed: int = 0,
 ) -> InteractionsResult:
     """Deduplicate, k-core filter, re-index (sorted raw ids -> 0..N-1) and split reviews."""
@@ -139,37 +122,21 @@ def build_interactions(
     ucodes, raw_users = _codes(reviews["user_id"], "user_id")
     icodes, raw_items = _codes(reviews["asin"], "asin")
     result = index_reviews(
-        ucodes,
-        icodes,
-        raw_users,
-        raw_items,
-        reviews["rating"].to_numpy(np.float32),
-        reviews["timestamp"].to_numpy(np.int64),
-        k_core=k_core,
-        split_rule=split_rule,
-        seed=seed,
+        ucodes, icodes, raw_users, raw_items, reviews["rating"].to_numpy(np.float32),
+        reviews["timestamp"].to_numpy(np.int64), k_core=k_core, split_rule=split_rule, seed=seed,
     )
     return with_meta(result, meta)
 
 
 def index_reviews(
-    ucodes: np.ndarray,
-    icodes: np.ndarray,
-    raw_users: pa.Array,
-    raw_items: pa.Array,
-    ratings: np.ndarray,
-    timestamps: np.ndarray,
-    *,
-    k_core: int = 5,
-    split_rule: str = "mmrec",
-    seed: int = 0,
+    ucodes: np.ndarray, icodes: np.ndarray, raw_users: pa.Array, raw_items: pa.Array, ratings: np.ndarray,
+    timestamps: np.ndarray, *, k_core: int = 5, split_rule: str = "mmrec", seed: int = 0,
 ) -> InteractionsResult:
     """:func:`build_interactions` on reviews already coded by sorted raw id, without metadata.
 
-    ``ucodes``/``icodes`` index ``raw_users``/``raw_items`` (sorted distinct raw ids);
-    this is the entry of the columnar reader (:mod:`sand.pipeline.dataset.columnar`), which never
-    holds a Python string per review. Join metadata with :func:`with_meta`.
-    """
+    ``ucodes``/``icodes`` index ``raw_users``/``raw_items`` (sorted distinct raw ids); this is the entry of the columnar
+    reader (:mod:`sand.pipeline.dataset.columnar`), which never holds a Python string per review. Join metadata with
+    :func:`with_meta`."""
     _check_options(k_core, split_rule)
     n_raw = len(ucodes)
     if n_raw == 0:
@@ -222,13 +189,8 @@ def index_reviews(
         **_split_stats(split),
     }
     log.info(
-        "interactions: %d reviews -> %d users, %d items, %d interactions (%d duplicates, %d k-core rounds)",
-        n_raw,
-        stats["users"],
-        stats["items"],
-        stats["interactions"],
-        n_dups,
-        core.rounds,
+        "interactions: %d reviews -> %d users, %d items, %d interactions (%d duplicates, %d k-core rounds)", n_raw,
+        stats["users"], stats["items"], stats["interactions"], n_dups, core.rounds,
     )
     return with_meta(InteractionsResult(interactions, pd.DataFrame(), user_map, item_map, stats), None)
 
@@ -247,10 +209,8 @@ def with_meta(result: InteractionsResult, meta: pd.DataFrame | None) -> Interact
 def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
     """The same tables from an MMRec folder, KEEPING its ids and split (no filtering, no re-split).
 
-    Missing ratings become NaN and missing timestamps 0; items get their asin from
-    the id map (or "" without one) and an image URL from ``item_images.csv`` if the
-    folder has it. No metadata is joined (``has_meta`` is False).
-    """
+    Missing ratings become NaN and missing timestamps 0; items get their asin from the id map (or "" without one) and an
+    image URL from ``item_images.csv`` if the folder has it. No metadata is joined (``has_meta`` is False)."""
     inter = ds.inter
     n = len(inter)
     rating = inter["rating"].to_numpy(np.float32) if "rating" in inter else np.full(n, np.nan, np.float32)
@@ -258,11 +218,8 @@ def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
     split = inter["split"].to_numpy(np.int8)
     interactions = pd.DataFrame(
         {
-            "user": inter["user"].to_numpy(np.int64),
-            "item": inter["item"].to_numpy(np.int64),
-            "rating": rating,
-            "timestamp": timestamp,
-            "split": split,
+            "user": inter["user"].to_numpy(np.int64), "item": inter["item"].to_numpy(np.int64), "rating": rating,
+            "timestamp": timestamp, "split": split,
         }
     )
     user_ids = np.array([str(u) for u in range(ds.n_users)], dtype=object)
@@ -293,11 +250,9 @@ def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
 def _mmrec_feature_coverage(ds: MMRecDataset, items: pd.DataFrame) -> dict[str, int]:
     """Items lacking what each modality is built from.
 
-    A folder that ships ``image_feat.npy`` / ``text_feat.npy`` gives every item that
-    modality (the rows are used as they are), so none is missing it; without the file,
-    images come from ``item_images.csv`` URLs and texts from metadata, which a folder
-    never has.
-    """
+    A folder that ships ``image_feat.npy`` / ``text_feat.npy`` gives every item that modality (the rows are used as they
+    are), so none is missing it; without the file, images come from ``item_images.csv`` URLs and texts from metadata,
+    which a folder never has."""
     return {
         "items_without_meta": 0 if ds.text_feat is not None else ds.n_items,
         "items_without_image": 0 if ds.image_feat is not None else int((items["image_url"] == "").sum()),

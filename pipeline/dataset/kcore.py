@@ -1,14 +1,11 @@
 """Duplicate removal and the iterative k-core filter on integer-coded interactions.
 
-Why vectorised: the filter runs on millions of reviews; each round is two
-``np.bincount`` calls over the surviving rows, and rows are compacted as they drop,
-so a 5M-row input with a long tail takes seconds, not minutes.
+Why vectorised: the filter runs on millions of reviews; each round is two ``np.bincount`` calls over the surviving rows,
+and rows are compacted as they drop, so a 5M-row input with a long tail takes seconds, not minutes.
 
-Why iterative: removing a user with fewer than k interactions can push an item below
-k, which can push another user below k, and so on. Repeating until nothing changes
-yields the k-core (the largest sub-graph in which every user and item has at least k
-interactions); it is unique, so the order of removals does not matter.
-"""
+Why iterative: removing a user with fewer than k interactions can push an item below k, which can push another user
+below k, and so on. Repeating until nothing changes yields the k-core (the largest sub-graph in which every user and
+item has at least k interactions); it is unique, so the order of removals does not matter."""
 
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +20,9 @@ log = logging.getLogger(__name__)
 def dedup_mask(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
     """Boolean mask keeping one row per (user, item): the latest timestamp, ties to the last row.
 
-    ``users`` and ``items`` are non-negative integer codes. One stable argsort of a
-    combined pair key finds the repeated pairs; only those (usually a few percent)
-    are sorted again by timestamp, which is about three times faster than a
-    three-key lexsort of everything.
-    """
+    ``users`` and ``items`` are non-negative integer codes. One stable argsort of a combined pair key finds the repeated
+    pairs; only those (usually a few percent) are sorted again by timestamp, which is about three times faster than a
+    three-key lexsort of everything."""
     n = len(users)
     if n == 0:
         return np.zeros(0, dtype=bool)
@@ -55,23 +49,6 @@ def dedup_mask(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> 
     return keep
 
 
-def deduplicate(
-    df: pd.DataFrame, user_col: str = "user_id", item_col: str = "asin", time_col: str = "timestamp"
-) -> tuple[pd.DataFrame, int]:
-    """Keep each (user, item) pair once: the latest review wins (ties: the last occurrence).
-
-    Why the latest: a user who reviewed an item twice interacted with it once; the
-    most recent review is the one a chronological split should see. Rows keep their
-    original relative order.
-    """
-    if len(df) == 0:
-        return df.copy(), 0
-    ucodes, _ = pd.factorize(df[user_col])
-    icodes, _ = pd.factorize(df[item_col])
-    keep = dedup_mask(ucodes, icodes, df[time_col].to_numpy())
-    return df[keep], int(len(df) - keep.sum())
-
-
 @dataclass(frozen=True)
 class KCoreResult:
     """Rows kept by the k-core filter and the number of removal rounds it took."""
@@ -83,9 +60,8 @@ class KCoreResult:
 def kcore(users: np.ndarray, items: np.ndarray, k: int) -> KCoreResult:
     """Iterative k-core on integer codes; each round drops every user and item below k at once.
 
-    ``rounds`` counts the rounds that removed something (0 when the input already is a
-    k-core). ``k <= 1`` keeps everything: every present user and item has >= 1 row.
-    """
+    ``rounds`` counts the rounds that removed something (0 when the input already is a k-core). ``k <= 1`` keeps
+    everything: every present user and item has >= 1 row."""
     users = np.asarray(users)
     items = np.asarray(items)
     n = len(users)
@@ -113,9 +89,3 @@ def kcore(users: np.ndarray, items: np.ndarray, k: int) -> KCoreResult:
     mask[idx] = True
     return KCoreResult(mask, rounds)
 
-
-def iterative_kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the rows in the k-core (see :func:`kcore` for the round count)."""
-    result = kcore(users, items, k)
-    log.debug("%d-core: kept %d of %d rows after %d rounds", k, result.mask.sum(), len(users), result.rounds)
-    return result.mask

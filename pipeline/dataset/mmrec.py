@@ -1,17 +1,13 @@
 """Reading and writing MMRec dataset folders (``<name>.inter`` + id maps + feature arrays).
 
-Why: MMRec's folder format is how published preprocessed data (and MMRec's 20+
-baselines) exchange datasets. Importing one lets a user train on the exact graph and
-split of a paper; exporting ours lets MMRec run on our output.
+Why: MMRec's folder format is how published preprocessed data (and MMRec's 20+ baselines) exchange datasets. Importing
+one lets a user train on the exact graph and split of a paper; exporting ours lets MMRec run on our output.
 
-The format as found in the wild: ``<name>.inter`` is tab-separated with a header;
-MMRec reads only ``userID itemID x_label`` but ``rating``/``timestamp`` columns may be
-present. ``u_id_mapping.csv`` (``user_id -> userID``) and ``i_id_mapping.csv``
-(``asin -> itemID``) are tab- or comma-separated depending on who wrote them, so the
-separator is sniffed. ``image_feat.npy`` / ``text_feat.npy`` hold one row per item.
-Some redistributions add ``item_images.csv`` (``itemID, asin, imUrl``); it is read
-when present so the image stage can fetch the pictures.
-"""
+The format as found in the wild: ``<name>.inter`` is tab-separated with a header; MMRec reads only ``userID itemID
+x_label`` but ``rating``/``timestamp`` columns may be present. ``u_id_mapping.csv`` (``user_id -> userID``) and
+``i_id_mapping.csv`` (``asin -> itemID``) are tab- or comma-separated depending on who wrote them, so the separator is
+sniffed. ``image_feat.npy`` / ``text_feat.npy`` hold one row per item. Some redistributions add ``item_images.csv``
+(``itemID, asin, imUrl``); it is read when present so the image stage can fetch the pictures."""
 
 from __future__ import annotations
 
@@ -105,9 +101,8 @@ def _check_features(path: Path, n_items: int) -> Path:
 def read_mmrec_folder(path: str | Path) -> MMRecDataset:
     """Read an MMRec folder; validates ids, split codes, id maps and feature shapes.
 
-    ``n_users`` / ``n_items`` cover every id in the interactions and the id maps
-    (MMRec ids are contiguous from 0); feature arrays must have ``n_items`` rows.
-    """
+    ``n_users`` / ``n_items`` cover every id in the interactions and the id maps (MMRec ids are contiguous from 0);
+    feature arrays must have ``n_items`` rows."""
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory")
@@ -156,34 +151,19 @@ def read_mmrec_folder(path: str | Path) -> MMRecDataset:
         if (folder / name).is_file()
     }
     return MMRecDataset(
-        path=folder,
-        name=inter_path.stem,
-        inter=inter,
-        n_users=n_users,
-        n_items=n_items,
-        user_map=user_map,
-        item_map=item_map,
-        item_images=item_images,
-        image_feat=feats.get("image"),
-        text_feat=feats.get("text"),
+        path=folder, name=inter_path.stem, inter=inter, n_users=n_users, n_items=n_items, user_map=user_map,
+        item_map=item_map, item_images=item_images, image_feat=feats.get("image"), text_feat=feats.get("text"),
     )
 
 
 def write_mmrec_folder(
-    out_dir: str | Path,
-    name: str,
-    interactions: pd.DataFrame,
-    user_map: pd.DataFrame | None = None,
-    item_map: pd.DataFrame | None = None,
-    *,
-    image_feat: np.ndarray | None = None,
-    text_feat: np.ndarray | None = None,
+    out_dir: str | Path, name: str, interactions: pd.DataFrame, user_map: pd.DataFrame | None = None,
+    item_map: pd.DataFrame | None = None, *, image_feat: np.ndarray | None = None, text_feat: np.ndarray | None = None,
 ) -> Path:
     """Write ``<name>.inter`` (+ id maps, + feature arrays if given) in MMRec's tab-separated layout.
 
-    ``interactions`` has user, item, split and optionally rating, timestamp (written
-    when present, as MMRec's own preprocessing does). Returns the folder.
-    """
+    ``interactions`` has user, item, split and optionally rating, timestamp (written when present, as MMRec's own
+    preprocessing does). Returns the folder."""
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise DataError(f"invalid MMRec dataset name {name!r}")
     missing = [c for c in ("user", "item", "split") if c not in interactions.columns]

@@ -1,21 +1,17 @@
 """Readers for the raw Amazon review and metadata dumps (2014, 2018, 2023 releases).
 
-Why one module: the three releases differ in field names, encodings (2014 metadata
-is Python literals, not JSON), timestamp units (2023 is in milliseconds) and image
-fields, but every later stage wants the same two tables. Normalising here keeps
-the rest of the pipeline format-agnostic.
+Why one module: the three releases differ in field names, encodings (2014 metadata is Python literals, not JSON),
+timestamp units (2023 is in milliseconds) and image fields, but every later stage wants the same two tables. Normalising
+here keeps the rest of the pipeline format-agnostic.
 
-Real dumps contain a few broken records. A bounded number of them is skipped and
-counted in a :class:`SkipReport` that the caller logs and stores in the manifest;
-past the budget, or when the file itself is broken (truncated gzip, empty), a
-one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed with
-:func:`ast.literal_eval`, which only accepts literals: a line such as
-``__import__('os').system(...)`` is a counted skip, never executed.
+Real dumps contain a few broken records. A bounded number of them is skipped and counted in a :class:`SkipReport` that
+the caller logs and stores in the manifest; past the budget, or when the file itself is broken (truncated gzip, empty),
+a one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed with :func:`ast.literal_eval`, which
+only accepts literals: a line such as ``__import__('os').system(...)`` is a counted skip, never executed.
 
-Memory is bounded whatever the input: lines come from :func:`pipeline.base.lines.iter_lines`
-(over-long lines dropped in chunks, gzip bombs refused) and 2014 literals from
-:func:`pipeline.base.lines.parse_literal_line` (token count bounded before ``literal_eval``).
-"""
+Memory is bounded whatever the input: lines come from :func:`pipeline.base.lines.iter_lines` (over-long lines dropped in
+chunks, gzip bombs refused) and 2014 literals from :func:`pipeline.base.lines.parse_literal_line` (token count bounded
+before ``literal_eval``)."""
 
 from __future__ import annotations
 
@@ -48,9 +44,8 @@ _MAX_STAMP = 2**62  # far beyond any real date; keeps int64 arithmetic safe down
 class SkipReport:
     """Dirty records skipped while reading one file: counts per reason and a few examples.
 
-    Returned (not just logged) so the stage can write it into its manifest, where a
-    user can see how much of the raw data was dropped and why.
-    """
+    Returned (not just logged) so the stage can write it into its manifest, where a user can see how much of the raw
+    data was dropped and why."""
 
     file: str
     lines_read: int = 0
@@ -70,12 +65,8 @@ class SkipReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for the stage manifest."""
         return {
-            "file": self.file,
-            "lines_read": self.lines_read,
-            "records": self.records,
-            "total": self.total,
-            "counts": dict(self.counts),
-            "examples": list(self.examples),
+            "file": self.file, "lines_read": self.lines_read, "records": self.records, "total": self.total,
+            "counts": dict(self.counts), "examples": list(self.examples),
         }
 
     def summary(self) -> str:
@@ -101,22 +92,15 @@ def _parse_json(line: bytes) -> Any:
 
 
 def parse_lines(
-    numbered_lines: Iterable[tuple[int, bytes | None]],
-    parse: Callable[[bytes], Any],
-    convert: Callable[[dict], tuple],
-    columns: list[list],
-    report: SkipReport,
-    max_bad_lines: int,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    numbered_lines: Iterable[tuple[int, bytes | None]], parse: Callable[[bytes], Any], convert: Callable[[dict], tuple],
+    columns: list[list], report: SkipReport, max_bad_lines: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> None:
     """Append each line's converted values to ``columns``; count dirty lines in ``report``.
 
-    The one place that decides what a dirty line is: the whole-file reader below and
-    the chunked columnar reader (:mod:`sand.pipeline.dataset.columnar`, for chunks its fast path
-    cannot vouch for) both go through it, so both skip and count the same lines.
-    A ``None`` line is one :func:`iter_lines` dropped for exceeding ``max_line_bytes``.
-    Raises :class:`DataError` once more than ``max_bad_lines`` lines were skipped.
-    """
+    The one place that decides what a dirty line is: the whole-file reader below and the chunked columnar reader
+    (:mod:`sand.pipeline.dataset.columnar`, for chunks its fast path cannot vouch for) both go through it, so both skip
+    and count the same lines. A ``None`` line is one :func:`iter_lines` dropped for exceeding ``max_line_bytes``. Raises
+    :class:`DataError` once more than ``max_bad_lines`` lines were skipped."""
     appenders = [c.append for c in columns]
     path = report.file
 
@@ -146,11 +130,7 @@ def parse_lines(
 
 
 def _read_records(
-    path: Path,
-    parse: Callable[[bytes], Any],
-    convert: Callable[[dict], tuple],
-    n_columns: int,
-    max_bad_lines: int,
+    path: Path, parse: Callable[[bytes], Any], convert: Callable[[dict], tuple], n_columns: int, max_bad_lines: int,
     max_line_bytes: int,
 ) -> tuple[list[list], SkipReport]:
     """Parse every line into column lists (not row tuples: about half the memory for 5M rows)."""
@@ -234,9 +214,8 @@ def review_fields(fmt: str) -> tuple[str, str, str, str, int]:
 def review_converter(fmt: str) -> Callable[[dict], tuple]:
     """The per-record check and conversion of one review: ``(user, item, rating, seconds)``.
 
-    A factory (not inlined in :func:`read_reviews`) so the chunked columnar reader
-    can hand the lines its fast path rejects to exactly the same rules.
-    """
+    A factory (not inlined in :func:`read_reviews`) so the chunked columnar reader can hand the lines its fast path
+    rejects to exactly the same rules."""
     ukey, ikey, rkey, tkey, divisor = review_fields(fmt)
 
     def convert(obj: dict) -> tuple:
@@ -253,12 +232,7 @@ def review_converter(fmt: str) -> Callable[[dict], tuple]:
             and MIN_RATING <= rating <= MAX_RATING
         ):
             return user, item, float(rating), stamp // divisor
-        return (
-            _ident(obj, ukey),
-            _ident(obj, ikey),
-            _rating(obj, rkey),
-            _timestamp(obj, tkey, divisor),
-        )
+        return (_ident(obj, ukey), _ident(obj, ikey), _rating(obj, rkey), _timestamp(obj, tkey, divisor))
 
     return convert
 
@@ -268,20 +242,15 @@ def read_reviews(
 ) -> tuple[pd.DataFrame, SkipReport]:
     """Read a review dump into ``user_id, asin, rating (float32), timestamp (int64 seconds)``.
 
-    2023 reviews are keyed by ``parent_asin`` (the metadata's key) and timestamped in
-    milliseconds; both are normalised so the three releases look alike downstream.
-    """
+    2023 reviews are keyed by ``parent_asin`` (the metadata's key) and timestamped in milliseconds; both are normalised
+    so the three releases look alike downstream."""
     path = Path(path)
     convert = review_converter(fmt)
-    (users, items, ratings, times), report = _read_records(
-        path, _parse_json, convert, 4, max_bad_lines, max_line_bytes
-    )
+    (users, items, ratings, times), report = _read_records(path, _parse_json, convert, 4, max_bad_lines, max_line_bytes)
     df = pd.DataFrame(
         {
-            "user_id": pd.array(users, dtype="str"),
-            "asin": pd.array(items, dtype="str"),
-            "rating": np.asarray(ratings, dtype=np.float32),
-            "timestamp": np.asarray(times, dtype=np.int64),
+            "user_id": pd.array(users, dtype="str"), "asin": pd.array(items, dtype="str"),
+            "rating": np.asarray(ratings, dtype=np.float32), "timestamp": np.asarray(times, dtype=np.int64),
         }
     )
     return df, report
@@ -298,15 +267,11 @@ def _text(value: Any) -> str:
         return value.strip()
     if isinstance(value, list | tuple):
         return " ".join(s.strip() for s in (_text(v) for v in value) if s)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return ""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else ""
 
 
 def _str_list(value: Any) -> list[str]:
-    if not isinstance(value, list | tuple):
-        return []
-    return [v.strip() for v in value if isinstance(v, str) and v.strip()]
+    return [] if not isinstance(value, list | tuple) else [v.strip() for v in value if isinstance(v, str) and v.strip()]
 
 
 def _first_url(value: Any) -> str:
@@ -322,9 +287,8 @@ def _first_url(value: Any) -> str:
 def _image_2023(images: Any) -> str:
     """The MAIN image's large (else hi_res, else thumb) URL; else the first image that has one.
 
-    The raw 2023 files hold a list of {thumb, large, hi_res, variant} dicts; the
-    Hugging Face copies hold a dict of parallel lists. Both are accepted.
-    """
+    The raw 2023 files hold a list of {thumb, large, hi_res, variant} dicts; the Hugging Face copies hold a dict of
+    parallel lists. Both are accepted."""
     if isinstance(images, dict):
         keys = [k for k in ("thumb", "large", "hi_res", "variant") if isinstance(images.get(k), list)]
         n = max((len(images[k]) for k in keys), default=0)
@@ -346,13 +310,8 @@ def meta_record_2014(obj: dict) -> tuple:
     cats = obj.get("categories")
     first = cats[0] if isinstance(cats, list | tuple) and cats and isinstance(cats[0], list | tuple) else []
     return (
-        _ident(obj, "asin"),
-        _text(obj.get("title")),
-        _text(obj.get("brand")),
-        _str_list(first),
-        _text(obj.get("description")),
-        "",
-        _first_url(obj.get("imUrl")),
+        _ident(obj, "asin"), _text(obj.get("title")), _text(obj.get("brand")), _str_list(first),
+        _text(obj.get("description")), "", _first_url(obj.get("imUrl")),
     )
 
 
@@ -360,26 +319,16 @@ def meta_record_2018(obj: dict) -> tuple:
     """One 2018 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     image = _first_url(obj.get("imageURLHighRes")) or _first_url(obj.get("imageURL"))
     return (
-        _ident(obj, "asin"),
-        _text(obj.get("title")),
-        _text(obj.get("brand")),
-        _str_list(obj.get("category")),
-        _text(obj.get("description")),
-        _text(obj.get("feature")),
-        image,
+        _ident(obj, "asin"), _text(obj.get("title")), _text(obj.get("brand")), _str_list(obj.get("category")),
+        _text(obj.get("description")), _text(obj.get("feature")), image,
     )
 
 
 def meta_record_2023(obj: dict) -> tuple:
     """One 2023 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     return (
-        _ident(obj, "parent_asin"),
-        _text(obj.get("title")),
-        _text(obj.get("store")),
-        _str_list(obj.get("categories")),
-        _text(obj.get("description")),
-        _text(obj.get("features")),
-        _image_2023(obj.get("images")),
+        _ident(obj, "parent_asin"), _text(obj.get("title")), _text(obj.get("store")), _str_list(obj.get("categories")),
+        _text(obj.get("description")), _text(obj.get("features")), _image_2023(obj.get("images")),
     )
 
 
@@ -388,11 +337,9 @@ def read_meta(
 ) -> tuple[pd.DataFrame, SkipReport]:
     """Read a metadata dump into ``asin, title, brand, categories, description, features, image_url``.
 
-    ``categories`` is one category path as a list of str (2014: the first of its
-    paths); ``features`` is the 2018/2023 bullet list joined into one string ("" for
-    2014, which has none); ``image_url`` is "" when the item has no image. Duplicate
-    asins are kept here; the interactions stage keeps the first.
-    """
+    ``categories`` is one category path as a list of str (2014: the first of its paths); ``features`` is the 2018/2023
+    bullet list joined into one string ("" for 2014, which has none); ``image_url`` is "" when the item has no image.
+    Duplicate asins are kept here; the interactions stage keeps the first."""
     path = Path(path)
     parse, convert = meta_parser(fmt)
     columns, report = _read_records(path, parse, convert, len(META_COLUMNS), max_bad_lines, max_line_bytes)

@@ -1,9 +1,8 @@
 """The in-memory form of a split dataset that training and evaluation share.
 
-Why: the interactions artifact (``interactions.parquet``) and an MMRec folder
-must end up as the same object, so trainers and evaluators never care where the
-data came from. Split codes follow MMRec's ``x_label``: 0 train, 1 valid, 2 test.
-"""
+Why: the interactions artifact (``interactions.parquet``) and an MMRec folder must end up as the same object, so
+trainers and evaluators never care where the data came from. Split codes follow MMRec's ``x_label``: 0 train, 1 valid, 2
+test."""
 
 from __future__ import annotations
 
@@ -35,9 +34,7 @@ class SplitData:
     def csr(self, split: int | str) -> sp.csr_matrix:
         """User x item binary matrix of one split."""
         e = self.edges(split)
-        m = sp.csr_matrix(
-            (np.ones(len(e), dtype=np.float32), (e[:, 0], e[:, 1])), shape=(self.n_users, self.n_items)
-        )
+        m = sp.csr_matrix((np.ones(len(e), dtype=np.float32), (e[:, 0], e[:, 1])), shape=(self.n_users, self.n_items))
         m.sum_duplicates()
         m.data[:] = 1.0
         return m
@@ -51,10 +48,8 @@ class SplitData:
         pairs = np.stack([users, items], axis=1)
         return cls(
             n_users=int(n_users if n_users is not None else users.max() + 1),
-            n_items=int(n_items if n_items is not None else items.max() + 1),
-            train=pairs[split == TRAIN],
-            valid=pairs[split == VALID],
-            test=pairs[split == TEST],
+            n_items=int(n_items if n_items is not None else items.max() + 1), train=pairs[split == TRAIN],
+            valid=pairs[split == VALID], test=pairs[split == TEST],
         )
 
     @classmethod

@@ -1,16 +1,13 @@
 """Per-user train/valid/test split rules (codes 0/1/2 as in :mod:`sand.pipeline.dataset.split_data`).
 
-Why several rules: published numbers depend on the split. ``"mmrec"`` reproduces
-the split found in MMRec's released Baby data (valid = test = max(1, floor(n/10))
-per user, items shuffled); ``"mmrec-notebook"`` is the rule of MMRec's splitting
-notebook; ``"chronological"`` holds out each user's latest items.
+Why several rules: published numbers depend on the split. ``"mmrec"`` reproduces the split found in MMRec's released
+Baby data (valid = test = max(1, floor(n/10)) per user, items shuffled); ``"mmrec-notebook"`` is the rule of MMRec's
+splitting notebook; ``"chronological"`` holds out each user's latest items.
 
-Vectorised: rows are ordered by (user, key) with one ``np.lexsort``, each row's rank
-within its user follows from the user's first position, and the rule turns (rank,
-count) into a code, so 5M rows take about a second. The shuffle key is drawn in
-(user, item) order, so the split depends on the seed and the set of interactions,
-not on the order of the input rows.
-"""
+Vectorised: rows are ordered by (user, key) with one ``np.lexsort``, each row's rank within its user follows from the
+user's first position, and the rule turns (rank, count) into a code, so 5M rows take about a second. The shuffle key is
+drawn in (user, item) order, so the split depends on the seed and the set of interactions, not on the order of the input
+rows."""
 
 from __future__ import annotations
 
@@ -38,9 +35,8 @@ def _counts_notebook(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def split_counts(n: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, valid, test) counts for users with ``n`` interactions under ``rule``.
 
-    Users too small for the rule lose valid before test (n = 1: one test item; the
-    5-core never produces such users, but a k-core of 1 can).
-    """
+    Users too small for the rule lose valid before test (n = 1: one test item; the 5-core never produces such users, but
+    a k-core of 1 can)."""
     n = np.asarray(n, dtype=np.int64)
     if rule in ("mmrec", "chronological"):
         valid, test = _counts_mmrec(n)
@@ -56,11 +52,9 @@ def split_counts(n: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, np.n
 def _shuffled_order(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
     """Rows ordered by user, randomly (with ``seed``) within each user.
 
-    Random draws are assigned in (user, item) order, so the result does not depend
-    on the input row order. User and random bits share one int64 sort key: one
-    stable argsort instead of a two-key lexsort (about twice as fast on 5M rows);
-    the rare equal keys keep the (user, item) order, so the result stays deterministic.
-    """
+    Random draws are assigned in (user, item) order, so the result does not depend on the input row order. User and
+    random bits share one int64 sort key: one stable argsort instead of a two-key lexsort (about twice as fast on 5M
+    rows); the rare equal keys keep the (user, item) order, so the result stays deterministic."""
     n = len(users)
     pair = users * (int(items.max()) + 1) + items
     # Rows coming from build_interactions are already in (user, item) order: skip that sort.
@@ -77,18 +71,12 @@ def _shuffled_order(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarr
 
 
 def split_interactions(
-    users: np.ndarray,
-    items: np.ndarray,
-    timestamps: np.ndarray | None = None,
-    rule: str = "mmrec",
-    seed: int = 0,
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None, rule: str = "mmrec", seed: int = 0,
 ) -> np.ndarray:
     """Split code (int8: 0 train, 1 valid, 2 test) for every row.
 
-    Within a user, rows are ordered (randomly with ``seed`` for the mmrec rules, by
-    timestamp then item for ``"chronological"``); the first ``train`` rows are train,
-    the next ``valid`` valid, the last ``test`` test.
-    """
+    Within a user, rows are ordered (randomly with ``seed`` for the mmrec rules, by timestamp then item for
+    ``"chronological"``); the first ``train`` rows are train, the next ``valid`` valid, the last ``test`` test."""
     if rule not in SPLIT_RULES:
         raise ConfigError(f"unknown split rule {rule!r}; valid rules: {', '.join(SPLIT_RULES)}")
     users = np.asarray(users, dtype=np.int64)

@@ -1,9 +1,7 @@
 """The ``interactions`` stage: raw files to the k-core filtered, split interactions and item table.
 
-Why one stage for reading, filtering and splitting: the split is defined on the
-filtered graph, and its artifact (interactions, items, id maps) is what every later
-stage and every export reads.
-"""
+Why one stage for reading, filtering and splitting: the split is defined on the filtered graph, and its artifact
+(interactions, items, id maps) is what every later stage and every export reads."""
 
 from __future__ import annotations
 
@@ -46,14 +44,8 @@ def _interactions_from_dumps(
     files = raw.manifest["files"]
     with tqdm(desc="reading reviews", unit=" lines", unit_scale=True, disable=not progress) as bar:
         result, reports = interactions_from_dumps(
-            raw.file(files["reviews"]),
-            raw.file(files["meta"]) if "meta" in files else None,
-            fmt,
-            k_core=icfg.k_core,
-            split_rule=icfg.split,
-            seed=icfg.seed,
-            max_bad_lines=icfg.max_bad_lines,
-            max_line_bytes=icfg.max_line_bytes,
+            raw.file(files["reviews"]), raw.file(files["meta"]) if "meta" in files else None, fmt, k_core=icfg.k_core,
+            split_rule=icfg.split, seed=icfg.seed, max_bad_lines=icfg.max_bad_lines, max_line_bytes=icfg.max_line_bytes,
             progress=bar.update,
         )
     # A reader's SkipReport for the manifest (the reader has already logged it).

@@ -1,19 +1,15 @@
 """The report's PNG figures: training curves, sensitivity, ablation, and Figures 5-6.
 
-Why matplotlib's object API (``Figure``) instead of ``pyplot``: no global figure
-state and no backend switch, so a report written from a notebook, a Prefect
-worker thread or a test renders the same Agg PNGs without touching the user's
-interactive backend. Every plotting function takes plain data (frames, arrays)
-and a path, so the report module decides *what* to plot and this module only *how*.
+Why matplotlib's object API (``Figure``) instead of ``pyplot``: no global figure state and no backend switch, so a
+report written from a notebook, a Prefect worker thread or a test renders the same Agg PNGs without touching the user's
+interactive backend. Every plotting function takes plain data (frames, arrays) and a path, so the report module decides
+*what* to plot and this module only *how*.
 
-Figures 5-6 (the paper's generic/unique visualisation) take a trained SAND
-model: its modal transform ``Z_m = L_m(X_m)`` is split by columns into the
-modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model
-splits it (``model.separation.split``); a seeded t-SNE maps a random sample of
-items of each of the four sets to 2-D, and Gaussian KDEs show (Fig. 5) the
-density of the t-SNE points and (Fig. 6) the density of the centred, L2-normalised points
-on the unit circle and of their angles -- the "uniformity" view the paper uses.
-"""
+Figures 5-6 (the paper's generic/unique visualisation) take a trained SAND model: its modal transform ``Z_m = L_m(X_m)``
+is split by columns into the modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model splits it
+(``model.separation.split``); a seeded t-SNE maps a random sample of items of each of the four sets to 2-D, and Gaussian
+KDEs show (Fig. 5) the density of the t-SNE points and (Fig. 6) the density of the centred, L2-normalised points on the
+unit circle and of their angles -- the "uniformity" view the paper uses."""
 
 from __future__ import annotations
 
@@ -29,9 +25,6 @@ from threadpoolctl import threadpool_limits
 from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.files import atomic_path
 
-# matplotlib, torch, scikit-learn, scipy.stats: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast (the last two take seconds each).
-
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -41,15 +34,9 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 #: metric key -> axis label
-METRIC_LABELS = {
-    "recall@10": "Recall@10",
-    "recall@20": "Recall@20",
-    "ndcg@10": "NDCG@10",
-    "ndcg@20": "NDCG@20",
-}
+METRIC_LABELS = {"recall@10": "Recall@10", "recall@20": "Recall@20", "ndcg@10": "NDCG@10", "ndcg@20": "NDCG@20"}
 PARAM_LABELS = {
-    "train.alpha": "alpha (alignment weight)",
-    "train.beta": "beta (distancing weight)",
+    "train.alpha": "alpha (alignment weight)", "train.beta": "beta (distancing weight)",
     "train.tau": "tau (temperature)",
 }
 #: order of the four representation sets in Figures 5-6
@@ -57,7 +44,7 @@ REPRESENTATIONS = (("image", "generic"), ("text", "generic"), ("image", "unique"
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: only the figures need matplotlib
 
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False))
@@ -70,38 +57,29 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# training curves
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- training curves
 def plot_training_curves(
     curves: Mapping[str, pd.DataFrame], path: Path, *, title: str, metric: str = "recall@20"
 ) -> Path:
     """Validation ``metric`` (left) and mean training loss (right) per epoch, one line per run.
 
-    ``curves``: run label -> the run's ``epochs.csv`` (columns ``epoch``, ``loss``,
-    ``valid_<metric>``; epochs without an evaluation have NaN there and are skipped).
-    """
+    ``curves``: run label -> the run's ``epochs.csv`` (columns ``epoch``, ``loss``, ``valid_<metric>``; epochs without
+    an evaluation have NaN there and are skipped)."""
     fig, axes = _figure(1, 2, 12, 4.5)
     ax_m, ax_l = axes[0]
     column = f"valid_{metric}"
     for label, frame in curves.items():
         if column in frame:
             evaluated = frame[["epoch", column]].dropna()
-            ax_m.plot(
-                evaluated["epoch"],
-                evaluated[column],
-                marker="." if len(evaluated) < 30 else None,
-                label=label,
-            )
+            ax_m.plot(evaluated["epoch"], evaluated[column], marker="." if len(evaluated) < 30 else None, label=label)
         if "loss" in frame:
             ax_l.plot(frame["epoch"], frame["loss"], label=label)
     ax_m.set(
-        title=f"Validation {METRIC_LABELS.get(metric, metric)}",
-        xlabel="epoch",
+        title=f"Validation {METRIC_LABELS.get(metric, metric)}", xlabel="epoch",
         ylabel=METRIC_LABELS.get(metric, metric),
     )
     ax_l.set(title="Training loss (mean over batches)", xlabel="epoch", ylabel="loss")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: only the figures need matplotlib
 
     for ax in (ax_m, ax_l):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -112,21 +90,15 @@ def plot_training_curves(
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# sensitivity (Figure 4)
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ sensitivity (Figure 4)
 def plot_sensitivity(
-    series: Mapping[str, Mapping[str, pd.DataFrame]],
-    path: Path,
-    *,
-    metrics: Sequence[str] = ("recall@20", "ndcg@20"),
+    series: Mapping[str, Mapping[str, pd.DataFrame]], path: Path, *, metrics: Sequence[str] = ("recall@20", "ndcg@20"),
     reference: Mapping[str, float] | None = None,
 ) -> Path:
     """One panel per (hyper-parameter, metric): test (solid) and validation (dashed) vs value.
 
-    ``series``: dotted parameter (``train.alpha``) -> dataset -> frame with a ``value`` column
-    and ``valid_<metric>`` / ``test_<metric>`` columns, sorted by value. The reference value
-    (the paper's) is marked by a dotted vertical line.
+    ``series``: dotted parameter (``train.alpha``) -> dataset -> frame with a ``value`` column and ``valid_<metric>`` /
+    ``test_<metric>`` columns, sorted by value. The reference value (the paper's) is marked by a dotted vertical line.
     """
     params = list(series)
     fig, axes = _figure(len(params), len(metrics), 5.5 * len(metrics), 3.8 * len(params))
@@ -139,11 +111,7 @@ def plot_sensitivity(
                     ax.plot(frame["value"], frame[f"test_{metric}"], "-o", color=color, label=f"{dataset} test")
                 if f"valid_{metric}" in frame:
                     ax.plot(
-                        frame["value"],
-                        frame[f"valid_{metric}"],
-                        "--x",
-                        color=color,
-                        alpha=0.7,
+                        frame["value"], frame[f"valid_{metric}"], "--x", color=color, alpha=0.7,
                         label=f"{dataset} valid",
                     )
             values = np.concatenate([f["value"].to_numpy(float) for f in series[param].values()])
@@ -153,8 +121,7 @@ def plot_sensitivity(
                 ax.axvline(reference[param], color="grey", linestyle=":", label="paper's value")
             ax.set(
                 title=f"{METRIC_LABELS.get(metric, metric)} vs {param.split('.')[-1]}",
-                xlabel=PARAM_LABELS.get(param, param),
-                ylabel=METRIC_LABELS.get(metric, metric),
+                xlabel=PARAM_LABELS.get(param, param), ylabel=METRIC_LABELS.get(metric, metric),
             )
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -162,19 +129,14 @@ def plot_sensitivity(
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# ablation (Figure 3)
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- ablation (Figure 3)
 def plot_ablation(
-    results: Mapping[str, Mapping[str, Mapping[str, float]]],
-    path: Path,
-    *,
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, *,
     metrics: Sequence[str] = ("recall@20", "ndcg@20"),
 ) -> Path:
     """Grouped bars: per dataset one panel per metric, one bar per variant (test values).
 
-    ``results``: dataset -> variant label -> {metric: value}.
-    """
+    ``results``: dataset -> variant label -> {metric: value}."""
     datasets = list(results)
     fig, axes = _figure(len(datasets), len(metrics), 5.0 * len(metrics), 3.8 * len(datasets))
     for r, dataset in enumerate(datasets):
@@ -191,25 +153,20 @@ def plot_ablation(
                 pad = max((hi - lo) * 0.5, hi * 0.02, 1e-6)
                 ax.set_ylim(max(0.0, lo - pad), hi + pad)
             ax.set(
-                title=f"{dataset}: test {METRIC_LABELS.get(metric, metric)}",
-                ylabel=METRIC_LABELS.get(metric, metric),
+                title=f"{dataset}: test {METRIC_LABELS.get(metric, metric)}", ylabel=METRIC_LABELS.get(metric, metric),
             )
             ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Ablation of alignment and distancing (Figure 3)")
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures 5-6: generic / unique representations
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------- Figures 5-6: generic / unique representations
 def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
     """modality -> (generic, unique) blocks over ALL items (tensors or unevaluated LinearViews).
 
-    Uses the model's own ``modal_parts()`` where it has one (the SAND plug-ins do); SAND
-    itself has no such accessor, so for it this composes its public pieces:
-    ``model.modal_inputs()`` gives ``Z_m`` and ``model.separation.split(m, Z_m)`` its
-    generic/unique column blocks -- the same split the alignment and distancing losses see.
-    """
+    Uses the model's own ``modal_parts()`` where it has one (the SAND plug-ins do); SAND itself has no such accessor, so
+    for it this composes its public pieces: ``model.modal_inputs()`` gives ``Z_m`` and ``model.separation.split(m,
+    Z_m)`` its generic/unique column blocks -- the same split the alignment and distancing losses see."""
     if hasattr(model, "modal_parts"):
         return dict(model.modal_parts())
     if hasattr(model, "modal_inputs") and hasattr(model, "separation"):
@@ -221,9 +178,8 @@ def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
 def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     """(modality, "generic" | "unique") -> (len(items), d) array for the given items (eval mode).
 
-    Only the sampled rows are materialised (a LinearView is sliced before it is evaluated).
-    """
-    import torch
+    Only the sampled rows are materialised (a LinearView is sliced before it is evaluated)."""
+    import torch  # lazy: torch takes seconds to import
 
     index = torch.as_tensor(np.asarray(items, dtype=np.int64))
     was_training = model.training
@@ -242,7 +198,7 @@ def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str]
 
 def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
     """Seeded 2-D t-SNE (Barnes-Hut, PCA init; perplexity capped for small samples)."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # lazy: seconds to import, only for the figures
 
     n = x.shape[0]
     if n < 5:
@@ -257,7 +213,7 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
 
 def _kde(points: np.ndarray):
     """scipy's Gaussian KDE, or None when the sample is degenerate (all points on a line)."""
-    from scipy.stats import gaussian_kde
+    from scipy.stats import gaussian_kde  # lazy: seconds to import, only for the figures
 
     try:
         return gaussian_kde(points)
@@ -299,17 +255,15 @@ def circle_points(points: np.ndarray) -> np.ndarray:
 
 
 def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the
-    density is periodic; the bandwidth is Scott's rule on the angles themselves."""
+    """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the density is periodic; the
+    bandwidth is Scott's rule on the angles themselves."""
     kde = _kde(np.asarray(angles, dtype=float)[None, :])
-    if kde is None:
-        return None
-    return sum(kde(grid[None, :] + shift) for shift in (-2 * np.pi, 0.0, 2 * np.pi))
+    return None if kde is None else sum(kde(grid[None, :] + shift) for shift in (-2 * np.pi, 0.0, 2 * np.pi))
 
 
 def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
-    """Figure 6: density of the centred, L2-normalised t-SNE points on the unit circle (top, 2-D
-    KDE) and of their angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
+    """Figure 6: density of the centred, L2-normalised t-SNE points on the unit circle (top, 2-D KDE) and of their
+    angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
     keys = [k for k in REPRESENTATIONS if k in points]
     fig, axes = _figure(2, len(keys), 4.0 * len(keys), 7.6)
     theta = np.linspace(-np.pi, np.pi, 361)
@@ -337,10 +291,7 @@ def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path
             ax_a.plot(theta, dens, color="C0", label="KDE")
         ax_a.axhline(1 / (2 * np.pi), color="grey", linestyle=":", label="uniform")
         ax_a.set(
-            title=f"{_title(key)}: angles",
-            xlabel="angle arctan2(y, x) (rad)",
-            ylabel="density",
-            xlim=(-np.pi, np.pi),
+            title=f"{_title(key)}: angles", xlabel="angle arctan2(y, x) (rad)", ylabel="density", xlim=(-np.pi, np.pi),
         )
         ax_a.legend(fontsize="x-small")
     fig.suptitle(title)

@@ -1,16 +1,13 @@
 """Grids of pipeline runs: expand, validate, run, select by validation, tabulate.
 
-Why a module of its own: the paper's tables and figures (Table 2-4, Figures 3-4)
-are grids over one or two config fields. Every combination is validated before
-the first one runs, so a typo in the tenth value fails in a second, not after
-nine hours of training. Runs are ordinary pipeline runs, so the artifact store
-caches them: re-running a grid (or a grid that shares runs with another) only
-trains what is new. Selection is by the VALIDATION metric, never by test; the
+Why a module of its own: the paper's tables and figures (Table 2-4, Figures 3-4) are grids over one or two config
+fields. Every combination is validated before the first one runs, so a typo in the tenth value fails in a second, not
+after nine hours of training. Runs are ordinary pipeline runs, so the artifact store caches them: re-running a grid (or
+a grid that shares runs with another) only trains what is new. Selection is by the VALIDATION metric, never by test; the
 selected setting's test metrics are what a table reports.
 
-Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and
-``selected.json`` (the validation-selected run and its test metrics).
-"""
+Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and ``selected.json`` (the validation-selected
+run and its test metrics)."""
 
 from __future__ import annotations
 
@@ -38,15 +35,13 @@ log = logging.getLogger(__name__)
 def _table3_axes(**more: list[Any]) -> dict[str, list[Any]]:
     """Table 3: each backbone then its SAND plug-in (from the registry), in every plug-in fusion.
 
-    The backbones and VBPR+SAND ignore the fusion, so their second runs come from the store.
-    """
+    The backbones and VBPR+SAND ignore the fusion, so their second runs come from the store."""
     models = [model for pair in registry.plugins().items() for model in pair]
     return {"train.model": models, "train.plugin_fusion": list(registry.FUSIONS), **more}
 
 
-#: Named grids reproducing the paper's experiments: name -> a builder of its axes. Models and
-#: variants come from the registry when a preset is built, so a newly registered model joins
-#: its tables' presets.
+#: Named grids reproducing the paper's experiments: name -> a builder of its axes. Models and variants come from the
+#: registry when a preset is built, so a newly registered model joins its tables' presets.
 PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {
     # Figure 4: one hyper-parameter at a time around the reference value.
     "sensitivity-alpha": lambda: {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},
@@ -90,9 +85,8 @@ def preset(name: str) -> dict[str, list[Any]]:
 def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineConfig:
     """``cfg`` with ``image_features.source=amazon2014`` for a paper preset on an Amazon 2014 dataset.
 
-    An explicit ``image_features.source`` (``--image-source``, ``--set``, a config file) is kept,
-    as is everything for other presets and datasets (the bundled sample keeps its CNN).
-    """
+    An explicit ``image_features.source`` (``--image-source``, ``--set``, a config file) is kept, as is everything for
+    other presets and datasets (the bundled sample keeps its CNN)."""
     if preset_name not in PAPER_PRESETS or "source" in cfg.image_features.model_fields_set:
         return cfg
     acfg = cfg.acquire
@@ -109,9 +103,7 @@ def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineC
     return cfg.model_copy(update={"image_features": images})
 
 
-# ---------------------------------------------------------------------------------------------
-# expansion and validation
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- expansion and validation
 def _field_exists(data: dict[str, Any], dotted: str) -> bool:
     """Whether ``dotted`` names a field of the config (``train.extra.X`` may add a key)."""
     node: Any = data
@@ -152,10 +144,9 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
 def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list[tuple[dict, PipelineConfig]]:
     """Every combination of the axes' values applied to ``base``, each validated.
 
-    ``axes`` maps dotted config fields to value lists, e.g. ``{"train.alpha": [0.001, 0.012]}``.
-    Order: the first axis varies slowest (``itertools.product``). An unknown field, an empty
-    value list, a value out of range, an unknown model/variant, or a hyper-parameter the
-    model does not take raises :class:`ConfigError` naming the field and value.
+    ``axes`` maps dotted config fields to value lists, e.g. ``{"train.alpha": [0.001, 0.012]}``. Order: the first axis
+    varies slowest (``itertools.product``). An unknown field, an empty value list, a value out of range, an unknown
+    model/variant, or a hyper-parameter the model does not take raises :class:`ConfigError` naming the field and value.
     """
     base_data = base.model_dump(mode="python")
     names = list(axes)
@@ -180,9 +171,7 @@ def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list
     return combos
 
 
-# ---------------------------------------------------------------------------------------------
-# running
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------- running
 @dataclass
 class GridRun:
     """One combination's outcome (a row of ``runs.csv``)."""
@@ -315,22 +304,17 @@ def write_grid_tables(result: GridResult) -> None:
 
 
 def run_grid(
-    base: PipelineConfig,
-    axes: Mapping[str, Sequence[Any]],
-    *,
-    name: str,
-    run_one: RunOne,
+    base: PipelineConfig, axes: Mapping[str, Sequence[Any]], *, name: str, run_one: RunOne,
     select_metric: str = "recall@20",
 ) -> GridResult:
     """Run every combination, record each outcome, select by validation ``select_metric``.
 
     ``run_one(cfg) -> summary`` runs one combination (the caller decides how: in process with
     :func:`pipeline.runner.run_grid_locally`, or as nested Prefect flows) and returns a dict like
-    :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}},
-    ``train`` (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths,
-    cached flags). A run that raises is recorded as failed with its one-line error and the
-    grid goes on; tables are rewritten after every run so a killed grid leaves what it did.
-    """
+    :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}}, ``train``
+    (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths, cached flags). A run that raises is
+    recorded as failed with its one-line error and the grid goes on; tables are rewritten after every run so a killed
+    grid leaves what it did."""
     if not _NAME.match(name):
         raise ConfigError(f"grid name {name!r}: use letters, digits, '.', '_' or '-' (a directory name)")
     combos = expand_grid(base, axes)  # validates everything before the first run
@@ -338,13 +322,8 @@ def run_grid(
         _check_metric(select_metric, cfg)
     out = grid_dir(base.data_root, name)
     result = GridResult(
-        name=name,
-        axes={k: list(v) for k, v in axes.items()},
-        select_metric=select_metric,
-        runs=[],
-        selected=None,
-        table_path=out / "runs.csv",
-        selected_path=out / "selected.json",
+        name=name, axes={k: list(v) for k, v in axes.items()}, select_metric=select_metric, runs=[], selected=None,
+        table_path=out / "runs.csv", selected_path=out / "selected.json",
     )
     log.info("grid %s: %d runs over %s", name, len(combos), ", ".join(axes) or "(no axes)")
     for i, (values, cfg) in enumerate(combos, start=1):

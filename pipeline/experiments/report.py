@@ -1,16 +1,13 @@
 """The paper-layout report: Tables 2-5 and Figures 3-6 from the runs in the artifact store.
 
-Why it reads the store rather than a results file: every evaluated run is an
-``evaluate`` artifact whose manifest points at its ``train`` artifact and, through
-it, at the dataset and features it used. The report is therefore a pure function
-of what was actually run, and it can never show a number nobody computed: a
-table with no runs to fill it is skipped with a note, never padded.
+Why it reads the store rather than a results file: every evaluated run is an ``evaluate`` artifact whose manifest points
+at its ``train`` artifact and, through it, at the dataset and features it used. The report is therefore a pure function
+of what was actually run, and it can never show a number nobody computed: a table with no runs to fill it is skipped
+with a note, never padded.
 
-When several runs exist for one (dataset, model, variant) -- a grid over alpha,
-say -- the cell shows the TEST metrics of the run with the best VALIDATION
-``select_metric`` (recall@20 by default), the paper's protocol. ``runs.csv`` lists
-every run and marks the selected ones.
-"""
+When several runs exist for one (dataset, model, variant) -- a grid over alpha, say -- the cell shows the TEST metrics
+of the run with the best VALIDATION ``select_metric`` (recall@20 by default), the paper's protocol. ``runs.csv`` lists
+every run and marks the selected ones."""
 
 from __future__ import annotations
 
@@ -40,7 +37,6 @@ from sand.pipeline.experiments.figures import (
     plot_tsne_density,
     tsne_2d,
 )
-from sand.pipeline.experiments.reference import REFERENCE
 from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
 
@@ -49,17 +45,15 @@ log = logging.getLogger(__name__)
 #: (metric key, column label) of the paper's tables
 METRICS = (("recall@10", "R@10"), ("recall@20", "R@20"), ("ndcg@10", "N@10"), ("ndcg@20", "N@20"))
 PAPER_DATASETS = ("baby", "sports", "clothing")
-VARIANT_LABELS = {
-    "no-align": "w/o Alignment",
-    "no-distance": "w/o Distancing",
-    "no-align-no-distance": "w/o All",
-}
+VARIANT_LABELS = {"no-align": "w/o Alignment", "no-distance": "w/o Distancing", "no-align-no-distance": "w/o All"}
 #: The paper's names of the variants' terms (Table 4's Alignment and Distancing columns).
 TERM_LABELS = {"solosim": "SoloSim", "infonce": "InfoNCE", "club": "MI (CLUB)", "l2": "negative l2"}
 #: Table 4's variants (the registry's) -> (alignment, distancing) as the paper names them.
 VARIANT_PARTS = {v: tuple(TERM_LABELS[t] for t in registry.VARIANT_TERMS[v]) for v in registry.table4_variants()}
 ABLATIONS = registry.ablations()
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
+#: The paper's values of SAND's loss weights and temperature (docs/model.md), marked in the sensitivity figure.
+REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
 
 RunKey = tuple[str, str, str | None]  # (dataset, model id, variant); see StoredRun.model_id
 
@@ -78,9 +72,7 @@ FUSION_NOTES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# collecting runs
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- collecting runs
 @dataclass(frozen=True)
 class StoredRun:
     """One evaluated run and the artifacts behind it."""
@@ -122,9 +114,8 @@ def _single_model(table: str) -> str:
 def run_label(model: str, variant: str | None) -> str:
     """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, FREEDOM+SAND (scoring), ...
 
-    Labels come from the model registry; variant "a" is named only for the model whose
-    variants the paper compares (SAND_a), the plug-ins' default variant is not.
-    """
+    Labels come from the model registry; variant "a" is named only for the model whose variants the paper compares
+    (SAND_a), the plug-ins' default variant is not."""
     model, _, fusion = model.partition("@")
     if fusion:
         return f"{run_label(model, variant)} ({fusion})"
@@ -133,9 +124,7 @@ def run_label(model: str, variant: str | None) -> str:
         return base
     if variant in VARIANT_LABELS:
         return f"{base} {VARIANT_LABELS[variant]}"
-    if variant == "a" and model not in registry.models_in("table4"):
-        return base
-    return f"{base}_{variant}"
+    return base if variant == "a" and model not in registry.models_in("table4") else f"{base}_{variant}"
 
 
 def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
@@ -144,8 +133,7 @@ def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
     full, model = model, model.partition("@")[0]
     return (
         models.index(model) if model in models else len(models),
-        variants.index(variant) if variant in variants else len(variants),
-        f"{full}/{variant}",
+        variants.index(variant) if variant in variants else len(variants), f"{full}/{variant}",
     )
 
 
@@ -160,9 +148,8 @@ def _floats(d: dict[str, Any] | None) -> dict[str, float]:
 def collect_runs(store: ArtifactStore) -> list[StoredRun]:
     """Every complete evaluate artifact with its train artifact and dataset name.
 
-    The dataset is the interactions manifest's ``name``; two different interactions
-    artifacts with one name (e.g. another k-core) are told apart by a key suffix.
-    """
+    The dataset is the interactions manifest's ``name``; two different interactions artifacts with one name (e.g.
+    another k-core) are told apart by a key suffix."""
     evaluated = store.list("evaluate")
     names: dict[str, str] = {}  # interactions key -> dataset name
     raw: list[tuple[Artifact, str]] = []
@@ -209,8 +196,7 @@ def _fusion(model: str, train: Artifact | None) -> str | None:
 def select_runs(runs: Iterable[StoredRun], metric: str = "recall@20") -> dict[RunKey, StoredRun]:
     """Per (dataset, model, variant) the run with the best VALIDATION ``metric`` (never test).
 
-    Ties (and runs without the metric) go to the lexicographically first artifact key,
-    so the choice is deterministic.
+    Ties (and runs without the metric) go to the lexicographically first artifact key, so the choice is deterministic.
     """
     best: dict[RunKey, StoredRun] = {}
     for run in sorted(runs, key=lambda r: r.evaluate.key):
@@ -221,9 +207,7 @@ def select_runs(runs: Iterable[StoredRun], metric: str = "recall@20") -> dict[Ru
     return best
 
 
-# ---------------------------------------------------------------------------------------------
-# tables
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- tables
 def _fmt4(v: float) -> str:
     return f"{v:.4f}"
 
@@ -291,30 +275,32 @@ def _selection_note(metric: str) -> str:
     )
 
 
+def _metric_table(
+    name: str, title: str, selected: dict[RunKey, StoredRun], datasets: Sequence[str],
+    rows: list[tuple[dict[str, str], str, str | None]], notes: list[str],
+) -> Table:
+    """Label columns, then each dataset's test METRICS of the (model, variant) of each row; best per column in bold."""
+    cols = _metric_columns(datasets)
+    records = [
+        {**labels, **{col: run.test.get(m, math.nan) if (run := selected.get((d, model, variant))) else math.nan
+                      for d, m, col in cols}}
+        for labels, model, variant in rows
+    ]
+    frame = pd.DataFrame(records, columns=[*rows[0][0], *(c for _, _, c in cols)])
+    return Table(name, title, frame, _bold_max(frame, [c for _, _, c in cols]), notes=notes)
+
+
 def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
     """Table 2: models x (dataset, R@10 R@20 N@10 N@20), best per column in bold."""
-    cols = _metric_columns(datasets)
     rows = []
     for model in registry.models_in("table2"):
         variant = "a" if registry.has_variants(model) else None
-        found = [selected.get((d, model, variant)) for d in datasets]
-        if not any(found):
-            continue
-        row: dict[str, Any] = {"Model": registry.label(model)}
-        for d, m, col in cols:
-            run = selected.get((d, model, variant))
-            row[col] = run.test.get(m, math.nan) if run else math.nan
-        rows.append(row)
+        if any((d, model, variant) in selected for d in datasets):
+            rows.append(({"Model": registry.label(model)}, model, variant))
     if not rows:
         return None
-    frame = pd.DataFrame(rows, columns=["Model"] + [c for _, _, c in cols])
-    return Table(
-        "table2_main",
-        "Table 2: overall performance (test)",
-        frame,
-        _bold_max(frame, [c for _, _, c in cols]),
-        notes=[_selection_note(metric) + " SAND is variant a (SoloSim + MI)."],
-    )
+    return _metric_table("table2_main", "Table 2: overall performance (test)", selected, datasets, rows,
+                         [_selection_note(metric) + " SAND is variant a (SoloSim + MI)."])
 
 
 def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, fusion: str) -> StoredRun | None:
@@ -333,9 +319,8 @@ def table_generalisation(
 ) -> Table | None:
     """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement.
 
-    One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table
-    in the scoring fusion is written only when a run in that fusion exists.
-    """
+    One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table in the scoring fusion is
+    written only when a run in that fusion exists."""
     backbones = registry.plugins()  # backbone -> its plug-in
     plugged = {
         (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in backbones if (d, b, None) in selected
@@ -370,10 +355,7 @@ def table_generalisation(
     suffix = "" if fusion == registry.FUSIONS[0] else f"_{fusion}"
     return Table(
         f"table3_generalisation{suffix}",
-        f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}",
-        frame,
-        bold,
-        formats,
+        f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}", frame, bold, formats,
         notes=[
             _selection_note(metric) + " Improv. = relative change of +SAND over the "
             "backbone, in percent; +SAND is variant a.",
@@ -384,33 +366,18 @@ def table_generalisation(
 
 
 def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
-    """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics)."""
+    """Table 4: SAND_a-d (alignment x distancing) x (dataset, metrics), on the datasets with two of a-d to compare."""
     sand = _single_model("table4")
-    # only datasets where variants can be compared (at least two of a-d)
     datasets = [d for d in datasets if sum((d, sand, v) in selected for v in VARIANT_PARTS) >= 2]
     if not datasets:
         return None
-    present = [v for v in VARIANT_PARTS if any((d, sand, v) in selected for d in datasets)]
-    cols = _metric_columns(datasets)
-    rows = []
-    for v in present:
-        row: dict[str, Any] = {
-            "Variant": run_label(sand, v),
-            "Alignment": VARIANT_PARTS[v][0],
-            "Distancing": VARIANT_PARTS[v][1],
-        }
-        for d, m, col in cols:
-            run = selected.get((d, sand, v))
-            row[col] = run.test.get(m, math.nan) if run else math.nan
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=["Variant", "Alignment", "Distancing"] + [c for _, _, c in cols])
-    return Table(
-        "table4_variants",
-        "Table 4: SAND variants (test)",
-        frame,
-        _bold_max(frame, [c for _, _, c in cols]),
-        notes=[_selection_note(metric)],
-    )
+    rows = [
+        ({"Variant": run_label(sand, v), "Alignment": VARIANT_PARTS[v][0], "Distancing": VARIANT_PARTS[v][1]}, sand, v)
+        for v in VARIANT_PARTS
+        if any((d, sand, v) in selected for d in datasets)
+    ]
+    return _metric_table("table4_variants", "Table 4: SAND variants (test)", selected, datasets, rows,
+                         [_selection_note(metric)])
 
 
 def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str]) -> Table | None:
@@ -426,20 +393,15 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
         row: dict[str, Any] = {"Model": label}
         for d in datasets:
             res = selected[(d, model, variant)].result if (d, model, variant) in selected else {}
-            row[f"{d} s/epoch"] = (
-                float(res["seconds_per_epoch"]) if res.get("seconds_per_epoch") is not None else math.nan
-            )
-            row[f"{d} peak MB"] = float(res["peak_memory_mb"]) if res.get("peak_memory_mb") is not None else math.nan
+            for col, key in ((f"{d} s/epoch", "seconds_per_epoch"), (f"{d} peak MB", "peak_memory_mb")):
+                row[col] = float(res[key]) if res.get(key) is not None else math.nan
         rows.append(row)
     frame = pd.DataFrame(rows)
     formats = {
         c: (lambda v: f"{v:.2f}") if c.endswith("s/epoch") else (lambda v: f"{v:.0f}") for c in frame.columns[1:]
     }
     return Table(
-        "table5_efficiency",
-        "Table 5: training cost",
-        frame,
-        formats=formats,
+        "table5_efficiency", "Table 5: training cost", frame, formats=formats,
         notes=[
             "Median seconds per training epoch (evaluation excluded) and peak memory of the "
             "validation-selected run, as the trainer recorded them: on CUDA the peak allocated GPU memory, "
@@ -450,9 +412,7 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# figures from the store
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ figures from the store
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "dataset"
 
@@ -549,13 +509,11 @@ def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: 
     what = f"{run.label} on {run.dataset}, {len(items)} random items (seed {seed})"
     return [
         plot_tsne_density(
-            points,
-            out_dir / f"fig5_tsne_{stem}.png",
+            points, out_dir / f"fig5_tsne_{stem}.png",
             title=f"Figure 5: t-SNE of modal-generic / modal-unique representations, {what}",
         ),
         plot_circle_density(
-            points,
-            out_dir / f"fig6_circle_{stem}.png",
+            points, out_dir / f"fig6_circle_{stem}.png",
             title=f"Figure 6: density of centred, L2-normalised t-SNE points and their angles, {what}",
         ),
     ]
@@ -570,29 +528,21 @@ def _tsne_run(selected: dict[RunKey, StoredRun], dataset: str) -> StoredRun | No
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# the report
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ the report
 def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) -> pd.DataFrame:
     chosen = {r.evaluate.key for r in selected.values()}
     rows = []
     for r in sorted(runs, key=lambda r: (_dataset_order(r.dataset), r.model, str(r.variant), r.evaluate.key)):
         row: dict[str, Any] = {
-            "dataset": r.dataset,
-            "model": r.model,
-            "variant": r.variant,
-            "fusion": r.fusion,
-            "label": r.label,
+            "dataset": r.dataset, "model": r.model, "variant": r.variant, "fusion": r.fusion, "label": r.label,
             "selected": r.evaluate.key in chosen,
         }
         row.update({f"valid_{k}": v for k, v in r.valid.items()})
         row.update({f"test_{k}": v for k, v in r.test.items()})
         res = r.result
         row.update(
-            best_epoch=res.get("best_epoch"),
-            seconds_per_epoch=res.get("seconds_per_epoch"),
-            peak_memory_mb=res.get("peak_memory_mb"),
-            evaluate_key=r.evaluate.key,
+            best_epoch=res.get("best_epoch"), seconds_per_epoch=res.get("seconds_per_epoch"),
+            peak_memory_mb=res.get("peak_memory_mb"), evaluate_key=r.evaluate.key,
             train_key=r.train.key if r.train else None,
             params=json.dumps((r.train.manifest.get("params") if r.train else None) or {}, sort_keys=True),
         )
@@ -601,28 +551,23 @@ def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) ->
 
 
 def write_report(
-    data_root: Path,
-    out_dir: Path,
-    *,
-    datasets: Sequence[str] | None = None,
-    tsne_items: int = 500,
-    seed: int = 0,
+    data_root: Path, out_dir: Path, *, datasets: Sequence[str] | None = None, tsne_items: int = 500, seed: int = 0,
     select_metric: str = "recall@20",
 ) -> dict[str, list[Path]]:
     """Write Tables 2-5 (Markdown + CSV), the figures and ``report.md`` into ``out_dir``.
 
-    Returns name -> files: ``runs``, ``table2``..``table5``, ``curves``, ``sensitivity``,
-    ``ablation``, ``tsne`` (Figures 5-6), ``index``; only what could be filled is present
-    (skips are logged and listed in ``report.md``). No evaluated runs at all, or a named
-    dataset without runs, is a :class:`StageError`.
-    """
+    Returns name -> files: ``runs``, ``table2``..``table5``, ``curves``, ``sensitivity``, ``ablation``, ``tsne``
+    (Figures 5-6), ``index``; only what could be filled is present (skips are logged and listed in ``report.md``). No
+    evaluated runs at all, or a named dataset without runs, is a :class:`StageError`."""
     data_root, out_dir = Path(data_root), Path(out_dir)
     store = ArtifactStore(data_root)
     runs, chosen = _report_runs(store, datasets)
     selected = select_runs(runs, select_metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    written: dict[str, list[Path]] = {"runs": _write_runs_csv(runs, selected, out_dir)}
+    # runs.csv: every run, the selected ones marked, so any table cell can be traced to its run
+    _runs_frame(runs, selected).to_csv(out_dir / "runs.csv", index=False)
+    written: dict[str, list[Path]] = {"runs": [out_dir / "runs.csv"]}
     tables = paper_tables(selected, chosen, select_metric)
     written.update(_write_tables(tables, out_dir, notes))
     figures = {
@@ -643,9 +588,8 @@ def write_report(
 def _report_runs(store: ArtifactStore, datasets: Sequence[str] | None) -> tuple[list[StoredRun], list[str]]:
     """(runs on the reported datasets, those datasets in paper order).
 
-    Why it fails rather than skips: a report of nothing, or of a dataset the user named
-    but never ran, would be an empty page that looks like a result.
-    """
+    Why it fails rather than skips: a report of nothing, or of a dataset the user named but never ran, would be an empty
+    page that looks like a result."""
     runs = collect_runs(store)
     if not runs:
         raise StageError(f"report: no evaluated runs in {store.root / 'evaluate'} (run the pipeline first)")
@@ -661,13 +605,6 @@ def _report_runs(store: ArtifactStore, datasets: Sequence[str] | None) -> tuple[
     else:
         chosen = found
     return [r for r in runs if r.dataset in chosen], chosen
-
-
-def _write_runs_csv(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun], out_dir: Path) -> list[Path]:
-    """``runs.csv``: every run, the selected ones marked, so any table cell can be traced to its run."""
-    path = out_dir / "runs.csv"
-    _runs_frame(runs, selected).to_csv(path, index=False)
-    return [path]
 
 
 def _table_skip_reasons() -> dict[str, str]:
@@ -695,9 +632,8 @@ def _table3_name(fusion: str) -> str:
 def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> dict[str, Table | None]:
     """Tables 2-5 (None where no run fills one), in the order ``report.md`` shows them.
 
-    Why one mapping: the index page and the file writer walk the same tables, so a
-    table added here is both written and linked.
-    """
+    Why one mapping: the index page and the file writer walk the same tables, so a table added here is both written and
+    linked."""
     return {
         "table2": table_main(selected, datasets, metric),
         **{_table3_name(f): table_generalisation(selected, datasets, metric, f) for f in registry.FUSIONS},
@@ -751,13 +687,8 @@ def _ablation_figure(
 
 
 def _tsne_section(
-    store: ArtifactStore,
-    selected: dict[RunKey, StoredRun],
-    datasets: Sequence[str],
-    out_dir: Path,
-    n_items: int,
-    seed: int,
-    notes: list[str],
+    store: ArtifactStore, selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, n_items: int,
+    seed: int, notes: list[str],
 ) -> list[Path]:
     """Figures 5-6 per dataset; a dataset whose run cannot be rebuilt is a note, not a failed report."""
     paths: list[Path] = []
@@ -781,14 +712,8 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def _index_markdown(
-    data_root: Path,
-    datasets: Sequence[str],
-    runs: Sequence[StoredRun],
-    selected: dict[RunKey, StoredRun],
-    tables: dict[str, Table | None],
-    written: dict[str, list[Path]],
-    notes: Sequence[str],
-    metric: str,
+    data_root: Path, datasets: Sequence[str], runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun],
+    tables: dict[str, Table | None], written: dict[str, list[Path]], notes: Sequence[str], metric: str,
 ) -> str:
     out_dir = written["runs"][0].parent
     lines = [
@@ -805,9 +730,7 @@ def _index_markdown(
         md, csv = written[name]
         lines += [f"## {table.title}", "", table.markdown(), ""]
         lines += [n for n in table.notes] + [
-            "",
-            f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})",
-            "",
+            "", f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})", "",
         ]
     captions = {
         "curves": "Training curves: validation metric and mean training loss per epoch of each selected run.",

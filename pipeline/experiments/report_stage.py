@@ -1,9 +1,7 @@
 """The ``report`` stage: the paper's tables and figures over every evaluated run in the store.
 
-Why it reads the store, not one upstream chain: a report compares runs (models,
-variants, grids); its key is the set of evaluations and grid tables, so it is
-cached while that set is unchanged.
-"""
+Why it reads the store, not one upstream chain: a report compares runs (models, variants, grids); its key is the set of
+evaluations and grid tables, so it is cached while that set is unchanged."""
 
 from __future__ import annotations
 

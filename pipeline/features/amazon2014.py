@@ -1,14 +1,11 @@
 """The Amazon 2014 release's own image features, streamed out of its per-category ``.b`` file.
 
-Why: the SAND paper (through MMRec's preprocessing) does not run a CNN over
-the item images; it takes the 4,096-d CNN features that the 2014 release ships
-per category (``image_features_<Category>.b``). Reproducing its Table 2 needs
-exactly those rows. The file is one record after another, each a 10-byte ASCII
-ASIN followed by 4,096 little-endian float32 (16,394 bytes), with no header;
-Baby's is about 1 GB and Clothing's tens of GB, while a 5-core dataset keeps a
-few thousand of its items. So the file is read in large chunks of whole
-records and only the dataset's rows are kept: memory is bounded by the chunk
-and the output matrix, never by the file.
+Why: the SAND paper (through MMRec's preprocessing) does not run a CNN over the item images; it takes the 4,096-d CNN
+features that the 2014 release ships per category (``image_features_<Category>.b``). Reproducing its Table 2 needs
+exactly those rows. The file is one record after another, each a 10-byte ASCII ASIN followed by 4,096 little-endian
+float32 (16,394 bytes), with no header; Baby's is about 1 GB and Clothing's tens of GB, while a 5-core dataset keeps a
+few thousand of its items. So the file is read in large chunks of whole records and only the dataset's rows are kept:
+memory is bounded by the chunk and the output matrix, never by the file.
 
 What can go wrong, and what happens:
 
@@ -16,13 +13,11 @@ What can go wrong, and what happens:
   ignored (``truncated_tail_bytes``), the whole records before it are used;
 * a record whose ASIN bytes are not printable ASCII in the middle of the file:
   counted (``unreadable_records``) and skipped;
-* a file of another layout (records of another width, or not a feature file):
-  the first records already fail the ASIN check, and that is one
-  :class:`DataError` naming the file and the expected record size;
+* a file of another layout (records of another width, or not a feature file): the first records already fail the ASIN
+  check, and that is one :class:`DataError` naming the file and the expected record size;
 * an ASIN listed twice: the first record is kept, the repeats counted;
 * a dataset item with no record (or only non-finite values): filled (mean of
-  the found rows, MMRec's convention, or zeros) and listed with its reason.
-"""
+  the found rows, MMRec's convention, or zeros) and listed with its reason."""
 
 from __future__ import annotations
 
@@ -245,21 +240,14 @@ def _finish(path: Path, asins: Sequence[str], kept: _KeptRows, stats: FeatureFil
 
 
 def read_item_features(
-    path: Path | str,
-    asins: Sequence[str],
-    *,
-    fill: str = "mean",
-    chunk_records: int = CHUNK_RECORDS,
-    hash_file: bool = False,
-    progress: bool = False,
+    path: Path | str, asins: Sequence[str], *, fill: str = "mean", chunk_records: int = CHUNK_RECORDS,
+    hash_file: bool = False, progress: bool = False,
 ) -> ItemFeatures:
     """Stream ``path`` once and return the rows of ``asins`` (``asins[i]`` is item ``i``).
 
-    ``hash_file`` computes the file's sha256 on the way (no second read), for
-    files that did not come through the download machinery, which already
-    recorded theirs. Raises :class:`DataError` for a file that is not a feature
-    file, or when none of the dataset's items is in it (the wrong category).
-    """
+    ``hash_file`` computes the file's sha256 on the way (no second read), for files that did not come through the
+    download machinery, which already recorded theirs. Raises :class:`DataError` for a file that is not a feature file,
+    or when none of the dataset's items is in it (the wrong category)."""
     if fill not in ("mean", "zeros"):
         raise ConfigError(f"invalid config value image_features.fill={fill!r}: expected 'mean' or 'zeros'")
     if chunk_records < 1:
@@ -272,13 +260,3 @@ def read_item_features(
                     progress=progress)
     return _finish(path, asins, kept, stats, fill)
 
-
-def write_feature_file(path: Path | str, rows: Sequence[tuple[str | bytes, np.ndarray]]) -> None:
-    """Write ``(asin, 4096 floats)`` records in the release's layout (tests and benchmarks make files with it)."""
-    with open(path, "wb") as fh:
-        for asin, vec in rows:
-            key = asin.encode("ascii") if isinstance(asin, str) else bytes(asin)
-            if len(key) != ASIN_BYTES:
-                raise ValueError(f"ASIN {asin!r} is not {ASIN_BYTES} bytes")
-            fh.write(key)
-            fh.write(np.asarray(vec, dtype="<f4").reshape(FEATURE_DIM).tobytes())

@@ -1,12 +1,9 @@
 """The image_features stage when ``image_features.source=amazon2014``: the release's own features.
 
-Why a module of its own: the CNN path of ``image_stage.run_image_features`` fetches
-and encodes images in shards; this path downloads one category file and keeps
-the dataset's rows (:mod:`sand.pipeline.features.amazon2014`). They share only the
-stage name and the output contract (``image_feat.npy`` in item order,
-``missing_images.csv``), and their artifact keys never coincide (this one holds
-``source: amazon2014`` and the file's URL or local fingerprint).
-"""
+Why a module of its own: the CNN path of ``image_stage.run_image_features`` fetches and encodes images in shards; this
+path downloads one category file and keeps the dataset's rows (:mod:`sand.pipeline.features.amazon2014`). They share
+only the stage name and the output contract (``image_feat.npy`` in item order, ``missing_images.csv``), and their
+artifact keys never coincide (this one holds ``source: amazon2014`` and the file's URL or local fingerprint)."""
 
 from __future__ import annotations
 
@@ -45,8 +42,7 @@ def amazon2014_feature_source(cfg: PipelineConfig) -> str:
 def check_feature_source(cfg: PipelineConfig, stages_planned: list[str]) -> None:
     """Fail before any download when the image stage will need a 2014 feature file nobody can name.
 
-    An MMRec folder is let through: one that ships ``image_feat.npy`` uses it whatever the source.
-    """
+    An MMRec folder is let through: one that ships ``image_feat.npy`` uses it whatever the source."""
     if cfg.image_features.source != "amazon2014" or "image_features" not in stages_planned:
         return
     acfg = cfg.acquire
@@ -57,10 +53,8 @@ def check_feature_source(cfg: PipelineConfig, stages_planned: list[str]) -> None
 def run_amazon2014_image_features(ctx: StageContext, inter: Artifact) -> StageOutcome:
     """The 2014 release's 4,096-d image features of the dataset's items, streamed out of the category file.
 
-    Remote files are downloaded like the raw dumps (resume, retry, size check,
-    sha256) into ``<data-root>/downloads``; local files are read in place (a
-    multi-GB copy would buy nothing) and hashed on the way.
-    """
+    Remote files are downloaded like the raw dumps (resume, retry, size check, sha256) into ``<data-root>/downloads``;
+    local files are read in place (a multi-GB copy would buy nothing) and hashed on the way."""
     icfg = ctx.cfg.image_features
     source = amazon2014_feature_source(ctx.cfg)
     remote = source.lower().startswith(("http://", "https://"))

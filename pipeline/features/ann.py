@@ -1,19 +1,15 @@
 """Approximate item-item kNN graphs for large catalogues (faiss IVF), with their measured recall.
 
-Why: the exact graph costs N^2 d multiply-adds (about 8 PFLOP for one million 4,096-d
-items), which a CPU does not finish in a working day. An inverted-file index (faiss
-``IndexIVFFlat``, inner product on L2-normalised rows = cosine) compares each item with
-the items of its ``nprobe`` nearest clusters only. What that costs in quality is
-measured, not assumed: the exact top-k of a seeded sample of rows is computed by
-streaming all items past them, ``nprobe`` is doubled on one half of the sample until
-recall@k reaches the target, and the recall reported in the manifest is measured on the
+Why: the exact graph costs N^2 d multiply-adds (about 8 PFLOP for one million 4,096-d items), which a CPU does not
+finish in a working day. An inverted-file index (faiss ``IndexIVFFlat``, inner product on L2-normalised rows = cosine)
+compares each item with the items of its ``nprobe`` nearest clusters only. What that costs in quality is measured, not
+assumed: the exact top-k of a seeded sample of rows is computed by streaming all items past them, ``nprobe`` is doubled
+on one half of the sample until recall@k reaches the target, and the recall reported in the manifest is measured on the
 other half (held out from the tuning).
 
-Recall@k here counts the neighbours other than the item itself (the item is forced in
-or out by ``include_self`` in both graphs, so it would only inflate the number).
-Determinism: clustering and search are seeded and single-pass; faiss's BLAS sums, like
-any BLAS, can differ in the last bits across machines and thread counts.
-"""
+Recall@k here counts the neighbours other than the item itself (the item is forced in or out by ``include_self`` in both
+graphs, so it would only inflate the number). Determinism: clustering and search are seeded and single-pass; faiss's
+BLAS sums, like any BLAS, can differ in the last bits across machines and thread counts."""
 
 from __future__ import annotations
 
@@ -27,9 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sand.pipeline.base.errors import ConfigError
-from sand.pipeline.features.knn import query_rows
-
-# faiss: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+from sand.pipeline.features.knn import l2_normalise, query_rows
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +34,7 @@ _ROW_BLOCK = 16384
 
 def faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  # lazy: an optional dependency, only probed here
     except ImportError:
         return False
     return True
@@ -49,9 +43,8 @@ def faiss_available() -> bool:
 def resolve_method(method: str, n_items: int, auto_threshold: int, cuda: bool = False) -> str:
     """``exact`` or ``faiss`` for this catalogue.
 
-    ``auto``: exact up to ``auto_threshold`` items, or at any size when a CUDA GPU runs the
-    blocked exact product; above it on CPU faiss, or exact with a warning if faiss is missing.
-    """
+    ``auto``: exact up to ``auto_threshold`` items, or at any size when a CUDA GPU runs the blocked exact product; above
+    it on CPU faiss, or exact with a warning if faiss is missing."""
     if method not in METHODS:
         raise ConfigError(f"graphs.method: must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "faiss" and not faiss_available():
@@ -88,18 +81,16 @@ class AnnReport:
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+    """:func:`pipeline.features.knn.l2_normalise`, C-contiguous as faiss wants it."""
+    return np.ascontiguousarray(l2_normalise(x))
 
 
 def exact_rows(features: np.ndarray, rows: np.ndarray, k: int, include_self: bool) -> np.ndarray:
     """Exact top-k cosine neighbours of ``rows`` only, streaming the items in blocks.
 
-    Memory O(len(rows) x block + block x d): the reference for recall on a million items
-    without a normalised copy of the whole matrix. Ties at the k-th value are not ordered
-    by index here (a recall estimate does not need the tie rule).
-    """
+    Memory O(len(rows) x block + block x d): the reference for recall on a million items without a normalised copy of
+    the whole matrix. Ties at the k-th value are not ordered by index here (a recall estimate does not need the tie
+    rule)."""
     n = features.shape[0]
     q = _normalised(features[rows])
     best_v = np.full((len(rows), k), -np.inf, dtype=np.float32)
@@ -138,8 +129,8 @@ _KMEANS_ITERS = 10
 
 
 def default_nlist(n_items: int) -> int:
-    """About 2 sqrt(N) clusters (at least 39 items each), so that for a few probes a query
-    compares with about as many centroids as items: cost ~ N^1.5 d instead of N^2 d."""
+    """About 2 sqrt(N) clusters (at least 39 items each), so that for a few probes a query compares with about as many
+    centroids as items: cost ~ N^1.5 d instead of N^2 d."""
     return int(max(1, min(round(2 * math.sqrt(n_items)), n_items // 39)))
 
 
@@ -177,17 +168,14 @@ def _ivf_index(faiss: Any, d: int, nlist: int, storage: str) -> Any:
 def _add_reserved(index: Any, features: np.ndarray, progress: bool) -> None:
     """Add every row to the trained IVF ``index``, each inverted list allocated once at its final size.
 
-    Why two passes: faiss appends to a list by growing its buffer geometrically, so
-    adding row blocks left the lists holding ~1.6x their codes (measured: 932 MB for
-    586 MB of vectors), and at 1M x 4,096 float32 the process was killed for memory on
-    a 24 GB machine. Assigning every row to its list first (the same nearest-centroid
-    search ``add`` does; N int64s kept) gives each list's size; its capacity is then
-    reserved (``resize`` up, then back to 0: a std::vector keeps its capacity) and the
-    rows are added with their assignment (``add_preassigned``). Same index, same output.
-    Each block is read and normalised twice: keeping the normalised rows between the
-    passes would be the N x d float32 copy this avoids.
-    """
-    from faiss.contrib.ivf_tools import add_preassigned
+    Why two passes: faiss appends to a list by growing its buffer geometrically, so adding row blocks left the lists
+    holding ~1.6x their codes (measured: 932 MB for 586 MB of vectors), and at 1M x 4,096 float32 the process was killed
+    for memory on a 24 GB machine. Assigning every row to its list first (the same nearest-centroid search ``add`` does;
+    N int64s kept) gives each list's size; its capacity is then reserved (``resize`` up, then back to 0: a std::vector
+    keeps its capacity) and the rows are added with their assignment (``add_preassigned``). Same index, same output.
+    Each block is read and normalised twice: keeping the normalised rows between the passes would be the N x d float32
+    copy this avoids."""
+    from faiss.contrib.ivf_tools import add_preassigned  # lazy: optional and heavy
 
     n = features.shape[0]
     assign = np.empty(n, dtype=np.int64)
@@ -226,8 +214,7 @@ def _tune_nprobe(index: Any, features: np.ndarray, rows: np.ndarray, exact: np.n
                  nprobe: int | None, nl: int, target_recall: float) -> tuple[int, list[dict[str, float]]]:
     """Double ``nprobe`` from 8 on the tuning rows until their recall meets the target (or use the one given).
 
-    Leaves the chosen value set on ``index``; returns it with the recall measured at each step.
-    """
+    Leaves the chosen value set on ``index``; returns it with the recall measured at each step."""
     tuning: list[dict[str, float]] = []
     probe = int(nprobe) if nprobe else min(8, nl)
     while True:
@@ -245,8 +232,7 @@ def _search_all(index: Any, features: np.ndarray, queries: np.ndarray, k: int, i
                 progress: bool) -> tuple[np.ndarray, int]:
     """Search the query rows block by block (bounded copies); rows the index cannot fill are computed exactly.
 
-    Returns the (unsorted) neighbour rows and how many rows fell back to the exact search.
-    """
+    Returns the (unsorted) neighbour rows and how many rows fell back to the exact search."""
     out = np.empty((len(queries), k), dtype=np.int64)
     for start in tqdm(range(0, len(queries), _ROW_BLOCK), desc="faiss search", disable=not progress, unit="block"):
         out[start : start + _ROW_BLOCK] = _search_rows(index, features, queries[start : start + _ROW_BLOCK], k,
@@ -258,33 +244,22 @@ def _search_all(index: Any, features: np.ndarray, queries: np.ndarray, k: int, i
 
 
 def faiss_neighbours(
-    features: np.ndarray,
-    k: int = 10,
-    *,
-    include_self: bool = True,
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    target_recall: float = 0.95,
-    recall_sample: int = 1000,
-    seed: int = 0,
-    progress: bool = False,
-    rows: np.ndarray | None = None,
-    storage: str = "float32",
+    features: np.ndarray, k: int = 10, *, include_self: bool = True, nlist: int | None = None,
+    nprobe: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000, seed: int = 0,
+    progress: bool = False, rows: np.ndarray | None = None, storage: str = "float32",
 ) -> tuple[np.ndarray, AnnReport]:
     """(N x k) approximate top-k cosine neighbours (rows sorted by item index) and their report.
 
-    ``features`` may be memory-mapped and of any float dtype: rows are normalised block by
-    block, so the only full copy is the index's own storage (N x d x 4 or 2 bytes, ``storage``).
-    ``nprobe`` None: tuned on half of the recall sample (doubling from 8) until
-    ``target_recall``; a row the index cannot fill (a tiny cluster) is computed exactly.
-    ``rows``: search only these items (len(rows) x k; the index still holds every item),
-    e.g. to time the search on a sample where searching all rows takes hours.
-    ``storage``: "float32" (``IndexIVFFlat``, N x d x 4 bytes) or "float16"
-    (``IndexIVFScalarQuantizer`` with half-precision codes, N x d x 2 bytes: what lets
-    1M x 4,096 fit a 24 GB machine; rounding the stored vectors to 11 significant bits
-    moves cosines by ~1e-4, and the recall is measured the same way).
-    """
-    import faiss
+    ``features`` may be memory-mapped and of any float dtype: rows are normalised block by block, so the only full copy
+    is the index's own storage (N x d x 4 or 2 bytes, ``storage``).
+    ``nprobe`` None: tuned on half of the recall sample (doubling from 8) until ``target_recall``; a row the index
+    cannot fill (a tiny cluster) is computed exactly.
+    ``rows``: search only these items (len(rows) x k; the index still holds every item), e.g. to time the search on a
+    sample where searching all rows takes hours.
+    ``storage``: "float32" (``IndexIVFFlat``, N x d x 4 bytes) or "float16" (``IndexIVFScalarQuantizer`` with
+    half-precision codes, N x d x 2 bytes: what lets 1M x 4,096 fit a 24 GB machine; rounding the stored vectors to 11
+    significant bits moves cosines by ~1e-4, and the recall is measured the same way)."""
+    import faiss  # lazy: optional and heavy
 
     n, _ = features.shape
     if not 0 < target_recall <= 1:
@@ -306,12 +281,9 @@ def faiss_neighbours(
     seconds["exact_sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    probe, tuning = _tune_nprobe(index, features, sample[tune], exact[tune], k, include_self, nprobe, nl,
-                                 target_recall)
+    probe, tuning = _tune_nprobe(index, features, sample[tune], exact[tune], k, include_self, nprobe, nl, target_recall)
     seconds["tune"] = time.perf_counter() - t0
-    held_recall = recall_at_k(
-        _search_rows(index, features, sample[held], k, include_self), exact[held], sample[held]
-    )
+    held_recall = recall_at_k(_search_rows(index, features, sample[held], k, include_self), exact[held], sample[held])
 
     t0 = time.perf_counter()
     out, n_short = _search_all(index, features, queries, k, include_self, progress)

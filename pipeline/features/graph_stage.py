@@ -1,9 +1,7 @@
 """The ``graphs`` stage: item-item kNN graphs over the text and image features.
 
-Exact blocked cosine kNN for small catalogues, faiss IVF above ``graphs.auto_threshold``
-items (or when asked). torch (only to ask whether CUDA is present) is imported inside
-the function that asks (keeps ``sand --help`` fast).
-"""
+Exact blocked cosine kNN for small catalogues, faiss IVF above ``graphs.auto_threshold`` items (or when asked). torch
+(only to ask whether CUDA is present) is imported inside the function that asks (keeps ``sand --help`` fast)."""
 
 from __future__ import annotations
 
@@ -17,15 +15,13 @@ from sand.pipeline.features.ann import faiss_neighbours, resolve_method
 from sand.pipeline.features.knn import graph_from_neighbours, knn_neighbours, save_graph
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, key_params
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 #: Graph settings used only by the faiss method (left out of the key of an exact graph).
 _FAISS_FIELDS = {"nlist", "nprobe", "target_recall", "recall_sample", "faiss_storage", "seed"}
 
 
 def graph_method(ctx: StageContext, text: Artifact, image: Artifact) -> str:
     """The graph method this run uses (``auto`` resolved by catalogue size and CUDA)."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     gcfg = ctx.cfg.graphs
     shape = np.load(text.file("text_feat.npy"), mmap_mode="r").shape

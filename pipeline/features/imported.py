@@ -1,10 +1,8 @@
 """Feature files an MMRec folder ships (``image_feat.npy`` / ``text_feat.npy``), used as they are.
 
-Why a module of its own: the text and the image stage both accept such a file in
-place of encoding, with the same checks (one row per item) and the same error
-naming the model that needs the features when neither the file nor the raw data
-(titles, image URLs) is there.
-"""
+Why a module of its own: the text and the image stage both accept such a file in place of encoding, with the same checks
+(one row per item) and the same error naming the model that needs the features when neither the file nor the raw data
+(titles, image URLs) is there."""
 
 from __future__ import annotations
 

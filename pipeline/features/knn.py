@@ -1,28 +1,25 @@
 """Item-item kNN graphs from modality features, built block by block.
 
-Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity
-matrix, which needs 40 GB for 100,000 items. Here rows are processed in blocks
-(``block x N`` similarities at a time) and only the top-k of each row is kept,
+Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity matrix, which needs 40 GB for 100,000
+items. Here rows are processed in blocks (``block x N`` similarities at a time) and only the top-k of each row is kept,
 so memory is O(N*k + block*N) while the result is the same graph.
 
-Graph definition (as MMRec / SAND): cosine similarity of the raw features
-(rows L2-normalised; an all-zero row has similarity 0 with everything), the
-top-k entries of each row kept with weight 1, then symmetric normalisation
-with degrees taken from the ROW sums: value(i, j) = d_i^-1/2 * d_j^-1/2.
-Every row has exactly k entries, so every stored value is 1/k.
+Graph definition (as MMRec / SAND): cosine similarity of the raw features (rows L2-normalised; an all-zero row has
+similarity 0 with everything), the top-k entries of each row kept with weight 1, then symmetric normalisation with
+degrees taken from the ROW sums: value(i, j) = d_i^-1/2 * d_j^-1/2. Every row has exactly k entries, so every stored
+value is 1/k.
 
-Tie rule (deterministic): the item itself is forced in (``include_self=True``)
-or out (``include_self=False``); among the remaining items, higher similarity
-wins and equal similarities are broken by the lower item index. Similarities
-are float32 matrix products, so items whose similarities differ only in the
-last bits may be ordered differently by a different block size or BLAS.
-"""
+Tie rule (deterministic): the item itself is forced in (``include_self=True``) or out (``include_self=False``); among
+the remaining items, higher similarity wins and equal similarities are broken by the lower item index. Similarities are
+float32 matrix products, so items whose similarities differ only in the last bits may be ordered differently by a
+different block size or BLAS."""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,13 +28,10 @@ from tqdm.auto import tqdm
 from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError
 
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
-
 log = logging.getLogger(__name__)
 
-#: Similarity entries (block rows x N) held at once when ``block_size`` is None:
-#: 96M float32 = 384 MB (about 1,000 rows at N = 100,000, peak RSS ~1.4 GB there),
-#: small enough for a laptop, big enough that BLAS runs at full speed.
+#: Similarity entries (block rows x N) held at once when ``block_size`` is None: 96M float32 = 384 MB (about 1,000 rows
+#: at N = 100,000, peak RSS ~1.4 GB there), small enough for a laptop, big enough that BLAS runs at full speed.
 _DEFAULT_BLOCK_ELEMENTS = 96 * 1024 * 1024
 
 
@@ -83,12 +77,10 @@ def _check_finite(x: np.ndarray) -> None:
                 first = (start + int(r), int(c))
     if first is not None:
         r, c = first
-        raise DataError(
-            f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)"
-        )
+        raise DataError(f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)")
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
+def l2_normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; all-zero rows stay zero (similarity 0 to everything)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -104,29 +96,22 @@ def query_rows(rows: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def knn_neighbours(
-    features: np.ndarray,
-    k: int = 10,
-    *,
-    include_self: bool = True,
-    block_size: int | None = None,
-    progress: bool = False,
-    device: str | None = None,
-    rows: np.ndarray | None = None,
+    features: np.ndarray, k: int = 10, *, include_self: bool = True, block_size: int | None = None,
+    progress: bool = False, device: str | None = None, rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N x k) int64 column indices of each row's top-k cosine neighbours (tie rule in module doc).
 
-    Rows of the result are sorted by item index, so the output is a set per row.
-    ``device`` None uses CUDA when available, else CPU. ``rows``: only these items' rows
-    (len(rows) x k), e.g. the sample an approximate graph's recall is measured on.
-    """
-    import torch
+    Rows of the result are sorted by item index, so the output is a set per row. ``device`` None uses CUDA when
+    available, else CPU. ``rows``: only these items' rows (len(rows) x k), e.g. the sample an approximate graph's recall
+    is measured on."""
+    import torch  # lazy: torch takes seconds to import
 
     x = _validate(features, k, include_self, block_size)
     n = x.shape[0]
     queries = query_rows(rows, n)
     bs = default_block_size(n) if block_size is None else min(int(block_size), n)
     dev = resolve_device(device)
-    xn = _l2_normalise(x)
+    xn = l2_normalise(x)
     # One more than k: if the (k+1)-th best equals the k-th, the row has a tie at the boundary.
     kk = min(k + 1, n)
     diag_value = math.inf if include_self else -math.inf
@@ -171,20 +156,10 @@ def knn_neighbours(
     return out
 
 
-def knn_graph(
-    features: np.ndarray,
-    k: int = 10,
-    *,
-    include_self: bool = True,
-    block_size: int | None = None,
-    progress: bool = False,
-    device: str | None = None,
-) -> sp.csr_matrix:
-    """Symmetric-normalised binary top-k cosine graph (N x N, float32 CSR); see module doc."""
-    nbrs = knn_neighbours(
-        features, k, include_self=include_self, block_size=block_size, progress=progress, device=device
-    )
-    return graph_from_neighbours(nbrs)
+def knn_graph(features: np.ndarray, k: int = 10, **options: Any) -> sp.csr_matrix:
+    """Symmetric-normalised binary top-k cosine graph (N x N, float32 CSR) over all rows; ``options``: those of
+    :func:`knn_neighbours`; see module doc."""
+    return graph_from_neighbours(knn_neighbours(features, k, **options))
 
 
 def graph_from_neighbours(nbrs: np.ndarray) -> sp.csr_matrix:

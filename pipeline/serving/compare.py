@@ -1,13 +1,10 @@
 """Challenger against champion on the new snapshot's validation split, over what both models know.
 
-Why a shared universe: the champion was trained on an older snapshot, so it has no
-embedding for a user or item that arrived since, and the two snapshots index users and
-items differently. Both models are therefore scored on one restricted split: the users
-and items present in both snapshots (matched by their raw ids), the new snapshot's
-training items masked, and only validation pairs that neither model trained on (a pair
-in the champion's older training split would flatter it). Each model ranks the same
-candidate items for the same users, so the two numbers compare.
-"""
+Why a shared universe: the champion was trained on an older snapshot, so it has no embedding for a user or item that
+arrived since, and the two snapshots index users and items differently. Both models are therefore scored on one
+restricted split: the users and items present in both snapshots (matched by their raw ids), the new snapshot's training
+items masked, and only validation pairs that neither model trained on (a pair in the champion's older training split
+would flatter it). Each model ranks the same candidate items for the same users, so the two numbers compare."""
 
 from __future__ import annotations
 
@@ -72,9 +69,8 @@ def compare_on_shared(
 ) -> dict[str, Any]:
     """Both models' ``metric`` (``recall@K`` / ``ndcg@K``) on the shared validation split.
 
-    ``challenger`` holds (user, item) embeddings indexed by the new snapshot, ``champion``
-    by the old one. Returns the two values and the size of what was compared.
-    """
+    ``challenger`` holds (user, item) embeddings indexed by the new snapshot, ``champion`` by the old one. Returns the
+    two values and the size of what was compared."""
     k = int(metric.partition("@")[2])
     out: dict[str, Any] = {
         "metric": metric, "users": int(len(shared.new_users)), "items": int(len(shared.new_items)),
@@ -83,7 +79,7 @@ def compare_on_shared(
     if len(shared.data.valid) == 0:
         out.update(challenger_value=None, champion_value=None)
         return out
-    import torch  # the embeddings are tensors; indexing them keeps them on their device
+    import torch  # lazy: torch is slow to import; indexing the tensors keeps them on their device
 
     for name, (ue, ie), users, items in (
         ("challenger", challenger, shared.new_users, shared.new_items),

@@ -1,13 +1,10 @@
 """Every user's top-K, in raw ids, written where downstream jobs read it; replaced atomically.
 
-Why atomic and in this order: a downstream job may read ``recommendations.parquet`` at
-any moment, including while a retrain replaces it. The table is written to a temporary
-file beside it, flushed, then renamed over it (one rename: readers see the old file or
-the new one, never half of one); ``manifest.json`` follows the same way, and names the
-table's sha256, so a reader that caught the two mid-swap can tell. A publisher killed
-before its rename leaves the previous pair intact (its temporary file is removed by the
-next publish).
-"""
+Why atomic and in this order: a downstream job may read ``recommendations.parquet`` at any moment, including while a
+retrain replaces it. The table is written to a temporary file beside it, flushed, then renamed over it (one rename:
+readers see the old file or the new one, never half of one); ``manifest.json`` follows the same way, and names the
+table's sha256, so a reader that caught the two mid-swap can tell. A publisher killed before its rename leaves the
+previous pair intact (its temporary file is removed by the next publish)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
 """The model registry: every retrained model, the champion per dataset and model, each promotion decision.
 
-Why SQLite in the data root: the registry is small (a row per trained model), read by
-``sand models``, ``sand recommend`` and every retrain, and written by one retrain at a
-time. SQLite commits a transaction atomically (a killed writer leaves the last committed
-state), needs no server and ships with Python. The source states of the last retrain
-live here too, so "did anything change?" and "which model is in use?" are answered from
-one file, ``<data-root>/registry/models.sqlite``.
+Why SQLite in the data root: the registry is small (a row per trained model), read by ``sand models``, ``sand
+recommend`` and every retrain, and written by one retrain at a time. SQLite commits a transaction atomically (a killed
+writer leaves the last committed state), needs no server and ships with Python. The source states of the last retrain
+live here too, so "did anything change?" and "which model is in use?" are answered from one file,
+``<data-root>/registry/models.sqlite``.
 
-A model's key is its ``train`` artifact key: the same training on the same snapshot is
-the same model, registered once.
+A model's key is its ``train`` artifact key: the same training on the same snapshot is the same model, registered once.
 """
 
 from __future__ import annotations
@@ -96,6 +94,13 @@ class ModelRegistry:
         finally:
             conn.close()
 
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read's rows; none before the registry file exists (a read never creates it)."""
+        if not self.path.is_file():
+            return []
+        with self._connect() as conn:
+            return conn.execute(sql, args).fetchall()
+
     # -- models ----------------------------------------------------------------------------------
     def register(self, entry: ModelEntry) -> bool:
         """Add ``entry``; False when its key is registered already (the same model trained again)."""
@@ -109,14 +114,10 @@ class ModelRegistry:
 
     def models(self, dataset: str | None = None) -> list[ModelEntry]:
         """Registered models, oldest first (optionally of one dataset)."""
-        if not self.path.is_file():
-            return []
         query, args = "SELECT * FROM models", ()
         if dataset is not None:
             query, args = query + " WHERE dataset = ?", (dataset,)
-        with self._connect() as conn:
-            rows = conn.execute(query + " ORDER BY created_at, rowid", args).fetchall()
-        return [_entry(row) for row in rows]
+        return [_entry(row) for row in self._query(query + " ORDER BY created_at, rowid", args)]
 
     def get(self, key: str) -> ModelEntry:
         """The model whose key is or starts with ``key`` (one line naming the problem otherwise)."""
@@ -131,19 +132,12 @@ class ModelRegistry:
 
     # -- champions -------------------------------------------------------------------------------
     def champion(self, dataset: str, model: str) -> ModelEntry | None:
-        if not self.path.is_file():
-            return None
-        with self._connect() as conn:
-            row = conn.execute("SELECT key FROM champions WHERE dataset = ? AND model = ?", (dataset, model)).fetchone()
-        return self.get(row[0]) if row else None
+        rows = self._query("SELECT key FROM champions WHERE dataset = ? AND model = ?", (dataset, model))
+        return self.get(rows[0][0]) if rows else None
 
     def champions(self) -> dict[tuple[str, str], str]:
         """(dataset, model) -> the champion's key."""
-        if not self.path.is_file():
-            return {}
-        with self._connect() as conn:
-            rows = conn.execute("SELECT dataset, model, key FROM champions").fetchall()
-        return {(d, m): k for d, m, k in rows}
+        return {(d, m): k for d, m, k in self._query("SELECT dataset, model, key FROM champions")}
 
     def decide(self, decision: Decision) -> None:
         """Record ``decision``; a promoted challenger becomes the champion in the same transaction."""
@@ -160,24 +154,17 @@ class ModelRegistry:
 
     def decisions(self, key: str | None = None) -> list[Decision]:
         """Every decision (or those where ``key`` was the challenger or the champion), oldest first."""
-        if not self.path.is_file():
-            return []
         query, args = "SELECT dataset, model, challenger, champion, promoted, details, at FROM decisions", ()
         if key is not None:
             query, args = query + " WHERE challenger = ? OR champion = ?", (key, key)
-        with self._connect() as conn:
-            rows = conn.execute(query + " ORDER BY id", args).fetchall()
+        rows = self._query(query + " ORDER BY id", args)
         return [Decision(d, m, c, ch, bool(p), json.loads(det), at) for d, m, c, ch, p, det, at in rows]
 
     # -- source states ---------------------------------------------------------------------------
     def source_states(self, dataset: str, model: str) -> dict[str, Any] | None:
         """The sources as the last finished retrain of (dataset, model) saw them; None before the first."""
-        if not self.path.is_file():
-            return None
-        with self._connect() as conn:
-            row = conn.execute("SELECT states FROM sources WHERE dataset = ? AND model = ?",
-                               (dataset, model)).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self._query("SELECT states FROM sources WHERE dataset = ? AND model = ?", (dataset, model))
+        return json.loads(rows[0][0]) if rows else None
 
     def save_source_states(self, dataset: str, model: str, states: Mapping[str, Any]) -> None:
         with self._connect() as conn:

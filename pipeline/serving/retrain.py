@@ -1,10 +1,8 @@
 """One retrain, start to finish: new data? train a challenger, compare, promote, publish.
 
-Why here, without Prefect: ``sand retrain``, the ``sand-retrain`` deployment and the
-tests run the same steps; the caller supplies only how the pipeline runs (``run``: the
-Prefect flow, or the in-process runner), so the decisions are made in one place.
-Source states are saved last: a retrain that fails anywhere is retried in full next time.
-"""
+Why here, without Prefect: ``sand retrain``, the ``sand-retrain`` deployment and the tests run the same steps; the
+caller supplies only how the pipeline runs (``run``: the Prefect flow, or the in-process runner), so the decisions are
+made in one place. Source states are saved last: a retrain that fails anywhere is retried in full next time."""
 
 from __future__ import annotations
 

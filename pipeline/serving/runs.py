@@ -1,8 +1,7 @@
 """A registered model's artifacts and embeddings, and the entry a finished pipeline run registers as.
 
-Why one module: promotion, publication and ``sand recommend`` all rebuild a model from
-the artifacts its registry entry names; the entry itself is made from a run's artifacts.
-"""
+Why one module: promotion, publication and ``sand recommend`` all rebuild a model from the artifacts its registry entry
+names; the entry itself is made from a run's artifacts."""
 
 from __future__ import annotations
 
@@ -34,14 +33,10 @@ def entry_for_run(cfg: PipelineConfig, artifacts: Mapping[str, Artifact]) -> Mod
     if missing:
         raise StageError(f"cannot register a run without its {', '.join(missing)} artifact(s)")
     return ModelEntry(
-        key=artifacts["train"].key,
-        dataset=str(artifacts["interactions"].manifest.get("name") or dataset_name(cfg)),
-        model=cfg.train.model,
-        snapshot=artifacts["acquire"].key,
-        artifacts={s: artifacts[s].key for s in MODEL_STAGES if s in artifacts},
-        config=cfg.model_dump(mode="json"),
-        metrics=dict(artifacts["evaluate"].manifest.get("metrics", {})),
-        created_at=now(),
+        key=artifacts["train"].key, dataset=str(artifacts["interactions"].manifest.get("name") or dataset_name(cfg)),
+        model=cfg.train.model, snapshot=artifacts["acquire"].key,
+        artifacts={s: artifacts[s].key for s in MODEL_STAGES if s in artifacts}, config=cfg.model_dump(mode="json"),
+        metrics=dict(artifacts["evaluate"].manifest.get("metrics", {})), created_at=now(),
     )
 
 

@@ -1,3 +1,2 @@
-"""Training and scoring models on the split data: the trainer with checkpoints and resume, negative
-sampling, full-ranking evaluation and top-k recommendation.
-"""
+"""Training and scoring models on the split data: the trainer with checkpoints and resume, negative sampling,
+full-ranking evaluation and top-k recommendation."""

@@ -1,10 +1,8 @@
 """Reading training checkpoints: always ``weights_only=True``, always a one-line error.
 
-Why one module: the trainer's resume, scoring a trained run and the report's figures
-all read ``best.pt``/``last.pt``. A checkpoint is a file from disk -- possibly copied
-from elsewhere -- so it is never unpickled as arbitrary objects, and a truncated or
-foreign file is named in a :class:`StageError` instead of a torch traceback.
-"""
+Why one module: the trainer's resume, scoring a trained run and the report's figures all read ``best.pt``/``last.pt``. A
+checkpoint is a file from disk -- possibly copied from elsewhere -- so it is never unpickled as arbitrary objects, and a
+truncated or foreign file is named in a :class:`StageError` instead of a torch traceback."""
 
 from __future__ import annotations
 
@@ -13,8 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from sand.pipeline.base.errors import StageError, one_line
 from sand.pipeline.base.torch_files import load_tensors
-
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 if TYPE_CHECKING:
     import torch
@@ -46,12 +42,10 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path |
 def load_weights(model: torch.nn.Module, path: Path | str, device: str | torch.device | None = None) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``model`` (in place); returns the rest of the checkpoint.
 
-    Accepts the trainer's checkpoints (``best.pt``: ``{"model": state_dict, "epoch", "valid", "test",
-    "config"}``; ``last.pt`` adds the optimiser and counters) and
-    a bare state_dict (then the returned metadata is empty). ``device`` None maps the tensors
-    to the device the model's parameters are on.
-    """
-    import torch
+    Accepts the trainer's checkpoints (``best.pt``: ``{"model": state_dict, "epoch", "valid", "test", "config"}``;
+    ``last.pt`` adds the optimiser and counters) and a bare state_dict (then the returned metadata is empty). ``device``
+    None maps the tensors to the device the model's parameters are on."""
+    import torch  # lazy: torch takes seconds to import
 
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -1,23 +1,17 @@
 """Full-ranking top-K evaluation with MMRec's protocol (docs/model.md).
 
-Why this shape: scores are dot products of user and item embeddings, so users are
-ranked in blocks (memory ~ users per block x n_items floats, capped at
-``MAX_SCORE_ELEMENTS``; only the top K of each block is kept) on whatever device the
-embeddings live on. Only each user's *training* items are masked: validation items
-stay rankable when the test split is evaluated, as MMRec does, so numbers compare
-with published ones.
+Why this shape: scores are dot products of user and item embeddings, so users are ranked in blocks (memory ~ users per
+block x n_items floats, capped at ``MAX_SCORE_ELEMENTS``; only the top K of each block is kept) on whatever device the
+embeddings live on. Only each user's *training* items are masked: validation items stay rankable when the test split is
+evaluated, as MMRec does, so numbers compare with published ones.
 
-Tie rule (documented because ``torch.topk`` is not stable): equal scores rank the
-lower item index first. ``torch.topk`` only supplies the K-th largest score; every
-item scoring above it is in the top K, and the remaining slots go to the
-lowest-indexed items scoring exactly that value. The K chosen items are then
-ordered by (score descending, item index ascending) with a stable sort. Rows
-without ties (the usual case for float scores) skip that extra work.
+Tie rule (documented because ``torch.topk`` is not stable): equal scores rank the lower item index first. ``torch.topk``
+only supplies the K-th largest score; every item scoring above it is in the top K, and the remaining slots go to the
+lowest-indexed items scoring exactly that value. The K chosen items are then ordered by (score descending, item index
+ascending) with a stable sort. Rows without ties (the usual case for float scores) skip that extra work.
 
-Slots that cannot hold a rankable item (K above the number of items the user has
-not trained on, or K above the catalogue, which caps K) hold item id ``-1`` and
-never count as hits.
-"""
+Slots that cannot hold a rankable item (K above the number of items the user has not trained on, or K above the
+catalogue, which caps K) hold item id ``-1`` and never count as hits."""
 
 from __future__ import annotations
 
@@ -30,8 +24,6 @@ import scipy.sparse as sp
 
 from sand.pipeline.base.errors import ConfigError, DataError, SandError
 from sand.pipeline.dataset.split_data import SplitData
-
-# torch: imported inside the functions that use them, so importing this module (and `sand --help`) stays fast.
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +40,7 @@ def users_per_block(batch_users: int, n_items: int) -> int:
 
 
 def _as_tensor(x) -> torch.Tensor:
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     t = (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).detach()
     # half precision would rank with fewer distinct scores (more ties) than the model's float32 scores
@@ -71,12 +63,10 @@ def _check_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, n_users: i
 def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (indices, scores) per row with ties broken by lower index; -inf slots kept.
 
-    Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k
-    *set* is unambiguous and only its order needs the tie rule (a sort of k entries).
-    Rows with a tie across the boundary (rare for float scores, always for users with
-    fewer than k rankable items, whose boundary is -inf) take the exact full-row path.
-    """
-    import torch
+    Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k *set* is unambiguous and only its
+    order needs the tie rule (a sort of k entries). Rows with a tie across the boundary (rare for float scores, always
+    for users with fewer than k rankable items, whose boundary is -inf) take the exact full-row path."""
+    import torch  # lazy: torch takes seconds to import
 
     n_cols = scores.shape[1]
     kk = min(k + 1, n_cols)
@@ -107,15 +97,10 @@ def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _iter_topk(
-    user_emb,
-    item_emb,
-    users: np.ndarray,
-    train_csr: sp.csr_matrix,
-    k: int,
-    batch_users: int,
+    user_emb, item_emb, users: np.ndarray, train_csr: sp.csr_matrix, k: int, batch_users: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (users, item ids, scores) per batch; masked / missing slots have item -1."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if batch_users < 1:
         raise ConfigError(f"batch_users must be >= 1, got {batch_users}")
@@ -127,16 +112,12 @@ def _iter_topk(
         finite = torch.isfinite(emb).all(dim=1)
         if not bool(finite.all()):
             row = int(torch.nonzero(~finite)[0, 0])
-            raise SandError(
-                f"evaluation: non-finite {name} embedding for {name} {row} (the model produced NaN/inf)"
-            )
+            raise SandError(f"evaluation: non-finite {name} embedding for {name} {row} (the model produced NaN/inf)")
     n_items = ie.shape[0]
     k_eff = min(k, n_items)
     m = sp.csr_matrix(train_csr)
     if m.shape[1] != n_items:
-        raise SandError(
-            f"training matrix has {m.shape[1]} item columns but the item embeddings {n_items} rows"
-        )
+        raise SandError(f"training matrix has {m.shape[1]} item columns but the item embeddings {n_items} rows")
     users = np.asarray(users, dtype=np.int64)
     if len(users) and (users.min() < 0 or users.max() >= min(ue.shape[0], m.shape[0])):
         bad = int(users[(users < 0) | (users >= min(ue.shape[0], m.shape[0]))][0])
@@ -164,13 +145,10 @@ def _iter_topk(
         yield bu, idx, top
 
 
-def rank_topk(
-    user_emb, item_emb, users, train_csr: sp.spmatrix, k: int, batch_users: int = 4096
-) -> np.ndarray:
+def rank_topk(user_emb, item_emb, users, train_csr: sp.spmatrix, k: int, batch_users: int = 4096) -> np.ndarray:
     """Top-``k`` item ids (len(users) x min(k, n_items)) with training items masked.
 
-    Ties: lower item index first. Slots with no rankable item left hold -1.
-    """
+    Ties: lower item index first. Slots with no rankable item left hold -1."""
     users = np.asarray(users, dtype=np.int64)
     n_items = int(_as_tensor(item_emb).shape[0])
     out = np.full((len(users), min(k, n_items)), -1, dtype=np.int64)
@@ -234,18 +212,12 @@ class SplitEvaluator:
 
 
 def evaluate_split(
-    user_emb,
-    item_emb,
-    data: SplitData,
-    split: str,
-    ks: Sequence[int] = (10, 20),
-    batch_users: int = 4096,
+    user_emb, item_emb, data: SplitData, split: str, ks: Sequence[int] = (10, 20), batch_users: int = 4096,
 ) -> dict[str, float]:
     """Recall@K and NDCG@K (MMRec protocol) averaged over users with >= 1 item in ``split``.
 
-    Recall@K = hits in the top K / the user's items in the split; NDCG@K uses binary
-    gains and IDCG over min(|items|, K) positions. Keys: ``recall@K`` then ``ndcg@K``.
-    """
+    Recall@K = hits in the top K / the user's items in the split; NDCG@K uses binary gains and IDCG over min(|items|, K)
+    positions. Keys: ``recall@K`` then ``ndcg@K``."""
     return SplitEvaluator(data, split, ks, batch_users)(user_emb, item_emb)
 
 
@@ -263,9 +235,7 @@ def recommendations_table(user_emb, item_emb, data: SplitData, k: int, users=Non
         frames.append(
             pd.DataFrame(
                 {
-                    "user": bu[r],
-                    "rank": (c + 1).astype(np.int64),
-                    "item": idx[r, c],
+                    "user": bu[r], "rank": (c + 1).astype(np.int64), "item": idx[r, c],
                     "score": top[r, c].astype(np.float32),
                 }
             )
@@ -273,9 +243,7 @@ def recommendations_table(user_emb, item_emb, data: SplitData, k: int, users=Non
     if not frames:
         return pd.DataFrame(
             {
-                "user": np.empty(0, np.int64),
-                "rank": np.empty(0, np.int64),
-                "item": np.empty(0, np.int64),
+                "user": np.empty(0, np.int64), "rank": np.empty(0, np.int64), "item": np.empty(0, np.int64),
                 "score": np.empty(0, np.float32),
             }
         )

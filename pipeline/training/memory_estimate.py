@@ -1,19 +1,16 @@
 """Training memory, estimated from the config and the dataset's counts before any model is built.
 
-Why: a model too big for the machine used to be found out by the kernel: an 18 GB
-``embedding_dim=3000000`` run grew for minutes until the OOM killer ended it (exit 137,
-no ``error:`` line), and a 10**12 one failed with a hint about batch sizes that never
-named the field at fault. Training memory is a simple function of the counts (U users,
-N items, E training edges, the feature widths) and a few fields, so the train stage
-computes it first, refuses in one line naming the fields that drive it, and records
-it next to the measured peak (``benchmarks/bench_memory_model.py`` checks the two).
+Why: a model too big for the machine used to be found out by the kernel: an 18 GB ``embedding_dim=3000000`` run grew for
+minutes until the OOM killer ended it (exit 137, no ``error:`` line), and a 10**12 one failed with a hint about batch
+sizes that never named the field at fault. Training memory is a simple function of the counts (U users, N items, E
+training edges, the feature widths) and a few fields, so the train stage computes it first, refuses in one line naming
+the fields that drive it, and records it next to the measured peak (``benchmarks/bench_memory_model.py`` checks the
+two).
 
-The terms (float32, 4 bytes; docs/scaling.md, *Memory model*): every trainable float
-is held four times (value, gradient, two Adam moments); the model's inputs (the
-feature matrices, read whole every batch, the graphs); and the activations autograd
-keeps over one batch, which for the graph models span the whole user-item graph. The
-activation coefficients are measured (the bench), not derived: autograd keeps more
-per-row tensors than a first-order count sees.
+The terms (float32, 4 bytes; docs/scaling.md, *Memory model*): every trainable float is held four times (value,
+gradient, two Adam moments); the model's inputs (the feature matrices, read whole every batch, the graphs); and the
+activations autograd keeps over one batch, which for the graph models span the whole user-item graph. The activation
+coefficients are measured (the bench), not derived: autograd keeps more per-row tensors than a first-order count sees.
 """
 
 from __future__ import annotations
@@ -28,7 +25,10 @@ from typing import Any
 import numpy as np
 
 from sand.pipeline.base.errors import ConfigError
+from sand.pipeline.base.hardware import resolve_device
+from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.training.evaluation import MAX_SCORE_ELEMENTS
+from sand.pipeline.training.model_io import effective_model_kwargs
 
 FLOAT = 4  # bytes of a float32
 #: Value, gradient and Adam's two moments: every trainable float, four times.
@@ -89,9 +89,8 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     """The training memory of ``model`` (a registry name) at these counts and settings.
 
-    ``hyperparameters``: the model keywords the run passes (``embedding_dim``, ``n_layers``,
-    ``head_dims``, ``train_features``...); absent ones take the models' defaults.
-    """
+    ``hyperparameters``: the model keywords the run passes (``embedding_dim``, ``n_layers``, ``head_dims``,
+    ``train_features``...); absent ones take the models' defaults."""
     hp = dict(hyperparameters or {})
     e = int(hp.get("embedding_dim", 64))
     layers = int(hp.get("n_layers", hp.get("n_ui_layers", 2)))  # every graph model's default: 2
@@ -151,10 +150,10 @@ def feature_dims_of(paths: Mapping[str, Path]) -> dict[str, int]:
 
 
 def available_memory(device: Any) -> float | None:
-    """Bytes this process may still use on ``device``: free GPU memory, or MemAvailable under
-    any cgroup limit on a CPU; None where it cannot be known."""
+    """Bytes this process may still use on ``device``: free GPU memory, or MemAvailable under any cgroup limit on a CPU;
+    None where it cannot be known."""
     if getattr(device, "type", str(device)) == "cuda":
-        import torch
+        import torch  # lazy: torch takes seconds to import
 
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
@@ -194,9 +193,9 @@ def resident_bytes() -> float:
 
 def check_fits(estimate: MemoryEstimate, *, available: float | None, where: str, budget_gb: float | None = None,
                resident: float = 0.0) -> None:
-    """Refuse an estimate beyond ``train.memory_budget_gb`` (which bounds the run's peak: what
-    this process holds now plus the estimate) or beyond the memory still available on the
-    device, in one line naming the config fields that drive the size."""
+    """Refuse an estimate beyond ``train.memory_budget_gb`` (which bounds the run's peak: what this process holds now
+    plus the estimate) or beyond the memory still available on the device, in one line naming the config fields that
+    drive the size."""
     if budget_gb is not None:
         need, limit, what = resident + estimate.total, budget_gb * 2**30, f"train.memory_budget_gb={budget_gb:g}"
     else:
@@ -212,13 +211,9 @@ def check_fits(estimate: MemoryEstimate, *, available: float | None, where: str,
 
 
 def check_training_memory(tcfg: Any, inter: Any, feature_arts: Mapping[str, Any]) -> dict[str, Any]:
-    """The train stage's check, before the model is built: estimate, refuse if it cannot fit,
-    return the estimate for the manifest (``estimated_peak_memory_mb`` is comparable with the
-    trainer's ``peak_memory_mb``: this process's resident memory plus the estimate on a CPU)."""
-    from sand.pipeline.base.hardware import resolve_device
-    from sand.pipeline.stage_context import dataset_counts
-    from sand.pipeline.training.model_io import effective_model_kwargs
-
+    """The train stage's check, before the model is built: estimate, refuse if it cannot fit, return the estimate for
+    the manifest (``estimated_peak_memory_mb`` is comparable with the trainer's ``peak_memory_mb``: this process's
+    resident memory plus the estimate on a CPU)."""
     n_users, n_items = dataset_counts(inter)
     stats = inter.manifest.get("stats", {})
     n_train = int(stats.get("train", stats.get("interactions", 0)))

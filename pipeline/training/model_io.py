@@ -1,9 +1,8 @@
 """Models built from stage artifacts: the interactions split, feature matrices and item graphs.
 
-Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's
-figures all rebuild the configured model from the same artifacts; one home keeps
-them identical and keeps the report from importing the stage table (no cycle).
-"""
+Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's figures all rebuild the configured
+model from the same artifacts; one home keeps them identical and keeps the report from importing the stage table (no
+cycle)."""
 
 from __future__ import annotations
 
@@ -21,20 +20,15 @@ from sand.pipeline.features.knn import load_graph
 from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.training.checkpoints import load_weights
 
-# torch and the model modules (they import torch; the registry does not): imported inside the
-# functions that use them, so importing this module (and `sand --help`) stays fast.
-
 
 def load_feature_tensor(path: Path):
     """A feature matrix as a float32 tensor over a memory map of the ``.npy`` file, not a copy.
 
-    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on
-    demand and the models that keep raw features as a frozen buffer (SAND, VBPR) hold no
-    second copy on CPU (on a GPU, the one device copy). Copy-on-write (``mmap_mode="c"``):
-    a model that writes into its features changes private pages, never the artifact.
-    Other dtypes (an imported float16 file) are converted once, to one float32 copy.
-    """
-    import torch
+    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on demand and the models that
+    keep raw features as a frozen buffer (SAND, VBPR) hold no second copy on CPU (on a GPU, the one device copy).
+    Copy-on-write (``mmap_mode="c"``): a model that writes into its features changes private pages, never the artifact.
+    Other dtypes (an imported float16 file) are converted once, to one float32 copy."""
+    import torch  # lazy: torch takes seconds to import
 
     arr = np.load(path, mmap_mode="c", allow_pickle=False)
     if arr.dtype != np.float32:
@@ -44,7 +38,7 @@ def load_feature_tensor(path: Path):
 
 def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
     """SplitData, feature tensors and torch item graphs for building a model."""
-    from sand.models.graph import scipy_to_torch_sparse
+    from sand.models.graph import scipy_to_torch_sparse  # lazy: imports torch
 
     n_users, n_items = dataset_counts(inter)
     data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
@@ -62,9 +56,8 @@ def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
 def check_extra_hyperparameters(tcfg: TrainConfig) -> None:
     """Refuse a ``train.extra`` key the model does not take, before any stage runs.
 
-    Why here and not in the config: which keywords a model takes is read from its constructor,
-    which imports torch; a config load must stay light, a run about to train need not.
-    """
+    Why here and not in the config: which keywords a model takes is read from its constructor, which imports torch; a
+    config load must stay light, a run about to train need not."""
     if not tcfg.extra:
         return
     accepted = registry.accepted_hyperparameters(tcfg.model)
@@ -82,7 +75,7 @@ def effective_model_kwargs(tcfg: Any) -> tuple[set[str], dict[str, Any]]:
 
 def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, Artifact]):
     """Construct the model ``tcfg`` names (seeded) and the data it trains on."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     tcfg = tcfg.with_profile()  # the CLUB estimators' lr follows the profile's training lr
     data, features, graphs = load_model_inputs(inter, feature_arts)
@@ -103,10 +96,9 @@ def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, 
 def trained_embeddings(tcfg: TrainConfig, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]):
     """(data, user_emb, item_emb) of a trained run: its best checkpoint, a fresh eval-mode forward pass.
 
-    Why fresh: the reference scores with embeddings cached during the last training batch;
-    evaluation and ``sand recommend`` both rebuild them from the checkpoint instead.
-    """
-    import torch
+    Why fresh: the reference scores with embeddings cached during the last training batch; evaluation and ``sand
+    recommend`` both rebuild them from the checkpoint instead."""
+    import torch  # lazy: torch takes seconds to import
 
     model, data = build_model_for(tcfg, inter, feature_arts)
     load_weights(model, trained.file("best.pt"), "cpu")

@@ -1,13 +1,10 @@
 """BPR negative sampling: one uniformly drawn non-interacted item per training edge.
 
-Why vectorised rejection: a Python loop over 160k edges per epoch costs seconds, while
-a membership test against one sorted array of keys ``user * n_items + item`` is a
-single ``np.searchsorted``. Only the rejected draws are redrawn, so each round shrinks
-geometrically. Users with nearly every item in training would make rejection slow, so
-after a few rounds the remaining draws switch to an exact complement sampler (also
-vectorised); a user with *every* item in training has no negative at all and is a
-:class:`DataError` instead of an endless loop.
-"""
+Why vectorised rejection: a Python loop over 160k edges per epoch costs seconds, while a membership test against one
+sorted array of keys ``user * n_items + item`` is a single ``np.searchsorted``. Only the rejected draws are redrawn, so
+each round shrinks geometrically. Users with nearly every item in training would make rejection slow, so after a few
+rounds the remaining draws switch to an exact complement sampler (also vectorised); a user with *every* item in training
+has no negative at all and is a :class:`DataError` instead of an endless loop."""
 
 from __future__ import annotations
 
@@ -44,14 +41,11 @@ def _is_member(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     return keys[pos] == query
 
 
-def _complement_draw(
-    users: np.ndarray, m: sp.csr_matrix, n_items: int, rng: np.random.Generator
-) -> np.ndarray:
+def _complement_draw(users: np.ndarray, m: sp.csr_matrix, n_items: int, rng: np.random.Generator) -> np.ndarray:
     """Exact uniform draw among each user's non-training items (no rejection).
 
-    With the user's sorted training items s_0 < s_1 < ..., t_j = s_j - j counts the
-    non-items below s_j; the r-th non-item (0-based) is r + #{j : t_j <= r}.
-    """
+    With the user's sorted training items s_0 < s_1 < ..., t_j = s_j - j counts the non-items below s_j; the r-th
+    non-item (0-based) is r + #{j : t_j <= r}."""
     deg = np.diff(m.indptr)
     free = n_items - deg[users]
     r = np.floor(rng.random(len(users)) * free).astype(np.int64)
@@ -64,17 +58,12 @@ def _complement_draw(
 
 
 def sample_bpr_epoch(
-    train_edges: np.ndarray,
-    train_csr: sp.spmatrix,
-    n_items: int,
-    rng: np.random.Generator,
+    train_edges: np.ndarray, train_csr: sp.spmatrix, n_items: int, rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One epoch of BPR triples ``(users, pos, neg)``, each an int64 array of length E.
 
-    Every training edge appears once as (user, positive), in an order shuffled by ``rng``;
-    its negative is uniform over the items the user has no training interaction with.
-    Same ``rng`` state, same triples.
-    """
+    Every training edge appears once as (user, positive), in an order shuffled by ``rng``; its negative is uniform over
+    the items the user has no training interaction with. Same ``rng`` state, same triples."""
     edges = np.asarray(train_edges, dtype=np.int64)
     if edges.ndim != 2 or edges.shape[1] != 2:
         raise DataError(f"training edges: expected shape (E, 2), got {edges.shape}")

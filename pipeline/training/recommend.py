@@ -1,8 +1,7 @@
 """A user's top-K recommendations from a trained run, with item titles.
 
-Why a fresh forward pass: the evaluator's rule (score in eval mode, mask the
-user's training items) is what users expect ``sand recommend`` to follow too.
-"""
+Why a fresh forward pass: the evaluator's rule (score in eval mode, mask the user's training items) is what users expect
+``sand recommend`` to follow too."""
 
 from __future__ import annotations
 

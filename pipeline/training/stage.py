@@ -1,10 +1,8 @@
 """The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings.
 
-Training resumes: its work directory is keyed by every parameter and input, so a
-rerun of the same settings continues from the last checkpoint. Importing this module
-loads no torch: the trainer and ``model_io`` import it inside the functions that build and
-train models.
-"""
+Training resumes: its work directory is keyed by every parameter and input, so a rerun of the same settings continues
+from the last checkpoint. Importing this module loads no torch: the trainer and ``model_io`` import it inside the
+functions that build and train models."""
 
 from __future__ import annotations
 
@@ -30,9 +28,7 @@ from sand.pipeline.training.evaluation import evaluate_split, recommendations_ta
 from sand.pipeline.training.memory_estimate import check_training_memory
 from sand.pipeline.training.model_io import build_model_for, effective_model_kwargs, trained_embeddings
 from sand.pipeline.training.trainer import LAST_NAME, describe_changes, train_model
-
-# the modules that pull in torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+from sand.pipeline.training.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +43,9 @@ def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[st
 def train_key_params(tcfg: Any) -> dict[str, Any]:
     """Train parameters that reach the model: fields it ignores do not change the artifact key.
 
-    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and
-    fp32 on another, and bf16 changes the results), only when it is not fp32 (artifacts
-    trained before the field existed keep their keys) and only for models that read
-    features (the ID-only ones compute the same in either).
-    """
+    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and fp32 on another, and bf16
+    changes the results), only when it is not fp32 (artifacts trained before the field existed keep their keys) and only
+    for models that read features (the ID-only ones compute the same in either)."""
 
     tcfg = tcfg.with_profile()
     accepted = accepted_hyperparameters(tcfg.model)
@@ -73,15 +67,11 @@ def resolved_train_precision(tcfg: Any) -> str:
     return resolve_precision(tcfg.precision, resolve_device(tcfg.device))
 
 
-def _interrupted_sibling(
-    work: Path, params: dict[str, Any], input_keys: dict[str, str]
-) -> tuple[Path, str] | None:
+def _interrupted_sibling(work: Path, params: dict[str, Any], input_keys: dict[str, str]) -> tuple[Path, str] | None:
     """The latest interrupted training run of the same model under other parameters or inputs.
 
-    Work directories are keyed by every parameter, so such a run is never continued (its
-    checkpoints would mix two settings): this only lets the log and the manifest say that
-    training restarted, and what changed.
-    """
+    Work directories are keyed by every parameter, so such a run is never continued (its checkpoints would mix two
+    settings): this only lets the log and the manifest say that training restarted, and what changed."""
     latest: tuple[float, Path, dict[str, Any]] | None = None
     for other in work.parent.iterdir():
         last = other / LAST_NAME
@@ -119,8 +109,6 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
         memory = check_training_memory(tcfg, inter, feature_arts)  # refuses, in one line, what cannot fit
         model, data = build_model_for(tcfg, inter, feature_arts)
         if warm_from is not None:
-            from sand.pipeline.training.warm_start import warm_start
-
             log.info("train: warm start from %s (%s)", warm_from, warm_start(model, inter, ctx.store, warm_from))
         # Keyed by every parameter and input: a rerun of the same settings resumes from the
         # last checkpoint; other settings get their own directory and start at epoch 1.

@@ -1,22 +1,17 @@
 """BPR training loop with early stopping, exact resume and per-epoch logs.
 
-Why resume is exact: every source of randomness is re-derived from ``(seed, epoch)``
-at the start of each epoch -- the numpy sampler, the generator handed to
-``model.on_epoch_start`` and torch's global RNG (dropout, permutations inside loss
-terms) -- and ``last.pt`` holds everything else that evolves (parameters, Adam state,
-the model's own optimisers, early-stopping counters, the log so far). A run killed
-after epoch e and resumed therefore replays epochs e+1.. exactly as an uninterrupted
-run would (bit-for-bit on CPU).
+Why resume is exact: every source of randomness is re-derived from ``(seed, epoch)`` at the start of each epoch -- the
+numpy sampler, the generator handed to ``model.on_epoch_start`` and torch's global RNG (dropout, permutations inside
+loss terms) -- and ``last.pt`` holds everything else that evolves (parameters, Adam state, the model's own optimisers,
+early-stopping counters, the log so far). A run killed after epoch e and resumed therefore replays epochs e+1.. exactly
+as an uninterrupted run would (bit-for-bit on CPU).
 
-Conventions: epochs and batches are numbered from 1. Early stopping counts
-*evaluations* without a better validation metric. ``early_stop="mmrec"`` (default) is
-MMRec's rule: the metric is compared after rounding to 4 decimals (MMRec's evaluator
-rounds every metric so) and training stops once MORE than ``patience`` evaluations
-passed without improvement. ``"strict"`` compares the unrounded metric and stops after
-``patience`` of them. The last epoch is always evaluated, so a run has a best checkpoint even when
-``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
-strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them.
-"""
+Conventions: epochs and batches are numbered from 1. Early stopping counts *evaluations* without a better validation
+metric. ``early_stop="mmrec"`` (default) is MMRec's rule: the metric is compared after rounding to 4 decimals (MMRec's
+evaluator rounds every metric so) and training stops once MORE than ``patience`` evaluations passed without improvement.
+``"strict"`` compares the unrounded metric and stops after ``patience`` of them. The last epoch is always evaluated, so
+a run has a best checkpoint even when ``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
+strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them."""
 
 from __future__ import annotations
 
@@ -32,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from sand.pipeline.base.devices import resolve_device
@@ -42,9 +38,6 @@ from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.training.checkpoints import BEST_NAME, LAST_NAME, load_model_state, read_checkpoint
 from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
 from sand.pipeline.training.negative_sampling import sample_bpr_epoch
-
-# torch (and our modules that need them): imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
 
 if TYPE_CHECKING:
     import torch
@@ -92,15 +85,13 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
-    import pandas as pd
-
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
@@ -111,10 +102,9 @@ def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
 def _reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak-memory window, so each epoch (and each run of a grid) reports its own peak.
 
-    On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark
-    (VmHWM); elsewhere the process-lifetime ``ru_maxrss`` is used.
-    """
-    import torch
+    On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark (VmHWM); elsewhere the
+    process-lifetime ``ru_maxrss`` is used."""
+    import torch  # lazy: torch takes seconds to import
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -125,7 +115,7 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -143,19 +133,13 @@ def _result(
     secs = [h["seconds"] for h in history if "seconds" in h]
     mem = [h["peak_memory_mb"] for h in history if "peak_memory_mb" in h]
     return TrainResult(
-        best_epoch=int(state["best_epoch"]),
-        best_valid=dict(state["best_valid"]),
-        test_at_best=dict(state["test_at_best"]),
-        epochs_run=int(state["epoch"]),
-        stopped_early=bool(state["stopped_early"]),
-        history_path=out_dir / HISTORY_NAME,
-        best_checkpoint=out_dir / BEST_NAME,
-        last_checkpoint=out_dir / LAST_NAME,
+        best_epoch=int(state["best_epoch"]), best_valid=dict(state["best_valid"]),
+        test_at_best=dict(state["test_at_best"]), epochs_run=int(state["epoch"]),
+        stopped_early=bool(state["stopped_early"]), history_path=out_dir / HISTORY_NAME,
+        best_checkpoint=out_dir / BEST_NAME, last_checkpoint=out_dir / LAST_NAME,
         seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
         peak_memory_mb=float(max(mem)) if mem else float("nan"),
-        precision=str(state["config"].get("precision", "fp32")),
-        history=history,
-        resumed_from_epoch=resumed_from,
+        precision=str(state["config"].get("precision", "fp32")), history=history, resumed_from_epoch=resumed_from,
         restarted=restarted,
     )
 
@@ -238,25 +222,16 @@ class _Run:
 def _fresh_state(config: dict[str, Any]) -> dict[str, Any]:
     """What evolves during a run besides the weights: counters, the best epoch, the log so far."""
     return {
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_valid": {},
-        "test_at_best": {},
-        "best_value": float("-inf"),
-        "bad_evals": 0,
-        "stopped_early": False,
-        "history": [],
-        "config": config,
+        "epoch": 0, "best_epoch": 0, "best_valid": {}, "test_at_best": {}, "best_value": float("-inf"), "bad_evals": 0,
+        "stopped_early": False, "history": [], "config": config,
     }
 
 
 def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str, Any], int | None, str | None]:
     """(state, epoch resumed from, why it restarted): ``last.pt`` restored into the run, or a clean start.
 
-    A checkpoint written with other settings is an error, or with ``restart_on_change``
-    discarded; starting over removes the previous run's files so none of them is mistaken
-    for this run's.
-    """
+    A checkpoint written with other settings is an error, or with ``restart_on_change`` discarded; starting over removes
+    the previous run's files so none of them is mistaken for this run's."""
     state = _fresh_state(run.config)
     restarted = None
     saved = read_checkpoint(run.last_path, run.dev) if resume and run.last_path.exists() else None
@@ -282,12 +257,8 @@ def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str,
     state = {k: saved[k] for k in state}
     state["history"] = [dict(h) for h in state["history"]]
     log.info(
-        "resuming from %s after epoch %d (best %s=%.6f at epoch %d)",
-        run.last_path,
-        state["epoch"],
-        run.valid_metric,
-        state["best_value"],
-        state["best_epoch"],
+        "resuming from %s after epoch %d (best %s=%.6f at epoch %d)", run.last_path, state["epoch"], run.valid_metric,
+        state["best_value"], state["best_epoch"],
     )
     return state, int(state["epoch"]), restarted
 
@@ -295,10 +266,9 @@ def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str,
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """One epoch of BPR batches; the epoch's log row (mean loss terms, seconds).
 
-    Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes
-    a resumed run replay the epochs an uninterrupted one would have run.
-    """
-    import torch
+    Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes a resumed run replay the epochs
+    an uninterrupted one would have run."""
+    import torch  # lazy: torch takes seconds to import
 
     model, dev, batch_size, n_batches = run.model, run.dev, run.batch_size, run.n_batches
     rng, gen_seed, global_seed = epoch_seeds(run.seed, epoch)
@@ -346,11 +316,10 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
 def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, float]) -> None:
     """Validate in float32; on a better metric also test and write ``best.pt``; update early stopping.
 
-    Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place.
-    """
-    import torch
+    Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place."""
+    import torch  # lazy: torch takes seconds to import
 
-    from sand.models.precision import precision_scope
+    from sand.models.precision import precision_scope  # lazy: imports torch
 
     model = run.model
     t1 = time.perf_counter()
@@ -369,10 +338,7 @@ def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: d
                 run.best_path,
             )
             log.debug(
-                "epoch %d: %s improved to %.6f (test %s)",
-                epoch,
-                run.valid_metric,
-                valid[run.valid_metric],
+                "epoch %d: %s improved to %.6f (test %s)", epoch, run.valid_metric, valid[run.valid_metric],
                 {k: round(v, 6) for k, v in test.items()},
             )
         else:
@@ -404,37 +370,22 @@ def _save_epoch(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, flo
 def _log_start(run: _Run, first_epoch: int, precision: str) -> None:
     log.info(
         "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
-        type(run.model).__name__,
-        run.dev,
-        precision,
-        run.data.n_users,
-        run.data.n_items,
-        len(run.train_edges),
-        run.n_batches,
-        first_epoch,
-        run.epochs,
+        type(run.model).__name__, run.dev, precision, run.data.n_users, run.data.n_items, len(run.train_edges),
+        run.n_batches, first_epoch, run.epochs,
     )
 
 
 def _log_early_stop(run: _Run, state: dict[str, Any], epoch: int) -> None:
     log.info(
-        "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)",
-        epoch,
-        run.early_stop,
-        run.valid_metric,
-        state["bad_evals"],
-        state["best_value"],
-        state["best_epoch"],
+        "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)", epoch,
+        run.early_stop, run.valid_metric, state["bad_evals"], state["best_value"], state["best_epoch"],
     )
 
 
 def _log_finish(state: dict[str, Any]) -> None:
     log.info(
-        "finished after epoch %d; best epoch %d, valid %s, test %s",
-        state["epoch"],
-        state["best_epoch"],
-        state["best_valid"],
-        state["test_at_best"],
+        "finished after epoch %d; best epoch %d, valid %s, test %s", state["epoch"], state["best_epoch"],
+        state["best_valid"], state["test_at_best"],
     )
 
 
@@ -446,18 +397,13 @@ def _progress_postfix(row: dict[str, float], valid_metric: str) -> dict[str, str
 
 
 def _prepare(
-    model: Recommender,
-    data: SplitData,
-    *,
-    out_dir: Path,
-    dev: torch.device,
-    config: dict[str, Any],
+    model: Recommender, data: SplitData, *, out_dir: Path, dev: torch.device, config: dict[str, Any],
     settings: dict[str, Any],
 ) -> _Run:
     """The run's fixed parts: the model on its device and precision, Adam, the evaluators, the edges."""
-    import torch
+    import torch  # lazy: torch takes seconds to import
 
-    from sand.models.precision import set_precision
+    from sand.models.precision import set_precision  # lazy: imports torch
 
     model.to(dev)
     set_precision(model, config["precision"])
@@ -480,43 +426,24 @@ def _prepare(
 
 
 def train_model(
-    model: Recommender,
-    data: SplitData,
-    *,
-    out_dir: Path,
-    epochs: int = 1000,
-    batch_size: int = 2048,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    patience: int = 20,
-    early_stop: str = "mmrec",
-    eval_every: int = 1,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    valid_metric: str = "recall@20",
-    ks: Sequence[int] = (10, 20),
-    progress: bool = True,
-    resume: bool = True,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    signature: dict[str, Any] | None = None,
-    restart_on_change: bool = False,
-    precision: str = "fp32",
+    model: Recommender, data: SplitData, *, out_dir: Path, epochs: int = 1000, batch_size: int = 2048, lr: float = 1e-3,
+    weight_decay: float = 0.0, patience: int = 20, early_stop: str = "mmrec", eval_every: int = 1, seed: int = 0,
+    device: str | torch.device | None = None, valid_metric: str = "recall@20", ks: Sequence[int] = (10, 20),
+    progress: bool = True, resume: bool = True, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    signature: dict[str, Any] | None = None, restart_on_change: bool = False, precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
 
-    Writes ``best.pt``, ``last.pt`` and ``epochs.csv`` into ``out_dir``. With ``resume``
-    and an existing ``last.pt`` the run continues where it stopped (or returns the stored
-    result if it had finished). ``on_epoch_end(epoch, row)`` runs after the epoch's
-    checkpoint is written; an exception there stops training with everything saved.
+    Writes ``best.pt``, ``last.pt`` and ``epochs.csv`` into ``out_dir``. With ``resume`` and an existing ``last.pt`` the
+    run continues where it stopped (or returns the stored result if it had finished). ``on_epoch_end(epoch, row)`` runs
+    after the epoch's checkpoint is written; an exception there stops training with everything saved.
 
-    ``signature`` (e.g. the model's hyper-parameters and input keys) is stored with the
-    checkpoints and must match, like the run settings, for a resume. A checkpoint written
-    with other settings is never continued: it is an error, or with ``restart_on_change``
-    it is discarded and training starts over, ``TrainResult.restarted`` saying why.
+    ``signature`` (e.g. the model's hyper-parameters and input keys) is stored with the checkpoints and must match, like
+    the run settings, for a resume. A checkpoint written with other settings is never continued: it is an error, or with
+    ``restart_on_change`` it is discarded and training starts over, ``TrainResult.restarted`` saying why.
 
-    ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the
-    dtype of the models' big products while training; evaluation always runs in float32.
-    """
+    ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the dtype of the models' big
+    products while training; evaluation always runs in float32."""
     ks = tuple(int(k) for k in ks)
     _check_rules(valid_metric, ks, early_stop)
     out_dir = Path(out_dir)

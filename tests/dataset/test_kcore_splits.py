@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sand.pipeline.base.errors import ConfigError
-from sand.pipeline.dataset.kcore import dedup_mask, deduplicate, iterative_kcore, kcore
+from sand.pipeline.dataset.kcore import dedup_mask, kcore
 from sand.pipeline.dataset.splits import SPLIT_RULES, split_counts, split_interactions
 
 # ------------------------------------------------------------------------------------------ dedup
@@ -26,8 +26,9 @@ def test_deduplicate_latest_wins_ties_last():
             "timestamp": [10, 20, 5, 7, 7, 3, 1],
         }
     )
-    out, removed = deduplicate(df)
-    assert removed == 3
+    keep = dedup_mask(pd.factorize(df["user_id"])[0], pd.factorize(df["asin"])[0], df["timestamp"].to_numpy())
+    out = df[keep]
+    assert len(df) - keep.sum() == 3
     # (a, x): t=20 wins; (b, x): tie at t=7 -> last occurrence (rating 5.0); order preserved.
     assert out["rating"].tolist() == [2.0, 3.0, 5.0, 2.5]
     assert not out.duplicated(["user_id", "asin"]).any()
@@ -75,15 +76,15 @@ def test_kcore_cascades_until_stable():
     result = kcore(users, items, 2)
     assert result.mask.tolist() == [False] * 5 + [True] * 4
     assert result.rounds == 3
-    np.testing.assert_array_equal(iterative_kcore(users, items, 2), result.mask)
+    np.testing.assert_array_equal(kcore(users, items, 2).mask, result.mask)
     np.testing.assert_array_equal(result.mask, reference_kcore(users, items, 2))
 
 
 def test_kcore_k_le_1_is_noop_and_stable_input_takes_zero_rounds():
     users = np.array([0, 1, 2])
     items = np.array([5, 5, 6])
-    assert iterative_kcore(users, items, 1).all()
-    assert iterative_kcore(users, items, 0).all()
+    assert kcore(users, items, 1).mask.all()
+    assert kcore(users, items, 0).mask.all()
     block_u = np.repeat(np.arange(3), 3)
     block_i = np.tile(np.arange(3), 3)
     result = kcore(block_u, block_i, 3)
@@ -99,7 +100,7 @@ def test_kcore_k_le_1_is_noop_and_stable_input_takes_zero_rounds():
 def test_kcore_matches_reference(edges, k):
     users = np.array([e[0] for e in edges], dtype=np.int64)
     items = np.array([e[1] for e in edges], dtype=np.int64)
-    mask = iterative_kcore(users, items, k)
+    mask = kcore(users, items, k).mask
     np.testing.assert_array_equal(mask, reference_kcore(users, items, k))
     if mask.any():
         assert np.bincount(users[mask]).max() >= k

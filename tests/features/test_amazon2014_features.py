@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,15 +27,27 @@ from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.experiments.grid import with_paper_inputs
 from sand.pipeline.features.amazon2014 import (
     ABSENT,
+    ASIN_BYTES,
     FEATURE_DIM,
     NONFINITE,
     RECORD_BYTES,
     read_item_features,
-    write_feature_file,
 )
 from sand.pipeline.features.image_stage import run_image_features
 from sand.pipeline.runner import run_pipeline
 from sand.pipeline.stages import Context
+
+
+def write_feature_file(path: Path | str, rows: Sequence[tuple[str | bytes, np.ndarray]]) -> None:
+    """Write ``(asin, 4096 floats)`` records in the release's layout (the tests' fixture files)."""
+    with open(path, "wb") as fh:
+        for asin, vec in rows:
+            key = asin.encode("ascii") if isinstance(asin, str) else bytes(asin)
+            if len(key) != ASIN_BYTES:
+                raise ValueError(f"ASIN {asin!r} is not {ASIN_BYTES} bytes")
+            fh.write(key)
+            fh.write(np.asarray(vec, dtype="<f4").reshape(FEATURE_DIM).tobytes())
+
 
 TINY = ["acquire.sample_users=40", "acquire.sample_items=30"]
 FAST_DOWNLOAD = ["acquire.timeout=5", "acquire.retries=2"]
