@@ -185,9 +185,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--skip-snapshots", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another config setting for every run (e.g. image_features.num_workers=1)")
     args = ap.parse_args()
     settings = ["image_features.weights=random", f"image_features.backbone={args.backbone}",
-                f"image_features.image_size={args.size}"]
+                f"image_features.image_size={args.size}", *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_engines:
             engines(Path(tmp), args, settings)
