@@ -260,17 +260,17 @@ def epoch_cost(root: Path, models: list[str], batches: int, rounds: int) -> None
     from bench_memory_model import time_batches
 
     from sand.models.graph import scipy_to_torch_sparse
-    from sand.models.registry import DEFAULT_BATCH_SIZE, FAST_BATCH_SCALE, build_model, required_modalities
+    from sand.models.registry import DEFAULT_BATCH_SIZE, build_model, profile_training, required_modalities
     from sand.pipeline.features.knn import knn_graph
 
     folder = dataset_folder(root, "informative")
     data = load_inter(folder / f"{DATASET_NAME}.inter")
     feats = {m: np.load(folder / f"{m}_feat.npy") for m in DIMS}
     graphs = {m: scipy_to_torch_sparse(knn_graph(x, 10)) for m, x in feats.items()}
-    sizes = {"paper": DEFAULT_BATCH_SIZE, "fast": DEFAULT_BATCH_SIZE * FAST_BATCH_SCALE}
     print(f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
-    print("| model | s/epoch paper (2048) | s/epoch fast (8192) | per-epoch gain |\n|---|---|---|---|")
+    print("| model | s/epoch paper (2048) | s/epoch fast | per-epoch gain |\n|---|---|---|---|")
     for name in models:
+        sizes = {"paper": DEFAULT_BATCH_SIZE, "fast": profile_training(name, "fast")["batch_size"]}
         torch.manual_seed(0)
         inputs = {"features": {m: torch.from_numpy(x) for m, x in feats.items()}, "item_graphs": graphs} \
             if required_modalities(name) else {}

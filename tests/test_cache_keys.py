@@ -113,8 +113,8 @@ def test_the_profile_is_part_of_the_train_key():
     default, fast = TrainConfig(), TrainConfig(profile="fast")
     assert "profile" not in train_key_params(default)
     assert train_key_params(fast)["profile"] == "fast"
-    assert (train_key_params(fast)["batch_size"], train_key_params(fast)["lr"]) == (8192, 4e-4)
-    assert train_key_params(fast) != train_key_params(TrainConfig(batch_size=8192, lr=4e-4))
+    assert (train_key_params(fast)["batch_size"], train_key_params(fast)["lr"]) == (8192, 2e-4)
+    assert train_key_params(fast) != train_key_params(TrainConfig(batch_size=8192, lr=2e-4))
 
 
 def test_default_training_keys_did_not_move_with_the_profiles():

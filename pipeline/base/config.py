@@ -114,7 +114,8 @@ class ImageFeaturesConfig(_Section):
     batch_size: int = Field(32, ge=1)
     num_workers: int | None = Field(
         None, ge=0, description="image decode threads per shard (0: decode in the shard thread; default: the "
-        "machine's cores, decoding ahead of the forward pass)",
+        "cores the CNN's forward pass leaves free: the machine's cores on a GPU, none on a CPU whose forward uses "
+        "them all)",
     )
     concurrency: int = Field(16, ge=1, le=256)
     timeout: float = Field(10.0, gt=0)

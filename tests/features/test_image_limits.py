@@ -106,3 +106,21 @@ def test_decode_budget_keeps_large_decodes_apart():
     # An image over the whole budget still gets decoded, but alone.
     peak, alone = _peak_in_flight(PixelBudget(1000), [600, 300, 5000, 100])
     assert 5000 in alone and peak == 5000
+
+
+@pytest.mark.parametrize("keep", [0.97, 0.5, 0.1])
+def test_a_truncated_jpeg_is_undecodable_although_validation_decodes_it_scaled_down(keep):
+    """Validation decodes JPEGs at their smallest DCT scale; a cut file must still be refused."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sand.pipeline.features.image_fetch import validate_image_bytes
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    assert validate_image_bytes(data) == (None, (400, 300))
+    assert validate_image_bytes(data[: int(len(data) * keep)]) == ("undecodable", None)
