@@ -148,6 +148,14 @@ def _label(params: dict) -> str:
     return name
 
 
+def _setting(params: dict) -> str:
+    """The run's profile, or its explicit batch and lr when it set them (the lr-rule experiments)."""
+    profile = params.get("profile") or "default"
+    if profile == "default" and (params.get("batch_size") not in (None, 2048) or params.get("lr") is not None):
+        return f"batch {params.get('batch_size') or 2048}, lr {params.get('lr')}"
+    return profile
+
+
 def run_rows(root: Path) -> list[dict]:
     """One row per training run in the store: finished (artifacts/) and in progress (work/)."""
     import pandas as pd
@@ -168,7 +176,7 @@ def run_rows(root: Path) -> list[dict]:
             best = epochs.loc[epochs["valid_recall@20"].round(4).idxmax()]  # first best, as MMRec's rule keeps
             rss = epochs["peak_memory_mb"] / 1024
             rows.append({
-                "features": _feature_set(store, inter_key), "profile": params.get("profile", "default"),
+                "features": _feature_set(store, inter_key), "profile": _setting(params),
                 "model": params["model"], "label": _label(params), "seed": params["seed"], "state": state,
                 "epochs": len(epochs), "best_epoch": int(best["epoch"]),
                 "wall_h": float((epochs["seconds"] + epochs["eval_seconds"]).sum()) / 3600,
