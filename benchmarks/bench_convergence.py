@@ -150,9 +150,12 @@ def _label(params: dict) -> str:
 
 def _setting(params: dict) -> str:
     """The run's profile, or its explicit batch and lr when it set them (the lr-rule experiments)."""
+    from sand.models.registry import DEFAULT_BATCH_SIZE
+
     profile = params.get("profile") or "default"
-    if profile == "default" and (params.get("batch_size") not in (None, 2048) or params.get("lr") is not None):
-        return f"batch {params.get('batch_size') or 2048}, lr {params.get('lr')}"
+    batch = params.get("batch_size") or DEFAULT_BATCH_SIZE
+    if profile == "default" and (batch != DEFAULT_BATCH_SIZE or params.get("lr") is not None):
+        return f"batch {batch}, lr {params.get('lr')}"
     return profile
 
 

@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -160,8 +161,22 @@ def _split_encoder_kwargs(encoder_kwargs: Mapping[str, Any] | None) -> tuple[dic
         batch_size=int(enc.get("batch_size", 32)), image_size=int(enc.get("image_size", 224)),
         threads=enc.get("threads"), device=device,
         max_bytes=int(enc.get("max_bytes", 10_000_000)), max_pixels=int(enc.get("max_pixels", MAX_PIXELS)),
-        num_workers=(2 if device.type == "cuda" else 0) if num_workers is None else int(num_workers),
+        num_workers=_decode_workers(device, enc.get("threads")) if num_workers is None else int(num_workers),
     )
+
+
+def _decode_workers(device: Any, threads: int | None) -> int:
+    """Decode threads by default: the cores the forward pass leaves free.
+
+    Why not always the cores: on a CPU the forward already runs torch's threads on every
+    core, and decode threads beside it only preempt them (measured on a 2-core EPYC, 800
+    images, fast engine: 2 decode threads 96 s, decoding between batches 84 s). On a GPU
+    the cores are free while it computes, so every core decodes ahead.
+    """
+    import torch  # lazy: torch takes seconds to import
+
+    cores = os.cpu_count() or 1
+    return cores if device.type != "cpu" else max(0, cores - (threads or torch.get_num_threads()))
 
 
 @dataclass

@@ -138,20 +138,6 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _decode_workers(device: str | None) -> int:
-    """Decode threads per shard: the cores the forward pass leaves free.
-
-    Why not always the cores: on a CPU the forward already runs torch's threads on every
-    core, and decode threads beside it only preempt them (measured on a 2-core EPYC, 800
-    images, fast engine: 2 decode threads 96 s, decoding between batches 84 s). On a GPU
-    the cores are free while it computes, so every core decodes ahead.
-    """
-    from sand.pipeline.base.devices import resolve_device
-
-    cores = os.cpu_count() or 1
-    return cores if resolve_device(device).type != "cpu" else max(0, cores - _torch_threads())
-
-
 def run_image_shard_job(args: tuple[Any, ...]) -> str:
     """One picklable shard job (runs in a thread, a process or on a Dask worker)."""
     item_ids, urls, cache_dir, fetch_kwargs, encoder_kwargs, features_cache, read_cache, out_path = args
@@ -200,7 +186,7 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
         encoder_kwargs = dict(
             backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
             batch_size=icfg.batch_size, device=icfg.device,
-            num_workers=_decode_workers(icfg.device) if icfg.num_workers is None else icfg.num_workers,
+            num_workers=icfg.num_workers,  # None: the shard's default, the cores the forward leaves free
             max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, engine=icfg.engine, precision=precision,
             threads=_torch_threads(),
         )
