@@ -30,6 +30,12 @@ Usage (hours on a 2-core CPU; not run by CI; results in docs/convergence.md):
     python benchmarks/bench_convergence.py prepare --inter PATH/baby.inter --root ROOT
     python benchmarks/bench_convergence.py run --root ROOT [--only paper-informative] [--sand PATH/sand]
     python benchmarks/bench_convergence.py table --root ROOT [--png docs/convergence.png]
+    python benchmarks/bench_convergence.py export --root ROOT --out docs/convergence-runs/CPU.json
+    python benchmarks/bench_convergence.py table --runs docs/convergence-runs/*.json
+
+``export`` keeps each run's summary and curve (a few KB) beside the docs, so that a table can be
+rebuilt after the artifact store (GBs, outside the repository) is gone; ``table --runs`` reads
+those files, each with the CPU it ran on.
 """
 
 from __future__ import annotations
@@ -205,12 +211,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 def comparison(rows: list[dict]) -> str:
     """Paper protocol against the fast profile, per model and seed both finished: quality and time to the stop."""
-    paper = {(r["features"], r["label"], r["seed"]): r for r in rows if r["profile"] == "default"}
+    # times compare only on one CPU: a run pairs with the paper run of its own machine
+    paper = {(r.get("cpu"), r["features"], r["label"], r["seed"]): r for r in rows if r["profile"] == "default"}
     lines = ["| features | model | seed | valid R@20 paper / fast (change) | time to stop h paper / fast "
              "(epochs x median epoch) | speed-up |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        p = paper.get((r["features"], r["label"], r["seed"]))
+        p = paper.get((r.get("cpu"), r["features"], r["label"], r["seed"]))
         if r["profile"] != "fast" or p is None or "running" in (p["state"], r["state"]):
             continue
         change = (r["valid_recall@20"] - p["valid_recall@20"]) / p["valid_recall@20"]
@@ -243,13 +250,41 @@ def plot_curves(rows: list[dict], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def table(root: Path, png: Path | None) -> None:
+def cpu_kind() -> str:
+    """The CPU model and the fast instruction sets the precision choice depends on."""
     import platform
 
-    rows = run_rows(root)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; load average now {os.getloadavg()[0]:.1f}\n")
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    flags = "AMX-BF16" if "amx_bf16" in info else "AVX-512" if "avx512f" in info else "AVX2"
+    return f"{model}, {os.cpu_count()} cores, {flags}"
+
+
+def export(root: Path, out: Path) -> None:
+    """Write the store's run summaries and curves to ``out`` (JSON), tagged with this CPU."""
+    rows = [{**r, "curve": r["curve"].tolist()} for r in run_rows(root)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu_kind(), "rows": rows}, indent=1) + "\n")
+    print(f"{out}: {len(rows)} runs")
+
+
+def load_exported(paths: list[Path]) -> tuple[list[str], list[dict]]:
+    cpus, rows = [], []
+    for path in paths:
+        data = json.loads(path.read_text())
+        cpus.append(data["cpu"])
+        rows += [{**r, "cpu": data["cpu"], "curve": np.asarray(r["curve"])} for r in data["rows"]]
+    return cpus, rows
+
+
+def table(root: Path | None, runs: list[Path], png: Path | None) -> None:
+    if runs:
+        cpus, rows = load_exported(runs)
+        print("CPU: " + "; ".join(cpus) + "\n")
+    else:
+        rows = run_rows(root)
+        print(f"CPU: {cpu_kind()}; load average now {os.getloadavg()[0]:.1f}\n")
     print(markdown_table(rows))
     print("\n" + comparison(rows))
     if png is not None and rows:
@@ -316,8 +351,13 @@ def main() -> None:
     c.add_argument("--batches", type=int, default=3, help="timed batches per setting and round")
     c.add_argument("--rounds", type=int, default=3)
     t = sub.add_parser("table", help="the per-run table (finished and running) and the valid R@20 curves")
-    t.add_argument("--root", type=Path, required=True)
+    source = t.add_mutually_exclusive_group(required=True)
+    source.add_argument("--root", type=Path)
+    source.add_argument("--runs", type=Path, nargs="+", help="files written by export")
     t.add_argument("--png", type=Path, default=None)
+    e = sub.add_parser("export", help="the run summaries and curves to a JSON file")
+    e.add_argument("--root", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.command == "prepare":
         prepare(args.inter, args.root, args.seed)
@@ -326,7 +366,9 @@ def main() -> None:
     elif args.command == "epoch-cost":
         epoch_cost(args.root, args.models, args.batches, args.rounds)
     elif args.command == "table":
-        table(args.root, args.png)
+        table(args.root, args.runs or [], args.png)
+    elif args.command == "export":
+        export(args.root, args.out)
     print(json.dumps({"done": args.command}))
 
 

@@ -1,5 +1,7 @@
 """The whole image stage (loopback fetch, decode, encode): fast engine against eager, and a snapshot update.
 
+On a CPU with native bf16 (AMX) the comparison adds the fast engine in bf16 by default.
+
 Why: the image stage is the slowest stage of a cold run, so its two speed-ups are
 measured where a user feels them, end to end: (1) ``image_features.engine=fast``
 against ``eager`` in the same run (alternating, each run in a fresh process on a fresh
@@ -9,7 +11,7 @@ items (every later item re-indexed) on the same data root, where only the new im
 are encoded. Images are product-photo-like 500x500 JPEGs served over HTTP on 127.0.0.1;
 acquire and interactions run first in the same process and are not timed. Usage:
 
-    python benchmarks/bench_image_engines.py [--items 800] [--rounds 2] [--backbone resnet50] [--size 224]
+    python benchmarks/bench_image_engines.py [--items 800] [--rounds 2] [--configs eager:fp32 fast:fp32 fast:bf16]
     python benchmarks/bench_image_engines.py --skip-engines --snapshot-items 2000   # only the snapshot part
 
 The defaults take about 20 minutes on a 2-core CPU; fixed costs (CNN build, tracing) weigh
@@ -125,35 +127,48 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
 
 
+def default_configs() -> list[str]:
+    """eager and fast in fp32, plus fast in bf16 where the CPU multiplies bf16 natively (AMX)."""
+    from sand.pipeline.base.hardware import cpu_bf16_support
+
+    return ["eager:fp32", "fast:fp32", *(["fast:bf16"] if cpu_bf16_support() else [])]
+
+
 def engines(tmp: Path, args, settings: list[str]) -> None:
+    """Each ENGINE:PRECISION configuration ``args.rounds`` times, alternating; eager fp32 is the reference."""
     import numpy as np
 
+    configs = args.configs or default_configs()
     files, images, _ = make_dataset(tmp / "engines", args.items)
     server, url = _serve(images)
     raw = write_snapshot(files, tmp / "engines" / "raw", url, set())
-    runs: dict[str, list[dict]] = {"eager": [], "fast": []}
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
     loads = []
     for r in range(args.rounds):
-        for engine in ("eager", "fast"):
+        for config in configs:
+            engine, precision = config.split(":")
             loads.append(load_average())
-            res = run_stage(tmp / f"{engine}-{r}", "bench", raw, [*settings, f"image_features.engine={engine}"])
-            runs[engine].append(res)
-            print(f"round {r} {engine}: {res['seconds']:.1f} s ({res['usable']} images), load {loads[-1]}",
+            res = run_stage(tmp / f"{engine}-{precision}-{r}", "bench", raw,
+                            [*settings, f"image_features.engine={engine}", f"image_features.precision={precision}"])
+            runs[config].append(res)
+            print(f"round {r} {config}: {res['seconds']:.1f} s ({res['usable']} images), load {loads[-1]}",
                   file=sys.stderr)
     server.shutdown()
-    a, b = usable_rows(runs["eager"][0]), usable_rows(runs["fast"][0])
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    print(f"\nwhole image stage, {' '.join(settings)}, {args.items} items generated, "
-          f"{runs['fast'][0]['usable']} usable images, {runs['fast'][0]['threads']} torch threads, "
-          f"{runs['fast'][0]['precision']}; load averages at the starts: {', '.join(loads)}")
-    print(f"{'engine':<8} {'median s':>9} {'images/s':>9} {'CPU s':>8} {'speed-up':>9}  runs (s)")
-    base = statistics.median(r["seconds"] for r in runs["eager"])
-    for engine, rs in runs.items():
+    ref = usable_rows(runs[configs[0]][0])
+    first = runs[configs[0]][0]
+    print(f"\nwhole image stage, {' '.join(settings)}, {args.items} items generated, {first['usable']} usable "
+          f"images, {first['threads']} torch threads; load averages at the starts: {', '.join(loads)}")
+    print(f"{'engine:precision':<17} {'median s':>9} {'images/s':>9} {'CPU s':>8} {'speed-up':>9} "
+          f"{'min cosine':>11} {'max |diff|':>10}  runs (s)")
+    base = statistics.median(r["seconds"] for r in runs[configs[0]])
+    for config, rs in runs.items():
         med = statistics.median(r["seconds"] for r in rs)
         cpu = statistics.median(r["cpu_seconds"] for r in rs)
-        print(f"{engine:<8} {med:>9.1f} {rs[0]['usable'] / med:>9.2f} {cpu:>8.1f} {base / med:>8.2f}x  "
-              f"{[round(r['seconds'], 1) for r in rs]}")
-    print(f"fast vs eager features: min cosine {cos.min():.9f}, max |diff| {np.abs(a - b).max():.2e}")
+        b = usable_rows(rs[0])
+        cos = (ref * b).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        print(f"{config:<17} {med:>9.1f} {rs[0]['usable'] / med:>9.2f} {cpu:>8.1f} {base / med:>8.2f}x "
+              f"{cos.min():>11.7f} {np.abs(ref - b).max():>10.2e}  {[round(r['seconds'], 1) for r in rs]}")
+    print(f"(cosine and |diff| against {configs[0]}, the first configuration)")
 
 
 def snapshots(tmp: Path, args, settings: list[str]) -> None:
@@ -183,6 +198,9 @@ def main() -> None:
     ap.add_argument("--new-fraction", type=float, default=0.05, help="share of new items in the second snapshot")
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--configs", nargs="+", metavar="ENGINE:PRECISION",
+                    help="what to compare, the first being the reference (default: eager:fp32 fast:fp32, "
+                         "plus fast:bf16 on a CPU with native bf16)")
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--skip-snapshots", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -195,8 +195,8 @@ class _TrainSettings(_Section):
         "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
     )
     profile: ProfileName = Field(
-        "default", description="fast: batch x4 and lr x4 for every model (docs/convergence.md); authors: the SAND "
-        "authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win"
+        "default", description="fast: batch x4 and lr x2 (MF-BPR: the paper's settings; docs/convergence.md); "
+        "authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win"
     )
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
     memory_budget_gb: float | None = Field(
