@@ -98,3 +98,26 @@ def test_the_convergence_benchmark_writes_mmrec_folders_the_pipeline_reads(data,
         folder = read_mmrec_folder(bench_convergence.dataset_folder(tmp_path / "root", features))
         assert (folder.n_users, folder.n_items, len(folder.inter)) == (120, 80, 2_000)
         assert np.load(folder.image_feat).shape == (80, 24)
+
+
+def _row(cpu_profile: str, recall: float, h: float) -> dict:
+    return {"features": "informative", "profile": cpu_profile, "label": "FREEDOM", "seed": 0, "state": "stopped",
+            "valid_recall@20": recall, "h_median": h, "curve": [[1, recall]]}
+
+
+def test_exported_runs_compare_paper_and_fast_on_their_own_cpu(tmp_path):
+    """Runs kept beside the docs rebuild the comparison, pairing a fast run with the paper run of its machine only."""
+    import json
+
+    import bench_convergence
+
+    files = []
+    for cpu, paper_h, fast_h in (("AMD", 1.0, 0.25), ("Intel", 0.5, 0.1)):
+        path = tmp_path / f"{cpu}.json"
+        path.write_text(json.dumps({"cpu": cpu, "rows": [_row("default", 0.09, paper_h), _row("fast", 0.09, fast_h)]}))
+        files.append(path)
+    cpus, rows = bench_convergence.load_exported(files)
+    assert cpus == ["AMD", "Intel"] and len(rows) == 4
+    table = bench_convergence.comparison(rows)
+    assert "| 4.0x |" in table and "| 5.0x |" in table  # 1.0/0.25 and 0.5/0.1, never 1.0/0.1
+    assert "10.0x" not in table and "2.0x" not in table
