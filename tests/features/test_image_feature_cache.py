@@ -22,6 +22,7 @@ import pytest
 from sand.pipeline.acquire.bundled_sample import generate_sample
 from sand.pipeline.acquire.stage import run_acquire
 from sand.pipeline.base.config import load_config
+from sand.pipeline.base.hardware import cpu_bf16_support
 from sand.pipeline.dataset.stage import run_interactions
 from sand.pipeline.features.image_shards import process_shard
 from sand.pipeline.features.image_stage import run_image_features
@@ -83,7 +84,8 @@ def _run(root: Path, name: str, raw: tuple[Path, Path], *extra: str, refresh=(),
 def test_second_snapshot_encodes_only_its_new_images_and_refresh_encodes_all(snapshots, tmp_path):
     first, rows1 = _run(tmp_path, "snap1", snapshots["first"])
     assert first["cache"]["hits"] == 0 and first["cache"]["misses"] == len(rows1) > 10
-    assert first["engine"] == "fast" and first["precision"] == "fp32"
+    # the defaults: the fast engine, precision auto resolved on this machine (bf16 only with native bf16)
+    assert first["engine"] == "fast" and first["precision"] == ("bf16" if cpu_bf16_support() else "fp32")
 
     second, rows2 = _run(tmp_path, "snap2", snapshots["second"])
     new = set(rows2) - set(rows1)
@@ -219,8 +221,9 @@ def test_eager_float32_keeps_the_key_it_had_and_other_settings_name_theirs(tmp_p
 
     before = {"backbone", "weights", "image_size", "batch_size", "max_bytes", "max_pixels", "timeout", "retries",
               "allow_hosts", "min_side", "fill", "shard_size", "seed", "device"}  # the key's fields until now
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: False)  # an AVX2-only CPU
     assert set(params("image_features.engine=eager")) == before
-    assert params("image_features.engine=fast")["precision"] == "fp32"  # no native bf16 on this CPU
+    assert params("image_features.engine=fast")["precision"] == "fp32"
     monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: True)  # an AMX CPU
     assert params("image_features.engine=eager")["precision"] == "bf16"  # auto: bf16 where native
     assert params("image_features.precision=fp32", "image_features.engine=eager").keys() == before
