@@ -213,16 +213,17 @@ def comparison(rows: list[dict]) -> str:
     """Paper protocol against the fast profile, per model and seed both finished: quality and time to the stop."""
     # times compare only on one CPU: a run pairs with the paper run of its own machine
     paper = {(r.get("cpu"), r["features"], r["label"], r["seed"]): r for r in rows if r["profile"] == "default"}
-    lines = ["| features | model | seed | valid R@20 paper / fast (change) | time to stop h paper / fast "
-             "(epochs x median epoch) | speed-up |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| features | model | seed | valid R@20 paper / fast (change) | epochs to stop paper / fast | "
+             "time to stop h paper / fast (epochs x median epoch) | speed-up |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         p = paper.get((r.get("cpu"), r["features"], r["label"], r["seed"]))
         if r["profile"] != "fast" or p is None or "running" in (p["state"], r["state"]):
             continue
         change = (r["valid_recall@20"] - p["valid_recall@20"]) / p["valid_recall@20"]
         lines.append(f"| {r['features']} | {r['label']} | {r['seed']} | {p['valid_recall@20']:.4f} / "
-                     f"{r['valid_recall@20']:.4f} ({change:+.1%}) | {p['h_median']:.2f} / {r['h_median']:.2f} | "
+                     f"{r['valid_recall@20']:.4f} ({change:+.1%}) | {p['epochs']} / {r['epochs']} | "
+                     f"{p['h_median']:.2f} / {r['h_median']:.2f} | "
                      f"{p['h_median'] / r['h_median']:.1f}x |")
     return "\n".join(lines)
 

@@ -102,7 +102,7 @@ def test_the_convergence_benchmark_writes_mmrec_folders_the_pipeline_reads(data,
 
 def _row(cpu_profile: str, recall: float, h: float) -> dict:
     return {"features": "informative", "profile": cpu_profile, "label": "FREEDOM", "seed": 0, "state": "stopped",
-            "valid_recall@20": recall, "h_median": h, "curve": [[1, recall]]}
+            "valid_recall@20": recall, "h_median": h, "epochs": 10, "curve": [[1, recall]]}
 
 
 def test_exported_runs_compare_paper_and_fast_on_their_own_cpu(tmp_path):
