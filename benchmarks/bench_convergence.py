@@ -147,22 +147,26 @@ def _label(params: dict) -> str:
     from sand.models.registry import has_variants, label
 
     name = label(params["model"])
+    variant = params.get("variant") or "a"
     if has_variants(params["model"]) and params["model"] == "sand":
-        name += f"_{params.get('variant') or 'a'}"
+        name += f"_{variant}"
     if params["model"] == "freedom-sand":
-        name += f" ({params.get('plugin_fusion', 'auxiliary')})"
+        name += f" ({params.get('plugin_fusion', 'auxiliary')}{'' if variant == 'a' else ', ' + variant})"
     return name
 
 
 def _setting(params: dict) -> str:
-    """The run's profile, or its explicit batch and lr when it set them (the lr-rule experiments)."""
-    from sand.models.registry import DEFAULT_BATCH_SIZE
+    """The run's profile, plus its explicit batch and lr where it set them (the lr-rule experiments).
+
+    Why both: an explicit setting wins over the profile, so a fast run with its own lr is not the
+    fast profile and must not pair with the paper run as if it were."""
+    from sand.models.registry import DEFAULT_BATCH_SIZE, profile_training
 
     profile = params.get("profile") or "default"
-    batch = params.get("batch_size") or DEFAULT_BATCH_SIZE
-    if profile == "default" and (batch != DEFAULT_BATCH_SIZE or params.get("lr") is not None):
-        return f"batch {batch}, lr {params.get('lr')}"
-    return profile
+    implied = {"batch_size": DEFAULT_BATCH_SIZE, "lr": None} | profile_training(params["model"], profile)
+    explicit = [f"{name} {params.get(key)}" for key, name in (("batch_size", "batch"), ("lr", "lr"))
+                if params.get(key) is not None and params.get(key) != implied.get(key)]
+    return ", ".join(([] if profile == "default" else [profile]) + explicit) if explicit else profile
 
 
 def run_rows(root: Path) -> list[dict]:

@@ -175,8 +175,14 @@ class _TrainSettings(_Section):
     model: ModelName = "sand"
     variant: Variant = "a"
     epochs: int = Field(1000, ge=1)
-    batch_size: int | None = Field(None, ge=1, description="default 2048 (train.profile=fast: 8192)")
-    lr: float | None = Field(None, gt=0, description="default: the model's published value (fast profile: x4)")
+    batch_size: int | None = Field(
+        None, ge=1,
+        description=f"default {registry.DEFAULT_BATCH_SIZE} (train.profile=fast: {registry.FAST_PROFILE_SUMMARY})",
+    )
+    lr: float | None = Field(
+        None, gt=0,
+        description=f"default: the model's published value (train.profile=fast: {registry.FAST_PROFILE_SUMMARY})",
+    )
     weight_decay: float = Field(0.0, ge=0)
     patience: int | None = Field(
         None, ge=1, description="evaluations without improvement before stopping; default 20 (clothing: 30)"
@@ -195,7 +201,7 @@ class _TrainSettings(_Section):
         "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
     )
     profile: ProfileName = Field(
-        "default", description="fast: batch x4 and lr x2 (MF-BPR: the paper's settings; docs/convergence.md); "
+        "default", description=f"fast: {registry.FAST_PROFILE_SUMMARY}; docs/convergence.md; "
         "authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win"
     )
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
@@ -331,7 +337,7 @@ CLI_FIELDS: dict[str, FieldOption] = {
     "variant": FieldOption("train.variant", str, f"SAND variant: {' | '.join(registry.VARIANTS)}"),
     "epochs": FieldOption("train.epochs", int, "maximum training epochs"),
     "profile": FieldOption("train.profile", str, lambda: f"training profile: {' | '.join(registry.profile_choices())} "
-                           "(fast: batch x4, lr x4; docs/convergence.md)"),
+                           f"(fast: {registry.FAST_PROFILE_SUMMARY}; docs/convergence.md)"),
     "device": FieldOption("train.device", str, f"training device: {DEVICE_CHOICES} (default: cuda when present)"),
     "precision": FieldOption("train.precision", str, "training compute precision: fp32 (default) | bf16 | auto "
                              "(bf16 where the hardware has it)"),

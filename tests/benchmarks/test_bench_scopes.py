@@ -121,3 +121,16 @@ def test_exported_runs_compare_paper_and_fast_on_their_own_cpu(tmp_path):
     table = bench_convergence.comparison(rows)
     assert "| 4.0x |" in table and "| 5.0x |" in table  # 1.0/0.25 and 0.5/0.1, never 1.0/0.1
     assert "10.0x" not in table and "2.0x" not in table
+
+
+def test_a_fast_run_with_its_own_lr_is_not_the_fast_profile():
+    """Explicit settings win over the profile, so such a run is labelled apart and never paired as 'fast'."""
+    import bench_convergence
+
+    fast = {"model": "freedom", "profile": "fast", "batch_size": 8192, "lr": 0.002}
+    assert bench_convergence._setting(fast) == "fast"
+    assert bench_convergence._setting({**fast, "lr": 0.001}) == "fast, lr 0.001"
+    paper = {"model": "freedom", "profile": None, "batch_size": 2048, "lr": None}
+    assert bench_convergence._setting(paper) == "default"
+    assert bench_convergence._setting({"model": "vbpr", "profile": None, "batch_size": 8192, "lr": 0.004}) == (
+        "batch 8192, lr 0.004")
