@@ -136,11 +136,15 @@ def _set_verbosity(quiet: bool, verbose: bool) -> None:
     cli_logging.RUN_LOG.set_level(cli_logging.requested_level(quiet, verbose))
 
 
-def _preflight(cfg: PipelineConfig) -> None:
+def _preflight(cfg: PipelineConfig, *, model_from_config: bool = True) -> None:
     """Checks that need no stage: devices exist here, the data root can be written (or serves its cached artifacts
-    read-only); then this run's log file opens under the data root."""
+    read-only); then this run's log file opens under the data root.
+
+    ``model_from_config=False`` (grids): the model that must take ``train.extra`` is each combination's, checked when
+    the grid expands, not the base config's (``--axis train.model=freedom --set train.extra...`` is valid)."""
     check_devices(cfg)
-    check_extra_hyperparameters(cfg.train)
+    if model_from_config:
+        check_extra_hyperparameters(cfg.train)
     writable = ArtifactStore(cfg.data_root).check_writable()
     cli_logging.RUN_LOG.open(cfg.data_root, writable)
 
@@ -354,7 +358,8 @@ class Grid(Common):
             raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
         cfg = grids.with_paper_inputs(self.pipeline_config(), self.preset)
         options = self.run_options()
-        _preflight(cfg)
+        grids.expand_grid(cfg, axes)  # every combination valid, its model's hyper-parameters included
+        _preflight(cfg, model_from_config=False)
         _prefect_api()
         from sand.flows.pipeline_flows import grid_flow  # lazy: imports Prefect
 

@@ -208,3 +208,20 @@ def test_flows_started_elsewhere_check_the_device_too(tmp_path):
     cfg = load_config(None, {"data_root": str(tmp_path)}, ["image_features.device=cuda:0"])
     with pytest.raises(ConfigError, match=r"image_features.device=cuda:0: CUDA is not available"):
         Context.create(cfg)
+
+
+def test_a_grid_checks_train_extra_against_each_combinations_model(tmp_path):
+    """``--set train.extra.X`` in a grid belongs to the models of its axis, not to the base config's default model."""
+    extra = ["--set", "train.extra={train_features: false}"]
+    mixed = invoke_sand(["grid", "--axis", "train.model=freedom,sand", *extra, "--data-root", str(tmp_path / "d")],
+                        cwd=tmp_path)
+    assert mixed.exit_code == 2
+    assert "train.extra.train_features=False: model 'sand' has no" in one_error_line(mixed.stderr)
+    assert not (tmp_path / "d").exists()  # rejected before anything was written
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    freedom_only = invoke_sand(["grid", "--axis", "train.model=freedom", *extra, "--data-root",
+                                str(blocker / "d")], cwd=tmp_path)
+    assert freedom_only.exit_code == 2
+    assert "not writable" in one_error_line(freedom_only.stderr)  # past the model check, stopped by the data root
