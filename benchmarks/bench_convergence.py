@@ -156,7 +156,7 @@ def _label(params: dict) -> str:
 
 
 def _setting(params: dict) -> str:
-    """The run's profile, plus its explicit batch and lr where it set them (the lr-rule experiments).
+    """The run's profile, plus its explicit batch, lr and ``train.extra`` where it set them (the experiments).
 
     Why both: an explicit setting wins over the profile, so a fast run with its own lr is not the
     fast profile and must not pair with the paper run as if it were."""
@@ -166,6 +166,7 @@ def _setting(params: dict) -> str:
     implied = {"batch_size": DEFAULT_BATCH_SIZE, "lr": None} | profile_training(params["model"], profile)
     explicit = [f"{name} {params.get(key)}" for key, name in (("batch_size", "batch"), ("lr", "lr"))
                 if params.get(key) is not None and params.get(key) != implied.get(key)]
+    explicit += [f"{key}={value}" for key, value in sorted((params.get("extra") or {}).items())]
     return ", ".join(([] if profile == "default" else [profile]) + explicit) if explicit else profile
 
 
@@ -238,18 +239,21 @@ def plot_curves(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
+    # one colour per model (across both panels), one line style per setting: paper, fast, anything else
+    labels = sorted({r["label"] for r in rows})
+    colour = {label: plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")(i) for i, label in enumerate(labels)}
     for ax, features in zip(axes, FEATURE_SETS, strict=True):
         for r in (r for r in rows if r["features"] == features):
-            style = "-" if r["profile"] == "default" else "--"
-            ax.plot(r["curve"][:, 0], r["curve"][:, 1], style,
+            style = {"default": "-", "fast": "--"}.get(r["profile"], ":")
+            ax.plot(r["curve"][:, 0], r["curve"][:, 1], style, color=colour[r["label"]], linewidth=1.2,
                     label=f"{r['label']} s{r['seed']} {'paper' if r['profile'] == 'default' else r['profile']}")
         ax.set_title(f"{features} features (MMRec Baby graph)")
         ax.set_xlabel("epoch")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6.5, loc="lower right", ncol=2 if len(ax.lines) > 8 else 1)
     axes[0].set_ylabel("valid Recall@20")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

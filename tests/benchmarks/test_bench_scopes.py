@@ -130,6 +130,7 @@ def test_a_fast_run_with_its_own_lr_is_not_the_fast_profile():
     fast = {"model": "freedom", "profile": "fast", "batch_size": 8192, "lr": 0.002}
     assert bench_convergence._setting(fast) == "fast"
     assert bench_convergence._setting({**fast, "lr": 0.001}) == "fast, lr 0.001"
+    assert bench_convergence._setting({**fast, "extra": {"train_features": False}}) == "fast, train_features=False"
     paper = {"model": "freedom", "profile": None, "batch_size": 2048, "lr": None}
     assert bench_convergence._setting(paper) == "default"
     assert bench_convergence._setting({"model": "vbpr", "profile": None, "batch_size": 8192, "lr": 0.004}) == (
