@@ -18,7 +18,10 @@ Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
 Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality to the item ID embeddings before
 both propagations, so the modal features reach the scoring embeddings. It exists for the SAND plug-in's ``scoring``
 fusion (see ``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary BPR terms, so
-anything a plug-in does to them cannot change a score when ``reg_weight = 0``."""
+anything a plug-in does to them cannot change a score when ``reg_weight = 0``. Each modality's fused part is scaled
+by a constant fixed at construction (``fused_scale``): the ID embeddings' mean row norm over its projected rows'.
+Why: raw features of norm 20-65 project to rows about 40 times longer than the ID embeddings'; added unscaled, they
+dominate every score and saturate the BPR sigmoid from the first batch (docs/convergence.md)."""
 
 from __future__ import annotations
 
@@ -114,6 +117,16 @@ class FREEDOM(Recommender):
         # The epoch's pruned graph: a buffer so it moves with the model, not saved (resampled).
         self.register_buffer("train_adj", None, persistent=False)
         self.kept_edges: torch.Tensor | None = None
+        if self.modal_in_scores:
+            # A buffer, saved with the weights: a resumed run scales as it started, whatever its weights are by then.
+            self.register_buffer("fused_scale", self._initial_fused_scale())
+
+    def _initial_fused_scale(self) -> Tensor:
+        """Per modality: the ID embeddings' mean row norm over the projected features' (see the module's docstring)."""
+        with torch.no_grad():
+            reps = self.modal_representations()
+            id_norm = self.item_embedding.norm(dim=1).mean()
+            return torch.stack([id_norm / reps[m].norm(dim=1).mean().clamp_min(1e-12) for m in self.modalities])
 
     @property
     def n_kept_edges(self) -> int:
@@ -147,11 +160,11 @@ class FREEDOM(Recommender):
         """(users, items) over user-item graph ``adj``, plus the item-item propagation of the items.
 
         The items entering both propagations are the ID embeddings, plus the sum of the projected features ``modal``
-        when ``modal_in_scores`` (computed here if not given)."""
+        scaled by ``fused_scale`` when ``modal_in_scores`` (computed here if not given)."""
         items = self.item_embedding
         if self.modal_in_scores:
             modal = self.modal_representations() if modal is None else modal
-            items = items + sum(modal[m] for m in self.modalities)
+            items = items + sum(modal[m] * self.fused_scale[i] for i, m in enumerate(self.modalities))
         h = items
         for _ in range(self.n_mm_layers):
             h = sparse_matmul(self.mm_adj, h, self.mm_adj_t)

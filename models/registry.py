@@ -111,6 +111,9 @@ class ModelSpec:
     follows_lr: tuple[str, ...] = ()
     #: the fast profile's batch multiplier for this model (1: its fast profile trains as the paper does)
     fast_batch_scale: int = FAST_BATCH_SCALE
+    #: bumped when a fix changes what the model computes: it enters the train key (from 1), so only this model's
+    #: artifacts retrain, never another's
+    revision: int = 0
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tables if t not in TABLES]
@@ -165,6 +168,8 @@ MODELS: dict[str, ModelSpec] = {
     "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
                               tables=("table3",), has_variants=True, backbone="freedom",
                               renames={"n_layers": "n_ui_layers"}, follows_lr=("club_lr",),
+                              # 1: the scoring fusion scales the fused features to the ID embeddings (models/freedom.py)
+                              revision=1,
                               profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0, "dropout": 0.8}},
                               hyperparameters={"plugin_fusion": (Literal[FUSIONS], Field(
                                   FUSIONS[0], description="plug-ins: SAND terms on the auxiliary modal features, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from sand.models.registry import MODELS
 from sand.pipeline.base.config import PipelineConfig, TrainConfig, load_config
 from sand.pipeline.base.hardware import cpu_bf16_support
 from sand.pipeline.features.image_stage import image_settings
@@ -123,3 +124,13 @@ def test_default_training_keys_did_not_move_with_the_profiles():
     """The default batch size is resolved into the key, so runs stored before profiles keep their keys."""
     assert train_key_params(TrainConfig()) == train_key_params(TrainConfig(batch_size=2048))
     assert train_key_params(TrainConfig())["batch_size"] == 2048 and train_key_params(TrainConfig())["lr"] is None
+
+
+def test_a_model_fix_retrains_that_model_alone():
+    """A model's revision (bumped by a fix that changes what it computes) enters its train key and no other's, so
+    stored runs of the unchanged models stay served. FREEDOM+SAND is at revision 1 (the scoring fusion's scale)."""
+    for name, spec in MODELS.items():
+        params = train_key_params(TrainConfig(model=name))
+        assert params.get("model_revision") == (spec.revision or None), name
+    assert train_key_params(TrainConfig(model="freedom-sand"))["model_revision"] == 1
+    assert "model_revision" not in train_key_params(TrainConfig(model="freedom"))

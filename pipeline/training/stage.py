@@ -20,6 +20,7 @@ from sand.models.registry import (
     profile_training,
     recorded_variant,
     required_modalities,
+    spec,
 )
 from sand.pipeline.base.hardware import resolve_device, resolve_precision
 from sand.pipeline.base.store import Artifact, StageOutcome, write_json_atomic
@@ -45,7 +46,8 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
 
     The precision enters as resolved on this machine (``auto`` is bf16 on one machine and fp32 on another, and bf16
     changes the results), only when it is not fp32 (artifacts trained before the field existed keep their keys) and only
-    for models that read features (the ID-only ones compute the same in either)."""
+    for models that read features (the ID-only ones compute the same in either). A model's ``revision`` enters from 1
+    on, so a fix to one model retrains that model alone."""
 
     tcfg = tcfg.with_profile()
     accepted = accepted_hyperparameters(tcfg.model)
@@ -59,6 +61,8 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     precision = resolved_train_precision(tcfg)
     if precision != "fp32" and required_modalities(tcfg.model):
         params["precision"] = precision
+    if spec(tcfg.model).revision:
+        params["model_revision"] = spec(tcfg.model).revision
     return params
 
 

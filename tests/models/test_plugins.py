@@ -128,7 +128,8 @@ def test_scoring_fusion_adds_projected_features_to_the_items():
     backbone.eval()
     with torch.no_grad():
         _, with_modal = backbone.embeddings()
-        backbone.item_embedding.add_(sum(backbone.modal_representations().values()))
+        reps = backbone.modal_representations()
+        backbone.item_embedding.add_(sum(reps[m] * backbone.fused_scale[i] for i, m in enumerate(backbone.modalities)))
         backbone.modal_in_scores = False
         _, folded = backbone.embeddings()
     assert torch.allclose(with_modal, folded, atol=1e-6)
@@ -136,6 +137,33 @@ def test_scoring_fusion_adds_projected_features_to_the_items():
         build_model("freedom-sand", plugin_fusion="fused", **inputs)
     with pytest.raises(ValueError, match="contradicts"):
         build_model("freedom-sand", plugin_fusion="auxiliary", modal_in_scores=True, **inputs)
+
+
+def test_scoring_fusion_starts_at_the_id_embeddings_scale_whatever_the_feature_norms():
+    """Raw features of real norms (tens) must not swamp the ID embeddings in the fused items: unscaled, the scores
+    saturate the BPR sigmoid from the first batch and training stalls (docs/convergence.md). At construction each
+    fused modality has the ID embeddings' mean row norm, so the first BPR loss does not depend on the features' norm
+    and is under a random model's, ln 2 (unscaled, features 50 times longer gave a first BPR loss near 1,900)."""
+    first_bpr = {}
+    for norm in (1.0, 50.0):
+        inputs = tiny_inputs()
+        inputs["features"] = {m: norm * x for m, x in inputs["features"].items()}
+        torch.manual_seed(0)
+        model = build_model("freedom-sand", plugin_fusion="scoring", **inputs)
+        first_bpr[norm] = train_steps(model, inputs, steps=1)[0]["bpr"]
+    assert first_bpr[50.0] == pytest.approx(first_bpr[1.0], abs=0.01)
+    assert first_bpr[50.0] < np.log(2)
+    torch.manual_seed(0)
+    model = build_model("freedom-sand", plugin_fusion="scoring", **inputs)
+    backbone = model.backbone
+    with torch.no_grad():
+        reps = backbone.modal_representations()
+        id_norm = backbone.item_embedding.norm(dim=1).mean()
+        for i, m in enumerate(backbone.modalities):
+            fused_norm = (reps[m] * backbone.fused_scale[i]).norm(dim=1).mean()
+            assert fused_norm == pytest.approx(float(id_norm), rel=1e-5)
+    # The scale is part of the saved state: a resumed run scores as the run it continues.
+    assert "backbone.fused_scale" in model.state_dict()
 
 
 def test_authors_profiles_and_fusion_reach_the_model():
