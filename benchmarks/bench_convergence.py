@@ -144,7 +144,8 @@ def _feature_set(store: Path, interactions_key: str) -> str:
 
 
 def _label(params: dict) -> str:
-    from sand.models.registry import has_variants, label
+    """The model as the tables name it; a run trained before a fix to its model says which revision it ran."""
+    from sand.models.registry import has_variants, label, spec
 
     name = label(params["model"])
     variant = params.get("variant") or "a"
@@ -152,6 +153,9 @@ def _label(params: dict) -> str:
         name += f"_{variant}"
     if params["model"] == "freedom-sand":
         name += f" ({params.get('plugin_fusion', 'auxiliary')}{'' if variant == 'a' else ', ' + variant})"
+    revision = params.get("model_revision", 0)
+    if revision != spec(params["model"]).revision:
+        name += f" [revision {revision}]"
     return name
 
 
@@ -163,9 +167,11 @@ def _setting(params: dict) -> str:
     from sand.models.registry import DEFAULT_BATCH_SIZE, profile_training
 
     profile = params.get("profile") or "default"
-    implied = {"batch_size": DEFAULT_BATCH_SIZE, "lr": None} | profile_training(params["model"], profile)
-    explicit = [f"{name} {params.get(key)}" for key, name in (("batch_size", "batch"), ("lr", "lr"))
-                if params.get(key) is not None and params.get(key) != implied.get(key)]
+    implied = {"batch_size": DEFAULT_BATCH_SIZE, "lr": None, "eval_every": 1} | profile_training(
+        params["model"], profile)
+    explicit = [f"{name} {params.get(key)}" for key, name in (
+        ("batch_size", "batch"), ("lr", "lr"), ("eval_every", "eval every"), ("patience", "patience"))
+        if params.get(key) is not None and params.get(key) != implied.get(key)]
     explicit += [f"{key}={value}" for key, value in sorted((params.get("extra") or {}).items())]
     return ", ".join(([] if profile == "default" else [profile]) + explicit) if explicit else profile
 

@@ -131,7 +131,19 @@ def test_a_fast_run_with_its_own_lr_is_not_the_fast_profile():
     assert bench_convergence._setting(fast) == "fast"
     assert bench_convergence._setting({**fast, "lr": 0.001}) == "fast, lr 0.001"
     assert bench_convergence._setting({**fast, "extra": {"train_features": False}}) == "fast, train_features=False"
+    assert bench_convergence._setting({**fast, "eval_every": 2}) == "fast, eval every 2"
+    assert bench_convergence._setting({**fast, "eval_every": 1}) == "fast"
     paper = {"model": "freedom", "profile": None, "batch_size": 2048, "lr": None}
     assert bench_convergence._setting(paper) == "default"
     assert bench_convergence._setting({"model": "vbpr", "profile": None, "batch_size": 8192, "lr": 0.004}) == (
         "batch 8192, lr 0.004")
+
+
+def test_a_run_from_before_a_fix_to_its_model_is_labelled_with_its_revision():
+    """FREEDOM+SAND runs trained before the scoring fusion's scale (revision 0) never pair with the fixed model's."""
+    import bench_convergence
+
+    before = {"model": "freedom-sand", "plugin_fusion": "scoring", "variant": "a"}
+    assert bench_convergence._label(before) == "FREEDOM+SAND (scoring) [revision 0]"
+    assert bench_convergence._label({**before, "model_revision": 1}) == "FREEDOM+SAND (scoring)"
+    assert bench_convergence._label({"model": "freedom", "variant": None}) == "FREEDOM"
