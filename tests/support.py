@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from conftest import Reply, RequestInfo
 
+from sand.models import registry
 from sand.pipeline.base.config import PipelineConfig, load_config
 from sand.pipeline.base.store import Artifact, ArtifactStore
 
@@ -91,6 +92,7 @@ def fake_run(
     seconds: float = 2.0,
     memory: float = 500.0,
     fusion: str | None = None,
+    revision: int | None = None,
 ) -> Artifact:
     """A train + evaluate artifact pair with chosen numbers (recall@20 = the given value;
     the other metrics are fixed offsets of it so each cell is distinguishable)."""
@@ -101,6 +103,9 @@ def fake_run(
     params = {"model": model, "variant": variant, "alpha": tag or None, "epochs": 3}
     if fusion is not None:  # the train key holds the fusion only for plug-ins it changes
         params["plugin_fusion"] = fusion
+    revision = registry.spec(model).revision if revision is None else revision
+    if revision:  # as train_key_params: the model's revision from 1 on
+        params["model_revision"] = revision
 
     def build_train(out: Path) -> dict[str, Any]:
         pd.DataFrame(

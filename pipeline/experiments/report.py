@@ -146,7 +146,7 @@ def _floats(d: dict[str, Any] | None) -> dict[str, float]:
 
 
 def collect_runs(store: ArtifactStore) -> list[StoredRun]:
-    """Every complete evaluate artifact with its train artifact and dataset name.
+    """Every complete evaluate artifact with its train artifact and dataset name (runs of a model since fixed left out).
 
     The dataset is the interactions manifest's ``name``; two different interactions artifacts with one name (e.g.
     another k-core) are told apart by a key suffix."""
@@ -166,6 +166,7 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
     for key, name in names.items():
         keys_per_name.setdefault(name, set()).add(key)
     runs: list[StoredRun] = []
+    outdated = 0
     for art, inter_key in raw:
         name = names[inter_key]
         if len(keys_per_name[name]) > 1:
@@ -173,6 +174,9 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
         train_key = (art.manifest.get("inputs", {}).get("train") or {}).get("key")
         train = store.lookup("train", train_key) if train_key else None
         model = str(art.manifest.get("model") or (train.manifest.get("result", {}).get("model") if train else "?"))
+        if _outdated(model, train):
+            outdated += 1
+            continue
         variant = art.manifest.get("variant") if registry.has_variants(model) else None
         metrics = art.manifest.get("metrics") or {}
         runs.append(
@@ -181,7 +185,16 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
                 _fusion(model, train),
             )
         )
+    if outdated:
+        log.info("report: skipped %d run(s) trained before a fix to their model (an older model revision)", outdated)
     return runs
+
+
+def _outdated(model: str, train: Artifact | None) -> bool:
+    """Whether the run was trained by an older revision of its model: never quoted beside the fixed model's runs."""
+    if train is None or model not in registry.MODELS:
+        return False
+    return (train.manifest.get("params") or {}).get("model_revision", 0) != registry.spec(model).revision
 
 
 def _fusion(model: str, train: Artifact | None) -> str | None:

@@ -139,6 +139,8 @@ def test_table3_is_written_per_plugin_fusion_and_names_it(tmp_path):
     fake_run(store, baby, "freedom-sand", valid=0.09, test=0.10, fusion="auxiliary")
     # better validation in the scoring fusion: selected separately, never instead of the auxiliary run
     fake_run(store, baby, "freedom-sand", valid=0.095, test=0.11, fusion="scoring")
+    # trained before the scoring fusion's fix (revision 0): never quoted, however good its validation
+    fake_run(store, baby, "freedom-sand", valid=0.2, test=0.3, fusion="scoring", revision=0)
     out = tmp_path / "out"
     written = write_report(tmp_path / "data", out)
     assert "table3" in written and "table3-scoring" in written
