@@ -145,7 +145,7 @@ def _feature_set(store: Path, interactions_key: str) -> str:
 
 def _label(params: dict) -> str:
     """The model as the tables name it; a run trained before a fix to its model says which revision it ran."""
-    from sand.models.registry import has_variants, label, spec
+    from sand.models.registry import has_variants, label, spec, trained_revision
 
     name = label(params["model"])
     variant = params.get("variant") or "a"
@@ -153,7 +153,7 @@ def _label(params: dict) -> str:
         name += f"_{variant}"
     if params["model"] == "freedom-sand":
         name += f" ({params.get('plugin_fusion', 'auxiliary')}{'' if variant == 'a' else ', ' + variant})"
-    revision = params.get("model_revision", 0)
+    revision = trained_revision(params)
     if revision != spec(params["model"]).revision:
         name += f" [revision {revision}]"
     return name

@@ -203,6 +203,21 @@ def spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+#: The train-key field that holds a model's revision; absent at revision 0, so keys made before revisions existed hold.
+REVISION_KEY = "model_revision"
+
+
+def revision_params(name: str) -> dict[str, int]:
+    """The train-key entry of model ``name``'s revision (none at revision 0)."""
+    revision = spec(name).revision
+    return {REVISION_KEY: revision} if revision else {}
+
+
+def trained_revision(params: dict[str, Any]) -> int:
+    """The model revision a run with train-key ``params`` was trained by."""
+    return int(params.get(REVISION_KEY, 0))
+
+
 def model_names() -> tuple[str, ...]:
     """Every registered model name, in the paper's order."""
     return tuple(MODELS)

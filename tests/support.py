@@ -103,9 +103,11 @@ def fake_run(
     params = {"model": model, "variant": variant, "alpha": tag or None, "epochs": 3}
     if fusion is not None:  # the train key holds the fusion only for plug-ins it changes
         params["plugin_fusion"] = fusion
-    revision = registry.spec(model).revision if revision is None else revision
-    if revision:  # as train_key_params: the model's revision from 1 on
-        params["model_revision"] = revision
+    # as train_key_params: the model's current revision, unless the run is to be from an older one
+    if revision is None:
+        params.update(registry.revision_params(model))
+    elif revision:
+        params[registry.REVISION_KEY] = revision
 
     def build_train(out: Path) -> dict[str, Any]:
         pd.DataFrame(

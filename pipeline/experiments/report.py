@@ -194,7 +194,7 @@ def _outdated(model: str, train: Artifact | None) -> bool:
     """Whether the run was trained by an older revision of its model: never quoted beside the fixed model's runs."""
     if train is None or model not in registry.MODELS:
         return False
-    return (train.manifest.get("params") or {}).get("model_revision", 0) != registry.spec(model).revision
+    return registry.trained_revision(train.manifest.get("params") or {}) != registry.spec(model).revision
 
 
 def _fusion(model: str, train: Artifact | None) -> str | None:

@@ -20,7 +20,7 @@ from sand.models.registry import (
     profile_training,
     recorded_variant,
     required_modalities,
-    spec,
+    revision_params,
 )
 from sand.pipeline.base.hardware import resolve_device, resolve_precision
 from sand.pipeline.base.store import Artifact, StageOutcome, write_json_atomic
@@ -61,8 +61,7 @@ def train_key_params(tcfg: Any) -> dict[str, Any]:
     precision = resolved_train_precision(tcfg)
     if precision != "fp32" and required_modalities(tcfg.model):
         params["precision"] = precision
-    if spec(tcfg.model).revision:
-        params["model_revision"] = spec(tcfg.model).revision
+    params.update(revision_params(tcfg.model))
     return params
 
 
