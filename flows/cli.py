@@ -1,12 +1,8 @@
-"""The ``sand`` command.
-
-Why typer with lazy imports: ``sand --help`` must answer instantly, so torch, transformers and Prefect are imported
-inside the commands that need them. Each command that runs stages is a dataclass of its options (typer reads them from
-its fields) inheriting the shared ones, :class:`Common`: the config-field options come from the one table ``CLI_FIELDS``
-(``pipeline/base/config.py``), from which ``sand.run``'s keywords derive too; any other field is reachable with ``--set
-section.field=value`` or ``--config``. Errors a user can fix are printed as one line and exit with status 2; values
-(devices, seeds, the data root) are checked before Prefect is imported, and tracebacks go to the run's log file, which
-the error line names."""
+"""The ``sand`` command. Why typer with lazy imports: ``sand --help`` must answer instantly, so torch, transformers and
+Prefect are imported inside the commands that need them. A command that runs stages is a dataclass of its options
+inheriting :class:`Common`, whose config-field options come from the one table ``CLI_FIELDS`` (``sand.run``'s keywords
+too); ``--set section.field=value`` or ``--config`` reach any other field. Fixable errors are one line, exit status 2;
+values (devices, seeds, the data root) are checked before Prefect is imported; tracebacks go to the run's log file."""
 
 import contextlib
 import dataclasses
@@ -16,7 +12,6 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,10 +38,8 @@ from sand.pipeline.stages import STAGE_NAMES, Context, check_stage_names
 from sand.pipeline.training.model_io import check_extra_hyperparameters
 from sand.pipeline.training.recommend import recommend_for_user
 
-app = typer.Typer(
-    help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.", add_completion=False,
-    pretty_exceptions_enable=False, no_args_is_help=True,
-)
+app = typer.Typer(help="SAND: raw Amazon reviews to a trained and evaluated multimodal recommender.",
+                  add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 export_app = typer.Typer(help="Write datasets in other tools' formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 app.add_typer(models_app, name="models")
@@ -60,31 +53,23 @@ TERMINATED = "terminated: rerun the same command to resume"
 
 
 def _shared(help: str, *flags: str) -> Any:
-    """A shared option: listed in its own help panel, after the command's own options."""
     return typer.Option(*flags, help=help, rich_help_panel="Shared options")
 
 
 def _run_option_help(name: str) -> str:
-    """A run option's help: its :class:`RunOptions` field's description."""
     return RunOptions.model_fields[name].description or name
 
 
-#: The options of :data:`~sand.pipeline.base.config.CLI_FIELDS` (one config field each), as dataclass
-#: fields whose annotations typer reads: the table is their only declaration.
-_FieldOptions = dataclasses.make_dataclass(
-    "_FieldOptions",
-    [(name, Annotated[spec.type | None, _shared(spec.help_text())], dataclasses.field(default=None))
-     for name, spec in CLI_FIELDS.items()],
-    frozen=True,
-    kw_only=True,
-)
+#: The options of :data:`~sand.pipeline.base.config.CLI_FIELDS` as dataclass fields: the table is their one declaration.
+_FieldOptions = dataclasses.make_dataclass("_FieldOptions", [
+    (name, Annotated[spec.type | None, _shared(spec.help_text())], dataclasses.field(default=None))
+    for name, spec in CLI_FIELDS.items()
+], frozen=True, kw_only=True)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Common(_FieldOptions):
-    """The options shared by every command that runs stages, each declared once: the config-field options of
-    ``CLI_FIELDS`` and these. A command is a dataclass of its own options that inherits these (see
-    :class:`StageCommand`); typer reads the options from its fields."""
+    """The options of every command that runs stages, each declared once; a command's dataclass inherits them."""
 
     config: Annotated[Path | None, _shared("YAML file with config sections (see README)")] = None
     set: Annotated[list[str] | None, _shared("any config field: --set train.lr=0.001 (repeatable)")] = None
@@ -98,6 +83,11 @@ class Common(_FieldOptions):
     @property
     def stages_to_refresh(self) -> list[str]:
         return list(self.refresh or [])
+
+    def checked(self, *stages: str | None) -> tuple[PipelineConfig, RunOptions]:
+        """Stage names first, from the stage table alone (a typo answers before the config is read)."""
+        check_stage_names([*stages, *self.stages_to_refresh])
+        return self.pipeline_config(), self.run_options()
 
     def pipeline_config(self) -> PipelineConfig:
         fields = {name: getattr(self, name) for name in CLI_FIELDS}
@@ -113,11 +103,10 @@ class Common(_FieldOptions):
 
 
 class StageCommand(TyperCommand):
-    """The click command of a :class:`Common` dataclass: typer builds the dataclass from the parsed options, and this
-    calls it (after setting the console's verbosity)."""
+    """The click command of a :class:`Common` dataclass, which typer builds from the options: this calls it."""
 
     def invoke(self, ctx: typer.Context) -> Any:
-        command = super().invoke(ctx)  # the dataclass, built by typer from the options
+        command = super().invoke(ctx)
         _set_verbosity(command.quiet, command.verbose)
         return command()
 
@@ -126,7 +115,7 @@ def stage_command(typer_app: typer.Typer, name: str, **settings: Any) -> Any:
     """Register a :class:`Common` subclass (made a frozen dataclass) as command ``name`` of ``typer_app``."""
 
     def register(cls: type[Common]) -> type[Common]:
-        typer_app.command(name, cls=StageCommand, **settings)(dataclass(frozen=True, kw_only=True)(cls))
+        typer_app.command(name, cls=StageCommand, **settings)(dataclasses.dataclass(frozen=True, kw_only=True)(cls))
         return cls
 
     return register
@@ -137,11 +126,8 @@ def _set_verbosity(quiet: bool, verbose: bool) -> None:
 
 
 def _preflight(cfg: PipelineConfig, *, model_from_config: bool = True) -> None:
-    """Checks that need no stage: devices exist here, the data root can be written (or serves its cached artifacts
-    read-only); then this run's log file opens under the data root.
-
-    ``model_from_config=False`` (grids): the model that must take ``train.extra`` is each combination's, checked when
-    the grid expands, not the base config's (``--axis train.model=freedom --set train.extra...`` is valid)."""
+    """Checks that need no stage (devices, a data root writable or serving its cache read-only), then the log file.
+    Grids: ``train.extra`` must suit each combination's model, checked when the grid expands, not the base config's."""
     check_devices(cfg)
     if model_from_config:
         check_extra_hyperparameters(cfg.train)
@@ -154,47 +140,31 @@ _temporary_server: Any = None
 
 
 def _prefect_api(required_by: str | None = None) -> None:
-    """Give this command's flow runs a Prefect API: the configured server, checked in one line, or a temporary one
-    started here, so this process holds it (Prefect stops it at exit; :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM).
-
-    ``required_by`` names a command that cannot use a temporary server (what it registers must outlive it): for it, no
-    configured server is an error."""
+    """Give this command's flow runs a Prefect API: the configured server, checked, or a temporary one this process
+    holds (Prefect stops it at exit; :func:`_exit_on_interrupt` on Ctrl-C and SIGTERM). ``required_by`` names a command
+    that cannot use a temporary server (what it registers must outlive it)."""
     global _temporary_server
     from prefect.settings import Settings  # lazy: only commands with work to orchestrate need Prefect
-
     settings = Settings()  # read afresh: the environment may have changed since import
     url = settings.api.url
     start = "start one with `prefect server start`"
-    if not url and required_by:
+    if url:
+        import httpx  # lazy: only to check a configured server; a tenth of a second off `sand --help`
+        try:
+            httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
+        except httpx.HTTPError as err:
+            hint = start + ("" if required_by else ", or unset PREFECT_API_URL to run without a server")
+            raise SandError(f"Prefect server at {url} is unreachable ({type(err).__name__}): {hint}") from None
+    elif required_by:
         raise ConfigError(f"{required_by} needs a Prefect server: {start} and set PREFECT_API_URL=http://HOST:4200/api")
-    if not url:
-        if settings.server.ephemeral.enabled:  # else Prefect itself says that it needs a server
-            from prefect.server.api.server import SubprocessASGIServer  # lazy: Prefect, as above
-
-            keep_children_with_this_process()  # the temporary server never outlives this process (SIGKILL too)
-
-            _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
-            _temporary_server.start()
-        return
-    import httpx  # lazy: only to check a configured server; a tenth of a second off `sand --help`
-
-    try:
-        httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
-    except httpx.HTTPError as err:
-        fallback = "" if required_by else ", or unset PREFECT_API_URL to run without a server"
-        raise SandError(f"Prefect server at {url} is unreachable ({type(err).__name__}): {start}{fallback}") from None
-
-
-def _stop_temporary_server() -> None:
-    """Stop the temporary Prefect API server this process started, if any (SIGTERM, then SIGKILL after 5 s)."""
-    global _temporary_server
-    server, _temporary_server = _temporary_server, None
-    if server is not None:
-        server.stop()
+    elif settings.server.ephemeral.enabled:  # else Prefect itself says that it needs a server
+        from prefect.server.api.server import SubprocessASGIServer  # lazy: Prefect, as above
+        keep_children_with_this_process()  # the temporary server never outlives this process (SIGKILL too)
+        _temporary_server = SubprocessASGIServer()  # no port: the one Prefect's client uses
+        _temporary_server.start()
 
 
 def render_summary(summary: dict[str, Any]) -> str:
-    """A run summary for a person (the non-``--json`` output)."""
     lines = []
     if "dataset" in summary:
         d = summary["dataset"]
@@ -204,21 +174,18 @@ def render_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{stage:<16}{str(info['cached']):<8}{info['seconds']:>9.1f}  {info['artifact']}")
     train = summary.get("train") or {}
     if train.get("model"):
-        lines.append(
-            f"train: {train['model']} in {train.get('precision', 'fp32')}, "
-            f"{float(train.get('seconds_per_epoch') or float('nan')):.1f} s/epoch, best epoch {train.get('best_epoch')}"
-        )
-    if "metrics" in summary:
-        for split, values in summary["metrics"].items():
-            shown = "  ".join(f"{k}={float(v):.4f}" for k, v in values.items())
-            lines.append(f"{split:<6} {shown}")
+        seconds = float(train.get("seconds_per_epoch") or float("nan"))
+        lines.append(f"train: {train['model']} in {train.get('precision', 'fp32')}, {seconds:.1f} s/epoch, "
+                     f"best epoch {train.get('best_epoch')}")
+    for split, values in summary.get("metrics", {}).items():
+        lines.append(f"{split:<6} " + "  ".join(f"{k}={float(v):.4f}" for k, v in values.items()))
     if "export" in summary:
         lines.append(f"exported to {summary['export']['out']}: {', '.join(summary['export']['files'])}")
     return "\n".join(lines)
 
 
 def _emit(summary: dict[str, Any], as_json: bool, text: str | None = None) -> None:
-    """``summary`` as one JSON line, or for a person: ``text``, by default the rendered run summary."""
+    """One JSON line, or for a person ``text`` (default: the rendered run summary)."""
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:
@@ -226,16 +193,10 @@ def _emit(summary: dict[str, Any], as_json: bool, text: str | None = None) -> No
 
 
 def _run_flow(common: Common, until: str | None, stage: str | None = None) -> PipelineResult:
-    """Run the pipeline (up to ``until``) or one stage; returns its PipelineResult.
-
-    A run whose every stage is in the store is answered from it by the runner, without Prefect (nothing to orchestrate,
-    so no flow run is recorded); any other runs as Prefect flows, which run the same runner loop. Stage names are
-    checked first, from the stage table alone: a typo answers before the config is read."""
-    check_stage_names([until, stage, *common.stages_to_refresh])
-    cfg = common.pipeline_config()
-    options = common.run_options()
+    """Run the pipeline (up to ``until``) or one stage. A run whose every stage is in the store is answered by the
+    runner without Prefect (nothing to orchestrate); any other runs as Prefect flows over the same runner loop."""
+    cfg, options = common.checked(until, stage)
     from sand.pipeline.features.amazon2014_stage import check_feature_source  # lazy: httpx, via its downloader
-
     check_feature_source(cfg, [] if stage == "report" else planned_stages(cfg, stage or until))
     _preflight(cfg)
     served = from_store(Context.create(cfg, options.refresh, progress=False), until, stage)
@@ -244,7 +205,6 @@ def _run_flow(common: Common, until: str | None, stage: str | None = None) -> Pi
         return served
     _prefect_api()
     from sand.flows.pipeline_flows import STAGE_FLOWS, outcome_from_ref, pipeline_flow  # lazy: imports Prefect
-
     if stage is None:
         return pipeline_flow(config=cfg, options=options, until=until)
     return PipelineResult({stage: outcome_from_ref(STAGE_FLOWS[stage](config=cfg, options=options))})
@@ -280,11 +240,9 @@ class ExportMMRec(Common):
     def __call__(self) -> None:
         result = _run_flow(self, self.until)
         manifest = export_mmrec_folder(result.artifacts(), self.out)
-        summary = result.summary()
         for warning in manifest["warnings"]:
             typer.echo(f"warning: {warning}", err=True)
-        summary["export"] = {"out": str(self.out), **manifest}
-        _emit(summary, self.json)
+        _emit({**result.summary(), "export": {"out": str(self.out), **manifest}}, self.json)
 
 
 @stage_command(app, "recommend")
@@ -311,11 +269,8 @@ class Recommend(Common):
         tcfg, artifacts = champion[1:] if champion else (self.pipeline_config().resolved().train,
                                                          _run_flow(self, "train").artifacts())
         table = recommend_for_user(tcfg, artifacts, self.user, self.k)
-        if self.json:
-            _emit({"user": self.user, "model_key": champion[0] if champion else artifacts["train"].key,
-                   "recommendations": table.to_dict(orient="records")}, True)
-        else:
-            typer.echo(table.to_string(index=False))
+        _emit({"user": self.user, "model_key": champion[0] if champion else artifacts["train"].key,
+               "recommendations": table.to_dict(orient="records")}, self.json, table.to_string(index=False))
 
 
 @stage_command(app, "retrain")
@@ -323,19 +278,15 @@ class Retrain(Common):
     """New data? Train a challenger, compare it with the champion, promote the better one, publish its top-K."""
 
     def __call__(self) -> None:
-        check_stage_names(self.stages_to_refresh)
-        cfg = self.pipeline_config()
-        options = self.run_options()
+        cfg, options = self.checked()
         _preflight(cfg)
         from sand.pipeline.serving.retrain import survey  # lazy: httpx, via change detection
-
         report = None if self.stages_to_refresh else survey(cfg).unchanged()  # nothing new: no Prefect run
         if report is not None:
             summary = report.to_dict()
         else:
             _prefect_api()
             from sand.flows.retrain import retrain_flow  # lazy: imports Prefect
-
             summary = retrain_flow(config=cfg, options=options)
         _emit(summary, self.json, summary["message"])
 
@@ -353,7 +304,11 @@ class Grid(Common):
         check_stage_names(self.stages_to_refresh)
         axes: dict[str, list[Any]] = grids.preset(self.preset) if self.preset is not None else {}
         for text in self.axis or []:
-            axes.update(_parse_axis(text))
+            field, eq, raw = text.partition("=")
+            values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+            if not eq or not values:
+                raise ConfigError(f"invalid --axis {text!r}: " + ("no values" if eq else "expected field=v1,v2,..."))
+            axes[field.strip()] = values
         if not axes:
             raise ConfigError("sand grid needs --preset NAME or at least one --axis field=v1,v2")
         cfg = grids.with_paper_inputs(self.pipeline_config(), self.preset)
@@ -362,19 +317,8 @@ class Grid(Common):
         _preflight(cfg, model_from_config=False)
         _prefect_api()
         from sand.flows.pipeline_flows import grid_flow  # lazy: imports Prefect
-
         summary = grid_flow(config=cfg, axes=axes, name=self.name or self.preset or "grid", options=options)
         _emit(summary, self.json, json.dumps(summary, indent=2, default=str))
-
-
-def _parse_axis(text: str) -> dict[str, list[Any]]:
-    if "=" not in text:
-        raise ConfigError(f"invalid --axis {text!r}: expected field=v1,v2,...")
-    field, raw = text.split("=", 1)
-    values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
-    if not values:
-        raise ConfigError(f"invalid --axis {text!r}: no values")
-    return {field.strip(): values}
 
 
 @stage_command(app, "report")
@@ -406,37 +350,28 @@ def serve(
     _preflight(cfg)
     _prefect_api()
     from sand.flows.serve import serve_deployments  # lazy: imports Prefect
-
     serve_deployments(cfg, cron)
 
 
 @stage_command(app, "deploy", help="Register the deployments of `sand serve` with a Prefect work pool, then "
                "exit; the pool's workers run them.")
 class Deploy(Common):
-    """Register the deployments of `sand serve` with a Prefect work pool, then exit.
-
-    Why a command of its own and not `sand serve --work-pool`: serving runs the flows in that process until stopped,
-    deploying only registers them and returns, and a flag that turned a long-running command into one that exits at once
-    would surprise. Every run option (--runner, --dask-address, --refresh) and config option becomes the deployments'
-    default parameters; nothing is checked against this machine's devices or data root, because the flows run on the
-    workers' machines."""
+    """Why not `sand serve --work-pool`: serving runs the flows until stopped, deploying registers them and returns; a
+    flag that made a long-running command exit at once would surprise. Every run and config option becomes the
+    deployments' default parameters; nothing is checked against this machine's devices or data root (workers run)."""
 
     work_pool: Annotated[str, typer.Option(help="existing Prefect work pool whose workers run the flows")]
     cron: Annotated[str | None, typer.Option(help="retraining schedule (default: weekly, Sunday 03:00)")] = None
 
     def __call__(self) -> None:
-        check_stage_names(self.stages_to_refresh)
-        cfg = self.pipeline_config()
-        options = self.run_options()
+        cfg, options = self.checked()
         _prefect_api(required_by="sand deploy")
         from sand.flows.serve import deploy_to_work_pool  # lazy: imports Prefect
-
         summary = deploy_to_work_pool(cfg, self.work_pool, self.cron, options)
         _emit(summary, self.json, _deployed_text(summary, options))
 
 
 def _deployed_text(summary: dict[str, Any], options: RunOptions) -> str:
-    """What ``sand deploy`` registered, for a person."""
     pool = summary["work_pool"]
     lines = [f"registered {len(summary['deployments'])} deployments with work pool {pool!r} "
              f"({summary['work_pool_type']}; runner {options.runner}"
@@ -450,22 +385,18 @@ def _deployed_text(summary: dict[str, Any], options: RunOptions) -> str:
 
 def _is_out_of_memory(err: BaseException) -> bool:
     """MemoryError (numpy), torch.cuda.OutOfMemoryError, or torch's CPU allocator failing."""
-    return (
-        isinstance(err, MemoryError)
-        or type(err).__name__ == "OutOfMemoryError"
-        or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
-    )
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 #: What ``sand`` prints for an out-of-memory failure (exit 2: the user can size the run down).
 OUT_OF_MEMORY_HINT = (
-    "out of memory: reduce train.batch_size, evaluate.batch_users, image_features.batch_size, "
-    "text_features.batch_size or graphs.block_size (--set section.field=N), or use a machine with more memory"
-)
+    "out of memory: reduce train.batch_size, evaluate.batch_users, image_features.batch_size, text_features.batch_size "
+    "or graphs.block_size (--set section.field=N), or use a machine with more memory")
 
 
 def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) -> None:
-    """Print exactly one line on stderr (naming the log file with the traceback) and exit."""
+    """Exactly one line on stderr, naming the log file with the traceback."""
     run_log = cli_logging.RUN_LOG
     first = one_line(message, limit=None) or type(err).__name__
     path = run_log.record_exception(err) if always_log or run_log.path is not None else None
@@ -474,24 +405,23 @@ def _fail(message: str, exit_code: int, err: BaseException, always_log: bool) ->
 
 
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C (or SIGTERM): one line, stop Prefect's temporary server, exit 130 (143) at once.
-
-    Why not let ``KeyboardInterrupt`` unwind: shard work runs in worker threads that the interpreter joins at exit
-    (minutes for an image shard), and a terminal's Ctrl-C also reaches Prefect's temporary API server (same process
-    group), so every state update made while unwinding fails with a connection error. Leaving now is safe: artifacts,
-    shards and checkpoints are written atomically (temp file, then rename), and the OS releases the store's locks, so a
-    rerun resumes."""
+    """Ctrl-C (or SIGTERM): one line, stop Prefect's temporary server, exit 130 (143) at once. Why not let
+    ``KeyboardInterrupt`` unwind: the interpreter joins the shard worker threads at exit (minutes for an image shard),
+    and Ctrl-C also reaches Prefect's temporary server (same process group), so every state update while unwinding
+    fails. Leaving now is safe: artifacts are written atomically and the OS releases the store's locks."""
+    global _temporary_server
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # e.g. the signal arrived while this thread was writing to it
             stream.flush()
-    # Other threads may write until the process ends: from now on to nowhere, so our line,
-    # written through a private copy of the descriptor, stays the last one.
+    # Other threads may write until the process ends: to nowhere now, so our line (on a private copy) stays the last.
     stderr_fd = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
     after_bar = "\n" if bars is not None and len(getattr(bars, "_instances", ())) else ""  # a bar ends mid-line
     os.write(stderr_fd, (after_bar + (INTERRUPTED if signum == signal.SIGINT else TERMINATED) + "\n").encode())
-    _stop_temporary_server()
+    server, _temporary_server = _temporary_server, None  # None first: a second signal must not stop it again
+    if server is not None:
+        server.stop()  # Prefect's: SIGTERM, then SIGKILL after 5 s
     os._exit(128 + signum)
 
 

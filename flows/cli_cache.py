@@ -1,7 +1,5 @@
-"""``sand cache``: how big the data root's per-item caches are, and pruning them.
-
-Why a command: the caches (downloaded images, text and image feature vectors) are shared by every dataset and snapshot
-of a data root and only grow; a user needs to see what they hold and drop what no recent run used. Every cache is
+"""``sand cache``: how big the data root's per-item caches are, and pruning them. Why: the caches (downloaded images,
+text and image feature vectors) are shared by every dataset and snapshot of a data root and only grow. Every cache is
 content-addressed, so a pruned file is fetched or recomputed when a run asks for it again."""
 
 from __future__ import annotations
@@ -40,8 +38,8 @@ def _cache_root(data_root: Path | None, config: Path | None) -> Path:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
@@ -72,10 +70,8 @@ def info(data_root: DataRoot = None, config: Config = None,
         typer.echo("  (empty)")
     for r in rows:
         indent = "    " if "/" in r.name else "  "
-        what = ""
-        if r.identity:
-            keys = ("backbone", "image_size", "engine", "precision", "device")
-            what = "  " + " ".join(f"{k}={r.identity[k]}" for k in keys if k in r.identity)
+        keys = ("backbone", "image_size", "engine", "precision", "device")
+        what = "  " + " ".join(f"{k}={r.identity[k]}" for k in keys if k in r.identity) if r.identity else ""
         typer.echo(f"{indent}{r.name:<40} {r.files:>8} files {_size(r.bytes):>11}  newest {_age(r.newest):>8}  "
                    f"oldest {_age(r.oldest):>8}{what}")
 
@@ -87,8 +83,7 @@ def prune(
     only: Annotated[list[str], typer.Option("--only", help="prune only this cache: images | text | "
                                             "image_features (repeatable; default: all)")] = [],  # noqa: B006
     dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be deleted, delete nothing")] = False,
-    data_root: DataRoot = None,
-    config: Config = None,
+    data_root: DataRoot = None, config: Config = None,
 ) -> None:
     """Delete cache files older than a duration; a later run refetches or recomputes what it needs."""
     seconds = parse_duration(older_than)  # errors: one line and exit 2, from the entry point

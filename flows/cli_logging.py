@@ -1,16 +1,9 @@
-"""Where the ``sand`` command's messages go: a one-line console, a complete log file.
-
-Why: a user who made a fixable mistake should read one line, not tracebacks. Prefect logs every failed flow and task run
-with its traceback, once per nesting level, and sends the records through the root logger (Prefect keeps its own console
-handler off the root when one is already configured). So the console handler drops Prefect's exception records and
-prints every other record without its traceback; the log file under ``<data-root>/logs`` receives everything, tracebacks
-included, and the CLI's ``error:`` line names it. Records logged before the data root is known are held in memory and
-written to the file once it opens.
-
-Progress: tqdm draws the bars (every stage already uses it), and the console handler writes each record with
-``tqdm.write``, which lifts the bars, prints the line and redraws them, so a log line never lands in the middle of a
-bar. How much reaches the console is one choice (``--quiet``: warnings and errors, no bars; default: what a user acts
-on; ``--verbose``: the pipeline's DEBUG lines and Prefect's run lines); the log file always holds INFO and up."""
+"""Where the ``sand`` command's messages go: a one-line console, a complete log file. Why: a user who made a fixable
+mistake should read one line, not tracebacks, and Prefect logs every failed flow and task run with its traceback, once
+per nesting level, through the root logger (its own console handler stays off a configured root). So the console drops
+Prefect's exception records and prints the others without traceback, through ``tqdm.write`` so never mid-bar; the log
+file under ``<data-root>/logs`` gets INFO and up with tracebacks, and the ``error:`` line names it (records logged
+before the data root is known wait in memory)."""
 
 from __future__ import annotations
 
@@ -43,30 +36,24 @@ def requested_level(quiet: bool, verbose: bool) -> int | None:
 
 
 def prefect_console_level(level: int) -> int:
-    """Prefect's own lines on the console: WARNING and up, INFO with --verbose.
-
-    Why: Prefect logs two INFO lines per stage sub-flow ("Beginning subflow run ...", "Finished in state Completed()")
-    that repeat what the stage's own line says; they stay in the log file and the Prefect UI. Prefect's DEBUG (every API
-    call) is never wanted on the console: PREFECT_LOGGING_LEVEL is the knob for that."""
+    """Prefect's lines on the console: WARNING and up, INFO with --verbose. Why: its two INFO lines per stage sub-flow
+    ("Beginning subflow run ...", "Finished in state Completed()") repeat the stage's own line; they stay in the log
+    file and the UI. Prefect's DEBUG (every API call) never reaches the console: PREFECT_LOGGING_LEVEL is its knob."""
     return logging.INFO if level <= VERBOSE else max(level, logging.WARNING)
 
 
 class _ConsoleFilter(logging.Filter):
     """Prefect's records pass above their own threshold and never with a traceback."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.prefect_level = prefect_console_level(NORMAL)
+    prefect_level = prefect_console_level(NORMAL)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(_REPORTED_ELSEWHERE):
-            return True
-        return not record.exc_info and record.levelno >= self.prefect_level
+        return not record.name.startswith(_REPORTED_ELSEWHERE) or (
+            not record.exc_info and record.levelno >= self.prefect_level)
 
 
 class ProgressAwareHandler(logging.StreamHandler):
-    """A stream handler that writes through ``tqdm.write``: bars are cleared, the line printed, the bars redrawn (under
-    tqdm's lock, so threads' records and bars do not interleave)."""
+    """Writes through ``tqdm.write``, under tqdm's lock: bars cleared, the line printed, bars redrawn."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -88,12 +75,6 @@ class _OneLineFormatter(logging.Formatter):
             return super().format(record)
         finally:
             record.exc_info, record.exc_text, record.stack_info = saved
-
-
-def _console_level() -> int:
-    name = os.environ.get("SAND_LOG_LEVEL", "INFO").upper()
-    level = logging.getLevelName(name)
-    return level if isinstance(level, int) else logging.INFO
 
 
 class RunLog:
@@ -120,7 +101,8 @@ class RunLog:
         for noisy in _QUIET:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.installed = True
-        self.set_level(_console_level())
+        level = logging.getLevelName(os.environ.get("SAND_LOG_LEVEL", "INFO").upper())
+        self.set_level(level if isinstance(level, int) else logging.INFO)
 
     def set_level(self, level: int | None) -> None:
         """Console verbosity (``None``: keep SAND_LOG_LEVEL's). DEBUG applies to sand's own loggers only: other
@@ -135,8 +117,7 @@ class RunLog:
         """Start this run's log file: ``<data-root>/logs`` or, when that cannot be written, the temp dir."""
         if self.path is not None or not self.installed:
             return self.path
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        name = f"sand-{stamp}-{os.getpid()}.log"
+        name = f"sand-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
         candidates = [Path(data_root) / "logs"] if data_root is not None and writable else []
         candidates.append(Path(tempfile.gettempdir()) / "sand-logs")
         for directory in candidates:
@@ -152,11 +133,10 @@ class RunLog:
             return None  # nowhere to write: the console line is all there is
         for stale in sorted(self.path.parent.glob("sand-*.log"))[:-KEEP_LOGS]:
             stale.unlink(missing_ok=True)
-        root = logging.getLogger()
         self._buffer.setTarget(self._file)
         self._buffer.flush()
-        root.removeHandler(self._buffer)
-        root.addHandler(self._file)
+        logging.getLogger().removeHandler(self._buffer)
+        logging.getLogger().addHandler(self._file)
         self._exceptions.addHandler(self._file)
         return self.path
 

@@ -1,8 +1,6 @@
-"""``sand models``: the model registry of a data root (list, show, promote).
-
-Why a sub-app of its own: the registry is read and changed by hand (a rollback after a bad retrain is ``sand models
-promote OLDKEY``), apart from any pipeline run, so these commands need only the data root; no Prefect, and torch only to
-republish."""
+"""``sand models``: the model registry of a data root (list, show, promote). Why a sub-app of its own: the registry is
+read and changed by hand (a rollback after a bad retrain is ``sand models promote OLDKEY``), apart from any pipeline
+run, so these commands need only the data root; no Prefect, and torch only to republish."""
 
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ models_app = typer.Typer(help="The model registry: retrained models, the champio
 DataRoot = Annotated[Path | None, typer.Option(
     help="data root holding the registry (default: $SAND_DATA_ROOT or ./data)")]
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+Key = Annotated[str, typer.Argument(help="model key (a unique prefix will do)")]
 
 
 def _root(data_root: Path | None) -> Path:
@@ -56,8 +55,7 @@ def list_models(data_root: DataRoot = None, as_json: AsJson = False) -> None:
 
 
 @models_app.command("show")
-def show_model(key: Annotated[str, typer.Argument(help="model key (a unique prefix will do)")],
-               data_root: DataRoot = None) -> None:
+def show_model(key: Key, data_root: DataRoot = None) -> None:
     """One model as JSON: snapshot, artifacts, config, metrics, champion or not, the decisions about it."""
     registry = ModelRegistry(_root(data_root))
     entry = registry.get(key)
@@ -67,14 +65,12 @@ def show_model(key: Annotated[str, typer.Argument(help="model key (a unique pref
 
 
 @models_app.command("promote")
-def promote_model(key: Annotated[str, typer.Argument(help="model key (a unique prefix will do)")],
-                  data_root: DataRoot = None,
+def promote_model(key: Key, data_root: DataRoot = None,
                   k: Annotated[int | None, typer.Option("-k", "--k", help="recommendations per user to publish "
                                                         "(default: the model's retrain.top_k)")] = None,
                   as_json: AsJson = False) -> None:
     """Make a registered model the champion of its dataset and model (e.g. roll back), then republish."""
     from sand.pipeline.serving.retrain import promote_by_hand  # lazy: httpx, via change detection
-
     root = _root(data_root)
     entry = ModelRegistry(root).get(key)
     top_k = k if k is not None else int(entry.config.get("retrain", {}).get("top_k", 20))

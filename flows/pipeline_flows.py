@@ -1,13 +1,8 @@
-"""Prefect flows: one per stage, and the end-to-end flow that nests them.
-
-The end-to-end flow is the runner's one loop (``pipeline/runner.py``) with a ``call`` that runs each stage in its flow;
-this module adds only what Prefect needs (flows, shard tasks over a task runner, UI artifacts, ``Cached`` states).
-
-Why this shape: every stage is its own flow (a deployment of its own, a node of its own in the UI), parameterised by the
-validated ``PipelineConfig`` so the UI shows a form. The flows are generated from the stage table
-(``pipeline/stages.py``): adding a stage adds its flow. Flows pass small references to artifacts (paths, keys,
-manifests), never arrays: the end-to-end flow hands each stage flow its upstream results. Caching is the artifact
-store's: a stage whose key exists does no work and its flow run ends in a ``Cached`` completed state."""
+"""Prefect flows: one per stage, generated from the stage table (``pipeline/stages.py``), and the end-to-end flow, the
+runner's one loop (``pipeline/runner.py``) running each stage in its flow. Why a flow per stage: a deployment and a UI
+node of its own, parameterised by the validated ``PipelineConfig`` so the UI shows a form. Flows pass small references
+to artifacts (paths, keys, manifests), never arrays. Caching is the artifact store's: a stage whose key exists does no
+work and its flow run ends in a ``Cached`` completed state."""
 
 from __future__ import annotations
 
@@ -25,7 +20,7 @@ from sand.flows.ui import publish_grid, publish_stage_artifacts, publish_summary
 from sand.pipeline.base.config import PipelineConfig
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.experiments.grid import run_grid
-from sand.pipeline.runner import PipelineResult, StageCaller, direct_upstream, resolve_upstream, run_pipeline, run_stage
+from sand.pipeline.runner import PipelineResult, direct_upstream, resolve_upstream, run_pipeline, run_stage
 from sand.pipeline.stage_context import ShardMapper
 from sand.pipeline.stages import STAGE_TABLE, Context, Stage
 
@@ -33,10 +28,8 @@ from sand.pipeline.stages import STAGE_TABLE, Context, Stage
 def outcome_ref(outcome: StageOutcome) -> dict[str, Any]:
     """A stage outcome as a small JSON-able reference (what flows return)."""
     art = outcome.artifact
-    return {
-        "stage": art.stage, "key": art.key, "path": str(art.path), "cached": outcome.cached,
-        "seconds": outcome.seconds, "manifest": art.manifest,
-    }
+    return {"stage": art.stage, "key": art.key, "path": str(art.path), "cached": outcome.cached,
+            "seconds": outcome.seconds, "manifest": art.manifest}
 
 
 def outcome_from_ref(ref: dict[str, Any]) -> StageOutcome:
@@ -55,45 +48,34 @@ def _task_mapper(options: RunOptions, row: Stage) -> ShardMapper:
     named = shard_task.with_options(name=f"{row.flow_name.removeprefix('sand-')}-shard")
 
     def map_shards(run_job: Callable[[Any], str], jobs: Sequence[Any]) -> list[str]:
-        runner = make_task_runner(options.runner, options.dask_address, options.workers)
-        with runner:
-            futures = runner.map(named, {"run_job": unmapped(run_job), "job": list(jobs)})
-            return [f.result() for f in futures]
+        with make_task_runner(options.runner, options.dask_address, options.workers) as runner:
+            return [f.result() for f in runner.map(named, {"run_job": unmapped(run_job), "job": list(jobs)})]
 
     return map_shards
-
-
-def _stage_body(
-    row: Stage, config: PipelineConfig, options: RunOptions, upstream: dict[str, dict[str, Any]] | None
-) -> Any:
-    ctx = Context.create(config, options.refresh, progress=options.show_progress())
-    if upstream is None:  # run on its own (``sand stage``, a deployment): find or build what it reads
-        done = resolve_upstream(ctx, row.name)
-    else:  # inside the pipeline flow: the upstream flows' results, passed in
-        done = {name: outcome_from_ref(ref) for name, ref in upstream.items()}
-    mapper = _task_mapper(options, row) if row.sharded else None
-    outcome = run_stage(ctx, row.name, done, mapper)
-    publish_stage_artifacts(row.name, outcome)
-    ref = outcome_ref(outcome)
-    if outcome.cached:
-        return Completed(message=f"{row.name}: cached artifact {outcome.artifact.key}", name="Cached", data=ref)
-    return ref
 
 
 def _stage_flow(row: Stage) -> Flow[..., dict[str, Any]]:
     """The Prefect flow of one table row, named ``sand-<stage>``."""
 
-    def run_stage_flow(
-        config: PipelineConfig | None = None, options: RunOptions | None = None,
-        upstream: dict[str, dict[str, Any]] | None = None,
-    ) -> dict[str, Any]:
-        return _stage_body(row, config or PipelineConfig(), options or RunOptions(), upstream)
+    def run_stage_flow(config: PipelineConfig | None = None, options: RunOptions | None = None,
+                       upstream: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        options = options or RunOptions()
+        ctx = Context.create(config or PipelineConfig(), options.refresh, progress=options.show_progress())
+        if upstream is None:  # run on its own (``sand stage``, a deployment): find or build what it reads
+            done = resolve_upstream(ctx, row.name)
+        else:  # inside the pipeline flow: the upstream flows' results, passed in
+            done = {name: outcome_from_ref(ref) for name, ref in upstream.items()}
+        outcome = run_stage(ctx, row.name, done, _task_mapper(options, row) if row.sharded else None)
+        publish_stage_artifacts(row.name, outcome)
+        ref = outcome_ref(outcome)
+        if outcome.cached:
+            return Completed(message=f"{row.name}: cached artifact {outcome.artifact.key}", name="Cached", data=ref)
+        return ref
 
     return flow(
         run_stage_flow, name=row.flow_name, log_prints=True,
         description=f"Run the {row.name} stage (config section [{row.section}]); without ``upstream`` "
-        "its inputs are reused from the artifact store or built first.",
-    )
+        "its inputs are reused from the artifact store or built first.")
 
 
 #: One flow per row of the stage table, in pipeline order.
@@ -103,7 +85,7 @@ STAGE_FLOWS: Mapping[str, Flow[..., dict[str, Any]]] = MappingProxyType(
 
 
 def stage_flow_entrypoint(stage_name: str) -> str:
-    """The module path a deployment loads the stage's flow from (resolved by :func:`__getattr__`)."""
+    """The module path a deployment loads the stage's flow from (see :func:`__getattr__`)."""
     return f"{__name__}.{stage_name}_flow"
 
 
@@ -115,38 +97,27 @@ def __getattr__(name: str) -> Flow[..., dict[str, Any]]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _in_stage_flows(config: PipelineConfig, options: RunOptions) -> StageCaller:
-    """The runner's ``call``: each stage in its ``sand-<stage>`` sub-flow, handed its upstream results."""
+@flow(name="sand-pipeline", log_prints=True)
+def pipeline_flow(config: PipelineConfig | None = None, options: RunOptions | None = None,
+                  until: str | None = None) -> PipelineResult:
+    """End to end: raw Amazon data to a trained and evaluated model. The runner's loop with each stage in its sub-flow,
+    handed its upstream flows' results (small references), so no stage resolves its inputs again."""
+    config = config or PipelineConfig()
+    options = options or RunOptions()
 
-    def call(name: str, done: Mapping[str, StageOutcome]) -> StageOutcome:
+    def in_stage_flow(name: str, done: Mapping[str, StageOutcome]) -> StageOutcome:
         upstream = {source: outcome_ref(done[source]) for source in direct_upstream(config, name)}
         return outcome_from_ref(STAGE_FLOWS[name](config=config, options=options, upstream=upstream))
 
-    return call
-
-
-@flow(name="sand-pipeline", log_prints=True)
-def pipeline_flow(
-    config: PipelineConfig | None = None, options: RunOptions | None = None, until: str | None = None
-) -> PipelineResult:
-    """End to end: raw Amazon data to a trained and evaluated model, each stage a nested flow.
-
-    The runner's loop (:func:`~sand.pipeline.runner.run_pipeline`) with each stage in its sub-flow: each stage flow
-    receives its upstream flows' results (small references), so no stage resolves its inputs again; the summary is
-    published to the UI."""
-    config = config or PipelineConfig()
-    options = options or RunOptions()
     ctx = Context.create(config, options.refresh, progress=options.show_progress())
-    result = run_pipeline(ctx, until, call=_in_stage_flows(config, options))
+    result = run_pipeline(ctx, until, call=in_stage_flow)
     publish_summary(result.summary())
     return result
 
 
 @flow(name="sand-grid", log_prints=True)
-def grid_flow(
-    config: PipelineConfig | None = None, axes: dict[str, list[Any]] | None = None, name: str = "grid",
-    options: RunOptions | None = None, select_metric: str = "recall@20",
-) -> dict[str, Any]:
+def grid_flow(config: PipelineConfig | None = None, axes: dict[str, list[Any]] | None = None, name: str = "grid",
+              options: RunOptions | None = None, select_metric: str = "recall@20") -> dict[str, Any]:
     """Every combination of ``axes`` as a nested pipeline run; selection by validation metric."""
     config = config or PipelineConfig()
     options = options or RunOptions()

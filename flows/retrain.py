@@ -1,10 +1,7 @@
-"""The ``sand-retrain`` flow: a scheduled retrain that decides which model is in use and publishes it.
-
-Why a flow of its own (and not the ``sand-pipeline`` deployment): that one recomputes or reuses artifacts, but nothing
-there notices that no data arrived, compares the new model with the one in use, or publishes recommendations. The steps
-live in ``pipeline/serving/retrain.py`` (no Prefect); this flow supplies the pipeline run (the ``sand-pipeline`` flow,
-nested, each stage a sub-flow) and shows the decision on the flow run's page. With no new data it ends within seconds in
-a Completed state named ``No new data``, registering nothing."""
+"""The ``sand-retrain`` flow: a scheduled retrain that decides which model is in use and publishes it. Why not the
+``sand-pipeline`` deployment: nothing there notices that no data arrived, compares the new model with the one in use, or
+publishes recommendations. The steps live in ``pipeline/serving/retrain.py`` (no Prefect); this flow supplies the
+nested ``sand-pipeline`` run and shows the decision on the flow run's page."""
 
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ from sand.pipeline.serving.retrain import RetrainReport, retrain_once
 
 
 def retrain_markdown(report: RetrainReport) -> str:
-    """The decision and its numbers, for the flow run's page."""
+    """The decision and its numbers, as markdown."""
     lines = [f"# Retrain of {report.model} on {report.dataset}: {report.status}", "", report.message, ""]
     if report.changes:
         lines += ["## What changed", "", *(f"- {c}" for c in report.changes), ""]
@@ -31,10 +28,9 @@ def retrain_markdown(report: RetrainReport) -> str:
                   f"| promoted | {d['promoted']} |"]
         for name in ("metric", "challenger_value", "champion_value", "relative_change", "max_drop", "users",
                      "items", "valid_pairs"):
-            if details.get(name) is not None:
-                value = details[name]
-                lines.append(f"| {name.replace('_', ' ')} | {value:.4f} |" if isinstance(value, float)
-                             else f"| {name.replace('_', ' ')} | {value} |")
+            value = details.get(name)
+            if value is not None:
+                lines.append(f"| {name.replace('_', ' ')} | {f'{value:.4f}' if isinstance(value, float) else value} |")
         lines.append("")
     if report.published:
         p = report.published
@@ -47,14 +43,9 @@ def retrain_markdown(report: RetrainReport) -> str:
 def retrain_flow(config: PipelineConfig | None = None, options: RunOptions | None = None) -> Any:
     """New data? Train a challenger, compare it with the champion, promote the better, publish its top-K."""
     from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
-
     config = config or PipelineConfig()
     options = options or RunOptions()
-
-    def run(cfg: PipelineConfig):
-        return pipeline_flow(config=cfg, options=options, until="evaluate").artifacts()
-
-    report = retrain_once(config, run)
+    report = retrain_once(config, lambda cfg: pipeline_flow(config=cfg, options=options, until="evaluate").artifacts())
     _safe(lambda: create_markdown_artifact(key="sand-retrain-decision", markdown=retrain_markdown(report)))
     if report.status == "no new data":
         return Completed(message=report.message, name="No new data", data=report.to_dict())

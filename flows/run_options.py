@@ -1,9 +1,7 @@
-"""How to run (not what to compute): the run options every stage flow and the CLI share.
-
-Why a module without Prefect: the CLI validates these before it knows whether the run needs Prefect at all (a fully
-cached run does not), and its ``--runner``, ``--dask-address`` and ``--refresh`` help is these fields' descriptions.
-Prefect's runner classes and ``prefect-dask`` are known only to :func:`make_task_runner`; the CLI and deployments pass
-strings."""
+"""How to run (not what to compute): the run options every stage flow and the CLI share. Why no Prefect here: the CLI
+validates these before it knows whether the run needs Prefect (a fully cached run does not), and its help for
+``--runner``, ``--dask-address`` and ``--refresh`` is these fields' descriptions. Only :func:`make_task_runner` knows
+Prefect's runner classes and ``prefect-dask``; the CLI and deployments pass strings."""
 
 from __future__ import annotations
 
@@ -52,19 +50,12 @@ class RunOptions(BaseModel):
 
 def make_task_runner(name: str = "threads", dask_address: str | None = None, workers: int | None = None) -> Any:
     """A Prefect task runner; ``dask`` with no address starts a local cluster."""
-    if name == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner  # lazy: Prefect is slow to import
-
-        return ThreadPoolTaskRunner(max_workers=workers)
-    if name == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner  # lazy: Prefect is slow to import
-
-        return ProcessPoolTaskRunner(max_workers=workers)
+    if name in ("threads", "processes"):
+        from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # lazy: Prefect is slow to import
+        return (ThreadPoolTaskRunner if name == "threads" else ProcessPoolTaskRunner)(max_workers=workers)
     if name == "dask":
         from prefect_dask import DaskTaskRunner  # lazy: optional, and imports Dask
-
         if dask_address:
             return DaskTaskRunner(address=dask_address)
-        kwargs: dict[str, Any] = {"n_workers": workers or 2, "threads_per_worker": 1, "processes": True}
-        return DaskTaskRunner(cluster_kwargs=kwargs)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True})
     raise ConfigError(f"invalid runner {name!r}: choose one of {', '.join(RUNNERS)}")

@@ -1,15 +1,9 @@
-"""Prefect's temporary API server ends with the ``sand`` process that started it, however that ends.
-
-Why: without ``PREFECT_API_URL``, Prefect starts an ephemeral API server as a child process (``python -m uvicorn ...``)
-and stops it at exit or on our Ctrl-C/SIGTERM handler. SIGKILL and the kernel's OOM killer skip both, and the server ran
-on, orphaned. A parent-death signal would have to be set in the child, and Prefect creates it with ``subprocess.Popen``
-itself, offering no hook; a process group does not help either (a SIGKILL reaches one process, not its group). What
-Prefect does allow: the child inherits our environment. So we mark the environment with a token, and a small guard
-process, in a session of its own, waits on a pipe that only we hold. The pipe closes when we exit, whatever killed us;
-the guard then terminates every process of this user whose environment carries the token (the server, and anything else
-this run started that outlived it), and exits.
-
-Linux only (``/proc``); elsewhere nothing is started and Prefect's own cleanup is all there is."""
+"""Prefect's temporary API server ends with the ``sand`` process that started it, however that ends. Why: Prefect stops
+its ephemeral server (a child process) at exit or on our Ctrl-C/SIGTERM handler, but SIGKILL and the OOM killer skip
+both, and the server ran on, orphaned. Prefect starts it with ``subprocess.Popen`` itself (no hook for a parent-death
+signal), and a process group does not help (a SIGKILL reaches one process). But the child inherits our environment: we
+mark it with a token, and a guard process in a session of its own waits on a pipe only we hold. When we exit, however we
+die, the pipe closes and the guard ends every process of this user carrying the token. Linux only (``/proc``)."""
 
 from __future__ import annotations
 
@@ -34,16 +28,14 @@ _guard: subprocess.Popen[bytes] | None = None
 def keep_children_with_this_process() -> None:
     """Start this process's guard (once); every child started from now on ends with this process."""
     global _guard
-    if _guard is not None and _guard.poll() is None and os.environ.get(TOKEN_VARIABLE):
-        return
-    if not _PROC.is_dir():
+    running = _guard is not None and _guard.poll() is None and os.environ.get(TOKEN_VARIABLE)
+    if running or not _PROC.is_dir():  # no /proc: Prefect's own cleanup is all there is
         return
     token = f"{os.getpid()}-{secrets.token_hex(8)}"
     env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE}  # the guard must not find itself
-    _guard = subprocess.Popen(
+    _guard = subprocess.Popen(  # a session of its own: Ctrl-C does not reach the guard
         [sys.executable, "-m", "sand.flows.server_lifetime", token], stdin=subprocess.PIPE, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C: not the guard
-    )
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.environ[TOKEN_VARIABLE] = token
 
 

@@ -1,10 +1,7 @@
-"""Prefect defaults that suit a local, offline pipeline command.
-
-Applied by the CLI before Prefect is imported (Prefect reads its settings when it starts).
-
-Why: on a busy 2-core machine the ephemeral API server (Prefect's no-server mode) can need more than its default 20 s to
-start, and an offline machine should not try to send telemetry. Users' explicit environment settings win. The torch
-settings the command also applies live in :mod:`sand.pipeline.base.torch_env`."""
+"""Prefect defaults for a local, offline pipeline command, applied by the CLI before Prefect is imported (it reads its
+settings when it starts). Why: on a busy 2-core machine the ephemeral API server can need more than its default 20 s to
+start, and an offline machine should not send telemetry. Users' explicit environment settings win. The torch settings
+live in :mod:`sand.pipeline.base.torch_env`."""
 
 from __future__ import annotations
 

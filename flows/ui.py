@@ -1,7 +1,6 @@
-"""What the Prefect UI shows about a run: table and markdown artifacts.
-
-Why: "how did last night's retraining do" should be answered on the flow run's page: dataset statistics, metrics per
-split and K, training curves and the report's figures, without opening the data root."""
+"""What the Prefect UI shows about a run: table and markdown artifacts. Why: "how did last night's retraining do"
+should be answered on the flow run's page (dataset statistics, metrics per split and K, training curves, the report's
+figures) without opening the data root."""
 
 from __future__ import annotations
 
@@ -36,25 +35,22 @@ def metrics_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
 
 def image_coverage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """How much of the dataset a shipped feature file covered, and what was skipped in it."""
-    rows = {
+    return _stats_rows({
         "source": manifest.get("source"),
         "items found": manifest.get("items_found"),
         f"items filled ({manifest.get('fill')})": manifest.get("items_filled"),
         **{k.replace("_", " "): v for k, v in (manifest.get("missing_reasons") or {}).items()},
         **{f"file {k.replace('_', ' ')}": v for k, v in (manifest.get("file_stats") or {}).items()},
-    }
-    return _stats_rows(rows)
+    })
 
 
 def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact  # lazy: Prefect is slow to import
-
     manifest = outcome.artifact.manifest
     if stage == "interactions" and "stats" in manifest:
         _safe(lambda: create_table_artifact(
             key="sand-dataset-statistics", table=_stats_rows(manifest["stats"]),
-            description=f"Dataset statistics ({manifest.get('name', '')}), artifact {outcome.artifact.key}",
-        ))
+            description=f"Dataset statistics ({manifest.get('name', '')}), artifact {outcome.artifact.key}"))
     if stage == "train" and "result" in manifest:
         result = manifest["result"]
         epochs = outcome.artifact.file("epochs.csv")
@@ -62,31 +58,25 @@ def publish_stage_artifacts(stage: str, outcome: StageOutcome) -> None:
             table = pd.read_csv(epochs).round(5).to_dict(orient="records")
             _safe(lambda: create_table_artifact(
                 key="sand-training-log", table=table,
-                description=f"Per-epoch log of {result.get('model')} (best epoch {result.get('best_epoch')})",
-            ))
+                description=f"Per-epoch log of {result.get('model')} (best epoch {result.get('best_epoch')})"))
     if stage == "evaluate" and "metrics" in manifest:
         _safe(lambda: create_table_artifact(
             key="sand-metrics", table=metrics_rows(manifest["metrics"]),
-            description=f"Full-ranking metrics of {manifest.get('model')} (MMRec protocol)",
-        ))
+            description=f"Full-ranking metrics of {manifest.get('model')} (MMRec protocol)"))
     if stage == "report":
         publish_figures(sorted(outcome.artifact.path.rglob("*.png")))
     if stage == "image_features" and "items_found" in manifest:
         _safe(lambda: create_table_artifact(
             key="sand-image-feature-coverage", table=image_coverage_rows(manifest),
-            description=f"Image features from {manifest.get('url')}: items found in the file and filled",
-        ))
+            description=f"Image features from {manifest.get('url')}: items found in the file and filled"))
     if stage == "image_features" and manifest.get("missing"):
         _safe(lambda: create_markdown_artifact(
-            key="sand-missing-images",
-            markdown=f"**{manifest['missing']} items without a usable image** (filled with "
-            f"{manifest.get('fill')}): {manifest.get('missing_reasons')}",
-        ))
+            key="sand-missing-images", markdown=f"**{manifest['missing']} items without a usable image** (filled with "
+            f"{manifest.get('fill')}): {manifest.get('missing_reasons')}"))
 
 
 def publish_summary(summary: dict[str, Any]) -> None:
     from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
-
     lines = ["# SAND pipeline run", "", "| stage | cached | seconds |", "|---|---|---|"]
     for stage, info in summary.get("stages", {}).items():
         lines.append(f"| {stage} | {info['cached']} | {info['seconds']:.1f} |")
@@ -100,7 +90,6 @@ def publish_summary(summary: dict[str, Any]) -> None:
 def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None:
     """Report figures inline (data URIs), since the UI cannot read the data root."""
     from prefect.artifacts import create_markdown_artifact  # lazy: Prefect is slow to import
-
     parts = ["# Report figures", ""]
     for path in paths:
         data = base64.b64encode(Path(path).read_bytes()).decode()
@@ -111,7 +100,6 @@ def publish_figures(paths: list[Path], key: str = "sand-report-figures") -> None
 def publish_grid(result: Any) -> None:
     """The grid's runs table (one row per setting) and which one validation selected."""
     from prefect.artifacts import create_table_artifact  # lazy: Prefect is slow to import
-
     if not Path(result.table_path).is_file():
         return
     table = pd.read_csv(result.table_path).round(5).astype(object).where(lambda d: d.notna(), None)
@@ -119,5 +107,4 @@ def publish_grid(result: Any) -> None:
     _safe(lambda: create_table_artifact(
         key=f"sand-grid-{result.name.lower().replace('_', '-').replace('.', '-')}",
         table=table.to_dict(orient="records"),
-        description=f"Grid {result.name}: selected by valid {result.select_metric}: {selected}",
-    ))
+        description=f"Grid {result.name}: selected by valid {result.select_metric}: {selected}"))

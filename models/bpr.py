@@ -1,7 +1,5 @@
-"""MF-BPR (Rendle et al. 2009) and the BPR/regularisation terms every baseline shares.
-
-Why the shared helpers live here: MF-BPR is the simplest model using them, and LightGCN, VBPR and FREEDOM import them
-from here so all baselines compute the same BPR loss and the same regulariser (MMRec's ``BPRLoss`` / ``EmbLoss``)."""
+"""MF-BPR (Rendle et al. 2009) and the BPR/regularisation terms every baseline imports from here, so all of them
+compute the same BPR loss and the same regulariser (MMRec's ``BPRLoss`` / ``EmbLoss``)."""
 
 from __future__ import annotations
 
@@ -15,10 +13,8 @@ from sand.models.losses import bpr_loss
 
 
 def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:
-    """MMRec's ``EmbLoss``: sum of the Frobenius norms (NOT squared) over the batch size.
-
-    The batch size is the row count of the last tensor, as MMRec does. Because the norms are not squared, the useful
-    ``reg_weight`` range differs from a weight decay: MMRec tunes it over {1e-5 ... 2.0}."""
+    """MMRec's ``EmbLoss``: the sum of Frobenius norms (NOT squared) over the last tensor's row count, so, unlike a
+    weight decay, its useful ``reg_weight`` range is MMRec's {1e-5 ... 2.0}."""
     total = embeddings[-1].new_zeros(())
     for e in embeddings:
         total = total + torch.linalg.vector_norm(e)
@@ -26,7 +22,6 @@ def emb_loss(*embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def dot_scores(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise <u, pos> and <u, neg>."""
     return (u * pos).sum(dim=1), (u * neg).sum(dim=1)
 
 
@@ -34,10 +29,8 @@ def check_modalities(
     model_name: str, required: tuple[str, ...], features: Mapping[str, torch.Tensor] | None,
     item_graphs: Mapping[str, torch.Tensor] | None = None, n_items: int | None = None, *, need_graphs: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming the first missing (or mis-shaped) modality input.
-
-    ``models/`` may not import ``pipeline.base.errors``; the pipeline turns this ValueError into its user-facing error
-    (it knows which file was missing)."""
+    """Raise ``ValueError`` naming the first missing (or mis-shaped) modality input; ``models/`` may not import
+    ``pipeline.base.errors``, so the pipeline (which knows the missing file) turns it into its user-facing error."""
     features = features or {}
     item_graphs = item_graphs or {}
     for m in required:
@@ -46,22 +39,18 @@ def check_modalities(
         f = features[m]
         if f.dim() != 2 or (n_items is not None and f.shape[0] != n_items):
             raise ValueError(f"{model_name}: '{m}' features must be ({n_items}, d); got {tuple(f.shape)}")
-        if need_graphs:
-            if m not in item_graphs:
-                raise ValueError(
-                    f"{model_name} needs the '{m}' item-item graph in item_graphs; got {sorted(item_graphs)}"
-                )
-            g = item_graphs[m]
-            if n_items is not None and tuple(g.shape) != (n_items, n_items):
-                raise ValueError(f"{model_name}: '{m}' item graph must be ({n_items}, {n_items}); got {tuple(g.shape)}")
+        if not need_graphs:
+            continue
+        if m not in item_graphs:
+            raise ValueError(f"{model_name} needs the '{m}' item-item graph in item_graphs; got {sorted(item_graphs)}")
+        g = item_graphs[m]
+        if n_items is not None and tuple(g.shape) != (n_items, n_items):
+            raise ValueError(f"{model_name}: '{m}' item graph must be ({n_items}, {n_items}); got {tuple(g.shape)}")
 
 
 class MFBPR(Recommender):
-    """Matrix factorisation trained with BPR, as MMRec's ``BPR`` model.
-
-    user/item tables (``embedding_dim``, xavier-normal as MMRec); loss = BPR + ``reg_weight`` * EmbLoss(user, pos, neg)
-    over the batch rows. MMRec tunes reg_weight over {2.0, 1.0, 1e-1, ..., 1e-5}; 1e-1 was best on Baby on these
-    machines (measured on the real Baby graph, docs/benchmarks.md), hence the default."""
+    """Matrix factorisation trained with BPR + ``reg_weight`` * EmbLoss, as MMRec's ``BPR`` model. MMRec tunes
+    reg_weight over {2.0, 1.0, 1e-1, ..., 1e-5}; the default 1e-1 was best on Baby (docs/benchmarks.md)."""
 
     required_modalities: tuple[str, ...] = ()
 

@@ -1,28 +1,8 @@
-"""Maximum-likelihood fit of a :class:`~models.losses.ClubEstimator`, fast on a CPU.
-
-Why a routine of its own: SAND_a fits one estimator per modality with ``club_steps``
-(50) Adam steps per training batch on all N items' (E1, E2) pairs. Each step is a
-few dozen operations on N x 32 tensors, each far too small to keep two cores busy,
-and done through autograd, a generic Adam and PyTorch's row-major layout this loop
-was most of what made SAND_a slower than SAND_b. Measured on Baby-sized pairs
-(7,050 x 32, two estimators, 50 steps, 2 cores) it went from ~0.56 s to ~0.09 s per
-batch by:
-
-- gradients in closed form (no autograd graph), with the two heads' first layers fused into one product;
-- a transposed layout (features x items): every product then has its long
-  dimension contiguous, which MKL runs 3-5x faster for these skinny shapes;
-- ``tanh`` written as ``2 sigmoid(2p) - 1`` and ``exp`` as ``exp2`` (both several times faster in ATen on CPU), with the
-  constant factors folded into one scale of the gradient vector;
-- all parameters, gradients and Adam moments in single flat buffers, so the Adam
-  update is five operations for the whole estimator;
-- one intra-op thread per estimator, the estimators fitted side by side in Python threads (:func:`fit_clubs`): with idle
-  OpenMP threads sleeping (our ``OMP_WAIT_POLICY=PASSIVE``), waking them costs more than these operations, and the
-  operations release the GIL. Each fit is single-threaded either way, so the result does not depend on how many run at
-  once.
-
-The arithmetic is that of ``torch.optim.Adam`` on ``-log_likelihood`` (tests compare both over many steps), and the
-moments live in the estimator's own ``torch.optim.Adam`` state, so checkpoints, resumption and the autograd reference
-path all share one format."""
+"""Maximum-likelihood fit of a :class:`~models.losses.ClubEstimator`, fast on a CPU. Why: SAND_a fits each estimator
+with ``club_steps`` Adam steps per batch, each a few dozen operations on N x 32 tensors, and through autograd and a
+generic Adam this loop was most of what made SAND_a slower than SAND_b. Here gradients are closed-form in a transposed
+layout MKL runs fast, on flat buffers, the estimators side by side (:func:`fit_clubs`); the arithmetic and the moments'
+format are ``torch.optim.Adam``'s (tests compare both)."""
 
 from __future__ import annotations
 
@@ -43,15 +23,11 @@ CLUB_FIT = "sand::club_fit"
 
 @contextmanager
 def single_intra_op_thread(device: torch.device) -> Iterator[None]:
-    """Run torch CPU operations on one thread inside the block, then restore the setting.
-
-    Why: the fit's operations take 10-100 microseconds each; waking a sleeping OpenMP worker for each of them costs
-    about as much. The setting is process-wide, so the previous value is restored even when the block raises."""
-    if device.type != "cpu":
-        yield
-        return
+    """Run torch CPU operations on one thread inside the block (restored even if it raises). Why: waking a sleeping
+    OpenMP worker (``OMP_WAIT_POLICY=PASSIVE``) costs as much as one of the fit's tiny operations, which release the GIL
+    anyway; each fit is single-threaded either way, so results do not depend on how many run at once."""
     previous = torch.get_num_threads()
-    if previous == 1:
+    if device.type != "cpu" or previous == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -62,10 +38,7 @@ def single_intra_op_thread(device: torch.device) -> Iterator[None]:
 
 
 def _layout(est: ClubEstimator) -> list[nn.Parameter]:
-    """The estimator's parameters in flat-buffer order: both first layers' rows adjacent.
-
-    So ``[mu1.weight; logvar1.weight]`` is one contiguous (2h x in) matrix and the two heads' first layers are a single
-    product."""
+    """Flat-buffer order: ``[mu1.weight; logvar1.weight]`` adjacent, so both heads' first layers are one product."""
     mu1, mu2, lv1, lv2 = est.mu[0], est.mu[2], est.logvar[0], est.logvar[2]
     return [mu1.weight, lv1.weight, mu1.bias, lv1.bias, mu2.weight, mu2.bias, lv2.weight, lv2.bias]
 
@@ -82,7 +55,7 @@ def _adam_settings(optimiser: torch.optim.Adam) -> tuple[float, float, float, fl
 
 
 class _FlatState:
-    """Parameters, gradient and Adam moments of one estimator as flat buffers with views."""
+    """Parameters, gradient and Adam moments of one estimator as flat buffers."""
 
     def __init__(self, est: ClubEstimator, optimiser: torch.optim.Adam) -> None:
         self.params = _layout(est)
@@ -102,11 +75,9 @@ class _FlatState:
             raise ValueError("fit_club: the CLUB optimiser holds state for only some parameters")
 
     def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        """``buffer`` split like the parameters, each piece shaped like its parameter."""
         return [piece.view_as(p) for piece, p in zip(buffer.split(self.numels), self.params, strict=True)]
 
     def write_back(self) -> None:
-        """Copy parameters and moments into the module and the optimiser's state."""
         group = self.optimiser.param_groups[0]
         with torch.no_grad():
             for p, value, m, v in zip(
@@ -129,13 +100,10 @@ class _FlatState:
 def fit_club(
     est: ClubEstimator, optimiser: torch.optim.Adam, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
 ) -> list[float]:
-    """``steps`` Adam steps on ``-sum_k mean_i log q(y_ki | x_ki)`` over the (x, y) ``pairs``.
-
-    One pair per modality normally; a shared estimator gets every modality's pairs (all with the same number of rows),
-    whose likelihood gradients add up, as they would through autograd. ``optimiser`` must be a plain
-    ``torch.optim.Adam`` over exactly ``est``'s parameters; its state is read before and written after the fit. Returns
-    the mean log-likelihood of each pair at the last step, before that step's update (what the reference path reports);
-    none without steps."""
+    """``steps`` Adam steps on ``-sum_k mean_i log q(y_ki | x_ki)`` over the (x, y) ``pairs`` (a shared estimator's
+    gradients add up as through autograd); ``optimiser``: a plain ``torch.optim.Adam`` over ``est``, its state read and
+    written back. Returns each pair's mean log-likelihood at the last step, before its update (as the reference
+    path)."""
     if steps <= 0:
         return []
     n = int(pairs[0][0].shape[0])
@@ -150,17 +118,10 @@ def fit_club(
     n_w1 = 2 * w1_mu.numel()
     w1, g1 = state.flat[:n_w1].view(2 * hidden, -1), state.grad[:n_w1].view(2 * hidden, -1)
     b1, gb1 = state.flat[n_w1 : n_w1 + 2 * hidden], state.grad[n_w1 : n_w1 + 2 * hidden]
-    # The loop leaves 1/n off the mean head's gradient and -2/n off the log-variance
-    # head's; one elementwise scale of the gradient vector restores both.
-    mu_scale, lv_scale = 1.0 / n, -2.0 / n
-    scale = torch.cat(
-        [
-            torch.full((w1_mu.numel(),), mu_scale), torch.full((w1_lv.numel(),), lv_scale),
-            torch.full((hidden,), mu_scale), torch.full((hidden,), lv_scale),
-            torch.full((w2_mu.numel() + b2_mu.numel(),), mu_scale),
-            torch.full((w2_lv.numel() + b2_lv.numel(),), lv_scale),
-        ]
-    ).to(state.flat)
+    # The loop leaves 1/n off the mean head's gradient and -2/n off the log-variance head's; one scale restores both.
+    mu_params = {id(p) for p in est.mu.parameters()}
+    scale = torch.cat([torch.full((p.numel(),), 1.0 / n if id(p) in mu_params else -2.0 / n) for p in state.params])
+    scale = scale.to(state.flat)
     values: list[float] = []
     with torch.no_grad():
         x_t = torch.cat([x.detach().T for x, _ in pairs], dim=1).contiguous()
@@ -170,8 +131,7 @@ def fit_club(
         for step in range(steps):
             torch.addmm(b1[:, None], w1, x_t, out=h_t).clamp_(min=0.0)
             diff = torch.addmm(b2_mu[:, None], w2_mu, h_t[:hidden]).sub_(y_t)  # mu - y
-            # s = sigmoid(2p), so logvar = tanh(p) = 2s - 1, e^-logvar = 2^(log2(e) (1 - 2s))
-            # and d logvar / dp = 1 - logvar^2 = 4 s (1 - s).
+            # s = sigmoid(2p): logvar = tanh(p) = 2s - 1, e^-logvar = 2^(log2(e) (1 - 2s)), d logvar / dp = 4 s (1 - s)
             s = torch.addmm(b2_lv[:, None], w2_lv, h_t[hidden:], beta=2.0, alpha=2.0).sigmoid_()
             g_mu = torch.mul(s, -2.0 * LOG2E).add_(LOG2E).exp2_().mul_(diff)  # (mu - y) / var
             s_one_minus_s = torch.addcmul(s, s, s, value=-1.0)
@@ -200,23 +160,16 @@ def fit_club(
 def fit_clubs(
     jobs: Sequence[tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]], steps: int,
 ) -> list[list[float]]:
-    """:func:`fit_club` for several independent estimators, side by side on a CPU.
-
-    Each job is ``(estimator, its optimiser, its pairs)``; results come back in job order. On a CPU every fit runs on
-    one intra-op thread (restored afterwards) and the fits share the cores through a thread pool; elsewhere they run one
-    after another."""
+    """:func:`fit_club` per ``(estimator, optimiser, pairs)`` job, in job order: side by side in a thread pool on a
+    CPU (one intra-op thread each), one after another elsewhere."""
     if not jobs:
         return []
     device = next(jobs[0][0].parameters()).device
-
-    def one(job: tuple[ClubEstimator, torch.optim.Adam, Sequence[tuple[torch.Tensor, torch.Tensor]]]):
-        return fit_club(*job, steps)
-
     with record_function(CLUB_FIT), single_intra_op_thread(device):
         if device.type != "cpu" or len(jobs) == 1:
-            return [one(job) for job in jobs]
+            return [fit_club(*job, steps) for job in jobs]
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="club-fit") as pool:
-            return list(pool.map(one, jobs))
+            return list(pool.map(lambda job: fit_club(*job, steps), jobs))
 
 
 def _adam_update(state: _FlatState, lr: float, beta1: float, beta2: float, eps: float) -> None:

@@ -1,27 +1,10 @@
-"""FREEDOM (Zhou & Shen 2023, "A Tale of Two Graphs"), following MMRec's implementation.
+"""FREEDOM (Zhou & Shen 2023, "A Tale of Two Graphs"), following MMRec's ``freedom.py`` / ``FREEDOM.yaml``: a frozen
+item-item graph (from ``item_graphs``, never recomputed) and degree-sensitive pruning of the training graph each epoch.
 
-Facts taken from MMRec's ``freedom.py`` / ``FREEDOM.yaml`` (read, not copied):
-- Item-item graph S = w * S_image + (1 - w) * S_text, w = ``mm_image_weight`` (0.1), frozen. Here it comes from
-  ``item_graphs`` (the graph stage's artifact) and is never recomputed. It propagates the free item ID embeddings
-  ``n_mm_layers`` (1) times; the result is added to the LightGCN item output.
-- Degree-sensitive edge pruning: before every epoch, keep ``int(E * (1 - dropout))`` training edges sampled without
-  replacement with probability proportional to 1 / sqrt(d_u d_i), and re-normalise the kept graph symmetrically.
-  ``dropout`` is 0.8 or 0.9 in MMRec's grid (default 0.8 here). Training propagates over the pruned graph; inference
-  over the FULL training graph.
-- LightGCN-style mean over ``n_ui_layers`` (2) layers of the user-item graph.
-- Raw features are *trainable* (MMRec loads them with ``Embedding.from_pretrained(freeze=False)``;
-  ``train_features=False`` freezes them) and are projected to ``feat_embed_dim`` (64) by ``Linear`` layers. The
-  projected features enter only through extra BPR terms of the propagated user against them: loss = BPR + reg_weight *
-  (BPR_text + BPR_image); reg_weight grid {0, 1e-5, 1e-4, 1e-3} (default 1e-3 here). MMRec's ``lambda_coeff`` is unused
-  by its FREEDOM and is not offered.
-
-Not in MMRec: ``modal_in_scores=True`` adds the projected features of every modality to the item ID embeddings before
-both propagations, so the modal features reach the scoring embeddings. It exists for the SAND plug-in's ``scoring``
-fusion (see ``docs/model.md``): in MMRec's FREEDOM the projected features reach only the auxiliary BPR terms, so
-anything a plug-in does to them cannot change a score when ``reg_weight = 0``. Each modality's fused part is scaled
-by a constant fixed at construction (``fused_scale``): the ID embeddings' mean row norm over its projected rows'.
-Why: raw features of norm 20-65 project to rows about 40 times longer than the ID embeddings'; added unscaled, they
-dominate every score and saturate the BPR sigmoid from the first batch (docs/convergence.md)."""
+Not in MMRec: ``modal_in_scores=True`` adds the projected features to the item ID embeddings before both propagations,
+so the SAND plug-in's ``scoring`` fusion (``docs/model.md``) can change scores. Each is scaled by ``fused_scale``, the
+ID embeddings' mean row norm over the projected rows': unscaled, they dominate every score and saturate the BPR sigmoid
+from the first batch (docs/convergence.md)."""
 
 from __future__ import annotations
 
@@ -37,8 +20,6 @@ from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, s
 from sand.models.lightgcn import edges_numpy, layer_mean
 from sand.models.precision import LowPrecisionCopies, compute_dtype, linear
 
-MODALITIES: tuple[str, ...] = ("image", "text")
-
 
 def degree_edge_weights(n_users: int, n_items: int, edges: np.ndarray) -> torch.Tensor:
     """1 / sqrt(d_u d_i) for each (deduplicated) edge: FREEDOM's sampling weights."""
@@ -48,10 +29,9 @@ def degree_edge_weights(n_users: int, n_items: int, edges: np.ndarray) -> torch.
 
 
 def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """k distinct indices drawn one after another with probability proportional to ``weights``.
-
-    ``torch.multinomial`` (MMRec's call) accepts at most 2**24 categories; beyond that the same distribution comes from
-    the top-k of ``log(u) / w`` keys (Efraimidis & Spirakis). Indices are returned on the CPU."""
+    """k distinct indices (on the CPU) drawn one after another with probability proportional to ``weights``.
+    ``torch.multinomial`` (MMRec's call) takes at most 2**24 categories; beyond, the same distribution comes from the
+    top-k of ``log(u) / w`` keys (Efraimidis & Spirakis)."""
     w = weights.to(generator.device)
     if len(w) <= 2**24:
         return torch.multinomial(w, k, replacement=False, generator=generator).cpu()
@@ -60,14 +40,13 @@ def weighted_sample_without_replacement(weights: Tensor, k: int, generator: torc
 
 
 class FREEDOM(Recommender):
-    """FREEDOM with named projected modal features (for the SAND plug-in).
+    """FREEDOM with named projected modal features (for the SAND plug-in); raw features are trainable, as MMRec's
+    ``Embedding.from_pretrained(freeze=False)``. MMRec's grid: ``dropout`` in {0.8, 0.9}, ``reg_weight`` in {0, 1e-5,
+    1e-4, 1e-3}; its ``lambda_coeff``, unused by its FREEDOM, is not offered. Tests inspect ``full_adj``, ``train_adj``,
+    ``kept_edges`` and ``train_edges``."""
 
-    Inspection points (used by the tests): ``full_adj`` (inference graph), ``train_adj`` (the current epoch's pruned
-    graph), ``kept_edges`` ((K, 2) edges kept this epoch), ``train_edges`` ((E, 2) deduplicated training edges)."""
-
-    required_modalities: tuple[str, ...] = MODALITIES
-    #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
-    precision: str = "fp32"
+    required_modalities: tuple[str, ...] = ("image", "text")
+    precision: str = "fp32"  #: or "bf16": the dtype of the products with the raw features (:mod:`models.precision`)
 
     def __init__(
         self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
@@ -79,33 +58,26 @@ class FREEDOM(Recommender):
         super().__init__()
         check_modalities("FREEDOM", self.required_modalities, features, item_graphs, n_items, need_graphs=True)
         if feat_embed_dim != embedding_dim:
-            raise ValueError(
-                f"FREEDOM: feat_embed_dim ({feat_embed_dim}) must equal embedding_dim ({embedding_dim}): "
-                "users are scored against projected features"
-            )
+            raise ValueError(f"FREEDOM: feat_embed_dim ({feat_embed_dim}) must equal embedding_dim ({embedding_dim}): "
+                             "users are scored against projected features")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"FREEDOM: dropout must be in [0, 1); got {dropout}")
         assert features is not None and item_graphs is not None
         self.n_users, self.n_items = int(n_users), int(n_items)
         self.n_ui_layers, self.n_mm_layers = int(n_ui_layers), int(n_mm_layers)
-        self.dropout = float(dropout)
-        self.reg_weight = float(reg_weight)
+        self.dropout, self.reg_weight = float(dropout), float(reg_weight)
         self.modal_in_scores = bool(modal_in_scores)
         self.modalities = self.required_modalities
         self._low_copies = LowPrecisionCopies()
-
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, embedding_dim)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
-        self.projections = nn.ModuleDict(
-            {m: nn.Linear(int(features[m].shape[1]), feat_embed_dim) for m in self.modalities}
-        )
+        self.projections = nn.ModuleDict({m: nn.Linear(features[m].shape[1], feat_embed_dim) for m in self.modalities})
         for m in self.modalities:
             feat = features[m].detach().float().clone()
             if train_features:
                 self.register_parameter(f"feat_{m}", nn.Parameter(feat))
             else:
                 self.register_buffer(f"feat_{m}", feat, persistent=False)
-
         edges = np.unique(edges_numpy(train_edges, "FREEDOM"), axis=0)
         self.train_edges = torch.from_numpy(edges)
         self._edge_weights = degree_edge_weights(self.n_users, self.n_items, edges)
@@ -154,13 +126,9 @@ class FREEDOM(Recommender):
             out[m] = linear(x, lin.weight, lin.bias, self.precision, x_low)
         return out
 
-    def propagate(
-        self, adj: torch.Tensor, modal: Mapping[str, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(users, items) over user-item graph ``adj``, plus the item-item propagation of the items.
-
-        The items entering both propagations are the ID embeddings, plus the sum of the projected features ``modal``
-        scaled by ``fused_scale`` when ``modal_in_scores`` (computed here if not given)."""
+    def propagate(self, adj: Tensor, modal: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(users, items) over user-item graph ``adj``, plus the item-item propagation of the items: the ID embeddings,
+        plus (``modal_in_scores``) the projected features ``modal`` scaled by ``fused_scale``."""
         items = self.item_embedding
         if self.modal_in_scores:
             modal = self.modal_representations() if modal is None else modal
@@ -177,10 +145,9 @@ class FREEDOM(Recommender):
         modal = self.modal_representations()
         u_all, i_all = self.propagate(self.train_adj, modal)
         u = u_all[users]
-        terms = {"bpr": bpr_loss(*dot_scores(u, i_all[pos], i_all[neg]))}
+        bpr = bpr_loss(*dot_scores(u, i_all[pos], i_all[neg]))
         modal_bpr = sum(bpr_loss(*dot_scores(u, modal[m][pos], modal[m][neg])) for m in self.modalities)
-        terms["modal_bpr"] = self.reg_weight * modal_bpr
-        return terms
+        return {"bpr": bpr, "modal_bpr": self.reg_weight * modal_bpr}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scoring embeddings over the FULL training graph (never the pruned one)."""

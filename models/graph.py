@@ -1,7 +1,5 @@
-"""Sparse graph helpers shared by the graph-based models (LightGCN, FREEDOM, SAND).
-
-Why here: every graph model needs the same symmetric-normalised user-item adjacency over the *training* interactions;
-one implementation keeps them consistent (no self loops, D^-1/2 A D^-1/2, zero-degree rows left at zero)."""
+"""Sparse graph helpers shared by LightGCN, FREEDOM and SAND, so all use the same symmetric-normalised user-item
+adjacency over the *training* interactions (no self loops, D^-1/2 A D^-1/2, zero-degree rows left at zero)."""
 
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ from torch.autograd.profiler import record_function
 
 
 def scipy_to_torch_sparse(m: sp.spmatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A scipy sparse matrix as a coalesced torch sparse COO tensor."""
     coo = m.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
     val = torch.from_numpy(coo.data.astype(np.float32)).to(dtype)
@@ -27,8 +24,7 @@ def bipartite_adjacency(n_users: int, n_items: int, edges: np.ndarray) -> sp.csr
     """(U+N) x (U+N) binary symmetric adjacency of the user-item graph (duplicates merged)."""
     u = np.asarray(edges[:, 0], dtype=np.int64)
     i = np.asarray(edges[:, 1], dtype=np.int64) + n_users
-    rows = np.concatenate([u, i])
-    cols = np.concatenate([i, u])
+    rows, cols = np.concatenate([u, i]), np.concatenate([i, u])
     n = n_users + n_items
     a = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n, n))
     a.sum_duplicates()
@@ -47,7 +43,6 @@ def symmetric_normalise(a: sp.spmatrix) -> sp.csr_matrix:
 
 
 def normalised_bipartite_adjacency(n_users: int, n_items: int, edges: np.ndarray) -> torch.Tensor:
-    """The normalised training graph as a torch sparse tensor, ready for ``torch.sparse.mm``."""
     return scipy_to_torch_sparse(symmetric_normalise(bipartite_adjacency(n_users, n_items, edges)))
 
 
@@ -65,11 +60,9 @@ GRAPH_PRODUCTS = "sand::graph_products"
 
 
 class SparseMatmul(torch.autograd.Function):
-    """``a @ x`` for a constant CSR matrix ``a`` whose transpose ``a_t`` is given (also CSR).
-
-    Why not ``torch.sparse.mm``: its backward transposes and re-sorts the sparse matrix on every call; the graphs are
-    frozen, so the transpose is built once (and is ``a`` itself for the symmetric user-item adjacency). About 3x less
-    CPU per propagation on Baby."""
+    """``a @ x`` for a constant CSR ``a`` with (CSR) transpose ``a_t``. Not ``torch.sparse.mm``, whose backward
+    transposes and re-sorts the matrix on every call: the frozen graphs' transposes are built once (``a`` itself if
+    symmetric)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -89,14 +82,7 @@ def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = N
 
 
 def mix_item_graphs(item_graphs: Mapping[str, torch.Tensor], image_weight: float) -> torch.Tensor:
-    """S = w * S_image + (1 - w) * S_text as one coalesced float32 COO tensor.
-
-    The frozen kNN graphs come from the graphs stage; the mix weight is a model hyper-parameter (``mm_image_weight``),
-    so it is applied here, at model time."""
-
-    def coo(g: torch.Tensor) -> torch.Tensor:
-        g = g if g.layout == torch.sparse_coo else g.to_sparse_coo()
-        return g.coalesce().float()
-
-    mixed = image_weight * coo(item_graphs["image"]) + (1.0 - image_weight) * coo(item_graphs["text"])
-    return mixed.coalesce()
+    """S = w * S_image + (1 - w) * S_text as one coalesced float32 COO tensor, mixed here because the weight is a
+    model hyper-parameter (``mm_image_weight``) while the kNN graphs come from the graphs stage."""
+    image, text = (item_graphs[m].to_sparse_coo().coalesce().float() for m in ("image", "text"))
+    return (image_weight * image + (1.0 - image_weight) * text).coalesce()

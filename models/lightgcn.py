@@ -1,8 +1,5 @@
-"""LightGCN (He et al. 2020), following MMRec's implementation.
-
-Why: the ID-only graph baseline of the SAND paper (Baby R@20 0.0754). Ego embeddings are propagated over the
-symmetric-normalised *training* graph; the output is the mean of the ego embeddings and every layer's output. The
-regulariser acts on the ego embeddings of the batch (MMRec's convention), not on the propagated ones."""
+"""LightGCN (He et al. 2020) as MMRec: the SAND paper's ID-only graph baseline. The regulariser acts on the batch's ego
+embeddings (MMRec's convention), not the propagated ones."""
 
 from __future__ import annotations
 
@@ -17,7 +14,6 @@ from sand.models.graph import normalised_bipartite_adjacency, sparse_matmul, to_
 
 
 def edges_numpy(train_edges: torch.Tensor | None, model_name: str):
-    """Training edges as an (E, 2) int64 numpy array; a graph model cannot do without them."""
     if train_edges is None:
         raise ValueError(f"{model_name} needs train_edges (E, 2) to build its user-item graph")
     e = torch.as_tensor(train_edges).detach().cpu().long()
@@ -28,8 +24,7 @@ def edges_numpy(train_edges: torch.Tensor | None, model_name: str):
 
 def layer_mean(adj: Tensor, ego: Tensor, n_layers: int) -> Tensor:
     """mean(ego, A ego, A^2 ego, ..., A^L ego): LightGCN's layer combination (A symmetric)."""
-    out = ego
-    h = ego
+    out = h = ego
     for _ in range(n_layers):
         h = sparse_matmul(adj, h)
         out = out + h
@@ -37,11 +32,8 @@ def layer_mean(adj: Tensor, ego: Tensor, n_layers: int) -> Tensor:
 
 
 class LightGCN(Recommender):
-    """LightGCN over the normalised training graph.
-
-    Hyper-parameters: ``embedding_dim`` (64), ``n_layers`` (2; MMRec tunes {1, 2, 3, 4}; 1 layer was best on Baby here,
-    docs/benchmarks.md), ``reg_weight`` (1e-2; MMRec tunes {1e-2, ..., 1e-6}). Embeddings are xavier-uniform, as MMRec.
-    With ``n_layers = 0`` the model is MF-BPR on its ego embeddings."""
+    """LightGCN over the normalised training graph (``n_layers = 0``: MF-BPR on its ego embeddings). MMRec tunes
+    ``n_layers`` over {1, 2, 3, 4} (1 was best on Baby, docs/benchmarks.md), ``reg_weight`` over {1e-2 ... 1e-6}."""
 
     required_modalities: tuple[str, ...] = ()
 
@@ -54,8 +46,7 @@ class LightGCN(Recommender):
         if n_layers < 0:
             raise ValueError(f"LightGCN: n_layers must be >= 0; got {n_layers}")
         self.n_users, self.n_items = int(n_users), int(n_items)
-        self.n_layers = int(n_layers)
-        self.reg_weight = float(reg_weight)
+        self.n_layers, self.reg_weight = int(n_layers), float(reg_weight)
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, embedding_dim)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges_numpy(train_edges, "LightGCN"))
@@ -63,7 +54,6 @@ class LightGCN(Recommender):
         self.register_buffer("adj", to_csr(adj), persistent=False)
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(users, items) after layer-mean propagation."""
         ego = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         out = layer_mean(self.adj, ego, self.n_layers)
         return out[: self.n_users], out[self.n_users :]

@@ -1,22 +1,7 @@
-"""SAND as a plug-in (Table 3): the split/align/distance component on another backbone.
-
-Why a wrapper: the component needs only each item's modal representations, which a backbone names through
-``modal_representations() -> {modality: (N, d) tensor}``. The wrapper adds the alignment and distancing losses on the
-column halves of those tensors (generic | unique) and delegates everything else (BPR terms, scoring, FREEDOM's per-epoch
-edge pruning) to the backbone.
-
-``plugin_fusion`` says whether the SAND-processed representation reaches the scores (``docs/model.md``, "Plug-ins"):
-
-- ``"auxiliary"`` (default, the faithful plug-in): the backbone is untouched. For FREEDOM this means the SAND terms act
-  only on the projected features, which enter FREEDOM's auxiliary modal BPR term (weight ``reg_weight``) and never its
-  scores: with ``reg_weight = 0`` (the authors' FREEDOM+SAND setting) its scores are bit-identical to FREEDOM's whatever
-  ``alpha`` and ``beta``.
-- ``"scoring"``: FREEDOM adds the projected features (generic and unique parts, i.e. all their columns) of both
-  modalities to the item embeddings before its user-item and item-item propagations (``FREEDOM(modal_in_scores=True)``),
-  so the SAND terms shape what is scored.
-
-VBPR's projected features are part of its item representation already, so for VBPR both fusions are the same model
-(:attr:`SeparationPlugin.fusion_matters` is False and the registry does not pass the setting on)."""
+"""SAND as a plug-in (Table 3): the split/align/distance component on another backbone's ``modal_representations()``.
+``plugin_fusion`` (``docs/model.md``, "Plug-ins"): ``"auxiliary"``, the faithful plug-in, leaves the backbone untouched
+(with ``reg_weight = 0`` FREEDOM's scores are then FREEDOM's, whatever ``alpha`` and ``beta``); ``"scoring"`` builds
+``FREEDOM(modal_in_scores=True)`` so the SAND terms shape what is scored. VBPR scores its projected features anyway."""
 
 from __future__ import annotations
 
@@ -115,9 +100,7 @@ class VBPRSand(SeparationPlugin):
 
 
 class FREEDOMSand(SeparationPlugin):
-    """FREEDOM + SAND: the component on FREEDOM's projected image/text features.
-
-    ``plugin_fusion="scoring"`` builds the backbone with ``modal_in_scores=True``."""
+    """FREEDOM + SAND: the component on FREEDOM's projected image/text features."""
 
     backbone_class = FREEDOM
 

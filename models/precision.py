@@ -1,15 +1,7 @@
-"""Compute precision of the models' big products: float32, or bfloat16 where it pays.
-
-Why explicit casts and not ``torch.autocast``: the products that cost (a 7,050 x 4,096 feature matrix read through
-folded weights, ~70 GFLOP per SAND batch) are few and known, and the feature matrix is fixed, so its bfloat16 copy is
-made once per run instead of once per batch; autocast would also cast the many small products (CLUB fit, heads, losses)
-whose precision matters more than their speed. What stays float32: master weights, gradients handed to the optimiser,
-optimiser state, losses, the CLUB fit, the sparse graph products and evaluation (the trainer scores in float32, see
-:func:`precision_scope`). bfloat16 products accumulate in float32 inside oneDNN / cuBLAS; only their inputs and outputs
-are rounded to 8 significant bits.
-
-A module takes part by declaring a class attribute ``precision = "fp32"``; the trainer sets it on every such module with
-:func:`set_precision`."""
+"""Compute precision of the models' big products: float32, or bfloat16 where it pays. Explicit casts, not
+``torch.autocast``: the costly products (the fixed features read through folded weights) are few, so the features'
+bfloat16 copy is made once per run, and the small products, whose precision matters more than their speed, stay float32.
+Modules declaring ``precision = "fp32"`` are set by :func:`set_precision`."""
 
 from __future__ import annotations
 
@@ -33,12 +25,10 @@ def check_precision(precision: str) -> str:
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype of a big product's inputs under ``precision``."""
     return _DTYPES[check_precision(precision)]
 
 
 def set_precision(model: nn.Module, precision: str) -> None:
-    """Set ``precision`` on every submodule of ``model`` that declares the attribute."""
     check_precision(precision)
     for module in model.modules():
         if hasattr(type(module), "precision"):
@@ -58,19 +48,14 @@ def precision_scope(model: nn.Module, precision: str) -> Iterator[None]:
 
 
 class LowPrecisionCopies:
-    """Low-dtype copies of FIXED tensors (raw features), made once and reused.
-
-    Why: a model's raw features do not change during a run; casting 7,050 x 4,096 floats every batch costs tens of ms,
-    one bfloat16 copy costs half the float32 memory once. A source that moved (``.to(device)``) or was written in place
-    by ordinary torch ops (``_version``) is cast again. Never use it for parameters: fused optimisers update them in
-    place without bumping ``_version``, so the copy would silently go stale. Not module state: never saved in
-    checkpoints."""
+    """Low-dtype copies of FIXED tensors (raw features), made once per run, not per batch; not module state. A source
+    that moved or was written in place (``_version``) is cast again. Never use it for parameters: fused optimisers
+    update them in place without bumping ``_version``, so the copy would silently go stale."""
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[tuple[int, torch.device, int, torch.dtype], torch.Tensor]] = {}
 
     def get(self, name: str, source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``source`` in ``dtype``, without gradient: the cached copy while ``source`` is unchanged."""
         if source.requires_grad:
             raise ValueError(f"LowPrecisionCopies: {name!r} is trainable; cast it on every use instead")
         if source.dtype == dtype:
@@ -83,17 +68,12 @@ class LowPrecisionCopies:
         self._cache[name] = (stamp, copy)
         return copy
 
-    def clear(self) -> None:
-        self._cache.clear()
-
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, x_low: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with the product in ``precision``; float32 out.
-
-    ``x_low``: a ready low-precision copy of ``x`` (when ``x`` is fixed); gradients then reach ``weight`` only. Without
-    it ``x`` is cast here and gets its gradient (float32) through the cast."""
+    """``F.linear(x, weight, bias)`` with the product in ``precision``; float32 out. ``x_low``: a ready copy of a fixed
+    ``x`` (gradients then reach ``weight`` only); else ``x`` is cast here and gets its gradient through the cast."""
     dtype = compute_dtype(precision)
     if dtype == torch.float32:
         return F.linear(x, weight, bias)
@@ -103,9 +83,8 @@ def linear(
 def low_linear(
     x_low: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_low: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear`` with the product in ``x_low``'s dtype, the bias added in float32.
-
-    ``weight_low``: a ready copy of ``weight`` in that dtype; ``weight`` gets its float32 gradient either way."""
+    """``F.linear`` with the product in ``x_low``'s dtype, the bias added in float32. ``weight_low``: a ready copy of
+    ``weight`` in that dtype; ``weight`` gets its float32 gradient either way."""
     w = weight.to(x_low.dtype) if weight_low is None else _ReadyCast.apply(weight, weight_low)
     out = F.linear(x_low, w).float()
     return out if bias is None else out + bias

@@ -1,12 +1,6 @@
-"""Every model of the package, one entry each: the single table the rest is derived from.
-
-Why one table: the config's allowed ``train.model`` names and ``train.<hyper-parameter>`` fields, the CLI help, the
-train stage (modalities, default lr, variants), the grid presets and the report's labels and table membership all ask
-"what is model X". Answering it here means adding a model is its file plus one :data:`MODELS` entry, and no other module
-lists models, their hyper-parameters, SAND's variants (:data:`VARIANTS`) or the plug-in fusions (:data:`FUSIONS`).
-
-This module must stay cheap to import (``sand --help`` and config validation use it): model classes are named as
-``"module:Class"`` strings and imported (with torch) only when a model is built or introspected."""
+"""Every model of the package, one entry each: the single table the config, CLI help, train stage, grid presets and
+report derive from, so adding a model is its file plus one :data:`MODELS` entry. Cheap to import (``sand --help`` uses
+it): model classes are ``"module:Class"`` strings, imported only when needed."""
 
 from __future__ import annotations
 
@@ -24,8 +18,7 @@ if TYPE_CHECKING:
 #: Report tables and figures a model can appear in (its entry's ``tables``).
 TABLES = ("table2", "table3", "table4", "figure3", "figures5-6")
 
-#: SAND's variants (``train.variant``): name -> (alignment, distancing) term, "none" where the
-#: term is off. a-d are Table 4; the ablations (Figure 3) switch terms of a off.
+#: SAND's variants (``train.variant``) -> (alignment, distancing) term, "none" if off; a-d: Table 4, others: Figure 3.
 VARIANT_TERMS: dict[str, tuple[str, str]] = {
     "a": ("solosim", "club"),
     "b": ("solosim", "l2"),
@@ -37,8 +30,7 @@ VARIANT_TERMS: dict[str, tuple[str, str]] = {
 }
 #: The variant names, in the paper's order; the first is the default.
 VARIANTS: tuple[str, ...] = tuple(VARIANT_TERMS)
-#: How a plug-in uses the SAND-processed modal representation (``train.plugin_fusion``, see
-#: ``models/plugins.py``); the first, the faithful plug-in, is the default.
+#: How a plug-in uses the SAND-processed representation (``train.plugin_fusion``); the first (faithful) is the default.
 FUSIONS: tuple[str, ...] = ("auxiliary", "scoring")
 
 
@@ -70,12 +62,9 @@ COMMON_HYPERPARAMETERS: dict[str, HyperParameter] = {
 }
 
 
-#: ``train.profile=fast``: the batch this many times larger (each model may opt out: ``ModelSpec.fast_batch_scale``)
-#: and the lr times its square root. Why it is faster: LightGCN, VBPR, FREEDOM and SAND recompute whole-catalogue or
-#: whole-graph products once per batch whatever the batch's size (SAND's folded feature reads, SoloSim and CLUB fit over
-#: all items; the propagations), so an epoch of fewer, larger batches costs several times less. Why the square root:
-#: with the linear rule (4x lr) LightGCN and VBPR lost 3% of their best valid Recall@20 on Baby; with 2x they kept it
-#: (measured in docs/convergence.md).
+#: ``train.profile=fast``: the batch this many times larger (``ModelSpec.fast_batch_scale``), the lr times its square
+#: root. Faster as LightGCN, VBPR, FREEDOM and SAND recompute whole-catalogue or whole-graph products once per batch;
+#: the square root as the linear rule cost LightGCN and VBPR accuracy (docs/convergence.md).
 FAST_BATCH_SCALE = 4
 #: The trainer's batch size when no profile sets one (the paper's and MMRec's).
 DEFAULT_BATCH_SIZE = 2048
@@ -85,34 +74,21 @@ DEFAULT_BATCH_SIZE = 2048
 class ModelSpec:
     """One model: how it is built, what it needs, and where the paper shows it."""
 
-    #: the paper's display name (report rows and columns)
-    label: str
-    #: the class, as ``"module:Class"`` (imported lazily: it pulls in torch)
-    target: str
-    #: feature modalities the model reads ((): ID-only)
-    modalities: tuple[str, ...]
-    #: default learning rate (the published setting)
-    lr: float
-    #: report tables/figures the model appears in (see :data:`TABLES`)
-    tables: tuple[str, ...] = ()
-    #: whether ``train.variant`` selects a variant of this model (else runs record variant null)
-    has_variants: bool = False
-    #: a plug-in's backbone model (Table 3 pairs each backbone with its plug-in)
-    backbone: str | None = None
-    #: config field name -> constructor keyword where they differ
-    renames: dict[str, str] = field(default_factory=dict)
-    #: named profiles (``train.profile``) -> constructor keywords (and training settings,
-    #: :data:`TRAINING_PROFILE_FIELDS`) they set; every model also has the "fast" profile
+    label: str  #: the paper's display name (report rows and columns)
+    target: str  #: the class, as ``"module:Class"`` (imported lazily: it pulls in torch)
+    modalities: tuple[str, ...]  #: feature modalities the model reads ((): ID-only)
+    lr: float  #: default learning rate (the published setting)
+    tables: tuple[str, ...] = ()  #: report tables/figures the model appears in (:data:`TABLES`)
+    has_variants: bool = False  #: whether ``train.variant`` selects a variant (else runs record variant null)
+    backbone: str | None = None  #: a plug-in's backbone model (Table 3 pairs each backbone with its plug-in)
+    renames: dict[str, str] = field(default_factory=dict)  #: config field name -> constructor keyword where they differ
+    #: named profiles (``train.profile``) -> the constructor keywords and training settings they set (besides "fast")
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: config fields ``train.<name>`` this entry adds (each declared once, here or in
-    #: :data:`COMMON_HYPERPARAMETERS`; which a model takes is read from its constructor)
+    #: ``train.<name>`` fields this entry adds (each declared once; which a model takes is read from its constructor)
     hyperparameters: dict[str, HyperParameter] = field(default_factory=dict)
-    #: constructor keywords that default to the training lr (SAND's CLUB estimators, docs/model.md)
-    follows_lr: tuple[str, ...] = ()
-    #: the fast profile's batch multiplier for this model (1: its fast profile trains as the paper does)
-    fast_batch_scale: int = FAST_BATCH_SCALE
-    #: bumped when a fix changes what the model computes: it enters the train key (from 1), so only this model's
-    #: artifacts retrain, never another's
+    follows_lr: tuple[str, ...] = ()  #: constructor keywords defaulting to the training lr (SAND's CLUB estimators)
+    fast_batch_scale: int = FAST_BATCH_SCALE  #: the fast profile's batch multiplier (1: it trains as the paper does)
+    #: bumped when a fix changes what the model computes: in the train key, so only this model's artifacts retrain
     revision: int = 0
 
     def __post_init__(self) -> None:
@@ -141,12 +117,9 @@ _SAND_HYPERPARAMETERS = {
         description="CLUB fit on the batch's pairs before its bound (default) or after (the authors' order)",
     ),
 }
-
 MODELS: dict[str, ModelSpec] = {
-    # MMRec's published settings: lr 1e-3 for the ID-only baselines, VBPR and FREEDOM; the SAND
-    # authors' config uses lr 1e-4. Order is the paper's row order (baselines, SAND, plug-ins).
-    # MF-BPR keeps the paper's batch in the fast profile: at 8,192 its best valid Recall@20 fell 12-19% whatever the lr
-    # (1e-3 to 4e-3), and it has no whole-graph product per batch to save (docs/convergence.md).
+    # lr: MMRec's published 1e-3 for the baselines, the SAND authors' 1e-4; the paper's row order. MF-BPR keeps the
+    # paper's batch when fast: a larger one cost accuracy, with no whole-graph product to save (docs/convergence.md).
     "bpr": ModelSpec("MF-BPR", "sand.models.bpr:MFBPR", (), 1e-3, tables=("table2",), fast_batch_scale=1),
     "lightgcn": ModelSpec("LightGCN", "sand.models.lightgcn:LightGCN", (), 1e-3, tables=("table2",)),
     "vbpr": ModelSpec("VBPR", "sand.models.vbpr:VBPR", ("image", "text"), 1e-3, tables=("table2", "table3")),
@@ -168,16 +141,14 @@ MODELS: dict[str, ModelSpec] = {
     "freedom-sand": ModelSpec("FREEDOM+SAND", "sand.models.plugins:FREEDOMSand", ("image", "text"), 1e-3,
                               tables=("table3",), has_variants=True, backbone="freedom",
                               renames={"n_layers": "n_ui_layers"}, follows_lr=("club_lr",),
-                              # 1: the scoring fusion scales the fused features to the ID embeddings (models/freedom.py)
-                              revision=1,
+                              revision=1,  # the scoring fusion scales its features (models/freedom.py)
                               profiles={"authors": {"head_dims": [33, 33, 63], "reg_weight": 0.0, "dropout": 0.8}},
                               hyperparameters={"plugin_fusion": (Literal[FUSIONS], Field(
                                   FUSIONS[0], description="plug-ins: SAND terms on the auxiliary modal features, "
                                   "or fused into the scores"))}),
 }
 
-#: What ``train.profile=fast`` changes, in words, for the CLI's and the config schema's help (read from the
-#: constants above and the models that opt out, so the help cannot drift from what the profile does).
+#: What ``train.profile=fast`` changes, in words, for the CLI and config help (derived, so it cannot drift).
 FAST_PROFILE_SUMMARY = (
     f"batch {DEFAULT_BATCH_SIZE * FAST_BATCH_SCALE} (x{FAST_BATCH_SCALE}), lr x{math.sqrt(FAST_BATCH_SCALE):g}"
     f" ({', '.join(m.label for m in MODELS.values() if m.fast_batch_scale == 1)}: the paper's settings)"
@@ -185,9 +156,8 @@ FAST_PROFILE_SUMMARY = (
 
 
 def hyperparameters() -> dict[str, HyperParameter]:
-    """Every ``train.<name>`` hyper-parameter field: the common ones, then each entry's, in order.
-
-    A name is declared once (else ValueError): one field serves every model that takes it."""
+    """Every ``train.<name>`` hyper-parameter field: the common ones, then each entry's. A name is declared once (else
+    ValueError): one field serves every model that takes it."""
     fields = dict(COMMON_HYPERPARAMETERS)
     for name, s in MODELS.items():
         twice = sorted(set(fields) & set(s.hyperparameters))
@@ -208,28 +178,23 @@ REVISION_KEY = "model_revision"
 
 
 def revision_params(name: str) -> dict[str, int]:
-    """The train-key entry of model ``name``'s revision (none at revision 0)."""
     revision = spec(name).revision
     return {REVISION_KEY: revision} if revision else {}
 
 
 def trained_revision(params: dict[str, Any]) -> int:
-    """The model revision a run with train-key ``params`` was trained by."""
     return int(params.get(REVISION_KEY, 0))
 
 
 def model_names() -> tuple[str, ...]:
-    """Every registered model name, in the paper's order."""
     return tuple(MODELS)
 
 
 def model_choices() -> str:
-    """``"bpr | lightgcn | ..."``: the models as CLI help lists them."""
     return " | ".join(MODELS)
 
 
 def check_model_name(name: str) -> str:
-    """``name`` if registered, else a ValueError naming it and the allowed names (config validation)."""
     spec(name)
     return name
 
@@ -249,7 +214,6 @@ def variant_models() -> tuple[str, ...]:
 
 
 def models_in(table: str) -> tuple[str, ...]:
-    """Models that appear in report ``table`` (one of :data:`TABLES`), in the paper's order."""
     if table not in TABLES:
         raise ValueError(f"unknown report table {table!r}: choose one of {', '.join(TABLES)}")
     return tuple(n for n, s in MODELS.items() if table in s.tables)
@@ -283,19 +247,13 @@ def _training_profiles(name: str) -> dict[str, dict[str, Any]]:
     return {"fast": {"batch_size": DEFAULT_BATCH_SIZE * scale, "lr": spec(name).lr * math.sqrt(scale)}}
 
 
-def profile_names() -> tuple[str, ...]:
-    """Every named profile some model defines ("default" excluded)."""
-    shared = _training_profiles(next(iter(MODELS)))
-    return tuple(dict.fromkeys([*shared, *(p for s in MODELS.values() for p in s.profiles)]))
-
-
 def profile_choices() -> tuple[str, ...]:
-    """Values of ``train.profile``: "default" (each model's own defaults), then the named profiles."""
-    return ("default", *profile_names())
+    """Values of ``train.profile``: "default" (each model's own defaults), then every profile some model defines."""
+    shared = _training_profiles(next(iter(MODELS)))
+    return ("default", *dict.fromkeys([*shared, *(p for s in MODELS.values() for p in s.profiles)]))
 
 
 def check_profile_name(profile: str) -> str:
-    """``profile`` if some model defines it (or "default"), else a ValueError naming the choices."""
     if profile not in profile_choices():
         raise ValueError(f"unknown hyper-parameter profile {profile!r}: choose one of {', '.join(profile_choices())}")
     return profile
@@ -307,12 +265,10 @@ def _profile(name: str, profile: str) -> dict[str, Any]:
 
 
 def profile_hyperparameters(name: str, profile: str) -> dict[str, Any]:
-    """Constructor keywords that ``profile`` sets for model ``name`` ({} for "default" or none)."""
     return {k: v for k, v in _profile(name, profile).items() if k not in TRAINING_PROFILE_FIELDS}
 
 
 def profile_training(name: str, profile: str) -> dict[str, Any]:
-    """Training settings (lr, batch_size, patience) that ``profile`` sets for model ``name``."""
     return {k: v for k, v in _profile(name, profile).items() if k in TRAINING_PROFILE_FIELDS}
 
 
@@ -326,16 +282,22 @@ _INPUT_ARGUMENTS = {"self", "n_users", "n_items", "train_edges", "features", "it
                     "backbone_kwargs"}
 
 
-def constructor_kwargs(name: str) -> set[str]:
-    """Hyper-parameter keywords of ``name``'s constructor, a plug-in's backbone's included."""
-    cls = model_class(name)
+def _signature_keywords(cls: type[Recommender]) -> set[str]:
+    """``cls``'s constructor parameters, and its backbone's for a plug-in (which passes the rest on)."""
     accepted = set(inspect.signature(cls.__init__).parameters)
     backbone = getattr(cls, "backbone_class", None)
     if backbone is not None:
         accepted |= set(inspect.signature(backbone.__init__).parameters)
-        if not getattr(cls, "fusion_matters", True):  # VBPR+SAND: both fusions are one model
-            accepted.discard("plugin_fusion")
-    return accepted - _INPUT_ARGUMENTS
+    return accepted
+
+
+def constructor_kwargs(name: str) -> set[str]:
+    """Hyper-parameter keywords of ``name``'s constructor, a plug-in's backbone's included."""
+    cls = model_class(name)
+    accepted = _signature_keywords(cls) - _INPUT_ARGUMENTS
+    if not getattr(cls, "fusion_matters", True):  # VBPR+SAND: both fusions are one model
+        accepted.discard("plugin_fusion")
+    return accepted
 
 
 def accepted_hyperparameters(name: str) -> set[str]:
@@ -345,16 +307,11 @@ def accepted_hyperparameters(name: str) -> set[str]:
 
 
 def build_model(name: str, *, variant: str = "a", **kwargs: Any) -> Recommender:
-    """Build ``name`` with its constructor's own defaults for everything not given.
-
-    Unknown hyper-parameters raise ValueError naming them, so a typo in a config or a grid never silently trains the
-    default model."""
+    """Build ``name`` with its constructor's own defaults for everything not given. Unknown hyper-parameters raise
+    ValueError, so a typo in a config or a grid never silently trains the default model."""
     s = spec(name)
     cls = model_class(name)
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    backbone = getattr(cls, "backbone_class", None)  # plug-ins pass the rest to their backbone
-    if backbone is not None:
-        accepted |= set(inspect.signature(backbone.__init__).parameters)
+    accepted = _signature_keywords(cls)
     positional = {"n_users", "n_items", "train_edges", "features", "item_graphs"}
     hparams = {s.renames.get(k, k): v for k, v in kwargs.items() if k not in positional}
     if s.has_variants:

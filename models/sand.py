@@ -1,33 +1,9 @@
-"""SAND (arXiv 2406.08270; v2 "SEA"): separate generic and unique modal awareness.
-
-Architecture as defined in ``docs/model.md``, i.e. the authors' code (built on MMRec's DRAGON) with its defects fixed;
-where that reading differs from the paper's (partly garbled) equations, the code's reading wins:
-
-1. per modality a full-width linear transform ``Z_m = L_m(X_m)``, split by columns
-   into generic/unique parts (:class:`models.separation.ModalSeparation`);
-2. per modality a user-item GCN over the training graph (2 layers, output = sum of the input and every layer) whose item
-   input is ``MLP_1(leaky_relu(MLP(Z_m)))`` and whose user input is a free preference matrix;
-3. a frozen item-item graph ``S = w S_image + (1 - w) S_text`` (built by the graph
-   stage, never here) propagating the concatenated item embeddings once;
-4. users: per-modality embeddings weighted by a learnable per-user modality weight;
-   score = dot product; items have no free ID embedding.
-
-Loss: BPR (natural log) + ``alpha * align`` + ``beta * distance``.
-
-Speed (docs/model.md, departure 11): the model never forms ``Z_m``; every consumer of ``Z_m`` is linear, so each reads
-``X_m`` through the folded product of the small weight matrices (:class:`models.separation.LinearView`), all of them in
-one product with ``X_m`` forward and one backward (:func:`models.separation.prefetch_reads`); SoloSim over all items
-streams its N x N logits in cache-sized blocks; the CLUB fit uses closed-form gradients and a flat Adam, the estimators
-side by side (:mod:`models.club_fit`); the frozen graphs are multiplied in CSR form. The naive reference that evaluates
-every formula literally (``L_m`` at full width over all items every batch, the N x N log-softmax, autograd and
-``torch.optim.Adam`` for the CLUB fit, COO graph products) is not shipped: it lives beside the tests and benchmarks that
-check every shortcut against it (``benchmarks/naive_sand.py``, the same function to 1e-4). It overrides the hooks
-``modal_inputs``, ``_prefetch``, ``_product`` and ``separation_class``.
-
-Precision: with ``precision = "bf16"`` (set by the trainer, :mod:`models.precision`) the folded reads run in bfloat16 on
-a bfloat16 copy of ``X_m`` (float32 accumulation and results, float32 gradients); everything else stays float32.
-
-Fixed defects of the reference: docs/model.md, departures 1, 3 and 10."""
+"""SAND (arXiv 2406.08270; v2 "SEA"): separate generic and unique modal awareness, as ``docs/model.md`` defines it: the
+authors' code (on MMRec's DRAGON) with its defects fixed (departures 1, 3 and 10). Speed (departure 11):
+``Z_m = L_m(X_m)`` is never formed; its linear consumers read ``X_m`` through folded weights
+(:class:`models.separation.LinearView`), all in one product (:func:`models.separation.prefetch_reads`). The naive
+reference, ``benchmarks/naive_sand.py``, overrides the hooks ``modal_inputs``, ``_prefetch``, ``_product`` and
+``separation_class`` to check every shortcut."""
 
 from __future__ import annotations
 
@@ -48,8 +24,6 @@ from sand.models.precision import LowPrecisionCopies, compute_dtype
 from sand.models.registry import VARIANT_TERMS
 from sand.models.separation import LinearView, ModalInput, ModalSeparation, prefetch_reads, read_through
 
-MODALITIES: tuple[str, ...] = ("image", "text")
-
 
 class ModalGCN(nn.Module):
     """One modality's user-item GCN: free user preferences, MLP'd item features, sum of layers."""
@@ -63,10 +37,7 @@ class ModalGCN(nn.Module):
     def forward(
         self, adj: torch.Tensor, z: ModalInput, n_layers: int, product: Callable[..., torch.Tensor] = sparse_matmul
     ) -> torch.Tensor:
-        """(U + N, dim): ``x + A x + A^2 x + ...`` with ``x`` the row-normalised inputs.
-
-        ``adj``: the symmetric normalised bipartite adjacency (CSR); ``product(adj, h)`` multiplies by it
-        (:func:`models.graph.sparse_matmul`)."""
+        """(U + N, dim): ``x + A x + A^2 x + ...``, ``x`` the row-normalised inputs, ``product(adj, h)`` = ``A h``."""
         (hidden,) = read_through(z, [self.mlp])
         items = self.mlp1(F.leaky_relu(hidden))
         x = F.normalize(torch.cat([self.preference, items], dim=0), dim=1)
@@ -77,28 +48,15 @@ class ModalGCN(nn.Module):
         return out
 
 
-def _as_coo(m: torch.Tensor) -> torch.Tensor:
-    m = m.detach().float()
-    m = m.to_sparse_coo() if m.layout != torch.strided else m.to_sparse()
-    return m.coalesce()
-
-
 class SAND(Recommender):
-    """SAND and its variants/ablations (:data:`models.registry.VARIANT_TERMS`).
+    """SAND and its variants (:data:`models.registry.VARIANT_TERMS`): per modality ``Z_m`` feeds a :class:`ModalGCN`;
+    the frozen graph ``S = w S_image + (1 - w) S_text`` (``w = mm_image_weight``) propagates the items once. ``lr`` is
+    the CLUB optimisers' (not the trainer's). ``reg_weight`` > 0 adds ``reg_weight * batch mean of (|u|^2 + |i+|^2 +
+    |i-|^2) / 2`` (the reference defines but never uses one)."""
 
-    Args (besides the :class:`Recommender` inputs): ``variant`` ("a" default), ``embedding_dim`` (64),
-    ``mm_image_weight`` (0.1: weight of the image kNN graph in S), ``n_mm_layers`` (1), ``n_ui_layers`` (2), ``alpha``
-    (0.012), ``beta`` (0.006), ``tau`` (0.2), ``club_steps`` (50), ``lr`` (1e-4: the CLUB optimisers' learning rate; the
-    trainer's lr is separate), ``solosim_scope`` / ``distance_scope`` ("auto"), ``l2_form`` ("neg-log"), ``split_ratio``
-    (0.5), ``reg_weight`` (0.0; when > 0 adds ``reg = reg_weight * mean over the batch of (|u|^2 + |i+|^2 + |i-|^2) /
-    2``, absent otherwise — the reference defines but never uses one), ``club_fit_order`` ("before"; "after" is the
-    authors' order, docs/model.md)."""
-
-    required_modalities: tuple[str, ...] = MODALITIES
-    #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
-    precision: str = "fp32"
-    #: builds :attr:`separation` (a subclass swaps in another formulation of the same losses)
-    separation_class: type[ModalSeparation] = ModalSeparation
+    required_modalities: tuple[str, ...] = ("image", "text")
+    precision: str = "fp32"  #: or "bf16": the dtype of the products with the raw features (:mod:`models.precision`)
+    separation_class: type[ModalSeparation] = ModalSeparation  #: a subclass may swap in another form of the losses
 
     def __init__(
         self, n_users: int, n_items: int, train_edges: torch.Tensor, features: Mapping[str, torch.Tensor],
@@ -115,27 +73,24 @@ class SAND(Recommender):
         if not 0.0 <= mm_image_weight <= 1.0:
             raise ValueError(f"SAND: mm_image_weight must be in [0, 1]; got {mm_image_weight}")
         self.n_users, self.n_items = int(n_users), int(n_items)
-        self.variant = variant
+        self.variant, self.reg_weight = variant, float(reg_weight)
         self.n_mm_layers, self.n_ui_layers = int(n_mm_layers), int(n_ui_layers)
-        self.reg_weight = float(reg_weight)
         self.modalities = self.required_modalities
         self._low_copies = LowPrecisionCopies()
-
         edges = torch.as_tensor(train_edges).detach().cpu().numpy().astype(np.int64).reshape(-1, 2)
         # Graphs and raw features are inputs rebuilt at construction, not state: not saved.
         adj = normalised_bipartite_adjacency(self.n_users, self.n_items, edges)
         self.register_buffer("adj", to_csr(adj), persistent=False)
-        s = mix_item_graphs({m: _as_coo(item_graphs[m]) for m in ("image", "text")}, mm_image_weight)
+        s = mix_item_graphs({m: item_graphs[m].detach().float() for m in ("image", "text")}, mm_image_weight)
         self.register_buffer("item_graph", to_csr(s), persistent=False)
         self.register_buffer("item_graph_t", to_csr(s.t()), persistent=False)
         dims = {m: int(features[m].shape[1]) for m in self.modalities}
         for m in self.modalities:
             self.register_buffer(f"feat_{m}", features[m].detach().float(), persistent=False)
-
         self.transforms = nn.ModuleDict({m: nn.Linear(d, d) for m, d in dims.items()})
         self.gcns = nn.ModuleDict({m: ModalGCN(self.n_users, d, embedding_dim) for m, d in dims.items()})
-        # Per-user modality weights: xavier-normal (as on a (U, 2, 1) tensor), softmaxed once
-        # at init, then free parameters (the reference's weight_u).
+        # Per-user modality weights: xavier-normal (as on a (U, 2, 1) tensor), softmaxed once at init, then free
+        # parameters (the reference's weight_u).
         std = math.sqrt(2.0 / (self.n_users + len(self.modalities)))
         self.modal_weight = nn.Parameter(torch.softmax(torch.randn(self.n_users, len(self.modalities)) * std, 1))
         align, distance = VARIANT_TERMS[variant]
@@ -145,20 +100,16 @@ class SAND(Recommender):
             distance_scope=distance_scope, club_fit_order=club_fit_order,
         )
 
-    # ----------------------------------------------------------------- forward
     def _transform_view(self, modality: str) -> LinearView:
-        """``Z_m = L_m(X_m)`` unevaluated; under bf16 with bfloat16 copies of ``X_m`` and ``L_m``'s weight.
-
-        The copy of the fixed ``X_m`` is made once per run; the weight, which the optimiser changes every batch, is cast
-        on every call."""
+        """``Z_m = L_m(X_m)`` unevaluated; under bf16 with bfloat16 copies of ``X_m`` (made once per run) and of
+        ``L_m``'s weight (cast on every call: the optimiser changes it every batch)."""
         lin = self.transforms[modality]
         x = getattr(self, f"feat_{modality}")
         if self.precision == "fp32":
             return LinearView(x, lin.weight, lin.bias)
         dtype = compute_dtype(self.precision)
         x_low = self._low_copies.get(f"x_{modality}", x, dtype)
-        weight_low = lin.weight.detach().to(dtype)
-        return LinearView(x, lin.weight, lin.bias, x_low=x_low, weight_low=weight_low)
+        return LinearView(x, lin.weight, lin.bias, x_low=x_low, weight_low=lin.weight.detach().to(dtype))
 
     def modal_inputs(self) -> dict[str, ModalInput]:
         """modality -> ``Z_m`` as a LinearView: ``L_m(X_m)`` never evaluated at full width."""
@@ -170,12 +121,9 @@ class SAND(Recommender):
         return sparse_matmul(a, x, a_t)
 
     def _prefetch(self, z: dict[str, ModalInput]) -> dict[str, ModalInput]:
-        """Every linear reader of ``Z_m`` over all items (GCN input MLP, head, E1, E2) in one product.
-
-        One product with ``X_m`` forward and one backward instead of one per reader."""
+        """Every linear reader of ``Z_m`` over all items (GCN input MLP, head, E1, E2) in one product with ``X_m``."""
         for m in self.modalities:
-            parts = [(0, z[m].shape[1], self.gcns[m].mlp)]
-            parts += self.separation.full_row_consumers(m, self.n_items)
+            parts = [(0, z[m].shape[1], self.gcns[m].mlp), *self.separation.full_row_consumers(m, self.n_items)]
             z[m] = prefetch_reads(z[m], parts)
         return z
 
@@ -204,15 +152,11 @@ class SAND(Recommender):
         return terms
 
     def auxiliary_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
-        """Fit the CLUB estimators on this batch's detached projections (MI variants only).
-
-        Reads ``Z_m`` through the folded linear maps (also in the naive reference): no gradient flows here and the
-        values are the same."""
+        """Fit the CLUB estimators on this batch's detached projections (MI variants only), read through the folded
+        linear maps also in the naive reference: no gradient flows here and the values are the same."""
         if self.separation.distance != "club":
             return {}
-        z: dict[str, ModalInput] = {}
-        for m in self.modalities:
-            z[m] = self._transform_view(m).detach()
+        z = {m: self._transform_view(m).detach() for m in self.modalities}
         return self.separation.auxiliary_step(z, torch.cat([pos, neg]))
 
     def auxiliary_state_dict(self) -> dict[str, Any]:
@@ -222,5 +166,4 @@ class SAND(Recommender):
         self.separation.load_auxiliary_state_dict(state)
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh forward pass (the caller sets eval mode and no_grad)."""
         return self.propagate(self.modal_inputs())

@@ -1,13 +1,7 @@
-"""VBPR (He & McAuley 2016) in MMRec's "recommended version".
-
-MMRec: item = concat(ID embedding (64), Linear(concat(text, image)) (64)), user = one free 128-d embedding, BPR +
-reg_weight * EmbLoss(user, pos, neg) on those full rows. Why the projection is written per modality here: a Linear layer
-on a concatenation IS a sum of per-modality Linear layers, ``W [x_t; x_v] + b = W_t x_t + W_v x_v + b``, so
-``modal_fusion="sum"`` (default) is MMRec's model exactly, and the per-modality terms ``W_m x_m`` are available by name
-to a plug-in (SAND's separation component) without touching this backbone. The weight is initialised as one
-xavier-normal matrix over the concatenated width and then sliced, so the initial distribution is MMRec's too.
-``modal_fusion="concat"`` is the "per-modality projections" variant: item = concat(ID, W_v x_v, W_t x_t), user width
-grows accordingly."""
+"""VBPR (He & McAuley 2016) in MMRec's "recommended version", the feature projection written per modality: a Linear
+layer on a concatenation IS a sum of per-modality ones (``W [x_t; x_v] = W_t x_t + W_v x_v``; the weight is initialised
+over the whole width, then sliced), so ``modal_fusion="sum"`` is MMRec's model exactly while a plug-in gets each
+``W_m x_m`` by name."""
 
 from __future__ import annotations
 
@@ -20,18 +14,13 @@ from sand.models.base import Recommender
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores, emb_loss
 from sand.models.precision import LowPrecisionCopies, compute_dtype, low_linear
 
-MODALITIES: tuple[str, ...] = ("image", "text")
-
 
 class VBPR(Recommender):
-    """VBPR with named per-modality projections.
+    """VBPR with named per-modality projections: item = concat(ID embedding, sum of the ``W_m x_m`` as MMRec, or their
+    concat with ``modal_fusion="concat"``, widening the user); MMRec tunes ``reg_weight`` over {2.0, 1.0, ..., 1e-5}."""
 
-    Hyper-parameters: ``embedding_dim`` (64), ``reg_weight`` (MMRec tunes {2.0, 1.0, 1e-1, ..., 1e-5}; default 1e-2),
-    ``modal_fusion`` ("sum" = MMRec, or "concat")."""
-
-    required_modalities: tuple[str, ...] = MODALITIES
-    #: "fp32" or "bf16": the dtype of the products with the raw features (:mod:`models.precision`).
-    precision: str = "fp32"
+    required_modalities: tuple[str, ...] = ("image", "text")
+    precision: str = "fp32"  #: or "bf16": the dtype of the products with the raw features (:mod:`models.precision`)
 
     def __init__(
         self, n_users: int, n_items: int, train_edges: torch.Tensor | None = None,
@@ -44,31 +33,24 @@ class VBPR(Recommender):
             raise ValueError(f"VBPR: modal_fusion must be 'sum' or 'concat'; got {modal_fusion!r}")
         assert features is not None
         self.n_users, self.n_items = int(n_users), int(n_items)
-        self.reg_weight = float(reg_weight)
-        self.modal_fusion = modal_fusion
+        self.reg_weight, self.modal_fusion = float(reg_weight), modal_fusion
         self.modalities = self.required_modalities
         self._low_copies = LowPrecisionCopies()
         n_modal_blocks = 1 if modal_fusion == "sum" else len(self.modalities)
         user_dim = embedding_dim * (1 + n_modal_blocks)
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, user_dim)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, embedding_dim)))
-
         widths = [int(features[m].shape[1]) for m in self.modalities]
         full = nn.init.xavier_normal_(torch.empty(embedding_dim, sum(widths)))
-        self.projections = nn.ParameterDict()
-        start = 0
-        for m, w in zip(self.modalities, widths, strict=True):
-            self.projections[m] = nn.Parameter(full[:, start : start + w].clone())
-            start += w
-            # Raw features are inputs, not state: not saved in checkpoints.
+        blocks = zip(self.modalities, full.split(widths, dim=1), strict=True)
+        self.projections = nn.ParameterDict({m: nn.Parameter(block.clone()) for m, block in blocks})
+        for m in self.modalities:  # raw features are inputs, not state: not saved in checkpoints
             self.register_buffer(f"feat_{m}", features[m].detach().float(), persistent=False)
         self.projection_bias = nn.Parameter(torch.zeros(n_modal_blocks, embedding_dim))
 
     def modal_representations(self) -> dict[str, torch.Tensor]:
-        """modality -> (N, embedding_dim) projected features ``W_m x_m``, with gradient.
-
-        These are exactly the tensors :meth:`item_representation` is built from (summed, or concatenated, plus a bias),
-        so a plug-in may add losses on them."""
+        """modality -> (N, embedding_dim) projected features ``W_m x_m``, with gradient: exactly what
+        :meth:`item_representation` is built from, so a plug-in may add losses on them."""
         if self.precision == "fp32":
             return {m: getattr(self, f"feat_{m}") @ self.projections[m].T for m in self.modalities}
         dtype = compute_dtype(self.precision)  # the fixed features' copy is made once per run

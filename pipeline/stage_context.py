@@ -1,12 +1,7 @@
-"""What every stage's run function shares: its context, key parameters and artifact helpers.
-
-Why a module below the stage packages: ``acquire/``, ``dataset/``, ``features/``, ``training/`` and ``experiments/``
-each hold their stage's run function, and all of them need the same :class:`StageContext` and helpers. Keeping those
-here (not in ``pipeline/stages.py``, the table that lists the run functions) means no stage package ever imports the
-table or the runner, so the import graph has no cycles.
-
-Stage versions live in the table; a context carries them (``versions``), so :meth:`StageContext.run` is the one place
-that turns (stage, params, inputs, build) into a cached artifact."""
+"""What every stage's run function shares: its context, key parameters and artifact helpers. Why here, below the stage
+packages and apart from the table (``pipeline/stages.py``): no stage package then imports the table or the runner, so
+there are no import cycles. :meth:`StageContext.run` is the one place that turns (stage, params, inputs, build) into a
+cached artifact."""
 
 from __future__ import annotations
 
@@ -28,7 +23,6 @@ from sand.pipeline.base.store import Artifact, ArtifactStore, StageOutcome, arti
 #: bytes under a changed value belong here (tests/test_cache_keys.py): batch sizes, block sizes and devices change float
 #: bits (BLAS and conv kernels pick their algorithm by shape and device), so they are part of every key that sees them.
 PERFORMANCE_FIELDS = {"num_workers", "concurrency"}
-
 #: A function that runs picklable shard jobs, e.g. over a Prefect task runner.
 ShardMapper = Callable[[Callable[..., Any], Sequence[Any]], list[Any]]
 
@@ -39,10 +33,8 @@ class NotCached(Exception):
 
 @dataclass
 class StageContext:
-    """Everything a stage needs besides its inputs: config, store, what to rebuild, stage versions.
-
-    ``cache_only``: serve artifacts from the store and raise :class:`NotCached` instead of building one, so a caller can
-    answer a fully cached run without starting Prefect."""
+    """Everything a stage needs besides its inputs. ``cache_only``: serve artifacts from the store and raise
+    :class:`NotCached` instead of building one, so a caller can answer a fully cached run without starting Prefect."""
 
     cfg: PipelineConfig
     store: ArtifactStore
@@ -52,9 +44,8 @@ class StageContext:
     cache_only: bool = False
 
     @classmethod
-    def create(
-        cls, cfg: PipelineConfig, versions: Mapping[str, str], refresh: Sequence[str] = (), progress: bool = True
-    ) -> StageContext:
+    def create(cls, cfg: PipelineConfig, versions: Mapping[str, str], refresh: Sequence[str] = (),
+               progress: bool = True) -> StageContext:
         cfg = cfg.resolved()
         check_devices(cfg)  # a deployment's worker may lack the GPU the config asks for
         # Absolute, so artifact paths stay valid in Prefect subprocesses and on Dask workers.
@@ -62,14 +53,12 @@ class StageContext:
         return cls(cfg, ArtifactStore(cfg.data_root), dict(versions), frozenset(refresh), progress)
 
     def version(self, stage: str) -> str:
-        try:
-            return self.versions[stage]
-        except KeyError:
-            raise StageError(f"stage {stage!r} has no row in the stage table (pipeline/stages.py)") from None
+        if stage not in self.versions:
+            raise StageError(f"stage {stage!r} has no row in the stage table (pipeline/stages.py)")
+        return self.versions[stage]
 
-    def run(
-        self, stage: str, params: dict[str, Any], inputs: dict[str, Artifact], build: Callable[[Path], Any]
-    ) -> StageOutcome:
+    def run(self, stage: str, params: dict[str, Any], inputs: dict[str, Artifact],
+            build: Callable[[Path], Any]) -> StageOutcome:
         """The stage's artifact for ``params`` and ``inputs``: cached, or built by ``build(staging_dir)``."""
         if self.cache_only:
             existing = None if stage in self.refresh else self.store.lookup(stage, self.work_key(stage, params, inputs))
@@ -84,10 +73,8 @@ class StageContext:
 
 
 def key_params(section: Any, drop: set[str] = PERFORMANCE_FIELDS, allow_mps: bool = False) -> dict[str, Any]:
-    """A config section as artifact-key parameters, without speed-only knobs.
-
-    A ``device`` field enters the key as the device type the stage will compute on (``None`` resolved here, as the stage
-    resolves it), so a GPU-built artifact is not served as a CPU run's result."""
+    """A config section as artifact-key parameters, without speed-only knobs. ``device`` enters as the device type the
+    stage will compute on, so a GPU-built artifact is not served as a CPU run's result."""
     params = {k: v for k, v in section.model_dump(mode="json").items() if k not in drop}
     if "device" in params:
         params["device"] = device_type(params["device"], allow_mps=allow_mps)
@@ -105,14 +92,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def local_fingerprint(source: str | None) -> dict[str, Any] | None:
     """For local inputs the key includes size and mtime, so an edited file is re-acquired."""
     path = local_path(source) if source else None
-    if path is None:  # remote: the download's own checks decide
+    if path is None or not path.exists():  # remote (the download's own checks decide) or missing
         return None
     if path.is_dir():
         return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()}
-    if path.exists():
-        st = path.stat()
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return None
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def jsonable(obj: Any) -> Any:
@@ -121,5 +106,4 @@ def jsonable(obj: Any) -> Any:
 
 
 def dataset_counts(inter: Artifact) -> tuple[int, int]:
-    stats = inter.manifest["stats"]
-    return int(stats["users"]), int(stats["items"])
+    return int(inter.manifest["stats"]["users"]), int(inter.manifest["stats"]["items"])

@@ -1,15 +1,8 @@
-"""The pipeline's stages, as one table.
-
-Each row names a stage, the function that runs it, its version, the config section that configures it, and the upstream
-stages whose artifacts it reads. Everything that needs the stage list reads it from here: the in-process runner
-(``pipeline/runner.py``: which stages run, in which order, with which inputs), the Prefect flows
-(``flows/pipeline_flows.py`` generates one flow per row), the CLI's ``--until`` / ``--refresh`` / ``sand stage NAME``
-checks, and the tests. Adding a stage is a run function ``run_<stage>(ctx, <inputs>...) -> StageOutcome`` in its
-sub-package plus one :class:`Stage` row below, in pipeline order (docs/architecture.md, *Where a new thing goes*).
-
-Run functions are named as ``"module:function"`` and imported when the stage runs, so reading the table (``sand
---help``, a bad ``--until``) imports no stage code, and the stage packages never import this module (no cycles; see
-``tests/test_architecture.py``)."""
+"""The pipeline's stages, as one table: name, run function, version, config section and upstream inputs per row.
+Everything that needs the stage list (runner, Prefect flows, CLI checks, tests) reads it here. Adding a stage is a run
+function ``run_<stage>(ctx, <inputs>...) -> StageOutcome`` in its sub-package plus one :class:`Stage` row, in pipeline
+order (docs/architecture.md, *Where a new thing goes*). Run functions are named ``"module:function"`` and imported when
+the stage runs, so reading the table imports no stage code, and stage packages never import this module (no cycles)."""
 
 from __future__ import annotations
 
@@ -26,23 +19,14 @@ from sand.pipeline.stage_context import StageContext
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the stage table."""
-
     name: str
-    #: ``"package.module:function"``: the run function, imported on first use.
-    run: str
-    #: Bump when the stage's code changes what it writes: old artifacts stop matching.
-    version: str
-    #: The ``PipelineConfig`` section that configures the stage.
-    section: str
-    #: Run-function parameter -> the upstream stage whose artifact it receives.
-    inputs: Mapping[str, str] = field(default_factory=dict)
-    #: Also receives ``feature_arts``: the feature artifacts the configured model reads.
-    reads_model_features: bool = False
-    #: A model input (features, graphs): planned only when the configured model reads features.
-    model_input: bool = False
-    #: Receives ``map_shards``, so a task runner (threads, processes, Dask) can spread its shards.
-    sharded: bool = False
+    run: str  #: ``"package.module:function"``: the run function, imported on first use.
+    version: str  #: Bump when the stage's code changes what it writes: old artifacts stop matching.
+    section: str  #: The ``PipelineConfig`` section that configures the stage.
+    inputs: Mapping[str, str] = field(default_factory=dict)  #: Run-function parameter -> upstream stage it receives.
+    reads_model_features: bool = False  #: Also receives ``feature_arts``: the feature artifacts the model reads.
+    model_input: bool = False  #: A model input (features, graphs): planned only when the model reads features.
+    sharded: bool = False  #: Receives ``map_shards``, so a task runner (threads, processes, Dask) spreads its shards.
 
     @property
     def function(self) -> Callable[..., StageOutcome]:
@@ -79,7 +63,6 @@ MODEL_INPUT_STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE if s.mod
 
 
 def stage(name: str) -> Stage:
-    """The row of ``name``, or the user's one-line error listing the stages."""
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}: choose one of {', '.join(STAGE_NAMES)}")
     return STAGES[name]
@@ -87,16 +70,14 @@ def stage(name: str) -> Stage:
 
 def check_stage_names(names: Iterable[str | None]) -> None:
     """Fail on the first unknown name (``--until``, ``--refresh``, ``sand stage NAME``); ``None`` passes."""
-    for name in names:
-        if name is not None:
-            stage(name)
+    for name in (n for n in names if n is not None):
+        stage(name)
 
 
 class Context(StageContext):
     """A :class:`StageContext` whose stage versions are this table's."""
 
     @classmethod
-    def create(  # type: ignore[override]  # the versions come from the table
-        cls, cfg: PipelineConfig, refresh: Sequence[str] = (), progress: bool = True
-    ) -> Context:
+    def create(cls, cfg: PipelineConfig, refresh: Sequence[str] = (),  # type: ignore[override]  # versions: the table's
+               progress: bool = True) -> Context:
         return super().create(cfg, STAGE_VERSIONS, refresh, progress)  # type: ignore[return-value]

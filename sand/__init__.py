@@ -1,13 +1,8 @@
-"""sand: raw Amazon reviews to a trained, evaluated SAND recommender.
-
-The repository keeps the layout the project was designed with (``pipeline/``, ``flows/`` and ``models/`` at the top),
-but installs them under this one namespace as ``sand.pipeline``, ``sand.flows`` and ``sand.models`` (setuptools
-``package-dir`` mapping in ``pyproject.toml``). Why: top-level packages named ``models`` or ``pipeline`` collide with
-the research code users keep next to this project (MMRec and the SAND authors' code have a ``models/`` folder of their
-own), and a namespace of our own cannot.
-
-``from sand import run`` is the notebook API (:mod:`sand.api`). It is loaded on first use, so ``import sand`` (and
-``sand --help``) stays free of torch, pandas and Prefect."""
+"""sand: raw Amazon reviews to a trained, evaluated SAND recommender. The repository's top-level ``pipeline/``,
+``flows/`` and ``models/`` install as ``sand.pipeline``, ``sand.flows`` and ``sand.models`` (``package-dir`` in
+``pyproject.toml``). Why: top-level ``models`` or ``pipeline`` packages collide with the research code users keep next
+to this project (MMRec and the SAND authors' code have a ``models/`` folder). ``from sand import run`` (:mod:`sand.api`)
+loads lazily: ``import sand`` stays free of torch, pandas and Prefect."""
 
 from __future__ import annotations
 
@@ -23,6 +18,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
 def __getattr__(name: str) -> Any:
     if name in __all__:
         from sand import api  # lazy: it loads pandas and the pipeline (see the module doc)
-
         return getattr(api, name)
     raise AttributeError(f"module 'sand' has no attribute {name!r}")

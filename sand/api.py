@@ -1,10 +1,7 @@
-"""The pipeline from Python in three lines: ``from sand import run; result = run(dataset="sample")``.
-
-Why a function over the in-process runner rather than the Prefect flow: in a notebook a user wants the metrics and the
-artifacts' paths back as Python objects, errors raised as the project's exceptions (``ConfigError``, ``DataError``)
-rather than printed and turned into an exit status, and no API server started behind their back. The stages, the
-artifact store and its cache are the ones ``sand run`` uses, so a run here and the same settings on the command line
-share every artifact."""
+"""The pipeline from Python: ``from sand import run; result = run(dataset="sample")``. Why the in-process runner, not
+the Prefect flow: a notebook wants metrics and artifact paths back as Python objects, errors raised as the project's
+exceptions (not printed and turned into an exit status), and no API server started behind its back. The stages and
+artifact store are ``sand run``'s, so both share every artifact."""
 
 from __future__ import annotations
 
@@ -43,8 +40,7 @@ class RunResult:
 
     @property
     def features(self) -> dict[str, Path]:
-        """Feature arrays and item graphs by name (``text_feat``, ``image_feat``, ``text_graph``, ...): the numpy files
-        of the feature stages, the only stages that write any."""
+        """Feature arrays and item graphs by name (``text_feat``, ``image_graph``, ...): the stages' numpy files."""
         return {path.stem: path for folder in self.artifacts.values() for path in sorted(folder.glob("*.np[yz]"))}
 
     @property
@@ -59,18 +55,15 @@ class RunResult:
         return f"RunResult(test: {shown or 'not evaluated'}; stages: {stages}; data_root={self.data_root})"
 
 
-def run(
-    *, until: str | None = None, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-    refresh: str | Sequence[str] = (), progress: bool = True, **options: Any,
-) -> RunResult:
+def run(*, until: str | None = None, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+        refresh: str | Sequence[str] = (), progress: bool = True, **options: Any) -> RunResult:
     """Run (or reuse from the artifact store) every stage up to ``until``; like ``sand run``.
 
-    ``options`` are the ``sand run`` options that set a config field, by name
-    (:data:`~sand.pipeline.base.config.CLI_FIELDS`: ``dataset``, ``model``, ``epochs``, ``variant``, ``data_root``,
-    ``seed``, ``device``, ``precision``, ``format``, ``image_weights``, ``image_source``); ``config`` is a YAML file and
-    ``overrides`` any other config field as dotted keys, ``{"train.lr": 1e-3}`` (applied last, as ``--set``);
-    ``refresh`` names stages to rebuild even if cached. ``None`` keeps the config's default (the bundled sample,
-    ``./data`` or ``SAND_DATA_ROOT``). Bad values raise :class:`~sand.pipeline.base.errors.ConfigError`, bad data
+    ``options`` are ``sand run``'s config-field options by name (:data:`~sand.pipeline.base.config.CLI_FIELDS`:
+    ``dataset``, ``model``, ``epochs``, ``variant``, ``data_root``, ``seed``, ``device``, ``precision``, ...; ``None``
+    keeps the config's default: the bundled sample, ``./data`` or ``SAND_DATA_ROOT``); ``config`` is a YAML file;
+    ``overrides`` sets any other field by dotted key, ``{"train.lr": 1e-3}``, applied last as ``--set``; ``refresh``
+    names stages rebuilt even if cached. Bad values raise :class:`~sand.pipeline.base.errors.ConfigError`, bad data
     :class:`~sand.pipeline.base.errors.DataError`."""
     unknown = sorted(set(options) - set(CLI_FIELDS))
     if unknown:

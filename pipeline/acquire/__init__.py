@@ -1,2 +1,1 @@
-"""Getting raw data onto disk: dataset sources, resumable downloads with retry, the URL trust policy, and the bundled
-offline sample."""
+"""Getting raw data onto disk: dataset sources, resumable downloads with retry, URL trust policy, offline sample."""

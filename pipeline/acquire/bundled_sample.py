@@ -1,26 +1,16 @@
-"""The bundled offline sample: a small synthetic dataset in the raw Amazon 2014 format.
-
-Why: ``sand run`` with no argument must work offline, in seconds, and still show the point of the method (content beats
-IDs when IDs are data-starved). So the generator writes exactly what a real 2014 download looks like (JSON-lines
-reviews, Python-literal metadata, images behind URLs), including the kinds of dirt real files have, and plants structure
-that only content features can exploit:
-
-* every item has latent attributes: ``colour`` (image fill colour; for some colours also named in the text, i.e. shared
-  by both modalities), ``shape`` (image only), ``material`` and ``type`` (text only: title, description, category path);
-* every user likes two attribute values of two different kinds, and picks most of their items from a softmax over
-  (number of liked values an item has) plus a mild item popularity; the rest are uniform random.
-
-With ~500 items seen ~20 times each an ID-only model is starved, while an item's attributes are visible in its image and
-text, so unseen co-attribute items generalise. Everything is drawn from one ``numpy`` generator seeded by ``seed`` in a
-fixed order, and the gzip headers carry no time or name, so the same seed and output directory give byte-identical
-files. (Image URLs are absolute ``file://`` URLs, so files written to a different directory differ only in that path
-prefix.)"""
+"""The bundled offline sample: a small synthetic dataset in the raw Amazon 2014 format. Why: ``sand run`` with no
+argument must work offline, in seconds, and still show that content beats IDs when IDs are data-starved (~500 items seen
+~20 times each). So it writes what a real 2014 download looks like, dirt included, and plants structure only content can
+exploit: items have a colour and a shape (image; some colours also named in the text), a material and a type (text), and
+each user mostly picks items with the two attribute values they like. One seeded ``numpy`` generator drawn in a fixed
+order and gzip headers without time or name make the files byte-identical for the same seed and directory."""
 
 from __future__ import annotations
 
 import argparse
 import gzip
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,18 +26,11 @@ from sand.pipeline.base.files import atomic_path
 REVIEWS_NAME = "reviews_Sample_5.json.gz"
 META_NAME = "meta_Sample.json.gz"
 IMAGES_DIR = "images"
-
-# name -> (RGB, named in the text?). Named colours are shared by image and text;
-# the others can only be seen in the image.
+# name -> (RGB, named in the text?). Named colours are shared by image and text; the others are only in the image.
 COLOURS: dict[str, tuple[tuple[int, int, int], bool]] = {
-    "red": ((215, 35, 35), True),
-    "blue": ((35, 75, 215), True),
-    "green": ((35, 160, 55), True),
-    "yellow": ((235, 200, 25), True),
-    "purple": ((135, 55, 185), False),
-    "orange": ((245, 125, 20), False),
-    "teal": ((20, 150, 150), False),
-    "pink": ((240, 105, 180), False),
+    "red": ((215, 35, 35), True), "blue": ((35, 75, 215), True), "green": ((35, 160, 55), True),
+    "yellow": ((235, 200, 25), True), "purple": ((135, 55, 185), False), "orange": ((245, 125, 20), False),
+    "teal": ((20, 150, 150), False), "pink": ((240, 105, 180), False),
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 MATERIALS = ("wooden", "organic cotton", "silicone", "bamboo", "recycled plastic")
@@ -56,24 +39,17 @@ TYPES: dict[str, tuple[str, list[str]]] = {
     "teether": ("Teether", ["Baby", "Health & Baby Care", "Teethers"]),
     "blanket": ("Blanket", ["Baby", "Nursery", "Blankets"]),
     "rattle": ("Rattle", ["Baby", "Baby & Toddler Toys", "Rattles"]),
-    "bib": ("Bib", ["Baby", "Feeding", "Bibs"]),
-    "cup": ("Sippy Cup", ["Baby", "Feeding", "Cups"]),
+    "bib": ("Bib", ["Baby", "Feeding", "Bibs"]), "cup": ("Sippy Cup", ["Baby", "Feeding", "Cups"]),
     "stacker": ("Stacking Toy", ["Baby", "Baby & Toddler Toys", "Stacking Toys"]),
 }
 KINDS = ("colour", "shape", "material", "type")
-VALUES: dict[str, list[str]] = {
-    "colour": list(COLOURS),
-    "shape": list(SHAPES),
-    "material": list(MATERIALS),
-    "type": list(TYPES),
-}
-
+VALUES: dict[str, list[str]] = {k: list(v) for k, v in zip(KINDS, (COLOURS, SHAPES, MATERIALS, TYPES), strict=True)}
 # Noise: words that carry no preference signal (must not name a colour or shape).
 ADJECTIVES = ("Soft", "Classic", "Premium", "Little", "Happy", "Cozy", "Deluxe", "Everyday", "Travel", "Mini")
 BRANDS = (
     "Tiny Sprout", "Nestling", "Pebble & Co", "Moonbeam", "Little Otter", "Cuddle Cove",
     "Snugglebug", "Acorn Kids", "Hushaby", "Bumble Baby", "Wiggle Works", "Dandelion",
-)  # fmt: skip
+)
 DESC_EXTRA = (
     "Easy to clean and built to last.", "A thoughtful gift for new parents.", "Designed with busy families in mind.",
     "Free of BPA, phthalates and lead.", "Lightweight enough to take anywhere.", "Tested to meet safety standards.",
@@ -83,36 +59,25 @@ REVIEW_OPENERS = (
     "Second {noun} we have bought from this brand.", "This {noun} arrived quickly.",
 )
 REVIEW_BY_RATING = {
-    1: ("Broke within a week.", "Would not buy again."),
-    2: ("Smaller than expected.", "Not great for the price."),
-    3: ("It is okay.", "Does the job, nothing special."),
-    4: ("Works well.", "Good quality overall."),
+    1: ("Broke within a week.", "Would not buy again."), 2: ("Smaller than expected.", "Not great for the price."),
+    3: ("It is okay.", "Does the job, nothing special."), 4: ("Works well.", "Good quality overall."),
     5: ("Absolutely love it!", "Highly recommend it."),
 }
 SUMMARY_BY_RATING = {
-    1: ("Disappointed", "Poor quality"),
-    2: ("Meh", "Could be better"),
-    3: ("Okay", "Average"),
-    4: ("Nice", "Pretty good"),
-    5: ("Love it", "Perfect"),
+    1: ("Disappointed", "Poor quality"), 2: ("Meh", "Could be better"), 3: ("Okay", "Average"),
+    4: ("Nice", "Pretty good"), 5: ("Love it", "Perfect"),
 }
-FIRST_NAMES = (
-    "Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemi", "Liam",
-)  # fmt: skip
+FIRST_NAMES = ("Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemi", "Liam")
 
 _ALNUM = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
 _DAY = 86400
 _FIRST_DAY = int(datetime(2011, 1, 1, tzinfo=UTC).timestamp()) // _DAY
 _LAST_START_DAY = int(datetime(2014, 1, 1, tzinfo=UTC).timestamp()) // _DAY
-
-# How many dirty records of each kind are planted (items are distinct across kinds).
+# How many dirty records of each kind are planted; dirty items are distinct across kinds, keyed as in ``truth``.
 N_MALFORMED = 2
 N_DUPLICATES = 3
-N_NO_META = 2
-N_MISSING_FILE = 2
-N_EMPTY_URL = 2
-N_CORRUPT = 2
-_N_DIRTY_ITEMS = N_NO_META + N_MISSING_FILE + N_EMPTY_URL + N_CORRUPT
+N_DIRTY = {"items_without_meta": 2, "missing_image_files": 2, "empty_imurl": 2, "corrupt_images": 2}
+_N_DIRTY_ITEMS = sum(N_DIRTY.values())
 
 TASTE_WEIGHT = 2.5  # logit per liked attribute value an item has
 TASTE_SHARE = 0.8  # share of a user's picks from the taste softmax (rest uniform)
@@ -129,34 +94,23 @@ class SampleFiles:
     truth: dict[str, Any] = field(default_factory=dict)
 
 
-def generate_sample(
-    out_dir: Path, *, seed: int = 0, n_users: int = 1000, n_items: int = 500,
-    interactions_per_user: tuple[int, int] = (6, 16), image_size: int = 64,
-) -> SampleFiles:
-    """Write the sample into ``out_dir`` and return its paths and planted facts.
-
-    ``interactions_per_user`` is an inclusive range of distinct items per user. ``truth`` holds:
-    ``malformed_review_lines`` (1-based line numbers), ``duplicate_reviews``, ``items_without_meta``,
-    ``missing_image_files``, ``empty_imurl``, ``corrupt_images`` (ASIN lists), ``item_attributes``, ``user_tastes``,
-    ``named_colours`` and counts."""
+def generate_sample(out_dir: Path, *, seed: int = 0, n_users: int = 1000, n_items: int = 500,
+                    interactions_per_user: tuple[int, int] = (6, 16), image_size: int = 64) -> SampleFiles:
+    """Write the sample into ``out_dir`` (``interactions_per_user`` is an inclusive range)."""
     _check_args(n_users, n_items, interactions_per_user, image_size)
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir).resolve()
     images_dir = out_dir / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
-
     asins = _unique_ids(rng, n_items, "B00", 7)
     users = _unique_ids(rng, n_users, "A", 13)
     attrs = _item_attributes(rng, n_items)
     popularity = rng.normal(0.0, POPULARITY_SD, n_items)
     tastes = _user_tastes(rng, n_users)
     picks = _sample_interactions(rng, attrs, popularity, tastes, interactions_per_user)
-
-    dirty = rng.permutation(n_items)[:_N_DIRTY_ITEMS].tolist()
-    no_meta, dirty = sorted(dirty[:N_NO_META]), dirty[N_NO_META:]
-    missing_file, dirty = sorted(dirty[:N_MISSING_FILE]), dirty[N_MISSING_FILE:]
-    empty_url, corrupt = sorted(dirty[:N_EMPTY_URL]), sorted(dirty[N_EMPTY_URL:])
-
+    order = iter(rng.permutation(n_items)[:_N_DIRTY_ITEMS].tolist())
+    dirty = {key: sorted(itertools.islice(order, n)) for key, n in N_DIRTY.items()}
+    no_meta, missing_file, empty_url, corrupt = dirty.values()
     records = _review_records(rng, users, asins, attrs, tastes, picks)
     lines, duplicates, malformed = _review_lines(rng, records)
     _write_gz(out_dir / REVIEWS_NAME, lines)
@@ -177,17 +131,10 @@ def generate_sample(
     _write_gz(out_dir / META_NAME, meta_lines)
 
     truth = {
-        "seed": seed,
-        "n_users": n_users,
-        "n_items": n_items,
-        "n_interactions": int(sum(len(p) for p in picks)),
-        "n_review_lines": len(lines),
-        "malformed_review_lines": malformed,
-        "duplicate_reviews": duplicates,
-        "items_without_meta": sorted(asins[i] for i in no_meta),
-        "missing_image_files": sorted(asins[i] for i in missing_file),
-        "empty_imurl": sorted(asins[i] for i in empty_url),
-        "corrupt_images": sorted(asins[i] for i in corrupt),
+        "seed": seed, "n_users": n_users, "n_items": n_items,
+        "n_interactions": int(sum(len(p) for p in picks)), "n_review_lines": len(lines),
+        "malformed_review_lines": malformed, "duplicate_reviews": duplicates,
+        **{key: sorted(asins[i] for i in items) for key, items in dirty.items()},
         "named_colours": [c for c, (_, named) in COLOURS.items() if named],
         "item_attributes": {asins[i]: dict(attrs[i]) for i in range(n_items)},
         "user_tastes": {users[u]: [list(t) for t in tastes[u]] for u in range(n_users)},
@@ -196,13 +143,11 @@ def generate_sample(
 
 
 def _check_args(n_users: int, n_items: int, per_user: tuple[int, int], image_size: int) -> None:
-    """Reject sizes the generator cannot honour, with one line naming the value."""
     if n_users < 1:
         raise ConfigError(f"sample: n_users must be >= 1, got {n_users}")
     if n_items < _N_DIRTY_ITEMS + 1:
         raise ConfigError(f"sample: n_items must be >= {_N_DIRTY_ITEMS + 1}, got {n_items}")
-    lo, hi = per_user
-    if not 1 <= lo <= hi <= n_items:
+    if not 1 <= per_user[0] <= per_user[1] <= n_items:
         raise ConfigError(f"sample: interactions_per_user needs 1 <= lo <= hi <= n_items, got {per_user}")
     if image_size < 16:
         raise ConfigError(f"sample: image_size must be >= 16, got {image_size}")
@@ -210,29 +155,20 @@ def _check_args(n_users: int, n_items: int, per_user: tuple[int, int], image_siz
 
 def _unique_ids(rng: np.random.Generator, n: int, prefix: str, length: int) -> list[str]:
     """Random Amazon-looking IDs, unique, in draw order."""
-    seen: set[str] = set()
-    out: list[str] = []
+    out: dict[str, None] = {}
     while len(out) < n:
         for chars in rng.choice(_ALNUM, size=(n - len(out), length)):
-            ident = prefix + "".join(chars)
-            if ident not in seen:
-                seen.add(ident)
-                out.append(ident)
-    return out
+            out.setdefault(prefix + "".join(chars))
+    return list(out)
 
 
 def _item_attributes(rng: np.random.Generator, n_items: int) -> list[dict[str, Any]]:
     draws = {k: rng.integers(0, len(VALUES[k]), n_items) for k in KINDS}
-    out = []
-    for i in range(n_items):
-        a: dict[str, Any] = {k: VALUES[k][int(draws[k][i])] for k in KINDS}
-        a["colour_in_text"] = COLOURS[a["colour"]][1]
-        out.append(a)
-    return out
+    attrs = [{k: VALUES[k][int(draws[k][i])] for k in KINDS} for i in range(n_items)]
+    return [{**a, "colour_in_text": COLOURS[a["colour"]][1]} for a in attrs]
 
 
 def _user_tastes(rng: np.random.Generator, n_users: int) -> list[list[tuple[str, str]]]:
-    """Two liked (kind, value) pairs per user, of two different kinds."""
     out = []
     for _ in range(n_users):
         kinds = [KINDS[k] for k in rng.choice(len(KINDS), size=2, replace=False)]
@@ -240,10 +176,8 @@ def _user_tastes(rng: np.random.Generator, n_users: int) -> list[list[tuple[str,
     return out
 
 
-def _sample_interactions(
-    rng: np.random.Generator, attrs: list[dict[str, Any]], popularity: np.ndarray, tastes: list[list[tuple[str, str]]],
-    per_user: tuple[int, int],
-) -> list[np.ndarray]:
+def _sample_interactions(rng: np.random.Generator, attrs: list[dict[str, Any]], popularity: np.ndarray,
+                         tastes: list[list[tuple[str, str]]], per_user: tuple[int, int]) -> list[np.ndarray]:
     """Distinct item indices per user from TASTE_SHARE * softmax(affinity) + rest * uniform."""
     n_items = len(attrs)
     columns = {k: np.array([a[k] for a in attrs]) for k in KINDS}
@@ -259,11 +193,8 @@ def _sample_interactions(
     return out
 
 
-def _review_records(
-    rng: np.random.Generator, users: list[str], asins: list[str], attrs: list[dict[str, Any]],
-    tastes: list[list[tuple[str, str]]], picks: list[np.ndarray],
-) -> list[dict[str, Any]]:
-    """One review dict per (user, item) pick; ratings lean higher for liked items."""
+def _review_records(rng: np.random.Generator, users: list[str], asins: list[str], attrs: list[dict[str, Any]],
+                    tastes: list[list[tuple[str, str]]], picks: list[np.ndarray]) -> list[dict[str, Any]]:
     records = []
     for u, items in enumerate(picks):
         name = f"{FIRST_NAMES[int(rng.integers(len(FIRST_NAMES)))]} {chr(65 + int(rng.integers(26)))}."
@@ -276,29 +207,21 @@ def _review_records(
     return records
 
 
-def _review(
-    rng: np.random.Generator, user: str, name: str, asin: str, attr: dict[str, Any], rating: int, day: int
-) -> dict[str, Any]:
+def _review(rng: np.random.Generator, user: str, name: str, asin: str, attr: dict[str, Any], rating: int,
+            day: int) -> dict[str, Any]:
     noun = TYPES[attr["type"]][0].lower()
     opener = REVIEW_OPENERS[int(rng.integers(len(REVIEW_OPENERS)))].format(noun=noun)
     comment = REVIEW_BY_RATING[rating][int(rng.integers(2))]
     ts = day * _DAY
     return {
-        "reviewerID": user,
-        "asin": asin,
-        "reviewerName": name,
-        "helpful": [0, 0],
-        "reviewText": f"{opener} {comment}",
-        "overall": float(rating),
-        "summary": SUMMARY_BY_RATING[rating][int(rng.integers(2))],
-        "unixReviewTime": ts,
+        "reviewerID": user, "asin": asin, "reviewerName": name, "helpful": [0, 0], "reviewText": f"{opener} {comment}",
+        "overall": float(rating), "summary": SUMMARY_BY_RATING[rating][int(rng.integers(2))], "unixReviewTime": ts,
         "reviewTime": datetime.fromtimestamp(ts, tz=UTC).strftime("%m %d, %Y"),
     }
 
 
-def _review_lines(
-    rng: np.random.Generator, records: list[dict[str, Any]]
-) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+def _review_lines(rng: np.random.Generator,
+                  records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]], list[int]]:
     """JSON lines sorted by (asin, time, reviewer), plus planted duplicates and malformed lines."""
     records = list(records)
     duplicates = []
@@ -307,31 +230,21 @@ def _review_lines(
         dup["unixReviewTime"] = records[j]["unixReviewTime"] + _DAY * int(rng.integers(1, 60))
         dup["reviewTime"] = datetime.fromtimestamp(dup["unixReviewTime"], tz=UTC).strftime("%m %d, %Y")
         records.append(dup)
-        duplicates.append(
-            {
-                "reviewerID": dup["reviewerID"],
-                "asin": dup["asin"],
-                "unixReviewTime": [records[j]["unixReviewTime"], dup["unixReviewTime"]],
-            }
-        )
+        times = [records[j]["unixReviewTime"], dup["unixReviewTime"]]
+        duplicates.append({"reviewerID": dup["reviewerID"], "asin": dup["asin"], "unixReviewTime": times})
     records.sort(key=lambda r: (r["asin"], r["unixReviewTime"], r["reviewerID"]))
     lines = [json.dumps(r) for r in records]
-    # A malformed line looks like a line cut off mid-write: a truncated copy of a real one.
-    malformed: list[int] = []
-    for pos in sorted(rng.choice(len(lines) + 1, size=N_MALFORMED, replace=False).tolist(), reverse=True):
+    # A malformed line looks like a line cut off mid-write: a truncated copy of a real one (never valid JSON).
+    positions = sorted(rng.choice(len(lines) + 1, size=N_MALFORMED, replace=False).tolist())
+    for pos in reversed(positions):
         src = lines[int(rng.integers(len(lines)))]
         lines.insert(pos, src[: len(src) // 2])
-    for idx, line in enumerate(lines):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            malformed.append(idx + 1)
-    return lines, duplicates, malformed
+    # 1-based; inserting from the back moves each line down by the insertions before it
+    return lines, duplicates, [pos + k + 1 for k, pos in enumerate(positions)]
 
 
-def _meta_record(
-    rng: np.random.Generator, asin: str, attr: dict[str, Any], popularity: float, im_url: str
-) -> dict[str, Any]:
+def _meta_record(rng: np.random.Generator, asin: str, attr: dict[str, Any], popularity: float,
+                 im_url: str) -> dict[str, Any]:
     noun, path = TYPES[attr["type"]]
     material = attr["material"]
     colour = attr["colour"] if attr["colour_in_text"] else ""
@@ -345,42 +258,32 @@ def _meta_record(
     # Popular items get a better (smaller) sales rank, as in the real data.
     rank = int(max(1, round(np.exp(10.0 - 1.5 * popularity + rng.normal(0, 0.3)))))
     return {
-        "asin": asin,
-        "title": title,
-        "imUrl": im_url,
-        "brand": brand,
-        "categories": [list(path)],
-        "description": description,
-        "price": round(float(rng.uniform(4.0, 60.0)), 2),
-        "salesRank": {"Baby": rank},
+        "asin": asin, "title": title, "imUrl": im_url, "brand": brand, "categories": [list(path)],
+        "description": description, "price": round(float(rng.uniform(4.0, 60.0)), 2), "salesRank": {"Baby": rank},
     }
 
 
 def _draw_image(rng: np.random.Generator, attr: dict[str, Any], size: int) -> bytes:
-    """A PNG: the item's colour and shape on a light noisy background, jittered in place and size."""
-    base = rng.integers(232, 250)
-    pixels = np.clip(base + rng.integers(-6, 7, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    pixels = np.clip(rng.integers(232, 250) + rng.integers(-6, 7, size=(size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels)  # H x W x 3 uint8 -> RGB
     rgb = np.array(COLOURS[attr["colour"]][0]) + rng.integers(-10, 11, size=3)
     fill = tuple(int(c) for c in np.clip(rgb, 0, 255))
     radius = size * rng.uniform(0.26, 0.36)
     cx, cy = size / 2 + rng.uniform(-0.08, 0.08, size=2) * size
     draw = ImageDraw.Draw(img)
-    shape = attr["shape"]
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    if shape == "circle":
+    if attr["shape"] == "circle":
         draw.ellipse(box, fill=fill)
-    elif shape == "square":
+    elif attr["shape"] == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon(_polygon(shape, cx, cy, radius), fill=fill)
+        draw.polygon(_polygon(attr["shape"], cx, cy, radius), fill=fill)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Vertices of a triangle, diamond or 5-pointed star of outer radius ``r`` around (cx, cy)."""
     if shape == "triangle":
         angles, radii = np.deg2rad([-90, 30, 150]), [r] * 3
     elif shape == "diamond":  # taller than wide, so it is not a rotated square
@@ -398,33 +301,26 @@ def _corrupt_bytes(rng: np.random.Generator) -> bytes:
 
 def _write_gz(path: Path, lines: list[str]) -> None:
     """Gzip with no name or time in the header, written beside and renamed, so reruns are byte-identical."""
-    with (
-        atomic_path(path) as tmp, open(tmp, "wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
-    ):
-        gz.write(("\n".join(lines) + "\n").encode("utf-8"))
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            gz.write(("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def write_user_share(generated: Path, out_dir: Path, share: float) -> set[str]:
-    """A snapshot of a generated sample holding the reviews of its first ``share`` of users (in file order).
-
-    Why: a dataset that grows (more reviews, new users) is what scheduled retraining sees; two shares of one sample are
-    two snapshots of it, the larger holding the smaller. The metadata is copied whole; the reviews file is replaced
-    atomically. Returns the users kept."""
+    """Write the reviews of a generated sample's first ``share`` of users (file order) to ``out_dir``; returns them.
+    Why: a growing dataset is what scheduled retraining sees; two shares of one sample are two snapshots, the larger
+    holding the smaller."""
     if not 0 < share <= 1:
         raise ConfigError(f"invalid share {share}: must be in (0, 1]")
     lines = gzip.decompress((Path(generated) / REVIEWS_NAME).read_bytes()).decode().splitlines()
-    order: dict[str, None] = {}
     owners = []
     for line in lines:
         try:
-            user = json.loads(line)["reviewerID"]
+            owners.append(json.loads(line)["reviewerID"])
         except (ValueError, KeyError, TypeError):
-            user = None  # a planted malformed line: kept with the full sample only
-        owners.append(user)
-        if user is not None:
-            order.setdefault(user)
-    keep = set(list(order)[: int(len(order) * share)])
+            owners.append(None)  # a planted malformed line: kept with the full sample only
+    order = list(dict.fromkeys(user for user in owners if user is not None))
+    keep = set(order[: int(len(order) * share)])
     kept = lines if share == 1 else [ln for ln, user in zip(lines, owners, strict=True) if user in keep]
     out_dir = Path(out_dir)
     _write_gz(out_dir / REVIEWS_NAME, kept)
@@ -437,9 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m sand.pipeline.acquire.bundled_sample OUT [--seed N]``: write the sample, print the planted dirt."""
     parser = argparse.ArgumentParser(prog="python -m sand.pipeline.acquire.bundled_sample", description=main.__doc__)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--items", type=int, default=500)
+    for flag, default in (("--seed", 0), ("--users", 1000), ("--items", 500)):
+        parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args(argv)
     files = generate_sample(args.out_dir, seed=args.seed, n_users=args.users, n_items=args.items)
     t = files.truth

@@ -1,13 +1,8 @@
-"""Fetch one raw file (http(s) URL, ``file://`` URL or local path) into a directory.
-
-Why this module exists: the Amazon dumps are hundreds of MB to GB on slow academic mirrors. A dropped connection must
-not cost the bytes already received, a half-written file must never be read as complete, and a second run must do no
-network work at all. So a download is written to ``<name>.part``, resumed with ``Range`` requests, checked against the
-size the server announced, renamed into place only when complete, and described by a sidecar ``<name>.sha256.json`` that
-later runs trust instead of the network.
-
-Local sources take the same path (copy in chunks, hash on the way) so that the stages downstream see one kind of record
-whatever the user pointed at."""
+"""Fetch one raw file (http(s) URL, ``file://`` URL or local path) into a directory. Why: the Amazon dumps are hundreds
+of MB to GB on slow academic mirrors. A download goes to ``<name>.part``, resumes with ``Range`` requests, and is
+renamed into place only when it has the announced size, so a dropped connection costs no received bytes and a
+half-written file is never read as complete; a sidecar ``<name>.sha256.json`` lets later runs skip the network. Local
+sources take the same path."""
 
 from __future__ import annotations
 
@@ -56,9 +51,7 @@ class FileRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileRecord:
-        return cls(
-            path=Path(data["path"]), source=str(data["source"]), size=int(data["size"]), sha256=str(data["sha256"]),
-        )
+        return cls(Path(data["path"]), str(data["source"]), int(data["size"]), str(data["sha256"]))
 
 
 class _Retryable(Exception):
@@ -66,11 +59,8 @@ class _Retryable(Exception):
 
 
 def safe_name(source: str) -> str:
-    """File name for ``source``: the sanitised basename of its path, never raw URL text.
-
-    Only ``[A-Za-z0-9._-]`` survive, leading dots are dropped (no hidden files, no ``..``), long names are capped with a
-    hash to stay unique, and a source without a usable basename falls back to a sha1 of the whole source. Names that
-    would collide with our own ``.part``/sidecar files get a ``_`` appended."""
+    """Sanitised basename of ``source``'s path, never raw URL text: no hidden files or ``..``, long names capped with a
+    hash, a sha1 of the source when there is no basename, and no clash with our ``.part``/sidecar files."""
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()
     path = unquote(urlsplit(source).path) if url_scheme(source) else source
     base = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
@@ -87,15 +77,10 @@ def safe_name(source: str) -> str:
     return name
 
 
-def fetch_file(
-    source: str, dest_dir: Path, *, timeout: float = 60, retries: int = 5, backoff_base: float = 0.5,
-    chunk_size: int = 1 << 20, progress: bool = True, client: httpx.Client | None = None,
-) -> FileRecord:
-    """Fetch ``source`` into ``dest_dir`` and return its :class:`FileRecord`.
-
-    A complete file whose sidecar names the same source and size is returned without any network or copy work.
-    ``retries`` counts further attempts after the first; only timeouts, connection errors, short bodies, 5xx and 429 are
-    retried, any other 4xx fails at once with a one-line :class:`DownloadError`."""
+def fetch_file(source: str, dest_dir: Path, *, timeout: float = 60, retries: int = 5, backoff_base: float = 0.5,
+               chunk_size: int = 1 << 20, progress: bool = True, client: httpx.Client | None = None) -> FileRecord:
+    """Fetch ``source`` into ``dest_dir`` (no work when its sidecar names the same source and size); only timeouts,
+    connection errors, short bodies, 5xx and 429 are retried, ``retries`` more times."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     name = safe_name(source)
@@ -107,18 +92,13 @@ def fetch_file(
             return cached
         _sidecar(final).unlink(missing_ok=True)  # a stale sidecar must not vouch for the new file
         if is_remote(source):
-            record = _fetch_http(
-                source, final, timeout=timeout, retries=retries, backoff_base=backoff_base,
-                chunk_size=chunk_size, progress=progress, client=client,
-            )
+            record = _fetch_http(source, final, timeout=timeout, retries=retries, backoff_base=backoff_base,
+                                 chunk_size=chunk_size, progress=progress, client=client)
         else:
             record = _copy_local(source, final, chunk_size=chunk_size, progress=progress)
-        _write_sidecar(record)
+        write_text_atomic(_sidecar(final), json.dumps(record.to_dict(), indent=2) + "\n")
         log.info("fetched %s -> %s (%d bytes, sha256 %s)", source, final, record.size, record.sha256)
         return record
-
-
-# ---------------------------------------------------------------------------- cache
 
 
 def _sidecar(final: Path) -> Path:
@@ -146,57 +126,9 @@ def _cached_record(source: str, final: Path) -> FileRecord | None:
     return FileRecord(path=final, source=source, size=record.size, sha256=record.sha256)
 
 
-def _write_sidecar(record: FileRecord) -> None:
-    write_text_atomic(_sidecar(record.path), json.dumps(record.to_dict(), indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------- local
-
-
-def _local_path(source: str) -> Path:
-    """The file a ``file://`` URL or plain path points at (other schemes are refused)."""
-    path = local_path(source)
-    if path is None:
-        raise DownloadError(
-            f"cannot download {source}: unsupported URL scheme '{urlsplit(source).scheme}' "
-            "(use http, https, file or a path)"
-        )
-    return path
-
-
-def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) -> FileRecord:
-    src = _local_path(source)
-    if not src.is_file():
-        raise DownloadError(f"cannot read {source}: no such file")
-    digest = hashlib.sha256()
-    size = 0
-    with (
-        atomic_path(final) as part, open(src, "rb") as fin, open(part, "wb") as fout,
-        _bar(final.name, src.stat().st_size, 0, progress) as bar,
-    ):
-        for chunk in iter(lambda: fin.read(chunk_size), b""):
-            fout.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-            bar.update(len(chunk))
-    return FileRecord(path=final, source=source, size=size, sha256=digest.hexdigest())
-
-
-def _bar(name: str, total: int | None, initial: int, enabled: bool) -> tqdm:
-    return tqdm(
-        total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=name, disable=not enabled, leave=False,
-    )
-
-
-# ---------------------------------------------------------------------------- http
-
-
 class _PartState:
-    """The ``.part`` file plus a running sha256 of exactly the bytes it holds.
-
-    Keeping the hash in step with the file avoids re-reading a multi-GB dump after it finishes; when the two disagree (a
-    ``.part`` left by an earlier process) the prefix is hashed once from disk."""
+    """A file being written plus a running sha256 of exactly the bytes it holds, so a multi-GB dump is not re-read after
+    it finishes; when the two disagree (a ``.part`` left by an earlier process) the prefix is hashed once from disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -226,10 +158,31 @@ class _PartState:
                 bar.update(len(chunk))
 
 
-def _fetch_http(
-    url: str, final: Path, *, timeout: float, retries: int, backoff_base: float, chunk_size: int, progress: bool,
-    client: httpx.Client | None,
-) -> FileRecord:
+def _local_path(source: str) -> Path:
+    path = local_path(source)
+    if path is None:
+        raise DownloadError(f"cannot download {source}: unsupported URL scheme '{urlsplit(source).scheme}' "
+                            "(use http, https, file or a path)")
+    return path
+
+
+def _copy_local(source: str, final: Path, *, chunk_size: int, progress: bool) -> FileRecord:
+    src = _local_path(source)
+    if not src.is_file():
+        raise DownloadError(f"cannot read {source}: no such file")
+    with atomic_path(final) as tmp, open(src, "rb") as fin, _bar(final.name, src.stat().st_size, 0, progress) as bar:
+        part = _PartState(tmp)
+        part.append(iter(lambda: fin.read(chunk_size), b""), bar, truncate=True, buffer_size=chunk_size)
+    return FileRecord(path=final, source=source, size=part.size, sha256=part.digest.hexdigest())
+
+
+def _bar(name: str, total: int | None, initial: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                disable=not enabled, leave=False)
+
+
+def _fetch_http(url: str, final: Path, *, timeout: float, retries: int, backoff_base: float, chunk_size: int,
+                progress: bool, client: httpx.Client | None) -> FileRecord:
     part = _PartState(final.with_name(final.name + PART_SUFFIX))
     session = httpx.Client(follow_redirects=True, timeout=timeout) if client is None else contextlib.nullcontext(client)
     delays = backoff_delays(retries, base=backoff_base)
@@ -247,9 +200,8 @@ def _fetch_http(
                 last_reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if attempt < retries:
                 delay = next(delays)
-                log.warning(
-                    "download of %s failed (%s); retry %d/%d in %.2f s", url, last_reason, attempt + 1, retries, delay,
-                )
+                log.warning("download of %s failed (%s); retry %d/%d in %.2f s", url, last_reason, attempt + 1, retries,
+                            delay)
                 time.sleep(delay)
         else:
             raise DownloadError(f"cannot download {url} after {retries + 1} attempts: {last_reason}")
@@ -257,9 +209,8 @@ def _fetch_http(
     return FileRecord(path=final, source=url, size=part.size, sha256=part.digest.hexdigest())
 
 
-def _http_attempt(
-    url: str, part: _PartState, http: httpx.Client, *, timeout: float, chunk_size: int, progress: bool
-) -> None:
+def _http_attempt(url: str, part: _PartState, http: httpx.Client, *, timeout: float, chunk_size: int,
+                  progress: bool) -> None:
     """One GET, resuming from the ``.part`` size; returns only when the part is complete."""
     start = part.sync()
     headers = {"Accept-Encoding": "identity"}  # we want the file's bytes, not a transfer-decoded body
@@ -278,7 +229,7 @@ def _http_attempt(
             if is_retryable_status(status):
                 raise _Retryable(reason)
             raise DownloadError(f"cannot download {url}: {reason}")
-        length = _int_header(resp.headers.get("Content-Length"))
+        length = _int_or_none(resp.headers.get("Content-Length"))
         if status == 206:
             first, _last, total = _content_range(resp.headers.get("Content-Range"))
             if first != start:
@@ -301,20 +252,15 @@ def _http_attempt(
         raise _Retryable(f"received {part.size} bytes but the server announced {expected}; restarting")
 
 
-def _int_header(value: str | None) -> int | None:
+def _int_or_none(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
-    except ValueError:
+    except ValueError:  # also ``*`` in a Content-Range
         return None
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
     """(first, last, total) from ``bytes a-b/N`` / ``bytes */N``; None where absent or ``*``."""
     match = _CONTENT_RANGE.match(value or "")
-    if not match:
-        return None, None, None
-    first, last, total = match.groups()
-    return (
-        int(first) if first is not None else None, int(last) if last is not None else None,
-        int(total) if total not in (None, "*") else None,
-    )
+    first, last, total = match.groups() if match else (None, None, None)
+    return _int_or_none(first), _int_or_none(last), _int_or_none(total)

@@ -1,15 +1,8 @@
-"""Turn what the user names (a preset, a category, URLs, a folder, a file) into concrete sources.
-
-Why: the acquire stage should not care whether the user typed ``baby``, ``Baby_Products --format amazon2023``, a folder
-of dumps they already have, or an MMRec folder. Everything resolves here into one :class:`SourceSpec` (which files,
-which format), and every mistake becomes one :class:`ConfigError` line naming the value and the valid choices, before
-any download starts.
-
-Formats are told apart by content, not by file name, because people rename dumps: 2014 metadata lines are Python
-literals (single quotes), 2018 reviews are JSON with ``reviewerID``/``asin``/``unixReviewTime``, 2023 lines carry
-``parent_asin`` (reviews also ``user_id``). The sniffer reads lines as the readers do (bounded length, guarded
-``literal_eval``) and votes over the first few good records, so a dirty first line does not condemn a file the readers
-would accept within their dirty-line budget."""
+"""Turn what the user names (a preset, a category, URLs, a folder, a file) into concrete sources. Why: the acquire stage
+should not care what the user typed; all of it resolves here into one :class:`SourceSpec` (which files, which format),
+and every mistake becomes one :class:`ConfigError` line naming the value and the valid choices, before any download.
+Formats are told apart by content, not file name, because people rename dumps; the sniffer reads lines as the readers do
+and votes over the first few good records, so a dirty first line does not condemn a file the readers would accept."""
 
 from __future__ import annotations
 
@@ -39,11 +32,10 @@ AMAZON2014_IMAGE_FEATURES_URL = (
 _CATEGORY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _REVIEWS_2014_URL = formats.FORMATS["amazon2014"].urls[0]  # type: ignore[index]
 _PUBLISHED_2014_REVIEWS = re.compile(
-    re.escape(_REVIEWS_2014_URL).replace(re.escape("{cat}"), "([A-Za-z][A-Za-z0-9_]*)")
-)
+    re.escape(_REVIEWS_2014_URL).replace(re.escape("{cat}"), "([A-Za-z][A-Za-z0-9_]*)"))
 _SCAN_LINES = 1000  # blank lines tolerated before the first record
-#: Good records the sniffer votes over; dirty lines it tolerates before them (the readers' default budget,
-#: the configured budget is applied again when the file is read).
+#: Good records the sniffer votes over; dirty lines it tolerates first (readers' default; the configured budget applies
+#: when the file is read).
 SNIFF_RECORDS = 5
 SNIFF_BAD_LINES: int = InteractionsConfig.model_fields["max_bad_lines"].default
 
@@ -58,17 +50,12 @@ class Preset:
 
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({
-    "baby": Preset(
-        "Amazon Baby 5-core (the SAND paper's dataset)", "amazon2014",
-        {"amazon2014": "Baby", "amazon2023": "Baby_Products"},
-    ),
-    "sports": Preset(
-        "Amazon Sports and Outdoors 5-core", "amazon2014", {f: "Sports_and_Outdoors" for f in RAW_FORMATS},
-    ),
-    "clothing": Preset(
-        "Amazon Clothing, Shoes and Jewelry 5-core", "amazon2014",
-        {f: "Clothing_Shoes_and_Jewelry" for f in RAW_FORMATS},
-    ),
+    "baby": Preset("Amazon Baby 5-core (the SAND paper's dataset)", "amazon2014",
+                   {"amazon2014": "Baby", "amazon2023": "Baby_Products"}),
+    "sports": Preset("Amazon Sports and Outdoors 5-core", "amazon2014",
+                     {f: "Sports_and_Outdoors" for f in RAW_FORMATS}),
+    "clothing": Preset("Amazon Clothing, Shoes and Jewelry 5-core", "amazon2014",
+                       {f: "Clothing_Shoes_and_Jewelry" for f in RAW_FORMATS}),
     "sample": Preset("bundled synthetic sample, generated offline (nothing to download)", "sample", {}),
 })
 
@@ -94,15 +81,11 @@ def category_urls(fmt: str, category: str) -> tuple[str, str]:
         raise ConfigError(f"format '{fmt}' has no published category files (valid: {', '.join(formats.raw_formats())})")
     if not _CATEGORY.match(category):
         raise ConfigError(f"invalid category name '{category}' (letters, digits and '_', e.g. Baby_Products)")
-    reviews, meta = urls
-    return reviews.format(cat=category), meta.format(cat=category)
+    return urls[0].format(cat=category), urls[1].format(cat=category)
 
 
 def amazon2014_category(spec: SourceSpec) -> str | None:
-    """The 2014 category of a resolved dataset, or None when it is not a 2014 category.
-
-    Known for the presets (also when read from local dumps, which resolve to the preset's name) and for category names,
-    whose reviews URL is the published one."""
+    """The 2014 category of a resolved dataset (a preset, or a category with the published reviews URL), else None."""
     if spec.format != "amazon2014":
         return None
     preset = PRESETS.get(spec.name)
@@ -113,19 +96,14 @@ def amazon2014_category(spec: SourceSpec) -> str | None:
 
 
 def amazon2014_image_features_url(spec: SourceSpec) -> str | None:
-    """URL of the 2014 release's image feature file for ``spec``'s category (None: not a 2014 category)."""
-    category = amazon2014_category(spec)
-    return AMAZON2014_IMAGE_FEATURES_URL.format(cat=category) if category else None
+    return AMAZON2014_IMAGE_FEATURES_URL.format(cat=category) if (category := amazon2014_category(spec)) else None
 
 
-def resolve_source(
-    dataset: str, fmt: str | None = None, reviews: str | None = None, meta: str | None = None
-) -> SourceSpec:
-    """Resolve ``dataset`` (+ optional format and explicit reviews/meta) into a :class:`SourceSpec`.
-
-    Order: ``sample``; a preset name; an existing path (MMRec folder, folder of dumps, single reviews file); a category
-    name when ``fmt`` is a raw format; otherwise a free dataset name, which needs explicit ``reviews``. Explicit
-    ``reviews``/``meta`` replace what the preset or folder would give."""
+def resolve_source(dataset: str, fmt: str | None = None, reviews: str | None = None,
+                   meta: str | None = None) -> SourceSpec:
+    """Resolve, in order: a preset; an existing path (MMRec folder, folder of dumps, reviews file); a category name when
+    ``fmt`` is a raw format; a free name with explicit ``reviews``, which (with ``meta``) replace what a preset or
+    folder gives."""
     fmt = _check_format(fmt)
     key = dataset.strip()
     if not key:
@@ -137,20 +115,14 @@ def resolve_source(
     elif _looks_like_path(key):
         raise ConfigError(f"dataset path does not exist: {key}")
     elif fmt in formats.raw_formats() and _CATEGORY.match(key):
-        rev_url, meta_url = category_urls(fmt, key)
-        spec = SourceSpec(_category_name(key, fmt), fmt, rev_url, meta_url)
+        spec = SourceSpec(_category_name(key, fmt), fmt, *category_urls(fmt, key))
     elif reviews is not None:
         spec = SourceSpec(_sanitise_name(key), fmt or "", None, None)
     else:
         hint = f"; with --format {fmt} a category name such as Baby_Products" if fmt in formats.raw_formats() else ""
-        raise ConfigError(
-            f"unknown dataset '{key}' (valid: presets {', '.join(PRESETS)}, an existing path, "
-            f"a category name with a format of {', '.join(formats.raw_formats())}, or explicit reviews{hint})"
-        )
+        raise ConfigError(f"unknown dataset '{key}' (valid: presets {', '.join(PRESETS)}, an existing path, a category "
+                          f"name with a format of {', '.join(formats.raw_formats())}, or explicit reviews{hint})")
     return spec if reviews is None and meta is None else _override(spec, fmt, reviews, meta)
-
-
-# ---------------------------------------------------------------------------- presets and names
 
 
 def _check_format(fmt: str | None) -> str | None:
@@ -171,8 +143,7 @@ def _from_preset(name: str, fmt: str | None) -> SourceSpec:
     fmt = fmt or preset.default_format
     if fmt not in preset.categories:
         raise ConfigError(f"preset '{name}' has no {fmt} files (available: {', '.join(preset.categories)})")
-    rev_url, meta_url = category_urls(fmt, preset.categories[fmt])
-    return SourceSpec(name, fmt, rev_url, meta_url)
+    return SourceSpec(name, fmt, *category_urls(fmt, preset.categories[fmt]))
 
 
 def _category_name(category: str, fmt: str | None) -> str:
@@ -192,9 +163,6 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.startswith(("~", ".")) or bool(Path(text).suffix)
 
 
-# ---------------------------------------------------------------------------- explicit files
-
-
 def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str | None) -> SourceSpec:
     if spec.format in ("sample", "mmrec"):
         raise ConfigError(f"explicit reviews/meta files cannot be combined with a {spec.format} dataset")
@@ -211,25 +179,17 @@ def _override(spec: SourceSpec, fmt: str | None, reviews: str | None, meta: str 
     new_meta = meta if meta is not None else spec.meta
     if new_reviews is None:
         raise ConfigError(f"dataset '{spec.name}' needs a reviews file or URL (only meta was given)")
-    out_fmt = fmt or spec.format or _sniff_sources(new_reviews, new_meta)
+    out_fmt = fmt or spec.format
+    if not out_fmt:  # sniff the files
+        local = local_path(new_reviews)
+        if local is None:
+            raise ConfigError(f"format is required for a remote reviews URL ({new_reviews}); "
+                              f"valid: {', '.join(formats.raw_formats())}")
+        out_fmt = _agree(local, local_path(new_meta) if new_meta is not None else None)
     if out_fmt not in formats.raw_formats():
-        raise ConfigError(
-            f"format '{out_fmt}' cannot read reviews/meta files (valid: {', '.join(formats.raw_formats())})"
-        )
+        raise ConfigError(f"format '{out_fmt}' cannot read reviews/meta files "
+                          f"(valid: {', '.join(formats.raw_formats())})")
     return SourceSpec(spec.name, out_fmt, new_reviews, new_meta)
-
-
-def _sniff_sources(reviews: str, meta: str | None) -> str:
-    local = local_path(reviews)
-    if local is None:
-        raise ConfigError(
-            f"format is required for a remote reviews URL ({reviews}); valid: {', '.join(formats.raw_formats())}"
-        )
-    meta_path = local_path(meta) if meta is not None else None
-    return _agree(local, meta_path)
-
-
-# ---------------------------------------------------------------------------- local paths
 
 
 def _from_path(path: Path, fmt: str | None) -> SourceSpec:
@@ -265,17 +225,14 @@ def _from_dir(path: Path, fmt: str | None) -> SourceSpec:
         prefixed = [p for p in reviews if p.name.startswith("reviews_")]
         reviews = prefixed if len(prefixed) == 1 else reviews
     if not reviews:
-        raise ConfigError(
-            f"no reviews file in {path} (expected reviews_*.json[.gz], <Cat>_5.json[.gz], <Cat>.jsonl[.gz] "
-            "or an MMRec <name>.inter)"
-        )
+        raise ConfigError(f"no reviews file in {path} (expected reviews_*.json[.gz], <Cat>_5.json[.gz], "
+                          "<Cat>.jsonl[.gz] or an MMRec <name>.inter)")
     if len(reviews) > 1:
         names = ", ".join(p.name for p in reviews)
         raise ConfigError(f"several reviews files in {path} ({names}); pass one with --reviews")
     review = reviews[0]
     meta = _matching_meta(review, metas, path)
-    out_fmt = fmt or _agree(review, meta)
-    return SourceSpec(_name_from_file(review), out_fmt, str(review), str(meta) if meta else None)
+    return SourceSpec(_name_from_file(review), fmt or _agree(review, meta), str(review), str(meta) if meta else None)
 
 
 def _expect(fmt: str | None, found: str, path: Path) -> None:
@@ -300,10 +257,8 @@ def _category_of(path: Path) -> str:
 
 def _name_from_file(path: Path) -> str:
     category = _category_of(path)
-    for name, preset in PRESETS.items():
-        if category in preset.categories.values():
-            return name
-    return _sanitise_name(category).lower()
+    preset = next((name for name, p in PRESETS.items() if category in p.categories.values()), None)
+    return preset or _sanitise_name(category).lower()
 
 
 def _matching_meta(review: Path, metas: list[Path], folder: Path) -> Path | None:
@@ -317,10 +272,7 @@ def _matching_meta(review: Path, metas: list[Path], folder: Path) -> Path | None
 
 
 def _agree(reviews: Path, meta: Path | None) -> str:
-    """Format of a reviews file, confirmed (or decided) by its meta file.
-
-    2014 and 2018 reviews share their keys almost entirely; the 2014 meta file (Python literals) settles it when the
-    reviews alone are ambiguous."""
+    """Format of a reviews file, confirmed by its meta file (2014 and 2018 reviews look alike; 2014 meta settles it)."""
     rev_fmt, rev_kind = _sniff_file(reviews)
     if rev_kind == "meta":
         raise ConfigError(f"{reviews} looks like a metadata file, not reviews")
@@ -330,18 +282,13 @@ def _agree(reviews: Path, meta: Path | None) -> str:
     if meta_fmt == rev_fmt:
         return rev_fmt
     if {meta_fmt, rev_fmt} == {"amazon2014", "amazon2018"}:
-        return "amazon2014" if meta_fmt == "amazon2014" and rev_fmt == "amazon2018" else rev_fmt
+        return "amazon2014"
     raise ConfigError(f"reviews {reviews.name} look like {rev_fmt} but meta {meta.name} looks like {meta_fmt}")
 
 
-# ---------------------------------------------------------------------------- content sniffing
-
-
 def detect_format(path: Path | str) -> str:
-    """Format of a raw Amazon file (gzip or plain) from its first good records (dirty lines tolerated).
-
-    A folder is resolved as :func:`resolve_source` would (``mmrec`` when it holds a ``.inter`` file). Raises
-    :class:`DataError` naming the file and line when the content matches no known release."""
+    """Format of a raw Amazon file (gzip or plain) from its first good records, or of a folder as :func:`resolve_source`
+    would resolve it; :class:`DataError` names the file and line when the content matches no known release."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"path does not exist: {path}")
@@ -351,10 +298,8 @@ def detect_format(path: Path | str) -> str:
 
 
 def _sniff_file(path: Path) -> tuple[str, str]:
-    """(format, kind) most of the first ``SNIFF_RECORDS`` good records agree on.
-
-    Dirty lines before them (malformed, over-long, foreign records) are tolerated up to ``SNIFF_BAD_LINES``; when no
-    good record is found the first line's problem is the error, as it names what is wrong with the file."""
+    """(format, kind) most of the first ``SNIFF_RECORDS`` good records agree on, after up to ``SNIFF_BAD_LINES`` dirty
+    lines; with no good record the first line's problem is the error, as it names what is wrong with the file."""
     votes: Counter[tuple[str, str]] = Counter()
     first_error: DataError | None = None
     bad = 0
@@ -368,14 +313,13 @@ def _sniff_file(path: Path) -> tuple[str, str]:
             if not text:
                 continue
             votes[_classify(text, path, lineno)] += 1
+            if votes.total() >= SNIFF_RECORDS:
+                break
         except DataError as err:
             first_error = first_error or err
             bad += 1
             if bad > SNIFF_BAD_LINES:
                 break
-            continue
-        if sum(votes.values()) >= SNIFF_RECORDS:
-            break
     if votes:
         return votes.most_common(1)[0][0]  # ties: the first record seen
     if first_error is not None:
@@ -386,18 +330,15 @@ def _sniff_file(path: Path) -> tuple[str, str]:
 def _classify(line: bytes, path: Path, lineno: int) -> tuple[str, str]:
     """(format, 'reviews' | 'meta') of one raw record line."""
     record: Any
-    strict_json = True
     try:
-        record = orjson.loads(line)
+        record, strict_json = orjson.loads(line), True
     except orjson.JSONDecodeError:
-        strict_json = False
         try:
-            record = parse_literal_line(line)  # 2014 meta lines are Python literals; never eval
+            record, strict_json = parse_literal_line(line), False  # 2014 meta lines are Python literals; never eval
         except DirtyLine as exc:
             shown = line[:60].decode("utf-8", errors="replace")
-            raise DataError(
-                f"{path} line {lineno}: neither JSON nor a Python literal ({exc.reason}): {shown!r}"
-            ) from None
+            raise DataError(f"{path} line {lineno}: neither JSON nor a Python literal ({exc.reason}): "
+                            f"{shown!r}") from None
     if not isinstance(record, dict):
         raise DataError(f"{path} line {lineno}: expected one object per line, got {type(record).__name__}")
     claimed = formats.classify_keys(set(record), strict_json)

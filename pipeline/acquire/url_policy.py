@@ -1,15 +1,13 @@
-"""Which image URLs the image stage may read: trust follows where the metadata came from.
-
-Why: image URLs are data. Metadata downloaded from the internet is untrusted, so a URL inside it must not make this
-machine read its own files (``file:///etc/passwd``, ``/dev/zero``, a FIFO) or call services on its own network
-(``http://127.0.0.1``, ``10.x``, cloud metadata at ``169.254.169.254``), directly or through a redirect. Metadata the
-user handed over as local files (their own dump, an MMRec folder, the bundled sample) is theirs: it may name local files
-and private hosts, so a private image mirror keeps working. Hosts are judged by the addresses they resolve to, not by
-their names, and every redirect hop is judged again."""
+"""Which image URLs the image stage may read: trust follows where the metadata came from. Why: image URLs are data. A
+URL in metadata downloaded from the internet must not make this machine read its own files (``file:///etc/passwd``,
+``/dev/zero``, a FIFO) or call services on its network (``http://127.0.0.1``, ``10.x``, cloud metadata at
+``169.254.169.254``), directly or through a redirect; metadata the user handed over as local files may name local files
+and private hosts (a private image mirror). Hosts are judged by the addresses they resolve to, at every redirect hop."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -17,11 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-#: Where the metadata naming the image URLs came from.
-Origin = Literal["network", "local"]
-
-#: Reason recorded for a URL the policy does not allow (the same whether or not a named file exists).
-REFUSED = "refused"
+Origin = Literal["network", "local"]  #: Where the metadata naming the image URLs came from.
+REFUSED = "refused"  #: Reason recorded for a URL the policy does not allow (whether or not a named file exists).
 
 
 class UnresolvableHost(Exception):
@@ -30,12 +25,10 @@ class UnresolvableHost(Exception):
 
 @dataclass(frozen=True)
 class UrlPolicy:
-    """What image URLs may point at. Picklable: it travels with shard jobs to processes and Dask workers.
-
-    ``local_files``: ``file://`` URLs and plain paths may be read (regular files only).
-    ``private_hosts``: http(s) hosts may resolve to loopback/private/link-local addresses.
-    ``allowed_hosts``: ``host`` or ``host:port`` entries trusted even when private (an internal mirror named in
-    downloaded metadata); the hosts a redirect leads to are judged on their own."""
+    """What image URLs may point at; picklable, as it travels with shard jobs to processes and Dask workers.
+    ``local_files``: ``file://`` URLs and plain paths (regular files only); ``private_hosts``: http(s) hosts resolving
+    to loopback/private/link-local addresses; ``allowed_hosts``: ``host`` or ``host:port`` trusted even when private (an
+    internal mirror named in downloaded metadata), the hosts a redirect leads to judged on their own."""
 
     local_files: bool = False
     private_hosts: bool = False
@@ -53,10 +46,7 @@ class UrlPolicy:
         return self.private_hosts or host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts
 
     def describe(self) -> dict[str, object]:
-        return {
-            "local_files": self.local_files, "private_hosts": self.private_hosts,
-            "allowed_hosts": sorted(self.allowed_hosts),
-        }
+        return {**dataclasses.asdict(self), "allowed_hosts": sorted(self.allowed_hosts)}
 
 
 def is_public_address(address: str) -> bool:
@@ -68,8 +58,7 @@ def is_public_address(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_global and not (
-        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-        or ip.is_unspecified
+        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
     )
 
 
@@ -87,19 +76,16 @@ def host_and_port(url: str) -> tuple[str, int] | None:
 
 
 async def check_http_url(url: str, policy: UrlPolicy) -> str | None:
-    """``None`` if ``url`` may be requested, else the reason (``refused``, ``unsupported-scheme``).
-
-    Resolves the host (all its addresses must be public): a name that points at 127.0.0.1 is refused just like the
-    literal address. Raises :class:`UnresolvableHost` when the name does not resolve now."""
+    """``None`` if ``url`` may be requested, else the reason. All the host's addresses must be public, so a name that
+    points at 127.0.0.1 is refused like the literal address; :class:`UnresolvableHost` when it does not resolve now."""
     target = host_and_port(url)
     if target is None:
         return "unsupported-scheme" if urlsplit(url).scheme.lower() not in ("http", "https") else "bad-url"
     host, port = target
     if policy.allows_host(host, port):
         return None
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as exc:
         raise UnresolvableHost(f"{host}: {exc}") from None
     addresses = {info[4][0] for info in infos}
@@ -107,8 +93,7 @@ async def check_http_url(url: str, policy: UrlPolicy) -> str | None:
 
 
 def peer_allowed(url: str, peer: object, policy: UrlPolicy) -> bool:
-    """Is the address a connection actually reached allowed? Closes the gap of a name re-resolving to a private address
-    between the check and the connect (DNS rebinding)."""
+    """Is the address a connection actually reached allowed? Closes the DNS-rebinding gap between check and connect."""
     target = host_and_port(url)
     if target is None:
         return False

@@ -1,9 +1,8 @@
 """Validated configuration: one pydantic model per stage and one for the pipeline.
 
-Why pydantic: the same models validate YAML files, CLI options and the Prefect UI's parameter forms, and a wrong value
-is rejected with the field's dotted name (``train.lr``) instead of failing deep inside a stage. The command's field
-options and ``sand.run``'s keywords derive from one table here (``CLI_FIELDS``), and ``--set section.field=value``
-reaches any other field."""
+Why pydantic: the same models validate YAML files, CLI options and the Prefect UI's forms, and a wrong value is rejected
+with its dotted name (``train.lr``) instead of failing deep inside a stage. The command's field options and
+``sand.run``'s keywords derive from ``CLI_FIELDS``; ``--set section.field=value`` reaches any other field."""
 
 from __future__ import annotations
 
@@ -27,19 +26,15 @@ def _enum_of(names: Any) -> Any:
     return lambda schema: schema.update(enum=list(names()))
 
 
-#: A format of the format table (``pipeline/base/formats.py``), checked when validated, so the
-#: table is the only list of formats.
-DatasetFormat = Annotated[
-    str, AfterValidator(formats.check_format_name), Field(json_schema_extra=_enum_of(formats.format_names))
-]
+#: A format of the format table (``pipeline/base/formats.py``), checked when validated: the only list of formats.
+DatasetFormat = Annotated[str, AfterValidator(formats.check_format_name),
+                          Field(json_schema_extra=_enum_of(formats.format_names))]
 #: A model of the registry (``models/registry.py``), checked when validated: the only list of models.
-ModelName = Annotated[
-    str, AfterValidator(registry.check_model_name), Field(json_schema_extra=_enum_of(registry.model_names))
-]
+ModelName = Annotated[str, AfterValidator(registry.check_model_name),
+                      Field(json_schema_extra=_enum_of(registry.model_names))]
 #: "default" or a hyper-parameter profile some registry entry defines.
-ProfileName = Annotated[
-    str, AfterValidator(registry.check_profile_name), Field(json_schema_extra=_enum_of(registry.profile_choices))
-]
+ProfileName = Annotated[str, AfterValidator(registry.check_profile_name),
+                        Field(json_schema_extra=_enum_of(registry.profile_choices))]
 #: A SAND variant of the registry (``registry.VARIANTS``).
 Variant = Literal[registry.VARIANTS]
 #: Every seed: numpy's SeedSequence and torch.manual_seed both take 0 <= seed < 2**32 everywhere.
@@ -79,10 +74,8 @@ class InteractionsConfig(_Section):
     split: Literal["mmrec", "mmrec-notebook", "chronological"] = "mmrec"
     seed: Seed = 0
     max_bad_lines: int = Field(1000, ge=0, description="dirty lines skipped (and reported) before failing")
-    max_line_bytes: int = Field(
-        4 << 20, ge=1024, le=1 << 30,
-        description="longest raw line read; longer ones are dirty lines, dropped without being held in memory",
-    )
+    max_line_bytes: int = Field(4 << 20, ge=1024, le=1 << 30, description="longest raw line read; longer ones are "
+                                "dirty lines, dropped without being held in memory")
 
 
 class TextFeaturesConfig(_Section):
@@ -90,58 +83,45 @@ class TextFeaturesConfig(_Section):
     batch_size: int = Field(64, ge=1)
     device: Device = None
     shard_size: int = Field(
-        16384, ge=1, description="unique texts per shard job (rounded up to whole groups of batch_size x 32)"
-    )
-    threads: int | None = Field(
-        None, ge=1, description="torch threads per shard (pinned so bytes do not depend on the runner); "
-        "default: the orchestrating process's torch thread count",
-    )
+        16384, ge=1, description="unique texts per shard job (rounded up to whole groups of batch_size x 32)")
+    threads: int | None = Field(None, ge=1, description="torch threads per shard (pinned so bytes do not depend on the "
+                                "runner); default: the orchestrating process's torch thread count")
 
 
 class ImageFeaturesConfig(_Section):
     source: Literal["cnn", "amazon2014"] = Field(
-        "cnn", description="cnn: our CNN over the item images | amazon2014: the 4,096-d features the Amazon "
-        "2014 release ships per category (the SAND paper's and MMRec's inputs)",
-    )
+        "cnn", description="cnn: our CNN over the item images | amazon2014: the 4,096-d features the Amazon 2014 "
+        "release ships per category (the SAND paper's and MMRec's inputs)")
     amazon2014_url: Text | None = Field(
-        None, description="URL or path of image_features_<Category>.b (default: derived from a 2014 dataset)"
-    )
+        None, description="URL or path of image_features_<Category>.b (default: derived from a 2014 dataset)")
     backbone: Literal["resnet50", "resnet18", "vgg16"] | None = Field(
-        None, description="CNN; default resnet50 (resnet18 for the bundled sample)"
-    )
+        None, description="CNN; default resnet50 (resnet18 for the bundled sample)")
     weights: Text = Field("auto", description="imagenet | random | PATH | auto (sample: random, else imagenet)")
     image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default 224 (64 for sample)")
     batch_size: int = Field(32, ge=1)
     num_workers: int | None = Field(
-        None, ge=0, description="image decode threads per shard (0: decode in the shard thread; default: the "
-        "cores the CNN's forward pass leaves free: the machine's cores on a GPU, none on a CPU whose forward uses "
-        "them all)",
-    )
+        None, ge=0, description="image decode threads per shard (0: decode in the shard thread; default: the cores the "
+        "CNN's forward pass leaves free: the machine's cores on a GPU, none on a CPU whose forward uses them all)")
     concurrency: int = Field(16, ge=1, le=256)
     timeout: float = Field(10.0, gt=0)
     retries: int = Field(3, ge=0, le=10)
     max_bytes: int = Field(10_000_000, ge=1024, description="largest image file or body read, in bytes")
-    max_pixels: int = Field(
-        40_000_000, ge=1024, description="largest image decoded (width x height, from its header); also the "
-        "pixels decoded at once per process"
-    )
+    max_pixels: int = Field(40_000_000, ge=1024, description="largest image decoded (width x height, from its header); "
+                            "also the pixels decoded at once per process")
     allow_hosts: list[HostPort] = Field(
-        default_factory=list, description="host or host:port that image URLs from downloaded metadata may "
-        "reach although private (an internal mirror); local metadata may reach any host"
-    )
+        default_factory=list, description="host or host:port that image URLs from downloaded metadata may reach "
+        "although private (an internal mirror); local metadata may reach any host")
     min_side: int = Field(32, ge=1)
     fill: Literal["mean", "zeros"] = "mean"
     shard_size: int = Field(1024, ge=1)
     seed: Seed = 0
     device: Device = None
     engine: Literal["eager", "fast"] = Field(
-        "fast", description="fast: channels-last, batch norms folded into a frozen graph (~2x on a CPU; "
-        "features within 1e-4 of eager) | eager: the module as torchvision defines it",
-    )
+        "fast", description="fast: channels-last, batch norms folded into a frozen graph (~2x on a CPU; features "
+        "within 1e-4 of eager) | eager: the module as torchvision defines it")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "auto", description="CNN compute precision; auto: bf16 where the hardware multiplies it natively "
-        "(AMX/AVX512-BF16 CPUs, CUDA GPUs with bf16), else fp32",
-    )
+        "(AMX/AVX512-BF16 CPUs, CUDA GPUs with bf16), else fp32")
 
 
 class GraphsConfig(_Section):
@@ -149,18 +129,16 @@ class GraphsConfig(_Section):
     include_self: bool = True
     block_size: int | None = Field(None, ge=1)
     method: Literal["exact", "faiss", "auto"] = Field(
-        "auto", description="exact blocked top-k | faiss IVF index | auto (exact up to auto_threshold items "
-        "or on a CUDA GPU, else faiss)",
-    )
+        "auto", description="exact blocked top-k | faiss IVF index | auto (exact up to auto_threshold items or on a "
+        "CUDA GPU, else faiss)")
     auto_threshold: int = Field(100_000, ge=1, description="auto: catalogue size above which CPU runs use faiss")
     nlist: int | None = Field(None, ge=1, description="faiss clusters (default about 2 sqrt(N))")
     nprobe: int | None = Field(None, ge=1, description="faiss clusters searched (default: tuned to target_recall)")
     target_recall: float = Field(0.95, gt=0, le=1, description="faiss: recall@k the nprobe tuning aims for")
     recall_sample: int = Field(1000, ge=2, description="faiss: rows whose exact neighbours measure recall")
     faiss_storage: Literal["float32", "float16"] = Field(
-        "float32", description="faiss: how the index stores the vectors (float16: half the memory, N x d x 2 "
-        "bytes, e.g. 8 GB instead of 16 GB at 1M x 4096; recall is measured either way)",
-    )
+        "float32", description="faiss: how the index stores the vectors (float16: half the memory, N x d x 2 bytes, "
+        "e.g. 8 GB instead of 16 GB at 1M x 4096; recall is measured either way)")
     seed: Seed = 0
 
 
@@ -176,66 +154,47 @@ class _TrainSettings(_Section):
     variant: Variant = "a"
     epochs: int = Field(1000, ge=1)
     batch_size: int | None = Field(
-        None, ge=1,
-        description=f"default {registry.DEFAULT_BATCH_SIZE} (train.profile=fast: {registry.FAST_PROFILE_SUMMARY})",
-    )
+        None, ge=1, description=f"default {registry.DEFAULT_BATCH_SIZE} (train.profile=fast: "
+        f"{registry.FAST_PROFILE_SUMMARY})")
     lr: float | None = Field(
-        None, gt=0,
-        description=f"default: the model's published value (train.profile=fast: {registry.FAST_PROFILE_SUMMARY})",
-    )
+        None, gt=0, description=f"default: the model's published value (train.profile=fast: "
+        f"{registry.FAST_PROFILE_SUMMARY})")
     weight_decay: float = Field(0.0, ge=0)
     patience: int | None = Field(
-        None, ge=1, description="evaluations without improvement before stopping; default 20 (clothing: 30)"
-    )
+        None, ge=1, description="evaluations without improvement before stopping; default 20 (clothing: 30)")
     early_stop: Literal["mmrec", "strict"] = Field(
-        "mmrec",
-        description="mmrec: metric rounded to 4 decimals, stop after MORE than patience bad evaluations; "
-        "strict: unrounded, stop after patience",
-    )
+        "mmrec", description="mmrec: metric rounded to 4 decimals, stop after MORE than patience bad evaluations; "
+        "strict: unrounded, stop after patience")
     eval_every: int = Field(1, ge=1)
     seed: Seed = 0
     device: Device = None
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32",
-        description="compute precision of the big products with the raw features: fp32 (the faithful "
-        "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)",
-    )
+        "fp32", description="compute precision of the big products with the raw features: fp32 (the faithful "
+        "reference) | bf16 | auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16)")
     profile: ProfileName = Field(
         "default", description=f"fast: {registry.FAST_PROFILE_SUMMARY}; docs/convergence.md; "
-        "authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win"
-    )
+        "authors: the SAND authors' plug-in hyper-parameters (VBPR+SAND, FREEDOM+SAND); explicit settings win")
     extra: dict[str, float | int | str | bool] = Field(default_factory=dict, description="other model kwargs")
-    memory_budget_gb: float | None = Field(
-        None, gt=0, description="refuse a model whose estimated training memory exceeds this "
-        "(default: the memory available on the training device)",
-    )
+    memory_budget_gb: float | None = Field(None, gt=0, description="refuse a model whose estimated training memory "
+                                           "exceeds this (default: the memory available on the training device)")
 
     #: Named hyper-parameters (the registry's, one field each): applied to the models that take them, ignored by the
     #: others (so one config serves a whole Table-2 grid). Keys of ``extra`` must be taken by the model.
     NAMED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = tuple(registry.hyperparameters())
     #: Named hyper-parameters with a value by default: a grid may set them for every model.
     ALWAYS_SET: ClassVar[tuple[str, ...]] = tuple(
-        name for name, (_, field) in registry.hyperparameters().items() if field.default is not None
-    )
+        name for name, (_, field) in registry.hyperparameters().items() if field.default is not None)
 
     def model_kwargs(self, accepted: set[str] | None = None) -> dict[str, Any]:
-        """Hyper-parameters the user set explicitly; the model's defaults fill the rest.
-
-        With ``accepted`` (the model's hyper-parameter names), named fields the model does not take are left out;
-        ``extra`` always passes through, so a typo there is an error."""
-        kwargs = {
-            name: getattr(self, name)
-            for name in self.NAMED_HYPERPARAMETERS
-            if getattr(self, name) is not None and (accepted is None or name in accepted)
-        }
-        kwargs.update(self.extra)
-        return kwargs
+        """Hyper-parameters the user set explicitly; with ``accepted`` (the model's hyper-parameter names), named fields
+        the model does not take are left out, while ``extra`` always passes through, so a typo there is an error."""
+        kwargs = {name: getattr(self, name) for name in self.NAMED_HYPERPARAMETERS
+                  if getattr(self, name) is not None and (accepted is None or name in accepted)}
+        return {**kwargs, **self.extra}
 
     def with_profile(self) -> TrainConfig:
-        """This section with the profile's training settings where none was set, and the default batch.
-
-        Why here: the train stage, its artifact key and the trainer must all see one answer to "which lr and batch size
-        does this run use"; explicit settings win over the profile."""
+        """This section with the profile's training settings where none was set, and the default batch: the train stage,
+        its artifact key and the trainer must all see one answer to "which lr and batch size"; explicit settings win."""
         update = {k: v for k, v in registry.profile_training(self.model, self.profile).items()
                   if getattr(self, k) is None}
         if update.get("batch_size", self.batch_size) is None:
@@ -249,25 +208,22 @@ class _TrainSettings(_Section):
         return DATASET_PATIENCE.get(Path(str(dataset)).name.lower(), DEFAULT_PATIENCE)
 
 
-#: The train section: the run settings plus one field per registry hyper-parameter (built from
-#: the registry, so a model's hyper-parameters are declared in its entry only).
+#: The train section: the run settings plus one field per registry hyper-parameter (built from the registry, so a
+#: model's hyper-parameters are declared in its entry only).
 TrainConfig = create_model("TrainConfig", __base__=_TrainSettings, __module__=__name__, **registry.hyperparameters())
 
 
 class EvaluateConfig(_Section):
-    ks: list[Positive] = Field(
-        default_factory=lambda: [5, 10, 20, 50], min_length=1, description="cut-offs of Recall@k and NDCG@k"
-    )
+    ks: list[Positive] = Field(default_factory=lambda: [5, 10, 20, 50], min_length=1,
+                               description="cut-offs of Recall@k and NDCG@k")
     top_k: int = Field(20, ge=1, description="recommendations written per user")
     batch_users: int = Field(4096, ge=1)
 
 
 class ReportConfig(_Section):
     tsne_items: int = Field(500, ge=10, description="items drawn for the t-SNE figures (Figures 5-6)")
-    select_metric: str = Field(
-        "recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$",
-        description="validation metric that picks each table's run: recall@K or ndcg@K",
-    )
+    select_metric: str = Field("recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$",
+                               description="validation metric that picks each table's run: recall@K or ndcg@K")
     seed: Seed = 0
 
 
@@ -286,10 +242,8 @@ class RetrainConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    data_root: Path = Field(
-        default_factory=lambda: Path(os.environ.get("SAND_DATA_ROOT", "data")),
-        description="downloads, artifact store and caches live here (env SAND_DATA_ROOT)",
-    )
+    data_root: Path = Field(default_factory=lambda: Path(os.environ.get("SAND_DATA_ROOT", "data")),
+                            description="downloads, artifact store and caches live here (env SAND_DATA_ROOT)")
     seed: Seed | None = Field(None, description="when set, every stage's seed")
     acquire: AcquireConfig = Field(default_factory=AcquireConfig)
     interactions: InteractionsConfig = Field(default_factory=InteractionsConfig)
@@ -395,9 +349,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(
-    path: Path | None = None, overrides: dict[str, Any] | None = None, assignments: list[str] | None = None
-) -> PipelineConfig:
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                assignments: list[str] | None = None) -> PipelineConfig:
     """YAML file (optional) + dotted overrides (CLI options) + ``--set`` assignments, validated once."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -406,14 +359,13 @@ def load_config(
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
         try:
-            loaded = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}{where}: not valid YAML") from None
-        if not isinstance(loaded, dict):
+        if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
-        data = loaded
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_dotted(data, dotted, value)

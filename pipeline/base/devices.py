@@ -1,10 +1,8 @@
 """Compute devices: names a user may give, whether they exist here, and what ``None`` means.
 
-Why one module: the config validates the *spelling* of a device (``cpu``, ``cuda``, ``cuda:N``, ``mps``) so a typo fails
-before anything runs; whether the device exists on this machine is checked separately (``check_available``), because a
-config written on a laptop may be meant for a GPU worker. Artifact keys hold the resolved device *type*
-(``device_type``): CPU and GPU kernels give different float bits, so an artifact computed on one is never served as the
-other's result."""
+The config checks a device's *spelling*; whether it exists here is checked separately (``check_available``), as a config
+written on a laptop may be meant for a GPU worker. Artifact keys hold the resolved device *type* (``device_type``): CPU
+and GPU kernels give different float bits, so an artifact computed on one is never served as the other's."""
 
 from __future__ import annotations
 
@@ -31,9 +29,8 @@ def validate_device_name(value: str | None) -> str | None:
 
 
 def check_available(value: str | None, field: str) -> None:
-    """A one-line ConfigError when ``value`` names a device this machine does not have.
-
-    Imports torch only when a GPU is asked for, so a CPU run's checks stay instant."""
+    """A one-line ConfigError when ``value`` names a device this machine does not have (torch is imported only when a
+    GPU is asked for, so a CPU run's checks stay instant)."""
     if value is None or value == "cpu":
         return
     import torch  # lazy: torch takes seconds to import
@@ -56,10 +53,8 @@ def check_devices(cfg) -> None:
 
 
 def resolve_device(device: str | torch.device | None, allow_mps: bool = False) -> torch.device:
-    """The device to compute on: as given, else CUDA when present, else (``allow_mps``) MPS, else the CPU.
-
-    The one place that decides what "no device given" means, for training, the image encoder, the k-NN graphs and the
-    artifact keys alike."""
+    """The device to compute on: as given, else CUDA when present, else (``allow_mps``) MPS, else the CPU. The one place
+    that decides what "no device given" means, for training, the image encoder, the k-NN graphs and artifact keys."""
     import torch  # lazy: torch takes seconds to import
 
     if device is not None:
@@ -70,9 +65,7 @@ def resolve_device(device: str | torch.device | None, allow_mps: bool = False) -
 
 
 def device_type(value: str | None, allow_mps: bool = False) -> str:
-    """The kind of device a stage computes on: ``cpu``, ``cuda`` or ``mps``.
-
-    ``None`` resolves the way the stage itself does (CUDA when present; MPS too where the library picks it, as
-    sentence-transformers does). The CUDA index is left out: it selects one of several identical accelerators, not a
-    different computation."""
+    """The kind of device a stage computes on: ``cpu``, ``cuda`` or ``mps``. ``None`` resolves as the stage itself does
+    (MPS too where the library picks it, as sentence-transformers does). The CUDA index is left out: it selects one of
+    several identical accelerators, not a different computation."""
     return value.split(":")[0] if value is not None else resolve_device(None, allow_mps).type

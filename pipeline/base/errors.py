@@ -1,8 +1,6 @@
-"""User-facing errors.
-
-Every problem a user can fix (bad input file, wrong config value, dead URL) is raised as a :class:`SandError` whose
-message is one line naming the file/field/value. The CLI prints that line and exits non-zero, so nobody has to read a
-traceback to learn what to fix."""
+"""User-facing errors: every problem a user can fix (bad input file, wrong config value, dead URL) is a
+:class:`SandError` whose message is one line naming the file/field/value. The CLI prints that line and exits non-zero,
+so nobody has to read a traceback to learn what to fix."""
 
 from __future__ import annotations
 
@@ -33,12 +31,9 @@ class StageError(SandError):
 
 
 def one_line(err: BaseException | str, *, with_type: bool = False, limit: int | None = ONE_LINE_MAX) -> str:
-    """The first non-blank line of an error's message, whitespace collapsed, at most ``limit`` characters (None: all).
-
-    Why one function: the CLI's ``error:`` line, the reasons stage errors quote from a library (torch,
-    sentence-transformers) and a grid run's failure column all show a foreign exception in one line. An exception with
-    no message gives its type's name; ``with_type`` prefixes the type (``"OSError: disk full"``). An empty string gives
-    ""."""
+    """The first non-blank line of an error's message, whitespace collapsed, at most ``limit`` characters (None: all),
+    as the CLI's ``error:`` line, stage errors quoting a library and a grid's failure column show a foreign exception.
+    No message gives the type's name; ``with_type`` prefixes the type (``"OSError: disk full"``)."""
     text = err if isinstance(err, str) else str(err)
     first = next((" ".join(line.split()) for line in text.splitlines() if line.strip()), "")
     if not isinstance(err, str):

@@ -1,12 +1,8 @@
-"""Atomic file writes and streaming sha256: the one home for both.
+"""Atomic file writes and streaming sha256.
 
-Why atomic: a stage, a cache or a sidecar that a killed process left half-written must never be read as complete. Every
-write here goes to a temporary file in the *same directory* (so the final ``os.replace`` is a rename on one file system,
-atomic on POSIX and Windows), is flushed and fsynced, then replaces the target; on any failure the temporary file is
-removed and the old target is left as it was.
-
-Why streaming: inputs are multi-GB dumps and model weights; hashing reads them in chunks so memory stays flat whatever
-the file size."""
+A file a killed process left half-written must never be read as complete: every write goes to a temporary file in the
+*same directory* (so ``os.replace`` is an atomic rename), is fsynced, then replaces the target; on failure the temporary
+file is removed and the target left as it was. Hashing reads in chunks: inputs are multi-GB dumps and weights."""
 
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-#: Bytes read per step when hashing a file.
 HASH_CHUNK = 1 << 20
 
 
@@ -34,12 +29,9 @@ def _fsync(path: str) -> None:
 
 @contextmanager
 def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends without error it replaces ``path``.
-
-    For writers that want a file name (``np.save``, ``torch.save``, ``DataFrame.to_csv``): ``with atomic_path(out) as
-    tmp: np.save(tmp, a)``. ``suffix`` keeps the extension a writer may insist on (``np.save`` appends ``.npy`` to a
-    name without it). The parent directory is created. On an exception the temporary file is deleted and ``path`` is
-    untouched."""
+    """Yield a temporary path beside ``path`` (its parent created) that replaces ``path`` when the block ends without
+    error, for writers that want a file name (``np.save``, ``torch.save``, ``DataFrame.to_csv``). ``suffix`` keeps an
+    extension a writer insists on (``np.save`` appends ``.npy`` to a name without it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -54,14 +46,12 @@ def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); returns ``path``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
     return Path(path)
 
 
 def write_text_atomic(path: Path | str, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically; returns ``path``."""
     return write_bytes_atomic(path, text.encode(encoding))
 
 
@@ -71,9 +61,8 @@ def write_json_atomic(path: Path | str, obj: Any, *, indent: int = 2, sort_keys:
 
 
 def file_digest(path: Path | str, chunk_size: int = HASH_CHUNK) -> hashlib._Hash:
-    """The sha256 object of a file's bytes, read ``chunk_size`` bytes at a time.
-
-    Returned unfinished so a caller can keep feeding it (a resumed download appends)."""
+    """The sha256 object of a file's bytes, read ``chunk_size`` bytes at a time; unfinished, so a caller can keep
+    feeding it (a resumed download appends)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(chunk_size), b""):
@@ -82,5 +71,4 @@ def file_digest(path: Path | str, chunk_size: int = HASH_CHUNK) -> hashlib._Hash
 
 
 def sha256_file(path: Path | str, chunk_size: int = HASH_CHUNK) -> str:
-    """Hex sha256 of a file, in constant memory."""
     return file_digest(path, chunk_size).hexdigest()

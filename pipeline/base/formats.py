@@ -1,13 +1,10 @@
 """Every dataset format the pipeline reads, one row each: the table the rest is derived from.
 
-Why one table: the config's allowed ``acquire.format`` values, the CLI's ``--format`` help, the sources' published URLs,
-the content sniffer and the raw-dump readers all ask "what is format X". Answering it here means adding a raw-dump
-format is its metadata record converter plus one :data:`FORMATS` row (review fields, line syntax, URLs, sniffer). The
-two non-dump formats, ``mmrec`` (a folder read by ``pipeline/dataset/mmrec.py``) and ``sample`` (generated), are rows
-too, so they are valid names everywhere, but the acquire and interactions stages dispatch on them.
-
-This module must stay cheap to import (config validation and ``sand --help`` use it): readers are named as
-``"module:function"`` strings and imported only when a file is read."""
+The config's ``acquire.format`` values, the ``--format`` help, the published URLs, the content sniffer and the raw-dump
+readers all ask "what is format X", so a new raw-dump format is its metadata record converter plus one :data:`FORMATS`
+row. ``mmrec`` (a folder) and ``sample`` (generated) are rows too, valid names everywhere, though the acquire and
+interactions stages dispatch on them. Cheap to import (config validation, ``sand --help``): readers are
+``"module:function"`` strings, imported only when a file is read."""
 
 from __future__ import annotations
 
@@ -61,13 +58,11 @@ class DatasetFormat:
 
     @property
     def raw(self) -> bool:
-        """Whether files of this format are line-per-record review/metadata dumps."""
         return self.reviews is not None
 
 
-# ------------------------------------------------------------------------------------------ sniffers
-# Each sees one record's keys and whether its line was strict JSON (2014 metadata lines are Python
-# literals), and claims only its own release's records: the table's order does not matter.
+# Sniffers: each sees one record's keys and whether its line was strict JSON (2014 metadata lines are Python literals),
+# and claims only its own release's records, so the table's order does not matter.
 _REVIEW_KEYS_2014_2018 = {"reviewerID", "unixReviewTime"}
 
 
@@ -102,37 +97,26 @@ def _sniff_2018(keys: Collection[str], strict_json: bool) -> Kind | None:
     return "reviews" if _REVIEW_KEYS_2014_2018 <= set(keys) else "meta"
 
 
-# ------------------------------------------------------------------------------------------ the table
 _READERS = "sand.pipeline.dataset.readers"
 
 FORMATS: dict[str, DatasetFormat] = {
     "amazon2014": DatasetFormat(
         ReviewFields("reviewerID", "asin", "overall", "unixReviewTime"),
-        meta_lines="literal",
-        meta_record=f"{_READERS}:meta_record_2014",
-        urls=(
-            "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_{cat}_5.json.gz",
-            "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_{cat}.json.gz",
-        ),
-        sniff=_sniff_2014,
+        meta_lines="literal", meta_record=f"{_READERS}:meta_record_2014", sniff=_sniff_2014,
+        urls=("http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_{cat}_5.json.gz",
+              "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_{cat}.json.gz"),
     ),
     "amazon2018": DatasetFormat(
         ReviewFields("reviewerID", "asin", "overall", "unixReviewTime"),
-        meta_record=f"{_READERS}:meta_record_2018",
-        urls=(
-            "https://jmcauley.ucsd.edu/data/amazon_v2/categoryFilesSmall/{cat}_5.json.gz",
-            "https://jmcauley.ucsd.edu/data/amazon_v2/metaFiles2/meta_{cat}.json.gz",
-        ),
-        sniff=_sniff_2018,
+        meta_record=f"{_READERS}:meta_record_2018", sniff=_sniff_2018,
+        urls=("https://jmcauley.ucsd.edu/data/amazon_v2/categoryFilesSmall/{cat}_5.json.gz",
+              "https://jmcauley.ucsd.edu/data/amazon_v2/metaFiles2/meta_{cat}.json.gz"),
     ),
     "amazon2023": DatasetFormat(
         ReviewFields("user_id", "parent_asin", "rating", "timestamp", 1000),
-        meta_record=f"{_READERS}:meta_record_2023",
-        urls=(
-            "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/review_categories/{cat}.jsonl.gz",
-            "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/meta_categories/meta_{cat}.jsonl.gz",
-        ),
-        sniff=_sniff_2023,
+        meta_record=f"{_READERS}:meta_record_2023", sniff=_sniff_2023,
+        urls=("https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/review_categories/{cat}.jsonl.gz",
+              "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/raw/meta_categories/meta_{cat}.jsonl.gz"),
     ),
     # an MMRec dataset folder (<name>.inter, image_feat.npy, text_feat.npy): pipeline/dataset/mmrec.py
     "mmrec": DatasetFormat(),
@@ -142,7 +126,6 @@ FORMATS: dict[str, DatasetFormat] = {
 
 
 def format_names() -> tuple[str, ...]:
-    """Every format name (config values), in table order."""
     return tuple(FORMATS)
 
 
@@ -158,14 +141,10 @@ def check_format_name(name: str) -> str:
     return name
 
 
-def format_choices() -> str:
-    """``"amazon2014 | amazon2018 | ..."``: the formats a user may name, as CLI help lists them."""
-    return " | ".join(n for n, f in FORMATS.items() if f.user_facing)
-
-
 def format_help() -> str:
-    """``--format``'s help: the formats a user may name."""
-    return f"{format_choices()} (default: sniffed from the files, or the preset's)"
+    """``--format``'s help: the formats a user may name (``"amazon2014 | amazon2018 | ..."``)."""
+    choices = " | ".join(n for n, f in FORMATS.items() if f.user_facing)
+    return f"{choices} (default: sniffed from the files, or the preset's)"
 
 
 def raw_format(name: str) -> DatasetFormat:

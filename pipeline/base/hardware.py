@@ -1,10 +1,8 @@
 """Which device and which compute precision a training run uses.
 
-Why a module: ``train.precision = auto`` must resolve the same way in the trainer, in the train stage's artifact key and
-in the run's manifest, and the answer depends on the machine: bfloat16 pays where the hardware multiplies it natively
-(CUDA GPUs with bf16 support; CPUs with AMX-BF16 or AVX512-BF16, where oneDNN runs bfloat16 products ~4x faster than
-float32) and costs elsewhere (emulated bfloat16 is slower than float32). The models only ever see the resolved "fp32" or
-"bf16"."""
+``train.precision = auto`` must resolve alike in the trainer, the train stage's artifact key and the manifest, and the
+answer depends on the machine: bfloat16 pays where the hardware multiplies it natively (CUDA GPUs with bf16; CPUs with
+AMX-BF16 or AVX512-BF16) and costs where it is emulated. Models only see the resolved "fp32" or "bf16"."""
 
 from __future__ import annotations
 
@@ -12,9 +10,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from sand.pipeline.base.devices import (
-    resolve_device as resolve_device,  # re-exported: the train stage imports it from here
-)
+from sand.pipeline.base.devices import resolve_device as resolve_device  # re-exported: the train stage imports it
 from sand.pipeline.base.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,12 +31,11 @@ def cpu_bf16_support() -> bool:
     with contextlib.suppress(AttributeError, RuntimeError):
         caps = torch.cpu.get_capabilities()
         return any(bool(caps.get(flag)) for flag in CPU_BF16_FLAGS)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return any(flag in flags for flag in CPU_BF16_FLAGS)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return any(flag in flags for flag in CPU_BF16_FLAGS)
     return False
 
 
@@ -55,11 +50,9 @@ def cuda_bf16_support(device: torch.device) -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device, setting: str = "train.precision") -> str:
-    """``"fp32"`` or ``"bf16"`` for ``requested`` (fp32 | bf16 | auto) on ``device``.
-
-    ``auto``: bf16 on a CUDA device with bf16 support and on a CPU reporting AMX-BF16 or AVX512-BF16; fp32 everywhere
-    else. An explicit choice is kept (bf16 without native support is slow, not wrong: a warning says so). ``setting``
-    names the option in messages."""
+    """``"fp32"`` or ``"bf16"`` for ``requested`` (fp32 | bf16 | auto) on ``device``; ``setting`` names the option in
+    messages. ``auto``: bf16 where the device multiplies it natively, else fp32. An explicit bf16 without native support
+    is kept (slow, not wrong: a warning says so)."""
     if requested not in PRECISION_CHOICES:
         raise ConfigError(f"{setting} must be one of {', '.join(PRECISION_CHOICES)}; got {requested!r}")
     native = cuda_bf16_support(device) if device.type == "cuda" else device.type == "cpu" and cpu_bf16_support()

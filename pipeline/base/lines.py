@@ -2,12 +2,9 @@
 
 Why a base-layer module: resolving a source (``acquire``) sniffs a file's first lines and the dataset readers
 (``dataset``) read all of them; both need the same guarded iteration and the same safe parse of 2014's Python-literal
-lines, and neither should depend on the other for it.
-
-Memory is bounded whatever the input: a line longer than ``max_line_bytes`` is read and dropped in chunks (yielded as
-``None``, never held whole); ``literal_eval`` (whose syntax tree costs ~500 bytes per byte of a dense literal) only sees
-lines with a bounded number of tokens; and a gzip stream that inflates far beyond any real dump (a "gzip bomb" of blank
-lines or one endless line) is refused in one line once it has inflated past a floor."""
+lines. Memory is bounded whatever the input: an over-long line is read and dropped in chunks, never held whole;
+``literal_eval`` only sees lines with a bounded number of tokens; a gzip stream that inflates far beyond any real dump
+(a "gzip bomb" of blank lines or one endless line) is refused in one line."""
 
 from __future__ import annotations
 
@@ -36,6 +33,7 @@ _INFLATION_FLOOR = 16 << 20
 _MAX_LITERAL_TOKENS = 50_000
 _LITERAL_TOKENS = tuple(bytes([c]) for c in b",:[]{}()+-")
 
+
 class DirtyLine(Exception):
     """A dirty record: reason is the counted category, detail the offending value."""
 
@@ -46,30 +44,25 @@ class DirtyLine(Exception):
 
 
 def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (1-based line number, raw line) from a gzip or plain file, detected by magic bytes.
-
-    A line longer than ``max_line_bytes`` (newline excluded) is yielded as ``None`` after its bytes were read and
-    dropped in chunks, so no line is ever held whole past the limit. A gzip stream that inflates more than
-    ``_MAX_INFLATION`` times its compressed size (checked once past ``_INFLATION_FLOOR``) is a one-line
-    :class:`DataError`: nothing real compresses like that, and without the check a few MB of blank lines could keep a
-    reader busy for hours."""
+    """Yield (1-based line number, raw line) from a gzip or plain file (detected by magic bytes); a line longer than
+    ``max_line_bytes`` (newline excluded) as ``None``. A gzip stream inflating over ``_MAX_INFLATION`` times its
+    compressed size (checked once past ``_INFLATION_FLOOR``) is a :class:`DataError`: nothing real compresses so, and a
+    few MB of blank lines could keep a reader busy for hours."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below in the finally block
+        raw = open(path, "rb")  # noqa: SIM115 - closed by the with block below
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    gz = None
-    lineno = 0
-    try:
+    with raw:
         magic = raw.read(2)
         if not magic:
             raise DataError(f"{path}: file is empty")
         raw.seek(0)
-        if magic == _GZIP_MAGIC:
-            gz = gzip.GzipFile(fileobj=raw, mode="rb")
+        gz = gzip.GzipFile(fileobj=raw, mode="rb") if magic == _GZIP_MAGIC else None
         fh = gz if gz is not None else raw
         guard = _InflationGuard(path, raw) if gz is not None else None
+        lineno = 0
         try:
             while True:
                 line = fh.readline(max_line_bytes + 1)
@@ -85,13 +78,11 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
                 else:
                     yield lineno, line
         except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise DataError(
-                f"{path}: truncated gzip or corrupt gzip after line {lineno} (cannot read: {err})"
-            ) from None
-    finally:
-        if gz is not None:
-            gz.close()
-        raw.close()
+            raise DataError(f"{path}: truncated gzip or corrupt gzip after line {lineno} "
+                            f"(cannot read: {err})") from None
+        finally:
+            if gz is not None:
+                gz.close()
 
 
 def _discard_rest_of_line(fh: Any, guard: _InflationGuard | None, lineno: int) -> None:
@@ -107,10 +98,8 @@ class _InflationGuard:
     """Counts inflated bytes against compressed bytes read; raises on a gzip bomb."""
 
     def __init__(self, path: Path, raw: Any) -> None:
-        self.path = path
-        self.raw = raw
-        self.inflated = 0
-        self.next_check = _INFLATION_FLOOR
+        self.path, self.raw = path, raw
+        self.inflated, self.next_check = 0, _INFLATION_FLOOR
 
     def add(self, n: int, lineno: int) -> None:
         self.inflated += n
@@ -119,17 +108,13 @@ class _InflationGuard:
         self.next_check = self.inflated + _INFLATION_FLOOR
         compressed = max(1, self.raw.tell())
         if self.inflated > _MAX_INFLATION * compressed:
-            raise DataError(
-                f"{self.path}:{lineno}: {self.inflated} bytes inflated from {compressed} compressed "
-                f"(over {_MAX_INFLATION}x, no real dump compresses so well): refusing a gzip bomb"
-            )
+            raise DataError(f"{self.path}:{lineno}: {self.inflated} bytes inflated from {compressed} compressed "
+                            f"(over {_MAX_INFLATION}x, no real dump compresses so well): refusing a gzip bomb")
 
 
 def parse_literal_line(line: bytes) -> Any:
-    """2014 metadata: Python literals. Try JSON first (fast path), then ast.literal_eval (never eval).
-
-    A cheap token count comes first: ``literal_eval`` builds a full syntax tree, about 1 KB per element, so a dense 1 MB
-    literal would cost ~500 MB. Too many tokens is a counted skip, decided without parsing."""
+    """2014 metadata: Python literals. JSON first (fast path), then ast.literal_eval (never eval), but only after a
+    cheap token count: ``literal_eval`` builds a full syntax tree, so too many tokens is a counted skip."""
     with contextlib.suppress(orjson.JSONDecodeError):
         return orjson.loads(line)
     tokens = sum(line.count(t) for t in _LITERAL_TOKENS)

@@ -1,10 +1,8 @@
 """The one place that decides whether a source string is a URL, and which local file it names.
 
-Why one module: acquire's cache key, the download step, the format sniffer and the image fetcher all ask "is this
-``file://`` URL or plain path a local file, and which one?". When each answered on its own, one copy skipped URL
-decoding (``file:///my%20data/x.gz`` was looked up literally, so edits to the file never changed the cache key) and one
-read ``file://localhost/p`` as the relative path ``localhost/p``. Here the answer is given once: ``urlsplit`` + URL
-decoding, ``file:///p`` and ``file://localhost/p`` accepted, any other host refused."""
+Acquire's cache key, the download step, the sniffer and the image fetcher all ask it; answered separately, one copy
+skipped URL decoding and one read ``file://localhost/p`` as a relative path. Here: ``urlsplit`` + URL decoding,
+``file:///p`` and ``file://localhost/p`` accepted, any other host refused."""
 
 from __future__ import annotations
 
@@ -30,11 +28,9 @@ def is_remote(source: str) -> bool:
 
 
 def local_path(source: str) -> Path | None:
-    """The local file a plain path or ``file://`` URL names; None for any other URL scheme.
-
-    ``file:///data/my%20dumps/x.gz`` and ``file://localhost/data/my%20dumps/x.gz`` both name ``/data/my dumps/x.gz``. A
-    ``file://`` URL naming another host cannot be read from here and is a :class:`ConfigError` (one line, naming the
-    URL)."""
+    """The local file a plain path or ``file://`` URL names (``file:///data/my%20dumps/x.gz`` and
+    ``file://localhost/data/my%20dumps/x.gz`` both name ``/data/my dumps/x.gz``); None for any other URL scheme; a
+    ConfigError for a ``file://`` URL naming another host."""
     scheme = url_scheme(source)
     if not scheme:
         return Path(source).expanduser()
@@ -42,8 +38,6 @@ def local_path(source: str) -> Path | None:
         return None
     parts = urlsplit(source)
     if parts.netloc.lower() not in _LOCAL_HOSTS:
-        raise ConfigError(
-            f"file URL {source} names the host '{parts.netloc}': only local files can be read "
-            "(file:///path or file://localhost/path)"
-        )
+        raise ConfigError(f"file URL {source} names the host '{parts.netloc}': only local files can be read "
+                          "(file:///path or file://localhost/path)")
     return Path(url2pathname(parts.path))

@@ -1,12 +1,10 @@
 """Content-addressed artifact store: ``<root>/artifacts/<stage>/<key>/``.
 
-Why this shape: a stage's key hashes its name, code version, parameters and the keys of its inputs, so "same inputs,
-same parameters" means "same directory" and any upstream change yields new keys downstream — caching falls out of
-naming. An artifact is built in a temporary sibling directory and renamed into place only when complete, with
-``manifest.json`` written last inside it, so a crash never leaves a directory that looks finished. A per-artifact file
-lock lets two runs on one data root share work safely: the second waits, then finds the artifact the first one built. A
-complete artifact is never modified, so reading one takes no lock and writes nothing: a read-only data root still serves
-every artifact it holds."""
+A stage's key hashes its name, code version, parameters and input keys, so caching falls out of naming and any upstream
+change yields new keys downstream. An artifact is built in a temporary sibling directory, ``manifest.json`` written
+last, and renamed into place only when complete, so a crash never leaves one that looks finished. A per-artifact file
+lock lets two runs on one data root share work (the second waits, then finds the first's artifact). A complete artifact
+is never modified, so reading takes no lock and writes nothing: a read-only data root still serves what it holds."""
 
 from __future__ import annotations
 
@@ -31,7 +29,6 @@ from sand.pipeline.base.errors import ConfigError, StageError
 from sand.pipeline.base.files import write_json_atomic as write_json_atomic  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
-
 
 MANIFEST = "manifest.json"
 
@@ -72,13 +69,10 @@ class StageOutcome:
 
 
 class ArtifactStore:
-    """The artifact directories under one data root."""
-
     def __init__(self, data_root: Path | str) -> None:
         self.data_root = Path(data_root)
         self.root = self.data_root / "artifacts"
 
-    # -- paths ---------------------------------------------------------------------------------
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
@@ -98,27 +92,23 @@ class ArtifactStore:
     def lock(self, stage: str, key: str, timeout: float = -1) -> Iterator[None]:
         """Exclusive right to build ``stage/key``; a data root that cannot be written is one clear error."""
         lock_dir = self.root / ".locks"
-        path = lock_dir / f"{stage}-{key}.lock"
         try:
             lock_dir.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(path), timeout=timeout)
+            lock = FileLock(str(lock_dir / f"{stage}-{key}.lock"), timeout=timeout)
             lock.acquire()
         except OSError as err:
-            raise StageError(
-                f"data root {self.data_root} is not writable ({err.strerror or err}): cannot build {stage} "
-                f"artifact {key} there (only complete artifacts can be read); use a writable --data-root"
-            ) from None
+            raise StageError(f"data root {self.data_root} is not writable ({err.strerror or err}): cannot build "
+                             f"{stage} artifact {key} there (only complete artifacts can be read); use a writable "
+                             "--data-root") from None
         try:
             yield
         finally:
             lock.release()
 
     def check_writable(self) -> bool:
-        """True when runs can write here; False for a read-only root that holds artifacts to serve.
-
-        Raises a one-line ConfigError naming the path when the root can neither be written nor serve anything (missing
-        parent, a file in the way, no permission, no artifacts). Why probe with a real file: permission bits do not tell
-        the truth for root, for read-only mounts or for network file systems."""
+        """True when runs can write here; False for a read-only root that holds artifacts to serve; else a one-line
+        ConfigError naming the path (missing parent, a file in the way, no permission, no artifacts). Probes with a real
+        file: permission bits do not tell the truth for root, read-only mounts or network file systems."""
         try:
             self.data_root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.data_root, prefix=".sand-write-probe-"):
@@ -128,12 +118,9 @@ class ArtifactStore:
             if self.root.is_dir() and any(p for p in self.root.iterdir() if not p.name.startswith(".")):
                 log.info("data root %s is not writable (%s): serving cached artifacts only", self.data_root, reason)
                 return False
-            raise ConfigError(
-                f"data root {self.data_root} is not writable ({reason}): choose another with --data-root "
-                "or SAND_DATA_ROOT"
-            ) from None
+            raise ConfigError(f"data root {self.data_root} is not writable ({reason}): choose another with --data-root "
+                              "or SAND_DATA_ROOT") from None
 
-    # -- reading -------------------------------------------------------------------------------
     def lookup(self, stage: str, key: str) -> Artifact | None:
         """The complete artifact, or None (a directory without a manifest is never complete)."""
         path = self.path(stage, key)
@@ -154,7 +141,6 @@ class ArtifactStore:
         found = (self.lookup(stage, p.name) for p in sorted(base.iterdir()) if not p.name.startswith("."))
         return [a for a in found if a is not None]
 
-    # -- writing -------------------------------------------------------------------------------
     @contextmanager
     def _staging(self, stage: str, key: str) -> Iterator[Path]:
         base = self.root / stage
@@ -179,13 +165,10 @@ class ArtifactStore:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 
-    def run(
-        self, stage: str, version: str, params: dict[str, Any], inputs: dict[str, Artifact],
-        build: Callable[[Path], dict[str, Any] | None], refresh: bool = False,
-    ) -> StageOutcome:
+    def run(self, stage: str, version: str, params: dict[str, Any], inputs: dict[str, Artifact],
+            build: Callable[[Path], dict[str, Any] | None], refresh: bool = False) -> StageOutcome:
         """Reuse the stage's artifact or build it with ``build(staging_dir) -> manifest extras``."""
-        input_keys = {name: art.key for name, art in inputs.items()}
-        key = artifact_key(stage, version, params, input_keys)
+        key = artifact_key(stage, version, params, {name: art.key for name, art in inputs.items()})
         start = time.perf_counter()
         existing = None if refresh else self.lookup(stage, key)
         if existing is not None:  # complete artifacts never change: no lock, no write
@@ -199,16 +182,10 @@ class ArtifactStore:
             with self._staging(stage, key) as tmp:
                 extras = build(tmp) or {}
                 seconds = time.perf_counter() - start
-                manifest = {
-                    "stage": stage,
-                    "key": key,
-                    "version": version,
-                    "params": params,
-                    "inputs": {n: {"key": a.key, "path": str(a.path)} for n, a in inputs.items()},
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "seconds": round(seconds, 3),
-                    **extras,
-                }
+                manifest = {"stage": stage, "key": key, "version": version, "params": params,
+                            "inputs": {n: {"key": a.key, "path": str(a.path)} for n, a in inputs.items()},
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "seconds": round(seconds, 3), **extras}
                 write_json_atomic(tmp / MANIFEST, manifest)
                 final = self.path(stage, key)
                 self._publish(tmp, final)

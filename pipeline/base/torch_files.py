@@ -1,9 +1,7 @@
 """``torch.load`` of a file from disk: tensors and plain containers only, torch's warnings kept off the console.
 
-Why one function: training checkpoints and CNN weight files are files a user may have copied from anywhere, so both are
-read with ``weights_only=True``. On a foreign file (a legacy pickle, pickle protocol 4) torch warns before it refuses,
-and Python prints that warning as two extra lines around the ``error:`` line the caller raises. The warnings say nothing
-the error does not, so they go to the log file (DEBUG), never to the console."""
+Checkpoints and CNN weight files may come from anywhere, so they are read with ``weights_only=True``; the warning torch
+gives before refusing a foreign file says nothing the caller's ``error:`` line does not, so it goes to the DEBUG log."""
 
 from __future__ import annotations
 

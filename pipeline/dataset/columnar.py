@@ -1,29 +1,16 @@
 """Chunked, columnar reading of review dumps: tens of millions of reviews in bounded memory.
 
-Why: :func:`sand.pipeline.dataset.readers.read_reviews` keeps two Python ``str`` objects per review (about 130 bytes
-each with their list slots); at the 66M reviews of a 2023 category that is well over 10 GB before pandas copies
-anything. Here a review never becomes a Python object for longer than one chunk: each chunk of lines is parsed into
-Arrow columns, its user and item ids are dictionary-encoded at once, and only int32 codes, the float32 rating and the
-int64 timestamp (20 bytes a review) are kept. The distinct ids are sorted once at the end, so the codes follow the
-sorted raw ids exactly as ``pd.factorize(sort=True)`` numbers them in the per-line path.
-
-Why pyarrow (not polars or duckdb): it is already a dependency (parquet), its JSON reader parses only the columns named
-in an explicit schema with RapidJSON on all cores, and its compute kernels (dictionary_encode, unique, sort, index_in)
-are all this needs; a second dataframe engine would add weight, not capability.
-
-Dirty lines keep the per-line contract exactly. The fast path only accepts a chunk it can vouch for: valid UTF-8, one
-JSON object per non-blank line, no NaN/Infinity tokens or bare carriage returns (RapidJSON tolerates them, orjson does
-not), no line deep enough to hit orjson's nesting limit, every kept value present and plain (ids starting with a
-printable ASCII character, ratings within 1..5, timestamps in range). Any other chunk is re-read line by line through
-:func:`sand.pipeline.dataset.readers.parse_lines` with the same converter as ``read_reviews``, so every dirty line is
-skipped, counted and reported as before, under the same ``max_bad_lines`` budget, and lines are read through the same
-bounded line reader.
-
-Metadata (item-level, 2014's is Python literals) stays per line, but in chunks that keep only the items that survived
-the k-core: its memory follows the final catalogue, not the raw dump."""
+Why: :func:`sand.pipeline.dataset.readers.read_reviews` keeps two Python ``str`` per review, too many for a large 2023
+category. Here each chunk of lines is parsed into Arrow columns and its ids dictionary-encoded at once, so only integer
+codes, ratings and timestamps are kept; the distinct ids are sorted once at the end, so the codes number the raw ids
+exactly as ``pd.factorize(sort=True)`` does. pyarrow, not polars or duckdb: it is already a dependency, and its JSON
+reader and compute kernels are all this needs. A chunk the fast path cannot vouch for goes line by line through
+:func:`sand.pipeline.dataset.readers.parse_lines`, so dirty lines are skipped, counted and reported exactly as before.
+Metadata (2014's is Python literals) stays per line, but each chunk keeps only the items that survived the k-core."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -42,17 +29,15 @@ from sand.pipeline.dataset.readers import SkipReport, parse_lines, review_conver
 
 log = logging.getLogger(__name__)
 
-#: Lines per chunk: large enough that Arrow's parser amortises its setup, small enough
-#: that one chunk of 2023 reviews with their text stays around 100 MB.
+#: Lines per chunk: enough for Arrow's parser to amortise its setup, few enough that a 2023 chunk stays ~100 MB.
 CHUNK_LINES = 100_000
-#: Fast-path bounds; anything outside goes to the per-line rules, which decide.
-_RATING_RANGE = (float(readers.MIN_RATING), float(readers.MAX_RATING))
 _MAX_BRACKETS = 1000  # below orjson's nesting limit (1024) whatever the layout
 # RapidJSON (Arrow) treats a lone \r as a line break and accepts NaN/Inf tokens; orjson does neither.
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _VALUE_START = b":,["  # a bare token right after one of these (and whitespace, a minus) is a JSON value
 _JSON_SPACE = b" \t\r\n"
 _PRINTABLE_FIRST = r"^[!-~]"  # an id starting like this cannot be blank after str.strip()
+_Chunk = tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]  # users, items, rating, timestamp of one chunk
 
 
 @dataclass
@@ -73,13 +58,8 @@ class ReviewColumns:
 
 
 def _batched(numbered_lines: Iterable[tuple[int, bytes]], size: int) -> Iterator[list[tuple[int, bytes]]]:
-    batch: list[tuple[int, bytes]] = []
-    for item in numbered_lines:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
+    lines = iter(numbered_lines)
+    while batch := list(itertools.islice(lines, size)):
         yield batch
 
 
@@ -89,20 +69,15 @@ def _plain_json(buf: bytes, lines: list[bytes]) -> bool:
         pa.array([buf], pa.binary()).cast(pa.string()).validate(full=True)
     except (pa.ArrowInvalid, UnicodeDecodeError):
         return False
-    if b"\r" in buf and _BARE_CR.search(buf):
-        return False
-    if _has_nan_or_inf_token(buf):
+    if (b"\r" in buf and _BARE_CR.search(buf)) or _has_nan_or_inf_token(buf):
         return False
     # Nesting deeper than orjson's limit needs more brackets than a short line can hold.
-    long_lines = [line for line in lines if len(line) > _MAX_BRACKETS]
-    return all(line.count(b"[") + line.count(b"{") <= _MAX_BRACKETS for line in long_lines)
+    return all(line.count(b"[") + line.count(b"{") <= _MAX_BRACKETS for line in lines if len(line) > _MAX_BRACKETS)
 
 
 def _has_nan_or_inf_token(buf: bytes) -> bool:
-    """True if NaN/Inf[inity] may stand as a JSON value (plain ``bytes.find``: a regex is 5x slower).
-
-    Conservative: the same letters inside a string after ``:``/``,``/``[`` also count, which only sends that chunk down
-    the per-line path."""
+    """True if NaN/Inf[inity] may stand as a JSON value (``bytes.find``: a regex is much slower). Conservative: such
+    letters in a string after ``:``/``,``/``[`` also count, which only sends the chunk down the per-line path."""
     for token in (b"NaN", b"Inf"):
         at = buf.find(token)
         while at >= 0:
@@ -121,17 +96,16 @@ def _plain_ids(column: pa.ChunkedArray) -> bool:
     return column.null_count == 0 and bool(pc.all(pc.match_substring_regex(column, _PRINTABLE_FIRST)).as_py())
 
 
-def _fast_chunk(
-    lines: list[bytes | None], keys: tuple[str, str, str, str], divisor: int
-) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray] | None:
-    """Parse a chunk with Arrow's JSON reader, or None if any line needs the per-line rules."""
+def _fast_chunk(lines: list[bytes | None], keys: tuple[str, str, str, str], divisor: int) -> _Chunk | None:
+    """Parse a chunk with Arrow's JSON reader, or None unless it is certainly clean: valid UTF-8, one JSON object per
+    non-blank line, no NaN/Infinity token or bare carriage return (RapidJSON tolerates them, orjson does not), no
+    nesting near orjson's limit, every kept value present and plain. The per-line rules decide on anything else."""
     if any(line is None for line in lines):  # an over-long line: counted by the per-line rules
         return None
     buf = b"".join(lines)
     if not _plain_json(buf, lines):
         return None
-    ukey, ikey, rkey, tkey = keys
-    schema = pa.schema([(ukey, pa.string()), (ikey, pa.string()), (rkey, pa.float64()), (tkey, pa.int64())])
+    schema = pa.schema(list(zip(keys, (pa.string(), pa.string(), pa.float64(), pa.int64()), strict=True)))
     options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
         table = pajson.read_json(pa.BufferReader(buf), parse_options=options)
@@ -140,16 +114,12 @@ def _fast_chunk(
     # One row per non-blank line, or some line held two objects (orjson rejects such a line).
     if table.num_rows != sum(1 for line in lines if line.strip()):
         return None
-    users, items = table.column(ukey), table.column(ikey)
-    ratings, stamps = table.column(rkey), table.column(tkey)
+    users, items, ratings, stamps = (table.column(key) for key in keys)
     if ratings.null_count or stamps.null_count or not (_plain_ids(users) and _plain_ids(items)):
         return None
-    rating = ratings.to_numpy()
-    stamp = stamps.to_numpy()
-    low, high = _RATING_RANGE
-    if not (np.all(rating >= low) and np.all(rating <= high)):  # also False for NaN
-        return None
-    if not (np.all(stamp >= 0) and np.all(stamp <= readers._MAX_STAMP)):
+    rating, stamp = ratings.to_numpy(), stamps.to_numpy()
+    in_range = np.all((rating >= readers.MIN_RATING) & (rating <= readers.MAX_RATING))  # also False for NaN
+    if not (in_range and np.all((stamp >= 0) & (stamp <= readers._MAX_STAMP))):
         return None
     return users.combine_chunks(), items.combine_chunks(), rating.astype(np.float32), stamp // divisor
 
@@ -157,30 +127,24 @@ def _fast_chunk(
 def _slow_chunk(
     batch: list[tuple[int, bytes]], convert: Callable[[dict], tuple], report: SkipReport, max_bad_lines: int,
     max_line_bytes: int,
-) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
+) -> _Chunk:
     """The per-line rules of ``read_reviews`` on one chunk (dirty lines counted in ``report``)."""
     columns: list[list] = [[], [], [], []]
     parse_lines(batch, readers._parse_json, convert, columns, report, max_bad_lines, max_line_bytes)
-    users, items, ratings, stamps = columns
-    return (
-        pa.array(users, pa.string()), pa.array(items, pa.string()), np.asarray(ratings, dtype=np.float32),
-        np.asarray(stamps, dtype=np.int64),
-    )
+    users, items = (pa.array(ids, pa.string()) for ids in columns[:2])
+    return users, items, np.asarray(columns[2], dtype=np.float32), np.asarray(columns[3], dtype=np.int64)
 
 
 def _sorted_codes(chunks: list[pa.DictionaryArray]) -> tuple[np.ndarray, pa.Array]:
     """One code array over all chunks, numbered by the sorted distinct values."""
-    if not chunks:
-        return np.zeros(0, np.int64), pa.array([], pa.string())
     distinct = pc.unique(pa.chunked_array([c.dictionary for c in chunks], pa.string()))
     distinct = distinct.take(pc.sort_indices(distinct))
     codes = np.empty(sum(len(c) for c in chunks), dtype=np.int64)
     start = 0
     for chunk in chunks:
         remap = pc.index_in(chunk.dictionary, value_set=distinct).to_numpy(zero_copy_only=False)
-        n = len(chunk)
-        codes[start : start + n] = remap[chunk.indices.to_numpy(zero_copy_only=False)]
-        start += n
+        codes[start : start + len(chunk)] = remap[chunk.indices.to_numpy(zero_copy_only=False)]
+        start += len(chunk)
     return codes, distinct
 
 
@@ -188,72 +152,58 @@ def read_review_columns(
     path: str | Path, fmt: str, max_bad_lines: int = 100, chunk_lines: int = CHUNK_LINES,
     progress: Callable[[int], None] | None = None, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> ReviewColumns:
-    """Read a review dump chunk by chunk into :class:`ReviewColumns`.
-
-    Same records, same skips and same errors as :func:`sand.pipeline.dataset.readers.read_reviews` (which stays as the
-    reference implementation); ``progress`` is called with the number of lines of each finished chunk."""
+    """Same records, skips and errors as :func:`sand.pipeline.dataset.readers.read_reviews` (kept as the reference);
+    ``progress`` gets the number of lines of each finished chunk."""
     path = Path(path)
     convert = review_converter(fmt)
     ukey, ikey, rkey, tkey, divisor = readers.review_fields(fmt)
     report = SkipReport(file=str(path))
-    user_chunks: list[pa.DictionaryArray] = []
-    item_chunks: list[pa.DictionaryArray] = []
-    ratings: list[np.ndarray] = []
-    stamps: list[np.ndarray] = []
+    encoded: list[tuple] = []  # per chunk: users and items dictionary-encoded at once, rating, timestamp
     paths = {"fast": 0, "per-line": 0}
     for batch in _batched(readers.iter_lines(path, max_line_bytes), chunk_lines):
         parsed = _fast_chunk([line for _, line in batch], (ukey, ikey, rkey, tkey), divisor)
+        paths["fast" if parsed is not None else "per-line"] += 1
         if parsed is None:
             parsed = _slow_chunk(batch, convert, report, max_bad_lines, max_line_bytes)
-            paths["per-line"] += 1
-        else:
-            paths["fast"] += 1
         report.lines_read = batch[-1][0]
         users, items, rating, stamp = parsed
-        user_chunks.append(users.dictionary_encode())
-        item_chunks.append(items.dictionary_encode())
-        ratings.append(rating)
-        stamps.append(stamp)
+        encoded.append((users.dictionary_encode(), items.dictionary_encode(), rating, stamp))
         if progress is not None:
             progress(len(batch))
+    report.records = sum(len(chunk[2]) for chunk in encoded)
+    readers.finish_report(path, report)  # raises when no record was usable
+    user_chunks, item_chunks, ratings, stamps = map(list, zip(*encoded, strict=True))
+    del encoded
     user_codes, distinct_users = _sorted_codes(user_chunks)
     del user_chunks
     item_codes, distinct_items = _sorted_codes(item_chunks)
     del item_chunks
-    rating_all = np.concatenate(ratings) if ratings else np.zeros(0, np.float32)
-    stamp_all = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
-    report.records = len(rating_all)
-    readers.finish_report(path, report)
     log.debug("%s: %d chunks parsed columnar, %d line by line", path, paths["fast"], paths["per-line"])
-    return ReviewColumns(user_codes, item_codes, distinct_users, distinct_items, rating_all, stamp_all, report, paths)
+    return ReviewColumns(
+        user_codes, item_codes, distinct_users, distinct_items, np.concatenate(ratings), np.concatenate(stamps), report,
+        paths,
+    )
 
 
 def read_meta_for_items(
     path: str | Path, fmt: str, asins: pa.Array | pd.Series | np.ndarray, max_bad_lines: int = 100,
     chunk_lines: int = CHUNK_LINES // 4, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[pd.DataFrame, SkipReport]:
-    """:func:`sand.pipeline.dataset.readers.read_meta`, keeping only records whose asin is in ``asins``.
-
-    Every line is still parsed and checked (the skip counts and errors are those of ``read_meta``), but a chunk's other
-    records are dropped before the next chunk is read, so memory follows the catalogue that survived the k-core. Record
-    order (and so "first record of a duplicated asin wins") is unchanged."""
+    """:func:`sand.pipeline.dataset.readers.read_meta` (same checks, skip counts, errors and record order, so the first
+    record of a duplicated asin still wins), keeping only records whose asin is in ``asins``: a chunk's other records
+    are dropped before the next is read, so memory follows the catalogue that survived the k-core."""
     path = Path(path)
     parse, convert = readers.meta_parser(fmt)
     wanted = asins if isinstance(asins, pa.Array) else pa.array(np.asarray(asins, dtype=object), pa.string())
     report = SkipReport(file=str(path))
     kept: list[pd.DataFrame] = []
-    parsed = 0
     for batch in _batched(readers.iter_lines(path, max_line_bytes), chunk_lines):
         columns: list[list] = [[] for _ in readers.META_COLUMNS]
         parse_lines(batch, parse, convert, columns, report, max_bad_lines, max_line_bytes)
-        parsed += len(columns[0])
-        if not columns[0]:
-            continue
+        report.records += len(columns[0])
         mask = pc.is_in(pa.array(columns[0], pa.string()), value_set=wanted).to_numpy(zero_copy_only=False)
         if mask.any():
-            frame = readers.meta_frame(columns)
-            kept.append(frame[mask])
-    report.records = parsed
+            kept.append(readers.meta_frame(columns)[mask])
     readers.finish_report(path, report)
     meta = pd.concat(kept, ignore_index=True) if kept else readers.meta_frame([[] for _ in readers.META_COLUMNS])
     return meta, report
@@ -264,10 +214,8 @@ def interactions_from_dumps(
     seed: int = 0, max_bad_lines: int = 100, chunk_lines: int = CHUNK_LINES,
     progress: Callable[[int], None] | None = None, max_line_bytes: int = readers.DEFAULT_MAX_LINE_BYTES,
 ) -> tuple[InteractionsResult, dict[str, SkipReport]]:
-    """Raw dump files -> the interactions tables, equal to ``build_interactions(read_reviews(reviews),
-    read_meta(meta))`` but in bounded memory.
-
-    Returns the result and the skip report of each file read (``"reviews"``, ``"meta"``)."""
+    """``build_interactions(read_reviews(reviews), read_meta(meta))`` in bounded memory, with the skip report of each
+    file read (``"reviews"``, ``"meta"``)."""
     cols = read_review_columns(reviews, fmt, max_bad_lines, chunk_lines, progress, max_line_bytes)
     reports = {"reviews": cols.report}
     result = index_reviews(

@@ -1,11 +1,9 @@
 """Export a pipeline run as an MMRec dataset folder that MMRec-family code runs as is.
 
-Why: MMRec ships 20+ baselines, and DualGNN, DRAGON and the SAND authors' code are built on it. Writing its format
-(``<name>.inter``, id maps, ``image_feat.npy`` / ``text_feat.npy`` aligned with the exported item ids) lets users run
-all of them on data this pipeline filtered, split and encoded. Beside those files MMRec-family code expects two things
-that a folder alone does not give: the co-interaction user graph ``user_graph_dict.npy`` (DualGNN's preprocessing builds
-it by hand) and a dataset config ``<name>.yaml`` for ``src/configs/dataset/``. The export writes both, and a
-``sand_export.json`` manifest saying where the folder came from."""
+Why: MMRec ships 20+ baselines, and DualGNN, DRAGON and the SAND authors' code are built on it. Beside ``<name>.inter``,
+id maps and feature arrays aligned with the item ids, such code expects the co-interaction user graph
+``user_graph_dict.npy`` (DualGNN's preprocessing builds it by hand) and a dataset config ``<name>.yaml`` for
+``src/configs/dataset/``: the export writes both, plus a ``sand_export.json`` manifest of where the folder came from."""
 
 from __future__ import annotations
 
@@ -34,13 +32,10 @@ _ROW_BLOCK = 4096  # users per block of the co-interaction product: bounds its m
 def co_interaction_user_graph(
     users: np.ndarray, items: np.ndarray, n_users: int, max_neighbours: int = USER_GRAPH_MAX_NEIGHBOURS
 ) -> dict[int, list[list[Any]]]:
-    """Per user, the other users sharing training items with it, most shared first.
-
-    MMRec's format: ``{user: [[neighbour ids], [shared-item counts as floats]]}`` for every user ``0..n_users-1`` (empty
-    lists for a user who shares nothing), at most ``max_neighbours`` neighbours. Ties in the count are broken by the
-    smaller user id, so the file is deterministic (MMRec's own ``torch.topk`` leaves tie order unspecified). The product
-    ``A A^T`` is computed sparse in row blocks, so memory follows the number of co-interacting pairs in one block, never
-    ``n_users^2``."""
+    """Per user, up to ``max_neighbours`` users sharing training items with it, most shared first: MMRec's
+    ``{user: [[neighbour ids], [shared-item counts as floats]]}`` for every user ``0..n_users-1``. Ties go to the
+    smaller id, so the file is deterministic (MMRec's ``torch.topk`` leaves tie order open); ``A A^T`` is computed
+    sparse in row blocks, so memory never grows as ``n_users^2``."""
     n_items = int(items.max()) + 1 if len(items) else 0
     adjacency = sp.csr_matrix(
         (np.ones(len(users), np.int64), (users.astype(np.int64), items.astype(np.int64))), shape=(n_users, n_items)
@@ -69,12 +64,10 @@ def mmrec_dataset_yaml(name: str, files: set[str], has_timestamp: bool) -> str:
         config["TIME_FIELD"] = "timestamp"
     config["filter_out_cod_start_users"] = True
     config["inter_file_name"] = f"{name}.inter"
-    if "image_feat.npy" in files:
-        config["vision_feature_file"] = "image_feat.npy"
-    if "text_feat.npy" in files:
-        config["text_feature_file"] = "text_feat.npy"
-    if USER_GRAPH_FILE in files:
-        config["user_graph_dict_file"] = USER_GRAPH_FILE
+    for key, file in (("vision_feature_file", "image_feat.npy"), ("text_feature_file", "text_feat.npy"),
+                      ("user_graph_dict_file", USER_GRAPH_FILE)):
+        if file in files:
+            config[key] = file
     config["field_separator"] = "\t"
     header = f"# MMRec dataset config written by `sand export mmrec`: copy to MMRec's src/configs/dataset/{name}.yaml\n"
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
@@ -91,23 +84,19 @@ def image_width_warning(image_dim: int | None) -> str | None:
 
 
 def export_mmrec_folder(artifacts: Mapping[str, Artifact], out: Path) -> dict[str, Any]:
-    """Write the folder from a run's artifacts (stage name -> artifact, as the runner returns them).
-
-    Returns the export's manifest (also written as ``sand_export.json``): the files, the feature widths and any
-    warnings, which the caller shows the user."""
+    """Write the folder from a run's artifacts (stage name -> artifact, as the runner returns them) and return its
+    manifest (also written as ``sand_export.json``): the files, the feature widths and warnings for the user."""
     if "interactions" not in artifacts:
         raise StageError("export mmrec needs the interactions stage: use --until interactions or later")
     inter = artifacts["interactions"]
     inter_dir = inter.path
     name = str(inter.manifest.get("name") or "dataset")
-    features = {}
-    for stage, fname in (("image_features", "image_feat.npy"), ("text_features", "text_feat.npy")):
-        if stage in artifacts:
-            features[fname.removesuffix(".npy")] = np.load(artifacts[stage].file(fname))
+    stages = {"image_feat": "image_features", "text_feat": "text_features"}
+    features = {key: np.load(artifacts[st].file(f"{key}.npy")) for key, st in stages.items() if st in artifacts}
     interactions = pd.read_parquet(inter_dir / "interactions.parquet")
     user_map = pd.read_parquet(inter_dir / "user_map.parquet")
-    folder = Path(write_mmrec_folder(out, name, interactions, user_map, pd.read_parquet(inter_dir / "item_map.parquet"),
-                                     **features))
+    item_map = pd.read_parquet(inter_dir / "item_map.parquet")
+    folder = write_mmrec_folder(out, name, interactions, user_map, item_map, **features)
     train = interactions[interactions["split"] == 0]
     n_users = max(len(user_map), int(interactions["user"].max()) + 1)
     graph = co_interaction_user_graph(train["user"].to_numpy(), train["item"].to_numpy(), n_users)
@@ -117,12 +106,9 @@ def export_mmrec_folder(artifacts: Mapping[str, Artifact], out: Path) -> dict[st
     image_dim = int(features["image_feat"].shape[1]) if "image_feat" in features else None
     warning = image_width_warning(image_dim)
     manifest = {
-        "name": name,
-        "interactions_artifact": str(inter_dir),
-        "image_dim": image_dim,
+        "name": name, "interactions_artifact": str(inter_dir), "image_dim": image_dim,
         "text_dim": int(features["text_feat"].shape[1]) if "text_feat" in features else None,
-        "warnings": [warning] if warning else [],
-        "files": sorted({*files, f"{name}.yaml", EXPORT_MANIFEST}),
+        "warnings": [warning] if warning else [], "files": sorted({*files, f"{name}.yaml", EXPORT_MANIFEST}),
     }
     write_json_atomic(folder / EXPORT_MANIFEST, manifest)
     return manifest

@@ -1,14 +1,9 @@
 """The ``interactions`` transform: raw reviews (+ metadata) -> indexed, filtered, split tables.
 
-Pure: tables in, tables out; reading files and writing the artifact happen at the edges (the stage), so the same code
-serves the CLI, a flow and a notebook.
-
-Steps: factorise raw ids (sorted, so indices follow the raw ids' order and are the same on every run) -> drop duplicate
-(user, item) pairs (latest review wins) -> iterative k-core -> re-index the survivors from 0 -> per-user split -> join
-metadata.
-
-The ``items`` table keeps ``categories`` as a list of str (one category path, e.g. ``["Baby", "Nursery", "Bedding"]``);
-parquet stores it as ``list<string>``, and the text recipe joins it however it likes (MMRec joins with spaces)."""
+Pure (tables in, tables out), so the CLI, a flow and a notebook share it. Steps: factorise raw ids (sorted, so indices
+follow the raw ids' order on every run) -> drop duplicate (user, item) pairs (latest review wins) -> iterative k-core ->
+re-index the survivors from 0 -> per-user split -> join metadata. ``items.categories`` stays a list of str
+(``list<string>`` in parquet): each text recipe joins it as it likes."""
 
 from __future__ import annotations
 
@@ -35,8 +30,7 @@ ITEM_COLUMNS = ("item", "asin", "title", "brand", "categories", "description", "
 
 @dataclass(frozen=True)
 class InteractionsResult:
-    """Output of the interactions stage (each table becomes one parquet file).
-
+    """Output of the interactions stage, one parquet file per table:
     interactions: user int64, item int64, rating float32, timestamp int64, split int8
     items: item, asin, title, brand, categories (list[str]), description, features, image_url, has_meta
     user_map: user_id (raw str), user;  item_map: asin (raw str), item"""
@@ -58,12 +52,8 @@ def _items_table(item_map: pd.DataFrame, meta: pd.DataFrame | None) -> pd.DataFr
     n = len(item_map)
     items = pd.DataFrame({"item": item_map["item"].to_numpy(np.int64), "asin": item_map["asin"].to_numpy()})
     if meta is None or len(meta) == 0:
-        for col in ITEM_TEXT_COLUMNS:
-            items[col] = pd.array([""] * n, dtype="str")
-        items["categories"] = [[] for _ in range(n)]
-        items["has_meta"] = np.zeros(n, dtype=bool)
-        return items[list(ITEM_COLUMNS)]
-    if "asin" not in meta.columns:
+        meta = pd.DataFrame(columns=["asin"])
+    elif "asin" not in meta.columns:
         raise DataError(f"metadata table lacks column 'asin' (columns: {', '.join(map(str, meta.columns))})")
     meta = meta.drop_duplicates("asin", keep="first").set_index("asin")
     pos = meta.index.get_indexer(items["asin"])
@@ -75,14 +65,18 @@ def _items_table(item_map: pd.DataFrame, meta: pd.DataFrame | None) -> pd.DataFr
             src = meta[col].fillna("").astype("str").to_numpy(dtype=object)
             values[has] = src[pos[has]]
         items[col] = pd.array(values, dtype="str")
-    cats: list[list[str]] = [[] for _ in range(n)]
-    if "categories" in meta.columns:
-        src_cats = meta["categories"].to_numpy(dtype=object)
-        for row in np.flatnonzero(has):
-            value = src_cats[pos[row]]
-            cats[row] = [str(c) for c in value] if isinstance(value, list | tuple | np.ndarray) else []
-    items["categories"] = cats
+    cats = meta["categories"].to_numpy(dtype=object) if "categories" in meta.columns else np.full(len(meta), None)
+    items["categories"] = [
+        [str(c) for c in cats[p]] if p >= 0 and isinstance(cats[p], list | tuple | np.ndarray) else [] for p in pos
+    ]
     return items[list(ITEM_COLUMNS)]
+
+
+def _id_map(raw: np.ndarray | pa.Array, raw_col: str, id_col: str, known: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Raw id ``raw[i]`` of each id ``i``, overridden where the ``known`` map has one."""
+    if known is not None:
+        raw[known[id_col].to_numpy()] = known[raw_col].to_numpy(dtype=object)
+    return pd.DataFrame({raw_col: pd.array(raw, dtype="str"), id_col: np.arange(len(raw))})
 
 
 def _codes(values: pd.Series, what: str) -> tuple[np.ndarray, pa.Array]:
@@ -116,9 +110,7 @@ def build_interactions(
     missing = [c for c in REVIEW_COLUMNS if c not in reviews.columns]
     if missing:
         raise DataError(f"reviews table lacks column {missing[0]!r}")
-    _check_options(k_core, split_rule)
-    if len(reviews) == 0:
-        raise DataError("no reviews in the input")
+    _check_options(k_core, split_rule)  # before the codes, so a bad option is reported first
     ucodes, raw_users = _codes(reviews["user_id"], "user_id")
     icodes, raw_items = _codes(reviews["asin"], "asin")
     result = index_reviews(
@@ -132,11 +124,9 @@ def index_reviews(
     ucodes: np.ndarray, icodes: np.ndarray, raw_users: pa.Array, raw_items: pa.Array, ratings: np.ndarray,
     timestamps: np.ndarray, *, k_core: int = 5, split_rule: str = "mmrec", seed: int = 0,
 ) -> InteractionsResult:
-    """:func:`build_interactions` on reviews already coded by sorted raw id, without metadata.
-
-    ``ucodes``/``icodes`` index ``raw_users``/``raw_items`` (sorted distinct raw ids); this is the entry of the columnar
-    reader (:mod:`sand.pipeline.dataset.columnar`), which never holds a Python string per review. Join metadata with
-    :func:`with_meta`."""
+    """:func:`build_interactions` without metadata (join it with :func:`with_meta`) on reviews coded by sorted raw id
+    (``ucodes``/``icodes`` index ``raw_users``/``raw_items``), so the columnar reader never holds a Python string per
+    review."""
     _check_options(k_core, split_rule)
     n_raw = len(ucodes)
     if n_raw == 0:
@@ -159,34 +149,16 @@ def index_reviews(
     rows, user, item = rows[order], user[order], item[order]
     ts = timestamps[rows]
     split = split_interactions(user, item, ts, rule=split_rule, seed=seed)
-
-    interactions = pd.DataFrame(
-        {
-            "user": user.astype(np.int64),
-            "item": item.astype(np.int64),
-            "rating": np.asarray(ratings, dtype=np.float32)[rows],
-            "timestamp": ts,
-            "split": split,
-        }
-    )
-    user_map = pd.DataFrame(
-        {"user_id": pd.array(raw_users.take(used_users), dtype="str"), "user": np.arange(len(used_users))}
-    )
-    item_map = pd.DataFrame(
-        {"asin": pd.array(raw_items.take(used_items), dtype="str"), "item": np.arange(len(used_items))}
-    )
+    interactions = pd.DataFrame({
+        "user": user.astype(np.int64), "item": item.astype(np.int64),
+        "rating": np.asarray(ratings, dtype=np.float32)[rows], "timestamp": ts, "split": split,
+    })
+    user_map = _id_map(raw_users.take(used_users), "user_id", "user")
+    item_map = _id_map(raw_items.take(used_items), "asin", "item")
     stats: dict[str, Any] = {
-        "raw_reviews": n_raw,
-        "duplicates_removed": int(n_dups),
-        "k_core": int(k_core),
-        "kcore_rounds": core.rounds,
-        "kcore_removed": int(len(core.mask) - core.mask.sum()),
-        "users": len(used_users),
-        "items": len(used_items),
-        "interactions": len(interactions),
-        "split_rule": split_rule,
-        "seed": seed,
-        **_split_stats(split),
+        "raw_reviews": n_raw, "duplicates_removed": int(n_dups), "k_core": int(k_core), "kcore_rounds": core.rounds,
+        "kcore_removed": int(len(core.mask) - core.mask.sum()), "users": len(used_users), "items": len(used_items),
+        "interactions": len(interactions), "split_rule": split_rule, "seed": seed, **_split_stats(split),
     }
     log.info(
         "interactions: %d reviews -> %d users, %d items, %d interactions (%d duplicates, %d k-core rounds)", n_raw,
@@ -198,38 +170,26 @@ def index_reviews(
 def with_meta(result: InteractionsResult, meta: pd.DataFrame | None) -> InteractionsResult:
     """``result`` with its items table (and metadata stats) rebuilt from ``meta``."""
     items = _items_table(result.item_map, meta)
-    stats = {
-        **result.stats,
-        "items_without_meta": int((~items["has_meta"]).sum()),
-        "items_without_image": int((items["image_url"] == "").sum()),
-    }
+    without_meta, without_image = int((~items["has_meta"]).sum()), int((items["image_url"] == "").sum())
+    stats = {**result.stats, "items_without_meta": without_meta, "items_without_image": without_image}
     return InteractionsResult(result.interactions, items, result.user_map, result.item_map, stats)
 
 
 def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
-    """The same tables from an MMRec folder, KEEPING its ids and split (no filtering, no re-split).
-
-    Missing ratings become NaN and missing timestamps 0; items get their asin from the id map (or "" without one) and an
-    image URL from ``item_images.csv`` if the folder has it. No metadata is joined (``has_meta`` is False)."""
+    """The same tables from an MMRec folder, KEEPING its ids and split (no filtering, no re-split): missing ratings
+    become NaN and timestamps 0; asins come from the id map ("" without one), image URLs from ``item_images.csv``; no
+    metadata is joined."""
     inter = ds.inter
     n = len(inter)
     rating = inter["rating"].to_numpy(np.float32) if "rating" in inter else np.full(n, np.nan, np.float32)
     timestamp = inter["timestamp"].to_numpy(np.int64) if "timestamp" in inter else np.zeros(n, np.int64)
     split = inter["split"].to_numpy(np.int8)
-    interactions = pd.DataFrame(
-        {
-            "user": inter["user"].to_numpy(np.int64), "item": inter["item"].to_numpy(np.int64), "rating": rating,
-            "timestamp": timestamp, "split": split,
-        }
-    )
-    user_ids = np.array([str(u) for u in range(ds.n_users)], dtype=object)
-    if ds.user_map is not None:
-        user_ids[ds.user_map["user"].to_numpy()] = ds.user_map["user_id"].to_numpy(dtype=object)
-    asins = np.full(ds.n_items, "", dtype=object)
-    if ds.item_map is not None:
-        asins[ds.item_map["item"].to_numpy()] = ds.item_map["asin"].to_numpy(dtype=object)
-    user_map = pd.DataFrame({"user_id": pd.array(user_ids, dtype="str"), "user": np.arange(ds.n_users)})
-    item_map = pd.DataFrame({"asin": pd.array(asins, dtype="str"), "item": np.arange(ds.n_items)})
+    interactions = pd.DataFrame({
+        "user": inter["user"].to_numpy(np.int64), "item": inter["item"].to_numpy(np.int64), "rating": rating,
+        "timestamp": timestamp, "split": split,
+    })
+    user_map = _id_map(np.array([str(u) for u in range(ds.n_users)], dtype=object), "user_id", "user", ds.user_map)
+    item_map = _id_map(np.full(ds.n_items, "", dtype=object), "asin", "item", ds.item_map)
     items = _items_table(item_map, None)
     if ds.item_images is not None:
         known = ds.item_images[ds.item_images["item"] < ds.n_items]
@@ -237,23 +197,11 @@ def interactions_from_mmrec(ds: MMRecDataset) -> InteractionsResult:
         urls[known["item"].to_numpy()] = known["image_url"].to_numpy(dtype=object)
         items["image_url"] = pd.array(urls, dtype="str")
     stats: dict[str, Any] = {
-        "source": f"mmrec:{ds.name}",
-        "users": ds.n_users,
-        "items": ds.n_items,
-        "interactions": n,
+        "source": f"mmrec:{ds.name}", "users": ds.n_users, "items": ds.n_items, "interactions": n,
         **_split_stats(split),
-        **_mmrec_feature_coverage(ds, items),
-    }
-    return InteractionsResult(interactions, items, user_map, item_map, stats)
-
-
-def _mmrec_feature_coverage(ds: MMRecDataset, items: pd.DataFrame) -> dict[str, int]:
-    """Items lacking what each modality is built from.
-
-    A folder that ships ``image_feat.npy`` / ``text_feat.npy`` gives every item that modality (the rows are used as they
-    are), so none is missing it; without the file, images come from ``item_images.csv`` URLs and texts from metadata,
-    which a folder never has."""
-    return {
+        # Items lacking what a modality is built from: a shipped image_feat.npy / text_feat.npy covers every item;
+        # without it, images come from item_images.csv URLs and texts from metadata, which a folder never has.
         "items_without_meta": 0 if ds.text_feat is not None else ds.n_items,
         "items_without_image": 0 if ds.image_feat is not None else int((items["image_url"] == "").sum()),
     }
+    return InteractionsResult(interactions, items, user_map, item_map, stats)

@@ -1,20 +1,16 @@
 """Readers for the raw Amazon review and metadata dumps (2014, 2018, 2023 releases).
 
-Why one module: the three releases differ in field names, encodings (2014 metadata is Python literals, not JSON),
-timestamp units (2023 is in milliseconds) and image fields, but every later stage wants the same two tables. Normalising
-here keeps the rest of the pipeline format-agnostic.
-
-Real dumps contain a few broken records. A bounded number of them is skipped and counted in a :class:`SkipReport` that
-the caller logs and stores in the manifest; past the budget, or when the file itself is broken (truncated gzip, empty),
-a one-line :class:`DataError` names the file and line. Metadata in 2014 is parsed with :func:`ast.literal_eval`, which
-only accepts literals: a line such as ``__import__('os').system(...)`` is a counted skip, never executed.
-
-Memory is bounded whatever the input: lines come from :func:`pipeline.base.lines.iter_lines` (over-long lines dropped in
-chunks, gzip bombs refused) and 2014 literals from :func:`pipeline.base.lines.parse_literal_line` (token count bounded
-before ``literal_eval``)."""
+The releases differ in field names, encodings (2014 metadata is Python literals), timestamp units (2023: milliseconds)
+and image fields; normalising here keeps the rest of the pipeline format-agnostic. Up to a budget, broken records are
+skipped and counted in a :class:`SkipReport` (logged, and stored in the manifest); past it, or for a broken file
+(truncated gzip, empty), a one-line :class:`DataError` names the file and line. 2014 literals go through
+:func:`ast.literal_eval`: ``__import__('os').system(...)`` is a counted skip, never run. Memory is bounded whatever the
+input: :func:`pipeline.base.lines.iter_lines` drops over-long lines and refuses gzip bombs,
+:func:`pipeline.base.lines.parse_literal_line` bounds tokens before ``literal_eval``."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -32,9 +28,7 @@ from sand.pipeline.base.lines import DEFAULT_MAX_LINE_BYTES, DirtyLine, iter_lin
 
 log = logging.getLogger(__name__)
 
-REVIEW_COLUMNS = ["user_id", "asin", "rating", "timestamp"]
 META_COLUMNS = ["asin", "title", "brand", "categories", "description", "features", "image_url"]
-
 _MAX_EXAMPLES = 5
 MIN_RATING, MAX_RATING = 1, 5  # star ratings in every release; anything else is a dirty line
 _MAX_STAMP = 2**62  # far beyond any real date; keeps int64 arithmetic safe downstream
@@ -42,10 +36,8 @@ _MAX_STAMP = 2**62  # far beyond any real date; keeps int64 arithmetic safe down
 
 @dataclass
 class SkipReport:
-    """Dirty records skipped while reading one file: counts per reason and a few examples.
-
-    Returned (not just logged) so the stage can write it into its manifest, where a user can see how much of the raw
-    data was dropped and why."""
+    """Dirty records skipped while reading one file: counts per reason and a few examples. Returned (not just logged) so
+    the stage can write it into its manifest, where a user can see how much of the raw data was dropped and why."""
 
     file: str
     lines_read: int = 0
@@ -95,20 +87,16 @@ def parse_lines(
     numbered_lines: Iterable[tuple[int, bytes | None]], parse: Callable[[bytes], Any], convert: Callable[[dict], tuple],
     columns: list[list], report: SkipReport, max_bad_lines: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> None:
-    """Append each line's converted values to ``columns``; count dirty lines in ``report``.
-
-    The one place that decides what a dirty line is: the whole-file reader below and the chunked columnar reader
-    (:mod:`sand.pipeline.dataset.columnar`, for chunks its fast path cannot vouch for) both go through it, so both skip
-    and count the same lines. A ``None`` line is one :func:`iter_lines` dropped for exceeding ``max_line_bytes``. Raises
-    :class:`DataError` once more than ``max_bad_lines`` lines were skipped."""
+    """Append each line's converted values to ``columns``, counting dirty lines in ``report`` (a :class:`DataError` past
+    ``max_bad_lines``): the one place that decides what a dirty line is, for the whole-file and the columnar reader
+    alike. A ``None`` line is one :func:`iter_lines` dropped as over ``max_line_bytes``."""
     appenders = [c.append for c in columns]
-    path = report.file
 
     def skip(lineno: int, reason: str, detail: str) -> None:
         report.add(lineno, reason, detail)
         if report.total > max_bad_lines:
             shown = f" {detail}" if detail else ""
-            raise DataError(f"{path}:{lineno}: {reason}{shown} (more than {max_bad_lines} bad lines)")
+            raise DataError(f"{report.file}:{lineno}: {reason}{shown} (more than {max_bad_lines} bad lines)")
 
     for lineno, line in numbered_lines:
         report.lines_read = lineno
@@ -133,7 +121,7 @@ def _read_records(
     path: Path, parse: Callable[[bytes], Any], convert: Callable[[dict], tuple], n_columns: int, max_bad_lines: int,
     max_line_bytes: int,
 ) -> tuple[list[list], SkipReport]:
-    """Parse every line into column lists (not row tuples: about half the memory for 5M rows)."""
+    """Parse every line into column lists (not row tuples, which take far more memory)."""
     report = SkipReport(file=str(path))
     columns: list[list] = [[] for _ in range(n_columns)]
     parse_lines(iter_lines(path, max_line_bytes), parse, convert, columns, report, max_bad_lines, max_line_bytes)
@@ -152,9 +140,6 @@ def finish_report(path: Path, report: SkipReport) -> None:
             log.info("skipped %s", example)
 
 
-# ----------------------------------------------------------------------------------------- reviews
-
-
 def _ident(obj: dict, key: str) -> str:
     value = obj.get(key)
     if isinstance(value, bool) or value is None:
@@ -170,12 +155,10 @@ def _rating(obj: dict, key: str) -> float:
     value = obj.get(key)
     if value is None:
         raise DirtyLine(f"missing {key}")
-    if isinstance(value, bool):
-        raise DirtyLine(f"non-numeric {key}", repr(value))
     try:
-        rating = float(value)
+        rating = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
-        raise DirtyLine(f"non-numeric {key}", repr(value)[:60]) from None
+        rating = math.nan
     if not math.isfinite(rating):
         raise DirtyLine(f"non-numeric {key}", repr(value)[:60])
     if not MIN_RATING <= rating <= MAX_RATING:
@@ -187,23 +170,16 @@ def _timestamp(obj: dict, key: str, divisor: int) -> int:
     value = obj.get(key)
     if value is None:
         raise DirtyLine(f"missing {key}")
-    if isinstance(value, bool):
-        raise DirtyLine(f"bad {key}", repr(value))
     try:
         if isinstance(value, str):
             value = float(value) if any(c in value for c in ".eE") else int(value)
-        if isinstance(value, float):
-            if not math.isfinite(value) or value != int(value):
-                raise ValueError
+        if isinstance(value, float) and value.is_integer():  # False for NaN and infinities
             value = int(value)
-        if not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value // divisor > _MAX_STAMP:
             raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise DirtyLine(f"bad {key}", repr(value)[:60]) from None
-    seconds = value // divisor
-    if seconds > _MAX_STAMP:
-        raise DirtyLine(f"bad {key}", repr(value)[:60])
-    return seconds
+    return value // divisor
 
 
 def review_fields(fmt: str) -> tuple[str, str, str, str, int]:
@@ -212,24 +188,16 @@ def review_fields(fmt: str) -> tuple[str, str, str, str, int]:
 
 
 def review_converter(fmt: str) -> Callable[[dict], tuple]:
-    """The per-record check and conversion of one review: ``(user, item, rating, seconds)``.
-
-    A factory (not inlined in :func:`read_reviews`) so the chunked columnar reader can hand the lines its fast path
-    rejects to exactly the same rules."""
+    """The check and conversion of one review record to ``(user, item, rating, seconds)``; a factory so the chunked
+    columnar reader can hand the lines its fast path rejects to exactly the same rules."""
     ukey, ikey, rkey, tkey, divisor = review_fields(fmt)
 
     def convert(obj: dict) -> tuple:
         user, item, rating, stamp = obj.get(ukey), obj.get(ikey), obj.get(rkey), obj.get(tkey)
         # Fast path for the clean common case; anything unusual goes through the checked path.
         if (
-            type(user) is str
-            and type(item) is str
-            and type(stamp) is int
-            and type(rating) in (float, int)
-            and user.strip()
-            and item.strip()
-            and 0 <= stamp <= _MAX_STAMP
-            and MIN_RATING <= rating <= MAX_RATING
+            type(user) is str and type(item) is str and type(stamp) is int and type(rating) in (float, int)
+            and user.strip() and item.strip() and 0 <= stamp <= _MAX_STAMP and MIN_RATING <= rating <= MAX_RATING
         ):
             return user, item, float(rating), stamp // divisor
         return (_ident(obj, ukey), _ident(obj, ikey), _rating(obj, rkey), _timestamp(obj, tkey, divisor))
@@ -240,29 +208,19 @@ def review_converter(fmt: str) -> Callable[[dict], tuple]:
 def read_reviews(
     path: str | Path, fmt: str, max_bad_lines: int = 100, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> tuple[pd.DataFrame, SkipReport]:
-    """Read a review dump into ``user_id, asin, rating (float32), timestamp (int64 seconds)``.
-
-    2023 reviews are keyed by ``parent_asin`` (the metadata's key) and timestamped in milliseconds; both are normalised
-    so the three releases look alike downstream."""
-    path = Path(path)
-    convert = review_converter(fmt)
+    """Read a review dump into ``user_id, asin, rating (float32), timestamp (int64 seconds)``; 2023 reviews, keyed by
+    ``parent_asin`` (the metadata's key) and stamped in milliseconds, are normalised to look alike."""
+    path, convert = Path(path), review_converter(fmt)
     (users, items, ratings, times), report = _read_records(path, _parse_json, convert, 4, max_bad_lines, max_line_bytes)
-    df = pd.DataFrame(
-        {
-            "user_id": pd.array(users, dtype="str"), "asin": pd.array(items, dtype="str"),
-            "rating": np.asarray(ratings, dtype=np.float32), "timestamp": np.asarray(times, dtype=np.int64),
-        }
-    )
+    df = pd.DataFrame({
+        "user_id": pd.array(users, dtype="str"), "asin": pd.array(items, dtype="str"),
+        "rating": np.asarray(ratings, dtype=np.float32), "timestamp": np.asarray(times, dtype=np.int64),
+    })
     return df, report
-
-
-# -------------------------------------------------------------------------------------------- meta
 
 
 def _text(value: Any) -> str:
     """A free-text field that may be a string, a list of strings, or missing."""
-    if value is None:
-        return ""
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, list | tuple):
@@ -275,38 +233,23 @@ def _str_list(value: Any) -> list[str]:
 
 
 def _first_url(value: Any) -> str:
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, list | tuple):
-        for v in value:
-            if isinstance(v, str) and v.strip():
-                return v.strip()
-    return ""
+    return value.strip() if isinstance(value, str) else next(iter(_str_list(value)), "")
 
 
 def _image_2023(images: Any) -> str:
-    """The MAIN image's large (else hi_res, else thumb) URL; else the first image that has one.
-
-    The raw 2023 files hold a list of {thumb, large, hi_res, variant} dicts; the Hugging Face copies hold a dict of
-    parallel lists. Both are accepted."""
+    """The MAIN image's large (else hi_res, else thumb) URL; else the first image that has one. The raw 2023 files hold
+    a list of {thumb, large, hi_res, variant} dicts, the Hugging Face copies a dict of parallel lists: both are read."""
     if isinstance(images, dict):
         keys = [k for k in ("thumb", "large", "hi_res", "variant") if isinstance(images.get(k), list)]
-        n = max((len(images[k]) for k in keys), default=0)
-        images = [{k: images[k][j] if j < len(images[k]) else None for k in keys} for j in range(n)]
+        images = [dict(zip(keys, values, strict=True)) for values in itertools.zip_longest(*(images[k] for k in keys))]
     if not isinstance(images, list):
         return ""
-    dicts = [im for im in images if isinstance(im, dict)]
-    ordered = [im for im in dicts if im.get("variant") == "MAIN"] + [im for im in dicts if im.get("variant") != "MAIN"]
-    for im in ordered:
-        for key in ("large", "hi_res", "thumb"):
-            url = im.get(key)
-            if isinstance(url, str) and url.strip():
-                return url.strip()
-    return ""
+    ordered = sorted((im for im in images if isinstance(im, dict)), key=lambda im: im.get("variant") != "MAIN")
+    return _first_url([im.get(key) for im in ordered for key in ("large", "hi_res", "thumb")])
 
 
+# One metadata record -> a ``META_COLUMNS`` tuple, per release; the format table names these converters.
 def meta_record_2014(obj: dict) -> tuple:
-    """One 2014 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     cats = obj.get("categories")
     first = cats[0] if isinstance(cats, list | tuple) and cats and isinstance(cats[0], list | tuple) else []
     return (
@@ -316,7 +259,6 @@ def meta_record_2014(obj: dict) -> tuple:
 
 
 def meta_record_2018(obj: dict) -> tuple:
-    """One 2018 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     image = _first_url(obj.get("imageURLHighRes")) or _first_url(obj.get("imageURL"))
     return (
         _ident(obj, "asin"), _text(obj.get("title")), _text(obj.get("brand")), _str_list(obj.get("category")),
@@ -325,7 +267,6 @@ def meta_record_2018(obj: dict) -> tuple:
 
 
 def meta_record_2023(obj: dict) -> tuple:
-    """One 2023 metadata record -> ``META_COLUMNS`` (named by the format table)."""
     return (
         _ident(obj, "parent_asin"), _text(obj.get("title")), _text(obj.get("store")), _str_list(obj.get("categories")),
         _text(obj.get("description")), _text(obj.get("features")), _image_2023(obj.get("images")),
@@ -335,14 +276,11 @@ def meta_record_2023(obj: dict) -> tuple:
 def read_meta(
     path: str | Path, fmt: str, max_bad_lines: int = 100, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> tuple[pd.DataFrame, SkipReport]:
-    """Read a metadata dump into ``asin, title, brand, categories, description, features, image_url``.
-
-    ``categories`` is one category path as a list of str (2014: the first of its paths); ``features`` is the 2018/2023
-    bullet list joined into one string ("" for 2014, which has none); ``image_url`` is "" when the item has no image.
-    Duplicate asins are kept here; the interactions stage keeps the first."""
-    path = Path(path)
+    """Read a metadata dump into ``asin, title, brand, categories, description, features, image_url``: ``categories`` is
+    one category path (2014: the first of its paths), ``features`` the bullet list as one string ("" for 2014, which has
+    none), ``image_url`` "" without an image. Duplicate asins are kept; the interactions stage keeps the first."""
     parse, convert = meta_parser(fmt)
-    columns, report = _read_records(path, parse, convert, len(META_COLUMNS), max_bad_lines, max_line_bytes)
+    columns, report = _read_records(Path(path), parse, convert, len(META_COLUMNS), max_bad_lines, max_line_bytes)
     return meta_frame(columns), report
 
 
@@ -355,9 +293,5 @@ def meta_parser(fmt: str) -> tuple[Callable[[bytes], Any], Callable[[dict], tupl
 
 def meta_frame(columns: list[list]) -> pd.DataFrame:
     """Converted metadata columns (in ``META_COLUMNS`` order) as the ``read_meta`` table."""
-    return pd.DataFrame(
-        {
-            col: values if col == "categories" else pd.array(values, dtype="str")
-            for col, values in zip(META_COLUMNS, columns, strict=True)
-        }
-    )
+    named = zip(META_COLUMNS, columns, strict=True)
+    return pd.DataFrame({col: vals if col == "categories" else pd.array(vals, dtype="str") for col, vals in named})

@@ -1,8 +1,7 @@
 """The in-memory form of a split dataset that training and evaluation share.
 
-Why: the interactions artifact (``interactions.parquet``) and an MMRec folder must end up as the same object, so
-trainers and evaluators never care where the data came from. Split codes follow MMRec's ``x_label``: 0 train, 1 valid, 2
-test."""
+Why: the interactions artifact and an MMRec folder must end up as the same object, so trainers and evaluators never care
+where the data came from. Split codes follow MMRec's ``x_label``: 0 train, 1 valid, 2 test."""
 
 from __future__ import annotations
 
@@ -42,9 +41,7 @@ class SplitData:
     @classmethod
     def from_frame(cls, df, n_users: int | None = None, n_items: int | None = None) -> SplitData:
         """From a table with integer columns user, item, split (0/1/2)."""
-        users = df["user"].to_numpy(np.int64)
-        items = df["item"].to_numpy(np.int64)
-        split = df["split"].to_numpy(np.int64)
+        users, items, split = (df[col].to_numpy(np.int64) for col in ("user", "item", "split"))
         pairs = np.stack([users, items], axis=1)
         return cls(
             n_users=int(n_users if n_users is not None else users.max() + 1),

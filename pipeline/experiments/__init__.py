@@ -1,2 +1,1 @@
-"""Runs over many configurations and what is made of them: the paper's grids, reference numbers, report tables and
-figures."""
+"""Runs over many configurations and their products: the paper's grids, reference numbers, report tables and figures."""

@@ -1,19 +1,11 @@
-"""The report's PNG figures: training curves, sensitivity, ablation, and Figures 5-6.
+"""The report's PNG figures: training curves, sensitivity (Figure 4), ablation (Figure 3) and Figures 5-6.
 
-Why matplotlib's object API (``Figure``) instead of ``pyplot``: no global figure state and no backend switch, so a
-report written from a notebook, a Prefect worker thread or a test renders the same Agg PNGs without touching the user's
-interactive backend. Every plotting function takes plain data (frames, arrays) and a path, so the report module decides
-*what* to plot and this module only *how*.
-
-Figures 5-6 (the paper's generic/unique visualisation) take a trained SAND model: its modal transform ``Z_m = L_m(X_m)``
-is split by columns into the modal-generic part ``G_m`` and the modal-unique part ``Q_m`` exactly as the model splits it
-(``model.separation.split``); a seeded t-SNE maps a random sample of items of each of the four sets to 2-D, and Gaussian
-KDEs show (Fig. 5) the density of the t-SNE points and (Fig. 6) the density of the centred, L2-normalised points on the
-unit circle and of their angles -- the "uniformity" view the paper uses."""
+Why matplotlib's ``Figure`` API, not ``pyplot``: no global state or backend switch, so a notebook, a Prefect worker
+thread or a test renders the same Agg PNGs without touching the user's interactive backend. Figures 5-6 show SAND's
+generic and unique parts, split as ``model.separation.split`` does, by t-SNE and Gaussian KDEs ("uniformity")."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,41 +22,30 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-log = logging.getLogger(__name__)
-
 DPI = 120
-#: metric key -> axis label
 METRIC_LABELS = {"recall@10": "Recall@10", "recall@20": "Recall@20", "ndcg@10": "NDCG@10", "ndcg@20": "NDCG@20"}
-PARAM_LABELS = {
-    "train.alpha": "alpha (alignment weight)", "train.beta": "beta (distancing weight)",
-    "train.tau": "tau (temperature)",
-}
-#: order of the four representation sets in Figures 5-6
+PARAM_LABELS = {"train.alpha": "alpha (alignment weight)", "train.beta": "beta (distancing weight)",
+                "train.tau": "tau (temperature)"}
 REPRESENTATIONS = (("image", "generic"), ("text", "generic"), ("image", "unique"), ("text", "unique"))
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
     from matplotlib.figure import Figure  # lazy: only the figures need matplotlib
-
     fig = Figure(figsize=(width, height), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False))
-    return fig, axes
+    return fig, np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False))
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, title: str) -> Path:
+    fig.suptitle(title)
     with atomic_path(path, suffix=path.suffix) as tmp:  # the suffix tells matplotlib the format
         fig.savefig(tmp, dpi=DPI)
     return path
 
 
-# ------------------------------------------------------------------------------------- training curves
-def plot_training_curves(
-    curves: Mapping[str, pd.DataFrame], path: Path, *, title: str, metric: str = "recall@20"
-) -> Path:
-    """Validation ``metric`` (left) and mean training loss (right) per epoch, one line per run.
-
-    ``curves``: run label -> the run's ``epochs.csv`` (columns ``epoch``, ``loss``, ``valid_<metric>``; epochs without
-    an evaluation have NaN there and are skipped)."""
+def plot_training_curves(curves: Mapping[str, pd.DataFrame], path: Path, *, title: str,
+                         metric: str = "recall@20") -> Path:
+    """Validation ``metric`` (left; epochs without an evaluation skipped) and mean training loss (right) per epoch."""
+    from matplotlib.ticker import MaxNLocator  # lazy: only the figures need matplotlib
     fig, axes = _figure(1, 2, 12, 4.5)
     ax_m, ax_l = axes[0]
     column = f"valid_{metric}"
@@ -74,69 +55,47 @@ def plot_training_curves(
             ax_m.plot(evaluated["epoch"], evaluated[column], marker="." if len(evaluated) < 30 else None, label=label)
         if "loss" in frame:
             ax_l.plot(frame["epoch"], frame["loss"], label=label)
-    ax_m.set(
-        title=f"Validation {METRIC_LABELS.get(metric, metric)}", xlabel="epoch",
-        ylabel=METRIC_LABELS.get(metric, metric),
-    )
+    ylabel = METRIC_LABELS.get(metric, metric)
+    ax_m.set(title=f"Validation {ylabel}", xlabel="epoch", ylabel=ylabel)
     ax_l.set(title="Training loss (mean over batches)", xlabel="epoch", ylabel="loss")
-    from matplotlib.ticker import MaxNLocator  # lazy: only the figures need matplotlib
-
     for ax in (ax_m, ax_l):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
-    fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
-# ------------------------------------------------------------------------------ sensitivity (Figure 4)
-def plot_sensitivity(
-    series: Mapping[str, Mapping[str, pd.DataFrame]], path: Path, *, metrics: Sequence[str] = ("recall@20", "ndcg@20"),
-    reference: Mapping[str, float] | None = None,
-) -> Path:
-    """One panel per (hyper-parameter, metric): test (solid) and validation (dashed) vs value.
-
-    ``series``: dotted parameter (``train.alpha``) -> dataset -> frame with a ``value`` column and ``valid_<metric>`` /
-    ``test_<metric>`` columns, sorted by value. The reference value (the paper's) is marked by a dotted vertical line.
-    """
+def plot_sensitivity(series: Mapping[str, Mapping[str, pd.DataFrame]], path: Path, *,
+                     metrics: Sequence[str] = ("recall@20", "ndcg@20"),
+                     reference: Mapping[str, float] | None = None) -> Path:
+    """Per (hyper-parameter, metric) a panel: test (solid) and validation (dashed) vs value, ``reference`` dotted.
+    ``series``: dotted parameter -> dataset -> frame of ``value``, ``valid_*``, ``test_*``, sorted."""
     params = list(series)
     fig, axes = _figure(len(params), len(metrics), 5.5 * len(metrics), 3.8 * len(params))
     for r, param in enumerate(params):
         for c, metric in enumerate(metrics):
             ax: Axes = axes[r, c]
             for k, (dataset, frame) in enumerate(series[param].items()):
-                color = f"C{k}"
-                if f"test_{metric}" in frame:
-                    ax.plot(frame["value"], frame[f"test_{metric}"], "-o", color=color, label=f"{dataset} test")
-                if f"valid_{metric}" in frame:
-                    ax.plot(
-                        frame["value"], frame[f"valid_{metric}"], "--x", color=color, alpha=0.7,
-                        label=f"{dataset} valid",
-                    )
+                for split, style, alpha in (("test", "-o", None), ("valid", "--x", 0.7)):
+                    if f"{split}_{metric}" in frame:
+                        ax.plot(frame["value"], frame[f"{split}_{metric}"], style, color=f"C{k}", alpha=alpha,
+                                label=f"{dataset} {split}")
             values = np.concatenate([f["value"].to_numpy(float) for f in series[param].values()])
             if len(values) and values.min() > 0 and values.max() / values.min() >= 20:
                 ax.set_xscale("log")
             if reference and param in reference:
                 ax.axvline(reference[param], color="grey", linestyle=":", label="paper's value")
-            ax.set(
-                title=f"{METRIC_LABELS.get(metric, metric)} vs {param.split('.')[-1]}",
-                xlabel=PARAM_LABELS.get(param, param), ylabel=METRIC_LABELS.get(metric, metric),
-            )
+            label = METRIC_LABELS.get(metric, metric)
+            ax.set(title=f"{label} vs {param.split('.')[-1]}", xlabel=PARAM_LABELS.get(param, param), ylabel=label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-    fig.suptitle("Hyper-parameter sensitivity (Figure 4)")
-    return _save(fig, path)
+    return _save(fig, path, "Hyper-parameter sensitivity (Figure 4)")
 
 
-# --------------------------------------------------------------------------------- ablation (Figure 3)
-def plot_ablation(
-    results: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, *,
-    metrics: Sequence[str] = ("recall@20", "ndcg@20"),
-) -> Path:
-    """Grouped bars: per dataset one panel per metric, one bar per variant (test values).
-
-    ``results``: dataset -> variant label -> {metric: value}."""
+def plot_ablation(results: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, *,
+                  metrics: Sequence[str] = ("recall@20", "ndcg@20")) -> Path:
+    """Per dataset one panel per metric, one bar per variant (test values); ``results``: dataset -> label -> metrics."""
     datasets = list(results)
     fig, axes = _figure(len(datasets), len(metrics), 5.0 * len(metrics), 3.8 * len(datasets))
     for r, dataset in enumerate(datasets):
@@ -152,21 +111,15 @@ def plot_ablation(
                 lo, hi = min(finite), max(finite)
                 pad = max((hi - lo) * 0.5, hi * 0.02, 1e-6)
                 ax.set_ylim(max(0.0, lo - pad), hi + pad)
-            ax.set(
-                title=f"{dataset}: test {METRIC_LABELS.get(metric, metric)}", ylabel=METRIC_LABELS.get(metric, metric),
-            )
+            label = METRIC_LABELS.get(metric, metric)
+            ax.set(title=f"{dataset}: test {label}", ylabel=label)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Ablation of alignment and distancing (Figure 3)")
-    return _save(fig, path)
+    return _save(fig, path, "Ablation of alignment and distancing (Figure 3)")
 
 
-# ------------------------------------------------------- Figures 5-6: generic / unique representations
 def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
-    """modality -> (generic, unique) blocks over ALL items (tensors or unevaluated LinearViews).
-
-    Uses the model's own ``modal_parts()`` where it has one (the SAND plug-ins do); SAND itself has no such accessor, so
-    for it this composes its public pieces: ``model.modal_inputs()`` gives ``Z_m`` and ``model.separation.split(m,
-    Z_m)`` its generic/unique column blocks -- the same split the alignment and distancing losses see."""
+    """modality -> (generic, unique) blocks over ALL items: the model's own ``modal_parts()`` (the plug-ins'), else
+    SAND's ``Z_m`` split by ``model.separation.split``, as its losses see it."""
     if hasattr(model, "modal_parts"):
         return dict(model.modal_parts())
     if hasattr(model, "modal_inputs") and hasattr(model, "separation"):
@@ -176,11 +129,8 @@ def modal_parts(model: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
-    """(modality, "generic" | "unique") -> (len(items), d) array for the given items (eval mode).
-
-    Only the sampled rows are materialised (a LinearView is sliced before it is evaluated)."""
+    """(modality, part) -> rows of ``items`` in eval mode; a LinearView is sliced first, so only those are computed."""
     import torch  # lazy: torch takes seconds to import
-
     index = torch.as_tensor(np.asarray(items, dtype=np.int64))
     was_training = model.training
     model.eval()
@@ -199,14 +149,12 @@ def modal_representations(model: Any, items: np.ndarray) -> dict[tuple[str, str]
 def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
     """Seeded 2-D t-SNE (Barnes-Hut, PCA init; perplexity capped for small samples)."""
     from sklearn.manifold import TSNE  # lazy: seconds to import, only for the figures
-
     n = x.shape[0]
     if n < 5:
         raise StageError(f"t-SNE needs at least 5 items, got {n}")
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, learning_rate="auto")
-    # One OpenMP thread: Barnes-Hut on a few hundred points gains nothing from threads, and on a
-    # busy machine spinning threads made it 10x slower (measured: 500 items 57 s vs 5 s).
+    # One OpenMP thread: Barnes-Hut on a few hundred points gains nothing, and spinning threads crawl on a busy machine.
     with threadpool_limits(limits=1, user_api="openmp"):
         return tsne.fit_transform(np.asarray(x, dtype=np.float64))
 
@@ -214,7 +162,6 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
 def _kde(points: np.ndarray):
     """scipy's Gaussian KDE, or None when the sample is degenerate (all points on a line)."""
     from scipy.stats import gaussian_kde  # lazy: seconds to import, only for the figures
-
     try:
         return gaussian_kde(points)
     except (np.linalg.LinAlgError, ValueError):
@@ -222,8 +169,7 @@ def _kde(points: np.ndarray):
 
 
 def _title(key: tuple[str, str]) -> str:
-    modality, part = key
-    return f"{modality} modal-{part}"
+    return f"{key[0]} modal-{key[1]}"  # (modality, part)
 
 
 def plot_tsne_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
@@ -244,8 +190,7 @@ def plot_tsne_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, 
         fig.colorbar(sc, ax=ax, shrink=0.8, label="KDE density")
         ax.set(title=_title(key), xlabel="t-SNE 1", ylabel="t-SNE 2")
         ax.set_aspect("equal", adjustable="datalim")
-    fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def circle_points(points: np.ndarray) -> np.ndarray:
@@ -255,21 +200,18 @@ def circle_points(points: np.ndarray) -> np.ndarray:
 
 
 def angle_density(angles: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
-    """Wrapped Gaussian KDE of angles on [-pi, pi): each kernel also counts at +-2 pi, so the density is periodic; the
-    bandwidth is Scott's rule on the angles themselves."""
+    """Wrapped Gaussian KDE of angles: kernels repeated at +-2 pi (periodic), Scott's bandwidth on the angles."""
     kde = _kde(np.asarray(angles, dtype=float)[None, :])
     return None if kde is None else sum(kde(grid[None, :] + shift) for shift in (-2 * np.pi, 0.0, 2 * np.pi))
 
 
 def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path, *, title: str) -> Path:
-    """Figure 6: density of the centred, L2-normalised t-SNE points on the unit circle (top, 2-D KDE) and of their
-    angles (bottom, histogram + wrapped KDE). Uniform spread = flat angle density."""
+    """Figure 6: KDE of the centred, L2-normalised t-SNE points on the unit circle and of their angles."""
     keys = [k for k in REPRESENTATIONS if k in points]
     fig, axes = _figure(2, len(keys), 4.0 * len(keys), 7.6)
     theta = np.linspace(-np.pi, np.pi, 361)
     for c, key in enumerate(keys):
-        # centred first: t-SNE output has an arbitrary offset, and the angles are meant around the
-        # cloud's centre, not around wherever the origin happens to fall
+        # centred first: t-SNE output has an arbitrary offset, and the angles are meant around the cloud's centre
         unit = circle_points(points[key] - points[key].mean(axis=0))
         ax: Axes = axes[0, c]
         kde = _kde(unit.T)
@@ -290,9 +232,7 @@ def plot_circle_density(points: Mapping[tuple[str, str], np.ndarray], path: Path
         if dens is not None:
             ax_a.plot(theta, dens, color="C0", label="KDE")
         ax_a.axhline(1 / (2 * np.pi), color="grey", linestyle=":", label="uniform")
-        ax_a.set(
-            title=f"{_title(key)}: angles", xlabel="angle arctan2(y, x) (rad)", ylabel="density", xlim=(-np.pi, np.pi),
-        )
+        ax_a.set(title=f"{_title(key)}: angles", xlabel="angle arctan2(y, x) (rad)", ylabel="density",
+                 xlim=(-np.pi, np.pi))
         ax_a.legend(fontsize="x-small")
-    fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)

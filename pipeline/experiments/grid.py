@@ -1,16 +1,12 @@
-"""Grids of pipeline runs: expand, validate, run, select by validation, tabulate.
+"""Grids of pipeline runs (the paper's Tables 2-4, Figures 3-4): expand, validate, run, select by validation, tabulate.
 
-Why a module of its own: the paper's tables and figures (Table 2-4, Figures 3-4) are grids over one or two config
-fields. Every combination is validated before the first one runs, so a typo in the tenth value fails in a second, not
-after nine hours of training. Runs are ordinary pipeline runs, so the artifact store caches them: re-running a grid (or
-a grid that shares runs with another) only trains what is new. Selection is by the VALIDATION metric, never by test; the
-selected setting's test metrics are what a table reports.
-
-Writes ``<data_root>/grids/<name>/runs.csv`` (one row per combination) and ``selected.json`` (the validation-selected
-run and its test metrics)."""
+Every combination is validated before the first runs, so a typo in the tenth value fails in a second, not after hours of
+training; runs are cached pipeline runs, so a re-run trains only what is new. Selection is by VALIDATION, never test.
+Writes ``<data_root>/grids/<name>/runs.csv`` and ``selected.json``."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -33,9 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _table3_axes(**more: list[Any]) -> dict[str, list[Any]]:
-    """Table 3: each backbone then its SAND plug-in (from the registry), in every plug-in fusion.
-
-    The backbones and VBPR+SAND ignore the fusion, so their second runs come from the store."""
+    """Table 3: each backbone then its plug-in, in every fusion (the backbones and VBPR+SAND ignore it: cached runs)."""
     models = [model for pair in registry.plugins().items() for model in pair]
     return {"train.model": models, "train.plugin_fusion": list(registry.FUSIONS), **more}
 
@@ -43,36 +37,21 @@ def _table3_axes(**more: list[Any]) -> dict[str, list[Any]]:
 #: Named grids reproducing the paper's experiments: name -> a builder of its axes. Models and variants come from the
 #: registry when a preset is built, so a newly registered model joins its tables' presets.
 PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {
-    # Figure 4: one hyper-parameter at a time around the reference value.
-    "sensitivity-alpha": lambda: {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},
+    "sensitivity-alpha": lambda: {"train.alpha": [0.001, 0.005, 0.012, 0.05, 0.1]},  # Figure 4: one at a time
     "sensitivity-beta": lambda: {"train.beta": [0.001, 0.003, 0.006, 0.01, 0.05]},
     "sensitivity-tau": lambda: {"train.tau": [0.05, 0.1, 0.2, 0.5, 1.0]},
-    # Figure 3: SAND_a and its ablations.
-    "ablations": lambda: {"train.variant": list(registry.ablations())},
-    # Table 4: the four alignment x distancing combinations.
-    "variants": lambda: {"train.variant": list(registry.table4_variants())},
-    # Table 2: baselines vs SAND (the registry's Table 2 models).
-    "table2": lambda: {"train.model": list(registry.models_in("table2"))},
-    # Table 3: backbones with and without the SAND plug-in, the plug-in in every fusion.
-    "table3": _table3_axes,
-    # Table 3 with the SAND authors' plug-in hyper-parameters (train.profile=authors).
-    "table3-authors": lambda: _table3_axes(**{"train.profile": ["authors"]}),
-    # Tables 2 and 3 in one grid: every model of the package.
-    "all-models": lambda: {"train.model": list(registry.model_names())},
+    "ablations": lambda: {"train.variant": list(registry.ablations())},  # Figure 3: SAND_a and its ablations
+    "variants": lambda: {"train.variant": list(registry.table4_variants())},  # Table 4: alignment x distancing
+    "table2": lambda: {"train.model": list(registry.models_in("table2"))},  # Table 2: baselines vs SAND
+    "table3": _table3_axes,  # Table 3: backbones with and without the SAND plug-in, the plug-in in every fusion
+    "table3-authors": lambda: _table3_axes(**{"train.profile": ["authors"]}),  # Table 3, the authors' settings
+    "all-models": lambda: {"train.model": list(registry.model_names())},  # Tables 2 and 3: every model
 }
 
-#: Presets that reproduce the paper's tables and figures: on an Amazon 2014 dataset they read the
-#: release's own image features (the paper's inputs) unless the user chose an image source.
-PAPER_PRESETS = (
-    "table2", "table3", "all-models", "variants", "ablations",
-    "sensitivity-alpha", "sensitivity-beta", "sensitivity-tau",
-)
-
-#: Train fields that only SAND-type models (SAND and the plug-ins) read.
-_VARIANT_FIELDS = ("train.variant",)
+#: Presets of the paper's tables and figures: on Amazon 2014 they read the release's image features, the paper's inputs.
+PAPER_PRESETS = ("table2", "table3", "all-models", "variants", "ablations",
+                 "sensitivity-alpha", "sensitivity-beta", "sensitivity-tau")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-RunOne = Callable[[PipelineConfig], dict[str, Any]]
 
 
 def preset(name: str) -> dict[str, list[Any]]:
@@ -83,10 +62,8 @@ def preset(name: str) -> dict[str, list[Any]]:
 
 
 def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineConfig:
-    """``cfg`` with ``image_features.source=amazon2014`` for a paper preset on an Amazon 2014 dataset.
-
-    An explicit ``image_features.source`` (``--image-source``, ``--set``, a config file) is kept, as is everything for
-    other presets and datasets (the bundled sample keeps its CNN)."""
+    """``cfg`` with ``image_features.source=amazon2014`` for a paper preset on an Amazon 2014 dataset, unless the source
+    was set explicitly (``--image-source``, ``--set``, a config file); the bundled sample keeps its CNN."""
     if preset_name not in PAPER_PRESETS or "source" in cfg.image_features.model_fields_set:
         return cfg
     acfg = cfg.acquire
@@ -99,11 +76,9 @@ def with_paper_inputs(cfg: PipelineConfig, preset_name: str | None) -> PipelineC
     log.info("grid preset %s on Amazon 2014 %s: image features from the release's own file "
              "(image_features.source=amazon2014, the paper's inputs; --image-source cnn for our CNN)",
              preset_name, category)
-    images = cfg.image_features.model_copy(update={"source": "amazon2014"})
-    return cfg.model_copy(update={"image_features": images})
+    return cfg.model_copy(update={"image_features": cfg.image_features.model_copy(update={"source": "amazon2014"})})
 
 
-# ---------------------------------------------------------------------------- expansion and validation
 def _field_exists(data: dict[str, Any], dotted: str) -> bool:
     """Whether ``dotted`` names a field of the config (``train.extra.X`` may add a key)."""
     node: Any = data
@@ -119,15 +94,11 @@ def _field_exists(data: dict[str, Any], dotted: str) -> bool:
 
 
 def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
-    """Reject hyper-parameters the configured model does not take (before anything trains)."""
     name = cfg.train.model
     spec = registry.spec(name)
-    for dotted in values:
-        if dotted in _VARIANT_FIELDS and not registry.has_variants(name):
-            raise ConfigError(
-                f"grid axis {dotted}={values[dotted]!r}: has no effect on model {name!r} "
-                f"(only {', '.join(registry.variant_models())} have variants)"
-            )
+    if "train.variant" in values and not registry.has_variants(name):  # only SAND and the plug-ins read it
+        raise ConfigError(f"grid axis train.variant={values['train.variant']!r}: has no effect on model {name!r} "
+                          f"(only {', '.join(registry.variant_models())} have variants)")
     try:
         accepted = registry.constructor_kwargs(name)
     except ImportError as err:
@@ -136,29 +107,21 @@ def _check_model_fields(cfg: PipelineConfig, values: Mapping[str, Any]) -> None:
         kwarg = spec.renames.get(field_name, field_name)
         if kwarg not in accepted and field_name not in cfg.train.ALWAYS_SET:  # those: ignored where not taken
             where = f"train.extra.{field_name}" if field_name in cfg.train.extra else f"train.{field_name}"
-            raise ConfigError(
-                f"invalid config value {where}={value!r}: model {name!r} has no hyper-parameter {field_name!r}"
-            )
+            raise ConfigError(f"invalid config value {where}={value!r}: model {name!r} has no hyper-parameter "
+                              f"{field_name!r}")
 
 
 def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list[tuple[dict, PipelineConfig]]:
-    """Every combination of the axes' values applied to ``base``, each validated.
-
-    ``axes`` maps dotted config fields to value lists, e.g. ``{"train.alpha": [0.001, 0.012]}``. Order: the first axis
-    varies slowest (``itertools.product``). An unknown field, an empty value list, a value out of range, an unknown
-    model/variant, or a hyper-parameter the model does not take raises :class:`ConfigError` naming the field and value.
-    """
+    """Every combination of the axes' values applied to ``base`` (first axis slowest), each validated."""
     base_data = base.model_dump(mode="python")
-    names = list(axes)
-    for dotted in names:
+    for dotted, values in axes.items():
         if not isinstance(dotted, str) or not _field_exists(base_data, dotted):
             raise ConfigError(f"grid axis {dotted!r}: no such config field (expected section.field)")
-        values = axes[dotted]
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
             raise ConfigError(f"grid axis {dotted}: expected a non-empty list of values, got {values!r}")
     combos: list[tuple[dict, PipelineConfig]] = []
-    for chosen in itertools.product(*(list(axes[n]) for n in names)):
-        values = dict(zip(names, chosen, strict=True))
+    for chosen in itertools.product(*(list(v) for v in axes.values())):
+        values = dict(zip(axes, chosen, strict=True))
         data = base.model_dump(mode="python")
         for dotted, value in values.items():
             set_dotted(data, dotted, value)
@@ -171,7 +134,6 @@ def expand_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]]) -> list
     return combos
 
 
-# --------------------------------------------------------------------------------------------- running
 @dataclass
 class GridRun:
     """One combination's outcome (a row of ``runs.csv``)."""
@@ -191,19 +153,16 @@ class GridRun:
     seconds: float = 0.0
 
     def row(self) -> dict[str, Any]:
-        return {
-            "run": self.index, **self.values, "status": self.status, "error": self.error, "dataset": self.dataset,
-            **{f"valid_{k}": v for k, v in self.valid.items()}, **{f"test_{k}": v for k, v in self.test.items()},
-            "seconds_per_epoch": self.seconds_per_epoch, "peak_memory_mb": self.peak_memory_mb,
-            "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3),
-            **{f"{stage}_key": key for stage, key in self.keys.items()},
-            "cached": all(self.cached.values()) if self.cached else None,
-        }
+        return {"run": self.index, **self.values, "status": self.status, "error": self.error, "dataset": self.dataset,
+                **{f"valid_{k}": v for k, v in self.valid.items()}, **{f"test_{k}": v for k, v in self.test.items()},
+                "seconds_per_epoch": self.seconds_per_epoch, "peak_memory_mb": self.peak_memory_mb,
+                "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3),
+                **{f"{stage}_key": key for stage, key in self.keys.items()},
+                "cached": all(self.cached.values()) if self.cached else None}
 
     def to_dict(self) -> dict[str, Any]:
         """``selected.json``'s run: every field but the cache flags and the wall time, ``index`` as ``run``."""
-        fields = asdict(self)
-        return {"run": fields.pop("index"), **{k: v for k, v in fields.items() if k not in ("cached", "seconds")}}
+        return {"run": self.index, **{k: v for k, v in asdict(self).items() if k not in ("index", "cached", "seconds")}}
 
 
 @dataclass
@@ -221,16 +180,9 @@ class GridResult:
         return [r for r in self.runs if r.status != "ok"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "axes": self.axes,
-            "select_metric": self.select_metric,
-            "selected_by": f"valid {self.select_metric}",
-            "n_runs": len(self.runs),
-            "n_failed": len(self.failed),
-            "selected": self.selected.to_dict() if self.selected else None,
-            "runs_csv": str(self.table_path),
-        }
+        return {"name": self.name, "axes": self.axes, "select_metric": self.select_metric,
+                "selected_by": f"valid {self.select_metric}", "n_runs": len(self.runs), "n_failed": len(self.failed),
+                "selected": self.selected.to_dict() if self.selected else None, "runs_csv": str(self.table_path)}
 
 
 def _floats(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -239,14 +191,10 @@ def _floats(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 def _dataset_name(summary: Mapping[str, Any], cfg: PipelineConfig) -> str:
     """The interactions manifest's dataset name when the summary points at it, else the config's."""
-    path = summary.get("stages", {}).get("interactions", {}).get("artifact")
-    if path:
-        try:
-            name = json.loads((Path(path) / "manifest.json").read_text()).get("name")
-        except (OSError, json.JSONDecodeError):
-            name = None
-        if name:
-            return str(name)
+    if path := summary.get("stages", {}).get("interactions", {}).get("artifact"):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            if name := json.loads((Path(path) / "manifest.json").read_text()).get("name"):
+                return str(name)
     return cfg.acquire.dataset
 
 
@@ -256,10 +204,8 @@ def _record(run: GridRun, summary: Mapping[str, Any], cfg: PipelineConfig, metri
     if metric not in run.valid:
         raise ConfigError(f"grid: run has no validation metric {metric!r} (has {', '.join(run.valid) or 'none'})")
     train = summary.get("train") or {}
-    for attr in ("seconds_per_epoch", "peak_memory_mb"):
-        value = train.get(attr)
-        setattr(run, attr, float(value) if value is not None else None)
-    run.best_epoch = int(train["best_epoch"]) if train.get("best_epoch") is not None else None
+    for attr, cast in (("seconds_per_epoch", float), ("peak_memory_mb", float), ("best_epoch", int)):
+        setattr(run, attr, None if train.get(attr) is None else cast(train[attr]))
     for stage, info in (summary.get("stages") or {}).items():
         if info.get("artifact"):
             run.keys[stage] = Path(info["artifact"]).name
@@ -269,62 +215,38 @@ def _record(run: GridRun, summary: Mapping[str, Any], cfg: PipelineConfig, metri
 
 
 def _check_metric(metric: str, cfg: PipelineConfig) -> None:
-    """``recall@K`` / ``ndcg@K`` with K among the evaluate stage's cut-offs."""
     ks = sorted(set(cfg.evaluate.ks))
-    match = re.fullmatch(r"(recall|ndcg)@(\d+)", metric)
-    if match is None or int(match.group(2)) not in ks:
+    if (match := re.fullmatch(r"(recall|ndcg)@(\d+)", metric)) is None or int(match.group(2)) not in ks:
         raise ConfigError(f"grid: select_metric={metric!r} is not evaluated: choose recall@K or ndcg@K with K in {ks}")
 
 
 def select_best(runs: Sequence[GridRun], metric: str) -> GridRun | None:
-    """The ok run with the highest VALIDATION ``metric``; ties go to the earlier run."""
-    best: GridRun | None = None
-    for run in runs:
-        value = run.valid.get(metric)
-        if run.status != "ok" or value is None or not math.isfinite(value):
-            continue
-        if best is None or value > best.valid[metric]:
-            best = run
-    return best
-
-
-def grid_dir(data_root: Path | str, name: str) -> Path:
-    return Path(data_root) / "grids" / name
+    """The ok run with the highest VALIDATION ``metric``; ties go to the earlier run (``max`` keeps the first)."""
+    ok = [r for r in runs if r.status == "ok" and r.valid.get(metric) is not None and math.isfinite(r.valid[metric])]
+    return max(ok, key=lambda r: r.valid[metric], default=None)
 
 
 def write_grid_tables(result: GridResult) -> None:
-    """``runs.csv`` (atomically replaced) and ``selected.json``."""
     import pandas as pd  # lazy: about a second to import, and the CLI lists the presets in its help
-
     result.table_path.parent.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([r.row() for r in result.runs])
     with atomic_path(result.table_path) as tmp:
-        frame.to_csv(tmp, index=False)
+        pd.DataFrame([r.row() for r in result.runs]).to_csv(tmp, index=False)
     write_json_atomic(result.selected_path, result.to_dict())
 
 
-def run_grid(
-    base: PipelineConfig, axes: Mapping[str, Sequence[Any]], *, name: str, run_one: RunOne,
-    select_metric: str = "recall@20",
-) -> GridResult:
-    """Run every combination, record each outcome, select by validation ``select_metric``.
-
-    ``run_one(cfg) -> summary`` runs one combination (the caller decides how: in process with
-    :func:`pipeline.runner.run_grid_locally`, or as nested Prefect flows) and returns a dict like
-    :meth:`pipeline.runner.PipelineResult.summary`: ``metrics`` {"valid": {...}, "test": {...}}, ``train``
-    (seconds_per_epoch, peak_memory_mb, best_epoch) and ``stages`` (artifact paths, cached flags). A run that raises is
-    recorded as failed with its one-line error and the grid goes on; tables are rewritten after every run so a killed
-    grid leaves what it did."""
+def run_grid(base: PipelineConfig, axes: Mapping[str, Sequence[Any]], *, name: str,
+             run_one: Callable[[PipelineConfig], dict[str, Any]], select_metric: str = "recall@20") -> GridResult:
+    """Run every combination, select by validation ``select_metric``. ``run_one(cfg)`` runs one (in process or as nested
+    Prefect flows) and returns a dict like :meth:`pipeline.runner.PipelineResult.summary`; a run that raises is recorded
+    as failed. Tables are rewritten per run, so a killed grid leaves what it did."""
     if not _NAME.match(name):
         raise ConfigError(f"grid name {name!r}: use letters, digits, '.', '_' or '-' (a directory name)")
     combos = expand_grid(base, axes)  # validates everything before the first run
     for _, cfg in combos:
         _check_metric(select_metric, cfg)
-    out = grid_dir(base.data_root, name)
-    result = GridResult(
-        name=name, axes={k: list(v) for k, v in axes.items()}, select_metric=select_metric, runs=[], selected=None,
-        table_path=out / "runs.csv", selected_path=out / "selected.json",
-    )
+    out = Path(base.data_root) / "grids" / name
+    result = GridResult(name=name, axes={k: list(v) for k, v in axes.items()}, select_metric=select_metric, runs=[],
+                        selected=None, table_path=out / "runs.csv", selected_path=out / "selected.json")
     log.info("grid %s: %d runs over %s", name, len(combos), ", ".join(axes) or "(no axes)")
     for i, (values, cfg) in enumerate(combos, start=1):
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -343,10 +265,9 @@ def run_grid(
         result.runs.append(run)
         result.selected = select_best(result.runs, select_metric)
         write_grid_tables(result)
-    if result.selected is None:
+    if (sel := result.selected) is None:
         log.error("grid %s: no run succeeded; see %s", name, result.table_path)
     else:
-        sel = result.selected
         shown = ", ".join(f"{k}={v}" for k, v in sel.values.items())
         log.info("grid %s: selected run %d (%s) by valid %s=%.6f; test %s", name, sel.index, shown, select_metric,
                  sel.valid[select_metric], {k: round(v, 6) for k, v in sel.test.items()})

@@ -1,13 +1,8 @@
 """The paper-layout report: Tables 2-5 and Figures 3-6 from the runs in the artifact store.
 
-Why it reads the store rather than a results file: every evaluated run is an ``evaluate`` artifact whose manifest points
-at its ``train`` artifact and, through it, at the dataset and features it used. The report is therefore a pure function
-of what was actually run, and it can never show a number nobody computed: a table with no runs to fill it is skipped
-with a note, never padded.
-
-When several runs exist for one (dataset, model, variant) -- a grid over alpha, say -- the cell shows the TEST metrics
-of the run with the best VALIDATION ``select_metric`` (recall@20 by default), the paper's protocol. ``runs.csv`` lists
-every run and marks the selected ones."""
+Why the store, not a results file: each ``evaluate`` manifest leads to the ``train`` artifact and data it used, so the
+report never shows a number nobody computed (a table no run fills is skipped with a note). A cell shows the TEST metrics
+of the run with the best VALIDATION ``select_metric`` (the paper's protocol); ``runs.csv`` lists every run."""
 
 from __future__ import annotations
 
@@ -16,6 +11,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +24,7 @@ from sand.models import registry
 from sand.pipeline.base.config import TrainConfig, build_config
 from sand.pipeline.base.errors import SandError, StageError
 from sand.pipeline.base.store import Artifact, ArtifactStore
-from sand.pipeline.experiments.figures import (
-    modal_representations,
-    plot_ablation,
-    plot_circle_density,
-    plot_sensitivity,
-    plot_training_curves,
-    plot_tsne_density,
-    tsne_2d,
-)
+from sand.pipeline.experiments import figures
 from sand.pipeline.training.checkpoints import load_weights
 from sand.pipeline.training.model_io import build_model_for
 
@@ -46,33 +34,33 @@ log = logging.getLogger(__name__)
 METRICS = (("recall@10", "R@10"), ("recall@20", "R@20"), ("ndcg@10", "N@10"), ("ndcg@20", "N@20"))
 PAPER_DATASETS = ("baby", "sports", "clothing")
 VARIANT_LABELS = {"no-align": "w/o Alignment", "no-distance": "w/o Distancing", "no-align-no-distance": "w/o All"}
-#: The paper's names of the variants' terms (Table 4's Alignment and Distancing columns).
+#: Table 4's variants (the registry's) -> (alignment, distancing) terms, as the paper names them.
 TERM_LABELS = {"solosim": "SoloSim", "infonce": "InfoNCE", "club": "MI (CLUB)", "l2": "negative l2"}
-#: Table 4's variants (the registry's) -> (alignment, distancing) as the paper names them.
 VARIANT_PARTS = {v: tuple(TERM_LABELS[t] for t in registry.VARIANT_TERMS[v]) for v in registry.table4_variants()}
 ABLATIONS = registry.ablations()
 SENSITIVITY_PARAMS = ("train.alpha", "train.beta", "train.tau")
 #: The paper's values of SAND's loss weights and temperature (docs/model.md), marked in the sensitivity figure.
 REFERENCE = {"train.alpha": 0.012, "train.beta": 0.006, "train.tau": 0.2}
-
 RunKey = tuple[str, str, str | None]  # (dataset, model id, variant); see StoredRun.model_id
+_fmt4 = "{:.4f}".format
+_fmt_pct = "{:+.2f}%".format
+_SELECTION_NOTE = ("Test metrics; where several runs exist for one model on one dataset, the run with the best "
+                   "validation {} is shown.")
 
 #: A caption note per plug-in fusion (``registry.FUSIONS``, the first the faithful default).
 FUSION_NOTES = {
-    "auxiliary": "Plug-in fusion: auxiliary (the faithful plug-in): the SAND terms act on each backbone's "
-    "projected modal features as they are. VBPR scores those features; FREEDOM does not: they enter only its "
-    "auxiliary modal BPR term (weight reg_weight), so FREEDOM+SAND's scores can move only through that term, "
-    "and with reg_weight = 0 (the authors' FREEDOM+SAND setting) they are bit-identical to FREEDOM's whatever "
-    "alpha and beta.",
-    "scoring": "Plug-in fusion: scoring: FREEDOM+SAND adds the projected image and text features (generic and "
-    "unique parts) to the item ID embeddings before FREEDOM's propagations, so the SAND-processed "
-    "representation reaches the scores. VBPR+SAND is the same model in both fusions (VBPR scores its projected "
-    "features anyway). The gain over FREEDOM mixes the fusion itself with the SAND terms; FREEDOM+SAND in this "
-    "fusion with --variant no-align-no-distance isolates the fusion.",
+    "auxiliary": "Plug-in fusion: auxiliary (the faithful plug-in): the SAND terms act on each backbone's projected "
+    "modal features as they are. VBPR scores those features; FREEDOM does not: they enter only its auxiliary modal "
+    "BPR term (weight reg_weight), so FREEDOM+SAND's scores can move only through that term, and with reg_weight = 0 "
+    "(the authors' FREEDOM+SAND setting) they are bit-identical to FREEDOM's whatever alpha and beta.",
+    "scoring": "Plug-in fusion: scoring: FREEDOM+SAND adds the projected image and text features (generic and unique "
+    "parts) to the item ID embeddings before FREEDOM's propagations, so the SAND-processed representation reaches the "
+    "scores. VBPR+SAND is the same model in both fusions (VBPR scores its projected features anyway). The gain over "
+    "FREEDOM mixes the fusion itself with the SAND terms; FREEDOM+SAND in this fusion with --variant "
+    "no-align-no-distance isolates the fusion.",
 }
 
 
-# ------------------------------------------------------------------------------------- collecting runs
 @dataclass(frozen=True)
 class StoredRun:
     """One evaluated run and the artifacts behind it."""
@@ -84,8 +72,7 @@ class StoredRun:
     test: dict[str, float]
     evaluate: Artifact
     train: Artifact | None
-    #: ``train.plugin_fusion`` of a plug-in whose fusion changes the model, else None
-    fusion: str | None = None
+    fusion: str | None = None  # ``train.plugin_fusion`` of a plug-in whose fusion changes the model, else None
 
     @property
     def model_id(self) -> str:
@@ -112,10 +99,7 @@ def _single_model(table: str) -> str:
 
 
 def run_label(model: str, variant: str | None) -> str:
-    """Display name as in the paper: SAND_a, SAND w/o Alignment, VBPR+SAND, FREEDOM+SAND (scoring), ...
-
-    Labels come from the model registry; variant "a" is named only for the model whose variants the paper compares
-    (SAND_a), the plug-ins' default variant is not."""
+    """Display name as in the paper (SAND_a, SAND w/o Alignment, FREEDOM+SAND (scoring)); "a" is named for SAND only."""
     model, _, fusion = model.partition("@")
     if fusion:
         return f"{run_label(model, variant)} ({fusion})"
@@ -127,18 +111,18 @@ def run_label(model: str, variant: str | None) -> str:
     return base if variant == "a" and model not in registry.models_in("table4") else f"{base}_{variant}"
 
 
+def _rank(order: Sequence[Any], value: Any) -> int:
+    return order.index(value) if value in order else len(order)
+
+
 def _model_order(model: str, variant: str | None) -> tuple[int, int, str]:
     """Paper order (the registry's): baselines, then SAND_a-d, then the ablations; plug-ins last."""
     models, variants = list(registry.model_names()), [*VARIANT_PARTS, *VARIANT_LABELS]
-    full, model = model, model.partition("@")[0]
-    return (
-        models.index(model) if model in models else len(models),
-        variants.index(variant) if variant in variants else len(variants), f"{full}/{variant}",
-    )
+    return (_rank(models, model.partition("@")[0]), _rank(variants, variant), f"{model}/{variant}")
 
 
 def _dataset_order(name: str) -> tuple[int, str]:
-    return (PAPER_DATASETS.index(name) if name in PAPER_DATASETS else len(PAPER_DATASETS), name)
+    return (_rank(PAPER_DATASETS, name), name)
 
 
 def _floats(d: dict[str, Any] | None) -> dict[str, float]:
@@ -146,14 +130,10 @@ def _floats(d: dict[str, Any] | None) -> dict[str, float]:
 
 
 def collect_runs(store: ArtifactStore) -> list[StoredRun]:
-    """Every complete evaluate artifact with its train artifact and dataset name (runs of a model since fixed left out).
-
-    The dataset is the interactions manifest's ``name``; two different interactions artifacts with one name (e.g.
-    another k-core) are told apart by a key suffix."""
-    evaluated = store.list("evaluate")
+    """Every evaluated run with its train artifact, named by its interactions manifest (key-suffixed if ambiguous)."""
     names: dict[str, str] = {}  # interactions key -> dataset name
     raw: list[tuple[Artifact, str]] = []
-    for art in evaluated:
+    for art in store.list("evaluate"):
         inter_key = (art.manifest.get("inputs", {}).get("interactions") or {}).get("key")
         if inter_key is None:
             log.warning("report: ignoring %s: its manifest names no interactions input", art.path)
@@ -162,15 +142,11 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
             inter = store.lookup("interactions", inter_key)
             names[inter_key] = str((inter.manifest.get("name") if inter else None) or f"dataset-{inter_key[:6]}")
         raw.append((art, inter_key))
-    keys_per_name: dict[str, set[str]] = {}
-    for key, name in names.items():
-        keys_per_name.setdefault(name, set()).add(key)
+    per_name = Counter(names.values())
+    names = {key: name if per_name[name] == 1 else f"{name}-{key[:6]}" for key, name in names.items()}
     runs: list[StoredRun] = []
     outdated = 0
     for art, inter_key in raw:
-        name = names[inter_key]
-        if len(keys_per_name[name]) > 1:
-            name = f"{name}-{inter_key[:6]}"
         train_key = (art.manifest.get("inputs", {}).get("train") or {}).get("key")
         train = store.lookup("train", train_key) if train_key else None
         model = str(art.manifest.get("model") or (train.manifest.get("result", {}).get("model") if train else "?"))
@@ -179,12 +155,8 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
             continue
         variant = art.manifest.get("variant") if registry.has_variants(model) else None
         metrics = art.manifest.get("metrics") or {}
-        runs.append(
-            StoredRun(
-                name, model, variant, _floats(metrics.get("valid")), _floats(metrics.get("test")), art, train,
-                _fusion(model, train),
-            )
-        )
+        runs.append(StoredRun(names[inter_key], model, variant, _floats(metrics.get("valid")),
+                              _floats(metrics.get("test")), art, train, _fusion(model, train)))
     if outdated:
         log.info("report: skipped %d run(s) trained before a fix to their model (an older model revision)", outdated)
     return runs
@@ -192,41 +164,25 @@ def collect_runs(store: ArtifactStore) -> list[StoredRun]:
 
 def _outdated(model: str, train: Artifact | None) -> bool:
     """Whether the run was trained by an older revision of its model: never quoted beside the fixed model's runs."""
-    if train is None or model not in registry.MODELS:
-        return False
-    return registry.trained_revision(train.manifest.get("params") or {}) != registry.spec(model).revision
+    return (train is not None and model in registry.MODELS
+            and registry.trained_revision(train.manifest.get("params") or {}) != registry.spec(model).revision)
 
 
 def _fusion(model: str, train: Artifact | None) -> str | None:
     """The plug-in fusion of a run, where it changes the model (the train key holds it only then)."""
-    params = (train.manifest.get("params") or {}) if train else {}
-    fusion = params.get("plugin_fusion")
+    fusion = (train.manifest.get("params") or {}).get("plugin_fusion") if train else None
     if fusion is None and model == "freedom-sand":  # trained before the setting existed: the faithful plug-in
         fusion = registry.FUSIONS[0]
     return str(fusion) if fusion is not None else None
 
 
 def select_runs(runs: Iterable[StoredRun], metric: str = "recall@20") -> dict[RunKey, StoredRun]:
-    """Per (dataset, model, variant) the run with the best VALIDATION ``metric`` (never test).
-
-    Ties (and runs without the metric) go to the lexicographically first artifact key, so the choice is deterministic.
-    """
+    """Per (dataset, model, variant) the run with the best VALIDATION ``metric``; ties go to the first artifact key."""
     best: dict[RunKey, StoredRun] = {}
     for run in sorted(runs, key=lambda r: r.evaluate.key):
-        value = run.valid.get(metric, -math.inf)
-        held = best.get(run.key)
-        if held is None or value > held.valid.get(metric, -math.inf):
+        if run.key not in best or run.valid.get(metric, -math.inf) > best[run.key].valid.get(metric, -math.inf):
             best[run.key] = run
     return best
-
-
-# ---------------------------------------------------------------------------------------------- tables
-def _fmt4(v: float) -> str:
-    return f"{v:.4f}"
-
-
-def _fmt_pct(v: float) -> str:
-    return f"{v:+.2f}%"
 
 
 @dataclass
@@ -257,16 +213,13 @@ class Table:
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> list[Path]:
-        md = out_dir / f"{self.name}.md"
-        csv = out_dir / f"{self.name}.csv"
-        notes = "".join(f"\n{n}\n" for n in self.notes)
-        md.write_text(f"## {self.title}\n\n{self.markdown()}\n{notes}")
+        md, csv = out_dir / f"{self.name}.md", out_dir / f"{self.name}.csv"
+        md.write_text(f"## {self.title}\n\n{self.markdown()}\n" + "".join(f"\n{n}\n" for n in self.notes))
         self.frame.to_csv(csv, index=False)
         return [md, csv]
 
 
 def _bold_max(frame: pd.DataFrame, columns: Iterable[str]) -> set[tuple[int, str]]:
-    """Cells holding a column's maximum (when the column has at least two values)."""
     out: set[tuple[int, str]] = set()
     for col in columns:
         values = pd.to_numeric(frame[col], errors="coerce")
@@ -276,24 +229,10 @@ def _bold_max(frame: pd.DataFrame, columns: Iterable[str]) -> set[tuple[int, str
     return out
 
 
-def _metric_columns(datasets: Sequence[str]) -> list[tuple[str, str, str]]:
-    """(dataset, metric key, column name) in table order."""
-    return [(d, m, f"{d} {short}") for d in datasets for m, short in METRICS]
-
-
-def _selection_note(metric: str) -> str:
-    return (
-        f"Test metrics; where several runs exist for one model on one dataset, the run with the best "
-        f"validation {metric} is shown."
-    )
-
-
-def _metric_table(
-    name: str, title: str, selected: dict[RunKey, StoredRun], datasets: Sequence[str],
-    rows: list[tuple[dict[str, str], str, str | None]], notes: list[str],
-) -> Table:
+def _metric_table(name: str, title: str, selected: dict[RunKey, StoredRun], datasets: Sequence[str],
+                  rows: list[tuple[dict[str, str], str, str | None]], notes: list[str]) -> Table:
     """Label columns, then each dataset's test METRICS of the (model, variant) of each row; best per column in bold."""
-    cols = _metric_columns(datasets)
+    cols = [(d, m, f"{d} {short}") for d in datasets for m, short in METRICS]  # (dataset, metric, column)
     records = [
         {**labels, **{col: run.test.get(m, math.nan) if (run := selected.get((d, model, variant))) else math.nan
                       for d, m, col in cols}}
@@ -305,77 +244,56 @@ def _metric_table(
 
 def table_main(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
     """Table 2: models x (dataset, R@10 R@20 N@10 N@20), best per column in bold."""
-    rows = []
-    for model in registry.models_in("table2"):
-        variant = "a" if registry.has_variants(model) else None
-        if any((d, model, variant) in selected for d in datasets):
-            rows.append(({"Model": registry.label(model)}, model, variant))
+    variants = {m: "a" if registry.has_variants(m) else None for m in registry.models_in("table2")}
+    rows = [({"Model": registry.label(m)}, m, v) for m, v in variants.items()
+            if any((d, m, v) in selected for d in datasets)]
     if not rows:
         return None
     return _metric_table("table2_main", "Table 2: overall performance (test)", selected, datasets, rows,
-                         [_selection_note(metric) + " SAND is variant a (SoloSim + MI)."])
+                         [_SELECTION_NOTE.format(metric) + " SAND is variant a (SoloSim + MI)."])
 
 
 def _plugin_run(selected: dict[RunKey, StoredRun], dataset: str, backbone: str, fusion: str) -> StoredRun | None:
     """The +SAND run of ``backbone`` in ``fusion`` (a plug-in whose fusion is moot serves both)."""
     model = registry.plugins()[backbone]
-    if fusion != registry.FUSIONS[0]:
-        run = selected.get((dataset, f"{model}@{fusion}", "a"))
-        if run is not None:
-            return run
+    if fusion != registry.FUSIONS[0] and (run := selected.get((dataset, f"{model}@{fusion}", "a"))) is not None:
+        return run
     run = selected.get((dataset, model, "a"))
     return run if run is not None and run.fusion in (None, fusion) else None
 
 
-def table_generalisation(
-    selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str, fusion: str = registry.FUSIONS[0]
-) -> Table | None:
-    """Table 3: backbone vs backbone+SAND per (dataset, metric), with the relative improvement.
-
-    One table per plug-in fusion (``train.plugin_fusion``), named in its caption; a table in the scoring fusion is
-    written only when a run in that fusion exists."""
+def table_generalisation(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str,
+                         fusion: str = registry.FUSIONS[0]) -> Table | None:
+    """Table 3: backbone vs backbone+SAND per (dataset, metric) and the gain, in one plug-in fusion."""
     backbones = registry.plugins()  # backbone -> its plug-in
-    plugged = {
-        (d, b): _plugin_run(selected, d, b, fusion) for d in datasets for b in backbones if (d, b, None) in selected
-    }
-    plugged = {k: v for k, v in plugged.items() if v is not None}
+    candidates = ((d, b) for d in datasets for b in backbones if (d, b, None) in selected)
+    plugged = {(d, b): run for d, b in candidates if (run := _plugin_run(selected, d, b, fusion)) is not None}
     if not plugged or (fusion != registry.FUSIONS[0] and not any(r.fusion == fusion for r in plugged.values())):
         return None
-    pairs = {b: [d for d in datasets if (d, b) in plugged] for b in backbones}
-    pairs = {b: ds for b, ds in pairs.items() if ds}
+    pairs = {b: ds for b in backbones if (ds := [d for d in datasets if (d, b) in plugged])}
     used = [d for d in datasets if any(d in ds for ds in pairs.values())]
     rows, bold = [], set()
     for d in used:
         for m, short in METRICS:
             row: dict[str, Any] = {"Dataset": d, "Metric": short}
             for b in pairs:
-                base = selected.get((d, b, None))
-                plug = plugged.get((d, b))
-                bv = base.test.get(m, math.nan) if base and d in pairs[b] else math.nan
-                pv = plug.test.get(m, math.nan) if plug and d in pairs[b] else math.nan
+                plug = plugged.get((d, b))  # where there is one, the backbone's run is selected too
+                bv = selected[(d, b, None)].test.get(m, math.nan) if plug else math.nan
+                pv = plug.test.get(m, math.nan) if plug else math.nan
                 name, plug_name = registry.label(b), registry.label(backbones[b])
                 row[name], row[plug_name] = bv, pv
                 row[f"{name} Improv."] = (pv - bv) / bv * 100.0 if bv > 0 else math.nan
                 if math.isfinite(bv) and math.isfinite(pv):  # the better of the pair (both on a tie)
                     bold |= {(len(rows), c) for c, v in ((name, bv), (plug_name, pv)) if v == max(bv, pv)}
             rows.append(row)
-    frame = pd.DataFrame(rows)
     formats = {f"{registry.label(b)} Improv.": _fmt_pct for b in pairs}
-    chosen = [
-        f"{run.label} on {d}: profile {run.result.get('profile') or 'default'}"
-        for (d, _), run in sorted(plugged.items())
-    ]
+    chosen = "; ".join(f"{run.label} on {d}: profile {run.result.get('profile') or 'default'}"
+                       for (d, _), run in sorted(plugged.items()))
     suffix = "" if fusion == registry.FUSIONS[0] else f"_{fusion}"
-    return Table(
-        f"table3_generalisation{suffix}",
-        f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}", frame, bold, formats,
-        notes=[
-            _selection_note(metric) + " Improv. = relative change of +SAND over the "
-            "backbone, in percent; +SAND is variant a.",
-            FUSION_NOTES[fusion],
-            "Selected +SAND runs: " + "; ".join(chosen) + ".",
-        ],
-    )
+    title = f"Table 3: SAND plugged into other backbones (test), plug-in fusion: {fusion}"
+    improv = " Improv. = relative change of +SAND over the backbone, in percent; +SAND is variant a."
+    notes = [_SELECTION_NOTE.format(metric) + improv, FUSION_NOTES[fusion], f"Selected +SAND runs: {chosen}."]
+    return Table(f"table3_generalisation{suffix}", title, pd.DataFrame(rows), bold, formats, notes=notes)
 
 
 def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> Table | None:
@@ -384,13 +302,10 @@ def table_variants(selected: dict[RunKey, StoredRun], datasets: Sequence[str], m
     datasets = [d for d in datasets if sum((d, sand, v) in selected for v in VARIANT_PARTS) >= 2]
     if not datasets:
         return None
-    rows = [
-        ({"Variant": run_label(sand, v), "Alignment": VARIANT_PARTS[v][0], "Distancing": VARIANT_PARTS[v][1]}, sand, v)
-        for v in VARIANT_PARTS
-        if any((d, sand, v) in selected for d in datasets)
-    ]
+    rows = [({"Variant": run_label(sand, v), "Alignment": VARIANT_PARTS[v][0], "Distancing": VARIANT_PARTS[v][1]},
+             sand, v) for v in VARIANT_PARTS if any((d, sand, v) in selected for d in datasets)]
     return _metric_table("table4_variants", "Table 4: SAND variants (test)", selected, datasets, rows,
-                         [_selection_note(metric)])
+                         [_SELECTION_NOTE.format(metric)])
 
 
 def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str]) -> Table | None:
@@ -410,44 +325,31 @@ def table_efficiency(selected: dict[RunKey, StoredRun], datasets: Sequence[str])
                 row[col] = float(res[key]) if res.get(key) is not None else math.nan
         rows.append(row)
     frame = pd.DataFrame(rows)
-    formats = {
-        c: (lambda v: f"{v:.2f}") if c.endswith("s/epoch") else (lambda v: f"{v:.0f}") for c in frame.columns[1:]
-    }
-    return Table(
-        "table5_efficiency", "Table 5: training cost", frame, formats=formats,
-        notes=[
-            "Median seconds per training epoch (evaluation excluded) and peak memory of the "
-            "validation-selected run, as the trainer recorded them: on CUDA the peak allocated GPU memory, "
-            "on CPU the peak resident memory during the run's training epochs (on Linux the high-water mark "
-            "is reset at each epoch, so runs of one grid do not inherit each other's peaks). Numbers from "
-            "different machines are not comparable."
-        ],
-    )
+    formats = {c: "{:.2f}".format if c.endswith("s/epoch") else "{:.0f}".format for c in frame.columns[1:]}
+    return Table("table5_efficiency", "Table 5: training cost", frame, formats=formats, notes=[
+        "Median seconds per training epoch (evaluation excluded) and peak memory of the validation-selected run, as "
+        "the trainer recorded them: on CUDA the peak allocated GPU memory, on CPU the peak resident memory during the "
+        "run's training epochs (on Linux the high-water mark is reset at each epoch, so runs of one grid do not "
+        "inherit each other's peaks). Numbers from different machines are not comparable."
+    ])
 
 
-# ------------------------------------------------------------------------------ figures from the store
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "dataset"
 
 
-def _curves(
-    selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, metric: str, notes: list[str]
-) -> list[Path]:
+def _curves(selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, metric: str,
+            notes: list[str]) -> list[Path]:
     paths = []
     for d in datasets:
-        curves: dict[str, pd.DataFrame] = {}
-        for (ds, _, _), run in sorted(selected.items(), key=lambda kv: (kv[0][1], str(kv[0][2]))):
-            if ds != d or run.train is None or not run.train.file("epochs.csv").is_file():
-                continue
-            curves[run.label] = pd.read_csv(run.train.file("epochs.csv"))
+        curves = {run.label: pd.read_csv(run.train.file("epochs.csv"))
+                  for (ds, _, _), run in sorted(selected.items(), key=lambda kv: (kv[0][1], str(kv[0][2])))
+                  if ds == d and run.train is not None and run.train.file("epochs.csv").is_file()}
         if not curves:
             notes.append(f"Training curves for {d}: no train artifact with epochs.csv.")
             continue
-        paths.append(
-            plot_training_curves(
-                curves, out_dir / f"curves_{_safe_name(d)}.png", title=f"Training curves: {d}", metric=metric
-            )
-        )
+        path = out_dir / f"curves_{_safe_name(d)}.png"
+        paths.append(figures.plot_training_curves(curves, path, title=f"Training curves: {d}", metric=metric))
     return paths
 
 
@@ -455,9 +357,7 @@ def load_grid_tables(data_root: Path) -> list[tuple[str, dict[str, Any], pd.Data
     """(grid name, selected.json, runs.csv) of every grid written by :mod:`sand.pipeline.experiments.grid`."""
     out = []
     base = Path(data_root) / "grids"
-    if not base.is_dir():
-        return out
-    for d in sorted(base.iterdir()):
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
         sel, runs = d / "selected.json", d / "runs.csv"
         if not (sel.is_file() and runs.is_file()):
             continue
@@ -473,9 +373,8 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
     series: dict[str, dict[str, list[pd.DataFrame]]] = {}
     for _, meta, runs in load_grid_tables(data_root):
         varying = [k for k, v in (meta.get("axes") or {}).items() if len({json.dumps(x) for x in v}) > 1]
-        if len(varying) != 1 or varying[0] not in SENSITIVITY_PARAMS or varying[0] not in runs:
+        if len(varying) != 1 or (param := varying[0]) not in SENSITIVITY_PARAMS or param not in runs:
             continue
-        param = varying[0]
         ok = runs[runs["status"] == "ok"] if "status" in runs else runs
         for d in datasets:
             part = ok[ok["dataset"].astype(str) == d] if "dataset" in ok else ok.iloc[0:0]
@@ -494,84 +393,50 @@ def sensitivity_series(data_root: Path, datasets: Sequence[str]) -> dict[str, di
 
 def _tsne_figures(store: ArtifactStore, run: StoredRun, out_dir: Path, n_items: int, seed: int) -> list[Path]:
     """Figures 5-6 for one trained SAND run (rebuilt from its artifacts, best.pt loaded weights-only)."""
-
     train = run.train
     if train is None or not train.file("best.pt").is_file():
         raise StageError(f"run {run.evaluate.path}: no train artifact with best.pt")
-    inputs = train.manifest.get("inputs", {})
     arts: dict[str, Artifact] = {}
-    for name, info in inputs.items():
+    for name, info in train.manifest.get("inputs", {}).items():
         art = store.lookup(name, info["key"])
         if art is None:
             raise StageError(f"train artifact {train.path}: input {name} ({info['key']}) is not in the store")
         arts[name] = art
     if "interactions" not in arts:
         raise StageError(f"train artifact {train.path}: manifest names no interactions input")
-
     # The key also holds what the run reported (eval_ks): only config fields rebuild the model.
     params = {k: v for k, v in (train.manifest.get("params") or {}).items() if k in TrainConfig.model_fields}
     params["device"] = "cpu"
     tcfg = build_config({"data_root": str(store.data_root), "train": params}).train
     model, data = build_model_for(tcfg, arts.pop("interactions"), arts)
     load_weights(model, train.file("best.pt"), "cpu")
-    rng = np.random.default_rng(seed)
-    items = np.sort(rng.choice(data.n_items, size=min(n_items, data.n_items), replace=False))
-    reps = modal_representations(model, items)
-    points = {key: tsne_2d(x, seed) for key, x in reps.items()}
+    items = np.sort(np.random.default_rng(seed).choice(data.n_items, size=min(n_items, data.n_items), replace=False))
+    points = {key: figures.tsne_2d(x, seed) for key, x in figures.modal_representations(model, items).items()}
     stem = _safe_name(run.dataset)
     what = f"{run.label} on {run.dataset}, {len(items)} random items (seed {seed})"
-    return [
-        plot_tsne_density(
-            points, out_dir / f"fig5_tsne_{stem}.png",
-            title=f"Figure 5: t-SNE of modal-generic / modal-unique representations, {what}",
-        ),
-        plot_circle_density(
-            points, out_dir / f"fig6_circle_{stem}.png",
-            title=f"Figure 6: density of centred, L2-normalised t-SNE points and their angles, {what}",
-        ),
-    ]
+    fig5 = f"Figure 5: t-SNE of modal-generic / modal-unique representations, {what}"
+    fig6 = f"Figure 6: density of centred, L2-normalised t-SNE points and their angles, {what}"
+    return [figures.plot_tsne_density(points, out_dir / f"fig5_tsne_{stem}.png", title=fig5),
+            figures.plot_circle_density(points, out_dir / f"fig6_circle_{stem}.png", title=fig6)]
 
 
-def _tsne_run(selected: dict[RunKey, StoredRun], dataset: str) -> StoredRun | None:
-    """The SAND run to visualise: variant a if there is one, else the first variant in paper order."""
-    sand = _single_model("figures5-6")
-    for variant in ("a", "b", "c", "d", "no-distance", "no-align", "no-align-no-distance"):
-        if (dataset, sand, variant) in selected:
-            return selected[(dataset, sand, variant)]
-    return None
-
-
-# ------------------------------------------------------------------------------------------ the report
 def _runs_frame(runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun]) -> pd.DataFrame:
     chosen = {r.evaluate.key for r in selected.values()}
     rows = []
     for r in sorted(runs, key=lambda r: (_dataset_order(r.dataset), r.model, str(r.variant), r.evaluate.key)):
-        row: dict[str, Any] = {
-            "dataset": r.dataset, "model": r.model, "variant": r.variant, "fusion": r.fusion, "label": r.label,
-            "selected": r.evaluate.key in chosen,
-        }
-        row.update({f"valid_{k}": v for k, v in r.valid.items()})
-        row.update({f"test_{k}": v for k, v in r.test.items()})
-        res = r.result
-        row.update(
-            best_epoch=res.get("best_epoch"), seconds_per_epoch=res.get("seconds_per_epoch"),
-            peak_memory_mb=res.get("peak_memory_mb"), evaluate_key=r.evaluate.key,
-            train_key=r.train.key if r.train else None,
-            params=json.dumps((r.train.manifest.get("params") if r.train else None) or {}, sort_keys=True),
-        )
-        rows.append(row)
+        res, params = r.result, (r.train.manifest.get("params") if r.train else None) or {}
+        rows.append({"dataset": r.dataset, "model": r.model, "variant": r.variant, "fusion": r.fusion, "label": r.label,
+                     "selected": r.evaluate.key in chosen, **{f"valid_{k}": v for k, v in r.valid.items()},
+                     **{f"test_{k}": v for k, v in r.test.items()}, "best_epoch": res.get("best_epoch"),
+                     "seconds_per_epoch": res.get("seconds_per_epoch"), "peak_memory_mb": res.get("peak_memory_mb"),
+                     "evaluate_key": r.evaluate.key, "train_key": r.train.key if r.train else None,
+                     "params": json.dumps(params, sort_keys=True)})
     return pd.DataFrame(rows)
 
 
-def write_report(
-    data_root: Path, out_dir: Path, *, datasets: Sequence[str] | None = None, tsne_items: int = 500, seed: int = 0,
-    select_metric: str = "recall@20",
-) -> dict[str, list[Path]]:
-    """Write Tables 2-5 (Markdown + CSV), the figures and ``report.md`` into ``out_dir``.
-
-    Returns name -> files: ``runs``, ``table2``..``table5``, ``curves``, ``sensitivity``, ``ablation``, ``tsne``
-    (Figures 5-6), ``index``; only what could be filled is present (skips are logged and listed in ``report.md``). No
-    evaluated runs at all, or a named dataset without runs, is a :class:`StageError`."""
+def write_report(data_root: Path, out_dir: Path, *, datasets: Sequence[str] | None = None, tsne_items: int = 500,
+                 seed: int = 0, select_metric: str = "recall@20") -> dict[str, list[Path]]:
+    """Tables 2-5 (Markdown + CSV), figures and ``report.md`` in ``out_dir``: name -> files; skips are noted."""
     data_root, out_dir = Path(data_root), Path(out_dir)
     store = ArtifactStore(data_root)
     runs, chosen = _report_runs(store, datasets)
@@ -580,16 +445,15 @@ def write_report(
     notes: list[str] = []
     # runs.csv: every run, the selected ones marked, so any table cell can be traced to its run
     _runs_frame(runs, selected).to_csv(out_dir / "runs.csv", index=False)
-    written: dict[str, list[Path]] = {"runs": [out_dir / "runs.csv"]}
     tables = paper_tables(selected, chosen, select_metric)
-    written.update(_write_tables(tables, out_dir, notes))
-    figures = {
+    written: dict[str, list[Path]] = {"runs": [out_dir / "runs.csv"], **_write_tables(tables, out_dir, notes)}
+    plots = {
         "curves": _curves(selected, chosen, out_dir, select_metric, notes),
         "sensitivity": _sensitivity_figure(data_root, chosen, out_dir, notes),
         "ablation": _ablation_figure(selected, chosen, out_dir, notes),
         "tsne": _tsne_section(store, selected, chosen, out_dir, tsne_items, seed, notes),
     }
-    written.update({name: paths for name, paths in figures.items() if paths})
+    written.update({name: paths for name, paths in plots.items() if paths})
     for note in notes:
         log.info("report: %s", note)
     index = out_dir / "report.md"
@@ -599,54 +463,38 @@ def write_report(
 
 
 def _report_runs(store: ArtifactStore, datasets: Sequence[str] | None) -> tuple[list[StoredRun], list[str]]:
-    """(runs on the reported datasets, those datasets in paper order).
-
-    Why it fails rather than skips: a report of nothing, or of a dataset the user named but never ran, would be an empty
-    page that looks like a result."""
+    """(runs on the reported datasets, those in paper order); none is an error, not an empty-looking result."""
     runs = collect_runs(store)
     if not runs:
         raise StageError(f"report: no evaluated runs in {store.root / 'evaluate'} (run the pipeline first)")
     found = sorted({r.dataset for r in runs}, key=_dataset_order)
-    if datasets:
-        missing = [d for d in datasets if d not in found]
-        if missing:
-            raise StageError(
-                f"report: no evaluated runs for dataset {missing[0]!r} in {store.data_root} "
-                f"(found: {', '.join(found)})"
-            )
-        chosen = list(dict.fromkeys(datasets))
-    else:
-        chosen = found
+    if missing := [d for d in datasets or () if d not in found]:
+        raise StageError(f"report: no evaluated runs for dataset {missing[0]!r} in {store.data_root} "
+                         f"(found: {', '.join(found)})")
+    chosen = list(dict.fromkeys(datasets)) if datasets else found
     return [r for r in runs if r.dataset in chosen], chosen
 
 
 def _table_skip_reasons() -> dict[str, str]:
     """Why each table may be missing, as ``report.md`` lists it (a skipped table is never padded)."""
     table2 = [run_label(m, "a" if registry.has_variants(m) else None) for m in registry.models_in("table2")]
+    backbones = "/".join(registry.label(b) for b in registry.plugins())
     return {
         "table2": f"no runs of {', '.join(table2[:-1])} or {table2[-1]}",
-        "table3": "no dataset with both a backbone ("
-        + "/".join(registry.label(b) for b in registry.plugins())
-        + ") and its +SAND run",
-        **{
-            _table3_name(f): f"no plug-in run in the {f} fusion (train.plugin_fusion={f}) next to its backbone"
-            for f in registry.FUSIONS[1:]
-        },
+        "table3": f"no dataset with both a backbone ({backbones}) and its +SAND run",
+        **{_table3_name(f): f"no plug-in run in the {f} fusion (train.plugin_fusion={f}) next to its backbone"
+           for f in registry.FUSIONS[1:]},
         "table4": "no dataset with at least two of the SAND variants a-d",
         "table5": "no train artifact with timing results",
     }
 
 
 def _table3_name(fusion: str) -> str:
-    """``table3`` for the default plug-in fusion, ``table3-<fusion>`` for the others."""
     return "table3" if fusion == registry.FUSIONS[0] else f"table3-{fusion}"
 
 
 def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], metric: str) -> dict[str, Table | None]:
-    """Tables 2-5 (None where no run fills one), in the order ``report.md`` shows them.
-
-    Why one mapping: the index page and the file writer walk the same tables, so a table added here is both written and
-    linked."""
+    """Tables 2-5 (None where no run fills one) in ``report.md``'s order, for both the index and the writer."""
     return {
         "table2": table_main(selected, datasets, metric),
         **{_table3_name(f): table_generalisation(selected, datasets, metric, f) for f in registry.FUSIONS},
@@ -656,57 +504,45 @@ def paper_tables(selected: dict[RunKey, StoredRun], datasets: Sequence[str], met
 
 
 def _write_tables(tables: dict[str, Table | None], out_dir: Path, notes: list[str]) -> dict[str, list[Path]]:
-    """Each filled table as Markdown + CSV; each empty one becomes a note saying why it is missing."""
     why = _table_skip_reasons()
-    written: dict[str, list[Path]] = {}
-    for name, table in tables.items():
-        if table is None:
-            notes.append(f"{name.capitalize()} skipped: {why[name]}.")
-        else:
-            written[name] = table.write(out_dir)
-    return written
+    notes += [f"{name.capitalize()} skipped: {why[name]}." for name, table in tables.items() if table is None]
+    return {name: table.write(out_dir) for name, table in tables.items() if table is not None}
 
 
 def _sensitivity_figure(data_root: Path, datasets: Sequence[str], out_dir: Path, notes: list[str]) -> list[Path]:
     """Figure 4 from the one-parameter grids (the grids' runs.csv, not the store: it needs the swept value)."""
     series = sensitivity_series(data_root, datasets)
     if not series:
-        notes.append(
-            "Sensitivity figure skipped: no grid over exactly one of train.alpha/beta/tau with at "
-            "least two successful runs (run the sensitivity-* grid presets)."
-        )
+        notes.append("Sensitivity figure skipped: no grid over exactly one of train.alpha/beta/tau with at "
+                     "least two successful runs (run the sensitivity-* grid presets).")
         return []
-    return [plot_sensitivity(series, out_dir / "sensitivity.png", reference=REFERENCE)]
+    return [figures.plot_sensitivity(series, out_dir / "sensitivity.png", reference=REFERENCE)]
 
 
-def _ablation_figure(
-    selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, notes: list[str]
-) -> list[Path]:
+def _ablation_figure(selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path,
+                     notes: list[str]) -> list[Path]:
     """Figure 3: SAND_a next to its ablations, per dataset with at least one ablation to compare."""
     sand = _single_model("figure3")
-    ablation = {
-        d: {
-            run_label(sand, v) if v != "a" else registry.label(sand): selected[(d, sand, v)].test
-            for v in ABLATIONS
-            if (d, sand, v) in selected
-        }
-        for d in datasets
-    }
-    ablation = {d: v for d, v in ablation.items() if len(v) >= 2}
+    ablation: dict[str, dict[str, dict[str, float]]] = {}
+    for d in datasets:
+        bars = {run_label(sand, v) if v != "a" else registry.label(sand): selected[(d, sand, v)].test
+                for v in ABLATIONS if (d, sand, v) in selected}
+        if len(bars) >= 2:
+            ablation[d] = bars
     if not ablation:
         notes.append("Ablation figure skipped: no dataset with SAND_a and at least one ablation run.")
         return []
-    return [plot_ablation(ablation, out_dir / "ablation.png")]
+    return [figures.plot_ablation(ablation, out_dir / "ablation.png")]
 
 
-def _tsne_section(
-    store: ArtifactStore, selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path, n_items: int,
-    seed: int, notes: list[str],
-) -> list[Path]:
+def _tsne_section(store: ArtifactStore, selected: dict[RunKey, StoredRun], datasets: Sequence[str], out_dir: Path,
+                  n_items: int, seed: int, notes: list[str]) -> list[Path]:
     """Figures 5-6 per dataset; a dataset whose run cannot be rebuilt is a note, not a failed report."""
+    sand = _single_model("figures5-6")
+    variants = ("a", "b", "c", "d", "no-distance", "no-align", "no-align-no-distance")  # a, else in paper order
     paths: list[Path] = []
     for d in datasets:
-        run = _tsne_run(selected, d)
+        run = next((selected[(d, sand, v)] for v in variants if (d, sand, v) in selected), None)
         if run is None:
             notes.append(f"Figures 5-6 for {d} skipped: no trained SAND run.")
             continue
@@ -718,41 +554,31 @@ def _tsne_section(
 
 
 def _rel(path: Path, base: Path) -> str:
-    try:
-        return str(path.relative_to(base))
-    except ValueError:
-        return str(path)
+    return str(path.relative_to(base) if path.is_relative_to(base) else path)
 
 
-def _index_markdown(
-    data_root: Path, datasets: Sequence[str], runs: Sequence[StoredRun], selected: dict[RunKey, StoredRun],
-    tables: dict[str, Table | None], written: dict[str, list[Path]], notes: Sequence[str], metric: str,
-) -> str:
+def _index_markdown(data_root: Path, datasets: Sequence[str], runs: Sequence[StoredRun],
+                    selected: dict[RunKey, StoredRun], tables: dict[str, Table | None], written: dict[str, list[Path]],
+                    notes: Sequence[str], metric: str) -> str:
     out_dir = written["runs"][0].parent
-    lines = [
-        "# SAND report",
-        "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from `{data_root}`: "
-        f"{len(runs)} evaluated runs on {', '.join(datasets)}; "
-        f"{len(selected)} selected by validation {metric}. All runs: [runs.csv](runs.csv).",
-        "",
-    ]
+    lines = ["# SAND report", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from `{data_root}`: "
+             f"{len(runs)} evaluated runs on {', '.join(datasets)}; "
+             f"{len(selected)} selected by validation {metric}. All runs: [runs.csv](runs.csv).", ""]
     for name, table in tables.items():
         if table is None or name not in written:
             continue
         md, csv = written[name]
         lines += [f"## {table.title}", "", table.markdown(), ""]
-        lines += [n for n in table.notes] + [
-            "", f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})", "",
-        ]
+        lines += [*table.notes, "", f"Files: [{md.name}]({_rel(md, out_dir)}), [{csv.name}]({_rel(csv, out_dir)})", ""]
     captions = {
         "curves": "Training curves: validation metric and mean training loss per epoch of each selected run.",
-        "sensitivity": "Figure 4: test (solid) and validation (dashed) metrics as one hyper-parameter "
-        "varies; dotted line: the paper's value.",
+        "sensitivity": "Figure 4: test (solid) and validation (dashed) metrics as one hyper-parameter varies; dotted "
+        "line: the paper's value.",
         "ablation": "Figure 3: test metrics of SAND and its ablations.",
-        "tsne": "Figures 5-6: t-SNE of the modal-generic and modal-unique representations (Fig. 5, coloured "
-        "by Gaussian KDE density) and the density of the centred, L2-normalised points on the unit circle with "
-        "their angle distribution (Fig. 6).",
+        "tsne": "Figures 5-6: t-SNE of the modal-generic and modal-unique representations (Fig. 5, coloured by "
+        "Gaussian KDE density) and the density of the centred, L2-normalised points on the unit circle with their "
+        "angle distribution (Fig. 6).",
     }
     for name, caption in captions.items():
         if name not in written:

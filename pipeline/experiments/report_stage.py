@@ -1,7 +1,5 @@
-"""The ``report`` stage: the paper's tables and figures over every evaluated run in the store.
-
-Why it reads the store, not one upstream chain: a report compares runs (models, variants, grids); its key is the set of
-evaluations and grid tables, so it is cached while that set is unchanged."""
+"""The ``report`` stage: the paper's tables and figures over every evaluated run in the store (not one upstream chain:
+a report compares runs); keyed by the set of evaluations and grid tables, so cached while that set is unchanged."""
 
 from __future__ import annotations
 
@@ -15,12 +13,10 @@ from sand.pipeline.stage_context import StageContext, key_params
 
 
 def run_report(ctx: StageContext) -> StageOutcome:
-    """Tables and figures over every evaluated run in the store (cached while the set is unchanged)."""
     rcfg = ctx.cfg.report
-    evaluations = sorted(a.key for a in ctx.store.list("evaluate"))
     # Grid tables feed the sensitivity figure: a changed grid must give a new report.
     grids = {p.parent.name: sha256_file(p)[:16] for p in sorted((ctx.store.data_root / "grids").glob("*/runs.csv"))}
-    params = {**key_params(rcfg), "evaluations": evaluations, "grids": grids}
+    params = {**key_params(rcfg), "evaluations": sorted(a.key for a in ctx.store.list("evaluate")), "grids": grids}
 
     def build(out: Path) -> dict[str, Any]:
         files = write_report(ctx.store.data_root, out, tsne_items=rcfg.tsne_items, seed=rcfg.seed,

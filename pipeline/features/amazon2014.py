@@ -1,23 +1,13 @@
 """The Amazon 2014 release's own image features, streamed out of its per-category ``.b`` file.
 
-Why: the SAND paper (through MMRec's preprocessing) does not run a CNN over the item images; it takes the 4,096-d CNN
-features that the 2014 release ships per category (``image_features_<Category>.b``). Reproducing its Table 2 needs
-exactly those rows. The file is one record after another, each a 10-byte ASCII ASIN followed by 4,096 little-endian
-float32 (16,394 bytes), with no header; Baby's is about 1 GB and Clothing's tens of GB, while a 5-core dataset keeps a
-few thousand of its items. So the file is read in large chunks of whole records and only the dataset's rows are kept:
-memory is bounded by the chunk and the output matrix, never by the file.
-
-What can go wrong, and what happens:
-
-* a truncated final record (an interrupted copy): its bytes are counted and
-  ignored (``truncated_tail_bytes``), the whole records before it are used;
-* a record whose ASIN bytes are not printable ASCII in the middle of the file:
-  counted (``unreadable_records``) and skipped;
-* a file of another layout (records of another width, or not a feature file): the first records already fail the ASIN
-  check, and that is one :class:`DataError` naming the file and the expected record size;
-* an ASIN listed twice: the first record is kept, the repeats counted;
-* a dataset item with no record (or only non-finite values): filled (mean of
-  the found rows, MMRec's convention, or zeros) and listed with its reason."""
+Why: the SAND paper (through MMRec's preprocessing) takes the 4,096-d CNN features the 2014 release ships per category
+(``image_features_<Category>.b``) instead of running a CNN, and reproducing its Table 2 needs exactly those rows. The
+file is headerless records of a 10-byte ASCII ASIN and 4,096 little-endian float32, about 1 GB for Baby and tens of GB
+for Clothing, of which a 5-core dataset keeps a few thousand rows: it is read in chunks of whole records keeping only
+the dataset's rows, so memory is bounded by the chunk and the output, never by the file. Damage is counted, not fatal
+(a truncated final record, mid-file records without a printable ASIN, repeated ASINs), but a file of another layout
+fails the ASIN check on its first records; a dataset item with no finite record is filled (mean of the found rows,
+MMRec's convention, or zeros) and listed with its reason."""
 
 from __future__ import annotations
 
@@ -88,57 +78,20 @@ class ItemFeatures:
         return int(len(self.found) - self.found.sum())
 
 
-def _valid_asins(raw: np.ndarray) -> np.ndarray:
-    """Whether each row of a ``(n, RECORD_BYTES)`` uint8 view starts with 10 printable, non-space ASCII bytes."""
-    head = raw[:, :ASIN_BYTES]
-    return ((head >= 0x21) & (head <= 0x7E)).all(axis=1)
-
-
 def _layout_error(path: Path, size: int, index: int, head: bytes) -> DataError:
-    shown = head[:ASIN_BYTES]
     width = "" if size % RECORD_BYTES == 0 else f"; its size {size} is not a multiple of {RECORD_BYTES}"
-    return DataError(
-        f"{path}: not an Amazon 2014 image feature file: expected records of {RECORD_BYTES} bytes "
-        f"(a 10-byte ASIN + {FEATURE_DIM} float32), but record {index + 1} at byte {index * RECORD_BYTES} "
-        f"starts with {shown!r}, not an ASIN{width}"
-    )
+    return DataError(f"{path}: not an Amazon 2014 image feature file: expected records of {RECORD_BYTES} bytes "
+                     f"(a 10-byte ASIN + {FEATURE_DIM} float32), but record {index + 1} at byte "
+                     f"{index * RECORD_BYTES} starts with {head!r}, not an ASIN{width}")
 
 
-def _readinto_full(fh: Any, view: memoryview) -> int:
-    """Fill ``view`` from ``fh`` unless the file ends first; returns the bytes read."""
-    got = 0
-    while got < len(view):
-        n = fh.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _wanted_asins(asins: Sequence[str]) -> tuple[dict[bytes, int], np.ndarray]:
-    """Each well-formed ASIN's first item, and the sorted keys ``np.isin`` matches a chunk's records against."""
+def _wanted_asins(asins: Sequence[str]) -> dict[bytes, int]:
     wanted: dict[bytes, int] = {}
     for item, asin in enumerate(asins):
         key = str(asin).encode("ascii", "replace")
         if _ASIN.match(key):  # anything else cannot be in the file and stays absent
             wanted.setdefault(key, item)
-    return wanted, np.array(sorted(wanted), dtype=f"S{ASIN_BYTES}")
-
-
-def _file_stats(path: Path) -> tuple[FeatureFileStats, int]:
-    """Size the file into whole records and a truncated tail, refusing one too short to hold a single record."""
-    stats = FeatureFileStats()
-    try:
-        stats.file_bytes = size = path.stat().st_size
-    except OSError as err:
-        raise DataError(f"cannot read image feature file {path}: {err.strerror}") from None
-    n_records, stats.truncated_tail_bytes = divmod(size, RECORD_BYTES)
-    if n_records == 0:
-        raise DataError(
-            f"{path}: not an Amazon 2014 image feature file: {size} bytes, less than one record of "
-            f"{RECORD_BYTES} bytes (a 10-byte ASIN + {FEATURE_DIM} float32)"
-        )
-    return stats, n_records
+    return wanted
 
 
 @dataclass
@@ -159,33 +112,31 @@ class _KeptRows:
         """Keep each hit's first finite record; count repeats and non-finite records as skips."""
         for row in hits:
             item = wanted[bytes(records["asin"][row])]
+            vec = records["feat"][row]
             if self.found[item] or self.nonfinite[item]:
                 stats.duplicate_records += 1
-                continue
-            vec = records["feat"][row]
-            if not np.isfinite(vec).all():
+            elif not np.isfinite(vec).all():
                 self.nonfinite[item] = True
                 stats.nonfinite_records += 1
-                continue
-            self.features[item] = vec
-            self.found[item] = True
-            self.total += vec
+            else:
+                self.features[item] = vec
+                self.found[item] = True
+                self.total += vec
 
 
-def _stream_records(path: Path, n_records: int, chunk_records: int, wanted: dict[bytes, int],
-                    wanted_keys: np.ndarray, kept: _KeptRows, stats: FeatureFileStats, *, hash_file: bool,
-                    progress: bool) -> None:
+def _stream_records(path: Path, n_records: int, chunk_records: int, wanted: dict[bytes, int], kept: _KeptRows,
+                    stats: FeatureFileStats, *, hash_file: bool, progress: bool) -> None:
     """Read the file once in chunks of whole records, keeping the wanted rows and hashing it on the way if asked."""
     size = stats.file_bytes
+    wanted_keys = np.array(sorted(wanted), dtype=f"S{ASIN_BYTES}")  # what ``np.isin`` matches each chunk against
     digest = hashlib.sha256() if hash_file else None
     buf = bytearray(min(chunk_records, n_records) * RECORD_BYTES)
     view = memoryview(buf)
-    first = 0  # index of the chunk's first record
     with open(path, "rb") as fh, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
                                       desc=path.name, disable=not progress, leave=False) as bar:
-        while first < n_records:
-            want = min(len(buf), (n_records - first) * RECORD_BYTES)
-            got = _readinto_full(fh, view[:want])
+        while stats.records < n_records:  # records read so far: the index of this chunk's first record
+            want = min(len(buf), (n_records - stats.records) * RECORD_BYTES)
+            got = fh.readinto(view[:want])  # a buffered file fills the view unless the file ends first
             if digest is not None:
                 digest.update(view[:got])
             bar.update(got)
@@ -193,24 +144,21 @@ def _stream_records(path: Path, n_records: int, chunk_records: int, wanted: dict
             if count == 0:
                 break  # the file shrank while we read it; what we have is what there is
             raw = np.frombuffer(buf, dtype=np.uint8, count=count * RECORD_BYTES).reshape(count, RECORD_BYTES)
-            ok = _valid_asins(raw)
-            if first == 0:
-                checked = min(count, LAYOUT_CHECK_RECORDS)
-                if not ok[:checked].all():
-                    bad = int(np.flatnonzero(~ok[:checked])[0])
-                    raise _layout_error(path, size, bad, raw[bad, :ASIN_BYTES].tobytes())
+            head = raw[:, :ASIN_BYTES]
+            ok = ((head >= 0x21) & (head <= 0x7E)).all(axis=1)  # 10 printable, non-space ASCII bytes
+            if stats.records == 0 and not ok[:LAYOUT_CHECK_RECORDS].all():
+                bad = int(np.flatnonzero(~ok[:LAYOUT_CHECK_RECORDS])[0])
+                raise _layout_error(path, size, bad, raw[bad, :ASIN_BYTES].tobytes())
             stats.unreadable_records += int((~ok).sum())
             records = np.frombuffer(buf, dtype=RECORD_DTYPE, count=count)
             kept.keep(records, np.flatnonzero(ok & np.isin(records["asin"], wanted_keys)), wanted, stats)
             stats.records += count
-            first += count
             if got < want:
                 break
         if digest is not None:  # the truncated tail is part of the file the user gave
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-    if digest is not None:
-        stats.sha256 = digest.hexdigest()
+            stats.sha256 = digest.hexdigest()
 
 
 def _finish(path: Path, asins: Sequence[str], kept: _KeptRows, stats: FeatureFileStats, fill: str) -> ItemFeatures:
@@ -224,39 +172,37 @@ def _finish(path: Path, asins: Sequence[str], kept: _KeptRows, stats: FeatureFil
         log.warning("%s: skipped %d unreadable records, %d repeated ASINs, %d records with non-finite values",
                     path, stats.unreadable_records, stats.duplicate_records, stats.nonfinite_records)
     if n_items and not found.any():
-        raise DataError(
-            f"{path}: none of the dataset's {n_items} items has a usable record among its {stats.records} "
-            "records; is it the feature file of this dataset's category?"
-        )
+        raise DataError(f"{path}: none of the dataset's {n_items} items has a usable record among its "
+                        f"{stats.records} records; is it the feature file of this dataset's category?")
     if fill == "mean" and (~found).any():
         kept.features[~found] = (kept.total / max(int(found.sum()), 1)).astype(np.float32)
     absent = np.flatnonzero(~found)
-    missing = pd.DataFrame({
-        "item": absent.astype(np.int64),
-        "asin": [str(asins[i]) for i in absent],
-        "reason": [NONFINITE if kept.nonfinite[i] else ABSENT for i in absent],
-    })
+    missing = pd.DataFrame({"item": absent.astype(np.int64), "asin": [str(asins[i]) for i in absent],
+                            "reason": [NONFINITE if kept.nonfinite[i] else ABSENT for i in absent]})
     return ItemFeatures(features=kept.features, found=found, missing=missing, stats=stats)
 
 
-def read_item_features(
-    path: Path | str, asins: Sequence[str], *, fill: str = "mean", chunk_records: int = CHUNK_RECORDS,
-    hash_file: bool = False, progress: bool = False,
-) -> ItemFeatures:
-    """Stream ``path`` once and return the rows of ``asins`` (``asins[i]`` is item ``i``).
-
-    ``hash_file`` computes the file's sha256 on the way (no second read), for files that did not come through the
-    download machinery, which already recorded theirs. Raises :class:`DataError` for a file that is not a feature file,
-    or when none of the dataset's items is in it (the wrong category)."""
+def read_item_features(path: Path | str, asins: Sequence[str], *, fill: str = "mean",
+                       chunk_records: int = CHUNK_RECORDS, hash_file: bool = False,
+                       progress: bool = False) -> ItemFeatures:
+    """The rows of ``asins`` (``asins[i]`` is item ``i``), streaming ``path`` once. ``hash_file``: its sha256 on the
+    way, for a file that did not come through the download machinery (which records it)."""
     if fill not in ("mean", "zeros"):
         raise ConfigError(f"invalid config value image_features.fill={fill!r}: expected 'mean' or 'zeros'")
     if chunk_records < 1:
         raise ConfigError(f"chunk_records must be >= 1, got {chunk_records}")
     path = Path(path)
-    wanted, wanted_keys = _wanted_asins(asins)
-    stats, n_records = _file_stats(path)
+    stats = FeatureFileStats()
+    try:
+        stats.file_bytes = size = path.stat().st_size
+    except OSError as err:
+        raise DataError(f"cannot read image feature file {path}: {err.strerror}") from None
+    n_records, stats.truncated_tail_bytes = divmod(size, RECORD_BYTES)
+    if n_records == 0:
+        raise DataError(f"{path}: not an Amazon 2014 image feature file: {size} bytes, less than one record of "
+                        f"{RECORD_BYTES} bytes (a 10-byte ASIN + {FEATURE_DIM} float32)")
     kept = _KeptRows.empty(len(asins))
-    _stream_records(path, n_records, chunk_records, wanted, wanted_keys, kept, stats, hash_file=hash_file,
+    _stream_records(path, n_records, chunk_records, _wanted_asins(asins), kept, stats, hash_file=hash_file,
                     progress=progress)
     return _finish(path, asins, kept, stats, fill)
 

@@ -1,7 +1,4 @@
-"""The ``graphs`` stage: item-item kNN graphs over the text and image features.
-
-Exact blocked cosine kNN for small catalogues, faiss IVF above ``graphs.auto_threshold`` items (or when asked). torch
-(only to ask whether CUDA is present) is imported inside the function that asks (keeps ``sand --help`` fast)."""
+"""The ``graphs`` stage: item-item kNN graphs, exact for small catalogues, faiss IVF above ``graphs.auto_threshold``."""
 
 from __future__ import annotations
 
@@ -19,18 +16,12 @@ from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, key_pa
 _FAISS_FIELDS = {"nlist", "nprobe", "target_recall", "recall_sample", "faiss_storage", "seed"}
 
 
-def graph_method(ctx: StageContext, text: Artifact, image: Artifact) -> str:
-    """The graph method this run uses (``auto`` resolved by catalogue size and CUDA)."""
-    import torch  # lazy: torch takes seconds to import
-
-    gcfg = ctx.cfg.graphs
-    shape = np.load(text.file("text_feat.npy"), mmap_mode="r").shape
-    return resolve_method(gcfg.method, int(shape[0]), gcfg.auto_threshold, cuda=torch.cuda.is_available())
-
-
 def run_graphs(ctx: StageContext, text: Artifact, image: Artifact) -> StageOutcome:
+    import torch  # lazy: torch takes seconds to import (asked only whether CUDA is present)
+
     gcfg = ctx.cfg.graphs
-    method = graph_method(ctx, text, image)
+    n_items = np.load(text.file("text_feat.npy"), mmap_mode="r").shape[0]
+    method = resolve_method(gcfg.method, int(n_items), gcfg.auto_threshold, cuda=torch.cuda.is_available())
     drop = PERFORMANCE_FIELDS | {"auto_threshold"} | (_FAISS_FIELDS if method == "exact" else set())
     params = {**key_params(gcfg, drop), "method": method}
 
@@ -41,11 +32,10 @@ def run_graphs(ctx: StageContext, text: Artifact, image: Artifact) -> StageOutco
             feats = np.load(art.file(name), mmap_mode="r", allow_pickle=False)
             info: dict[str, Any] = {"method": method}
             if method == "faiss":
-                nbrs, report = faiss_neighbours(
-                    feats, gcfg.k, include_self=gcfg.include_self, nlist=gcfg.nlist, nprobe=gcfg.nprobe,
-                    target_recall=gcfg.target_recall, recall_sample=gcfg.recall_sample, seed=gcfg.seed,
-                    storage=gcfg.faiss_storage, progress=ctx.progress,
-                )
+                nbrs, report = faiss_neighbours(feats, gcfg.k, include_self=gcfg.include_self, nlist=gcfg.nlist,
+                                                nprobe=gcfg.nprobe, target_recall=gcfg.target_recall,
+                                                recall_sample=gcfg.recall_sample, seed=gcfg.seed,
+                                                storage=gcfg.faiss_storage, progress=ctx.progress)
                 info["ann"] = report.to_dict()
             else:
                 nbrs = knn_neighbours(feats, gcfg.k, include_self=gcfg.include_self, block_size=gcfg.block_size,

@@ -1,18 +1,12 @@
 """Turn item images into CNN feature vectors with a torchvision backbone.
 
-Why these choices: MMRec's published Amazon image features are 4096-d VGG fc7
-vectors, so ``vgg16`` reproduces that layout, while ``resnet50``/``resnet18``
-give cheaper pooled features. Pretrained weights cannot be downloaded everywhere,
-so a local ``state_dict`` file and seeded random weights are first-class options
-(tests and the offline sample use them); every failure to get weights is a
-one-line :class:`ConfigError` that says what to pass instead.
+``vgg16`` reproduces MMRec's published Amazon image features (4096-d fc7); ``resnet50``/``resnet18`` give cheaper
+pooled features. Pretrained weights cannot be downloaded everywhere, so a local ``state_dict`` file and seeded random
+weights are first-class options; a failure to get weights is a one-line :class:`ConfigError` saying what to pass.
 
-Determinism: architectures are built on the ``meta`` device (no memory, no random
-numbers), then filled from a state_dict or from a ``torch.Generator`` of their own
-seed: the global RNG is never touched, so building a CNN in one thread cannot race
-another thread (or deadlock a forked child), and the same seed gives the same bytes
-everywhere. Images are decoded by threads, never forked workers, and every CNN call
-sees the same batch shape, so a row's features do not depend on its batch-mates.
+Determinism: no global RNG (architectures are built on the ``meta`` device, then filled from a state_dict or a private
+seeded generator, so building a CNN cannot race another thread or deadlock a forked child), and every CNN call sees the
+same batch shape, so a row's features depend neither on the thread nor on its batch-mates.
 """
 
 from __future__ import annotations
@@ -45,28 +39,21 @@ log = logging.getLogger(__name__)
 BACKBONES = ("resnet50", "resnet18", "vgg16")
 #: How the CNN runs (see :class:`Encoder`).
 ENGINES = ("eager", "fast")
-#: Bumped whenever decoding or preprocessing changes what a pixel tensor holds: part of
-#: the per-item cache identity, so cached vectors of the old recipe are never served.
+#: Bumped whenever decoding or preprocessing changes what a pixel tensor holds: part of the per-item cache identity,
+#: so cached vectors of the old recipe are never served.
 PREPROCESS_VERSION = 1
 OUT_DIMS = {"resnet50": 2048, "resnet18": 512, "vgg16": 4096}
 #: Pretrained weights per backbone (the torchvision enum member names).
 IMAGENET_WEIGHTS = {
-    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2"),
-    "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2"), "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
     "vgg16": ("VGG16_Weights", "IMAGENET1K_V1"),
 }
 #: Classifier parameters that the feature extractor drops (allowed to be absent or present in a file).
-_HEAD_KEYS = {
-    "resnet50": ("fc.weight", "fc.bias"),
-    "resnet18": ("fc.weight", "fc.bias"),
-    "vgg16": ("classifier.6.weight", "classifier.6.bias"),
-}
-#: One CNN forward at a time per process on a CPU. Why: image shards run side by side
-#: in the threads runner (so their downloads overlap), and each forward already uses
-#: every core through torch's intra-op threads; two at once only thrash OpenMP teams
-#: (measured at real size: 4 concurrent shards on 2 cores ran at ~40% CPU, mostly
-#: system time, and no batch finished in 9 minutes). The gate orders nothing that
-#: reaches the output: each batch's rows are computed alone, whichever shard waits.
+_HEAD_KEYS = {"resnet50": ("fc.weight", "fc.bias"), "resnet18": ("fc.weight", "fc.bias"),
+              "vgg16": ("classifier.6.weight", "classifier.6.bias")}
+#: One CNN forward at a time per process on a CPU. Why: image shards run side by side in the threads runner (so their
+#: downloads overlap), and each forward already uses every core through torch's intra-op threads; two at once only
+#: thrash OpenMP teams. The gate orders nothing that reaches the output: each batch's rows are computed alone.
 _CPU_FORWARD_GATE = threading.Lock()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,11 +69,8 @@ def _architecture(backbone: str) -> nn.Module:
 
 
 def _random_init(model: nn.Module, seed: int) -> nn.Module:
-    """Materialise ``model`` on the CPU with torchvision's init schemes, drawn from a private generator.
-
-    Kaiming-normal (fan_out) convolutions, unit/zero batch norms, N(0, 0.01) linear
-    layers: what torchvision's constructors do, but reproducible from ``seed`` alone.
-    """
+    """Materialise ``model`` on the CPU with torchvision's init schemes (kaiming-normal fan_out convolutions, unit/zero
+    batch norms, N(0, 0.01) linear layers), drawn from a private generator: reproducible from ``seed`` alone."""
     gen = torch.Generator().manual_seed(int(seed))
     model = model.to_empty(device="cpu")
     with torch.no_grad():
@@ -135,14 +119,12 @@ def _imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise ConfigError(
-            f"image weights file {path} does not exist; pass a .pt/.pth state_dict, 'imagenet' or 'random'"
-        )
+        raise ConfigError(f"image weights file {path} does not exist; pass a .pt/.pth state_dict, 'imagenet' "
+                          "or 'random'")
     try:
         state = load_tensors(path)
     except Exception as exc:  # torch raises many types for non-checkpoint files
-        msg = f"image weights file {path} is not a readable state_dict: {one_line(exc)}"
-        raise ConfigError(msg) from None
+        raise ConfigError(f"image weights file {path} is not a readable state_dict: {one_line(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -156,50 +138,37 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], backbone: str, 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    misfit = f"image weights {source} do not fit {backbone}"
     if missing or unexpected:
-        raise ConfigError(
-            f"image weights {source} do not fit {backbone}: "
-            f"{len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
+        raise ConfigError(f"{misfit}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
-        raise ConfigError(
-            f"image weights {source} do not fit {backbone}: shape of {bad[0]} is "
-            f"{tuple(state[bad[0]].shape)}, expected {tuple(expected[bad[0]].shape)}"
-        )
+        raise ConfigError(f"{misfit}: shape of {bad[0]} is {tuple(state[bad[0]].shape)}, "
+                          f"expected {tuple(expected[bad[0]].shape)}")
     model.load_state_dict(state, strict=True, assign=True)
 
 
 def build_cnn(backbone: str, weights: str | Path, seed: int = 0) -> tuple[nn.Module, int, str]:
-    """A feature extractor in eval mode, its output dimension and a description of its weights.
-
-    ``weights``: ``"imagenet"`` (torchvision's pretrained file, downloaded into the
-    torch hub cache), ``"random"`` (drawn from a ``torch.Generator`` seeded with
-    ``seed``, so the same seed gives the same features in any thread or process) or a
-    path to a ``.pt``/``.pth`` state_dict (a full torchvision checkpoint or one saved
-    from the module returned here).
-    """
+    """A feature extractor in eval mode, its output dimension and a description of its weights. ``weights``:
+    ``"imagenet"`` (via the torch hub cache), ``"random"`` (seeded by ``seed``) or a ``.pt``/``.pth`` state_dict path
+    (a full torchvision checkpoint or one saved from the module returned here)."""
     if backbone not in BACKBONES:
         raise ConfigError(f"image backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
+    model = _strip_head(backbone, _architecture(backbone))
     if str(weights) == "random":
-        model = _random_init(_strip_head(backbone, _architecture(backbone)), seed)
+        model = _random_init(model, seed)
         description = f"random init (seed {seed})"
     elif str(weights) == "imagenet":
-        model = _strip_head(backbone, _architecture(backbone))
         state, description = _imagenet_state_dict(backbone)
         _load_into(model, state, backbone, description)
     else:
         path = Path(weights).expanduser()
-        state = _file_state_dict(path)
-        model = _strip_head(backbone, _architecture(backbone))
-        _load_into(model, state, backbone, f"file {path}")
+        _load_into(model, _file_state_dict(path), backbone, f"file {path}")
         # The content hash makes the description (and so any cache key built from it) change with the file.
         description = f"state_dict {path} (sha256 {sha256_file(path)[:16]})"
-    model.eval()
+    model.eval().requires_grad_(False)
     log.debug("image CNN %s, weights: %s", backbone, description)
-    for p in model.parameters():
-        p.requires_grad_(False)
     return model, OUT_DIMS[backbone], description
 
 
@@ -208,14 +177,8 @@ def image_transform(image_size: int = 224):
     from torchvision import transforms
 
     resize = round(256 * image_size / 224)
-    return transforms.Compose(
-        [
-            transforms.Resize(resize, antialias=True),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    return transforms.Compose([transforms.Resize(resize, antialias=True), transforms.CenterCrop(image_size),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def save_cnn(model: nn.Module, path: Path) -> Path:
@@ -227,15 +190,11 @@ def save_cnn(model: nn.Module, path: Path) -> Path:
 
 
 class ImageFileDataset(Dataset):
-    """Images by path, decoded upright in RGB within the byte and pixel limits.
+    """Images by path, decoded upright in RGB within the byte and pixel limits. JPEGs decode at a reduced scale that
+    still covers the resize target (``draft``); decoding holds the pixel budget until the image is a small tensor."""
 
-    JPEGs decode at a reduced scale that still covers the resize target (``draft``),
-    and decoding holds the process-wide pixel budget until the image is a small tensor.
-    """
-
-    def __init__(
-        self, paths: Sequence[Path], image_size: int, *, max_bytes: int = 10_000_000, max_pixels: int = MAX_PIXELS
-    ) -> None:
+    def __init__(self, paths: Sequence[Path], image_size: int, *, max_bytes: int = 10_000_000,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.paths = [Path(p) for p in paths]
         self.transform = image_transform(image_size)
         self.draft_to = round(256 * image_size / 224)
@@ -257,55 +216,21 @@ class ImageFileDataset(Dataset):
             with decoded_rgb(data, max_pixels=self.max_pixels, draft_to=self.draft_to) as img:
                 return self.transform(img)
         except (OSError, SyntaxError, ValueError, TooManyPixels) as exc:
-            msg = f"{path}: image cannot be decoded ({one_line(exc)}); delete it to refetch"
-            raise DataError(msg) from None
+            raise DataError(f"{path}: image cannot be decoded ({one_line(exc)}); delete it to refetch") from None
 
 
 def _stack(rows: list[torch.Tensor], batch_size: int) -> torch.Tensor:
-    """One batch of exactly ``batch_size`` rows: the last one of a run is padded with zeros."""
     batch = torch.stack(rows)
     if len(rows) < batch_size:
         batch = torch.cat([batch, batch.new_zeros((batch_size - len(rows), *batch.shape[1:]))])
     return batch
 
 
-def _batches(dataset: ImageFileDataset, batch_size: int, num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(real rows, batch)`` in order, every batch ``batch_size`` rows (the last one padded with zeros).
-
-    ``num_workers`` threads decode ahead (Pillow and the resize release the GIL), at
-    most two batches ahead so memory stays bounded; 0 decodes in this thread. Threads,
-    not forked workers: forking a process that runs other threads (shards, HTTP) can
-    copy a held lock into the child and hang it forever.
-    """
-    n = len(dataset)
-    if num_workers <= 0:
-        for start in range(0, n, batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, n))]
-            yield len(rows), _stack(rows, batch_size)
-        return
-    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[torch.Tensor]] = deque()
-        next_index = 0
-        for start in range(0, n, batch_size):
-            end = min(start + batch_size, n)
-            while next_index < min(n, end + batch_size):
-                pending.append(pool.submit(dataset.__getitem__, next_index))
-                next_index += 1
-            yield end - start, _stack([pending.popleft().result() for _ in range(end - start)], batch_size)
-
-
 class Encoder:
-    """A CNN ready for inference: which engine and precision, on which device, for which batch shape.
-
-    ``engine="eager"`` runs the module as torchvision defines it (NCHW, float32 unless
-    ``precision="bf16"``): the reference. ``engine="fast"`` converts it to channels-last,
-    traces it at the stage's fixed batch shape and freezes the graph, which folds each
-    batch norm into its convolution; on a CPU ``optimize_for_inference`` then lays the
-    weights out for oneDNN. Measured on a 2-core AVX2 EPYC (resnet50, 224 px): 6.5
-    images/s eager, 13.5 fast, features equal within 1e-4 (cosine 0.9999999). Its bytes
-    differ from eager's, so the engine is part of the stage key and the cache identity.
-    The graph is traced for one batch shape, which :func:`encode_stream` always uses.
-    """
+    """A CNN ready for inference. ``engine="eager"`` runs the module as torchvision defines it (NCHW): the reference.
+    ``engine="fast"`` converts it to channels-last, traces it and freezes the graph, which folds each batch norm into
+    its convolution; on a CPU ``optimize_for_inference`` then lays the weights out for oneDNN. Its features equal
+    eager's only within float tolerance, so the engine is part of the stage key and the cache identity."""
 
     def __init__(self, model: nn.Module, *, engine: str, precision: str, device: torch.device,
                  batch_size: int, image_size: int, threads: int | None = None) -> None:
@@ -320,12 +245,12 @@ class Encoder:
         model = model.to(device=device, dtype=self.dtype).eval()
         if engine == "fast":
             model = model.to(memory_format=torch.channels_last)
-            # Traced with one image: the recorded ops do not depend on the batch size (resnet and
-            # vgg flatten from dim 1), and tracing runs an eager forward, 1/batch_size the cost.
+            # Traced with one image: the recorded ops do not depend on the batch size (resnet and vgg flatten from
+            # dim 1), and tracing runs an eager forward, 1/batch_size the cost.
             example = self._prepare(torch.zeros(1, 3, image_size, image_size))
             with torch.no_grad(), warnings.catch_warnings():
-                # optimize_for_inference is marked deprecated in favour of torch.compile, which
-                # measured no faster here and adds ~45 s of compilation per process.
+                # optimize_for_inference is deprecated in favour of torch.compile, which was no faster here and adds
+                # a long compilation to every process.
                 warnings.simplefilter("ignore", FutureWarning)
                 graph = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False).eval())
                 if device.type == "cpu":
@@ -356,23 +281,17 @@ def encode_stream(
     paths: Iterable[Path], encoder: Encoder, *, image_size: int, num_workers: int,
     max_bytes: int = 10_000_000, max_pixels: int = MAX_PIXELS,
 ) -> Iterator[np.ndarray]:
-    """Features of ``paths`` as they arrive, one array of real rows per full batch.
-
-    Why a stream: the shard's fetcher yields images while earlier ones are encoded, and
-    ``num_workers`` threads decode up to two batches ahead of the forward pass (Pillow
-    and the resize release the GIL). Every forward sees ``encoder.batch_size`` rows (the
-    last batch padded with zeros), so a row's bytes never depend on its batch-mates.
-    """
+    """Features of ``paths`` as they arrive, one array of real rows per full batch (the last one padded with zeros).
+    Why a stream: the shard's fetcher yields images while earlier ones are encoded, and ``num_workers`` threads (0:
+    this one) decode up to two batches ahead of the forward pass (Pillow and the resize release the GIL). Threads, not
+    forked workers: a child forked while other threads (shards, HTTP) run can inherit a held lock and hang forever."""
     dataset = ImageFileDataset([], image_size, max_bytes=max_bytes, max_pixels=max_pixels)
     size = encoder.batch_size
-    workers = max(1, num_workers)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode") as pool:
+        submit = pool.submit if num_workers > 0 else _run_now
         pending: deque[Future[torch.Tensor]] = deque()
         for path in paths:
-            if num_workers > 0:
-                pending.append(pool.submit(dataset.decode, Path(path)))
-            else:
-                pending.append(_done(dataset.decode(Path(path))))
+            pending.append(submit(dataset.decode, Path(path)))
             if len(pending) >= 2 * size:
                 yield encoder(_stack([pending.popleft().result() for _ in range(size)], size))
         while pending:
@@ -380,34 +299,20 @@ def encode_stream(
             yield encoder(_stack(rows, size))[: len(rows)]
 
 
-def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+def _run_now(fn: Callable[[Path], torch.Tensor], path: Path) -> Future[torch.Tensor]:
     fut: Future[torch.Tensor] = Future()
-    fut.set_result(value)
+    fut.set_result(fn(path))
     return fut
 
 
 def encode_images(
-    paths: Sequence[Path],
-    model: nn.Module,
-    *,
-    image_size: int = 224,
-    batch_size: int = 32,
-    num_workers: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    max_bytes: int = 10_000_000,
-    max_pixels: int = MAX_PIXELS,
-    engine: str = "eager",
-    precision: str = "fp32",
+    paths: Sequence[Path], model: nn.Module, *, image_size: int = 224, batch_size: int = 32,
+    num_workers: int | None = None, device: str | torch.device | None = None, progress: bool = True,
+    max_bytes: int = 10_000_000, max_pixels: int = MAX_PIXELS, engine: str = "eager", precision: str = "fp32",
 ) -> np.ndarray:
-    """Features of ``paths`` (rows in the same order) as a float32 array.
-
-    ``num_workers`` decode threads (``None``: 0 on CPU, where decoding would compete
-    with the CNN for the same cores, and 2 on CUDA, where it overlaps GPU work). Every
-    CNN call sees a full ``batch_size`` batch, so a row's bytes do not depend on which
-    other images share its batch (how items were sharded). ``engine`` and ``precision``
-    (resolved: fp32 | bf16) as in :class:`Encoder`. The model is moved to ``device``.
-    """
+    """Features of ``paths`` (rows in the same order) as a float32 array; the model moves to ``device``.
+    ``num_workers=None``: no decode thread on a CPU, where decoding would compete with the CNN for the cores, and 2 on
+    CUDA, where it overlaps GPU work."""
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
@@ -417,21 +322,16 @@ def encode_images(
                       image_size=image_size)
     if len(paths) == 0:
         return np.zeros((0, encoder(torch.zeros(batch_size, 3, image_size, image_size)).shape[1]), np.float32)
-    dataset = ImageFileDataset(paths, image_size, max_bytes=max_bytes, max_pixels=max_pixels)
-    chunks: list[np.ndarray] = []
-    batches = _batches(dataset, batch_size, num_workers)
-    n_batches = -(-len(dataset) // batch_size)
-    for n, batch in tqdm(batches, total=n_batches, desc="encode images", unit="batch", disable=not progress):
-        chunks.append(encoder(batch)[:n])
+    stream = encode_stream(paths, encoder, image_size=image_size, num_workers=num_workers, max_bytes=max_bytes,
+                           max_pixels=max_pixels)
+    n_batches = -(-len(paths) // batch_size)
+    chunks = list(tqdm(stream, total=n_batches, desc="encode images", unit="batch", disable=not progress))
     return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes, bytes): the weights' part of a cache identity.
-
-    Why not the file's hash: the same weights saved twice need not give the same file
-    bytes, and a per-item cache must be shared by every snapshot that uses them.
-    """
+    """sha256 over a module's state (names, dtypes, shapes, bytes): the weights' part of a cache identity. Not the
+    file's hash: the same weights saved twice need not give the same bytes, and every snapshot shares the cache."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()

@@ -1,13 +1,9 @@
 """Image features per item shard, and their assembly into one N x d matrix.
 
-Why shards: fetching and encoding tens of thousands of images is the slowest
-stage, so it maps over item ranges that can run in other processes or on Dask
-workers. A shard is self-contained (it loads the CNN file the stage saved once,
-reads only URLs and the shared image cache) and its result is a small ``.npz``
-file, so nothing big travels through the orchestrator. Its features do not depend
-on which shard an item landed in: same CNN bytes everywhere, no global RNG, and a
-fixed batch shape in the encoder. That is also why a per-item vector cache is safe: a
-row computed in any shard, batch or earlier snapshot has the same bytes, so a shard
+Why shards: fetching and encoding tens of thousands of images is the slowest stage, so it maps over item ranges that
+can run in other processes or on Dask workers. A shard loads the CNN file the stage saved once and returns a small
+``.npz`` file, so nothing big travels through the orchestrator. Its features do not depend on which shard an item
+landed in (same CNN bytes, no global RNG, a fixed batch shape), which makes a per-item vector cache safe: a shard
 encodes only images (by content) its encoder has not seen in this data root.
 """
 
@@ -32,18 +28,16 @@ import pandas as pd
 
 from sand.pipeline.base.errors import ConfigError, DataError
 from sand.pipeline.base.files import write_bytes_atomic
-from sand.pipeline.features.image_fetch import MAX_PIXELS
+from sand.pipeline.features.image_fetch import MAX_PIXELS, read_regular_file
 from sand.pipeline.features.vector_cache import FeatureCache, content_key
 
-# the modules that pull in torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+# the modules that pull in torch: imported inside the functions that use them, so `sand --help` stays fast.
 
 log = logging.getLogger(__name__)
 
 #: Keys of ``encoder_kwargs`` that choose the CNN; the others go to ``encode_images``.
 _BUILD_KEYS = ("backbone", "weights", "seed")
-#: Encoded rows per feature-cache chunk: one file per ~256 images keeps the index small and
-#: an interrupted shard loses at most that much work.
+#: Encoded rows per feature-cache chunk: keeps the index small, and an interrupted shard loses at most that much work.
 _CHUNK_ROWS = 256
 
 
@@ -70,12 +64,9 @@ def shard_items(n_items: int, shard_size: int) -> list[range]:
 
 def image_identity(backbone: str, weights_sha256: str, image_size: int, precision: str, engine: str,
                    batch_size: int, device: str, threads: int | None) -> dict[str, Any]:
-    """What decides a cached image vector's bits, besides the image bytes.
-
-    Batch size, device type and thread count are in it because the eager engine's bits
-    depend on them (measured: 1 and 2 threads differ in the last bits); a shard pins the
-    thread count the stage chose, so a Dask worker fills the same cache as a local run.
-    """
+    """What decides a cached image vector's bits, besides the image bytes. Batch size, device type and thread count
+    are in it because the eager engine's bits depend on them; a shard pins the thread count the stage chose, so a Dask
+    worker fills the same cache as a local run."""
     from sand.pipeline.features.image_encoder import PREPROCESS_VERSION
 
     return {"kind": "image", "backbone": backbone, "weights_sha256": weights_sha256, "image_size": int(image_size),
@@ -87,14 +78,12 @@ def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str
     """The fetch results of ``urls`` group by group, the next group fetched while the caller works on this one."""
     from sand.pipeline.features.image_fetch import fetch_images
 
-    starts = range(0, len(urls), group)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as pool:
-        ahead = None
-        for start in starts:
-            current = ahead or pool.submit(fetch_images, list(urls[start : start + group]), cache_dir, **fetch_kwargs)
-            nxt = start + group
-            ahead = pool.submit(fetch_images, list(urls[nxt : nxt + group]), cache_dir, **fetch_kwargs) \
-                if nxt < len(urls) else None
+        fetches = (pool.submit(fetch_images, list(urls[start : start + group]), cache_dir, **fetch_kwargs)
+                   for start in range(0, len(urls), group))
+        ahead = next(fetches, None)
+        while ahead is not None:
+            current, ahead = ahead, next(fetches, None)
             yield current.result()
 
 
@@ -103,12 +92,9 @@ _ENCODERS_LOCK = threading.Lock()
 
 
 def _encoder(identity: str, build: Callable[[], Any]) -> Any:
-    """The process's encoder for ``identity``, built once: shards in threads share one traced graph.
-
-    Why: tracing, freezing and the first (profiling) calls of a resnet50 graph cost seconds;
-    paying them once per process rather than once per shard keeps a small snapshot update
-    small. Two identities at most are kept (a benchmark comparing engines in one process).
-    """
+    """The process's encoder for ``identity``, built once: shards in threads share one traced graph. Why: tracing,
+    freezing and the first (profiling) calls of a graph cost seconds, too much for each shard of a small snapshot
+    update. Two identities at most are kept (a benchmark comparing engines in one process)."""
     with _ENCODERS_LOCK:
         if identity not in _ENCODERS:
             _ENCODERS[identity] = build()
@@ -120,8 +106,6 @@ def _encoder(identity: str, build: Callable[[], Any]) -> Any:
 
 def _image_key(identity: str, path: Path, max_bytes: int) -> str:
     """Cache key of one fetched image: sha256 of the encoder identity and of the image's bytes."""
-    from sand.pipeline.features.image_fetch import read_regular_file
-
     reason, data = read_regular_file(Path(path), max_bytes)
     if reason is not None or data is None:
         raise DataError(f"{path}: image cannot be read ({reason}); delete it to refetch")
@@ -157,22 +141,16 @@ def _split_encoder_kwargs(encoder_kwargs: Mapping[str, Any] | None) -> tuple[dic
     device = resolve_device(enc.get("device"))
     num_workers = enc.get("num_workers")
     return build, _EncodeSettings(
-        engine=enc.get("engine", "eager"), precision=enc.get("precision", "fp32"),
-        batch_size=int(enc.get("batch_size", 32)), image_size=int(enc.get("image_size", 224)),
-        threads=enc.get("threads"), device=device,
+        engine=enc.get("engine", "eager"), precision=enc.get("precision", "fp32"), threads=enc.get("threads"),
+        batch_size=int(enc.get("batch_size", 32)), image_size=int(enc.get("image_size", 224)), device=device,
         max_bytes=int(enc.get("max_bytes", 10_000_000)), max_pixels=int(enc.get("max_pixels", MAX_PIXELS)),
-        num_workers=_decode_workers(device, enc.get("threads")) if num_workers is None else int(num_workers),
-    )
+        num_workers=_decode_workers(device, enc.get("threads")) if num_workers is None else int(num_workers))
 
 
 def _decode_workers(device: Any, threads: int | None) -> int:
-    """Decode threads by default: the cores the forward pass leaves free.
-
-    Why not always the cores: on a CPU the forward already runs torch's threads on every
-    core, and decode threads beside it only preempt them (measured on a 2-core EPYC, 800
-    images, fast engine: 2 decode threads 96 s, decoding between batches 84 s). On a GPU
-    the cores are free while it computes, so every core decodes ahead.
-    """
+    """Decode threads by default: the cores the forward pass leaves free. Why not always the cores: on a CPU the forward
+    already runs torch's threads on every core, and decode threads beside it only preempt them (slower overall). On a
+    GPU the cores are free while it computes, so every core decodes ahead."""
     import torch  # lazy: torch takes seconds to import
 
     cores = os.cpu_count() or 1
@@ -247,12 +225,9 @@ class _ShardRun:
         return queued
 
     def encode(self, queued: Iterable[str]) -> None:
-        """Encode the queued images as ``queued`` yields them, adding each chunk of vectors to the cache.
-
-        Why a stream: ``queued`` fetches the next group of URLs while this group is
-        decoded and encoded, so the download and validation hide behind the forward pass
-        instead of preceding it. A shard whose images were all cached builds no encoder.
-        """
+        """Encode the queued images as ``queued`` yields them, adding each chunk of vectors to the cache. Why a stream:
+        ``queued`` fetches the next group of URLs while this group is encoded, so download and validation hide behind
+        the forward pass. A fully cached shard builds no encoder."""
         from sand.pipeline.features.image_encoder import Encoder, encode_stream
 
         stream = iter(queued)
@@ -290,45 +265,27 @@ class _ShardRun:
         return done + len(feats)
 
     def result(self, n_items: int) -> ShardResult:
-        """Assemble the usable items' rows in shard order, logging what was cached, encoded and missing."""
         from sand.pipeline.features.image_encoder import OUT_DIMS
 
         ok = self.ok
         dim = OUT_DIMS[self.build["backbone"]]
         feats = np.stack([self.vectors[k] for _, k in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
-        counts = Counter(reason for _, _, reason in self.missing)
         log.debug("image shard: %d items, %d cached, %d encoded, missing %s", n_items, self.n_cached, len(self.todo),
-                  dict(counts))
-        return ShardResult(
-            item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
-            features=np.ascontiguousarray(feats, dtype=np.float32),
-            missing=self.missing,
-            weights=self.built.get("description", ""),
-            n_cached=self.n_cached,
-            n_encoded=len(self.todo),
-        )
+                  dict(Counter(reason for _, _, reason in self.missing)))
+        return ShardResult(item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
+                           features=np.ascontiguousarray(feats, dtype=np.float32), missing=self.missing,
+                           weights=self.built.get("description", ""), n_cached=self.n_cached, n_encoded=len(self.todo))
 
 
 def process_shard(
-    item_ids: Sequence[int],
-    urls: Sequence[str],
-    cache_dir: Path,
-    fetch_kwargs: Mapping[str, Any] | None = None,
-    encoder_kwargs: Mapping[str, Any] | None = None,
-    feature_cache: Path | None = None,
-    read_cache: bool = True,
+    item_ids: Sequence[int], urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str, Any] | None = None,
+    encoder_kwargs: Mapping[str, Any] | None = None, feature_cache: Path | None = None, read_cache: bool = True,
 ) -> ShardResult:
-    """Fetch, validate and encode the images of one shard (``urls[i]`` belongs to ``item_ids[i]``).
-
-    ``fetch_kwargs`` go to :func:`sand.pipeline.features.image_fetch.fetch_images`; ``encoder_kwargs`` hold
-    ``backbone``/``weights``/``seed`` for :func:`build_cnn` and the encoder's settings
-    (``engine``, ``precision`` resolved, ``threads``, ``batch_size``, ``image_size``,
-    ``num_workers``, ``device``, byte and pixel limits). With ``feature_cache`` (a
-    directory shared by every dataset and snapshot of a data root), images whose bytes
-    were encoded before with the same encoder identity are read from it, only the others
-    are encoded and then added; ``read_cache=False`` (a refresh) encodes everything. The
-    fetch of the next group of URLs and the decoding overlap the forward pass.
-    """
+    """Fetch, validate and encode the images of one shard (``urls[i]`` belongs to ``item_ids[i]``). ``fetch_kwargs``
+    go to :func:`sand.pipeline.features.image_fetch.fetch_images`; ``encoder_kwargs`` hold ``backbone``, ``weights``
+    and ``seed`` for :func:`build_cnn` and the encoder's settings (``precision`` resolved). Images already in
+    ``feature_cache`` (shared by every dataset and snapshot of a data root) under the same encoder identity are read
+    from it unless ``read_cache=False`` (a refresh); the others are encoded and added."""
     if len(item_ids) != len(urls):
         raise ConfigError(f"process_shard got {len(item_ids)} item ids but {len(urls)} URLs")
     build, settings = _split_encoder_kwargs(encoder_kwargs)
@@ -346,7 +303,6 @@ def process_shard(
 
 def save_shard(result: ShardResult, path: Path) -> None:
     """Write a shard as ``.npz`` (strings as unicode arrays, so loading needs no pickle), atomically."""
-    path = Path(path)
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -358,30 +314,19 @@ def save_shard(result: ShardResult, path: Path) -> None:
         meta=np.asarray(json.dumps({"weights": result.weights, "n_cached": result.n_cached,
                                     "n_encoded": result.n_encoded})),
     )
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(Path(path), buf.getvalue())
 
 
 def load_shard(path: Path) -> ShardResult:
     """Read a shard written by :func:`save_shard` (``allow_pickle=False``)."""
     try:
         with np.load(Path(path), allow_pickle=False) as z:
-            missing = list(
-                zip(
-                    (int(i) for i in z["missing_items"]),
-                    (str(u) for u in z["missing_urls"]),
-                    (str(r) for r in z["missing_reasons"]),
-                    strict=True,
-                )
-            )
+            missing = [(int(i), str(u), str(r))
+                       for i, u, r in zip(z["missing_items"], z["missing_urls"], z["missing_reasons"], strict=True)]
             meta = json.loads(str(z["meta"]))
-            return ShardResult(
-                item_ids=z["item_ids"].astype(np.int64),
-                features=z["features"].astype(np.float32),
-                missing=missing,
-                weights=meta["weights"],
-                n_cached=int(meta.get("n_cached", 0)),
-                n_encoded=int(meta.get("n_encoded", 0)),
-            )
+            return ShardResult(item_ids=z["item_ids"].astype(np.int64), features=z["features"].astype(np.float32),
+                               missing=missing, weights=meta["weights"], n_cached=int(meta.get("n_cached", 0)),
+                               n_encoded=int(meta.get("n_encoded", 0)))
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image feature shard ({exc})") from None
 
@@ -389,16 +334,11 @@ def load_shard(path: Path) -> ShardResult:
 def assemble_features(
     n_items: int, shards: Sequence[ShardResult], dim: int, fill: str = "mean"
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """One ``(n_items, dim)`` float32 matrix plus the table of items without a usable image.
-
-    Items without an image get the mean of the usable rows (MMRec's convention, so
-    they sit in the middle of feature space rather than at an arbitrary corner) or
-    zeros. Every item must appear in exactly one shard, as encoded or missing.
-    ``fill`` is ``image_features.fill``, checked by the config.
-    """
+    """One ``(n_items, dim)`` float32 matrix plus the table of items without a usable image, which get the mean of the
+    usable rows (``fill="mean"``, MMRec's convention: the middle of feature space, not an arbitrary corner) or zeros.
+    Every item must appear in exactly one shard, as encoded or missing."""
     feat = np.zeros((n_items, dim), dtype=np.float32)
-    seen = np.zeros(n_items, dtype=bool)
-    usable = np.zeros(n_items, dtype=bool)
+    seen, usable = np.zeros(n_items, dtype=bool), np.zeros(n_items, dtype=bool)
     rows: list[tuple[int, str, str]] = []
 
     def mark(items: np.ndarray) -> None:
@@ -414,14 +354,12 @@ def assemble_features(
     for shard in shards:
         ids = np.asarray(shard.item_ids, dtype=np.int64)
         if shard.features.shape != (len(ids), dim):
-            raise DataError(
-                f"image feature shard has features of shape {shard.features.shape}, expected ({len(ids)}, {dim})"
-            )
+            raise DataError(f"image feature shard has features of shape {shard.features.shape}, "
+                            f"expected ({len(ids)}, {dim})")
         mark(ids)
         feat[ids] = shard.features
         usable[ids] = True
-        missing_ids = np.asarray([m[0] for m in shard.missing], dtype=np.int64)
-        mark(missing_ids)
+        mark(np.asarray([m[0] for m in shard.missing], dtype=np.int64))
         rows.extend(shard.missing)
     if not seen.all():
         first = int(np.flatnonzero(~seen)[0])
@@ -430,10 +368,8 @@ def assemble_features(
     missing["item"] = missing["item"].astype(np.int64)
     if n_items and not usable.any():
         top = Counter(missing["reason"]).most_common(3)
-        raise DataError(
-            f"no item has a usable image ({n_items} items; most common reasons: "
-            f"{', '.join(f'{r} x{c}' for r, c in top)}); check the image URLs or use a text-only model"
-        )
+        raise DataError(f"no item has a usable image ({n_items} items; most common reasons: "
+                        f"{', '.join(f'{r} x{c}' for r, c in top)}); check the image URLs or use a text-only model")
     if fill == "mean" and (~usable).any():
         feat[~usable] = feat[usable].astype(np.float64).mean(axis=0).astype(np.float32)
     return feat, missing

@@ -1,9 +1,7 @@
 """The ``image_features`` stage: one CNN vector per item, fetched and encoded in shards.
 
-With ``image_features.source=amazon2014`` the stage reads the 2014 release's own
-features instead (:mod:`pipeline.features.amazon2014_stage`); an MMRec folder's
-``image_feat.npy`` is used as it is. The image encoder (torch) is imported inside
-the function that builds the CNN (keeps ``sand --help`` fast).
+With ``image_features.source=amazon2014`` the stage reads the 2014 release's own features instead
+(:mod:`pipeline.features.amazon2014_stage`); an MMRec folder's ``image_feat.npy`` is used as it is.
 """
 
 from __future__ import annotations
@@ -37,19 +35,14 @@ from sand.pipeline.stage_context import (
     local_fingerprint,
 )
 
-# the modules that pull in torch: imported inside the functions that use them,
-# so importing this module (and `sand --help`) stays fast.
+# the modules that pull in torch: imported inside the functions that use them, so `sand --help` stays fast.
 
 log = logging.getLogger(__name__)
 
 
 def image_settings(ctx: StageContext, inter: Artifact) -> dict[str, Any]:
-    """Image stage parameters with dataset-dependent defaults filled in.
-
-    The bundled sample defaults to a small randomly initialised resnet18 because
-    pretrained weights cannot be downloaded offline; real datasets default to
-    torchvision's ImageNet resnet50. The manifest records which one was used.
-    """
+    """Image stage parameters with dataset-dependent defaults filled in. The bundled sample defaults to a small random
+    resnet18 because pretrained weights cannot be downloaded offline; real datasets default to ImageNet resnet50."""
     icfg = ctx.cfg.image_features
     is_sample = ctx.cfg.acquire.dataset == "sample"
     weights = icfg.weights
@@ -57,17 +50,14 @@ def image_settings(ctx: StageContext, inter: Artifact) -> dict[str, Any]:
         weights = "random" if is_sample else "imagenet"
     # amazon2014-only fields; engine and precision enter below, resolved
     params = key_params(icfg, PERFORMANCE_FIELDS | {"source", "amazon2014_url", "engine", "precision"})
-    params.update(
-        backbone=icfg.backbone or ("resnet18" if is_sample else "resnet50"),
-        weights=weights,
-        image_size=icfg.image_size or (64 if is_sample else 224),
-    )
+    params.update(backbone=icfg.backbone or ("resnet18" if is_sample else "resnet50"), weights=weights,
+                  image_size=icfg.image_size or (64 if is_sample else 224))
     if weights not in ("random", "imagenet"):
         params["weights_fingerprint"] = local_fingerprint(weights)
     precision = encoder_precision(icfg.precision, icfg.device)
     if icfg.engine != "eager" or precision != "fp32":
-        # Why conditional: eager float32 is what the stage computed before these settings
-        # existed, and its artifacts keep their keys; any other choice changes the bytes.
+        # Why conditional: eager float32 is what the stage computed before these settings existed, and its artifacts
+        # keep their keys; any other choice changes the bytes.
         params.update(engine=icfg.engine, precision=precision)
     return params
 
@@ -81,12 +71,9 @@ def encoder_precision(requested: str, device: str | None) -> str:
 
 
 def image_url_origin(inter: Artifact) -> str:
-    """``network`` when the metadata naming the image URLs was downloaded, else ``local``.
-
-    Trust follows origin: the acquire artifact records the sources the user gave
-    (``params``); the bundled sample, MMRec folders and local files or ``file://``
-    sources are the user's own, anything fetched over http(s) is not.
-    """
+    """``network`` when the metadata naming the image URLs was downloaded, else ``local``. Trust follows origin: the
+    acquire artifact records the sources the user gave (``params``); the bundled sample, MMRec folders and local files
+    or ``file://`` sources are the user's own, anything fetched over http(s) is not."""
     raw = Path(inter.manifest["inputs"]["raw"]["path"])
     try:
         params = json.loads((raw / "manifest.json").read_text())["params"]
@@ -102,15 +89,11 @@ def image_url_origin(inter: Artifact) -> str:
 
 def _stage_cnn(work: Path, shared: Path, backbone: str, weights: str, seed: int,
                reuse: bool = True) -> tuple[Path, str]:
-    """Build the stage's CNN once and save it where every shard (thread, process, Dask worker) loads it.
-
-    Why: shards building their own random CNN would each draw from a racing RNG
-    (different features per shard and per run); one file, loaded with
-    ``weights_only=True``, gives every shard the same bytes. Random and ImageNet CNNs
-    depend on nothing but (backbone, weights, seed), so they are kept in the data root's
-    ``shared`` folder for the next snapshot (``reuse=False``, a refresh: built again);
-    a weights file is rebuilt into ``work``.
-    """
+    """Build the stage's CNN once and save it where every shard (thread, process, Dask worker) loads it. Why: shards
+    building their own random CNN would each draw from a racing RNG (different features per shard and run); one file,
+    loaded with ``weights_only=True``, gives every shard the same bytes. Random and ImageNet CNNs depend on nothing but
+    (backbone, weights, seed), so they are kept in ``shared`` for the next snapshot (``reuse=False``, a refresh: built
+    again); a weights file is rebuilt into ``work``."""
     from sand.pipeline.features.image_encoder import build_cnn, save_cnn
 
     if weights in ("random", "imagenet"):
@@ -178,27 +161,22 @@ def run_image_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapp
                                                    params["backbone"], params["weights"], icfg.seed,
                                                    reuse="image_features" not in ctx.refresh)
         policy = UrlPolicy.for_origin(image_url_origin(inter), icfg.allow_hosts)
-        fetch_kwargs = dict(
-            concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries, max_bytes=icfg.max_bytes,
-            min_side=icfg.min_side, max_pixels=icfg.max_pixels, policy=policy, progress=False,
-        )
+        fetch_kwargs = dict(concurrency=icfg.concurrency, timeout=icfg.timeout, retries=icfg.retries,
+                            max_bytes=icfg.max_bytes, min_side=icfg.min_side, max_pixels=icfg.max_pixels, policy=policy,
+                            progress=False)
         precision = encoder_precision(icfg.precision, icfg.device)
-        encoder_kwargs = dict(
-            backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
-            batch_size=icfg.batch_size, device=icfg.device,
-            num_workers=icfg.num_workers,  # None: the shard's default, the cores the forward leaves free
-            max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, engine=icfg.engine, precision=precision,
-            threads=_torch_threads(),
-        )
-        # Shared by every dataset and snapshot of this data root: a shard encodes only images
-        # whose bytes this encoder has not seen (a refresh reads none of it, but refills it).
+        # num_workers None: the shard's default, the cores the forward leaves free
+        encoder_kwargs = dict(backbone=params["backbone"], weights=str(cnn_file), image_size=params["image_size"],
+                              batch_size=icfg.batch_size, device=icfg.device, num_workers=icfg.num_workers,
+                              max_bytes=icfg.max_bytes, max_pixels=icfg.max_pixels, engine=icfg.engine,
+                              precision=precision, threads=_torch_threads())
+        # Shared by every dataset and snapshot of this data root: a shard encodes only images whose bytes this encoder
+        # has not seen (a refresh reads none of it, but refills it).
         features_cache = str(ctx.store.cache_dir("image_features"))
         read_cache = "image_features" not in ctx.refresh
-        jobs = []
-        for i, rng in enumerate(shard_items(n_items, icfg.shard_size)):
-            ids = list(rng)
-            jobs.append((ids, [urls[j] for j in ids], str(ctx.store.cache_dir("images")), fetch_kwargs,
-                         encoder_kwargs, features_cache, read_cache, str(work / f"shard-{i:05d}.npz")))
+        jobs = [(list(rng), urls[rng.start : rng.stop], str(ctx.store.cache_dir("images")), fetch_kwargs,
+                 encoder_kwargs, features_cache, read_cache, str(work / f"shard-{i:05d}.npz"))
+                for i, rng in enumerate(shard_items(n_items, icfg.shard_size))]
         resumed = sum(Path(job[-1]).exists() for job in jobs)
         log.info("image_features: %d shards, %d finished by an earlier run", len(jobs), resumed)
         paths = (map_shards or _map_locally)(run_image_shard_job, jobs)

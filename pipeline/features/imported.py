@@ -1,8 +1,5 @@
-"""Feature files an MMRec folder ships (``image_feat.npy`` / ``text_feat.npy``), used as they are.
-
-Why a module of its own: the text and the image stage both accept such a file in place of encoding, with the same checks
-(one row per item) and the same error naming the model that needs the features when neither the file nor the raw data
-(titles, image URLs) is there."""
+"""Feature files an MMRec folder ships (``image_feat.npy`` / ``text_feat.npy``), used as they are: the text and image
+stages share their check (one row per item) and the error when neither they nor the raw data (titles, URLs) exist."""
 
 from __future__ import annotations
 
@@ -18,9 +15,8 @@ from sand.pipeline.stage_context import StageContext
 
 
 def imported_feature(inter: Artifact, name: str) -> Path | None:
-    """An MMRec folder may ship ``image_feat.npy`` / ``text_feat.npy``: used as they are."""
-    raw_path = inter.manifest["inputs"]["raw"]["path"]
-    candidate = Path(raw_path) / name
+    """The feature file ``name`` of the raw MMRec folder, if it ships one."""
+    candidate = Path(inter.manifest["inputs"]["raw"]["path"]) / name
     return candidate if candidate.is_file() else None
 
 
@@ -31,10 +27,8 @@ def missing_feature_message(ctx: StageContext, inter: Artifact, modality: str, w
         origin = json.loads((raw / "manifest.json").read_text())["params"].get("mmrec_dir") or raw
     except (OSError, KeyError, json.JSONDecodeError):
         origin = raw
-    return (
-        f"model {ctx.cfg.train.model!r} needs {modality} features: the dataset has no {what} and {origin} "
-        f"has no {modality}_feat.npy (add one, or train an ID-only model: --model bpr | lightgcn)"
-    )
+    return (f"model {ctx.cfg.train.model!r} needs {modality} features: the dataset has no {what} and {origin} "
+            f"has no {modality}_feat.npy (add one, or train an ID-only model: --model bpr | lightgcn)")
 
 
 def copy_imported(src: Path, out: Path, name: str, n_items: int) -> dict[str, Any]:

@@ -1,18 +1,13 @@
 """Item-item kNN graphs from modality features, built block by block.
 
-Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity matrix, which needs 40 GB for 100,000
-items. Here rows are processed in blocks (``block x N`` similarities at a time) and only the top-k of each row is kept,
-so memory is O(N*k + block*N) while the result is the same graph.
+Why blocked: MMRec/SAND build the graph from a dense N x N cosine-similarity matrix (40 GB for 100,000 items); here rows
+are processed ``block x N`` similarities at a time keeping only each row's top-k, so memory is O(N*k + block*N) for the
+same graph: cosine similarity of the raw features (an all-zero row has similarity 0 with everything), each row's top-k
+kept with weight 1, then D^-1/2 A D^-1/2 with degrees from the ROW sums (all k, so every value is 1/k).
 
-Graph definition (as MMRec / SAND): cosine similarity of the raw features (rows L2-normalised; an all-zero row has
-similarity 0 with everything), the top-k entries of each row kept with weight 1, then symmetric normalisation with
-degrees taken from the ROW sums: value(i, j) = d_i^-1/2 * d_j^-1/2. Every row has exactly k entries, so every stored
-value is 1/k.
-
-Tie rule (deterministic): the item itself is forced in (``include_self=True``) or out (``include_self=False``); among
-the remaining items, higher similarity wins and equal similarities are broken by the lower item index. Similarities are
-float32 matrix products, so items whose similarities differ only in the last bits may be ordered differently by a
-different block size or BLAS."""
+Tie rule (deterministic): the item itself is forced in (``include_self=True``) or out; among the others, higher
+similarity wins, then the lower item index. Similarities are float32 products, so items whose similarities differ only
+in the last bits may be ordered differently by another block size or BLAS."""
 
 from __future__ import annotations
 
@@ -30,13 +25,12 @@ from sand.pipeline.base.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-#: Similarity entries (block rows x N) held at once when ``block_size`` is None: 96M float32 = 384 MB (about 1,000 rows
-#: at N = 100,000, peak RSS ~1.4 GB there), small enough for a laptop, big enough that BLAS runs at full speed.
+#: Similarity entries (block rows x N) held at once when ``block_size`` is None: 96M float32 = 384 MB, small enough for
+#: a laptop, big enough that BLAS runs at full speed.
 _DEFAULT_BLOCK_ELEMENTS = 96 * 1024 * 1024
 
 
 def default_block_size(n_items: int) -> int:
-    """Rows per block so that one similarity block holds about 96M float32 (384 MB)."""
     return int(max(1, min(n_items, _DEFAULT_BLOCK_ELEMENTS // max(n_items, 1))))
 
 
@@ -50,34 +44,22 @@ def _validate(features: np.ndarray, k: int, include_self: bool, block_size: int 
     n = x.shape[0]
     if n == 0:
         raise DataError("features: no items (0 rows)")
-    _check_finite(x)
+    step = max(1, _DEFAULT_BLOCK_ELEMENTS // 8 // max(x.shape[1], 1))  # NaN/inf checked in row blocks: no N x d copy
+    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(x[start : start + step]).all(axis=1))
+                          for start in range(0, n, step)])
+    if bad.size:
+        r = int(bad[0])
+        c = int(np.flatnonzero(~np.isfinite(x[r]))[0])
+        raise DataError(f"features: non-finite value {x[r, c]} at row {r}, column {c} ({bad.size} rows affected)")
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise ConfigError(f"k: expected an integer, got {k!r}")
     k_max = n if include_self else n - 1
     if k < 1 or k > k_max:
-        raise ConfigError(
-            f"k: must be between 1 and {k_max} (the number of items"
-            f"{'' if include_self else ' minus the item itself'}), got {k}"
-        )
+        raise ConfigError(f"k: must be between 1 and {k_max} (the number of items"
+                          f"{'' if include_self else ' minus the item itself'}), got {k}")
     if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
         raise ConfigError(f"block_size: must be a positive integer or None, got {block_size!r}")
     return x
-
-
-def _check_finite(x: np.ndarray) -> None:
-    """NaN/inf anywhere is a one-line DataError; checked in row blocks (no N x d temporary)."""
-    step = max(1, _DEFAULT_BLOCK_ELEMENTS // 8 // max(x.shape[1], 1))
-    first, rows_affected = None, 0
-    for start in range(0, x.shape[0], step):
-        bad = ~np.isfinite(x[start : start + step])
-        if bad.any():
-            rows_affected += int(bad.any(axis=1).sum())
-            if first is None:
-                r, c = np.argwhere(bad)[0]
-                first = (start + int(r), int(c))
-    if first is not None:
-        r, c = first
-        raise DataError(f"features: non-finite value {x[r, c]} at row {r}, column {c} ({rows_affected} rows affected)")
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -88,22 +70,16 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 def query_rows(rows: np.ndarray | None, n: int) -> np.ndarray:
-    """The items whose neighbours are wanted: all ``n`` (``rows`` None) or ``rows``, checked in range."""
     queries = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     if queries.size and (queries.min() < 0 or queries.max() >= n):
         raise ConfigError(f"rows: item indices must be in 0..{n - 1}")
     return queries
 
 
-def knn_neighbours(
-    features: np.ndarray, k: int = 10, *, include_self: bool = True, block_size: int | None = None,
-    progress: bool = False, device: str | None = None, rows: np.ndarray | None = None,
-) -> np.ndarray:
-    """(N x k) int64 column indices of each row's top-k cosine neighbours (tie rule in module doc).
-
-    Rows of the result are sorted by item index, so the output is a set per row. ``device`` None uses CUDA when
-    available, else CPU. ``rows``: only these items' rows (len(rows) x k), e.g. the sample an approximate graph's recall
-    is measured on."""
+def knn_neighbours(features: np.ndarray, k: int = 10, *, include_self: bool = True, block_size: int | None = None,
+                   progress: bool = False, device: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N x k) int64 indices of each row's top-k cosine neighbours (tie rule in module doc), each row sorted by index.
+    ``device`` None: CUDA when available. ``rows``: only these items' rows, e.g. a recall sample."""
     import torch  # lazy: torch takes seconds to import
 
     x = _validate(features, k, include_self, block_size)
@@ -118,8 +94,8 @@ def knn_neighbours(
     out = np.empty((len(queries), k), dtype=np.int64)
     n_tie_rows = 0
     if dev.type == "cpu":
-        # numpy's BLAS matmul into one reused buffer: faster than torch.mm here and no
-        # page-faulting a fresh block x N allocation per block; torch.topk reads it zero-copy.
+        # numpy's BLAS matmul into one reused buffer (torch.topk reads it zero-copy): faster than torch.mm here, and no
+        # fresh block x N allocation to page-fault per block
         buf = np.empty((bs, n), dtype=np.float32)
     else:
         xg = torch.from_numpy(xn).to(dev)
@@ -140,8 +116,7 @@ def knn_neighbours(
             vals, idx = torch.topk(sims, kk, dim=1, largest=True, sorted=True)
             idx = idx[:, :k].clone()
             if kk > k:
-                # topk picks arbitrarily among items tied at the k-th value: redo those rows
-                # with the documented rule (higher similarity, then lower index).
+                # topk picks arbitrarily among items tied at the k-th value: redo those rows by the tie rule.
                 tie_rows = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist()
                 for r in tie_rows:
                     row, t = sims[r], vals[r, k - 1]
@@ -157,22 +132,16 @@ def knn_neighbours(
 
 
 def knn_graph(features: np.ndarray, k: int = 10, **options: Any) -> sp.csr_matrix:
-    """Symmetric-normalised binary top-k cosine graph (N x N, float32 CSR) over all rows; ``options``: those of
-    :func:`knn_neighbours`; see module doc."""
+    """The normalised top-k cosine graph (N x N, float32 CSR; ``options``: those of :func:`knn_neighbours`)."""
     return graph_from_neighbours(knn_neighbours(features, k, **options))
 
 
 def graph_from_neighbours(nbrs: np.ndarray) -> sp.csr_matrix:
-    """The normalised binary graph of an (N x k) neighbour table (exact or approximate)."""
+    """The binary graph of an (N x k) neighbour table (exact or approximate), normalised D^-1/2 A D^-1/2 with D from the
+    row sums (MMRec's choice for the non-symmetric kNN graph)."""
     n, k = nbrs.shape
     indptr = np.arange(0, n * k + 1, k, dtype=np.int64)
-    adj = sp.csr_matrix((np.ones(n * k, dtype=np.float32), nbrs.ravel(), indptr), shape=(n, n))
-    return normalise_rows_cols(adj)
-
-
-def normalise_rows_cols(adj: sp.spmatrix) -> sp.csr_matrix:
-    """D^-1/2 A D^-1/2 with D from the row sums (MMRec's choice for the non-symmetric kNN graph)."""
-    a = sp.csr_matrix(adj, dtype=np.float32)
+    a = sp.csr_matrix((np.ones(n * k, dtype=np.float32), nbrs.ravel(), indptr), shape=(n, n))
     deg = np.asarray(a.sum(axis=1), dtype=np.float64).ravel()
     inv_sqrt = np.zeros_like(deg)
     np.power(deg, -0.5, out=inv_sqrt, where=deg > 0)
@@ -194,7 +163,6 @@ def load_graph(path: str | Path) -> sp.csr_matrix:
     if not p.is_file():
         raise DataError(f"{p}: graph file not found")
     try:
-        m = sp.csr_matrix(sp.load_npz(p))  # scipy loads with allow_pickle=False
+        return sp.csr_matrix(sp.load_npz(p))  # scipy loads with allow_pickle=False
     except (OSError, ValueError, KeyError, EOFError) as err:
         raise DataError(f"{p}: not a readable sparse graph file ({type(err).__name__}: {err})") from err
-    return m

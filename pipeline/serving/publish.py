@@ -1,10 +1,8 @@
 """Every user's top-K, in raw ids, written where downstream jobs read it; replaced atomically.
 
-Why atomic and in this order: a downstream job may read ``recommendations.parquet`` at any moment, including while a
-retrain replaces it. The table is written to a temporary file beside it, flushed, then renamed over it (one rename:
-readers see the old file or the new one, never half of one); ``manifest.json`` follows the same way, and names the
-table's sha256, so a reader that caught the two mid-swap can tell. A publisher killed before its rename leaves the
-previous pair intact (its temporary file is removed by the next publish)."""
+Why: a downstream job may read ``recommendations.parquet`` at any moment. The table and then ``manifest.json`` (naming
+the table's sha256, so a reader caught mid-swap can tell) are each written beside their target and renamed over it:
+readers see the old file or the new, never half of one."""
 
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ from sand.pipeline.training.evaluation import recommendations_table
 PUBLISHED_DIR = "published"
 TABLE_NAME = "recommendations.parquet"
 MANIFEST_NAME = "manifest.json"
-COLUMNS = ("user_id", "rank", "item_id", "score")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -34,22 +31,17 @@ def top_k_table(inter: Artifact, data: Any, user_emb: Any, item_emb: Any, k: int
     if k < 1:
         raise ConfigError(f"invalid k {k}: must be at least 1")
     recs = recommendations_table(user_emb, item_emb, data, k)
-    users = pd.read_parquet(inter.file("user_map.parquet"), columns=["user", "user_id"])
-    items = pd.read_parquet(inter.file("item_map.parquet"), columns=["item", "asin"])
-    user_ids = np.empty(data.n_users, dtype=object)
-    user_ids[users["user"].to_numpy()] = users["user_id"].astype(str).to_numpy()
-    item_ids = np.empty(data.n_items, dtype=object)
-    item_ids[items["item"].to_numpy()] = items["asin"].astype(str).to_numpy()
+    user_ids = pd.read_parquet(inter.file("user_map.parquet"), columns=["user", "user_id"]).set_index("user")["user_id"]
+    item_ids = pd.read_parquet(inter.file("item_map.parquet"), columns=["item", "asin"]).set_index("item")["asin"]
     return pd.DataFrame({
-        "user_id": pd.array(user_ids[recs["user"].to_numpy()], dtype="string"),
+        "user_id": pd.array(user_ids.astype(str).reindex(recs["user"]).to_numpy(), dtype="string"),
         "rank": recs["rank"].to_numpy(np.int32),
-        "item_id": pd.array(item_ids[recs["item"].to_numpy()], dtype="string"),
+        "item_id": pd.array(item_ids.astype(str).reindex(recs["item"]).to_numpy(), dtype="string"),
         "score": recs["score"].to_numpy(np.float32),
     })
 
 
 def write_table(table: pd.DataFrame, out: Path) -> Path:
-    """``table`` as Parquet at ``out``, atomically."""
     with atomic_path(out, suffix=".parquet") as tmp:
         table.to_parquet(tmp, index=False)
     return out

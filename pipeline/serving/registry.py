@@ -1,13 +1,8 @@
 """The model registry: every retrained model, the champion per dataset and model, each promotion decision.
 
-Why SQLite in the data root: the registry is small (a row per trained model), read by ``sand models``, ``sand
-recommend`` and every retrain, and written by one retrain at a time. SQLite commits a transaction atomically (a killed
-writer leaves the last committed state), needs no server and ships with Python. The source states of the last retrain
-live here too, so "did anything change?" and "which model is in use?" are answered from one file,
-``<data-root>/registry/models.sqlite``.
-
-A model's key is its ``train`` artifact key: the same training on the same snapshot is the same model, registered once.
-"""
+Why SQLite in the data root: small, written by one retrain at a time, committed atomically (a killed writer leaves the
+last committed state), no server. It also keeps the last retrain's source states. A model's key is its ``train``
+artifact key: the same training on the same snapshot is registered once."""
 
 from __future__ import annotations
 
@@ -23,9 +18,7 @@ from typing import Any
 from sand.pipeline.base.errors import ConfigError
 
 REGISTRY_FILE = Path("registry") / "models.sqlite"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS models (
+_SCHEMA = """CREATE TABLE IF NOT EXISTS models (
     key TEXT PRIMARY KEY, dataset TEXT NOT NULL, model TEXT NOT NULL, snapshot TEXT NOT NULL,
     artifacts TEXT NOT NULL, config TEXT NOT NULL, metrics TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS champions (
@@ -101,19 +94,14 @@ class ModelRegistry:
         with self._connect() as conn:
             return conn.execute(sql, args).fetchall()
 
-    # -- models ----------------------------------------------------------------------------------
     def register(self, entry: ModelEntry) -> bool:
         """Add ``entry``; False when its key is registered already (the same model trained again)."""
         with self._connect() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.key, entry.dataset, entry.model, entry.snapshot, json.dumps(entry.artifacts),
-                 json.dumps(entry.config), json.dumps(entry.metrics), entry.created_at),
-            )
-            return cur.rowcount == 1
+            row = (entry.key, entry.dataset, entry.model, entry.snapshot, json.dumps(entry.artifacts),
+                   json.dumps(entry.config), json.dumps(entry.metrics), entry.created_at)
+            return conn.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row).rowcount == 1
 
     def models(self, dataset: str | None = None) -> list[ModelEntry]:
-        """Registered models, oldest first (optionally of one dataset)."""
         query, args = "SELECT * FROM models", ()
         if dataset is not None:
             query, args = query + " WHERE dataset = ?", (dataset,)
@@ -130,7 +118,6 @@ class ModelRegistry:
             raise ConfigError(f"model key {key!r} is ambiguous: {', '.join(m.key for m in found)}")
         return found[0]
 
-    # -- champions -------------------------------------------------------------------------------
     def champion(self, dataset: str, model: str) -> ModelEntry | None:
         rows = self._query("SELECT key FROM champions WHERE dataset = ? AND model = ?", (dataset, model))
         return self.get(rows[0][0]) if rows else None
@@ -142,12 +129,10 @@ class ModelRegistry:
     def decide(self, decision: Decision) -> None:
         """Record ``decision``; a promoted challenger becomes the champion in the same transaction."""
         with self._connect() as conn:
-            conn.execute(
-                "INSERT INTO decisions (dataset, model, challenger, champion, promoted, details, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (decision.dataset, decision.model, decision.challenger, decision.champion, int(decision.promoted),
-                 json.dumps(decision.details), decision.at),
-            )
+            row = (decision.dataset, decision.model, decision.challenger, decision.champion, int(decision.promoted),
+                   json.dumps(decision.details), decision.at)
+            conn.execute("INSERT INTO decisions (dataset, model, challenger, champion, promoted, details, at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
             if decision.promoted:
                 conn.execute("INSERT OR REPLACE INTO champions VALUES (?, ?, ?, ?)",
                              (decision.dataset, decision.model, decision.challenger, decision.at))
@@ -160,7 +145,6 @@ class ModelRegistry:
         rows = self._query(query + " ORDER BY id", args)
         return [Decision(d, m, c, ch, bool(p), json.loads(det), at) for d, m, c, ch, p, det, at in rows]
 
-    # -- source states ---------------------------------------------------------------------------
     def source_states(self, dataset: str, model: str) -> dict[str, Any] | None:
         """The sources as the last finished retrain of (dataset, model) saw them; None before the first."""
         rows = self._query("SELECT states FROM sources WHERE dataset = ? AND model = ?", (dataset, model))

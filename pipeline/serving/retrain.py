@@ -1,8 +1,7 @@
 """One retrain, start to finish: new data? train a challenger, compare, promote, publish.
 
-Why here, without Prefect: ``sand retrain``, the ``sand-retrain`` deployment and the tests run the same steps; the
-caller supplies only how the pipeline runs (``run``: the Prefect flow, or the in-process runner), so the decisions are
-made in one place. Source states are saved last: a retrain that fails anywhere is retried in full next time."""
+Why without Prefect: the CLI, the deployment and the tests share these decisions; the caller supplies only how the
+pipeline runs. Source states are saved last, so a failed retrain is retried in full."""
 
 from __future__ import annotations
 
@@ -22,9 +21,6 @@ from sand.pipeline.serving.registry import Decision, ModelEntry, ModelRegistry, 
 from sand.pipeline.serving.runs import entry_artifacts, entry_for_run, entry_train_config, run_embeddings
 
 log = logging.getLogger(__name__)
-
-#: Runs the pipeline up to ``evaluate`` for a config; returns stage -> artifact.
-PipelineRunner = Callable[[PipelineConfig], Mapping[str, Artifact]]
 
 
 @dataclass
@@ -75,10 +71,8 @@ def survey(cfg: PipelineConfig) -> Survey:
 
 def publish_model(data_root: Path, entry: ModelEntry, k: int) -> dict[str, Any]:
     """Publish ``entry``'s top ``k`` for every user of its snapshot under ``<data-root>/published/<dataset>/``."""
-    store = ArtifactStore(data_root)
-    artifacts = entry_artifacts(store, entry)
-    data, user_emb, item_emb = run_embeddings(entry_train_config(entry), artifacts)
-    table = top_k_table(artifacts["interactions"], data, user_emb, item_emb, k)
+    artifacts = entry_artifacts(ArtifactStore(data_root), entry)
+    table = top_k_table(artifacts["interactions"], *run_embeddings(entry_train_config(entry), artifacts), k)
     manifest = {"model_key": entry.key, "dataset": entry.dataset, "model": entry.model, "snapshot": entry.snapshot,
                 "metrics": entry.metrics, "k": k, "published_at": now()}
     return publish(published_dir(data_root, entry.dataset), table, manifest)
@@ -92,26 +86,24 @@ def challenge(store: ArtifactStore, challenger: ModelEntry, champion: ModelEntry
                         {"reason": "no champion yet: the first model is promoted", "metric": metric}, now())
     new_arts, old_arts = entry_artifacts(store, challenger), entry_artifacts(store, champion)
     shared = shared_split(new_arts["interactions"], old_arts["interactions"])
-    new_data, new_u, new_i = run_embeddings(entry_train_config(challenger), new_arts)
-    old_data, old_u, old_i = run_embeddings(entry_train_config(champion), old_arts)
+    _, new_u, new_i = run_embeddings(entry_train_config(challenger), new_arts)
+    _, old_u, old_i = run_embeddings(entry_train_config(champion), old_arts)
     details = compare_on_shared(shared, (new_u, new_i), (old_u, old_i), metric)
     promoted, reason = promotion_verdict(details, max_drop)
     details.update(reason=reason, max_drop=max_drop)
     return Decision(challenger.dataset, challenger.model, challenger.key, champion.key, promoted, details, now())
 
 
-def retrain_once(cfg: PipelineConfig, run: PipelineRunner) -> RetrainReport:
-    """Steps 1 to 4 of a scheduled retrain (see the module doc); returns what happened."""
+def retrain_once(cfg: PipelineConfig, run: Callable[[PipelineConfig], Mapping[str, Artifact]]) -> RetrainReport:
+    """Steps 1 to 4 of a scheduled retrain; ``run(cfg)`` runs the pipeline up to ``evaluate``: stage -> artifact."""
     found = survey(cfg)
     cfg, registry, dataset, changes, champion = found.cfg, found.registry, found.dataset, found.changes, found.champion
     model, data_root = cfg.train.model, cfg.data_root
-    early = found.unchanged()
-    if early is not None:
+    if (early := found.unchanged()) is not None:
         log.info("retrain: %s", early.message)
         return early
     log.info("retrain: %s", changes.message() if changes.changed else f"no {model} champion yet")
-    revision = remote_revision(changes.states)
-    if revision is not None:
+    if (revision := remote_revision(changes.states)) is not None:
         cfg = cfg.model_copy(update={"acquire": cfg.acquire.model_copy(update={"revision": revision})})
     if cfg.retrain.warm_start and champion is not None:
         cfg = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"warm_start_from": champion.key})})
@@ -121,8 +113,7 @@ def retrain_once(cfg: PipelineConfig, run: PipelineRunner) -> RetrainReport:
         decision = None  # the same training on the same snapshot: nothing to compare
         message = f"retrained: model {entry.key} is the champion already"
     else:
-        rcfg = cfg.retrain
-        made = challenge(ArtifactStore(data_root), entry, champion, rcfg.metric, rcfg.max_drop)
+        made = challenge(ArtifactStore(data_root), entry, champion, cfg.retrain.metric, cfg.retrain.max_drop)
         registry.decide(made)
         decision = made.to_dict()
         message = f"retrained: {made.details['reason']}"

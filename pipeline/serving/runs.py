@@ -1,7 +1,5 @@
-"""A registered model's artifacts and embeddings, and the entry a finished pipeline run registers as.
-
-Why one module: promotion, publication and ``sand recommend`` all rebuild a model from the artifacts its registry entry
-names; the entry itself is made from a run's artifacts."""
+"""A registered model's artifacts and embeddings, and the entry a finished pipeline run registers as: promotion,
+publication and ``sand recommend`` all rebuild a model from the artifacts its registry entry names."""
 
 from __future__ import annotations
 
@@ -28,9 +26,7 @@ def dataset_name(cfg: PipelineConfig) -> str:
 
 
 def entry_for_run(cfg: PipelineConfig, artifacts: Mapping[str, Artifact]) -> ModelEntry:
-    """The registry entry of a pipeline run that reached ``evaluate``."""
-    missing = [s for s in ("acquire", "interactions", "train", "evaluate") if s not in artifacts]
-    if missing:
+    if missing := [s for s in ("acquire", "interactions", "train", "evaluate") if s not in artifacts]:
         raise StageError(f"cannot register a run without its {', '.join(missing)} artifact(s)")
     return ModelEntry(
         key=artifacts["train"].key, dataset=str(artifacts["interactions"].manifest.get("name") or dataset_name(cfg)),

@@ -1,8 +1,6 @@
-"""Reading training checkpoints: always ``weights_only=True``, always a one-line error.
-
-Why one module: the trainer's resume, scoring a trained run and the report's figures all read ``best.pt``/``last.pt``. A
-checkpoint is a file from disk -- possibly copied from elsewhere -- so it is never unpickled as arbitrary objects, and a
-truncated or foreign file is named in a :class:`StageError` instead of a torch traceback."""
+"""Reading training checkpoints (``best.pt``/``last.pt``, read by the resume, scoring and the report's figures): always
+``weights_only=True``, as a checkpoint may be copied from anywhere, and a truncated or foreign file is a one-line
+:class:`StageError`, not a torch traceback."""
 
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ BEST_NAME, LAST_NAME = "best.pt", "last.pt"
 
 def read_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint's contents (tensors, numbers, strings, containers), mapped onto ``device``."""
-
     path = Path(path)
     if not path.is_file():
         raise StageError(f"checkpoint {path}: missing (train the model first)")
@@ -40,11 +37,8 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path |
 
 
 def load_weights(model: torch.nn.Module, path: Path | str, device: str | torch.device | None = None) -> dict[str, Any]:
-    """Load a checkpoint's model weights into ``model`` (in place); returns the rest of the checkpoint.
-
-    Accepts the trainer's checkpoints (``best.pt``: ``{"model": state_dict, "epoch", "valid", "test", "config"}``;
-    ``last.pt`` adds the optimiser and counters) and a bare state_dict (then the returned metadata is empty). ``device``
-    None maps the tensors to the device the model's parameters are on."""
+    """Load a checkpoint's model weights into ``model`` (in place) and return the rest of the checkpoint (nothing for a
+    bare state_dict); ``device`` None maps the tensors to the device of the model's parameters."""
     import torch  # lazy: torch takes seconds to import
 
     if device is None:

@@ -1,17 +1,11 @@
 """Full-ranking top-K evaluation with MMRec's protocol (docs/model.md).
 
-Why this shape: scores are dot products of user and item embeddings, so users are ranked in blocks (memory ~ users per
-block x n_items floats, capped at ``MAX_SCORE_ELEMENTS``; only the top K of each block is kept) on whatever device the
-embeddings live on. Only each user's *training* items are masked: validation items stay rankable when the test split is
-evaluated, as MMRec does, so numbers compare with published ones.
-
-Tie rule (documented because ``torch.topk`` is not stable): equal scores rank the lower item index first. ``torch.topk``
-only supplies the K-th largest score; every item scoring above it is in the top K, and the remaining slots go to the
-lowest-indexed items scoring exactly that value. The K chosen items are then ordered by (score descending, item index
-ascending) with a stable sort. Rows without ties (the usual case for float scores) skip that extra work.
-
-Slots that cannot hold a rankable item (K above the number of items the user has not trained on, or K above the
-catalogue, which caps K) hold item id ``-1`` and never count as hits."""
+Scores are dot products of user and item embeddings, ranked in blocks of users (at most ``MAX_SCORE_ELEMENTS`` scores
+at once, only each block's top K kept) on whatever device the embeddings live on. Only each user's *training* items are
+masked: validation items stay rankable when the test split is evaluated, as in MMRec, so numbers compare with published
+ones. Ties (``torch.topk`` is not stable) rank the lower item index first (:func:`_topk_rows`). Slots that cannot hold a
+rankable item (K above the items the user has not trained on; K above the catalogue caps K) hold item ``-1`` and never
+count as hits."""
 
 from __future__ import annotations
 
@@ -24,13 +18,13 @@ import scipy.sparse as sp
 
 from sand.pipeline.base.errors import ConfigError, DataError, SandError
 from sand.pipeline.dataset.split_data import SplitData
+from sand.pipeline.training.negative_sampling import is_member
 
 if TYPE_CHECKING:
     import torch
 
 SPLITS = ("valid", "test")
-#: Scores held at once (users per block x items): 64M float32 = 256 MB, whatever the catalogue.
-#: At 1M items a block is 67 users; ``batch_users`` is the upper bound for small catalogues.
+#: Scores held at once (users per block x items): 64M float32 = 256 MB whatever the catalogue (67 users at 1M items).
 MAX_SCORE_ELEMENTS = 1 << 26
 
 
@@ -49,27 +43,22 @@ def _as_tensor(x) -> torch.Tensor:
 
 def _check_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, n_users: int, n_items: int) -> None:
     if user_emb.ndim != 2 or item_emb.ndim != 2 or user_emb.shape[1] != item_emb.shape[1]:
-        raise SandError(
-            f"embeddings: user {tuple(user_emb.shape)} and item {tuple(item_emb.shape)} "
-            "must be 2-D with the same width"
-        )
+        raise SandError(f"embeddings: user {tuple(user_emb.shape)} and item {tuple(item_emb.shape)} "
+                        "must be 2-D with the same width")
     if user_emb.shape[0] != n_users or item_emb.shape[0] != n_items:
-        raise SandError(
-            f"embeddings: got {user_emb.shape[0]} users x {item_emb.shape[0]} items, "
-            f"data has {n_users} x {n_items}"
-        )
+        raise SandError(f"embeddings: got {user_emb.shape[0]} users x {item_emb.shape[0]} items, "
+                        f"data has {n_users} x {n_items}")
 
 
 def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (indices, scores) per row with ties broken by lower index; -inf slots kept.
-
-    Fast path: ``topk(k + 1)``; where the (k+1)-th score is below the k-th, the top-k *set* is unambiguous and only its
-    order needs the tie rule (a sort of k entries). Rows with a tie across the boundary (rare for float scores, always
-    for users with fewer than k rankable items, whose boundary is -inf) take the exact full-row path."""
+    """Top-k (indices, scores) per row, equal scores ranking the lower index first; -inf slots kept. Fast path:
+    ``topk(k + 1)``: where the (k+1)-th score is below the k-th, the top-k *set* is unambiguous. A row with a tie across
+    that boundary (rare for float scores, always for users with fewer than k rankable items, whose boundary is -inf)
+    takes every item above the k-th score plus the lowest-indexed ones equal to it. Rows with any tie are then ordered
+    by (score descending, index ascending) with a stable sort."""
     import torch  # lazy: torch takes seconds to import
 
-    n_cols = scores.shape[1]
-    kk = min(k + 1, n_cols)
+    kk = min(k + 1, scores.shape[1])
     vals, idx = torch.topk(scores, kk, dim=1, sorted=True)
     top, idx = vals[:, :k].clone(), idx[:, :k].clone()
     redo = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
@@ -96,9 +85,8 @@ def _topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return idx, top
 
 
-def _iter_topk(
-    user_emb, item_emb, users: np.ndarray, train_csr: sp.csr_matrix, k: int, batch_users: int,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _iter_topk(user_emb, item_emb, users: np.ndarray, train_csr: sp.csr_matrix, k: int, batch_users: int
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (users, item ids, scores) per batch; masked / missing slots have item -1."""
     import torch  # lazy: torch takes seconds to import
 
@@ -118,10 +106,10 @@ def _iter_topk(
     m = sp.csr_matrix(train_csr)
     if m.shape[1] != n_items:
         raise SandError(f"training matrix has {m.shape[1]} item columns but the item embeddings {n_items} rows")
-    users = np.asarray(users, dtype=np.int64)
-    if len(users) and (users.min() < 0 or users.max() >= min(ue.shape[0], m.shape[0])):
-        bad = int(users[(users < 0) | (users >= min(ue.shape[0], m.shape[0]))][0])
-        raise SandError(f"ranking: user index {bad} outside 0..{min(ue.shape[0], m.shape[0]) - 1}")
+    users, n_rows = np.asarray(users, dtype=np.int64), min(ue.shape[0], m.shape[0])
+    outside = (users < 0) | (users >= n_rows)
+    if outside.any():
+        raise SandError(f"ranking: user index {int(users[outside][0])} outside 0..{n_rows - 1}")
     block = users_per_block(batch_users, n_items)  # bounded memory at any catalogue size
     for start in range(0, len(users), block):
         bu = users[start : start + block]
@@ -130,25 +118,20 @@ def _iter_topk(
         rows = np.repeat(np.arange(len(bu), dtype=np.int64), np.diff(sub.indptr))
         cols = sub.indices.astype(np.int64)
         if len(cols):
-            scores[
-                torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)
-            ] = float("-inf")
+            scores[torch.as_tensor(rows, device=ue.device), torch.as_tensor(cols, device=ue.device)] = float("-inf")
         idx, top = _topk_rows(scores, k_eff)
         # NaN and +inf sort to the top, so checking the winners catches overflowing scores
         bad_rows = torch.nonzero(torch.isnan(top[:, 0]) | torch.isposinf(top[:, 0]))
         if len(bad_rows):
             bad = int(bu[int(bad_rows[0, 0])])
             raise SandError(f"evaluation: non-finite score for user {bad} (the model produced NaN/inf)")
-        idx = idx.cpu().numpy()
-        top = top.float().cpu().numpy()
+        idx, top = idx.cpu().numpy(), top.float().cpu().numpy()
         idx[np.isneginf(top)] = -1
         yield bu, idx, top
 
 
 def rank_topk(user_emb, item_emb, users, train_csr: sp.spmatrix, k: int, batch_users: int = 4096) -> np.ndarray:
-    """Top-``k`` item ids (len(users) x min(k, n_items)) with training items masked.
-
-    Ties: lower item index first. Slots with no rankable item left hold -1."""
+    """Top-``k`` item ids (len(users) x min(k, n_items)), training items masked; ties, -1 slots: see the module doc."""
     users = np.asarray(users, dtype=np.int64)
     n_items = int(_as_tensor(item_emb).shape[0])
     out = np.full((len(users), min(k, n_items)), -1, dtype=np.int64)
@@ -157,10 +140,6 @@ def rank_topk(user_emb, item_emb, users, train_csr: sp.spmatrix, k: int, batch_u
         out[pos : pos + len(bu)] = idx
         pos += len(bu)
     return out
-
-
-def _split_keys(edges: np.ndarray, n_items: int) -> np.ndarray:
-    return np.unique(edges[:, 0].astype(np.int64) * n_items + edges[:, 1].astype(np.int64))
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -180,7 +159,7 @@ class SplitEvaluator:
         self.data, self.split, self.ks, self.batch_users = data, split, ks, batch_users
         self.train_csr = data.csr("train")
         edges = np.asarray(data.edges(split), dtype=np.int64)
-        self.keys = _split_keys(edges, data.n_items)
+        self.keys = np.unique(edges[:, 0] * data.n_items + edges[:, 1])  # sorted keys user * n_items + item
         self.users, self.n_pos = np.unique(self.keys // data.n_items, return_counts=True)
         if len(self.users) == 0:
             raise DataError(f"split {split!r} has no interactions, so it cannot be evaluated")
@@ -197,9 +176,7 @@ class SplitEvaluator:
         for bu, idx, _ in _iter_topk(ue, ie, self.users, self.train_csr, kmax, self.batch_users):
             n_pos = self.n_pos[pos : pos + len(bu)].astype(np.float64)
             pos += len(bu)
-            query = bu[:, None] * n + np.maximum(idx, 0)
-            found = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
-            hits = (self.keys[found] == query) & (idx >= 0)
+            hits = is_member(self.keys, bu[:, None] * n + np.maximum(idx, 0)) & (idx >= 0)
             width = hits.shape[1]
             for k in self.ks:
                 kk = min(k, width)
@@ -211,13 +188,10 @@ class SplitEvaluator:
         return {name: total / len(self.users) for name, total in sums.items()}
 
 
-def evaluate_split(
-    user_emb, item_emb, data: SplitData, split: str, ks: Sequence[int] = (10, 20), batch_users: int = 4096,
-) -> dict[str, float]:
-    """Recall@K and NDCG@K (MMRec protocol) averaged over users with >= 1 item in ``split``.
-
-    Recall@K = hits in the top K / the user's items in the split; NDCG@K uses binary gains and IDCG over min(|items|, K)
-    positions. Keys: ``recall@K`` then ``ndcg@K``."""
+def evaluate_split(user_emb, item_emb, data: SplitData, split: str, ks: Sequence[int] = (10, 20),
+                   batch_users: int = 4096) -> dict[str, float]:
+    """Recall@K and NDCG@K (MMRec protocol) averaged over users with >= 1 item in ``split``: Recall@K = hits in the top
+    K / the user's items in the split; NDCG@K uses binary gains and IDCG over min(|items|, K) positions."""
     return SplitEvaluator(data, split, ks, batch_users)(user_emb, item_emb)
 
 
@@ -226,25 +200,17 @@ def recommendations_table(user_emb, item_emb, data: SplitData, k: int, users=Non
     ue, ie = _as_tensor(user_emb), _as_tensor(item_emb)
     _check_embeddings(ue, ie, data.n_users, data.n_items)
     users = np.arange(data.n_users, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
-    if len(users) and (users.min() < 0 or users.max() >= data.n_users):
-        bad = users[(users < 0) | (users >= data.n_users)][0]
-        raise DataError(f"recommendations: user index {int(bad)} outside 0..{data.n_users - 1}")
+    outside = (users < 0) | (users >= data.n_users)
+    if outside.any():
+        raise DataError(f"recommendations: user index {int(users[outside][0])} outside 0..{data.n_users - 1}")
     frames = []
     for bu, idx, top in _iter_topk(ue, ie, users, data.csr("train"), k, 4096):
         r, c = np.nonzero(idx >= 0)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "user": bu[r], "rank": (c + 1).astype(np.int64), "item": idx[r, c],
-                    "score": top[r, c].astype(np.float32),
-                }
-            )
-        )
-    if not frames:
-        return pd.DataFrame(
-            {
-                "user": np.empty(0, np.int64), "rank": np.empty(0, np.int64), "item": np.empty(0, np.int64),
-                "score": np.empty(0, np.float32),
-            }
-        )
-    return pd.concat(frames, ignore_index=True)
+        frames.append(_recs_frame(bu[r], c + 1, idx[r, c], top[r, c]))
+    empty = np.empty(0)
+    return pd.concat(frames, ignore_index=True) if frames else _recs_frame(empty, empty, empty, empty)
+
+
+def _recs_frame(user: np.ndarray, rank: np.ndarray, item: np.ndarray, score: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"user": user.astype(np.int64), "rank": rank.astype(np.int64), "item": item.astype(np.int64),
+                         "score": score.astype(np.float32)})

@@ -1,17 +1,13 @@
 """Training memory, estimated from the config and the dataset's counts before any model is built.
 
-Why: a model too big for the machine used to be found out by the kernel: an 18 GB ``embedding_dim=3000000`` run grew for
-minutes until the OOM killer ended it (exit 137, no ``error:`` line), and a 10**12 one failed with a hint about batch
-sizes that never named the field at fault. Training memory is a simple function of the counts (U users, N items, E
-training edges, the feature widths) and a few fields, so the train stage computes it first, refuses in one line naming
-the fields that drive it, and records it next to the measured peak (``benchmarks/bench_memory_model.py`` checks the
-two).
-
-The terms (float32, 4 bytes; docs/scaling.md, *Memory model*): every trainable float is held four times (value,
-gradient, two Adam moments); the model's inputs (the feature matrices, read whole every batch, the graphs); and the
-activations autograd keeps over one batch, which for the graph models span the whole user-item graph. The activation
-coefficients are measured (the bench), not derived: autograd keeps more per-row tensors than a first-order count sees.
-"""
+Why: a model too big for the machine used to be found out by the kernel (the OOM killer, exit 137, no ``error:`` line)
+or refused with a hint that never named the field at fault. Training memory is a simple function of the counts (users,
+items, training edges, feature widths) and a few fields, so the train stage computes it first, refuses in one line
+naming the fields that drive it, and records it next to the measured peak (``benchmarks/bench_memory_model.py`` checks
+the two). The terms (float32; docs/scaling.md, *Memory model*): every trainable float four times (value, gradient, two
+Adam moments); the inputs (feature matrices, read whole every batch, and graphs); the activations autograd keeps over
+one batch, which for the graph models span the whole user-item graph. The activation coefficients are measured by the
+bench, not derived: autograd keeps more per-row tensors than a first-order count sees."""
 
 from __future__ import annotations
 
@@ -50,16 +46,12 @@ SLACK = 1.10
 
 @dataclass(frozen=True)
 class Part:
-    """One term of the estimate: its bytes and the config fields that set its size."""
-
     bytes: float
-    fields: tuple[str, ...]
+    fields: tuple[str, ...]  # the config fields that set its size
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """The estimated training memory of one model, by part (bytes)."""
-
     model: str
     parts: dict[str, Part] = field(default_factory=dict)
 
@@ -83,21 +75,17 @@ class MemoryEstimate:
                 "parts_mb": {name: round(p.bytes / 2**20, 1) for name, p in self.parts.items()}}
 
 
-def estimate_training_memory(
-    model: str, *, n_users: int, n_items: int, n_train_edges: int, feature_dims: Mapping[str, int],
-    batch_size: int = 2048, hyperparameters: Mapping[str, Any] | None = None,
-) -> MemoryEstimate:
-    """The training memory of ``model`` (a registry name) at these counts and settings.
-
-    ``hyperparameters``: the model keywords the run passes (``embedding_dim``, ``n_layers``, ``head_dims``,
-    ``train_features``...); absent ones take the models' defaults."""
+def estimate_training_memory(model: str, *, n_users: int, n_items: int, n_train_edges: int,
+                             feature_dims: Mapping[str, int], batch_size: int = 2048,
+                             hyperparameters: Mapping[str, Any] | None = None) -> MemoryEstimate:
+    """The training memory of ``model`` (a registry name) at these counts and settings; absent ``hyperparameters`` (the
+    model keywords the run passes) take the models' defaults."""
     hp = dict(hyperparameters or {})
     e = int(hp.get("embedding_dim", 64))
     layers = int(hp.get("n_layers", hp.get("n_ui_layers", 2)))  # every graph model's default: 2
     U, N, E = int(n_users), int(n_items), int(n_train_edges)
     dims = {m: int(d) for m, d in feature_dims.items()}
-    D = sum(dims.values())
-    rows = U + N
+    D, rows = sum(dims.values()), U + N
     emb, batch = ("train.embedding_dim",), ("train.batch_size", "train.embedding_dim")
     parts: dict[str, Part] = {}
 
@@ -142,11 +130,7 @@ def estimate_training_memory(
 
 def feature_dims_of(paths: Mapping[str, Path]) -> dict[str, int]:
     """Widths of ``.npy`` feature matrices, read from their headers (no data is read)."""
-    dims = {}
-    for modality, path in paths.items():
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        dims[modality] = int(arr.shape[1])
-    return dims
+    return {m: int(np.load(path, mmap_mode="r", allow_pickle=False).shape[1]) for m, path in paths.items()}
 
 
 def available_memory(device: Any) -> float | None:
@@ -157,18 +141,15 @@ def available_memory(device: Any) -> float | None:
 
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
-    avail = _meminfo_available()
-    limit = _cgroup_headroom()
-    values = [v for v in (avail, limit) if v is not None]
+    values = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
     return min(values) if values else None
 
 
 def _meminfo_available() -> float | None:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
     return None
 
 
@@ -185,17 +166,16 @@ def _cgroup_headroom() -> float | None:
 
 def resident_bytes() -> float:
     """This process's resident memory now (the estimate is added to it)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/statm") as fh:
-            return float(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as fh:
+        return float(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return 0.0
 
 
 def check_fits(estimate: MemoryEstimate, *, available: float | None, where: str, budget_gb: float | None = None,
                resident: float = 0.0) -> None:
-    """Refuse an estimate beyond ``train.memory_budget_gb`` (which bounds the run's peak: what this process holds now
-    plus the estimate) or beyond the memory still available on the device, in one line naming the config fields that
-    drive the size."""
+    """Refuse, in one line naming the config fields that drive the size, an estimate beyond ``train.memory_budget_gb``
+    (which bounds the run's peak: what this process holds now plus the estimate) or the memory available on the
+    device."""
     if budget_gb is not None:
         need, limit, what = resident + estimate.total, budget_gb * 2**30, f"train.memory_budget_gb={budget_gb:g}"
     else:
@@ -211,9 +191,9 @@ def check_fits(estimate: MemoryEstimate, *, available: float | None, where: str,
 
 
 def check_training_memory(tcfg: Any, inter: Any, feature_arts: Mapping[str, Any]) -> dict[str, Any]:
-    """The train stage's check, before the model is built: estimate, refuse if it cannot fit, return the estimate for
-    the manifest (``estimated_peak_memory_mb`` is comparable with the trainer's ``peak_memory_mb``: this process's
-    resident memory plus the estimate on a CPU)."""
+    """The train stage's check before the model is built; returns the estimate for the manifest, whose
+    ``estimated_peak_memory_mb`` compares with the trainer's ``peak_memory_mb`` (on a CPU: resident memory +
+    estimate)."""
     n_users, n_items = dataset_counts(inter)
     stats = inter.manifest.get("stats", {})
     n_train = int(stats.get("train", stats.get("interactions", 0)))

@@ -1,8 +1,6 @@
-"""Models built from stage artifacts: the interactions split, feature matrices and item graphs.
-
-Why here, in ``training/``: training, evaluation, ``sand recommend`` and the report's figures all rebuild the configured
-model from the same artifacts; one home keeps them identical and keeps the report from importing the stage table (no
-cycle)."""
+"""Models built from stage artifacts (interactions split, feature matrices, item graphs). Training, evaluation,
+``sand recommend`` and the report's figures all rebuild the configured model here: one home keeps them identical and
+keeps the report from importing the stage table (no cycle)."""
 
 from __future__ import annotations
 
@@ -22,12 +20,10 @@ from sand.pipeline.training.checkpoints import load_weights
 
 
 def load_feature_tensor(path: Path):
-    """A feature matrix as a float32 tensor over a memory map of the ``.npy`` file, not a copy.
-
-    Why: a million 4,096-d items are 16 GB; mapped, the pages come from the page cache on demand and the models that
-    keep raw features as a frozen buffer (SAND, VBPR) hold no second copy on CPU (on a GPU, the one device copy).
-    Copy-on-write (``mmap_mode="c"``): a model that writes into its features changes private pages, never the artifact.
-    Other dtypes (an imported float16 file) are converted once, to one float32 copy."""
+    """A feature matrix as a float32 tensor over a copy-on-write memory map of the ``.npy`` file: a million 4,096-d
+    items are 16 GB, so pages come from the page cache on demand and the models that keep raw features as a frozen
+    buffer (SAND, VBPR) hold no second copy on CPU, while a model that writes into its features changes private pages,
+    never the artifact. Other dtypes (float16) become one float32 copy."""
     import torch  # lazy: torch takes seconds to import
 
     arr = np.load(path, mmap_mode="c", allow_pickle=False)
@@ -37,16 +33,14 @@ def load_feature_tensor(path: Path):
 
 
 def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
-    """SplitData, feature tensors and torch item graphs for building a model."""
     from sand.models.graph import scipy_to_torch_sparse  # lazy: imports torch
 
     n_users, n_items = dataset_counts(inter)
     data = SplitData.from_parquet(inter.file("interactions.parquet"), n_users, n_items)
     features, graphs = {}, {}
-    if "image_features" in feature_arts:
-        features["image"] = load_feature_tensor(feature_arts["image_features"].file("image_feat.npy"))
-    if "text_features" in feature_arts:
-        features["text"] = load_feature_tensor(feature_arts["text_features"].file("text_feat.npy"))
+    for modality in ("image", "text"):
+        if f"{modality}_features" in feature_arts:
+            features[modality] = load_feature_tensor(feature_arts[f"{modality}_features"].file(f"{modality}_feat.npy"))
     if "graphs" in feature_arts:
         for modality in ("image", "text"):
             graphs[modality] = scipy_to_torch_sparse(load_graph(feature_arts["graphs"].file(f"{modality}_graph.npz")))
@@ -54,10 +48,8 @@ def load_model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]):
 
 
 def check_extra_hyperparameters(tcfg: TrainConfig) -> None:
-    """Refuse a ``train.extra`` key the model does not take, before any stage runs.
-
-    Why here and not in the config: which keywords a model takes is read from its constructor, which imports torch; a
-    config load must stay light, a run about to train need not."""
+    """Refuse a ``train.extra`` key the model does not take, before any stage runs. Not in the config: which keywords a
+    model takes is read from its constructor, which imports torch; a config load must stay light."""
     if not tcfg.extra:
         return
     accepted = registry.accepted_hyperparameters(tcfg.model)
@@ -84,20 +76,17 @@ def build_model_for(tcfg: TrainConfig, inter: Artifact, feature_arts: dict[str, 
         kwargs.setdefault(name, tcfg.lr if tcfg.lr is not None else registry.default_lr(tcfg.model))
     torch.manual_seed(tcfg.seed)
     try:
-        model = registry.build_model(
-            tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
-            train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs, **kwargs,
-        )
+        model = registry.build_model(tcfg.model, variant=tcfg.variant, n_users=data.n_users, n_items=data.n_items,
+                                     train_edges=torch.from_numpy(data.train), features=features, item_graphs=graphs,
+                                     **kwargs)
     except ValueError as err:  # models/ raises ValueError; here it becomes the user's one-line error
         raise ConfigError(f"train.model={tcfg.model}: {err}") from None
     return model, data
 
 
 def trained_embeddings(tcfg: TrainConfig, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]):
-    """(data, user_emb, item_emb) of a trained run: its best checkpoint, a fresh eval-mode forward pass.
-
-    Why fresh: the reference scores with embeddings cached during the last training batch; evaluation and ``sand
-    recommend`` both rebuild them from the checkpoint instead."""
+    """(data, user_emb, item_emb) of a trained run from its best checkpoint, by a fresh eval-mode forward pass (the
+    reference scores with embeddings cached during the last training batch)."""
     import torch  # lazy: torch takes seconds to import
 
     model, data = build_model_for(tcfg, inter, feature_arts)

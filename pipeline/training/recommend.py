@@ -1,7 +1,5 @@
-"""A user's top-K recommendations from a trained run, with item titles.
-
-Why a fresh forward pass: the evaluator's rule (score in eval mode, mask the user's training items) is what users expect
-``sand recommend`` to follow too."""
+"""A user's top-K recommendations from a trained run, with item titles. A fresh forward pass: ``sand recommend`` follows
+the evaluator's rule (score in eval mode, mask the user's training items)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings.
-
-Training resumes: its work directory is keyed by every parameter and input, so a rerun of the same settings continues
-from the last checkpoint. Importing this module loads no torch: the trainer and ``model_io`` import it inside the
-functions that build and train models."""
+"""The ``train`` and ``evaluate`` stages: fit the configured model, then score it on full rankings. Training's work
+directory is keyed by every parameter and input, so a rerun of the same settings resumes from the last checkpoint.
+Importing this module loads no torch."""
 
 from __future__ import annotations
 
@@ -12,16 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sand.models.registry import (
-    accepted_hyperparameters,
-    default_lr,
-    has_variants,
-    profile_hyperparameters,
-    profile_training,
-    recorded_variant,
-    required_modalities,
-    revision_params,
-)
+from sand.models import registry
 from sand.pipeline.base.hardware import resolve_device, resolve_precision
 from sand.pipeline.base.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, jsonable, key_params
@@ -42,40 +31,34 @@ def _model_inputs(inter: Artifact, feature_arts: dict[str, Artifact]) -> dict[st
 
 
 def train_key_params(tcfg: Any) -> dict[str, Any]:
-    """Train parameters that reach the model: fields it ignores do not change the artifact key.
-
-    The precision enters as resolved on this machine (``auto`` is bf16 on one machine and fp32 on another, and bf16
-    changes the results), only when it is not fp32 (artifacts trained before the field existed keep their keys) and only
-    for models that read features (the ID-only ones compute the same in either). A model's ``revision`` enters from 1
-    on, so a fix to one model retrains that model alone."""
-
+    """Train parameters that reach the model (fields it ignores do not change the artifact key). The precision enters as
+    resolved here (``auto`` is bf16 on one machine, fp32 on another; bf16 changes results), only when not fp32 (older
+    artifacts keep their keys) and only for models that read features. A model's ``revision`` enters from 1 on, so a fix
+    to one model retrains that model alone."""
     tcfg = tcfg.with_profile()
-    accepted = accepted_hyperparameters(tcfg.model)
+    accepted = registry.accepted_hyperparameters(tcfg.model)
     ignored = {n for n in tcfg.NAMED_HYPERPARAMETERS if n not in accepted}
-    if not has_variants(tcfg.model):
+    if not registry.has_variants(tcfg.model):
         ignored.add("variant")
-    if not profile_hyperparameters(tcfg.model, tcfg.profile) and not profile_training(tcfg.model, tcfg.profile):
+    if not any(has(tcfg.model, tcfg.profile) for has in (registry.profile_hyperparameters, registry.profile_training)):
         ignored.add("profile")
     # memory_budget_gb only refuses a run before it starts: it never changes what a run computes.
     params = key_params(tcfg, PERFORMANCE_FIELDS | ignored | {"precision", "memory_budget_gb"})
     precision = resolved_train_precision(tcfg)
-    if precision != "fp32" and required_modalities(tcfg.model):
+    if precision != "fp32" and registry.required_modalities(tcfg.model):
         params["precision"] = precision
-    params.update(revision_params(tcfg.model))
+    params.update(registry.revision_params(tcfg.model))
     return params
 
 
 def resolved_train_precision(tcfg: Any) -> str:
-    """``train.precision`` resolved for ``train.device`` on this machine (fp32 | bf16)."""
     return resolve_precision(tcfg.precision, resolve_device(tcfg.device))
 
 
 def _interrupted_sibling(work: Path, params: dict[str, Any], input_keys: dict[str, str]) -> tuple[Path, str] | None:
-    """The latest interrupted training run of the same model under other parameters or inputs.
-
-    Work directories are keyed by every parameter, so such a run is never continued (its checkpoints would mix two
-    settings): this only lets the log and the manifest say that training restarted, and what changed."""
-    latest: tuple[float, Path, dict[str, Any]] | None = None
+    """The latest interrupted run of the same model under other parameters or inputs: never continued (its checkpoints
+    would mix two settings), it only lets the log and the manifest say that training restarted, and what changed."""
+    candidates: list[tuple[float, Path, dict[str, Any]]] = []
     for other in work.parent.iterdir():
         last = other / LAST_NAME
         if other == work or not last.is_file():
@@ -84,14 +67,11 @@ def _interrupted_sibling(work: Path, params: dict[str, Any], input_keys: dict[st
             run = json.loads((other / RUN_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if run.get("params", {}).get("model") != params.get("model"):
-            continue
-        mtime = last.stat().st_mtime
-        if latest is None or mtime > latest[0]:
-            latest = (mtime, other, run)
-    if latest is None:
+        if run.get("params", {}).get("model") == params.get("model"):
+            candidates.append((last.stat().st_mtime, other, run))
+    if not candidates:
         return None
-    _, other, run = latest
+    _, other, run = max(candidates, key=lambda c: c[0])
     return other, describe_changes({"params": run.get("params"), "inputs": run.get("inputs")},
                                    {"params": params, "inputs": input_keys})
 
@@ -113,8 +93,7 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
         model, data = build_model_for(tcfg, inter, feature_arts)
         if warm_from is not None:
             log.info("train: warm start from %s (%s)", warm_from, warm_start(model, inter, ctx.store, warm_from))
-        # Keyed by every parameter and input: a rerun of the same settings resumes from the
-        # last checkpoint; other settings get their own directory and start at epoch 1.
+        # Keyed by every parameter and input: the same settings resume, other settings start at epoch 1 elsewhere.
         work = ctx.store.work_dir("train", work_key)
         fresh = not (work / LAST_NAME).is_file()
         write_json_atomic(work / RUN_FILE, {"params": params, "inputs": input_keys})
@@ -122,29 +101,25 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
         if sibling is not None:
             log.info("train: starting at epoch 1, parameters changed since the interrupted run in %s: %s "
                      "(its checkpoints are kept; rerun with its settings to resume it)", *sibling)
-        lr = tcfg.lr if tcfg.lr is not None else default_lr(tcfg.model)
+        lr = tcfg.lr if tcfg.lr is not None else registry.default_lr(tcfg.model)
         result = train_model(
             model, data, out_dir=work, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=lr,
             weight_decay=tcfg.weight_decay, patience=tcfg.resolved_patience(ctx.cfg.acquire.dataset),
-            early_stop=tcfg.early_stop, eval_every=tcfg.eval_every, seed=tcfg.seed,
-            device=tcfg.device, ks=ks, progress=ctx.progress, resume=True,
-            signature={"params": params, "inputs": input_keys}, restart_on_change=True,
-            precision=resolved_train_precision(tcfg),
-        )
+            early_stop=tcfg.early_stop, eval_every=tcfg.eval_every, seed=tcfg.seed, device=tcfg.device, ks=ks,
+            progress=ctx.progress, resume=True, signature={"params": params, "inputs": input_keys},
+            restart_on_change=True, precision=resolved_train_precision(tcfg))
         restarted = result.restarted or (f"parameters changed: {sibling[1]}" if sibling else None)
         for name in ("best.pt", "epochs.csv"):
             shutil.copy2(work / name, out / name)
         summary = {
-            "model": tcfg.model, "variant": recorded_variant(tcfg.model, tcfg.variant), "lr": lr,
-            "batch_size": tcfg.batch_size,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
-            "best_valid": jsonable(result.best_valid), "test_at_best": jsonable(result.test_at_best),
-            "seconds_per_epoch": result.seconds_per_epoch, "peak_memory_mb": result.peak_memory_mb,
-            "memory_estimate": memory,
+            "model": tcfg.model, "variant": registry.recorded_variant(tcfg.model, tcfg.variant), "lr": lr,
+            "batch_size": tcfg.batch_size, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early, "best_valid": jsonable(result.best_valid),
+            "test_at_best": jsonable(result.test_at_best), "seconds_per_epoch": result.seconds_per_epoch,
+            "peak_memory_mb": result.peak_memory_mb, "memory_estimate": memory,
             "model_kwargs": jsonable(effective_model_kwargs(tcfg)[1]),
             "plugin_fusion": getattr(model, "plugin_fusion", None), "profile": tcfg.profile,
-            "resumed_from_epoch": result.resumed_from_epoch, "restarted": restarted,
-            "precision": result.precision,
+            "resumed_from_epoch": result.resumed_from_epoch, "restarted": restarted, "precision": result.precision,
         }
         (out / "result.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(work, ignore_errors=True)
@@ -153,11 +128,9 @@ def run_train(ctx: StageContext, inter: Artifact, feature_arts: dict[str, Artifa
     return ctx.run("train", params, inputs, build)
 
 
-def run_evaluate(
-    ctx: StageContext, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]
-) -> StageOutcome:
+def run_evaluate(ctx: StageContext, inter: Artifact, trained: Artifact, feature_arts: dict[str, Artifact]
+                 ) -> StageOutcome:
     ecfg = ctx.cfg.evaluate
-    params = key_params(ecfg)
 
     def build(out: Path) -> dict[str, Any]:
         data, user_emb, item_emb = trained_embeddings(ctx.cfg.train, inter, trained, feature_arts)
@@ -168,7 +141,7 @@ def run_evaluate(
         recs = recommendations_table(user_emb, item_emb, data, ecfg.top_k)
         recs.to_parquet(out / "recommendations.parquet", index=False)
         (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
-        model, variant = ctx.cfg.train.model, recorded_variant(ctx.cfg.train.model, ctx.cfg.train.variant)
+        model, variant = ctx.cfg.train.model, registry.recorded_variant(ctx.cfg.train.model, ctx.cfg.train.variant)
         return {"metrics": jsonable(metrics), "model": model, "variant": variant}
 
-    return ctx.run("evaluate", params, {"train": trained, **_model_inputs(inter, feature_arts)}, build)
+    return ctx.run("evaluate", key_params(ecfg), {"train": trained, **_model_inputs(inter, feature_arts)}, build)

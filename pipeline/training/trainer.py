@@ -1,17 +1,11 @@
 """BPR training loop with early stopping, exact resume and per-epoch logs.
 
-Why resume is exact: every source of randomness is re-derived from ``(seed, epoch)`` at the start of each epoch -- the
-numpy sampler, the generator handed to ``model.on_epoch_start`` and torch's global RNG (dropout, permutations inside
-loss terms) -- and ``last.pt`` holds everything else that evolves (parameters, Adam state, the model's own optimisers,
-early-stopping counters, the log so far). A run killed after epoch e and resumed therefore replays epochs e+1.. exactly
-as an uninterrupted run would (bit-for-bit on CPU).
-
-Conventions: epochs and batches are numbered from 1. Early stopping counts *evaluations* without a better validation
-metric. ``early_stop="mmrec"`` (default) is MMRec's rule: the metric is compared after rounding to 4 decimals (MMRec's
-evaluator rounds every metric so) and training stops once MORE than ``patience`` evaluations passed without improvement.
-``"strict"`` compares the unrounded metric and stops after ``patience`` of them. The last epoch is always evaluated, so
-a run has a best checkpoint even when ``eval_every`` does not divide ``epochs``. Checkpoints hold only tensors, numbers,
-strings and plain containers so that ``torch.load(..., weights_only=True)`` reads them."""
+Why resume is exact: every source of randomness (numpy sampler, ``on_epoch_start`` generator, torch's global RNG) is
+re-derived from ``(seed, epoch)`` at each epoch's start, and ``last.pt`` holds all else that evolves (weights, Adam and
+the model's own optimiser states, early-stopping counters, the log), so a run resumed after epoch e replays e+1.. as an
+uninterrupted run would, bit-for-bit on CPU. Epochs and batches count from 1; early stopping counts *evaluations*
+(:func:`should_stop`), and the last epoch is always evaluated, so a run has a best checkpoint whatever ``eval_every``.
+Checkpoints hold only tensors, numbers, strings and plain containers (``weights_only`` loads)."""
 
 from __future__ import annotations
 
@@ -21,6 +15,7 @@ import math
 import resource
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,26 +87,21 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # every key, in order of first appearance
     with atomic_path(path) as tmp:
         pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak-memory window, so each epoch (and each run of a grid) reports its own peak.
-
-    On Linux, writing 5 to /proc/self/clear_refs resets the resident-set high-water mark (VmHWM); elsewhere the
-    process-lifetime ``ru_maxrss`` is used."""
+    """Start a fresh peak-memory window, so each epoch (and each run of a grid) reports its own peak (on Linux, writing
+    5 to /proc/self/clear_refs resets VmHWM; elsewhere the lifetime ``ru_maxrss`` stands)."""
     import torch  # lazy: torch takes seconds to import
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -126,9 +116,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _result(
-    state: dict[str, Any], out_dir: Path, resumed_from: int | None = None, restarted: str | None = None
-) -> TrainResult:
+def _result(state: dict[str, Any], out_dir: Path, resumed_from: int | None = None,
+            restarted: str | None = None) -> TrainResult:
     history = list(state["history"])
     secs = [h["seconds"] for h in history if "seconds" in h]
     mem = [h["peak_memory_mb"] for h in history if "peak_memory_mb" in h]
@@ -138,10 +127,8 @@ def _result(
         stopped_early=bool(state["stopped_early"]), history_path=out_dir / HISTORY_NAME,
         best_checkpoint=out_dir / BEST_NAME, last_checkpoint=out_dir / LAST_NAME,
         seconds_per_epoch=float(statistics.median(secs)) if secs else float("nan"),
-        peak_memory_mb=float(max(mem)) if mem else float("nan"),
-        precision=str(state["config"].get("precision", "fp32")), history=history, resumed_from_epoch=resumed_from,
-        restarted=restarted,
-    )
+        peak_memory_mb=float(max(mem)) if mem else float("nan"), history=history,
+        precision=str(state["config"].get("precision", "fp32")), resumed_from_epoch=resumed_from, restarted=restarted)
 
 
 def _scalar(term: torch.Tensor, name: str) -> torch.Tensor:
@@ -151,7 +138,7 @@ def _scalar(term: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def early_stop_score(value: float, rule: str) -> float:
-    """The number early stopping compares: MMRec's rounded metric, or the metric itself."""
+    """The number early stopping compares: MMRec's rule rounds the metric as its evaluator reports it."""
     return round(float(value), MMREC_DECIMALS) if rule == "mmrec" else float(value)
 
 
@@ -201,38 +188,25 @@ class _Run:
     eval_every: int
     seed: int
     valid_metric: str
+    best_path: Path = field(init=False)
+    last_path: Path = field(init=False)
+    history_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        out = self.out_dir
+        self.best_path, self.last_path, self.history_path = out / BEST_NAME, out / LAST_NAME, out / HISTORY_NAME
 
     @property
     def n_batches(self) -> int:
         return math.ceil(len(self.train_edges) / self.batch_size)
 
-    @property
-    def best_path(self) -> Path:
-        return self.out_dir / BEST_NAME
-
-    @property
-    def last_path(self) -> Path:
-        return self.out_dir / LAST_NAME
-
-    @property
-    def history_path(self) -> Path:
-        return self.out_dir / HISTORY_NAME
-
-
-def _fresh_state(config: dict[str, Any]) -> dict[str, Any]:
-    """What evolves during a run besides the weights: counters, the best epoch, the log so far."""
-    return {
-        "epoch": 0, "best_epoch": 0, "best_valid": {}, "test_at_best": {}, "best_value": float("-inf"), "bad_evals": 0,
-        "stopped_early": False, "history": [], "config": config,
-    }
-
 
 def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str, Any], int | None, str | None]:
-    """(state, epoch resumed from, why it restarted): ``last.pt`` restored into the run, or a clean start.
-
-    A checkpoint written with other settings is an error, or with ``restart_on_change`` discarded; starting over removes
+    """(state, epoch resumed from, why it restarted): ``last.pt`` restored into the run, or a clean start, which removes
     the previous run's files so none of them is mistaken for this run's."""
-    state = _fresh_state(run.config)
+    # what evolves during a run besides the weights: counters, the best epoch, the log so far
+    state = {"epoch": 0, "best_epoch": 0, "best_valid": {}, "test_at_best": {}, "best_value": float("-inf"),
+             "bad_evals": 0, "stopped_early": False, "history": [], "config": run.config}
     restarted = None
     saved = read_checkpoint(run.last_path, run.dev) if resume and run.last_path.exists() else None
     if saved is not None:
@@ -241,10 +215,8 @@ def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str,
         if changed:
             restarted = "parameters changed: " + describe_changes(changed, {k: run.config[k] for k in changed})
             if not restart_on_change:
-                raise ConfigError(
-                    f"training: {run.last_path} was written with other settings ({restarted}); "
-                    "use restart_on_change=True, resume=False or another out_dir"
-                )
+                raise ConfigError(f"training: {run.last_path} was written with other settings ({restarted}); "
+                                  "use restart_on_change=True, resume=False or another out_dir")
             log.info("training: restarting from epoch 1, discarding %s: %s", run.last_path, restarted)
             saved = None
     if saved is None:
@@ -256,18 +228,13 @@ def _resume(run: _Run, resume: bool, restart_on_change: bool) -> tuple[dict[str,
     run.model.load_auxiliary_state_dict(saved["auxiliary"])
     state = {k: saved[k] for k in state}
     state["history"] = [dict(h) for h in state["history"]]
-    log.info(
-        "resuming from %s after epoch %d (best %s=%.6f at epoch %d)", run.last_path, state["epoch"], run.valid_metric,
-        state["best_value"], state["best_epoch"],
-    )
+    log.info("resuming from %s after epoch %d (best %s=%.6f at epoch %d)", run.last_path, state["epoch"],
+             run.valid_metric, state["best_value"], state["best_epoch"])
     return state, int(state["epoch"]), restarted
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
-    """One epoch of BPR batches; the epoch's log row (mean loss terms, seconds).
-
-    Every random choice is re-derived from ``(seed, epoch)`` here, which is what makes a resumed run replay the epochs
-    an uninterrupted one would have run."""
+    """One epoch of BPR batches, every random choice re-derived from ``(seed, epoch)`` (exact resume); its log row."""
     import torch  # lazy: torch takes seconds to import
 
     model, dev, batch_size, n_batches = run.model, run.dev, run.batch_size, run.n_batches
@@ -278,11 +245,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     t0 = time.perf_counter()
     model.train()
     model.on_epoch_start(epoch, generator)
-    users, pos, neg = (
-        torch.from_numpy(a).to(dev)
-        for a in sample_bpr_epoch(run.train_edges, run.valid_eval.train_csr, run.data.n_items, rng)
-    )
-    sums: dict[str, float] = {}
+    triples = sample_bpr_epoch(run.train_edges, run.valid_eval.train_csr, run.data.n_items, rng)
+    users, pos, neg = (torch.from_numpy(a).to(dev) for a in triples)
+    sums: defaultdict[str, float] = defaultdict(float)
     for b in range(n_batches):
         sl = slice(b * batch_size, (b + 1) * batch_size)
         u, p, n = users[sl], pos[sl], neg[sl]
@@ -293,30 +258,24 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
         names = list(terms)
         stacked = torch.stack([_scalar(terms[k], k) for k in names])
         values = stacked.detach().double().cpu().numpy()
+        sums["loss"] += float(values.sum())
         for name, value in zip(names, values, strict=True):
             if not np.isfinite(value):
                 raise SandError(f"non-finite loss term {name!r} at epoch {epoch}, batch {b + 1}: {value}")
-        loss = stacked.sum()
+            sums[f"loss_{name}"] += float(value)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        stacked.sum().backward()
         run.optimizer.step()
-        sums["loss"] = sums.get("loss", 0.0) + float(values.sum())
-        for name, value in zip(names, values, strict=True):
-            sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
         for name, value in aux.items():
-            sums[f"aux_{name}"] = sums.get(f"aux_{name}", 0.0) + float(value)
+            sums[f"aux_{name}"] += float(value)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    row: dict[str, float] = {"epoch": epoch}
-    row.update({k: v / n_batches for k, v in sums.items()})
-    row["seconds"] = time.perf_counter() - t0
-    return row
+    return {"epoch": epoch, **{k: v / n_batches for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
 
 
 def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, float]) -> None:
-    """Validate in float32; on a better metric also test and write ``best.pt``; update early stopping.
-
-    Adds the metrics and ``eval_seconds`` to ``row`` and updates ``state`` in place."""
+    """Validate in float32; on a better metric also test and write ``best.pt``; update early stopping. Adds the metrics
+    and ``eval_seconds`` to ``row``, updates ``state`` in place."""
     import torch  # lazy: torch takes seconds to import
 
     from sand.models.precision import precision_scope  # lazy: imports torch
@@ -333,14 +292,10 @@ def _evaluate_and_keep_best(run: _Run, state: dict[str, Any], epoch: int, row: d
             test = run.test_eval(user_emb, item_emb)
             row.update({f"test_{k}": v for k, v in test.items()})
             state.update(best_value=score, best_epoch=epoch, best_valid=valid, test_at_best=test, bad_evals=0)
-            _atomic_torch_save(
-                {"model": model.state_dict(), "epoch": epoch, "valid": valid, "test": test, "config": run.config},
-                run.best_path,
-            )
-            log.debug(
-                "epoch %d: %s improved to %.6f (test %s)", epoch, run.valid_metric, valid[run.valid_metric],
-                {k: round(v, 6) for k, v in test.items()},
-            )
+            best = {"model": model.state_dict(), "epoch": epoch, "valid": valid, "test": test, "config": run.config}
+            _atomic_torch_save(best, run.best_path)
+            log.debug("epoch %d: %s improved to %.6f (test %s)", epoch, run.valid_metric, valid[run.valid_metric],
+                      {k: round(v, 6) for k, v in test.items()})
         else:
             state["bad_evals"] += 1
     del user_emb, item_emb
@@ -356,37 +311,9 @@ def _save_epoch(run: _Run, state: dict[str, Any], epoch: int, row: dict[str, flo
     state["history"].append(row)
     state["epoch"] = epoch
     _atomic_csv(state["history"], run.history_path)
-    _atomic_torch_save(
-        {
-            **state,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "auxiliary": run.model.auxiliary_state_dict(),
-        },
-        run.last_path,
-    )
-
-
-def _log_start(run: _Run, first_epoch: int, precision: str) -> None:
-    log.info(
-        "training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
-        type(run.model).__name__, run.dev, precision, run.data.n_users, run.data.n_items, len(run.train_edges),
-        run.n_batches, first_epoch, run.epochs,
-    )
-
-
-def _log_early_stop(run: _Run, state: dict[str, Any], epoch: int) -> None:
-    log.info(
-        "early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)", epoch,
-        run.early_stop, run.valid_metric, state["bad_evals"], state["best_value"], state["best_epoch"],
-    )
-
-
-def _log_finish(state: dict[str, Any]) -> None:
-    log.info(
-        "finished after epoch %d; best epoch %d, valid %s, test %s", state["epoch"], state["best_epoch"],
-        state["best_valid"], state["test_at_best"],
-    )
+    last = {**state, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "auxiliary": run.model.auxiliary_state_dict()}
+    _atomic_torch_save(last, run.last_path)
 
 
 def _progress_postfix(row: dict[str, float], valid_metric: str) -> dict[str, str]:
@@ -396,10 +323,8 @@ def _progress_postfix(row: dict[str, float], valid_metric: str) -> dict[str, str
     return postfix
 
 
-def _prepare(
-    model: Recommender, data: SplitData, *, out_dir: Path, dev: torch.device, config: dict[str, Any],
-    settings: dict[str, Any],
-) -> _Run:
+def _prepare(model: Recommender, data: SplitData, *, out_dir: Path, dev: torch.device, config: dict[str, Any],
+             settings: dict[str, Any]) -> _Run:
     """The run's fixed parts: the model on its device and precision, Adam, the evaluators, the edges."""
     import torch  # lazy: torch takes seconds to import
 
@@ -410,8 +335,8 @@ def _prepare(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"training: model {type(model).__name__} has no trainable parameters")
-    # Fused Adam: one kernel over all parameters; the per-parameter loop of the default
-    # implementation costs more than the update itself for SAND's 4096 x 4096 transform.
+    # Fused Adam: one kernel over all parameters; the default per-parameter loop costs more than the update itself for
+    # SAND's 4096 x 4096 transform.
     optimizer = torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"], fused=True)
     ks = tuple(config["ks"])
     valid_eval = SplitEvaluator(data, "valid", ks)
@@ -419,10 +344,8 @@ def _prepare(
     train_edges = np.asarray(data.train, dtype=np.int64)
     if len(train_edges) == 0:
         raise DataError("training: the train split has no interactions")
-    return _Run(
-        model=model, data=data, dev=dev, optimizer=optimizer, valid_eval=valid_eval, test_eval=test_eval,
-        train_edges=train_edges, config=config, out_dir=out_dir, **settings,
-    )
+    return _Run(model=model, data=data, dev=dev, optimizer=optimizer, valid_eval=valid_eval, test_eval=test_eval,
+                train_edges=train_edges, config=config, out_dir=out_dir, **settings)
 
 
 def train_model(
@@ -432,32 +355,23 @@ def train_model(
     progress: bool = True, resume: bool = True, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     signature: dict[str, Any] | None = None, restart_on_change: bool = False, precision: str = "fp32",
 ) -> TrainResult:
-    """Train ``model`` with BPR triples and Adam; keep the best epoch by ``valid_metric``.
+    """Train ``model`` with BPR triples and Adam, keeping the best epoch by ``valid_metric``, into ``out_dir``.
 
-    Writes ``best.pt``, ``last.pt`` and ``epochs.csv`` into ``out_dir``. With ``resume`` and an existing ``last.pt`` the
-    run continues where it stopped (or returns the stored result if it had finished). ``on_epoch_end(epoch, row)`` runs
-    after the epoch's checkpoint is written; an exception there stops training with everything saved.
-
-    ``signature`` (e.g. the model's hyper-parameters and input keys) is stored with the checkpoints and must match, like
-    the run settings, for a resume. A checkpoint written with other settings is never continued: it is an error, or with
-    ``restart_on_change`` it is discarded and training starts over, ``TrainResult.restarted`` saying why.
-
-    ``precision``: fp32 | bf16 | auto (:func:`pipeline.base.hardware.resolve_precision`): the dtype of the models' big
-    products while training; evaluation always runs in float32."""
+    With ``resume`` and a ``last.pt`` the run continues where it stopped (or returns the stored result if it had
+    finished); ``signature`` (e.g. hyper-parameters, input keys) must match like the run settings, else the checkpoint
+    is an error or, with ``restart_on_change``, discarded (``TrainResult.restarted`` says why). ``on_epoch_end`` runs
+    after the epoch's checkpoint is written, so an exception there stops training with everything saved. ``precision``
+    (:func:`pipeline.base.hardware.resolve_precision`) applies to training; evaluation runs in float32."""
     ks = tuple(int(k) for k in ks)
     _check_rules(valid_metric, ks, early_stop)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    config = {
-        "seed": int(seed), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
-        "eval_every": int(eval_every), "valid_metric": valid_metric, "ks": list(ks), "signature": signature,
-        "precision": resolve_precision(precision, dev),
-    }
-    settings = {
-        "epochs": epochs, "batch_size": batch_size, "patience": patience, "early_stop": early_stop,
-        "eval_every": eval_every, "seed": seed, "valid_metric": valid_metric,
-    }
+    config = {"seed": int(seed), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+              "eval_every": int(eval_every), "valid_metric": valid_metric, "ks": list(ks), "signature": signature,
+              "precision": resolve_precision(precision, dev)}
+    settings = {"epochs": epochs, "batch_size": batch_size, "patience": patience, "early_stop": early_stop,
+                "eval_every": eval_every, "seed": seed, "valid_metric": valid_metric}
     run = _prepare(model, data, out_dir=out_dir, dev=dev, config=config, settings=settings)
     state, resumed_from, restarted = _resume(run, resume, restart_on_change)
     if resumed_from is not None and (state["stopped_early"] or state["epoch"] >= epochs):
@@ -466,7 +380,9 @@ def train_model(
             _atomic_csv(state["history"], run.history_path)
         return _result(state, out_dir, resumed_from)
 
-    _log_start(run, state["epoch"] + 1, config["precision"])
+    log.info("training %s on %s in %s: %d users, %d items, %d train edges, %d batches/epoch, epochs %d..%d",
+             type(model).__name__, dev, config["precision"], data.n_users, data.n_items, len(run.train_edges),
+             run.n_batches, state["epoch"] + 1, epochs)
     bar = tqdm(range(state["epoch"] + 1, epochs + 1), initial=state["epoch"], total=epochs, desc="train",
                unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
@@ -479,8 +395,10 @@ def train_model(
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if state["stopped_early"]:
-            _log_early_stop(run, state, epoch)
+            log.info("early stop at epoch %d (%s rule): no better %s in %d evaluations (best %.6f at epoch %d)", epoch,
+                     early_stop, valid_metric, state["bad_evals"], state["best_value"], state["best_epoch"])
             break
     bar.close()
-    _log_finish(state)
+    log.info("finished after epoch %d; best epoch %d, valid %s, test %s", state["epoch"], state["best_epoch"],
+             state["best_valid"], state["test_at_best"])
     return _result(state, out_dir, resumed_from, restarted)

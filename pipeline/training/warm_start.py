@@ -1,12 +1,9 @@
 """Warm start: a new model initialised from an older one for the users and items both know.
 
-Why: a scheduled retrain on a grown snapshot mostly sees users and items the champion has already learnt; starting their
-rows from the champion's weights instead of from random may reach the champion's quality in fewer epochs
-(``benchmarks/bench_warm_start.py`` measures it; on the bundled sample with BPR it did not: README, "Measured"). Users
-and items are matched by their raw ids (the two snapshots index them differently). A weight whose first dimension is the
-user count (item count) in both models has its shared rows copied; a weight with the same shape in both (a projection, a
-fusion layer) is copied whole; the rest (new users' and items' rows) keep their fresh initialisation. torch is imported
-inside functions (keeps ``sand --help`` fast)."""
+A scheduled retrain on a grown snapshot mostly sees users and items the champion has learnt; starting their rows from
+its weights may reach its quality in fewer epochs (``benchmarks/bench_warm_start.py``). They are matched by raw id (the
+snapshots index them differently): a weight whose first dimension is the user (item) count in both models has its shared
+rows copied, one with the same shape in both is copied whole, the rest keep their fresh initialisation."""
 
 from __future__ import annotations
 
@@ -37,10 +34,9 @@ def shared_indices(new: pd.Series, old: pd.Series) -> tuple[np.ndarray, np.ndarr
 
 def warm_state(new_state: dict[str, Any], old_state: dict[str, Any], rows: dict[str, tuple[int, int, Any, Any]]
                ) -> tuple[dict[str, Any], dict[str, int]]:
-    """``new_state`` with what ``old_state`` knows copied in (see the module doc); and what was copied.
-
-    ``rows``: ``"user"``/``"item"`` -> (count in new, count in old, new indices, old indices). A weight whose first
-    dimension matches both kinds is read by its name (``user``/``item`` in it)."""
+    """``new_state`` with what ``old_state`` knows copied in (see the module doc), and the copy counts. ``rows``:
+    ``"user"``/``"item"`` -> (count in new, count in old, new indices, old indices); a weight whose first dimension
+    matches both kinds is told apart by ``user``/``item`` in its name."""
     import torch  # lazy: torch takes seconds to import
 
     out = dict(new_state)
