@@ -10,6 +10,14 @@ import torch
 from torch import nn
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` with a backward that is the same on every run. Why: advanced indexing's backward adds the gradients
+    of repeated rows (a user twice in a batch) in whatever order its CPU threads get there, so two runs with one seed
+    differed in the last bits from the first batch on, and in their metrics after some epochs; ``index_select``'s
+    backward adds them in index order."""
+    return x.index_select(0, index)
+
+
 class Recommender(nn.Module, ABC):
     """BPR-trained, dot-product-scored recommender, built by ``models.registry.build_model`` from its inputs: the
     (E, 2) training edges, ``features`` (modality -> (N, d_m)), ``item_graphs`` (modality -> sparse kNN graph)."""

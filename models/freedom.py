@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sand.models.base import Recommender
+from sand.models.base import Recommender, take_rows
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.lightgcn import edges_numpy, layer_mean
@@ -144,9 +144,10 @@ class FREEDOM(Recommender):
             raise RuntimeError("FREEDOM: on_epoch_start(epoch, generator) must run before training batches")
         modal = self.modal_representations()
         u_all, i_all = self.propagate(self.train_adj, modal)
-        u = u_all[users]
-        bpr = bpr_loss(*dot_scores(u, i_all[pos], i_all[neg]))
-        modal_bpr = sum(bpr_loss(*dot_scores(u, modal[m][pos], modal[m][neg])) for m in self.modalities)
+        u = take_rows(u_all, users)
+        bpr = bpr_loss(*dot_scores(u, take_rows(i_all, pos), take_rows(i_all, neg)))
+        modal_bpr = sum(bpr_loss(*dot_scores(u, take_rows(modal[m], pos), take_rows(modal[m], neg)))
+                        for m in self.modalities)
         return {"bpr": bpr, "modal_bpr": self.reg_weight * modal_bpr}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:

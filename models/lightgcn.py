@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from sand.models.base import Recommender
+from sand.models.base import Recommender, take_rows
 from sand.models.bpr import bpr_loss, dot_scores, emb_loss
 from sand.models.graph import normalised_bipartite_adjacency, sparse_matmul, to_csr
 
@@ -60,8 +60,9 @@ class LightGCN(Recommender):
 
     def loss_terms(self, users: Tensor, pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
         u_all, i_all = self.propagate()
-        bpr = bpr_loss(*dot_scores(u_all[users], i_all[pos], i_all[neg]))
-        reg = emb_loss(self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg])
+        bpr = bpr_loss(*dot_scores(take_rows(u_all, users), take_rows(i_all, pos), take_rows(i_all, neg)))
+        reg = emb_loss(take_rows(self.user_embedding, users), take_rows(self.item_embedding, pos),
+                       take_rows(self.item_embedding, neg))
         return {"bpr": bpr, "reg": self.reg_weight * reg}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sand.models.base import Recommender
+from sand.models.base import Recommender, take_rows
 from sand.models.bpr import check_modalities
 from sand.models.graph import mix_item_graphs, normalised_bipartite_adjacency, sparse_matmul, to_csr
 from sand.models.losses import bpr_loss
@@ -144,7 +144,7 @@ class SAND(Recommender):
         """{"bpr", "reg"?, "align"?, "distance"?}: weighted terms; disabled ones are absent."""
         z = self._prefetch(self.modal_inputs())
         user, item = self.propagate(z)
-        u, p, n = user[users], item[pos], item[neg]
+        u, p, n = take_rows(user, users), take_rows(item, pos), take_rows(item, neg)
         terms = {"bpr": bpr_loss((u * p).sum(1), (u * n).sum(1))}
         if self.reg_weight > 0:
             terms["reg"] = self.reg_weight * (u.pow(2) + p.pow(2) + n.pow(2)).sum(1).mean() / 2.0

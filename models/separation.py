@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.profiler import record_function
 from torch.func import functional_call
 
+from sand.models.base import take_rows
 from sand.models.club_fit import fit_clubs
 from sand.models.losses import L2_FORMS, ClubEstimator, infonce_loss, l2_distance_loss, solosim_loss
 from sand.models.precision import low_linear
@@ -90,7 +91,7 @@ ModalInput = torch.Tensor | LinearView
 def _rows(z: ModalInput, index: torch.Tensor | None) -> ModalInput:
     if index is None:
         return z
-    return z.rows(index) if isinstance(z, LinearView) else z[index]
+    return z.rows(index) if isinstance(z, LinearView) else take_rows(z, index)
 
 
 def _columns(z: ModalInput, start: int, stop: int) -> ModalInput:

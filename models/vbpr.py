@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from sand.models.base import Recommender
+from sand.models.base import Recommender, take_rows
 from sand.models.bpr import bpr_loss, check_modalities, dot_scores, emb_loss
 from sand.models.precision import LowPrecisionCopies, compute_dtype, low_linear
 
@@ -70,7 +70,7 @@ class VBPR(Recommender):
 
     def loss_terms(self, users: Tensor, pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
         items = self.item_representation()
-        u, p, n = self.user_embedding[users], items[pos], items[neg]
+        u, p, n = take_rows(self.user_embedding, users), take_rows(items, pos), take_rows(items, neg)
         return {"bpr": bpr_loss(*dot_scores(u, p, n)), "reg": self.reg_weight * emb_loss(u, p, n)}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:

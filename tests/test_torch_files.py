@@ -1,4 +1,4 @@
-"""A malicious legacy-pickle weights file: refused in one line, with no torch warning beside it."""
+"""torch files: a malicious legacy-pickle weights file refused in one line, and saved checkpoints byte-stable."""
 
 from __future__ import annotations
 
@@ -51,3 +51,18 @@ def test_a_malicious_legacy_pickle_is_one_error_and_no_warning(reader, tmp_path,
     assert [str(w.message) for w in caught] == []
     assert capfd.readouterr().err == ""
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_same_tensors_saved_twice_give_the_same_bytes(tmp_path):
+    """Two runs of one seed write the same checkpoint bytes (torch.save given a path names the records after it)."""
+    import torch
+
+    from sand.pipeline.base.torch_files import load_tensors, save_tensors
+
+    state = {"model": {"w": torch.arange(12.0).reshape(3, 4)}, "epoch": 3, "valid": {"recall@20": 0.5}}
+    first, second = tmp_path / "a" / "best.pt", tmp_path / "b" / "best.pt"
+    save_tensors(state, first)
+    save_tensors(state, second)
+    assert first.read_bytes() == second.read_bytes()
+    assert torch.equal(load_tensors(first)["model"]["w"], state["model"]["w"])
+    assert list(first.parent.iterdir()) == [first]  # no temporary file left beside it

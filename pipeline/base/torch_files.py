@@ -10,6 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sand.pipeline.base.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -24,3 +26,13 @@ def load_tensors(path: Path | str, map_location: Any = "cpu") -> Any:
         finally:
             for warning in caught:
                 log.debug("torch.load(%s): %s", path, warning.message)
+
+
+def save_tensors(obj: Any, path: Path | str) -> None:
+    """``torch.save`` that replaces ``path`` atomically, with the same bytes for the same tensors. Why a file object:
+    given a path, torch names the archive's records after it, here a random temporary name, so two runs' identical
+    checkpoints differed in bytes."""
+    import torch  # lazy: torch takes seconds to import
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)

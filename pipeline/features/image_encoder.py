@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError, one_line
-from sand.pipeline.base.files import atomic_path, sha256_file
-from sand.pipeline.base.torch_files import load_tensors
+from sand.pipeline.base.files import sha256_file
+from sand.pipeline.base.torch_files import load_tensors, save_tensors
 from sand.pipeline.features.image_fetch import MAX_PIXELS, TooManyPixels, decoded_rgb, read_regular_file
 from sand.pipeline.features.text import torch_threads
 
@@ -183,10 +183,8 @@ def image_transform(image_size: int = 224):
 
 def save_cnn(model: nn.Module, path: Path) -> Path:
     """Save ``model``'s state_dict atomically: the one CNN definition every shard of a stage loads."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return path
+    save_tensors(model.state_dict(), path)
+    return Path(path)
 
 
 class ImageFileDataset(Dataset):

@@ -29,6 +29,7 @@ from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError, DataError, SandError
 from sand.pipeline.base.files import atomic_path
 from sand.pipeline.base.hardware import resolve_precision
+from sand.pipeline.base.torch_files import save_tensors
 from sand.pipeline.dataset.split_data import SplitData
 from sand.pipeline.training.checkpoints import BEST_NAME, LAST_NAME, load_model_state, read_checkpoint
 from sand.pipeline.training.evaluation import SplitEvaluator, metric_names
@@ -80,10 +81,7 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch  # lazy: torch takes seconds to import
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_tensors(obj, path)
 
 
 def _atomic_csv(rows: list[dict[str, float]], path: Path) -> None:
