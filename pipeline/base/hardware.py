@@ -10,7 +10,6 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from sand.pipeline.base.devices import resolve_device as resolve_device  # re-exported: the train stage imports it
 from sand.pipeline.base.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from sand.pipeline.base.devices import resolve_device
 from sand.pipeline.base.errors import ConfigError
-from sand.pipeline.base.hardware import resolve_device
 from sand.pipeline.stage_context import dataset_counts
 from sand.pipeline.training.evaluation import MAX_SCORE_ELEMENTS
 from sand.pipeline.training.model_io import effective_model_kwargs

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sand.models import registry
-from sand.pipeline.base.hardware import resolve_device, resolve_precision
+from sand.pipeline.base.devices import resolve_device
+from sand.pipeline.base.hardware import resolve_precision
 from sand.pipeline.base.store import Artifact, StageOutcome, write_json_atomic
 from sand.pipeline.stage_context import PERFORMANCE_FIELDS, StageContext, jsonable, key_params
 from sand.pipeline.training.evaluation import evaluate_split, recommendations_table
