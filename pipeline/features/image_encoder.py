@@ -11,13 +11,16 @@ same batch shape, so a row's features depend neither on the thread nor on its ba
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import platform
 import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +220,27 @@ class ImageFileDataset(Dataset):
             raise DataError(f"{path}: image cannot be decoded ({one_line(exc)}); delete it to refetch") from None
 
 
+def onednn_graph_available() -> bool:
+    """Whether this torch can fuse a frozen graph with oneDNN Graph: its x86 CPU builds (fp32 and bf16)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+@contextmanager
+def _onednn_fusion(on: bool) -> Iterator[None]:
+    """oneDNN Graph fusion switched on for one forward, then back as it was. Why per call: the switch is process-wide
+    and read when the graph executor optimises a graph (its first calls), so it is held only inside the forward gate,
+    where no other graph runs; eager modules and other TorchScript in the process never see it."""
+    if not on:
+        yield
+        return
+    before = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(before)
+
+
 def _stack(rows: list[torch.Tensor], batch_size: int) -> torch.Tensor:
     batch = torch.stack(rows)
     if len(rows) < batch_size:
@@ -227,8 +251,9 @@ def _stack(rows: list[torch.Tensor], batch_size: int) -> torch.Tensor:
 class Encoder:
     """A CNN ready for inference. ``engine="eager"`` runs the module as torchvision defines it (NCHW): the reference.
     ``engine="fast"`` converts it to channels-last, traces it and freezes the graph, which folds each batch norm into
-    its convolution; on a CPU ``optimize_for_inference`` then lays the weights out for oneDNN. Its features equal
-    eager's only within float tolerance, so the engine is part of the stage key and the cache identity."""
+    its convolution; on an x86 CPU its forwards run with oneDNN Graph fusion (convolutions fused with their ReLUs and
+    residual adds), elsewhere ``optimize_for_inference`` lays the weights out for oneDNN. Its features equal eager's
+    only within float tolerance, so the engine is part of the stage key and the cache identity."""
 
     def __init__(self, model: nn.Module, *, engine: str, precision: str, device: torch.device,
                  batch_size: int, image_size: int, threads: int | None = None) -> None:
@@ -240,6 +265,9 @@ class Encoder:
         self.threads = threads  # torch intra-op threads per forward (None: as torch is); see torch_threads
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.memory_format = torch.channels_last if engine == "fast" else torch.contiguous_format
+        self.fuse = engine == "fast" and device.type == "cpu" and onednn_graph_available()
+        if engine == "fast" or self.dtype != torch.float32 or device.type != "cpu":
+            model = copy.deepcopy(model)  # converted in place below; the caller's module may be shared (shards)
         model = model.to(device=device, dtype=self.dtype).eval()
         if engine == "fast":
             model = model.to(memory_format=torch.channels_last)
@@ -251,9 +279,12 @@ class Encoder:
                 # a long compilation to every process.
                 warnings.simplefilter("ignore", FutureWarning)
                 graph = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False).eval())
-                if device.type == "cpu":
+                if device.type == "cpu" and not self.fuse:
                     graph = torch.jit.optimize_for_inference(graph)
             self.forward: Callable[[torch.Tensor], torch.Tensor] = graph
+            # The graph executor's first call profiles an unfused graph, whose bits differ from the optimised one's:
+            # spent on zeros here, so that no image's features depend on whether its batch came first.
+            self(torch.zeros(batch_size, 3, image_size, image_size))
         else:
             self.forward = model
 
@@ -268,7 +299,7 @@ class Encoder:
         with torch.inference_mode():
             x = self._prepare(batch)
             if self.device.type == "cpu":
-                with _CPU_FORWARD_GATE, torch_threads(self.threads):
+                with _CPU_FORWARD_GATE, torch_threads(self.threads), _onednn_fusion(self.fuse):
                     out = self.forward(x)
             else:
                 out = self.forward(x)

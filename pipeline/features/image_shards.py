@@ -62,6 +62,11 @@ def shard_items(n_items: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
+#: Bumped whenever the fast engine's arithmetic changes, so that no stage key or cached vector of the old graph is
+#: reused (2: oneDNN Graph fusion on x86 CPUs instead of ``optimize_for_inference``).
+FAST_ENGINE_REVISION = 2
+
+
 def image_identity(backbone: str, weights_sha256: str, image_size: int, precision: str, engine: str,
                    batch_size: int, device: str, threads: int | None) -> dict[str, Any]:
     """What decides a cached image vector's bits, besides the image bytes. Batch size, device type and thread count
@@ -71,7 +76,8 @@ def image_identity(backbone: str, weights_sha256: str, image_size: int, precisio
 
     return {"kind": "image", "backbone": backbone, "weights_sha256": weights_sha256, "image_size": int(image_size),
             "precision": precision, "engine": engine, "preprocess_version": PREPROCESS_VERSION,
-            "batch_size": int(batch_size), "device": device, "threads": threads}
+            "batch_size": int(batch_size), "device": device, "threads": threads,
+            **({"fast_revision": FAST_ENGINE_REVISION} if engine == "fast" else {})}
 
 
 def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str, Any], group: int) -> Iterator[list]:
@@ -87,21 +93,44 @@ def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str
             yield current.result()
 
 
-_ENCODERS: OrderedDict[str, Any] = OrderedDict()
-_ENCODERS_LOCK = threading.Lock()
+class _ProcessMemo:
+    """Values built once per process and shared by the shards running in it; the two most recent keys are kept (a
+    benchmark comparing two engines in one process)."""
+
+    def __init__(self) -> None:
+        self.values: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key not in self.values:
+                self.values[key] = build()
+                while len(self.values) > 2:
+                    self.values.popitem(last=False)
+            self.values.move_to_end(key)
+            return self.values[key]
 
 
-def _encoder(identity: str, build: Callable[[], Any]) -> Any:
-    """The process's encoder for ``identity``, built once: shards in threads share one traced graph. Why: tracing,
-    freezing and the first (profiling) calls of a graph cost seconds, too much for each shard of a small snapshot
-    update. Two identities at most are kept (a benchmark comparing engines in one process)."""
-    with _ENCODERS_LOCK:
-        if identity not in _ENCODERS:
-            _ENCODERS[identity] = build()
-            while len(_ENCODERS) > 2:
-                _ENCODERS.popitem(last=False)
-        _ENCODERS.move_to_end(identity)
-        return _ENCODERS[identity]
+#: Encoders by identity. Why: tracing, freezing and the first (profiling) call of a graph cost seconds, too much for
+#: each shard of a small snapshot update.
+_ENCODERS = _ProcessMemo()
+#: The stage's CNN, its description and weights digest. Why: every shard loads the same file (~100 MB for resnet50)
+#: and hashes it twice, and a large category has hundreds of shards. Keyed by the file's size, mtime and inode, so a
+#: rebuilt file is loaded again. Shared: the encoder converts a copy, never this module.
+_CNNS = _ProcessMemo()
+
+
+def _cnn(build: Mapping[str, Any]) -> tuple[Any, str, str]:
+    from sand.pipeline.features.image_encoder import build_cnn, weights_digest
+
+    def load() -> tuple[Any, str, str]:
+        model, _, description = build_cnn(**build)
+        return model, description, weights_digest(model)
+
+    path = Path(str(build["weights"]))
+    stat = path.stat() if path.is_file() else None
+    version = (stat.st_size, stat.st_mtime_ns, stat.st_ino) if stat else None
+    return _CNNS.get((json.dumps(build, sort_keys=True, default=str), version), load)
 
 
 def _image_key(identity: str, path: Path, max_bytes: int) -> str:
@@ -176,19 +205,16 @@ class _ShardRun:
     n_cached: int = 0
 
     def model(self) -> Any:
-        """The CNN, built once and only when some image is usable (a shard of dead URLs loads no weights)."""
-        from sand.pipeline.features.image_encoder import build_cnn
-
+        """The CNN, loaded only when some image is usable (a shard of dead URLs loads no weights)."""
         if "model" not in self.built:
-            self.built["model"], _, self.built["description"] = build_cnn(**self.build)
+            self.built["model"], self.built["description"], self.built["digest"] = _cnn(self.build)
         return self.built["model"]
 
     def _open_identity(self) -> None:
         """Fix the encoder identity at the first usable image, and open the shared feature cache under it."""
-        from sand.pipeline.features.image_encoder import weights_digest
-
         st = self.settings
-        ident = image_identity(self.build["backbone"], weights_digest(self.model()), st.image_size, st.precision,
+        self.model()
+        ident = image_identity(self.build["backbone"], self.built["digest"], st.image_size, st.precision,
                                st.engine, st.batch_size, st.device.type, st.threads)
         self.identity = content_key("", json.dumps(ident, sort_keys=True))
         if self.feature_cache is not None:
@@ -235,7 +261,7 @@ class _ShardRun:
         if first is None:
             return
         st = self.settings
-        encoder = _encoder(self.identity, lambda: Encoder(self.model(), engine=st.engine, precision=st.precision,
+        encoder = _ENCODERS.get(self.identity, lambda: Encoder(self.model(), engine=st.engine, precision=st.precision,
                                                           device=st.device, batch_size=st.batch_size,
                                                           image_size=st.image_size, threads=st.threads))
         order: list[str] = []  # keys in the order their images entered the encoder

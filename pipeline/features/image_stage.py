@@ -23,7 +23,14 @@ from sand.pipeline.base.errors import StageError
 from sand.pipeline.base.files import write_bytes_atomic
 from sand.pipeline.base.store import Artifact, StageOutcome
 from sand.pipeline.features.amazon2014_stage import run_amazon2014_image_features
-from sand.pipeline.features.image_shards import assemble_features, load_shard, process_shard, save_shard, shard_items
+from sand.pipeline.features.image_shards import (
+    FAST_ENGINE_REVISION,
+    assemble_features,
+    load_shard,
+    process_shard,
+    save_shard,
+    shard_items,
+)
 from sand.pipeline.features.imported import copy_imported, imported_feature, missing_feature_message
 from sand.pipeline.stage_context import (
     PERFORMANCE_FIELDS,
@@ -59,6 +66,8 @@ def image_settings(ctx: StageContext, inter: Artifact) -> dict[str, Any]:
         # Why conditional: eager float32 is what the stage computed before these settings existed, and its artifacts
         # keep their keys; any other choice changes the bytes.
         params.update(engine=icfg.engine, precision=precision)
+        if icfg.engine == "fast":
+            params["fast_revision"] = FAST_ENGINE_REVISION
     return params
 
 

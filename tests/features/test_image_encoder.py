@@ -194,6 +194,35 @@ def test_process_shard_encodes_usable_and_lists_missing(images, tmp_path):
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_shards_of_one_process_load_the_cnn_file_once_and_a_rebuilt_file_again(images, tmp_path, monkeypatch):
+    """A large category has hundreds of shards, each of which used to load and hash the same CNN file."""
+    from sand.pipeline.features import image_encoder
+    from sand.pipeline.features.image_encoder import save_cnn
+
+    cnn = tmp_path / "cnn.pt"
+    save_cnn(build_cnn("resnet18", "random", seed=0)[0], cnn)
+    real, loads = image_encoder.build_cnn, []
+    monkeypatch.setattr(image_encoder, "build_cnn", lambda *a, **k: loads.append(k) or real(*a, **k))
+    local = {"progress": False, "policy": UrlPolicy.for_origin("local")}
+    enc = dict(backbone="resnet18", weights=str(cnn), image_size=32, batch_size=2, device="cpu")
+
+    def shard(path: Path, **settings):
+        return process_shard([0], [path.as_uri()], tmp_path / "bytes", local, {**enc, **settings})
+
+    shard(images[0], engine="fast", precision="bf16")
+    shard(images[3], engine="fast", precision="bf16")
+    eager = shard(images[0], engine="eager", precision="fp32")
+    assert len(loads) == 1
+    # the fast bf16 encoder converted a copy: eager features from the shared module are those of a fresh load
+    expected = encode_images([images[0]], real("resnet18", cnn)[0], image_size=32, batch_size=2, device="cpu",
+                             progress=False)
+    np.testing.assert_allclose(eager.features, expected, rtol=1e-5, atol=1e-6)
+
+    save_cnn(build_cnn("resnet18", "random", seed=1)[0], cnn)  # the stage rebuilt its CNN file
+    assert not np.allclose(shard(images[0], engine="eager", precision="fp32").features, eager.features)
+    assert len(loads) == 2
+
+
 def test_process_shard_without_usable_images_builds_nothing(tmp_path):
     res = process_shard(
         [0, 1],

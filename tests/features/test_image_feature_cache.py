@@ -24,7 +24,7 @@ from sand.pipeline.acquire.stage import run_acquire
 from sand.pipeline.base.config import load_config
 from sand.pipeline.base.hardware import cpu_bf16_support
 from sand.pipeline.dataset.stage import run_interactions
-from sand.pipeline.features.image_shards import process_shard
+from sand.pipeline.features.image_shards import FAST_ENGINE_REVISION, process_shard
 from sand.pipeline.features.image_stage import run_image_features
 from sand.pipeline.stages import Context
 
@@ -224,6 +224,7 @@ def test_eager_float32_keeps_the_key_it_had_and_other_settings_name_theirs(tmp_p
     monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: False)  # an AVX2-only CPU
     assert set(params("image_features.engine=eager")) == before
     assert params("image_features.engine=fast")["precision"] == "fp32"
+    assert params("image_features.engine=fast")["fast_revision"] == FAST_ENGINE_REVISION  # a new graph, new keys
     monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: True)  # an AMX CPU
     assert params("image_features.engine=eager")["precision"] == "bf16"  # auto: bf16 where native
     assert params("image_features.precision=fp32", "image_features.engine=eager").keys() == before
@@ -248,3 +249,39 @@ def test_engines_and_precisions_stay_close_to_eager_float32(engine, precision, m
     cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
     assert cosine.min() > min_cosine
     assert not np.array_equal(got, ref), "another engine or precision: other bytes, hence its own key"
+
+
+def _fast_resnet50(precision: str):
+    import torch
+
+    from sand.pipeline.features.image_encoder import Encoder, build_cnn
+
+    model, _, _ = build_cnn("resnet50", "random", 0)
+    return Encoder(model, engine="fast", precision=precision, device=torch.device("cpu"), batch_size=4,
+                   image_size=64, threads=1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fast_engine_gives_a_process_first_batch_the_bits_of_every_later_one(precision):
+    """The graph executor computes its first (profiling) call unfused: were that call an image batch, the images that
+    happen to come first in a process would get other bits, and one shard layout other bytes than another."""
+    import torch
+
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    encoder = _fast_resnet50(precision)
+    first, later = encoder(x), [encoder(x) for _ in range(2)]
+    assert all(np.array_equal(first, again) for again in later)
+    assert np.array_equal(_fast_resnet50(precision)(x), first), "another process or shard: the same bits"
+
+
+def test_the_fast_engine_fuses_on_an_x86_cpu_and_leaves_the_process_switch_as_it_was():
+    import torch
+
+    from sand.pipeline.features.image_encoder import onednn_graph_available
+
+    if not onednn_graph_available():
+        pytest.skip("oneDNN Graph fusion: x86 CPU builds of torch only")
+    encoder = _fast_resnet50("fp32")
+    encoder(torch.zeros(4, 3, 64, 64))
+    assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
+    assert not torch.jit.onednn_fusion_enabled(), "other TorchScript in the process runs as it would without us"
