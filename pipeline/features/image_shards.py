@@ -194,7 +194,7 @@ class _ShardRun:
     settings: _EncodeSettings
     feature_cache: Path | None
     read_cache: bool
-    built: dict[str, Any] = field(default_factory=dict)
+    cnn: tuple[Any, str, str] | None = None  # (model, description, weights digest), once some image is usable
     cache: FeatureCache | None = None
     known: dict[str, str] = field(default_factory=dict)
     identity: str = ""
@@ -204,17 +204,16 @@ class _ShardRun:
     missing: list[tuple[int, str, str]] = field(default_factory=list)
     n_cached: int = 0
 
-    def model(self) -> Any:
+    def loaded_cnn(self) -> tuple[Any, str, str]:
         """The CNN, loaded only when some image is usable (a shard of dead URLs loads no weights)."""
-        if "model" not in self.built:
-            self.built["model"], self.built["description"], self.built["digest"] = _cnn(self.build)
-        return self.built["model"]
+        if self.cnn is None:
+            self.cnn = _cnn(self.build)
+        return self.cnn
 
     def _open_identity(self) -> None:
         """Fix the encoder identity at the first usable image, and open the shared feature cache under it."""
         st = self.settings
-        self.model()
-        ident = image_identity(self.build["backbone"], self.built["digest"], st.image_size, st.precision,
+        ident = image_identity(self.build["backbone"], self.loaded_cnn()[2], st.image_size, st.precision,
                                st.engine, st.batch_size, st.device.type, st.threads)
         self.identity = content_key("", json.dumps(ident, sort_keys=True))
         if self.feature_cache is not None:
@@ -261,9 +260,9 @@ class _ShardRun:
         if first is None:
             return
         st = self.settings
-        encoder = _ENCODERS.get(self.identity, lambda: Encoder(self.model(), engine=st.engine, precision=st.precision,
-                                                          device=st.device, batch_size=st.batch_size,
-                                                          image_size=st.image_size, threads=st.threads))
+        encoder = _ENCODERS.get(self.identity, lambda: Encoder(
+            self.loaded_cnn()[0], engine=st.engine, precision=st.precision, device=st.device,
+            batch_size=st.batch_size, image_size=st.image_size, threads=st.threads))
         order: list[str] = []  # keys in the order their images entered the encoder
 
         def paths() -> Iterator[Path]:
@@ -300,7 +299,7 @@ class _ShardRun:
                   dict(Counter(reason for _, _, reason in self.missing)))
         return ShardResult(item_ids=np.asarray([i for i, _ in ok], dtype=np.int64),
                            features=np.ascontiguousarray(feats, dtype=np.float32), missing=self.missing,
-                           weights=self.built.get("description", ""), n_cached=self.n_cached, n_encoded=len(self.todo))
+                           weights=self.cnn[1] if self.cnn else "", n_cached=self.n_cached, n_encoded=len(self.todo))
 
 
 def process_shard(
