@@ -31,11 +31,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_realsize import LoopbackHost  # noqa: E402 (found through the path set above)
 
 ONE = """
 import json, sys, time
@@ -77,7 +79,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.proce
 """
 
 
-def _serve(images: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:
+def _serve(images: dict[str, bytes]) -> tuple[LoopbackHost, str]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass
@@ -89,7 +91,7 @@ def _serve(images: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:
             self.end_headers()
             self.wfile.write(body or b"")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = LoopbackHost(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}"
 

@@ -44,6 +44,14 @@ class RequestInfo:
     method: str = "GET"
 
 
+class _Host(ThreadingHTTPServer):
+    """Accepts connections as fast as a real image host. Why: socketserver's listen backlog is 5, the image fetcher
+    opens 16 connections at once, and each SYN the kernel drops is retried only after a second."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class LoopbackServer:
     """A threaded HTTP server on 127.0.0.1 with per-path scripted handlers.
 
@@ -71,8 +79,7 @@ class LoopbackServer:
             def do_HEAD(self) -> None:  # noqa: N802
                 server._serve(self, head=True)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _H)
-        self._httpd.daemon_threads = True
+        self._httpd = _Host(("127.0.0.1", 0), _H)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property

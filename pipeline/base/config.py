@@ -100,8 +100,9 @@ class ImageFeaturesConfig(_Section):
     image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default 224 (64 for sample)")
     batch_size: int = Field(32, ge=1)
     num_workers: int | None = Field(
-        None, ge=0, description="image decode threads per shard (0: decode in the shard thread; default: the cores the "
-        "CNN's forward pass leaves free: the machine's cores on a GPU, none on a CPU whose forward uses them all)")
+        None, ge=0, description="image decode threads per shard beside the CNN's forward pass (0: none, each batch is "
+        "decoded on every core between two forward passes; default: the cores the forward leaves free: the machine's "
+        "cores on a GPU, none on a CPU whose forward uses them all)")
     concurrency: int = Field(16, ge=1, le=256)
     timeout: float = Field(10.0, gt=0)
     retries: int = Field(3, ge=0, le=10)

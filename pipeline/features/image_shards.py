@@ -80,13 +80,22 @@ def image_identity(backbone: str, weights_sha256: str, image_size: int, precisio
             **({"fast_revision": FAST_ENGINE_REVISION} if engine == "fast" else {})}
 
 
-def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str, Any], group: int) -> Iterator[list]:
+def fetch_groups(n_urls: int, first: int, group: int) -> list[range]:
+    """Index ranges of the URLs fetched together: ``first`` of them, then ``group`` at a time. Why a small first group:
+    nothing can be decoded or encoded before it arrives, so its size is idle time at the start of every shard (1.4 s
+    for 128 images against 0.4 s for 32 on a 2-core machine over loopback); later groups arrive while earlier ones
+    are encoded, and larger ones amortise each fetch's client setup."""
+    bounds = [0, *range(min(first, n_urls), n_urls, group), n_urls] if n_urls else [0]
+    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _fetch_ahead(urls: Sequence[str], cache_dir: Path, fetch_kwargs: Mapping[str, Any],
+                 groups: Sequence[range]) -> Iterator[list]:
     """The fetch results of ``urls`` group by group, the next group fetched while the caller works on this one."""
     from sand.pipeline.features.image_fetch import fetch_images
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as pool:
-        fetches = (pool.submit(fetch_images, list(urls[start : start + group]), cache_dir, **fetch_kwargs)
-                   for start in range(0, len(urls), group))
+        fetches = (pool.submit(fetch_images, [urls[i] for i in g], cache_dir, **fetch_kwargs) for g in groups)
         ahead = next(fetches, None)
         while ahead is not None:
             current, ahead = ahead, next(fetches, None)
@@ -315,12 +324,12 @@ def process_shard(
         raise ConfigError(f"process_shard got {len(item_ids)} item ids but {len(urls)} URLs")
     build, settings = _split_encoder_kwargs(encoder_kwargs)
     run = _ShardRun(build, settings, feature_cache, read_cache)
-    group = max(4 * settings.batch_size, 64)
+    groups = fetch_groups(len(urls), first=settings.batch_size, group=max(4 * settings.batch_size, 64))
 
     def queued() -> Iterator[str]:
-        for start, results in zip(range(0, len(urls), group),
-                                  _fetch_ahead(urls, Path(cache_dir), dict(fetch_kwargs or {}), group), strict=True):
-            yield from run.add_group(item_ids[start : start + group], urls[start : start + group], results)
+        fetched = _fetch_ahead(urls, Path(cache_dir), dict(fetch_kwargs or {}), groups)
+        for g, results in zip(groups, fetched, strict=True):
+            yield from run.add_group(item_ids[g.start : g.stop], urls[g.start : g.stop], results)
 
     run.encode(queued())
     return run.result(len(item_ids))

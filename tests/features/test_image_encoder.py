@@ -79,6 +79,66 @@ def test_rows_follow_input_order_and_batching(images):
     assert encode_images([], model, **kw).shape == (0, 512)
 
 
+def test_batched_normalisation_gives_torchvision_per_image_bits(images, tmp_path):
+    """Decode hands over uint8 pixels and a batch is normalised at once: the bits of torchvision's per-image
+    ToTensor + Normalize, so no cached vector of the per-image recipe changes meaning."""
+    from torchvision import transforms
+
+    from sand.pipeline.features.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ImageFileDataset, normalize_pixels
+    from sand.pipeline.features.image_fetch import decoded_rgb
+
+    wide = tmp_path / "wide.jpg"  # a JPEG large enough to decode at a reduced scale
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 700, 3), dtype=np.uint8)).save(wide, quality=90)
+    paths, size = [*images, wide], 64
+    dataset = ImageFileDataset(paths, size)
+    reference = transforms.Compose([transforms.Resize(round(256 * size / 224), antialias=True),
+                                    transforms.CenterCrop(size), transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = []
+    for path in paths:
+        with decoded_rgb(path.read_bytes(), draft_to=dataset.draft_to) as img:
+            expected.append(reference(img))
+    pixels = [dataset.decode(p) for p in paths]
+    assert all(p.dtype == torch.uint8 and p.shape == (3, size, size) for p in pixels)
+    assert torch.equal(normalize_pixels(torch.stack(pixels)), torch.stack(expected))
+    assert torch.equal(dataset[len(paths) - 1], expected[-1])
+
+
+def test_a_cpu_decodes_each_batch_on_every_core_between_forward_passes(images, monkeypatch):
+    """Without decode threads beside the forward (a CPU's default), a batch's images are decoded on several threads,
+    and never while a forward pass runs (it uses every core): the rows are those of one-at-a-time decoding."""
+    import threading
+    import time
+
+    from sand.pipeline.features import image_encoder
+
+    spans: list[tuple[str, float, float, str]] = []
+    decode, call = image_encoder.ImageFileDataset.decode, image_encoder.Encoder.__call__
+
+    def timed(kind, fn):
+        def wrapper(*args):
+            start = time.perf_counter()
+            out = fn(*args)
+            if kind == "decode":
+                time.sleep(0.02)  # long enough that one thread cannot take a whole batch
+            spans.append((kind, start, time.perf_counter(), threading.current_thread().name))
+            return out
+        return wrapper
+
+    model = build_cnn("resnet18", "random", seed=1)[0]
+    kw = dict(image_size=32, batch_size=4, device="cpu", progress=False)
+    one_by_one = encode_images(images * 2, model, num_workers=0, **dict(kw, batch_size=1))
+    monkeypatch.setattr(image_encoder.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(image_encoder.ImageFileDataset, "decode", timed("decode", decode))
+    monkeypatch.setattr(image_encoder.Encoder, "__call__", timed("forward", call))
+    feats = encode_images(images * 2, model, **kw)
+    np.testing.assert_allclose(feats, one_by_one, rtol=1e-4, atol=1e-5)
+    decodes = [s for s in spans if s[0] == "decode"]
+    forwards = [s for s in spans if s[0] == "forward"]
+    assert len(decodes) == 8 and len({s[3] for s in decodes}) >= 2
+    assert not [(d, f) for d in decodes for f in forwards if d[1] < f[2] and f[1] < d[2]]
+
+
 def test_weights_from_local_state_dict_equal_the_saved_model(images, tmp_path):
     saved, _, _ = build_cnn("resnet18", "random", seed=3)
     path = tmp_path / "trunk.pt"

@@ -65,7 +65,7 @@ def processes(fn, jobs):
 
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory):
-    """Reference features: one shard, decoding in the calling thread, on a data root of its own."""
+    """Reference features: one shard, each batch decoded between two forward passes, on a data root of its own."""
     ctx, inter = prepared(tmp_path_factory.mktemp("ref"), "image_features.num_workers=0")
     outcome = run_image_features(ctx, inter)
     assert outcome.artifact.manifest["shards"] == 1
