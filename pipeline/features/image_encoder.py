@@ -345,15 +345,11 @@ def encode_stream(
                 rows = [pending.popleft().result() for _ in range(min(size, len(pending)))]
                 yield encoder(_batch(rows, size))[: len(rows)]
         return
+    stream = (Path(p) for p in paths)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode") as pool:
-        chunk: list[Path] = []
-        for path in itertools.chain(paths, [None]):
-            if path is not None:
-                chunk.append(Path(path))
-            if chunk and (len(chunk) == size or path is None):
-                rows = list(pool.map(dataset.decode, chunk))
-                yield encoder(_batch(rows, size))[: len(rows)]
-                chunk = []
+        for chunk in iter(lambda: list(itertools.islice(stream, size)), []):
+            rows = list(pool.map(dataset.decode, chunk))
+            yield encoder(_batch(rows, size))[: len(rows)]
 
 
 def encode_images(
